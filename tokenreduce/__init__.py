@@ -1,0 +1,30 @@
+"""tokenreduce: make existing vision-language models read fewer tokens.
+
+    import tokenreduce as tr
+    tr.wrap(model, "pool", keep=0.25)     # in place; model(**inputs) and model.generate(**inputs) unchanged
+    tr.stats(model)                        # visual tokens in/out per sample, time in the reducer
+    tr.unwrap(model)                       # back to the exact original model
+"""
+
+from tokenreduce.adapters import list_adapters
+from tokenreduce.core.api import disabled, from_pretrained, stats, unwrap, wrap
+from tokenreduce.core.config import MethodConfig
+from tokenreduce.core.registry import list_methods
+from tokenreduce.plugins.baselines.pool import PoolConfig
+from tokenreduce.plugins.baselines.random import RandomConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MethodConfig",
+    "PoolConfig",
+    "RandomConfig",
+    "__version__",
+    "disabled",
+    "from_pretrained",
+    "list_adapters",
+    "list_methods",
+    "stats",
+    "unwrap",
+    "wrap",
+]

@@ -1,0 +1,52 @@
+"""Model-family adapters, imported lazily and chosen by ``config.model_type``."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from .base import Adapter
+
+# model_type -> (module, class). Modules import only transformers, which is a core dependency.
+_ADAPTERS: dict[str, tuple[str, str]] = {
+    "llava": ("llava", "LlavaAdapter"),
+    "llava_next": ("llava_next", "LlavaNextAdapter"),
+    "llava_next_video": ("llava_next", "LlavaNextVideoAdapter"),
+    "llava_onevision": ("llava_onevision", "LlavaOnevisionAdapter"),
+    "qwen2_vl": ("qwen2_vl", "Qwen2VLAdapter"),
+    "qwen2_5_vl": ("qwen2_vl", "Qwen2_5_VLAdapter"),
+}
+
+
+def list_adapters() -> list[str]:
+    """Model families (``config.model_type`` values) that can be wrapped."""
+    return sorted(_ADAPTERS)
+
+
+def adapter_class(model_type: str) -> type[Adapter]:
+    if model_type not in _ADAPTERS:
+        raise TypeError(
+            f"unsupported model type {model_type!r}; supported families: {', '.join(list_adapters())}"
+        )
+    module, cls = _ADAPTERS[model_type]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model``, or a TypeError naming the supported families."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise TypeError(
+            f"cannot wrap {type(model).__name__}: it has no `config.model_type`; supported families: "
+            f"{', '.join(list_adapters())}"
+        )
+    cls = adapter_class(model_type)
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "get_image_features") or not hasattr(model, "generate"):
+        raise TypeError(
+            f"wrap the generation model of family {model_type!r} (e.g. {type(model).__name__.replace('Model', 'ForConditionalGeneration')}), "
+            f"not {type(model).__name__}"
+        )
+    return cls(model)

@@ -1,0 +1,116 @@
+"""Model-family adapters: where visual tokens come from and how inputs are rebuilt around them.
+
+An adapter knows, for one family of transformers VLMs: the placeholder token of each modality, the inner
+``get_image_features`` / ``get_video_features`` that produce the per-item visual tokens, the layout of
+those tokens (crops, frames, newline slots), the original position ids of the sequence, the form in which
+``forward`` accepts precomputed features (``mm_encoder_outputs``), and where the decoder layers are.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from tokenreduce.core.layout import TokenLayout
+
+# Input keys that carry pixels, per modality (generate encodes and then drops them).
+PIXEL_KEYS = {"image": ("pixel_values",), "video": ("pixel_values_videos",)}
+
+
+class Adapter:
+    """Base adapter; one subclass per family, chosen by ``config.model_type``."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ("image",)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.inner = model.model
+        self.config = model.config
+
+    # ----- tokens ------------------------------------------------------------------------------------
+    def placeholder_id(self, modality: str) -> int:
+        attr = {"image": "image_token_id", "video": "video_token_id"}[modality]
+        value = getattr(self.config, attr, None)
+        if value is None:
+            value = getattr(self.config, attr.replace("_id", "_index"))
+        return int(value)
+
+    # ----- encoding ----------------------------------------------------------------------------------
+    def encoder_fn(self, modality: str):
+        return getattr(self.inner, f"get_{modality}_features")
+
+    def encoder_keys(self, modality: str) -> set[str]:
+        """Input names the encoder of ``modality`` consumes (dropped once features are precomputed)."""
+        params = inspect.signature(self.encoder_fn(modality)).parameters
+        return {k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+    def has_pixels(self, modality: str, inputs: dict[str, Any]) -> bool:
+        return any(inputs.get(k) is not None for k in PIXEL_KEYS[modality])
+
+    def encode(self, modality: str, inputs: dict[str, Any]) -> list[torch.Tensor]:
+        """Per-item ``[N_i, D]`` visual tokens, exactly as the unwrapped model computes them."""
+        fn = self.encoder_fn(modality)
+        kwargs = {k: inputs[k] for k in self.encoder_keys(modality) if k in inputs}
+        out = fn(**kwargs, return_dict=True)
+        return self.unpack(modality, out.pooler_output)
+
+    def unpack(self, modality: str, pooler_output: Any) -> list[torch.Tensor]:
+        """Normalise an encoder's ``pooler_output`` (list or batched tensor) to a list of ``[N_i, D]``."""
+        if isinstance(pooler_output, torch.Tensor):
+            if pooler_output.dim() == 2:
+                return [pooler_output]
+            return list(pooler_output.unbind(0))
+        return [t.reshape(-1, t.shape[-1]) for t in pooler_output]
+
+    def pack(self, modality: str, features: Sequence[torch.Tensor]) -> BaseModelOutputWithPooling:
+        """Wrap per-item features the way ``forward(mm_encoder_outputs=...)`` of this family reads them."""
+        return BaseModelOutputWithPooling(pooler_output=list(features))
+
+    def layouts(self, modality: str, inputs: dict[str, Any], counts: Sequence[int]) -> list[TokenLayout]:
+        """Layout of every item; ``counts`` are the token counts the encoder produced (a cross-check)."""
+        return [TokenLayout.flat(modality, n) for n in counts]
+
+    # ----- positions ---------------------------------------------------------------------------------
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]):
+        """Position ids of the original sequence: ``[B, L]`` (``[3, B, L]`` for M-RoPE families)."""
+        return text_positions(attention_mask)
+
+    def format_positions(self, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Turn gathered positions into the ``position_ids`` argument ``forward``/``generate`` take."""
+        return positions
+
+    def sequential_positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Consecutive positions for a (reduced) sequence, in the layout of :meth:`position_ids`."""
+        return text_positions(attention_mask)
+
+    # ----- language model ----------------------------------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        return self.inner.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def text_config(self):
+        return self.config.get_text_config()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.get_input_embeddings()(input_ids)
+
+    def describe(self) -> str:
+        return f"{self.name} ({type(self.model).__name__})"
+
+
+def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``cumsum(mask) - 1`` with padding at 0, as ``generate`` computes position ids."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)

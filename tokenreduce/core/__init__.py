@@ -1,0 +1,1 @@
+"""Registry, configs, layouts, reduction results, the per-model handle and stats."""

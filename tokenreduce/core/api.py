@@ -1,0 +1,117 @@
+"""The public entry points: wrap, unwrap, disabled, stats, from_pretrained."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tokenreduce.adapters import get_adapter
+from tokenreduce.core.config import CONFIG_NAME, MethodConfig, build_config
+from tokenreduce.core.handle import HANDLE_ATTR, ModelHandle
+from tokenreduce.core.registry import get_method
+from tokenreduce.core.stats import Stats
+
+
+def get_handle(model: nn.Module) -> ModelHandle | None:
+    """The handle of a wrapped model, or None."""
+    return model.__dict__.get(HANDLE_ATTR)
+
+
+def _require_handle(model: nn.Module, what: str) -> ModelHandle:
+    handle = get_handle(model)
+    if handle is None:
+        raise ValueError(f"`{what}` needs a model wrapped by tokenreduce.wrap; {type(model).__name__} is not wrapped")
+    return handle
+
+
+def wrap(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Module:
+    """Make ``model`` reduce its tokens with ``method``, in place; returns the model.
+
+    ``method`` is a registered name (see :func:`list_methods`) with its options as keywords, or a config
+    object. Call sites stay the same: ``model(**inputs)``, ``model.generate(**inputs)``.
+    """
+    if get_handle(model) is not None:
+        raise ValueError(
+            f"model is already wrapped with method {get_handle(model).spec.name!r}; call tokenreduce.unwrap(model) first"
+        )
+    if isinstance(method, MethodConfig):
+        if options:
+            raise TypeError(
+                f"options {sorted(options)} were given together with a config object; set them on the config instead"
+            )
+        config = method
+        spec = get_method(config.method)
+    elif isinstance(method, str):
+        spec = get_method(method)
+        config = build_config(method, **options)
+    else:
+        raise TypeError(f"`method` must be a method name or a MethodConfig, got {type(method).__name__}")
+    adapter = get_adapter(model)
+    if spec.families is not None and adapter.name not in spec.families:
+        raise TypeError(
+            f"method {spec.name!r} does not support model family {adapter.name!r}; supported: {', '.join(spec.families)}"
+        )
+    handle = ModelHandle(model, adapter, spec, config)
+    handle.install()
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Undo :func:`wrap`: every replaced method, hook and attribute is restored; returns the model."""
+    _require_handle(model, "unwrap").remove()
+    return model
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Run the wrapped model as the original inside the block (the wrapping stays installed)."""
+    with _require_handle(model, "disabled").disabled():
+        yield model
+
+
+def stats(model: nn.Module, reset: bool = False) -> Stats:
+    """Tokens in and out per sample (per item and per layer) and time spent in the reducer.
+
+    With ``reset=True`` the returned object is a snapshot and the model's record starts empty.
+    """
+    handle = _require_handle(model, "stats")
+    record = handle.stats
+    if reset:
+        snapshot = Stats()
+        snapshot.samples, snapshot.calls = list(record.samples), record.calls
+        record.reset()
+        return snapshot
+    return record
+
+
+def from_pretrained(
+    model_id_or_dir: str | os.PathLike,
+    method: str | MethodConfig | None = None,
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    processor_kwargs: dict[str, Any] | None = None,
+    **options: Any,
+):
+    """Load a transformers VLM and its processor (hub id or local directory) and wrap the model.
+
+    ``method`` may be omitted when the directory holds a ``tokenreduce_config.json`` written by
+    ``MethodConfig.save_pretrained``. Returns ``(model, processor)``.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    source = str(model_id_or_dir)
+    if method is None:
+        config_file = Path(source) / CONFIG_NAME
+        if not config_file.is_file():
+            raise ValueError(
+                f"`method` is required: {source!r} holds no {CONFIG_NAME}; pass a method name such as 'pool'"
+            )
+        method = MethodConfig.from_pretrained(config_file)
+    model = AutoModelForImageTextToText.from_pretrained(source, **(model_kwargs or {}))
+    processor = AutoProcessor.from_pretrained(source, **(processor_kwargs or {}))
+    wrap(model, method, **options)
+    return model, processor

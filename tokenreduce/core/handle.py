@@ -1,0 +1,377 @@
+"""The per-model handle: reversible injection, and the bookkeeping every method shares.
+
+``wrap`` builds one :class:`ModelHandle` per model. It replaces ``forward`` and ``generate`` on the
+instance (never on the class), installs the method's hooks through :meth:`ModelHandle.register_hook` /
+:meth:`ModelHandle.patch`, and undoes all of it on ``unwrap``. Before the wrapped model runs, the handle
+finds the visual placeholders, computes the visual tokens, lets the method reduce them, and rebuilds
+``input_ids``, ``attention_mask``, ``labels``, ``mm_token_type_ids`` and position ids per row.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenreduce.adapters.base import PIXEL_KEYS, Adapter
+from tokenreduce.core.config import MethodConfig
+from tokenreduce.core.layout import TokenLayout
+from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.registry import MethodSpec
+from tokenreduce.core.sequence import column_index, gather_columns, padding_mask
+from tokenreduce.core.stats import ItemStats, SampleStats, Stats, timer
+
+HANDLE_ATTR = "_tokenreduce_handle"
+COUNT_CHANGING_STAGES = ("vision", "projector")
+
+
+@dataclass
+class VisualItem:
+    """One image or video of the current batch, as placed in the sequence the LLM receives."""
+
+    modality: str
+    row: int
+    layout: TokenLayout
+    # Columns of the item's tokens in the (rebuilt) sequence, and the original token each stands for.
+    columns: torch.Tensor
+    sources: torch.Tensor
+    reduction: Reduction | None = None
+
+
+@dataclass
+class BatchInfo:
+    """What the core knows about the sequence the LLM is about to read; in-LLM methods read it."""
+
+    items: list[VisualItem]
+    attention_mask: torch.Tensor
+    samples: list[SampleStats]
+    position_ids: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row_items(self, row: int) -> list[VisualItem]:
+        return [it for it in self.items if it.row == row]
+
+    def visual_columns(self, row: int) -> torch.Tensor:
+        cols = [it.columns for it in self.items if it.row == row]
+        if not cols:
+            return torch.zeros(0, dtype=torch.long, device=self.attention_mask.device)
+        return torch.cat(cols).to(self.attention_mask.device)
+
+
+def _bind(fn, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """All arguments of a call as keywords (``**kwargs`` catch-alls flattened)."""
+    sig = inspect.signature(fn)
+    bound = sig.bind_partial(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+class ModelHandle:
+    """Everything ``wrap`` changed on one model, and the machinery to run the method on it."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, spec: MethodSpec, config: MethodConfig):
+        self.model = model
+        self.adapter = adapter
+        self.spec = spec
+        self.config = config
+        self.method: Method = spec.method_cls(config)
+        self.stats = Stats()
+        self.enabled = True
+        self.current: BatchInfo | None = None
+        self._in_generate = False
+        self._patched: list[tuple[Any, str, bool, Any]] = []
+        self._hooks: list[Any] = []
+        self.original_forward = model.forward
+        self.original_generate = model.generate
+        modalities = config.modalities or spec.modalities
+        self.modalities = tuple(m for m in modalities if m in adapter.modalities)
+
+    # ----- reversible injection -----------------------------------------------------------------------
+    def patch(self, obj: Any, name: str, value: Any) -> None:
+        """Set ``obj.name = value`` on the instance, remembering how to undo it."""
+        own = obj.__dict__
+        self._patched.append((obj, name, name in own, own.get(name)))
+        if isinstance(obj, nn.Module) and isinstance(value, nn.Module):
+            obj._modules[name] = value
+        else:
+            object.__setattr__(obj, name, value)
+
+    def register_hook(self, hook_handle: Any) -> Any:
+        """Track a ``torch.utils.hooks.RemovableHandle`` (or anything with ``remove()``)."""
+        self._hooks.append(hook_handle)
+        return hook_handle
+
+    def install(self) -> None:
+        model = self.model
+
+        @functools.wraps(self.original_forward)
+        def forward(*args, **kwargs):
+            return self._forward(args, kwargs)
+
+        @functools.wraps(self.original_generate)
+        def generate(*args, **kwargs):
+            return self._generate(args, kwargs)
+
+        self.patch(model, "forward", forward)
+        self.patch(model, "generate", generate)
+        self.patch(model, HANDLE_ATTR, self)
+        self.method.attach(self)
+
+    def remove(self) -> None:
+        self.method.detach(self)
+        for h in reversed(self._hooks):
+            h.remove()
+        self._hooks.clear()
+        for obj, name, had, old in reversed(self._patched):
+            if isinstance(obj, nn.Module) and name in obj._modules and not had:
+                del obj._modules[name]
+            elif had:
+                object.__setattr__(obj, name, old)
+            else:
+                obj.__dict__.pop(name, None)
+        self._patched.clear()
+
+    @property
+    def reduces_before_llm(self) -> bool:
+        return any(s in COUNT_CHANGING_STAGES for s in self.spec.stages) and bool(self.modalities)
+
+    # ----- entry points -------------------------------------------------------------------------------
+    def _forward(self, args: tuple, kwargs: dict):
+        if not self.enabled or self._in_generate:
+            return self.original_forward(*args, **kwargs)
+        inputs = _bind(self.original_forward, args, kwargs)
+        inputs = self.prepare(inputs)
+        try:
+            return self.original_forward(**inputs)
+        finally:
+            self.current = None
+
+    def _generate(self, args: tuple, kwargs: dict):
+        if not self.enabled:
+            return self.original_generate(*args, **kwargs)
+        inputs = _bind(self.original_generate, args, kwargs)
+        if inputs.get("input_ids") is None and torch.is_tensor(inputs.get("inputs")):
+            inputs["input_ids"] = inputs.pop("inputs")
+        original_ids = inputs.get("input_ids")
+        inputs = self.prepare(inputs)
+        self._in_generate = True
+        try:
+            out = self.original_generate(**inputs)
+        finally:
+            self._in_generate = False
+            self.current = None
+        if original_ids is None or inputs["input_ids"] is original_ids:
+            return out
+        return _restore_prompt(out, original_ids, inputs["input_ids"].shape[1])
+
+    # ----- the bookkeeping ----------------------------------------------------------------------------
+    def prepare(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Reduce visual tokens and rebuild the inputs; record what happened in ``self.current``."""
+        adapter = self.adapter
+        input_ids = inputs.get("input_ids")
+        precomputed = dict(inputs.get("mm_encoder_outputs") or {})
+        present_pixels = [m for m in adapter.modalities if adapter.has_pixels(m, inputs) or m in precomputed]
+        if input_ids is None:
+            if present_pixels:
+                raise ValueError(
+                    "tokenreduce needs `input_ids` to find the visual placeholder tokens; got `inputs_embeds` "
+                    "only. Pass the processor's `input_ids` instead."
+                )
+            return inputs
+        placeholders = {m: adapter.placeholder_id(m) for m in adapter.modalities}
+        counts = {m: int((input_ids == pid).sum()) for m, pid in placeholders.items()}
+        present = [m for m in adapter.modalities if counts[m] > 0]
+        for m in present:
+            if not (adapter.has_pixels(m, inputs) or precomputed.get(m) is not None):
+                key = PIXEL_KEYS[m][0]
+                raise ValueError(
+                    f"`input_ids` hold {counts[m]} {m} placeholder tokens (id {placeholders[m]}) but no `{key}` "
+                    f"was given; pass `{key}` from the processor together with `input_ids`"
+                )
+        if not present:
+            return inputs
+
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        samples = self.stats.new_call(input_ids.shape[0])
+        reduce = self.reduces_before_llm and any(m in self.modalities for m in present)
+
+        features = {}
+        for m in present:
+            if precomputed.get(m) is not None:
+                features[m] = adapter.unpack(m, precomputed[m].pooler_output)
+            elif reduce:
+                features[m] = adapter.encode(m, inputs)
+        items, reductions = [], {}
+        coords = {m: (input_ids == placeholders[m]).nonzero() for m in present}
+        for m in present:
+            n_items = None if m not in features else [int(f.shape[0]) for f in features[m]]
+            layouts = adapter.layouts(m, inputs, n_items)
+            items_m, reds = self._reduce_items(m, layouts, features.get(m), coords[m], inputs, samples)
+            items.extend(items_m)
+            reductions[m] = reds
+
+        if not reduce:
+            for it in items:
+                it.columns = coords[it.modality][it.columns, 1]
+            self.current = BatchInfo(items=items, attention_mask=attention_mask, samples=samples)
+            return inputs
+
+        with timer(input_ids.device) as t:
+            inputs = self._rebuild(inputs, input_ids, attention_mask, items, coords, features, reductions, precomputed)
+        share = t["ms"] / max(1, len(samples))
+        for s in samples:
+            s.extra["bookkeeping_ms"] = share
+        return inputs
+
+    def _reduce_items(self, modality, layouts, features, coords, inputs, samples):
+        """Run the method on every item of one modality; ``columns`` hold placeholder offsets for now."""
+        total = sum(lay.num_tokens for lay in layouts)
+        if features is not None:
+            counts = [int(f.shape[0]) for f in features]
+            if sum(counts) != coords.shape[0]:
+                raise ValueError(
+                    f"{modality} features and {modality} placeholder tokens do not match: the encoder gave "
+                    f"{sum(counts)} tokens, `input_ids` hold {coords.shape[0]} placeholders"
+                )
+            layouts = [
+                lay if lay.num_tokens == n else TokenLayout.flat(modality, n) for lay, n in zip(layouts, counts)
+            ]
+            total = sum(counts)
+        if total != coords.shape[0]:
+            raise ValueError(
+                f"{modality} layout expects {total} tokens but `input_ids` hold {coords.shape[0]} placeholders"
+            )
+        act = features is not None and modality in self.modalities and self.reduces_before_llm
+        items, reductions, offset = [], [], 0
+        for i, layout in enumerate(layouts):
+            n = layout.num_tokens
+            row = int(coords[offset, 0])
+            offsets = torch.arange(offset, offset + n, device=coords.device)
+            if act:
+                ctx = ReduceContext(
+                    layout=layout, modality=modality, row=row, item=i,
+                    text_embeds=self._text_embeds(inputs, row) if getattr(self.method, "uses_text", False) else None,
+                    generator=self._generator(),
+                )
+                with timer(features[i].device) as t:
+                    red = self.method.reduce(features[i], ctx).sorted()
+                _check_reduction(self.spec.name, red, n)
+                ms = t["ms"]
+            else:
+                red = Reduction(sources=torch.arange(n, device=coords.device))
+                ms = 0.0
+            sources = red.sources.to(coords.device)
+            samples[row].items.append(ItemStats(modality, n, red.num_tokens, ms, red.info))
+            items.append(VisualItem(modality, row, layout, offsets[sources], sources, red))
+            reductions.append(red)
+            offset += n
+        return items, reductions
+
+    def _rebuild(self, inputs, input_ids, attention_mask, items, coords, features, reductions, precomputed):
+        adapter = self.adapter
+        batch = input_ids.shape[0]
+        is_visual = torch.zeros_like(input_ids, dtype=torch.bool)
+        for m in coords:
+            is_visual[coords[m][:, 0], coords[m][:, 1]] = True
+        keep_text = (attention_mask != 0) & ~is_visual
+        per_row: list[list[torch.Tensor]] = [[keep_text[r].nonzero().flatten()] for r in range(batch)]
+        for it in items:
+            it.columns = coords[it.modality][it.columns, 1]
+            per_row[it.row].append(it.columns)
+        columns = [torch.sort(torch.cat(c), stable=True).values for c in per_row]
+        index = column_index(columns, device=input_ids.device)
+        new_mask = padding_mask(index).to(attention_mask.dtype)
+
+        # Where each item's tokens landed in the new sequence (an item's columns are sorted; a column
+        # repeated by the method appears that many times, consecutively).
+        for it in items:
+            row_index = index[it.row]
+            valid = row_index[row_index >= 0]
+            first = torch.searchsorted(valid, it.columns)
+            rank = torch.arange(it.columns.numel(), device=index.device) - torch.searchsorted(it.columns, it.columns)
+            it.columns = first + rank + (row_index.numel() - valid.numel())
+
+        if self.config.renumber_positions:
+            positions = adapter.sequential_positions(new_mask)
+        else:
+            original = inputs.get("position_ids")
+            if original is None or (original.dim() == 3 and original.shape[0] == 4):
+                original = adapter.position_ids(input_ids, attention_mask, inputs)
+            positions = gather_columns(original, index, 0)
+        out = dict(inputs)
+        pad_id = self.adapter.text_config.pad_token_id
+        out["input_ids"] = gather_columns(input_ids, index, 0 if pad_id is None else int(pad_id))
+        out["attention_mask"] = new_mask
+        out["position_ids"] = adapter.format_positions(positions, new_mask)
+        if inputs.get("labels") is not None:
+            out["labels"] = gather_columns(inputs["labels"], index, -100)
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if inputs.get(key) is not None:
+                out[key] = gather_columns(inputs[key], index, 0)
+        packed = dict(precomputed)
+        for m in coords:
+            feats = [red.output_features(f) for red, f in zip(reductions[m], features[m])]
+            packed[m] = adapter.pack(m, feats)
+            for key in adapter.encoder_keys(m) | set(PIXEL_KEYS[m]):
+                out.pop(key, None)
+        out["mm_encoder_outputs"] = packed
+        self.current = BatchInfo(items=items, attention_mask=new_mask, samples=self.stats.last,
+                                 position_ids=out["position_ids"])
+        return out
+
+    def _text_embeds(self, inputs, row: int) -> torch.Tensor:
+        ids = inputs["input_ids"][row]
+        mask = inputs.get("attention_mask")
+        keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[row] != 0
+        for m in self.adapter.modalities:
+            keep &= ids != self.adapter.placeholder_id(m)
+        with torch.no_grad():
+            return self.adapter.embed(ids[keep])
+
+    def _generator(self) -> torch.Generator | None:
+        seed = getattr(self.config, "seed", None)
+        if seed is None:
+            return None
+        return torch.Generator().manual_seed(int(seed))
+
+    @contextmanager
+    def disabled(self):
+        previous, self.enabled = self.enabled, False
+        try:
+            yield self.model
+        finally:
+            self.enabled = previous
+
+
+def _check_reduction(name: str, red: Reduction, n: int) -> None:
+    if red.sources.dim() != 1 or (red.sources.numel() and (int(red.sources.min()) < 0 or int(red.sources.max()) >= n)):
+        raise RuntimeError(f"method {name!r} returned source indices outside [0, {n})")
+    if red.features is not None and red.features.shape[0] != red.sources.numel():
+        raise RuntimeError(
+            f"method {name!r} returned {red.features.shape[0]} features for {red.sources.numel()} sources"
+        )
+
+
+def _restore_prompt(out: Any, original_ids: torch.Tensor, reduced_len: int) -> Any:
+    """Make ``generate``'s output start with the caller's original prompt ids."""
+    sequences = out if torch.is_tensor(out) else out.sequences
+    new_tokens = sequences[:, reduced_len:]
+    repeat = sequences.shape[0] // original_ids.shape[0]
+    prompt = original_ids.repeat_interleave(repeat, dim=0).to(sequences.device)
+    full = torch.cat([prompt, new_tokens], dim=1)
+    if torch.is_tensor(out):
+        return full
+    out.sequences = full
+    return out

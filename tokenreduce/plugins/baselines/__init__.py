@@ -1,0 +1,3 @@
+"""Baseline methods the field compares against."""
+
+from tokenreduce.plugins.baselines import pool, random  # noqa: F401
