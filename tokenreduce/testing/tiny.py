@@ -255,3 +255,40 @@ def default_rows(family: str, n: int = 3, video: bool = False) -> list[RowSpec]:
                 spec.images = []
         rows.append(spec)
     return rows
+
+
+def tiny_tokenizer(extra_special: Sequence[str] = ()):
+    """A word-level tokenizer over :data:`VOCAB` ids: ``w<i>`` words plus the special tokens of the tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<image>": IMAGE_TOKEN, "<video>": VIDEO_TOKEN,
+                "<|vision_start|>": VISION_START, "<|vision_end|>": VISION_END}
+    vocab = {f"w{i}": i for i in range(3, VISION_END)}
+    vocab.update(specials)
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="w3",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"}, padding_side="left",
+    )
+    return tok
+
+
+def tiny_processor(family: str):
+    """A processor matching :func:`tiny_model` for ``llava`` and ``qwen2_vl`` / ``qwen2_5_vl``."""
+    import transformers as T
+
+    if family == "llava":
+        image_processor = T.CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+        return T.LlavaProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(), patch_size=14,
+                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        tok = tiny_tokenizer()
+        tok.image_token, tok.video_token = "<image>", "<video>"
+        size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+        image_processor = T.Qwen2VLImageProcessor(size=size)
+        video_processor = T.Qwen2VLVideoProcessor(size=size)
+        cls = T.Qwen2VLProcessor if family == "qwen2_vl" else T.Qwen2_5_VLProcessor
+        return cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor)
+    raise ValueError(f"no tiny processor for {family!r}; available: llava, qwen2_vl, qwen2_5_vl")

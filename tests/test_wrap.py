@@ -1,0 +1,241 @@
+"""wrap / unwrap / disabled / stats on every family: keep-all equivalence, exact undo, isolation, errors."""
+
+import copy
+
+import pytest
+import torch
+
+import tokenreduce as tr
+from tokenreduce.core.api import get_handle
+from tokenreduce.core.registry import get_method, method_specs
+from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model
+
+REDUCING = [s.name for s in method_specs() if set(s.stages) & {"projector", "vision", "llm"}]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {f: tiny_model(f) for f in FAMILIES}
+
+
+def _snapshot(model):
+    return {
+        "class": type(model),
+        "dict_keys": set(model.__dict__),
+        "modules": {n: type(m) for n, m in model.named_modules()},
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", REDUCING)
+def test_keep_all_equals_unwrapped(models, family, method):
+    model = models[family]
+    batch = tiny_batch(model, default_rows(family, video=True))
+    with torch.no_grad():
+        reference = model(**batch).logits
+    tr.wrap(model, get_method(method).config_cls.at_budget(1.0))
+    try:
+        with torch.no_grad():
+            out = model(**batch).logits
+    finally:
+        tr.unwrap(model)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[valid], reference[valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unwrap_restores_everything(models, family):
+    model = models[family]
+    batch = tiny_batch(model, default_rows(family))
+    before = _snapshot(model)
+    with torch.no_grad():
+        reference = model(**batch).logits
+        ref_gen = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    tr.wrap(model, "pool", keep=0.25)
+    assert get_handle(model) is not None
+    with torch.no_grad():
+        model(**batch)
+        model.generate(**batch, max_new_tokens=4, do_sample=False)
+    tr.unwrap(model)
+    after = _snapshot(model)
+    assert get_handle(model) is None
+    assert after["class"] is before["class"]
+    assert after["dict_keys"] == before["dict_keys"]
+    assert after["modules"] == before["modules"]
+    assert after["hooks"] == before["hooks"]
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reference)
+        assert torch.equal(model.generate(**batch, max_new_tokens=4, do_sample=False), ref_gen)
+
+
+def test_two_models_of_the_same_class_are_independent():
+    a, b = tiny_model("llava", seed=0), tiny_model("llava", seed=0)
+    batch = tiny_batch(a, default_rows("llava"))
+    with torch.no_grad():
+        reference = b(**batch).logits
+    tr.wrap(a, "pool", keep=0.25)
+    try:
+        with torch.no_grad():
+            reduced = a(**batch).logits
+            untouched = b(**batch).logits
+    finally:
+        tr.unwrap(a)
+    assert reduced.shape[1] < reference.shape[1]
+    assert torch.equal(untouched, reference)
+    assert get_handle(b) is None
+    assert "forward" not in type(a).__dict__ or type(a).forward is type(b).forward
+
+
+def test_disabled_runs_the_original(models):
+    model = models["llava"]
+    batch = tiny_batch(model, default_rows("llava"))
+    with torch.no_grad():
+        reference = model(**batch).logits
+    tr.wrap(model, "pool", keep=0.25)
+    try:
+        with tr.disabled(model), torch.no_grad():
+            out = model(**batch).logits
+            gen = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        with torch.no_grad():
+            reduced = model(**batch).logits
+    finally:
+        tr.unwrap(model)
+    assert torch.equal(out, reference)
+    assert gen.shape == (3, batch["input_ids"].shape[1] + 3)
+    assert reduced.shape[1] < reference.shape[1]
+
+
+def test_stats_record_per_sample_tokens_and_time(models):
+    model = models["llava_next"]
+    batch = tiny_batch(model, default_rows("llava_next"))
+    tr.wrap(model, "pool", keep=0.5)
+    try:
+        with torch.no_grad():
+            model(**batch)
+        s = tr.stats(model)
+        assert len(s.samples) == 3
+        for row in s.samples:
+            assert row.visual_tokens_in > row.visual_tokens_out > 0
+            assert row.reducer_ms >= 0
+            assert row.to_dict()["items"][0]["modality"] == "image"
+        snap = tr.stats(model, reset=True)
+        assert len(snap.samples) == 3 and len(tr.stats(model).samples) == 0
+        assert "->" in repr(snap)
+    finally:
+        tr.unwrap(model)
+
+
+def test_text_only_inputs_pass_through(models):
+    model = models["llava"]
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    tr.wrap(model, "random", keep=0.5)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids).logits
+    finally:
+        tr.unwrap(model)
+    assert torch.equal(out, reference)
+
+
+def test_generate_positional_inputs_and_deepcopy_of_unwrapped(models):
+    model = models["llava"]
+    batch = tiny_batch(model, default_rows("llava", n=1))
+    tr.wrap(model, "pool", keep=0.25)
+    try:
+        ids = batch.pop("input_ids")
+        with torch.no_grad():
+            out = model.generate(ids, **batch, max_new_tokens=2, do_sample=False)
+        assert torch.equal(out[:, : ids.shape[1]], ids)
+    finally:
+        tr.unwrap(model)
+    clone = copy.deepcopy(model)
+    assert get_handle(clone) is None
+
+
+# ----- errors a user can cause --------------------------------------------------------------------------
+def test_unknown_method_lists_known(models):
+    with pytest.raises(ValueError, match=r"unknown method 'nope'; known methods: .*pool.*random"):
+        tr.wrap(models["llava"], "nope")
+
+
+def test_unsupported_model_names_families():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(TypeError, match=r"unsupported model type 'llama'; supported families: llava, "):
+        tr.wrap(lm, "random")
+    with pytest.raises(TypeError, match=r"no `config\.model_type`"):
+        tr.wrap(torch.nn.Linear(2, 2), "random")
+
+
+def test_wrapping_twice_is_refused(models):
+    model = models["llava"]
+    tr.wrap(model, "random")
+    try:
+        with pytest.raises(ValueError, match="already wrapped with method 'random'"):
+            tr.wrap(model, "pool")
+    finally:
+        tr.unwrap(model)
+    with pytest.raises(ValueError, match="not wrapped"):
+        tr.unwrap(model)
+
+
+@pytest.mark.parametrize("keep, message", [
+    (0, r"`keep` as a token count must be >= 1, got 0"),
+    (-3, r"`keep` as a token count must be >= 1, got -3"),
+    (1.5, r"`keep` as a fraction must be in \(0, 1\], got 1.5"),
+    (0.0, r"`keep` as a fraction must be in \(0, 1\], got 0.0"),
+    ("half", r"`keep` must be a token count \(int >= 1\) or a fraction \(float in \(0, 1\]\), got 'half'"),
+    (True, r"`keep` must be a token count"),
+])
+def test_bad_budget(models, keep, message):
+    with pytest.raises(ValueError, match=message):
+        tr.wrap(models["llava"], "pool", keep=keep)
+    assert get_handle(models["llava"]) is None
+
+
+def test_option_of_another_method(models):
+    with pytest.raises(TypeError, match=r"method 'pool' got unexpected option\(s\) 'seed'; accepted options: .*keep"):
+        tr.wrap(models["llava"], "pool", seed=3)
+
+
+def test_called_without_images(models):
+    model = models["llava"]
+    batch = tiny_batch(model, default_rows("llava"))
+    batch.pop("pixel_values")
+    tr.wrap(model, "pool")
+    try:
+        with pytest.raises(ValueError, match=r"`input_ids` hold 48 image placeholder tokens \(id 999\) but no `pixel_values`"):
+            model(**batch)
+        with pytest.raises(ValueError, match="no `pixel_values` was given"):
+            model.generate(**batch, max_new_tokens=2)
+    finally:
+        tr.unwrap(model)
+
+
+def test_inputs_embeds_with_pixels_is_refused(models):
+    model = models["llava"]
+    batch = tiny_batch(model, default_rows("llava"))
+    embeds = model.model.get_input_embeddings()(batch.pop("input_ids"))
+    tr.wrap(model, "pool")
+    try:
+        with pytest.raises(ValueError, match="needs `input_ids`"):
+            model(inputs_embeds=embeds, **batch)
+    finally:
+        tr.unwrap(model)
+
+
+def test_wrap_with_config_object_and_extra_options(models):
+    with pytest.raises(TypeError, match="set them on the config instead"):
+        tr.wrap(models["llava"], tr.PoolConfig(keep=0.5), keep=0.2)
+    with pytest.raises(TypeError, match="must be a method name or a MethodConfig"):
+        tr.wrap(models["llava"], 42)
