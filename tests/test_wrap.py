@@ -35,7 +35,8 @@ def test_keep_all_equals_unwrapped(models, family, method):
     batch = tiny_batch(model, default_rows(family, video=True))
     with torch.no_grad():
         reference = model(**batch).logits
-    tr.wrap(model, get_method(method).config_cls.at_budget(1.0))
+    num_layers = model.config.get_text_config().num_hidden_layers
+    tr.wrap(model, get_method(method).config_cls.at_budget(1.0, num_layers=num_layers))
     try:
         with torch.no_grad():
             out = model(**batch).logits

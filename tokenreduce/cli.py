@@ -15,27 +15,31 @@ def _demo(args: argparse.Namespace) -> int:
     from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model
 
     torch.manual_seed(0)
-    print(f"{'family':<18}{'method':<12}{'budget':>7}{'tokens in':>11}{'tokens out':>12}{'keep-all |dlogits|':>20}")
+    print("visual tokens: per sample at the LLM input, and kept averaged over the LLM's layers")
+    print(f"{'family':<18}{'method':<12}{'budget':>7}{'tokens in':>11}{'tokens out':>12}{'FLOPs':>10}{'keep-all |dlogits|':>20}")
     for family in FAMILIES:
-        model = tiny_model(family)
+        model = tiny_model(family, num_layers=8)
         batch = tiny_batch(model, default_rows(family, video=True))
         with torch.no_grad():
             reference = model(**batch).logits
+        layers = model.config.get_text_config().num_hidden_layers
         for name in tr.list_methods():
             config_cls = get_method(name).config_cls
-            tr.wrap(model, config_cls.at_budget(1.0))
+            tr.wrap(model, config_cls.at_budget(1.0, num_layers=layers))
             with torch.no_grad():
                 same = model(**batch).logits
             tr.unwrap(model)
-            diff = (same - reference).abs().max().item() if same.shape == reference.shape else float("nan")
-            tr.wrap(model, config_cls.at_budget(args.budget))
+            valid = batch["attention_mask"].bool()
+            diff = (same[valid] - reference[valid]).abs().max().item() if same.shape == reference.shape else float("nan")
+            tr.wrap(model, config_cls.at_budget(args.budget, num_layers=layers))
             with torch.no_grad():
                 model(**batch)
             s = tr.stats(model).summary()
             tr.unwrap(model)
+            kept = s["visual_tokens_in"] * s["layer_mean_keep_ratio"]
             print(
                 f"{family:<18}{name:<12}{args.budget:>7.2f}{s['visual_tokens_in']:>11.1f}"
-                f"{s['visual_tokens_out']:>12.1f}{diff:>20.2e}"
+                f"{kept:>12.1f}{s['prefill_flops_ratio']:>10.2f}{diff:>20.2e}"
             )
     return 0
 

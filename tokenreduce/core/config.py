@@ -96,11 +96,12 @@ class MethodConfig:
         """Check method-specific fields; subclasses override and raise ValueError on a bad value."""
 
     @classmethod
-    def at_budget(cls, budget: float, **options: Any) -> MethodConfig:
+    def at_budget(cls, budget: float, num_layers: int | None = None, **options: Any) -> MethodConfig:
         """Config keeping about ``budget`` (a fraction in (0, 1]) of the visual tokens on average.
 
         Evaluation grids and the shared tests set budgets through this; methods whose budget is not a
-        single ``keep`` option (layer schedules, adaptive methods) override it.
+        single ``keep`` option (layer schedules, adaptive methods) override it. ``num_layers`` (the LLM's
+        depth) lets in-LLM methods state the budget averaged over layers; others ignore it.
         """
         check_range("budget", budget, 0.0, 1.0, low_open=True)
         names = {f.name for f in dataclasses.fields(cls)}

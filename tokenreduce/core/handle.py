@@ -20,6 +20,7 @@ from torch import nn
 
 from tokenreduce.adapters.base import PIXEL_KEYS, Adapter
 from tokenreduce.core.config import MethodConfig
+from tokenreduce.core.flops import Geometry
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import MethodSpec
@@ -122,10 +123,20 @@ class ModelHandle:
         def generate(*args, **kwargs):
             return self._generate(args, kwargs)
 
-        self.patch(model, "forward", forward)
-        self.patch(model, "generate", generate)
-        self.patch(model, HANDLE_ATTR, self)
-        self.method.attach(self)
+        self.llm_stage = None
+        try:
+            self.patch(model, "forward", forward)
+            self.patch(model, "generate", generate)
+            self.patch(model, HANDLE_ATTR, self)
+            if "llm" in self.spec.stages:
+                from tokenreduce.core.llm import LLMStage
+
+                self.llm_stage = LLMStage(self)
+                self.llm_stage.attach()
+            self.method.attach(self)
+        except BaseException:
+            self.remove()
+            raise
 
     def remove(self) -> None:
         self.method.detach(self)
@@ -205,6 +216,11 @@ class ModelHandle:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         samples = self.stats.new_call(input_ids.shape[0])
+        geometry = Geometry.from_config(adapter.text_config)
+        visual_per_row = sum((input_ids == pid).long() for pid in placeholders.values())
+        text_per_row = ((attention_mask != 0).long() - visual_per_row).sum(1).tolist()
+        for s, t in zip(samples, text_per_row):
+            s.geometry, s.text_tokens = geometry, int(t)
         reduce = self.reduces_before_llm and any(m in self.modalities for m in present)
 
         features = {}

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from tokenreduce.core.flops import Geometry
+
 
 @dataclass
 class ItemStats:
@@ -33,6 +35,9 @@ class SampleStats:
     # Extra per-sample records (e.g. decode-stage entropy traces).
     extra: dict[str, Any] = field(default_factory=dict)
     llm_reducer_ms: float = 0.0
+    # Text tokens of the row (everything but visual tokens) and the LLM's geometry, for FLOPs.
+    text_tokens: int = 0
+    geometry: Geometry | None = None
 
     @property
     def visual_tokens_in(self) -> int:
@@ -54,6 +59,38 @@ class SampleStats:
     def reducer_ms(self) -> float:
         return sum(i.reducer_ms for i in self.items) + self.llm_reducer_ms
 
+    def tokens_per_layer(self) -> list[int]:
+        """Tokens (text + visual) each decoder layer processes in prefill."""
+        if self.geometry is None:
+            return []
+        visual = self.visual_tokens_llm_input
+        out = []
+        for i in range(self.geometry.layers):
+            if i in self.layers:
+                visual = self.layers[i]
+            out.append(self.text_tokens + visual)
+        return out
+
+    @property
+    def visual_tokens_layer_mean(self) -> float:
+        """Visual tokens averaged over the decoder layers (what in-LLM budgets are stated in)."""
+        per_layer = self.tokens_per_layer()
+        if not per_layer:
+            return float(self.visual_tokens_out)
+        return sum(per_layer) / len(per_layer) - self.text_tokens
+
+    @property
+    def prefill_flops(self) -> float:
+        """Analytic LLM prefill FLOPs of this row as run."""
+        return self.geometry.prefill_flops(self.tokens_per_layer()) if self.geometry else 0.0
+
+    @property
+    def prefill_flops_full(self) -> float:
+        """Analytic LLM prefill FLOPs of this row without any reduction."""
+        if self.geometry is None:
+            return 0.0
+        return self.geometry.prefill_flops([self.text_tokens + self.visual_tokens_in] * self.geometry.layers)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "call": self.call,
@@ -61,7 +98,11 @@ class SampleStats:
             "visual_tokens_in": self.visual_tokens_in,
             "visual_tokens_llm_input": self.visual_tokens_llm_input,
             "visual_tokens_out": self.visual_tokens_out,
+            "visual_tokens_layer_mean": self.visual_tokens_layer_mean,
             "reducer_ms": self.reducer_ms,
+            "text_tokens": self.text_tokens,
+            "prefill_flops": self.prefill_flops,
+            "prefill_flops_full": self.prefill_flops_full,
             "layers": {str(k): v for k, v in self.layers.items()},
             "items": [
                 {"modality": i.modality, "tokens_in": i.tokens_in, "tokens_out": i.tokens_out,
@@ -100,12 +141,16 @@ class Stats:
             return {"samples": 0}
         tin = sum(s.visual_tokens_in for s in self.samples)
         tout = sum(s.visual_tokens_out for s in self.samples)
+        flops = sum(s.prefill_flops for s in self.samples)
+        flops_full = sum(s.prefill_flops_full for s in self.samples)
         return {
             "samples": n,
             "visual_tokens_in": tin / n,
             "visual_tokens_out": tout / n,
             "keep_ratio": tout / tin if tin else 1.0,
+            "layer_mean_keep_ratio": sum(s.visual_tokens_layer_mean for s in self.samples) / tin if tin else 1.0,
             "reducer_ms": sum(s.reducer_ms for s in self.samples) / n,
+            "prefill_flops_ratio": flops / flops_full if flops_full else 1.0,
         }
 
     def to_dict(self) -> dict[str, Any]:

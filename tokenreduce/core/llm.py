@@ -1,0 +1,436 @@
+"""The ``llm`` stage: dropping visual tokens between decoder layers, correct in prefill and decode.
+
+A method names the layers ``K`` at which it prunes and, at each, chooses which visual tokens survive from
+a :class:`LLMContext` (hidden states, cheap attention scores of layer ``K-1``, where the visual tokens are).
+Everything else happens here, for every method and every family:
+
+* layers ``>= K`` see only the kept tokens: their hidden states, rotary embeddings (kept tokens keep their
+  original positions unless ``renumber_positions``), ``position_ids`` and a causal/padding mask rebuilt for
+  the compressed length, in prefill and in every decode step;
+* the ``DynamicCache`` simply holds fewer entries in layers ``>= K`` (no cache edits: the cache sizes each
+  layer's mask through ``layer_idx``); rows keeping different counts are left-padded;
+* scores come from the queries of chosen rows (the last token, or all text tokens) against layer
+  ``K-1``'s cached keys, grouped KV heads and padding handled: no eager attention, no second layer run;
+* outside ``generate``, the final hidden states are scattered back to the original length (a dropped token
+  keeps the state it had when dropped), so logits and labels stay aligned with the caller's sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from tokenreduce.core.sequence import column_index
+
+if TYPE_CHECKING:
+    from tokenreduce.core.handle import ModelHandle, VisualItem
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x: [B, H, Q, d]`` with ``cos, sin: [B, Q, d]``."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+def attention_probabilities(
+    q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, query_mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Softmax attention of ``q: [B, Hq, Q, d]`` over ``k: [B, Hkv, S, d]`` (grouped heads), averaged.
+
+    ``allowed: [B, Q, S]`` marks the keys each query may see; the result is the mean over heads and over
+    the queries with ``query_mask: [B, Q]`` set, ``[B, S]``, in fp32.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)  # [B, Q, S]
+    weights = query_mask.float()
+    return (probs * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
+
+
+@dataclass
+class AttentionCapture:
+    """Inputs of layer ``K-1``'s attention in prefill: enough to score tokens without re-running it."""
+
+    module: nn.Module
+    hidden: torch.Tensor  # normed hidden states entering the attention, [B, L, D]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    keys: torch.Tensor | None = None  # post-RoPE keys [B, Hkv, L, d] (from the cache when there is one)
+
+    def query_states(self, columns: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE queries ``[B, Hq, Q, d]`` of the tokens at ``columns: [B, Q]``."""
+        attn = self.module
+        idx = columns[..., None].expand(-1, -1, self.hidden.shape[-1])
+        h = torch.gather(self.hidden, 1, idx)
+        b, q, _ = h.shape
+        states = attn.q_proj(h).view(b, q, -1, attn.head_dim).transpose(1, 2)
+        if getattr(attn, "q_norm", None) is not None:
+            states = attn.q_norm(states)
+        cos = torch.gather(self.cos, 1, columns[..., None].expand(-1, -1, self.cos.shape[-1]))
+        sin = torch.gather(self.sin, 1, columns[..., None].expand(-1, -1, self.sin.shape[-1]))
+        return apply_rope(states, cos, sin)
+
+    def key_states(self) -> torch.Tensor:
+        if self.keys is None:
+            attn = self.module
+            b, length, _ = self.hidden.shape
+            keys = attn.k_proj(self.hidden).view(b, length, -1, attn.head_dim).transpose(1, 2)
+            if getattr(attn, "k_norm", None) is not None:
+                keys = attn.k_norm(keys)
+            self.keys = apply_rope(keys, self.cos, self.sin)
+        return self.keys
+
+
+@dataclass
+class LLMContext:
+    """What a method sees at pruning layer ``layer`` (sequence length ``L`` = current, compressed length).
+
+    Attributes:
+        layer: the decoder layer about to run on the pruned sequence.
+        hidden: ``[B, L, D]`` residual stream entering that layer.
+        attention_mask: ``[B, L]`` 1 for real tokens, 0 for padding.
+        visual: per row, the columns of the row's visual tokens (ascending).
+        visual_tokens: per row, ``[Nv, 2]``: (batch item index, token index inside that item's layout) of
+            each visual column; ``items[i].layout`` gives rows/cols/frames for spatial methods.
+        text: per row, the columns of the row's text tokens.
+        original_visual: per row, the number of visual tokens the row had at the LLM input.
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    visual: list[torch.Tensor]
+    visual_tokens: list[torch.Tensor]
+    text: list[torch.Tensor]
+    items: list[VisualItem]
+    original_visual: list[int]
+    capture: AttentionCapture
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def last(self) -> torch.Tensor:
+        """Column of the last real token of each row, ``[B]``."""
+        length = self.attention_mask.shape[1]
+        ar = torch.arange(length, device=self.attention_mask.device)
+        return torch.where(self.attention_mask.bool(), ar, -1).max(dim=1).values
+
+    def attention(self, queries: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer ``K-1`` attention probabilities from the tokens at ``queries: [B, Q]`` to every key.
+
+        Softmax over keys with padding and causality masked (a query attends only to keys at or before
+        it), averaged over heads and valid queries: ``[B, L]``.
+        """
+        q = self.capture.query_states(queries)
+        k = self.capture.key_states()
+        scale = getattr(self.capture.module, "scaling", q.shape[-1] ** -0.5)
+        length = k.shape[2]
+        ar = torch.arange(length, device=k.device)
+        allowed = (ar[None, None, :] <= queries[..., None]) & self.attention_mask.bool()[:, None, :]
+        if query_mask is None:
+            query_mask = torch.ones_like(queries, dtype=torch.bool)
+        return attention_probabilities(q, k, allowed, query_mask, scale)
+
+    def last_token_attention(self) -> torch.Tensor:
+        """Attention of each row's last token to every key, ``[B, L]`` (FastV's signal)."""
+        return self.attention(self.last[:, None])
+
+    def text_attention(self) -> torch.Tensor:
+        """Attention of each row's text tokens to every key, averaged over them, ``[B, L]``."""
+        cols = column_index(self.text, device=self.hidden.device)
+        return self.attention(cols.clamp_min(0), cols >= 0)
+
+
+@dataclass
+class Stage:
+    """The sequence layers ``>= layer`` (up to the next stage) see during one generation."""
+
+    layer: int
+    columns: torch.Tensor  # [B, L'] columns of the ORIGINAL sequence (-1: padding)
+    mask: torch.Tensor  # [B, L'] 1 real token, 0 padding
+    cos: torch.Tensor
+    sin: torch.Tensor
+    position_ids: torch.Tensor | None
+    visual: list[torch.Tensor]
+    visual_tokens: list[torch.Tensor]
+    text: list[torch.Tensor]
+
+
+@dataclass
+class _Call:
+    """State of one text-model call."""
+
+    prefill: bool
+    cache: Any
+    mask2d: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    captures: dict[int, AttentionCapture] = field(default_factory=dict)
+    kwargs_by_layer: dict[int, dict[str, Any]] = field(default_factory=dict)
+    dropped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (orig cols [B,n], hidden)
+
+
+class LLMStage:
+    """Hooks one handle's method into the decoder layers of its model."""
+
+    def __init__(self, handle: ModelHandle):
+        self.handle = handle
+        self.method = handle.method
+        self.lm = handle.adapter.language_model
+        self.layers = handle.adapter.decoder_layers
+        self.prune_layers = sorted(self.method.llm_layers(len(self.layers)))
+        self.stages: list[Stage] = []
+        self.prompt_length = 0
+        self.original_mask: torch.Tensor | None = None
+        self.call: _Call | None = None
+
+    # ----- installation -------------------------------------------------------------------------------
+    def attach(self) -> None:
+        h = self.handle
+        h.register_hook(self.lm.register_forward_pre_hook(self._before_lm, with_kwargs=True))
+        h.register_hook(self.lm.register_forward_hook(self._after_lm, with_kwargs=True))
+        for k in self.prune_layers:
+            attn = self.layers[k - 1].self_attn
+            h.register_hook(attn.register_forward_hook(self._capture_hook(k), with_kwargs=True))
+        first = self.prune_layers[0]
+        for i in range(first, len(self.layers)):
+            h.register_hook(self.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+
+    # ----- hooks -------------------------------------------------------------------------------------
+    def _before_lm(self, module, args, kwargs):
+        self.call = None
+        if not self.handle.enabled:
+            return None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        first = self.prune_layers[0]
+        prefill = cache is None or cache.get_seq_length(first) == 0
+        info = self.handle.current
+        if prefill and (info is None or not info.items):
+            self.stages = []
+            return None
+        if not prefill and not self.stages:
+            return None
+        self.call = _Call(prefill=prefill, cache=cache, mask2d=kwargs.get("attention_mask"),
+                          position_ids=kwargs.get("position_ids"))
+        if prefill:
+            self.stages = []
+        return None
+
+    def _capture_hook(self, k: int):
+        def hook(module, args, kwargs, output):
+            call = self.call
+            if call is None or not call.prefill:
+                return None
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            cos, sin = _batched(kwargs["position_embeddings"], hidden.shape[0])
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            keys = None
+            if cache is not None and len(cache.layers) > module.layer_idx:
+                keys = cache.layers[module.layer_idx].keys
+                if keys is not None and keys.shape[2] != hidden.shape[1]:
+                    keys = None
+            call.captures[k] = AttentionCapture(module, hidden, cos, sin, keys)
+            return None
+
+        return hook
+
+    def _layer_hook(self, i: int):
+        def hook(module, args, kwargs):
+            call = self.call
+            if call is None:
+                return None
+            if i in self.prune_layers and call.prefill:
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                new_hidden = self._prune(i, hidden, kwargs)
+                call.kwargs_by_layer.clear()
+                args = (new_hidden, *args[1:]) if args else args
+                if not args:
+                    kwargs["hidden_states"] = new_hidden
+            stage = self._stage_for(i)
+            if stage is None:
+                return None
+            sub = call.kwargs_by_layer.get(stage.layer)
+            if sub is None:
+                sub = self._layer_kwargs(stage, kwargs, args[0] if args else kwargs["hidden_states"])
+                call.kwargs_by_layer[stage.layer] = sub
+            kwargs.update(sub)
+            return args, kwargs
+
+        return hook
+
+    def _after_lm(self, module, args, kwargs, output):
+        call, self.call = self.call, None
+        if call is None or not call.prefill or not self.stages or self.handle._in_generate:
+            return None
+        # Outside generate: put every dropped token back at its column, with the state it was dropped in.
+        last = self.stages[-1]
+        hidden = output.last_hidden_state
+        b, length = self.original_mask.shape
+        full = hidden.new_zeros(b, length, hidden.shape[-1])
+        valid = last.columns >= 0
+        full[torch.nonzero(valid, as_tuple=True)[0], last.columns[valid]] = hidden[valid]
+        norm = getattr(module, "norm", None)
+        for cols, states in call.dropped:
+            ok = cols >= 0
+            rows = torch.nonzero(ok, as_tuple=True)[0]
+            dropped = states[ok]
+            full[rows, cols[ok]] = norm(dropped) if norm is not None else dropped
+        output.last_hidden_state = full
+        return output
+
+    # ----- pruning -----------------------------------------------------------------------------------
+    def _stage_for(self, i: int) -> Stage | None:
+        current = None
+        for s in self.stages:
+            if s.layer <= i:
+                current = s
+        return current
+
+    def _prune(self, k: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        from tokenreduce.core.stats import timer
+
+        call = self.call
+        handle = self.handle
+        info = handle.current
+        previous = self.stages[-1] if self.stages else None
+        with timer(hidden.device) as t:
+            if previous is None:
+                mask = call.mask2d if call.mask2d is not None and call.mask2d.dim() == 2 else None
+                if mask is None:
+                    mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+                self.original_mask = mask
+                self.prompt_length = mask.shape[1]
+                columns = torch.arange(mask.shape[1], device=hidden.device).expand(mask.shape[0], -1)
+                columns = torch.where(mask.bool(), columns, -1)
+                cos, sin = _batched(kwargs["position_embeddings"], hidden.shape[0])
+                position_ids = kwargs.get("position_ids")
+                if position_ids is not None:
+                    position_ids = position_ids.expand(*position_ids.shape[:-2], hidden.shape[0], -1)
+                visual, visual_tokens, text = _split_columns(info, mask)
+            else:
+                mask, columns = previous.mask, previous.columns
+                cos, sin, position_ids = previous.cos, previous.sin, previous.position_ids
+                visual, visual_tokens, text = previous.visual, previous.visual_tokens, previous.text
+            ctx = LLMContext(
+                layer=k, hidden=hidden, attention_mask=mask, visual=visual, visual_tokens=visual_tokens, text=text,
+                items=info.items, original_visual=[
+                    sum(it.columns.numel() for it in info.items if it.row == r) for r in range(mask.shape[0])
+                ], capture=call.captures[k],
+            )
+            keep = self.method.select(ctx)
+            rows_keep, new_visual_tok = [], []
+            for r in range(mask.shape[0]):
+                kv = keep[r].to(hidden.device).long().sort().values
+                rows_keep.append(torch.cat([text[r], visual[r][kv]]).sort().values)
+                new_visual_tok.append(visual_tokens[r][kv.to(visual_tokens[r].device)])
+            index = column_index(rows_keep, device=hidden.device)  # into the current sequence
+            valid = index >= 0
+            safe = index.clamp_min(0)
+            new_hidden = torch.gather(hidden, 1, safe[..., None].expand(-1, -1, hidden.shape[-1]))
+            new_columns = torch.where(valid, torch.gather(columns, 1, safe), -1)
+            new_mask = valid.long()
+            # Record what is dropped (for restoring the length outside generate).
+            kept_flag = torch.zeros_like(mask, dtype=torch.bool)
+            kept_flag.scatter_(1, safe, valid)
+            dropped_pos = column_index([(~kept_flag[r]).nonzero().flatten() for r in range(mask.shape[0])],
+                                       device=hidden.device)
+            dsafe = dropped_pos.clamp_min(0)
+            dropped_cols = torch.where(dropped_pos >= 0, torch.gather(columns, 1, dsafe), -1)
+            call.dropped.append((dropped_cols, torch.gather(hidden, 1, dsafe[..., None].expand(-1, -1, hidden.shape[-1]))))
+            if handle.config.renumber_positions:
+                cos, sin = self._rotary(new_hidden, new_mask, position_ids)
+                new_pos = None if position_ids is None else _gather_positions(position_ids, safe, valid)
+            else:
+                cos = torch.gather(cos, 1, safe[..., None].expand(-1, -1, cos.shape[-1]))
+                sin = torch.gather(sin, 1, safe[..., None].expand(-1, -1, sin.shape[-1]))
+                new_pos = None if position_ids is None else _gather_positions(position_ids, safe, valid)
+            # Map visual/text columns into the new sequence.
+            new_visual, new_text = [], []
+            for r in range(mask.shape[0]):
+                lookup = torch.full((mask.shape[1],), -1, dtype=torch.long, device=hidden.device)
+                lookup[index[r][valid[r]]] = torch.nonzero(valid[r]).flatten()
+                vis = visual[r][keep[r].to(hidden.device).long().sort().values]
+                new_visual.append(lookup[vis])
+                new_text.append(lookup[text[r]])
+        self.stages.append(Stage(k, new_columns, new_mask, cos, sin, new_pos, new_visual, new_visual_tok, new_text))
+        share = t["ms"] / max(1, mask.shape[0])
+        for r, sample in enumerate(info.samples):
+            sample.layers[k] = int(new_visual[r].numel())
+            sample.llm_reducer_ms += share
+        return new_hidden
+
+    def _rotary(self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None):
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        if position_ids is not None and position_ids.dim() == 3:
+            positions = positions[None].expand(3, -1, -1)
+        return self.lm.rotary_emb(hidden, positions)
+
+    def _layer_kwargs(self, stage: Stage, kwargs: dict, hidden: torch.Tensor) -> dict[str, Any]:
+        call = self.call
+        cache = call.cache
+        if call.prefill:
+            mask2d = stage.mask
+            cos, sin, position_ids = stage.cos, stage.sin, stage.position_ids
+        else:
+            q = hidden.shape[1]
+            kv = (cache.get_seq_length(stage.layer) if cache is not None else 0) + q
+            extra = kv - stage.mask.shape[1]
+            if call.mask2d is not None and call.mask2d.dim() == 2:
+                tail = call.mask2d[:, self.prompt_length:][:, :extra]
+            else:
+                tail = stage.mask.new_ones(stage.mask.shape[0], extra)
+            mask2d = torch.cat([stage.mask, tail.to(stage.mask)], dim=1)
+            cos, sin = kwargs["position_embeddings"]
+            position_ids = kwargs.get("position_ids")
+            if self.handle.config.renumber_positions:
+                positions = (mask2d.long().cumsum(-1) - 1)[:, -q:]
+                if call.position_ids is not None and call.position_ids.dim() == 3:
+                    positions = positions[None].expand(3, -1, -1)
+                cos, sin = self.lm.rotary_emb(hidden, positions)
+        layer_type = getattr(self.lm.config, "layer_types", None)
+        builder = create_causal_mask
+        if layer_type is not None and layer_type[stage.layer] == "sliding_attention":
+            builder = create_sliding_window_causal_mask
+        mask = builder(
+            config=self.lm.config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache,
+            position_ids=None, layer_idx=stage.layer,
+        )
+        return {"attention_mask": mask, "position_embeddings": (cos, sin), "position_ids": position_ids}
+
+
+def _batched(embeddings: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = embeddings
+    return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+
+
+def _gather_positions(position_ids: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    idx = safe.expand(*position_ids.shape[:-2], *safe.shape)
+    return torch.gather(position_ids, -1, idx).masked_fill(~valid.expand_as(idx), 0)
+
+
+def _split_columns(info, mask: torch.Tensor):
+    """Per row: visual columns, their (item, token) ids, and text columns of the LLM-input sequence."""
+    visual, tokens, text = [], [], []
+    for r in range(mask.shape[0]):
+        cols, ids = [], []
+        for i, it in enumerate(info.items):
+            if it.row == r:
+                cols.append(it.columns.to(mask.device))
+                ids.append(torch.stack([torch.full_like(it.sources, i), it.sources], dim=1).to(mask.device))
+        vis = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long, device=mask.device)
+        tok = torch.cat(ids) if ids else torch.zeros(0, 2, dtype=torch.long, device=mask.device)
+        order = vis.argsort()
+        visual.append(vis[order])
+        tokens.append(tok[order])
+        is_text = mask[r].bool().clone()
+        is_text[vis] = False
+        text.append(is_text.nonzero().flatten())
+    return visual, tokens, text

@@ -1,0 +1,45 @@
+"""Shared pieces of the in-LLM baselines: layer validation, budgets averaged over depth, top-k by score."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenreduce.core.config import resolve_keep
+from tokenreduce.core.llm import LLMContext
+
+
+def check_layers(name: str, layers: tuple[int, ...], num_layers: int) -> list[int]:
+    """Pruning layers must lie in ``[1, num_layers - 1]`` (layer ``K-1`` scores the tokens)."""
+    bad = [k for k in layers if not 1 <= k < num_layers]
+    if bad:
+        raise ValueError(
+            f"`{name}` must be in [1, {num_layers - 1}] for this model ({num_layers} decoder layers), got {bad[0]}"
+        )
+    return list(layers)
+
+
+def average_keep(layers: list[int], keeps: list[float], num_layers: int) -> float:
+    """Visual tokens kept, averaged over all decoder layers, as a fraction of the LLM-input count."""
+    total, previous_layer, fraction = 0.0, 0, 1.0
+    for layer, keep in zip(layers, keeps):
+        total += (layer - previous_layer) * fraction
+        previous_layer, fraction = layer, keep
+    total += (num_layers - previous_layer) * fraction
+    return total / num_layers
+
+
+def scores_for(ctx: LLMContext, query: str) -> torch.Tensor:
+    """Attention scores of every column from the chosen queries: ``"last"`` token or all ``"text"`` tokens."""
+    return ctx.last_token_attention() if query == "last" else ctx.text_attention()
+
+
+def top_visual(ctx: LLMContext, scores: torch.Tensor, keep: int | float) -> list[torch.Tensor]:
+    """Per row, indices (into ``ctx.visual[row]``) of the ``keep`` best-scored visual tokens."""
+    out = []
+    for r, cols in enumerate(ctx.visual):
+        k = min(cols.numel(), resolve_keep(keep, ctx.original_visual[r])) if cols.numel() else 0
+        row_scores = scores[r, cols]
+        # stable order: higher score first, lower index on ties
+        order = torch.sort(row_scores, descending=True, stable=True).indices[:k]
+        out.append(order)
+    return out
