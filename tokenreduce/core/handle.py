@@ -233,7 +233,7 @@ class ModelHandle:
         coords = {m: (input_ids == placeholders[m]).nonzero() for m in present}
         for m in present:
             n_items = None if m not in features else [int(f.shape[0]) for f in features[m]]
-            layouts = adapter.layouts(m, inputs, n_items)
+            layouts = self._layouts(m, inputs, n_items)
             items_m, reds = self._reduce_items(m, layouts, features.get(m), coords[m], inputs, samples)
             items.extend(items_m)
             reductions[m] = reds
@@ -250,6 +250,18 @@ class ModelHandle:
         for s in samples:
             s.extra["bookkeeping_ms"] = share
         return inputs
+
+    def _layouts(self, modality: str, inputs: dict[str, Any], counts: list[int] | None) -> list[TokenLayout]:
+        """The adapter's layouts; square grids or flat sequences when precomputed features come without
+        the inputs the layout is read from (pixel values, image sizes, grids)."""
+        if self.adapter.has_pixels(modality, inputs) or counts is None:
+            return self.adapter.layouts(modality, inputs, counts)
+        from tokenreduce.adapters.llava import square_or_flat
+
+        try:
+            return self.adapter.layouts(modality, inputs, counts)
+        except (KeyError, ValueError, TypeError):
+            return [square_or_flat(modality, n) for n in counts]
 
     def _reduce_items(self, modality, layouts, features, coords, inputs, samples):
         """Run the method on every item of one modality; ``columns`` hold placeholder offsets for now."""
