@@ -40,13 +40,20 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, num_warps: int = 4, n
     kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
 
 
-def dot_precision(dtype: torch.dtype, exact_inputs: bool = True) -> str:
-    """``tl.dot`` precision: TF32 is exact for fp16/bf16 values, so it is used for them; IEEE otherwise.
+def dot_config(a: torch.Tensor, b: torch.Tensor, center: bool = False) -> tuple[bool, str]:
+    """``(TO_FP32, PRECISION)`` for ``tl.dot`` on rows of ``a`` and ``b``; every choice is exact per product.
 
-    ``exact_inputs=False`` says the operands were transformed in fp32 (e.g. centred) and are no longer
-    representable in TF32.
+    * same half dtype, no centring: native fp16/bf16 tensor-core dot, fp32 accumulation. Except bf16 in
+      the interpreter, whose bf16 dot multiplies raw bit patterns (triton#11584): cast to fp32 there.
+    * fp16/bf16 cast to fp32: TF32 holds every fp16/bf16 value exactly, so TF32 is exact and fast.
+    * fp32 inputs, or centred values (no longer TF32-representable): IEEE fp32.
     """
-    return "tf32" if exact_inputs and dtype in (torch.float16, torch.bfloat16) else "ieee"
+    half = (torch.float16, torch.bfloat16)
+    if center or a.dtype not in half or b.dtype not in half:
+        return True, "ieee"
+    if a.dtype == b.dtype and (a.dtype == torch.float16 or for_gpu(a)):
+        return False, "tf32"
+    return True, "tf32"
 
 
 def pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
@@ -113,13 +120,14 @@ def row_stats(x: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor
 @triton.jit
 def dot_rows(
     a_rows, b_rows, a_ok, b_ok, a_shift, b_shift, D,
-    CENTER: tl.constexpr, PRECISION: tl.constexpr,
+    CENTER: tl.constexpr, TO_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``[BLOCK_M, BLOCK_N]`` fp32 dot products of the rows starting at pointers ``a_rows`` and ``b_rows``.
 
-    With ``CENTER`` the rows have ``a_shift`` / ``b_shift`` subtracted first. Operands are cast to fp32
-    before ``tl.dot``: exact for fp16/bf16 under TF32 and it avoids the interpreter's bf16 dot bug.
+    With ``CENTER`` the rows have ``a_shift`` / ``b_shift`` subtracted (in fp32) first. ``TO_FP32`` casts
+    the operands to fp32 before ``tl.dot`` (see :func:`dot_config`); otherwise fp16/bf16 tiles go to the
+    tensor cores as they are, with fp32 accumulation.
     """
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -127,11 +135,14 @@ def dot_rows(
         d_ok = d < D
         a_m = a_ok[:, None] & d_ok[None, :]
         b_m = b_ok[:, None] & d_ok[None, :]
-        a = tl.load(a_rows[:, None] + d[None, :], mask=a_m, other=0.0).to(tl.float32)
-        b = tl.load(b_rows[:, None] + d[None, :], mask=b_m, other=0.0).to(tl.float32)
+        a = tl.load(a_rows[:, None] + d[None, :], mask=a_m, other=0.0)
+        b = tl.load(b_rows[:, None] + d[None, :], mask=b_m, other=0.0)
         if CENTER:
-            a = tl.where(a_m, a - a_shift[:, None], 0.0)
-            b = tl.where(b_m, b - b_shift[:, None], 0.0)
+            a = tl.where(a_m, a.to(tl.float32) - a_shift[:, None], 0.0)
+            b = tl.where(b_m, b.to(tl.float32) - b_shift[:, None], 0.0)
+        elif TO_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     return acc
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from tokenreduce.kernels._triton_utils import (
-    dot_precision,
+    dot_config,
     dot_rows,
     for_gpu,
     last_dim_contiguous,
@@ -28,7 +28,7 @@ from tokenreduce.kernels.attention.naive import query_weights
 def _softmax_stats_kernel(
     q_ptr, k_ptr, kmask_ptr, m_ptr, l_ptr,
     Q, S, D, G, Hq, sqb, sqh, sqq, skb, skh, sks, scale,
-    HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, TO_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     h = tl.program_id(1).to(tl.int64)
@@ -43,7 +43,7 @@ def _softmax_stats_kernel(
         ss = s0 + tl.arange(0, BLOCK_S)
         s_ok = ss < S
         logits = scale * dot_rows(q_rows + qs.to(tl.int64) * sqq, k_rows + ss.to(tl.int64) * sks, q_ok, s_ok,
-                                  0.0, 0.0, D, False, PRECISION, BLOCK_Q, BLOCK_S, BLOCK_D)
+                                  0.0, 0.0, D, False, TO_FP32, PRECISION, BLOCK_Q, BLOCK_S, BLOCK_D)
         keep = s_ok
         if HAS_KEY_MASK:
             keep = keep & (tl.load(kmask_ptr + b * S + ss, mask=s_ok, other=0) != 0)
@@ -62,7 +62,7 @@ def _softmax_stats_kernel(
 def _head_probs_kernel(
     q_ptr, k_ptr, kmask_ptr, m_ptr, l_ptr, w_ptr, out_ptr,
     Q, S, D, G, Hq, sqb, sqh, sqq, skb, skh, sks, scale,
-    HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, TO_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     h = tl.program_id(1).to(tl.int64)
@@ -79,7 +79,7 @@ def _head_probs_kernel(
         qs = q0 + tl.arange(0, BLOCK_Q)
         q_ok = qs < Q
         logits = scale * dot_rows(q_rows + qs.to(tl.int64) * sqq, k_rows + ss.to(tl.int64) * sks, q_ok, s_ok,
-                                  0.0, 0.0, D, False, PRECISION, BLOCK_Q, BLOCK_S, BLOCK_D)
+                                  0.0, 0.0, D, False, TO_FP32, PRECISION, BLOCK_Q, BLOCK_S, BLOCK_D)
         row = (b * Hq + h) * Q + qs
         m = tl.load(m_ptr + row, mask=q_ok, other=0.0)
         denom = tl.load(l_ptr + row, mask=q_ok, other=0.0)
@@ -113,12 +113,17 @@ def attention_importance(
     denom = torch.empty_like(m)
     kmask = m if key_mask is None else key_mask.contiguous().view(torch.uint8)
     if for_gpu(q):
-        bq, bs, bd, warps, stages = pow2(Q, 16, 64), 64, pow2(D, 16, 128), 4, 2
+        # Largest tiles without register spills on sm_90 (tests/kernels/aot_compile.py).
+        if q.dtype == k.dtype == torch.float32:
+            bq, bs, bd, warps, stages = pow2(Q, 16, 32), 64, pow2(D, 16, 32), 4, 2
+        else:
+            bq, bs, bd, warps, stages = pow2(Q, 16, 64), 64, pow2(D, 16, 64), 8, 2
     else:
         bq, bs, bd, warps, stages = pow2(Q, 16, 64), pow2(S, 16, 1024), pow2(D, 16, 512), 4, 1
     common = (Q, S, D, Hq // Hkv, Hq, q.stride(0), q.stride(1), q.stride(2),
               k.stride(0), k.stride(1), k.stride(2), float(scale))
-    meta = dict(HAS_KEY_MASK=key_mask is not None, PRECISION=dot_precision(torch.promote_types(q.dtype, k.dtype)),
+    to_fp32, precision = dot_config(q, k)
+    meta = dict(HAS_KEY_MASK=key_mask is not None, TO_FP32=to_fp32, PRECISION=precision,
                 BLOCK_Q=bq, BLOCK_S=bs, BLOCK_D=bd, num_warps=warps, num_stages=stages)
     launch(_softmax_stats_kernel, (triton.cdiv(Q, bq), Hq, B), q, k, kmask, m, denom, *common, **meta)
     launch(_head_probs_kernel, (triton.cdiv(S, bs), Hq, B), q, k, kmask, m, denom, w, heads, *common, **meta)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from tokenreduce.kernels._triton_utils import (
     EPS,
-    dot_precision,
+    dot_config,
     dot_rows,
     for_gpu,
     inv_norm,
@@ -30,7 +30,7 @@ from tokenreduce.kernels._triton_utils import (
 def _codebook_kernel(
     x_ptr, c_ptr, x_sumsq, c_sumsq, idx_ptr, val_ptr,
     N, K, D, sxn, scn,
-    COSINE: tl.constexpr, PRECISION: tl.constexpr, EPS: tl.constexpr,
+    COSINE: tl.constexpr, TO_FP32: tl.constexpr, PRECISION: tl.constexpr, EPS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -44,7 +44,7 @@ def _codebook_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         acc = dot_rows(x_ptr + rows.to(tl.int64) * sxn, c_ptr + cols.to(tl.int64) * scn, row_ok, col_ok,
-                       0.0, 0.0, D, False, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+                       0.0, 0.0, D, False, TO_FP32, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
         c_sq = tl.load(c_sumsq + cols, mask=col_ok, other=1.0)
         if COSINE:
             score = tl.where(col_ok[None, :], acc * inv_norm(c_sq, EPS)[None, :], float("-inf"))
@@ -78,13 +78,18 @@ def codebook_assign(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> tup
     x_sumsq = row_stats(x[None], False)[1]
     c_sumsq = row_stats(codebook[None], False)[1]
     if for_gpu(x):
-        bn, bk, bd, warps, stages = 64, pow2(K, 16, 64), (64 if x.dtype != torch.float32 else 32), 4, 3
+        # Largest tiles without register spills on sm_90 (tests/kernels/aot_compile.py).
+        if x.dtype == codebook.dtype == torch.float32:
+            bn, bk, bd, warps, stages = 64, 16, 32, 4, 3
+        else:
+            bn, bk, bd, warps, stages = 64, pow2(K, 16, 32), 32, 8, 3
     else:
         bn, bk, bd, warps, stages = pow2(N, 16, 256), pow2(K, 16, 256), pow2(D, 16, 512), 4, 1
+    to_fp32, precision = dot_config(x, codebook)
     launch(
         _codebook_kernel, (triton.cdiv(N, bn),),
         x, codebook, x_sumsq, c_sumsq, index, value, N, K, D, x.stride(0), codebook.stride(0),
-        COSINE=metric == "cosine", PRECISION=dot_precision(torch.promote_types(x.dtype, codebook.dtype)),
+        COSINE=metric == "cosine", TO_FP32=to_fp32, PRECISION=precision,
         EPS=EPS, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, num_stages=stages,
     )
     return index, value

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from tokenreduce.kernels._triton_utils import (
     EPS,
-    dot_precision,
+    dot_config,
     dot_rows,
     for_gpu,
     inv_norm,
@@ -28,7 +28,7 @@ from tokenreduce.kernels._triton_utils import (
 def _matching_kernel(
     m_ptr, sumsq_ptr, protect_ptr, idx_ptr, score_ptr,
     N, Na, Nb, D, smb, smn,
-    HAS_PROTECT: tl.constexpr, PRECISION: tl.constexpr, EPS: tl.constexpr,
+    HAS_PROTECT: tl.constexpr, TO_FP32: tl.constexpr, PRECISION: tl.constexpr, EPS: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
@@ -43,7 +43,7 @@ def _matching_kernel(
         b_ok = jb < Nb
         b_tok = 2 * jb + 1
         acc = dot_rows(base + a_tok.to(tl.int64) * smn, base + b_tok.to(tl.int64) * smn, a_ok, b_ok,
-                       0.0, 0.0, D, False, PRECISION, BLOCK_A, BLOCK_B, BLOCK_D)
+                       0.0, 0.0, D, False, TO_FP32, PRECISION, BLOCK_A, BLOCK_B, BLOCK_D)
         b_inv = inv_norm(tl.load(sumsq_ptr + b * N + b_tok, mask=b_ok, other=1.0), EPS)
         target = b_ok
         if HAS_PROTECT:
@@ -76,13 +76,14 @@ def bipartite_matching(
     sumsq = row_stats(metric, False)[1]
     protect_arg = sumsq if protect is None else protect.contiguous().view(torch.uint8)
     if for_gpu(metric):
-        ba, bb, bd, warps, stages = 64, 64, (64 if metric.dtype != torch.float32 else 32), 4, 3
+        ba, bb, bd, warps, stages = 64, 64, 32, 8, 3
     else:
         ba, bb, bd, warps, stages = pow2(Na, 16, 256), pow2(Nb, 16, 256), pow2(D, 16, 512), 4, 1
+    to_fp32, precision = dot_config(metric, metric)
     launch(
         _matching_kernel, (triton.cdiv(Na, ba), B),
         metric, sumsq, protect_arg, index, score, N, Na, Nb, D, metric.stride(0), metric.stride(1),
-        HAS_PROTECT=protect is not None, PRECISION=dot_precision(metric.dtype), EPS=EPS,
+        HAS_PROTECT=protect is not None, TO_FP32=to_fp32, PRECISION=precision, EPS=EPS,
         BLOCK_A=ba, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps, num_stages=stages,
     )
     return index, score

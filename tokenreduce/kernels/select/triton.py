@@ -95,7 +95,8 @@ def _select_kernel(
 
 def _block(scores: torch.Tensor, N: int) -> tuple[int, int]:
     if for_gpu(scores):
-        return pow2(N, 128, 4096), 8
+        block = pow2(N, 128, 4096)
+        return block, 16 if block == 4096 else 8
     return pow2(N, 16, 1 << 16), 4
 
 

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from tokenreduce.kernels._triton_utils import (
     EPS,
-    dot_precision,
+    dot_config,
     dot_rows,
     for_gpu,
     inv_norm,
@@ -29,7 +29,8 @@ from tokenreduce.kernels._triton_utils import (
 def _similarity_kernel(
     x_ptr, y_ptr, x_mean, x_sumsq, y_mean, y_sumsq, x_mask, y_mask, out_ptr,
     N, M, D, sxb, sxn, syb, syn, sob, son, fill,
-    CENTER: tl.constexpr, HAS_X_MASK: tl.constexpr, HAS_Y_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    CENTER: tl.constexpr, HAS_X_MASK: tl.constexpr, HAS_Y_MASK: tl.constexpr,
+    TO_FP32: tl.constexpr, PRECISION: tl.constexpr,
     EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(2).to(tl.int64)
@@ -43,7 +44,7 @@ def _similarity_kernel(
     b_inv = inv_norm(tl.load(y_sumsq + b * M + cols, mask=col_ok, other=1.0), EPS)
     acc = dot_rows(
         x_ptr + b * sxb + rows.to(tl.int64) * sxn, y_ptr + b * syb + cols.to(tl.int64) * syn,
-        row_ok, col_ok, a_shift, b_shift, D, CENTER, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        row_ok, col_ok, a_shift, b_shift, D, CENTER, TO_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
     )
     sim = acc * a_inv[:, None] * b_inv[None, :]
     pair = row_ok[:, None] & col_ok[None, :]
@@ -60,7 +61,8 @@ def _similarity_kernel(
 def _neighbor_count_kernel(
     x_ptr, x_mean, x_sumsq, x_mask, count_ptr,
     N, D, sxb, sxn, threshold,
-    CENTER: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, EPS: tl.constexpr,
+    CENTER: tl.constexpr, HAS_MASK: tl.constexpr, TO_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    EPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(2).to(tl.int64)
@@ -74,7 +76,7 @@ def _neighbor_count_kernel(
     b_inv = inv_norm(tl.load(x_sumsq + b * N + cols, mask=col_ok, other=1.0), EPS)
     acc = dot_rows(
         x_ptr + b * sxb + rows.to(tl.int64) * sxn, x_ptr + b * sxb + cols.to(tl.int64) * sxn,
-        row_ok, col_ok, a_shift, b_shift, D, CENTER, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        row_ok, col_ok, a_shift, b_shift, D, CENTER, TO_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
     )
     sim = acc * a_inv[:, None] * b_inv[None, :]
     hit = (sim > threshold) & row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
@@ -85,9 +87,12 @@ def _neighbor_count_kernel(
 
 
 def _blocks(x: torch.Tensor, n: int, m: int, d: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
+
+    GPU sizes are the largest without register spills on sm_90 (``tests/kernels/aot_compile.py``).
+    """
     if for_gpu(x):
-        return 64, 64, (64 if x.dtype != torch.float32 else 32), 4, 3
+        return 64, 64, 32, 8, 3
     return pow2(n, 16, 128), pow2(m, 16, 128), pow2(d, 16, 512), 4, 1
 
 
@@ -119,13 +124,14 @@ def pairwise_similarity(
     if out.numel() == 0:
         return out
     bm, bn, bd, warps, stages = _blocks(x, N, M, D)
+    to_fp32, precision = dot_config(x, y, center)
     launch(
         _similarity_kernel, (triton.cdiv(N, bm), triton.cdiv(M, bn), B),
         x, y, x_mean, x_sumsq, y_mean, y_sumsq, _mask_arg(mask, x_mean), _mask_arg(y_mask, x_mean), out,
         N, M, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
         float(fill),
         CENTER=center, HAS_X_MASK=mask is not None, HAS_Y_MASK=y_mask is not None,
-        PRECISION=dot_precision(torch.promote_types(x.dtype, y.dtype), exact_inputs=not center), EPS=EPS,
+        TO_FP32=to_fp32, PRECISION=precision, EPS=EPS,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
     )
     return out
@@ -143,12 +149,13 @@ def neighbor_count(
         return count.long()
     x_mean, x_sumsq = row_stats(x, center)
     bm, bn, bd, warps, stages = _blocks(x, N, N, D)
+    to_fp32, precision = dot_config(x, x, center)
     launch(
         _neighbor_count_kernel, (triton.cdiv(N, bm), triton.cdiv(N, bn), B),
         x, x_mean, x_sumsq, _mask_arg(mask, x_mean), count,
         N, D, x.stride(0), x.stride(1), float(threshold),
         CENTER=center, HAS_MASK=mask is not None,
-        PRECISION=dot_precision(x.dtype, exact_inputs=not center), EPS=EPS,
+        TO_FP32=to_fp32, PRECISION=precision, EPS=EPS,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
     )
     return count.long()
