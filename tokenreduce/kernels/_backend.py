@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -34,6 +35,8 @@ _override: ContextVar[str | None] = ContextVar("tokenreduce_kernels_backend", de
 
 @functools.cache
 def _triton_importable() -> bool:
+    if "triton" in sys.modules:
+        return sys.modules["triton"] is not None
     try:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):

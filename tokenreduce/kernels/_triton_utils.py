@@ -24,6 +24,7 @@ EPS = 1e-12
 # instead of the kernel being launched.
 LAUNCH_HOOK: Callable[..., Any] | None = None
 FORCE_GPU_CONFIG = False
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
 def for_gpu(t: torch.Tensor) -> bool:
@@ -33,7 +34,19 @@ def for_gpu(t: torch.Tensor) -> bool:
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, num_warps: int = 4, num_stages: int = 2,
            **constexprs: Any) -> None:
-    """Launch ``kernel[grid](*args, **constexprs)`` (or hand it to :data:`LAUNCH_HOOK`)."""
+    """Launch ``kernel[grid](*args, **constexprs)`` (or hand it to :data:`LAUNCH_HOOK`).
+
+    Raises:
+        ValueError: when the grid exceeds CUDA's limits (2**31 - 1 programs on axis 0, 65535 on axes 1
+            and 2), naming the kernel and the limit, instead of a launch failure deep inside Triton.
+    """
+    for axis, size in enumerate(grid):
+        limit = GRID_LIMITS[axis]
+        if size > limit:
+            raise ValueError(
+                f"{kernel.fn.__name__}: grid axis {axis} needs {size} programs, over CUDA's limit of {limit}; "
+                "split the batch (or the row count) into smaller calls"
+            )
     if LAUNCH_HOOK is not None:
         LAUNCH_HOOK(kernel, grid, args, constexprs, num_warps, num_stages)
         return

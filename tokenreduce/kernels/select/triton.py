@@ -93,7 +93,10 @@ def _select_kernel(
         kept += tl.sum(keep.to(tl.int64), 0)
 
 
-def _block(scores: torch.Tensor, N: int) -> tuple[int, int]:
+def _block(scores: torch.Tensor, N: int, block_n: int | None) -> tuple[int, int]:
+    """``(BLOCK_N, num_warps)``; ``block_n`` overrides the size (tests use it to force several chunks)."""
+    if block_n is not None:
+        return pow2(block_n, 16), 4
     if for_gpu(scores):
         block = pow2(N, 128, 4096)
         return block, 16 if block == 4096 else 8
@@ -101,7 +104,7 @@ def _block(scores: torch.Tensor, N: int) -> tuple[int, int]:
 
 
 def topk_select(
-    scores: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, width: int
+    scores: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, width: int, block_n: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of the top-k selection (validated inputs, ``0 <= k <= N``, ``width = max(k)``)."""
     B, N = scores.shape
@@ -111,7 +114,7 @@ def topk_select(
         return idx, keep
     keys = torch.empty(B, N, dtype=torch.int32, device=scores.device)
     mask_arg = keys if mask is None else mask.contiguous().view(torch.uint8)
-    block, warps = _block(scores, N)
+    block, warps = _block(scores, N, block_n)
     launch(_keys_kernel, (triton.cdiv(N, block), B), scores, mask_arg, keys, N, scores.stride(0),
            HAS_MASK=mask is not None, BLOCK_N=block, num_warps=warps)
     launch(_select_kernel, (B,), scores, keys, k.contiguous(), keys, mask_arg, keep.view(torch.uint8), idx,
@@ -121,7 +124,7 @@ def topk_select(
 
 
 def threshold_select(
-    scores: torch.Tensor, thresholds: torch.Tensor, mask: torch.Tensor | None
+    scores: torch.Tensor, thresholds: torch.Tensor, mask: torch.Tensor | None, block_n: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of the threshold selection (validated inputs, ``thresholds`` float32 ``[B]``)."""
     B, N = scores.shape
@@ -130,7 +133,7 @@ def threshold_select(
     if B == 0 or N == 0:
         return idx, keep
     mask_arg = thresholds if mask is None else mask.contiguous().view(torch.uint8)
-    block, warps = _block(scores, N)
+    block, warps = _block(scores, N, block_n)
     launch(_select_kernel, (B,), scores, thresholds, thresholds, thresholds.contiguous(), mask_arg,
            keep.view(torch.uint8), idx, N, scores.stride(0), idx.stride(0),
            TOPK=False, HAS_MASK=mask is not None, BLOCK_N=block, num_warps=warps)

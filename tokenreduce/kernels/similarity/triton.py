@@ -93,7 +93,7 @@ def _blocks(x: torch.Tensor, n: int, m: int, d: int) -> tuple[int, int, int, int
     """
     if for_gpu(x):
         return 64, 64, 32, 8, 3
-    return pow2(n, 16, 128), pow2(m, 16, 128), pow2(d, 16, 512), 4, 1
+    return pow2(n, 16, 256), pow2(m, 16, 256), pow2(d, 16, 512), 4, 1
 
 
 def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
