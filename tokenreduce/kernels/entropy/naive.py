@@ -11,14 +11,17 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     """Entropy of ``softmax(logits / temperature)`` over the last dim; differentiable through autograd."""
     dtype = compute_dtype(logits)
     z = logits.to(dtype) / temperature
-    # -inf logits (banned tokens) have probability 0 and must add 0, not 0 * -inf = NaN, to sum(p * z):
-    # clamping them to the most negative finite value does that and keeps their gradient 0.
-    zc = z.clamp_min(torch.finfo(dtype).min)
+    # A row of only -inf has no distribution: compute on zeros (finite, zero gradient), report NaN.
+    dead = (z == float("-inf")).all(-1, keepdim=True)
+    z = torch.where(dead, torch.zeros_like(z), z)
     # Entropy is shift-invariant: centring on the (detached) max keeps lse and sum(p*z) small.
-    zc = zc - zc.amax(-1, keepdim=True).detach()
-    h = torch.logsumexp(zc, -1) - (torch.softmax(zc, -1) * zc).sum(-1)
-    dead = (z == float("-inf")).all(-1)
-    return torch.where(dead, torch.full_like(h, float("nan")), h)
+    top = z.amax(-1, keepdim=True).detach()
+    z = z - torch.where(top.isfinite(), top, torch.zeros_like(top))
+    # -inf logits (banned tokens) have p = 0 and must add 0 to sum(p*z), not 0 * -inf = NaN; the where
+    # also keeps their gradient exactly 0.
+    z_finite = torch.where(z == float("-inf"), torch.zeros_like(z), z)
+    h = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z_finite).sum(-1)
+    return torch.where(dead.squeeze(-1), torch.full_like(h, float("nan")), h)
 
 
 def window_entropy(

@@ -70,7 +70,10 @@ def _entropy_combine_kernel(
     # A row whose logits are all -inf has no distribution: NaN, as the torch twin gives.
     h = tl.where(top == float("-inf"), float("nan"), tl.log(s_all) - mean_shifted)
     tl.store(h_ptr + rows, h, mask=row_ok)
-    tl.store(lse_ptr + rows, shift + tl.log(s_all), mask=row_ok)
+    # A dead row saves lse = +inf: every p, so every gradient, is then exactly 0 in the backward, as for
+    # the torch twin (whose NaN comes from a where() that passes no gradient).
+    lse = tl.where(top == float("-inf"), float("inf"), shift + tl.log(s_all))
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(mz_ptr + rows, shift + mean_shifted, mask=row_ok)
 
 
