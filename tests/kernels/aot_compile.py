@@ -108,7 +108,9 @@ def _ptxas_stats(ptx: str) -> str:
     return f"regs={regs.group(1) if regs else '?'} spill_stores={spills.group(1) if spills else '?'}"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Compile the captured launches; ``--one-per-kernel`` keeps the first specialisation of each kernel."""
+    argv = sys.argv[1:] if argv is None else argv
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the kernels must be real JIT functions to compile", file=sys.stderr)
         return 2
@@ -119,6 +121,11 @@ def main() -> int:
     target = GPUTarget("cuda", TARGET_ARCH, 32)
     failures = 0
     launches = capture_launches()
+    if "--one-per-kernel" in argv:
+        firsts: dict[str, tuple] = {}
+        for launch in launches:
+            firsts.setdefault(launch[0].fn.__name__, launch)
+        launches = list(firsts.values())
     for kernel, signature, constexprs, num_warps, num_stages in launches:
         label = f"{kernel.fn.__name__} {constexprs} warps={num_warps} stages={num_stages}"
         try:
