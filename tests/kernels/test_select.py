@@ -88,6 +88,10 @@ def test_topk_int_budget_and_errors(device):
         topk_select(scores, torch.tensor([3, -1]))
     with pytest.raises(ValueError, match="shape"):
         topk_select(scores, torch.tensor([3, 1, 2]))
+    with pytest.raises(ValueError, match="integer"):
+        topk_select(scores, 2.5)
+    with pytest.raises(ValueError, match="integer"):
+        topk_select(scores, torch.tensor([2.0, 3.0]))
 
 
 def test_topk_twin_matches_sorting():

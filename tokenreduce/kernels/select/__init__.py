@@ -53,9 +53,10 @@ def topk_select(scores: torch.Tensor, k: torch.Tensor | int, mask: torch.Tensor 
     check_tensor(op, "scores", scores, 2)
     B, N = scores.shape
     check_mask(op, "mask", mask, (B, N))
+    integer = (not k.is_floating_point() and not k.is_complex()) if torch.is_tensor(k) else isinstance(k, int)
+    if not integer:
+        raise ValueError(f"{op}: `k` must be an int or an integer tensor, got {getattr(k, 'dtype', k)!r}")
     kt = _per_row(k, B, scores.device, torch.long, "k", op)
-    if kt.is_floating_point() or (torch.is_tensor(k) and k.is_floating_point()):
-        raise ValueError(f"{op}: `k` must be integer, got {k.dtype}")
     lo_hi = torch.stack([kt.min(), kt.max()]).tolist() if B else [0, 0]
     if lo_hi[0] < 0:
         raise ValueError(f"{op}: `k` must be >= 0, got min {lo_hi[0]}")
