@@ -37,8 +37,22 @@ def original_positions(model, batch):
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
-def reduced_rows(model, method, batch, modalities=("image", "video")):
-    """Per row: (embeddings [L', D], positions [.., L'], kept original columns) of the reduced sequence."""
+def recorded_reductions(model):
+    """The reductions a wrapped model applied in its last call, per modality in item order."""
+    from tokenreduce.core.api import get_handle
+
+    out = {}
+    for item in get_handle(model).last_batch.items:
+        out.setdefault(item.modality, []).append(item.reduction)
+    return out
+
+
+def reduced_rows(model, method, batch, modalities=("image", "video"), recorded=None):
+    """Per row: (embeddings [L', D], positions [.., L'], kept original columns) of the reduced sequence.
+
+    The reductions come from ``method`` run on the unwrapped encoder's features, or, for methods that
+    read the vision tower, from ``recorded`` (:func:`recorded_reductions` of the wrapped model).
+    """
     adapter = get_adapter(model)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     placeholder = {"image": IMAGE_TOKEN, "video": VIDEO_TOKEN}
@@ -50,12 +64,16 @@ def reduced_rows(model, method, batch, modalities=("image", "video")):
         if not coords:
             continue
         feats = encoder_features(model, modality, batch)
-        layouts = adapter.layouts(modality, batch, [f.shape[0] for f in feats])
+        layouts = adapter.layouts(modality, batch, None if recorded else [f.shape[0] for f in feats])
         offset = 0
         for i, (f, layout) in enumerate(zip(feats, layouts)):
-            n = f.shape[0]
+            n = layout.num_tokens
             row = coords[offset][0]
-            if modality in modalities:
+            if recorded is not None:
+                red = recorded[modality][i]
+                out = red.output_features(f)
+                sources = red.sources.tolist()
+            elif modality in modalities:
                 seed = getattr(method.config, "seed", None)
                 gen = None if seed is None else torch.Generator().manual_seed(seed)
                 ctx = ReduceContext(layout=layout, modality=modality, row=row, item=i, generator=gen)

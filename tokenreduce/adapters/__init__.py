@@ -19,9 +19,13 @@ _ADAPTERS: dict[str, tuple[str, str]] = {
 }
 
 
+# Bare vision towers (for in-tower methods such as ToMe), by Tower.kind.
+TOWER_ADAPTERS = {"hf": "hf_vision_tower", "timm": "timm_vit", "open_clip": "open_clip_vit"}
+
+
 def list_adapters() -> list[str]:
-    """Model families (``config.model_type`` values) that can be wrapped."""
-    return sorted(_ADAPTERS)
+    """Model families (``config.model_type`` values) and bare vision-tower kinds that can be wrapped."""
+    return sorted(_ADAPTERS) + sorted(TOWER_ADAPTERS.values())
 
 
 def adapter_class(model_type: str) -> type[Adapter]:
@@ -33,8 +37,34 @@ def adapter_class(model_type: str) -> type[Adapter]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
+class TowerAdapter(Adapter):
+    """A bare vision tower (no language model): only in-tower methods apply."""
+
+    is_vlm = False
+    modalities = ("image",)
+
+    def __init__(self, model: nn.Module, tower):
+        self.model = model
+        self.inner = model
+        self.config = getattr(model, "config", None)
+        self._tower = tower
+        self.name = TOWER_ADAPTERS[tower.kind]
+
+    @property
+    def tower(self):
+        return self._tower
+
+    def describe(self) -> str:
+        return f"{self.name} ({type(self.model).__name__})"
+
+
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model``, or a TypeError naming the supported families."""
+    from .towers import find_tower
+
+    tower = find_tower(model)
+    if tower is not None:
+        return TowerAdapter(model, tower)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:

@@ -28,6 +28,7 @@ class Adapter:
     name: str = ""
     model_types: tuple[str, ...] = ()
     modalities: tuple[str, ...] = ("image",)
+    is_vlm = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -77,6 +78,38 @@ class Adapter:
         """Layout of every item; ``counts`` are the token counts the encoder produced (a cross-check)."""
         return [TokenLayout.flat(modality, n) for n in counts]
 
+    # ----- vision tower --------------------------------------------------------------------------------
+    @property
+    def tower(self):
+        """The vision tower as a :class:`~tokenreduce.adapters.towers.Tower`, or None if unsupported."""
+        from .towers import find_tower
+
+        module = getattr(self.inner, "vision_tower", None)
+        return None if module is None else find_tower(module)
+
+    def token_signals(self, modality: str, layouts: Sequence[TokenLayout], per_patch: torch.Tensor) -> list[torch.Tensor]:
+        """Map per-patch tower signals ``[R, P, ...]`` (one row per tower image, prefix tokens removed) onto
+        each item's LLM tokens, ``[N_i, ...]``; slots with no patch (newline, CLS) get NaN.
+
+        Layouts may carry ``extra["tower_rows"]`` (tower images per item, default 1) and
+        ``extra["patch_source"]`` (``[N, 2]`` tower row within the item and patch index); without it the
+        item's content tokens are its first tower row's patches in order.
+        """
+        out, row = [], 0
+        for layout in layouts:
+            rows = int(layout.extra.get("tower_rows", 1))
+            maps = per_patch[row : row + rows]
+            source = layout.extra.get("patch_source")
+            if source is None:
+                source = default_patch_source(layout)
+            source = source.to(per_patch.device)
+            valid = (source[:, 0] >= 0) & (source[:, 1] < maps.shape[1])
+            values = maps[source[:, 0].clamp_min(0), source[:, 1].clamp(0, maps.shape[1] - 1)].float()
+            values[~valid] = float("nan")
+            out.append(values)
+            row += rows
+        return out
+
     # ----- positions ---------------------------------------------------------------------------------
     def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]):
         """Position ids of the original sequence: ``[B, L]`` (``[3, B, L]`` for M-RoPE families)."""
@@ -108,6 +141,18 @@ class Adapter:
 
     def describe(self) -> str:
         return f"{self.name} ({type(self.model).__name__})"
+
+
+def default_patch_source(layout: TokenLayout) -> torch.Tensor:
+    """Tower row 0's patches in order for content tokens; ``-1`` for newline slots and CLS segments."""
+    source = torch.full((layout.num_tokens, 2), -1, dtype=torch.long)
+    content = layout.content_mask.clone()
+    for seg, sl in zip(layout.segments, layout.segment_slices()):
+        if seg.kind == "cls":
+            content[sl] = False
+    source[content, 0] = 0
+    source[content, 1] = torch.arange(int(content.sum()))
+    return source
 
 
 def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -15,33 +15,57 @@ from .llava import vision_grid_side
 def anyres_layouts(adapter: Adapter, inputs: dict[str, Any], pack, num_patches: list[int]) -> list[TokenLayout]:
     """Layouts of anyres images, read off the family's own ``pack_image_features``.
 
-    The model's packing (unpadding, OneVision's downsampling, newline slots) is run on one-dimensional
-    stand-in features so the layout always matches the installed transformers version.
+    The model's packing (unpadding, OneVision's downsampling, newline slots) is run on stand-in features
+    holding each patch's canvas coordinates, so the layout always matches the installed transformers
+    version and every packed token knows the tower patch it comes from (``extra["patch_source"]``:
+    ``[N, 2]`` crop index within the image, base first, and patch index; ``-1`` for newline slots).
     """
     side = vision_grid_side(adapter.config.vision_config)
     image_sizes = inputs["image_sizes"]
-    fake = [torch.ones(n, side * side, 1) for n in num_patches]
-    packed, _ = pack(fake, image_sizes.cpu() if torch.is_tensor(image_sizes) else image_sizes, torch.full((1,), -1.0))
+    sizes = [tuple(int(v) for v in image_sizes[i]) for i in range(len(num_patches))]
+    fake = []
+    for size, n in zip(sizes, num_patches):
+        rr, cc = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        grid_w = _crop_grid(adapter, size)[1] if n > 1 else 1
+        crops = []
+        for c in range(n):
+            k = max(c - 1, 0)  # high-resolution crops, row-major over the crop grid
+            offset_r, offset_c = (k // grid_w) * side, (k % grid_w) * side
+            crops.append(torch.stack([torch.ones(side, side), rr + offset_r, cc + offset_c], dim=-1).view(side * side, 3))
+        fake.append(torch.stack(crops).float())
+    sizes_arg = image_sizes.cpu() if torch.is_tensor(image_sizes) else image_sizes
+    packed, _ = pack(fake, sizes_arg, torch.full((3,), -1.0))
     layouts = []
-    for i, (tokens, n_patches) in enumerate(zip(packed, num_patches)):
-        tokens = tokens[:, 0]
-        size = tuple(int(v) for v in image_sizes[i])
+    for size, tokens, n_patches in zip(sizes, packed, num_patches):
+        is_newline = tokens[:, 0] < 0
         if n_patches > 1:
-            canvas = tokens[side * side :]
-            newlines = (canvas == -1).nonzero().flatten()
-            rows = int(newlines.numel())
-            cols = int(newlines[0]) if rows else 0
+            canvas_newlines = is_newline[side * side :].nonzero().flatten()
+            rows = int(canvas_newlines.numel())
+            cols = int(canvas_newlines[0]) if rows else 0
             grid_h, grid_w = _crop_grid(adapter, size)
             segments = (
                 Segment("base", side, side),
                 Segment("crop", rows, cols, newline=True, crop_grid=(grid_h, grid_w)),
             )
         else:
-            has_newline = bool(tokens[-1] == -1)
-            segments = (Segment("base", side, side),) + ((Segment("newline", 1, 0, newline=True),) if has_newline else ())
-        layout = TokenLayout("image", segments, image_size=size)
-        if layout.num_tokens != tokens.numel():  # pragma: no cover - guards against new packing schemes
-            layout = TokenLayout.flat("image", tokens.numel())
+            grid_w = 1
+            segments = (Segment("base", side, side),)
+            if bool(is_newline[-1]):
+                segments += (Segment("newline", 1, 0, newline=True),)
+        coords = tokens[:, 1:].round().long()
+        source = torch.full((tokens.shape[0], 2), -1, dtype=torch.long)
+        base = slice(0, side * side)
+        source[base, 0] = 0
+        source[base, 1] = torch.arange(side * side)
+        high = torch.zeros(tokens.shape[0], dtype=torch.bool)
+        high[side * side :] = ~is_newline[side * side :]
+        r, c = coords[high, 0], coords[high, 1]
+        source[high, 0] = 1 + (r // side) * grid_w + c // side
+        source[high, 1] = (r % side) * side + c % side
+        layout = TokenLayout("image", segments, image_size=size,
+                             extra={"tower_rows": n_patches, "patch_source": source})
+        if layout.num_tokens != tokens.shape[0]:  # pragma: no cover - guards against new packing schemes
+            layout = TokenLayout.flat("image", tokens.shape[0])
         layouts.append(layout)
     return layouts
 
@@ -99,6 +123,14 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     model_types = ("llava_next_video",)
     modalities = ("image", "video")
 
+    def token_signals(self, modality, layouts, per_patch):
+        if modality != "video":
+            return super().token_signals(modality, layouts, per_patch)
+        # Frames go through the resampler's spatial pooling: pool the signal maps the same way.
+        pool = self.inner.vision_resampler.pool
+        kernel = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
+        return pooled_frame_signals(layouts, per_patch, lambda x: torch.nn.functional.avg_pool2d(x, kernel))
+
     def video_layouts(self, inputs):
         videos = inputs["pixel_values_videos"]
         num_videos, frames = videos.shape[:2]
@@ -107,6 +139,25 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         segments = tuple(Segment("frame", pooled, pooled, time=t) for t in range(frames))
         size = tuple(videos.shape[-2:])
         return [TokenLayout("video", segments, image_size=size) for _ in range(num_videos)]
+
+
+def pooled_frame_signals(layouts, per_patch: torch.Tensor, pool) -> list[torch.Tensor]:
+    """Per video: its frames' ``[P, ...]`` patch signals pooled spatially by ``pool`` and flattened in frame
+    order (a trailing newline slot, if the layout has one, gets NaN)."""
+    out, row = [], 0
+    for layout in layouts:
+        frames = sum(1 for s in layout.segments if s.kind == "frame")
+        maps = per_patch[row : row + frames].float()
+        side = round(maps.shape[1] ** 0.5)
+        trailing = maps.shape[2:]
+        grid = maps.reshape(frames, side, side, -1).permute(0, 3, 1, 2)
+        pooled = pool(grid).permute(0, 2, 3, 1).reshape(-1, *trailing)
+        extra = layout.num_tokens - pooled.shape[0]
+        if extra > 0:
+            pooled = torch.cat([pooled, pooled.new_full((extra, *trailing), float("nan"))])
+        out.append(pooled)
+        row += frames
+    return out
 
 
 def _pooled_side(resampler, side: int) -> int:

@@ -11,7 +11,7 @@ from tokenreduce.core.layout import Segment, TokenLayout
 
 from .base import Adapter
 from .llava import vision_grid_side
-from .llava_next import anyres_layouts, num_anyres_patches
+from .llava_next import anyres_layouts, num_anyres_patches, pooled_frame_signals
 
 
 class LlavaOnevisionAdapter(Adapter):
@@ -43,6 +43,15 @@ class LlavaOnevisionAdapter(Adapter):
         segments = tuple(Segment("frame", pooled, pooled, time=t) for t in range(frames))
         segments += (Segment("newline", 1, 0, newline=True, time=frames - 1),)
         return [TokenLayout("video", segments, image_size=tuple(videos.shape[-2:])) for _ in range(num_videos)]
+
+    def token_signals(self, modality, layouts, per_patch):
+        if modality != "video":
+            return super().token_signals(modality, layouts, per_patch)
+
+        def pool(x):  # as apply_pooling: bilinear to ceil(side / 2)
+            return torch.nn.functional.interpolate(x, size=[math.ceil(s / 2) for s in x.shape[2:]], mode="bilinear")
+
+        return pooled_frame_signals(layouts, per_patch, pool)
 
     def pack(self, modality, features):
         if modality == "video":

@@ -51,6 +51,14 @@ def wrap(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mod
     else:
         raise TypeError(f"`method` must be a method name or a MethodConfig, got {type(method).__name__}")
     adapter = get_adapter(model)
+    if not adapter.is_vlm and (spec.families is None or adapter.name not in spec.families):
+        from tokenreduce.core.registry import method_specs
+
+        usable = [s.name for s in method_specs() if s.families and adapter.name in s.families]
+        raise TypeError(
+            f"method {spec.name!r} needs a vision-language model; on a bare vision tower ({adapter.describe()}) "
+            f"use one of: {', '.join(usable)}"
+        )
     if spec.families is not None and adapter.name not in spec.families:
         raise TypeError(
             f"method {spec.name!r} does not support model family {adapter.name!r}; supported: {', '.join(spec.families)}"

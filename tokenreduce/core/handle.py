@@ -89,11 +89,13 @@ class ModelHandle:
         self.stats = Stats()
         self.enabled = True
         self.current: BatchInfo | None = None
+        # What the last call did (items with their reductions): for overlays, analysis and tests.
+        self.last_batch: BatchInfo | None = None
         self._in_generate = False
         self._patched: list[tuple[Any, str, bool, Any]] = []
         self._hooks: list[Any] = []
         self.original_forward = model.forward
-        self.original_generate = model.generate
+        self.original_generate = getattr(model, "generate", None)
         modalities = config.modalities or spec.modalities
         self.modalities = tuple(m for m in modalities if m in adapter.modalities)
 
@@ -124,10 +126,24 @@ class ModelHandle:
             return self._generate(args, kwargs)
 
         self.llm_stage = None
+        self.vision_stage = None
         try:
-            self.patch(model, "forward", forward)
-            self.patch(model, "generate", generate)
+            if self.adapter.is_vlm:
+                self.patch(model, "forward", forward)
+                self.patch(model, "generate", generate)
             self.patch(model, HANDLE_ATTR, self)
+            layer = getattr(self.method, "vision_layer", None)
+            if layer is not None:
+                from tokenreduce.core.vision import VisionStage
+
+                tower = self.adapter.tower
+                if tower is None:
+                    raise TypeError(
+                        f"method {self.spec.name!r} reads attention inside the vision tower; the tower of "
+                        f"{self.adapter.describe()} is not a supported CLIP/SigLIP/timm/open_clip ViT"
+                    )
+                self.vision_stage = VisionStage(self, tower, layer)
+                self.vision_stage.attach()
             if "llm" in self.spec.stages:
                 from tokenreduce.core.llm import LLMStage
 
@@ -165,7 +181,7 @@ class ModelHandle:
         try:
             return self.original_forward(**inputs)
         finally:
-            self.current = None
+            self.last_batch, self.current = self.current, None
 
     def _generate(self, args: tuple, kwargs: dict):
         if not self.enabled:
@@ -175,12 +191,16 @@ class ModelHandle:
             inputs["input_ids"] = inputs.pop("inputs")
         original_ids = inputs.get("input_ids")
         inputs = self.prepare(inputs)
+        if "decode" in self.spec.stages:
+            inputs = _add_generation_hooks(inputs, self.method.generation_hooks(self, inputs))
         self._in_generate = True
         try:
             out = self.original_generate(**inputs)
         finally:
             self._in_generate = False
-            self.current = None
+            self.last_batch, self.current = self.current, None
+        if "decode" in self.spec.stages:
+            self.method.after_generate(self, inputs, out)
         if original_ids is None or inputs["input_ids"] is original_ids:
             return out
         return _restore_prompt(out, original_ids, inputs["input_ids"].shape[1])
@@ -223,18 +243,20 @@ class ModelHandle:
             s.geometry, s.text_tokens = geometry, int(t)
         reduce = self.reduces_before_llm and any(m in self.modalities for m in present)
 
-        features = {}
+        features, items, reductions = {}, [], {}
+        coords = {m: (input_ids == placeholders[m]).nonzero() for m in present}
+        reduced_in_tower = getattr(self.method, "changes_encoder_output", False)
         for m in present:
+            signals = None
             if precomputed.get(m) is not None:
                 features[m] = adapter.unpack(m, precomputed[m].pooler_output)
             elif reduce:
-                features[m] = adapter.encode(m, inputs)
-        items, reductions = [], {}
-        coords = {m: (input_ids == placeholders[m]).nonzero() for m in present}
-        for m in present:
-            n_items = None if m not in features else [int(f.shape[0]) for f in features[m]]
+                features[m] = self._encode(m, inputs)
+            n_items = None if m not in features or reduced_in_tower else [int(f.shape[0]) for f in features[m]]
             layouts = self._layouts(m, inputs, n_items)
-            items_m, reds = self._reduce_items(m, layouts, features.get(m), coords[m], inputs, samples)
+            if self.vision_stage is not None and m in features and precomputed.get(m) is None:
+                signals = self.vision_stage.signals(m, layouts)
+            items_m, reds = self._reduce_items(m, layouts, features.get(m), coords[m], inputs, samples, signals)
             items.extend(items_m)
             reductions[m] = reds
 
@@ -263,10 +285,22 @@ class ModelHandle:
         except (KeyError, ValueError, TypeError):
             return [square_or_flat(modality, n) for n in counts]
 
-    def _reduce_items(self, modality, layouts, features, coords, inputs, samples):
+    def _encode(self, modality: str, inputs: dict[str, Any]) -> list[torch.Tensor]:
+        """The encoder's per-item tokens, with the vision stage's capture on while the tower runs."""
+        stage = self.vision_stage
+        if stage is None:
+            return self.adapter.encode(modality, inputs)
+        stage.discard()
+        stage.capture.enabled = True
+        try:
+            return self.adapter.encode(modality, inputs)
+        finally:
+            stage.capture.enabled = False
+
+    def _reduce_items(self, modality, layouts, features, coords, inputs, samples, signals=None):
         """Run the method on every item of one modality; ``columns`` hold placeholder offsets for now."""
         total = sum(lay.num_tokens for lay in layouts)
-        if features is not None:
+        if features is not None and not getattr(self.method, "changes_encoder_output", False):
             counts = [int(f.shape[0]) for f in features]
             if sum(counts) != coords.shape[0]:
                 raise ValueError(
@@ -291,7 +325,7 @@ class ModelHandle:
                 ctx = ReduceContext(
                     layout=layout, modality=modality, row=row, item=i,
                     text_embeds=self._text_embeds(inputs, row) if getattr(self.method, "uses_text", False) else None,
-                    generator=self._generator(),
+                    generator=self._generator(), signals=signals[i] if signals else {},
                 )
                 with timer(features[i].device) as t:
                     red = self.method.reduce(features[i], ctx).sorted()
@@ -390,6 +424,18 @@ def _check_reduction(name: str, red: Reduction, n: int) -> None:
         raise RuntimeError(
             f"method {name!r} returned {red.features.shape[0]} features for {red.sources.numel()} sources"
         )
+
+
+def _add_generation_hooks(inputs: dict[str, Any], hooks: dict[str, list]) -> dict[str, Any]:
+    """Append a decode-stage method's logits processors / stopping criteria to the caller's."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    out = dict(inputs)
+    for key, cls in (("logits_processor", LogitsProcessorList), ("stopping_criteria", StoppingCriteriaList)):
+        extra = hooks.get(key) or []
+        if extra:
+            out[key] = cls([*(inputs.get(key) or []), *extra])
+    return out
 
 
 def _restore_prompt(out: Any, original_ids: torch.Tensor, reduced_len: int) -> Any:

@@ -109,6 +109,14 @@ class Method:
         """Reduce one item's ``[N, D]`` visual tokens."""
         raise NotImplementedError
 
+    def generation_hooks(self, handle: Any, inputs: dict[str, Any]) -> dict[str, list]:
+        """Decode-stage methods: ``{"logits_processor": [...], "stopping_criteria": [...]}`` for one
+        ``generate`` call, appended to the caller's own."""
+        return {}
+
+    def after_generate(self, handle: Any, inputs: dict[str, Any], output: Any) -> None:
+        """Decode-stage methods: record per-sample results (``handle.stats``) once ``generate`` returns."""
+
     def attach(self, handle: Any) -> None:
         """Install hooks beyond the projector stage (the handle tracks and removes them)."""
 

@@ -166,12 +166,31 @@ def _media_inputs(model, family: str, images: list[tuple[int, int]], videos: lis
     return out
 
 
-def _counts(model, modality: str, inputs: dict) -> list[int]:
-    fn = getattr(model.model, f"get_{modality}_features")
-    import inspect
+def _batch_media(model, family: str, rows: Sequence[RowSpec]) -> dict:
+    """Media of every row, each drawn from its own seed so a row alone gets the same pixels as in a batch."""
+    parts = [_media_inputs(model, family, list(r.images), list(r.videos), torch.Generator().manual_seed(r.seed))
+             for r in rows]
+    out: dict = {}
+    for key in {k for p in parts for k in p}:
+        values = [p[key] for p in parts if key in p]
+        if key == "pixel_values" and values[0].dim() == 5:  # anyres: pad the crop axis
+            most = max(v.shape[1] for v in values)
+            values = [torch.cat([v, v.new_zeros(v.shape[0], most - v.shape[1], *v.shape[2:])], 1) for v in values]
+        out[key] = torch.cat(values)
+    return out
 
+
+def _counts(model, modality: str, inputs: dict) -> list[int]:
+    """Placeholder counts per item, from the model's own encoder (with any wrapping switched off)."""
+    import inspect
+    from contextlib import nullcontext
+
+    from tokenreduce.core.api import get_handle
+
+    fn = getattr(model.model, f"get_{modality}_features")
     params = inspect.signature(fn).parameters
-    with torch.no_grad():
+    handle = get_handle(model)
+    with torch.no_grad(), handle.disabled() if handle is not None else nullcontext():
         out = fn(**{k: v for k, v in inputs.items() if k in params}, return_dict=True).pooler_output
     if torch.is_tensor(out):
         return [int(t.reshape(-1, t.shape[-1]).shape[0]) for t in out.unbind(0)]
@@ -183,8 +202,7 @@ def tiny_batch(model, rows: Sequence[RowSpec], left_pad: bool = True, labels: bo
     family = model.config.model_type
     images = [s for r in rows for s in r.images]
     videos = [f for r in rows for f in r.videos]
-    gen = torch.Generator().manual_seed(sum(r.seed for r in rows) + 7 * len(rows))
-    media = _media_inputs(model, family, images, videos, gen)
+    media = _batch_media(model, family, rows)
     img_counts = _counts(model, "image", media) if images else []
     vid_counts = _counts(model, "video", media) if videos else []
     qwen = family in ("qwen2_vl", "qwen2_5_vl")

@@ -1,3 +1,3 @@
 """Baseline methods the field compares against."""
 
-from tokenreduce.plugins.baselines import fastv, pdrop, pool, random  # noqa: F401
+from tokenreduce.plugins.baselines import divprune, fastv, pdrop, pool, prumerge, random, tome, visionzip  # noqa: F401

@@ -1,0 +1,78 @@
+"""Shared pieces of the tower-signal baselines (VisionZip, PruMerge): signals and per-crop grouping."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenreduce import kernels
+from tokenreduce.core.layout import TokenLayout
+
+
+def attention_and_keys(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int,
+                       single_head: bool = False) -> dict[str, torch.Tensor]:
+    """Per tower row: ``attention`` over patches ``[R, P]`` and head-mean ``keys`` ``[R, P, d]``.
+
+    With a CLS token, ``attention`` is the CLS query's softmax attention over all keys, read at the
+    patches (head mean; with ``single_head`` the full-width dot product scaled by ``C^-1/2``, as PruMerge's
+    code computes it). Towers without CLS (SigLIP) get the attention each patch receives, averaged over
+    all queries and heads.
+    """
+    r, h, n, d = k.shape
+    if single_head:
+        q = q.transpose(1, 2).reshape(r, 1, n, h * d)
+        k = k.transpose(1, 2).reshape(r, 1, n, h * d)
+        scale = (h * d) ** -0.5
+    if num_prefix:
+        attention = kernels.cls_attention(q[:, :, 0], k, scale=scale, drop_cls=False)[:, num_prefix:]
+    else:
+        attention = kernels.attention_importance(q, k, scale=scale)
+    keys = k.mean(1)[:, num_prefix:] if not single_head else k[:, 0, num_prefix:]
+    return {"attention": attention, "keys": keys}
+
+
+def content_groups(layout: TokenLayout, per_crop: bool) -> list[torch.Tensor]:
+    """Token indices of the groups a method works in: one per tower crop / frame, or one per item.
+
+    Newline slots (and CLS segments) belong to no group.
+    """
+    source = layout.extra.get("patch_source")
+    content = layout.content_mask.clone()
+    for seg, sl in zip(layout.segments, layout.segment_slices()):
+        if seg.kind == "cls":
+            content[sl] = False
+    if not per_crop:
+        return [content.nonzero().flatten()]
+    if source is not None:
+        keys = source[:, 0]
+    else:
+        keys = layout.segment_ids if any(s.kind == "frame" for s in layout.segments) else torch.zeros_like(layout.segment_ids)
+    keys = torch.where(content, keys, -1)
+    return [(keys == g).nonzero().flatten() for g in torch.unique(keys[keys >= 0]).tolist()]
+
+
+def count(value: int | float, n: int) -> int:
+    """A per-group count: an int is taken as is (capped at ``n``), a float is a fraction of ``n``."""
+    if isinstance(value, float):
+        return min(n, round(value * n))
+    return min(n, value)
+
+
+def add_row_newlines(layout: TokenLayout, features: torch.Tensor, sources: torch.Tensor, outputs: torch.Tensor,
+                     assignment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the newline slot of every canvas row that still has a kept token, so rows stay delimited.
+
+    Returns the extended ``(sources, outputs, assignment)``.
+    """
+    newline = layout.is_newline.to(sources.device)
+    if not bool(newline.any()):
+        return sources, outputs, assignment
+    segment, rows = layout.segment_ids.to(sources.device), layout.rows.to(sources.device)
+    kept_rows = {(int(s), int(r)) for s, r in zip(segment[sources].tolist(), rows[sources].tolist())}
+    slots = [i for i in newline.nonzero().flatten().tolist() if (int(segment[i]), int(rows[i])) in kept_rows
+             or layout.segments[int(segment[i])].cols == 0]
+    if not slots:
+        return sources, outputs, assignment
+    slots_t = torch.tensor(slots, device=sources.device)
+    assignment = assignment.clone()
+    assignment[slots_t] = outputs.shape[0] + torch.arange(len(slots), device=sources.device)
+    return torch.cat([sources, slots_t]), torch.cat([outputs, features[slots_t]]), assignment

@@ -1,0 +1,68 @@
+"""``divprune``: keep the most diverse visual tokens (DivPrune, CVPR'25), a max-min diversity problem.
+
+On the projected visual tokens (the LLM's input), with distance ``1 - cosine``: first the token whose
+nearest other token is farthest, then repeatedly the token farthest from everything chosen so far, until
+the budget. Kept tokens keep their order and original positions. Newline slots are not candidates; a newline
+slot stays when its row keeps a token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenreduce import kernels
+from tokenreduce.core.config import MethodConfig, check_keep, resolve_keep
+from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.registry import register_method
+
+from ._vision import add_row_newlines
+
+
+@dataclass
+class DivPruneConfig(MethodConfig):
+    """Options of ``divprune``.
+
+    Attributes:
+        keep: content tokens kept per item: a count (int >= 1) or a fraction (float in (0, 1]).
+    """
+
+    keep: int | float = 0.25
+
+    def validate(self) -> None:
+        check_keep("keep", self.keep)
+
+
+def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max-min selection of ``k`` rows of ``x`` under cosine distance; indices in selection order."""
+    n = x.shape[0]
+    if k >= n:
+        return torch.arange(n, device=x.device)
+    dist = 1.0 - kernels.pairwise_similarity(x[None].float())[0]
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    nearest = dist.masked_fill(eye, float("inf")).min(dim=0).values
+    chosen = [int(torch.argmax(nearest))]
+    closest = dist[chosen[0]].clone()
+    taken = torch.zeros(n, dtype=torch.bool, device=x.device)
+    taken[chosen[0]] = True
+    for _ in range(k - 1):
+        j = int(torch.argmax(closest.masked_fill(taken, float("-inf"))))
+        chosen.append(j)
+        taken[j] = True
+        closest = torch.minimum(closest, dist[j])
+    return torch.tensor(chosen, device=x.device)
+
+
+@register_method("divprune", config_cls=DivPruneConfig, stages="projector")
+class DivPruneMethod(Method):
+    """Max-min diverse subset of the visual tokens (DivPrune)."""
+
+    def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
+        content = context.layout.content_mask.nonzero().flatten().to(features.device)
+        k = resolve_keep(self.config.keep, content.numel())
+        kept = content[max_min_diversity(features[content], k)].sort().values
+        assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
+        assignment[kept] = torch.arange(kept.numel(), device=features.device)
+        sources, outputs, assignment = add_row_newlines(context.layout, features, kept, features[kept], assignment)
+        return Reduction(sources=sources, features=outputs, assignment=assignment)

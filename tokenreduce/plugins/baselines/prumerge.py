@@ -1,0 +1,168 @@
+"""``prumerge`` / ``prumerge_plus``: adaptive token count by IQR outliers of [CLS] attention, then merging.
+
+LLaVA-PruMerge (Shang et al.) reads the tower's penultimate layer: the [CLS] token's attention over the
+patches (the reference code uses the full-width dot product, no head split: so do we). Patches whose
+attention is an outlier (above Q3 + 1.5 IQR) are kept, so the count adapts to the image (~32 of 576 on
+average). Each kept token then absorbs its ``neighbors`` most key-similar tokens weighted by their
+attention (``x_i + sum_j a_j x_j``), and one extra token carries the attention-weighted sum of all pruned
+tokens. PruMerge+ adds spatially uniform tokens (stride ``floor(floor(1 / ratio) / 3)``), ~144 on average.
+
+With ``keep`` set, the count is fixed instead (for comparisons at equal budgets): the top ``keep`` by
+attention (PruMerge+: the IQR outliers, filled up to ``keep`` with uniformly spaced tokens). As with
+VisionZip, the merge acts on the projected tokens and works per crop / frame on anyres and video inputs;
+a newline slot stays when its row keeps a token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tokenreduce import kernels
+from tokenreduce.core.config import MethodConfig, check_range
+from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.registry import register_method
+
+from ._vision import add_row_newlines, attention_and_keys, content_groups
+
+FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision")
+
+
+@dataclass
+class PruMergeConfig(MethodConfig):
+    """Options of ``prumerge``.
+
+    Attributes:
+        keep: ``None`` for the paper's adaptive count, or a fixed fraction of each crop's tokens.
+        iqr_factor: outliers lie above ``Q3 + iqr_factor * IQR``.
+        neighbors: tokens each kept token absorbs (by key cosine similarity).
+        layer: tower layer whose attention and keys are read.
+    """
+
+    keep: float | None = None
+    iqr_factor: float = 1.5
+    neighbors: int = 32
+    layer: int = -2
+
+    def validate(self) -> None:
+        if self.keep is not None:
+            check_range("keep", self.keep, 0.0, 1.0, low_open=True)
+        check_range("iqr_factor", self.iqr_factor, 0.0)
+        check_range("neighbors", self.neighbors, 0, integer=True)
+        check_range("layer", self.layer, integer=True)
+
+    @classmethod
+    def at_budget(cls, budget: float, num_layers: int | None = None, **options) -> PruMergeConfig:
+        check_range("budget", budget, 0.0, 1.0, low_open=True)
+        return cls(keep=float(budget), **options)
+
+
+@dataclass
+class PruMergePlusConfig(PruMergeConfig):
+    """Options of ``prumerge_plus`` (those of ``prumerge``)."""
+
+
+def iqr_outliers(scores: torch.Tensor, factor: float) -> torch.Tensor:
+    """Boolean mask of scores above ``Q3 + factor * IQR``."""
+    q1, q3 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device))
+    return scores > q3 + factor * (q3 - q1)
+
+
+def uniform_fill(kept: torch.Tensor, n: int, step: int | None = None, total: int | None = None) -> torch.Tensor:
+    """Positions in ``[0, n)`` at a uniform stride (or ``total - len(kept)`` evenly spread) not in ``kept``."""
+    free = torch.ones(n, dtype=torch.bool, device=kept.device)
+    free[kept] = False
+    if step is not None:
+        candidates = torch.arange(0, n, step, device=kept.device)
+        return candidates[free[candidates]]
+    need = max(0, (total or 0) - kept.numel())
+    pool = free.nonzero().flatten()
+    if need == 0 or pool.numel() == 0:
+        return pool[:0]
+    picks = torch.linspace(0, pool.numel() - 1, min(need, pool.numel()), device=kept.device).round().long()
+    return pool[picks.unique()]
+
+
+def prumerge_group(features, attention, keys, group, config: PruMergeConfig, plus: bool):
+    """PruMerge(+) on one group of tokens: ``(sources, outputs, slot)`` as in :func:`visionzip_select`."""
+    n = group.numel()
+    a = attention[group].float()
+    outliers = iqr_outliers(a, config.iqr_factor)
+    n_out = max(1, int(outliers.sum()))
+    order = torch.sort(a, descending=True, stable=True).indices
+    if config.keep is None:
+        kept = order[:n_out]
+        if plus:
+            step = max(1, math.floor(math.floor(n / n_out) / 3))
+            kept = torch.cat([kept, uniform_fill(kept, n, step=step)])
+    else:
+        total = max(1, round(config.keep * n))
+        if total < n:  # the extra token of pruned tokens counts within the budget
+            total = max(1, total - 1)
+        kept = order[: min(n_out, total) if plus else total]
+        if plus:
+            kept = torch.cat([kept, uniform_fill(kept, n, total=total)])
+    kept = kept.sort().values
+    pruned = torch.ones(n, dtype=torch.bool, device=group.device)
+    pruned[kept] = False
+    x = features[group]
+    out = x[kept].clone()
+    if config.neighbors > 0 and n > 1:
+        sim = kernels.pairwise_similarity(keys[group][kept][None], keys[group][None])[0]
+        sim[torch.arange(kept.numel()), kept] = float("-inf")  # not itself
+        k = min(config.neighbors, n - 1)
+        neighbor = sim.topk(k, dim=1).indices  # [K, k]
+        weights = a[neighbor].to(x.dtype)
+        out = out + (weights[..., None] * x[neighbor]).sum(1)
+    slot = torch.full((n,), -1, dtype=torch.long, device=group.device)
+    slot[kept] = torch.arange(kept.numel(), device=group.device)
+    sources, outputs = [group[kept]], [out]
+    if bool(pruned.any()):
+        idx = pruned.nonzero().flatten()
+        extra = (a[idx].to(x.dtype)[:, None] * x[idx]).sum(0, keepdim=True)
+        sources.append(group[idx[a[idx].argmax()]][None])
+        outputs.append(extra)
+        slot[idx] = kept.numel()
+    return torch.cat(sources), torch.cat(outputs), slot
+
+
+class _PruMergeBase(Method):
+    plus = False
+
+    @property
+    def vision_layer(self) -> int:
+        return self.config.layer
+
+    def tower_signals(self, q, k, scale, num_prefix):
+        return attention_and_keys(q, k, scale, num_prefix, single_head=True)
+
+    def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
+        attention = context.signals["attention"].to(features.device)
+        keys = context.signals["keys"].to(features.device)
+        sources, outputs = [], []
+        assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
+        for group in content_groups(context.layout, per_crop=True):
+            group = group.to(features.device)
+            src, out, slot = prumerge_group(features, attention, keys, group, self.config, self.plus)
+            base = sum(s.numel() for s in sources)
+            assignment[group] = torch.where(slot >= 0, slot + base, -1)
+            sources.append(src)
+            outputs.append(out)
+        sources, outputs, assignment = add_row_newlines(
+            context.layout, features, torch.cat(sources), torch.cat(outputs), assignment
+        )
+        return Reduction(sources=sources, features=outputs, assignment=assignment)
+
+
+@register_method("prumerge", config_cls=PruMergeConfig, stages=("vision", "projector"), families=FAMILIES)
+class PruMergeMethod(_PruMergeBase):
+    """Adaptive count by IQR outliers of [CLS] attention, attention-weighted merging (PruMerge)."""
+
+
+@register_method("prumerge_plus", config_cls=PruMergePlusConfig, stages=("vision", "projector"), families=FAMILIES)
+class PruMergePlusMethod(_PruMergeBase):
+    """PruMerge plus spatially uniform tokens (PruMerge+)."""
+
+    plus = True

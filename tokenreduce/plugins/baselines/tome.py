@@ -1,0 +1,193 @@
+"""``tome``: Token Merging inside the ViT blocks (Bolya et al., ICLR'23).
+
+In every block, between attention and MLP, the tokens split alternately into sets A and B; each A token
+finds its most similar B token by the attention keys (head mean, cosine); the ``r`` best-matched A tokens
+are merged into their matches by a size-weighted average. Token sizes are tracked and attention is
+proportional (``log(size)`` added to the logits) so a merged token weighs as much as its members. Prefix
+tokens (CLS, registers) are never merged. Kept tokens stay in spatial order.
+
+Works on a bare timm / open_clip / HF CLIP-SigLIP ViT (``tr.wrap(vit, "tome", r=8)``) and on LLaVA-1.5,
+whose single-grid tower output can shrink; there, merging runs in the blocks up to the feature layer and
+each merged token is placed at the position of its first member in raster order. Anyres and video
+families pack fixed crop grids after the tower, so merging inside their tower is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tokenreduce import kernels
+from tokenreduce.adapters.towers import merging_block_forward
+from tokenreduce.core.config import MethodConfig, check_range
+from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.registry import register_method
+from tokenreduce.core.stats import ItemStats
+
+
+@dataclass
+class ToMeConfig(MethodConfig):
+    """Options of ``tome``. Set ``r`` or ``keep`` (neither: ``r = 16``).
+
+    Attributes:
+        r: tokens merged in every block (ToMe's setting; at most half of the mergeable tokens per block).
+        keep: alternatively, the fraction of patch tokens left at the tower output; ``r`` per block is then
+            spread evenly over the merging blocks.
+        proportional_attention: add ``log(size)`` to attention logits (the paper's default).
+    """
+
+    r: int | None = None
+    keep: float | None = None
+    proportional_attention: bool = True
+
+    def validate(self) -> None:
+        if self.r is not None and self.keep is not None:
+            raise ValueError(f"set one of `r` and `keep`, not both; got r={self.r!r}, keep={self.keep!r}")
+        if self.r is None and self.keep is None:
+            self.r = 16
+        if self.r is not None:
+            check_range("r", self.r, 0, integer=True)
+        if self.keep is not None:
+            check_range("keep", self.keep, 0.0, 1.0, low_open=True)
+
+
+def merge_schedule(num_patches: int, blocks: int, r: int | None, keep: float | None) -> list[int]:
+    """Tokens to merge in each of ``blocks`` blocks (each at most half of what remains)."""
+    schedule, remaining = [], num_patches
+    target = None if keep is None else max(1, math.ceil(keep * num_patches - 1e-9))
+    for i in range(blocks):
+        if keep is None:
+            step = r
+        else:
+            step = math.ceil((remaining - target) / (blocks - i))
+        step = max(0, min(step, remaining // 2, remaining - 1))
+        schedule.append(step)
+        remaining -= step
+    return schedule
+
+
+def merge_step(x, size, metric, slot, r: int, prefix: int):
+    """Merge ``r`` tokens of ``x: [B, N, D]`` by bipartite soft matching on ``metric: [B, N, d]``.
+
+    ``size: [B, N]`` patches per token; ``slot: [B, N0]`` current index of every original token (updated).
+    Returns the merged ``x``, ``size`` and ``slot``; token order is preserved.
+    """
+    b, n, d = x.shape
+    if r <= 0:
+        return x, size, slot
+    protect = torch.zeros(b, n, dtype=torch.bool, device=x.device)
+    protect[:, :prefix] = True
+    best, score = kernels.bipartite_matching(metric, protect=protect)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :r]  # A positions merged
+    src = 2 * order
+    dst = 2 * torch.gather(best, 1, order) + 1
+    weighted = x * size[..., None]
+    summed = weighted.scatter_add(1, dst[..., None].expand(-1, -1, d), torch.gather(weighted, 1, src[..., None].expand(-1, -1, d)))
+    sizes = size.scatter_add(1, dst, torch.gather(size, 1, src))
+    keep = torch.ones(b, n, dtype=torch.bool, device=x.device).scatter(1, src, False)
+    new_index = keep.long().cumsum(1) - 1  # new position of every kept token
+    new_index = new_index.scatter(1, src, torch.gather(new_index, 1, dst))  # merged tokens follow their target
+    merged = (summed / sizes[..., None].to(summed.dtype))[keep].view(b, n - r, d).to(x.dtype)
+    return merged, sizes[keep].view(b, n - r), torch.gather(new_index, 1, slot)
+
+
+class _State:
+    def __init__(self, prefix: int):
+        self.prefix = prefix
+        self.size = None
+        self.slot = None
+        self.schedule: list[int] = []
+        self.block = 0
+
+
+@register_method(
+    "tome", config_cls=ToMeConfig, stages="vision",
+    families=("llava", "hf_vision_tower", "timm_vit", "open_clip_vit"),
+)
+class ToMeMethod(Method):
+    """Token Merging inside the vision tower's blocks, with proportional attention."""
+
+    changes_encoder_output = True
+
+    def attach(self, handle) -> None:
+        self.handle = handle
+        tower = handle.adapter.tower
+        if tower is None:
+            raise TypeError(f"tome needs a ViT tower; {handle.adapter.describe()} has none that is supported")
+        self.tower = tower
+        blocks = tower.blocks
+        merge_until = len(blocks)
+        if handle.adapter.is_vlm:
+            layer = handle.adapter.config.vision_feature_layer
+            if not isinstance(layer, int):
+                raise TypeError("tome needs a single `vision_feature_layer`; this model concatenates several")
+            merge_until = layer if layer > 0 else len(blocks) + 1 + layer  # hidden_states[i] = after block i-1
+        self.merge_blocks = merge_until
+        self.state = _State(tower.num_prefix_tokens)
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+        target = tower._visual if tower.kind == "open_clip" else tower.module
+        handle.register_hook(target.register_forward_pre_hook(self._start))
+        if not handle.adapter.is_vlm:
+            handle.register_hook(target.register_forward_hook(self._finish_bare))
+        for i, block in enumerate(blocks):
+            handle.patch(block, "forward", self._block_forward(i, block, tower.parts(block)))
+
+    def _start(self, module, args):
+        self.state = _State(self.tower.num_prefix_tokens)
+        self.records.clear()
+
+    def _block_forward(self, index: int, block, parts):
+        original = type(block).forward.__get__(block)
+        tome = self
+
+        def forward(x, *args, **kwargs):
+            state = tome.state
+            if not tome.handle.enabled or index >= tome.merge_blocks:
+                return original(x, *args, **kwargs)
+            batch_first = not (tome.tower.kind == "open_clip" and not getattr(block.attn, "batch_first", True))
+            h = x if batch_first else x.transpose(0, 1)
+            if state.slot is None:
+                b, n = h.shape[:2]
+                state.size = torch.ones(b, n, device=h.device, dtype=torch.float32)
+                state.slot = torch.arange(n, device=h.device).expand(b, -1).contiguous()
+                state.schedule = merge_schedule(n - state.prefix, tome.merge_blocks, tome.config.r, tome.config.keep)
+            r = state.schedule[index]
+
+            def merge(y, metric):
+                y, state.size, state.slot = merge_step(y, state.size, metric, state.slot, r, state.prefix)
+                return y, state.size
+
+            size = state.size if tome.config.proportional_attention else None
+            out, _ = merging_block_forward(parts, h, size, merge)
+            if index == tome.merge_blocks - 1:
+                tome.records.append(state.slot.clone())
+            return out if batch_first else out.transpose(0, 1)
+
+        return forward
+
+    def _finish_bare(self, module, args, output):
+        if self.records:
+            slots = torch.cat(self.records)
+            self.records.clear()
+            prefix = self.state.prefix
+            rows = self.handle.stats.new_call(slots.shape[0])
+            for r, sample in enumerate(rows):
+                n_out = int(slots[r].max()) + 1 - prefix
+                sample.items.append(ItemStats("image", slots.shape[1] - prefix, n_out, 0.0))
+        return None
+
+    def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
+        if not self.records:  # features computed elsewhere (precomputed): nothing was merged
+            return Reduction(sources=torch.arange(features.shape[0], device=features.device))
+        slot = torch.cat(self.records)[context.item].to(features.device)
+        n_layout = context.layout.num_tokens
+        # Layout token j is tower token j + offset (the CLS token is dropped under "default").
+        offset = slot.numel() - n_layout
+        slot_of_token = slot[offset:] - offset
+        n_out = features.shape[0]
+        owner = torch.arange(n_layout, device=features.device)
+        first = torch.full((n_out,), n_layout, dtype=torch.long, device=features.device)
+        first.scatter_reduce_(0, slot_of_token, owner, reduce="amin")
+        return Reduction(sources=first, features=features, assignment=slot_of_token)
