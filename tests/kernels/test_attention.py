@@ -126,3 +126,25 @@ def test_attention_rejects_bad_heads():
         attention_importance(torch.randn(1, 3, 1, 4), torch.randn(1, 2, 5, 4))
     with pytest.raises(ValueError, match="D=4"):
         attention_importance(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 5, 8))
+
+
+@pytest.mark.parametrize("dtype", [F16, F32], ids=["fp16", "fp32"])
+def test_causal_query_positions_match_twin_and_loops(device, dtype):
+    B, Hq, Hkv, Q, S, D = 2, 4, 2, 5, 90, 32
+    q = randn(B, Hq, Q, D, dtype=dtype, device=device)
+    k = randn(B, Hkv, S, D, dtype=dtype, device=device)
+    positions = torch.tensor([[0, 10, 44, 89, 3], [5, 5, 60, 1, 70]], device=device)
+    key_mask = rand_mask(B, S, device=device)
+    key_mask[:, 0] = False  # query 0 of row 0 then sees no key: it adds nothing
+    got, want = both(attention_importance, q, k, key_mask=key_mask, query_positions=positions)
+    assert_close(got, want, *TOL[dtype], name="causal")
+    qf, kf = q.double().cpu(), k.double().cpu().repeat_interleave(Hq // Hkv, dim=1)
+    for b in range(B):
+        expected = torch.zeros(S, dtype=torch.float64)
+        for i in range(Q):
+            allowed = (torch.arange(S) <= positions[b, i].cpu()) & key_mask[b].cpu()
+            if not bool(allowed.any()):
+                continue
+            logits = torch.einsum("hd,hsd->hs", qf[b, :, i], kf[b]) / math.sqrt(D)
+            expected += torch.softmax(logits.masked_fill(~allowed, -math.inf), -1).mean(0) / Q
+        assert_close(want[b].cpu().double(), expected, 1e-3 if dtype == F16 else 1e-5, 1e-3, name=f"loops row {b}")

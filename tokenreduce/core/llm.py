@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from tokenreduce import kernels
 from tokenreduce.core.sequence import column_index
 
 if TYPE_CHECKING:
@@ -38,23 +39,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of ``x: [B, H, Q, d]`` with ``cos, sin: [B, Q, d]``."""
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
-
-
-def attention_probabilities(
-    q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, query_mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Softmax attention of ``q: [B, Hq, Q, d]`` over ``k: [B, Hkv, S, d]`` (grouped heads), averaged.
-
-    ``allowed: [B, Q, S]`` marks the keys each query may see; the result is the mean over heads and over
-    the queries with ``query_mask: [B, Q]`` set, ``[B, S]``, in fp32.
-    """
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)  # [B, Q, S]
-    weights = query_mask.float()
-    return (probs * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
 
 
 @dataclass
@@ -133,12 +117,9 @@ class LLMContext:
         q = self.capture.query_states(queries)
         k = self.capture.key_states()
         scale = getattr(self.capture.module, "scaling", q.shape[-1] ** -0.5)
-        length = k.shape[2]
-        ar = torch.arange(length, device=k.device)
-        allowed = (ar[None, None, :] <= queries[..., None]) & self.attention_mask.bool()[:, None, :]
-        if query_mask is None:
-            query_mask = torch.ones_like(queries, dtype=torch.bool)
-        return attention_probabilities(q, k, allowed, query_mask, scale)
+        return kernels.attention_importance(
+            q, k, scale=scale, key_mask=self.attention_mask.bool(), query_mask=query_mask, query_positions=queries
+        )
 
     def last_token_attention(self) -> torch.Tensor:
         """Attention of each row's last token to every key, ``[B, L]`` (FastV's signal)."""

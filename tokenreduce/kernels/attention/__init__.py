@@ -21,6 +21,7 @@ def attention_importance(
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
     query_mask: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
     per_head: bool = False,
 ) -> torch.Tensor:
     """Mean softmax attention of the queries ``q`` over the keys ``k``, one score per key.
@@ -38,6 +39,8 @@ def attention_importance(
             key gets all-zero probabilities.
         query_mask: ``[B, Q]`` bool, valid queries; masked queries add nothing (even if they hold NaN). A
             row with no valid query scores 0 everywhere.
+        query_positions: ``[B, Q]`` int, causal attention: query ``i`` sees only keys ``s <= positions[b, i]``
+            (the columns of the queries in a decoder's sequence). A query that sees no valid key adds 0.
         per_head: return ``[B, Hq, S]`` (mean over queries only) instead of ``[B, S]``. Same cost: the
             head mean is taken from it.
 
@@ -55,13 +58,17 @@ def attention_importance(
         raise ValueError(f"{op}: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
     check_mask(op, "key_mask", key_mask, (B, k.shape[2]))
     check_mask(op, "query_mask", query_mask, (B, Q))
+    if query_positions is not None and (query_positions.shape != (B, Q) or query_positions.is_floating_point()):
+        raise ValueError(f"{op}: `query_positions` must be an integer [B={B}, Q={Q}] tensor, got "
+                         f"{query_positions.dtype} {tuple(query_positions.shape)}")
     scale = D**-0.5 if scale is None else float(scale)
     if select_backend(op, q, k) == "triton":
         from tokenreduce.kernels.attention import triton as impl
     else:
         impl = naive
     return impl.attention_importance(
-        q, k, scale=scale, key_mask=key_mask, query_mask=query_mask, per_head=per_head
+        q, k, scale=scale, key_mask=key_mask, query_mask=query_mask, query_positions=query_positions,
+        per_head=per_head,
     )
 
 

@@ -23,6 +23,7 @@ def attention_importance(
     scale: float,
     key_mask: torch.Tensor | None = None,
     query_mask: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
     per_head: bool = False,
 ) -> torch.Tensor:
     B, Hq, Q, D = q.shape
@@ -31,12 +32,18 @@ def attention_importance(
     # Query head h reads kv head h // G: group the G query heads of a kv head along the query axis.
     qg = q.to(dtype).reshape(B, Hkv, (Hq // Hkv) * Q, D)
     logits = (qg @ k.to(dtype).transpose(-1, -2)).reshape(B, Hq, Q, S) * scale
+    allowed = None
     if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        allowed = key_mask[:, None, :].expand(B, Q, S)
+    if query_positions is not None:
+        causal = torch.arange(S, device=q.device)[None, None, :] <= query_positions[:, :, None]
+        allowed = causal if allowed is None else allowed & causal
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if key_mask is not None:
-        # A row with no valid key is all -inf: softmax gives NaN; it gets zero probability instead.
-        probs = torch.where(key_mask.any(-1)[:, None, None, None], probs, torch.zeros_like(probs))
+    if allowed is not None:
+        # A query with no valid key is all -inf: softmax gives NaN; it gets zero probability instead.
+        probs = torch.where(allowed.any(-1)[:, None, :, None], probs, torch.zeros_like(probs))
     w = query_weights(q, query_mask).to(dtype)[:, None, :, None]
     heads = torch.where(w > 0, probs * w, torch.zeros_like(probs)).sum(2)
     return heads if per_head else heads.mean(1)

@@ -26,9 +26,9 @@ from tokenreduce.kernels.attention.naive import query_weights
 
 @triton.jit
 def _softmax_stats_kernel(
-    q_ptr, k_ptr, kmask_ptr, m_ptr, l_ptr,
+    q_ptr, k_ptr, kmask_ptr, qpos_ptr, m_ptr, l_ptr,
     Q, S, D, G, Hq, sqb, sqh, sqq, skb, skh, sks, scale,
-    HAS_KEY_MASK: tl.constexpr, TO_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, HAS_QPOS: tl.constexpr, TO_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     h = tl.program_id(1).to(tl.int64)
@@ -37,6 +37,8 @@ def _softmax_stats_kernel(
     k_rows = k_ptr + b * skb + (h // G) * skh
     qs = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = qs < Q
+    if HAS_QPOS:
+        qpos = tl.load(qpos_ptr + b * Q + qs, mask=q_ok, other=-1)
     m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([BLOCK_Q], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
@@ -47,7 +49,10 @@ def _softmax_stats_kernel(
         keep = s_ok
         if HAS_KEY_MASK:
             keep = keep & (tl.load(kmask_ptr + b * S + ss, mask=s_ok, other=0) != 0)
-        logits = tl.where(keep[None, :], logits, float("-inf"))
+        allowed = keep[None, :]
+        if HAS_QPOS:
+            allowed = allowed & (ss[None, :] <= qpos[:, None])
+        logits = tl.where(allowed, logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, 1))
         # While every key seen so far is masked the max is -inf; shift by 0 then so exp() gives 0, not NaN.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -60,9 +65,9 @@ def _softmax_stats_kernel(
 
 @triton.jit
 def _head_probs_kernel(
-    q_ptr, k_ptr, kmask_ptr, m_ptr, l_ptr, w_ptr, out_ptr,
+    q_ptr, k_ptr, kmask_ptr, qpos_ptr, m_ptr, l_ptr, w_ptr, out_ptr,
     Q, S, D, G, Hq, sqb, sqh, sqq, skb, skh, sks, scale,
-    HAS_KEY_MASK: tl.constexpr, TO_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, HAS_QPOS: tl.constexpr, TO_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     h = tl.program_id(1).to(tl.int64)
@@ -87,7 +92,11 @@ def _head_probs_kernel(
         p = tl.exp(logits - m[:, None]) / denom[:, None]
         # denom == 0: the query saw no valid key (zero probability); a NaN still propagates, as in torch.
         use = (w > 0) & (denom != 0)
-        acc += tl.sum(tl.where(use[:, None] & keep[None, :], p * w[:, None], 0.0), 0)
+        allowed = use[:, None] & keep[None, :]
+        if HAS_QPOS:
+            qpos = tl.load(qpos_ptr + b * Q + qs, mask=q_ok, other=-1)
+            allowed = allowed & (ss[None, :] <= qpos[:, None])
+        acc += tl.sum(tl.where(allowed, p * w[:, None], 0.0), 0)
     tl.store(out_ptr + (b * Hq + h) * S + ss, acc, mask=s_ok)
 
 
@@ -98,6 +107,7 @@ def attention_importance(
     scale: float,
     key_mask: torch.Tensor | None = None,
     query_mask: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
     per_head: bool = False,
 ) -> torch.Tensor:
     """Triton twin of :func:`tokenreduce.kernels.attention_importance` (inputs already validated)."""
@@ -112,6 +122,7 @@ def attention_importance(
     m = torch.empty(B, Hq, Q, device=q.device, dtype=torch.float32)
     denom = torch.empty_like(m)
     kmask = m if key_mask is None else key_mask.contiguous().view(torch.uint8)
+    qpos = m if query_positions is None else query_positions.to(torch.int64).contiguous()
     if for_gpu(q):
         # Largest tiles without register spills on sm_90 (tests/kernels/aot_compile.py).
         if q.dtype == k.dtype == torch.float32:
@@ -123,8 +134,8 @@ def attention_importance(
     common = (Q, S, D, Hq // Hkv, Hq, q.stride(0), q.stride(1), q.stride(2),
               k.stride(0), k.stride(1), k.stride(2), float(scale))
     to_fp32, precision = dot_config(q, k)
-    meta = dict(HAS_KEY_MASK=key_mask is not None, TO_FP32=to_fp32, PRECISION=precision,
+    meta = dict(HAS_KEY_MASK=key_mask is not None, HAS_QPOS=query_positions is not None, TO_FP32=to_fp32, PRECISION=precision,
                 BLOCK_Q=bq, BLOCK_S=bs, BLOCK_D=bd, num_warps=warps, num_stages=stages)
-    launch(_softmax_stats_kernel, (triton.cdiv(Q, bq), Hq, B), q, k, kmask, m, denom, *common, **meta)
-    launch(_head_probs_kernel, (triton.cdiv(S, bs), Hq, B), q, k, kmask, m, denom, w, heads, *common, **meta)
+    launch(_softmax_stats_kernel, (triton.cdiv(Q, bq), Hq, B), q, k, kmask, qpos, m, denom, *common, **meta)
+    launch(_head_probs_kernel, (triton.cdiv(S, bs), Hq, B), q, k, kmask, qpos, m, denom, w, heads, *common, **meta)
     return heads if per_head else heads.mean(1)
