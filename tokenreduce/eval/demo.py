@@ -108,3 +108,13 @@ def demo_runs(n: int = 8) -> list[DemoRun]:
                 [ModelSpec("tiny-llava", factory=_tiny("llava")), ModelSpec("tiny-qwen2-vl", factory=_tiny("qwen2_vl"))]),
         DemoRun("demo-video", InlineShapesTask("video", n=n), [ModelSpec("tiny-qwen2-vl", factory=_tiny("qwen2_vl"))]),
     ]
+
+
+def _register() -> None:
+    from tokenreduce.eval.tasks import register_task
+
+    register_task("demo-image", lambda **kw: InlineShapesTask("image", **kw), overwrite=True)
+    register_task("demo-video", lambda **kw: InlineShapesTask("video", **kw), overwrite=True)
+
+
+_register()

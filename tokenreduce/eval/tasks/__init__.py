@@ -27,13 +27,21 @@ def register_task(name: str, factory: Callable[..., Task], overwrite: bool = Fal
     _FACTORIES[name] = factory
 
 
+def _ensure_builtin() -> None:
+    # The (temporary) demo tasks register themselves on import.
+    import tokenreduce.eval.demo  # noqa: F401
+
+
 def list_tasks() -> list[str]:
     """Names :func:`get_task` accepts."""
+    _ensure_builtin()
     return sorted(_FACTORIES)
 
 
 def get_task(name: str, **options: Any) -> Task:
     """The task called ``name``, built with ``options`` (data location, prompt options...)."""
+    if name not in _FACTORIES:
+        _ensure_builtin()
     if name not in _FACTORIES:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
     return _FACTORIES[name](**options)
