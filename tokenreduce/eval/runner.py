@@ -606,11 +606,15 @@ class Runner:
     def _run_cell(self, model_name, model, processor, num_layers, cell, batch, idx, encoded, errors, writer, done,
                   warmed, kept_counts) -> int:
         config = None
+        label = f"{model_name}|{cell.label}"
+        if label in self.skipped:
+            return 0
         if cell.method != BASELINE:
-            try:
+            try:  # a budget the method cannot reach, or options the model cannot take: skip the cell
                 config = method_config(cell, num_layers, self.method_options.get(cell.method))
-            except (ValueError, NotImplementedError) as exc:
-                self.skipped[f"{model_name}|{cell.label}"] = str(exc)
+                tr.unwrap(tr.wrap(model, config))
+            except (ValueError, TypeError, NotImplementedError) as exc:
+                self.skipped[label] = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"skipping {cell.label} on {model_name}: {exc}", stacklevel=2)
                 return 0
         base = {"model": model_name, "method": cell.method, "budget": cell.budget, "task": self.task.name,
