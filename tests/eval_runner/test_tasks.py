@@ -57,7 +57,7 @@ def test_vqav2_parquet_with_inline_images_and_a_corrupt_one(tmp_path):
     assert "single word" in task.prompt_text(good)
     agg = task.aggregate(_records(task, [good], ["3"]))
     assert agg["accuracy"] == 1.0 and agg["categories"] == {"number": 1.0}
-    assert list(task.samples(limit=1))[0].id == "11"
+    assert [s.id for s in task.samples(limit=1)] == ["11"]
 
 
 def test_textvqa_jsonl_with_relative_paths_and_a_missing_file(tmp_path):
