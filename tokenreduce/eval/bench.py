@@ -29,6 +29,8 @@ import tokenreduce as tr
 from tokenreduce.core.config import build_config
 
 RESULTS = Path("benchmarks") / "results"
+WARMUP = 2
+METHODS = ("full", "pool-64", "fastv-K2-64", "fastv-K2-50%", "pdrop-25%")
 IMAGE_TOKEN = 32000
 
 
@@ -71,7 +73,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeats: int, warmup: int = 2) -> float:
+def timed(fn, device: str, repeats: int, warmup: int = WARMUP) -> float:
     """Median wall time in ms over ``repeats`` runs after ``warmup`` discarded runs."""
     for _ in range(warmup):
         fn()
@@ -115,6 +117,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="small model for a smoke run")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="rows to measure ('full', the reference, is always measured)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default benchmarks/results/prefill_<device>.json)")
     return parser
 
@@ -132,10 +136,11 @@ def run(args: argparse.Namespace, results_dir: Path | None = None) -> int:
     model = build_model(args.quick, dtype, args.device)
     batch = inputs(model, args.device, dtype)
     layers = model.config.text_config.num_hidden_layers
-    methods = [("full", None), ("pool-64", build_config("pool", keep=64)),
-               ("fastv-K2-64", build_config("fastv", layer=2, keep=64)),
-               ("fastv-K2-50%", build_config("fastv", layer=2, keep=0.5)),
-               ("pdrop-25%", build_config("pdrop", **_pdrop(layers)))]
+    configs = {"full": lambda: None, "pool-64": lambda: build_config("pool", keep=64),
+               "fastv-K2-64": lambda: build_config("fastv", layer=2, keep=64),
+               "fastv-K2-50%": lambda: build_config("fastv", layer=2, keep=0.5),
+               "pdrop-25%": lambda: build_config("pdrop", **_pdrop(layers))}
+    methods = [(name, configs[name]()) for name in METHODS if name == "full" or name in args.methods]
     rows = []
     for name, config in methods:
         if config is not None:
