@@ -237,7 +237,8 @@ class Dist:
             return Dist()
         from accelerate import PartialState
 
-        state = PartialState()
+        # Without GPUs, accelerate only forms a process group when told it runs on the CPU (gloo backend).
+        state = PartialState(cpu=not torch.cuda.is_available())
         return Dist(rank=state.process_index, world=state.num_processes, local_rank=state.local_process_index, state=state)
 
     def barrier(self) -> None:
@@ -508,6 +509,8 @@ class Runner:
         return self.run_dir / (RECORDS if self.dist.world == 1 else f"records.rank{self.dist.rank}.jsonl")
 
     def _write_spec(self) -> None:
+        if not self.dist.is_main:  # rank 0 checks and writes; the others wait for it in `run`
+            return
         path = self.run_dir / "run.json"
         spec = dict(self.spec.__dict__)
         if path.exists():
@@ -522,14 +525,14 @@ class Runner:
                 spec[key] = list(dict.fromkeys([*old.get(key, []), *spec[key]]))
             known = {m["name"] for m in spec["models"]}
             spec["models"] = spec["models"] + [m for m in old.get("models", []) if m["name"] not in known]
-        if self.dist.is_main:
-            path.write_text(json.dumps(spec, indent=2, default=_json_default) + "\n")
+        path.write_text(json.dumps(spec, indent=2, default=_json_default) + "\n")
 
     # ----- main loop ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run (or resume) the grid; returns the summary (rank 0) or this rank's record count."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_spec()
+        self.dist.barrier()
         done = set(read_records(self.run_dir))
         writer = RecordWriter(self.records_path)
         written = 0
