@@ -41,7 +41,7 @@ def test_eval_from_flags_then_config_then_show_overlays(tmp_path, capsys):
         main(["eval", "--config", str(bad)])
     with pytest.raises(SystemExit, match="missing --model"):
         main(["eval", "--task", "demo-image", "--methods", "none"])
-    with pytest.raises(SystemExit, match="METHOD.OPTION"):
+    with pytest.raises(SystemExit, match=r"METHOD\.OPTION"):
         main(["eval", "--task", "demo-image", "--model", "tiny:llava", "--methods", "pool", "--method-opt", "keep=3"])
     with pytest.raises(SystemExit, match="tiny processor"):
         main(["eval", "--task", "demo-image", "--model", "tiny:llava_next", "--methods", "none"])

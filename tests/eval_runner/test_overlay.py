@@ -43,8 +43,8 @@ def test_anyres_base_and_unpadded_canvas_cover_the_whole_image():
 
 
 def test_video_frames_carry_their_time():
-    layout = TokenLayout("video", tuple(Segment("frame", 2, 2, time=t) for t in range(3))
-                         + (Segment("newline", 1, 0, newline=True, time=2),))
+    frames = [Segment("frame", 2, 2, time=t) for t in range(3)]
+    layout = TokenLayout("video", (*frames, Segment("newline", 1, 0, newline=True, time=2)))
     boxes = token_boxes(layout, (8, 8), "stretch")
     assert boxes[:, 0][:12].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert np.isnan(boxes[12]).all()
