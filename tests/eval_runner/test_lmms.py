@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -13,12 +12,12 @@ from PIL import Image
 
 pytest.importorskip("lmms_eval")
 
-from lmms_eval.api.instance import Instance  # noqa: E402
-from lmms_eval.models.registry_v2 import ModelRegistryV2  # noqa: E402
+from lmms_eval.api.instance import Instance
+from lmms_eval.models.registry_v2 import ModelRegistryV2
 
-import tokenreduce as tr  # noqa: E402
-from tokenreduce.eval.lmms import TokenReduceLMM, manifest, parse_option  # noqa: E402
-from tokenreduce.eval.task import build_prompt  # noqa: E402
+import tokenreduce as tr
+from tokenreduce.eval.lmms import TokenReduceLMM, manifest, parse_option
+from tokenreduce.eval.task import build_prompt
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,6 +52,7 @@ def _lmm(model_dir, **kw):
 
 
 def test_entry_point_declared_in_pyproject_resolves_to_the_model():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
     assert declared == {"tokenreduce": "tokenreduce.eval.lmms:manifest"}
     ep = EntryPoint(name="tokenreduce", value=declared["tokenreduce"], group="lmms_eval.models")

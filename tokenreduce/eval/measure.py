@@ -124,8 +124,3 @@ class BatchTiming:
     @property
     def decode_ms_per_token(self) -> float | None:
         return statistics.median(self.step_ms) if self.step_ms else None
-
-
-def median(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None

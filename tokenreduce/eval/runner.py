@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -736,8 +735,3 @@ def run_grid(task: Task, models: Sequence[ModelSpec], methods: Sequence[str], bu
              **kwargs: Any) -> dict[str, Any]:
     """Build a :class:`Runner` and run it; see its arguments."""
     return Runner(task, models, methods, budgets, **kwargs).run()
-
-
-def median_or_none(values: Iterable[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
