@@ -182,3 +182,29 @@ def test_unreachable_budget_skips_the_cell_and_bad_arguments_fail(tiny_llava, vq
     other = get_task("docvqa", path=str(vqa_dir))
     with pytest.raises(ValueError, match="holds a run of task 'vqav2'"):
         Runner(other, [_spec(tiny_llava)], ["none"], name="grid", out_dir=tmp_path, progress=False).run()
+
+
+def test_function_task_plugs_in_and_duplicate_ids_fail(tiny_llava, tmp_path):
+    from tokenreduce.eval.demo import InlineShapesTask
+    from tokenreduce.eval.task import FunctionTask
+
+    shapes = InlineShapesTask("image", n=2)
+    task = FunctionTask(
+        "shapes", load=lambda split, limit: shapes.samples(split, limit),
+        score=lambda pred, s: float(pred == s.answer), parse=lambda text, s: text.split()[0] if text else "",
+        prompt=lambda s: f"{s.question} answer :", max_new_tokens=2,
+    )
+    summary = Runner(task, [_spec(tiny_llava)], ["none"], name="fn", out_dir=tmp_path, progress=False,
+                     plots=False).run()
+    records = list(read_records(tmp_path / "fn").values())
+    assert len(records) == 2 and all(r["new_tokens"] == 2 and r["error"] is None for r in records)
+    assert summary["cells"][0]["metrics"]["scored"] == 2
+
+    def duplicated(split, limit):
+        for s in shapes.samples(split, limit):
+            s.id = "same"
+            yield s
+
+    twice = FunctionTask("twice", load=duplicated, score=lambda pred, s: 0.0)
+    with pytest.raises(ValueError, match="twice"):
+        Runner(twice, [_spec(tiny_llava)], ["none"], name="dup", out_dir=tmp_path, progress=False).run()

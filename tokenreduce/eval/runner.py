@@ -571,7 +571,12 @@ class Runner:
         bar = self._progress(self.limit and math.ceil(self.limit / self.dist.world) * len(self.cells),
                              f"{spec.name}")
         try:
+            seen: set[str] = set()
             for batch in batched(samples, self.batch_size):
+                for s in batch:  # records are keyed by sample id: a repeated id would be skipped as done
+                    if s.id in seen:
+                        raise ValueError(f"task {self.task.name!r} yields sample id {s.id!r} twice; ids must be unique")
+                    seen.add(s.id)
                 pending = self._pending(spec.name, batch, done)
                 if bar is not None:
                     bar.update(sum(len(batch) - len(pending.get(c, [])) for c in self.cells))
