@@ -208,3 +208,40 @@ def test_function_task_plugs_in_and_duplicate_ids_fail(tiny_llava, tmp_path):
     twice = FunctionTask("twice", load=duplicated, score=lambda pred, s: 0.0)
     with pytest.raises(ValueError, match="twice"):
         Runner(twice, [_spec(tiny_llava)], ["none"], name="dup", out_dir=tmp_path, progress=False).run()
+
+
+def test_anyres_llava_next_batches_pad_crops_and_overlays_render(tmp_path):
+    import numpy as np
+    import transformers as T
+    from PIL import Image
+
+    from tokenreduce.eval.overlay import render_record
+    from tokenreduce.eval.sample import Sample
+    from tokenreduce.eval.task import FunctionTask
+    from tokenreduce.testing.tiny import tiny_model, tiny_tokenizer
+
+    model = tiny_model("llava_next", num_layers=4)
+    image_processor = T.LlavaNextImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                                image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]])
+    processor = T.LlavaNextProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(), patch_size=14,
+                                     vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    rng = np.random.default_rng(0)
+    pages = [Sample(id=str(i), task="pages", modality="image", question="w5 w6", answer="w7",
+                    images=[Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))])
+             for i, (h, w) in enumerate([(30, 60), (50, 50), (60, 20)])]
+    task = FunctionTask("pages", load=lambda split, limit: iter(pages[:limit]), score=lambda p, s: float(p == s.answer))
+    spec = ModelSpec("tiny-next", factory=lambda: (model, processor), device="cpu")
+    for batch in (3, 1):
+        Runner(task, [spec], ["none", "pool"], [0.5], name=f"b{batch}", out_dir=tmp_path, batch_size=batch,
+               progress=False, plots=False, warmup=0, keep_maps=3).run()
+    three, one = read_records(tmp_path / "b3"), read_records(tmp_path / "b1")
+    assert set(three) == set(one) and len(three) == 6
+    for key, rec in three.items():
+        assert rec["error"] is None and rec["batch_size"] == 3
+        assert rec["prediction"] == one[key]["prediction"] and rec["visual_tokens_in"] == one[key]["visual_tokens_in"]
+    assert len({three[f"tiny-next|none|-|{i}"]["visual_tokens_in"] for i in range(3)}) == 3  # crops differ per image
+    pooled = three["tiny-next|pool|0.5|0"]
+    kinds = [seg["kind"] for seg in pooled["kept"]["items"][0]["layout"]["segments"]]
+    assert kinds == ["base", "crop"] and pooled["kept"]["items"][0]["fit"] == "stretch"
+    (picture,) = render_record(pooled, pages[0], side=64)
+    assert picture.size[0] == 128  # base panel | canvas panel
