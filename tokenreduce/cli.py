@@ -7,8 +7,9 @@
     tokenreduce bench --quick                          # prefill / decode timing, full vs reduced
     tokenreduce show runs/docvqa-llava                 # table and kept-token overlays of a finished run
 
-``eval`` runs under ``accelerate launch --num_processes N -m tokenreduce.cli eval ...`` as well: the
-samples are sharded over the processes and rank 0 writes the summary.
+``eval`` runs under ``accelerate launch --multi_gpu --num_processes N -m tokenreduce.cli eval ...`` as well
+(also on a CPU-only machine, where the processes use gloo): the samples are sharded over the processes and
+rank 0 writes the summary.
 """
 
 from __future__ import annotations

@@ -12,12 +12,16 @@ bytes and analytic prefill FLOPs. Re-running the same command resumes: finished 
 budget, sample) keys are skipped, and a key is counted once even if it was written twice. A sample whose
 media cannot be read, or whose generation fails, is recorded with its error and the run goes on.
 
-Under ``accelerate launch --num_processes N`` rank ``r`` takes samples ``r, r+N, ...`` and writes
-``records.rank<r>.jsonl``; rank 0 waits for the others, merges the files and writes the summary.
+Under ``accelerate launch --multi_gpu --num_processes N`` (or ``torchrun --nproc_per_node N``) rank ``r``
+takes samples ``r, r+N, ...`` and writes ``records.rank<r>.jsonl``; rank 0 waits for the others, merges
+the files and writes the summary. Without GPUs the processes join a gloo group on the CPU (accelerate's
+``--cpu`` flag alone starts a single process, so keep ``--multi_gpu`` there too). A model too large for
+one GPU loads with ``device_map="auto"`` in a single process instead.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -599,6 +603,9 @@ class Runner:
             if model is not None and get_handle(model) is not None:
                 tr.unwrap(model)
             del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         return written
 
     def _encode(self, batch, processor, family) -> tuple[dict[int, dict], dict[int, BaseException]]:
