@@ -1,11 +1,7 @@
 """Prefill and decode speed of reduced vs full visual tokens at LLaVA-1.5 geometry, measured in one run.
 
-A random-weight LlavaForConditionalGeneration with a ~0.4B-parameter Llama LM (hidden 1024, 24 layers)
-reads 576 visual tokens (24x24, as CLIP ViT-L/14@336) plus ~40 text tokens. Visual features are computed
-once and passed as ``mm_encoder_outputs`` so every timing covers what token reduction changes: the
-reducer and the LLM prefill. For each method the script prints the measured speedup over the full
-prefill, the ideal speedup from analytic FLOPs, and their ratio; decode ms/token and KV-cache bytes; and
-the reducer's own share of a full prefill. Absolute times on shared CPUs are noisy: read the ratios.
+The benchmark lives in :mod:`tokenreduce.eval.bench` (also ``tokenreduce bench``); this script keeps the
+old entry point and writes to ``benchmarks/results/`` next to it.
 
     python benchmarks/prefill.py                 # CPU, bf16
     python benchmarks/prefill.py --device cuda   # on a GPU
@@ -14,160 +10,10 @@ the reducer's own share of a full prefill. Absolute times on shared CPUs are noi
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-import tokenreduce as tr
-from tokenreduce.core.config import build_config
-
-RESULTS = Path(__file__).parent / "results"
-IMAGE_TOKEN = 32000
-
-
-def build_model(quick: bool, dtype: torch.dtype, device: str) -> LlavaForConditionalGeneration:
-    text = dict(model_type="llama", vocab_size=32064, hidden_size=1024, intermediate_size=2816,
-                num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096)
-    if quick:
-        text.update(hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=4,
-                    num_key_value_heads=4)
-    vision = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                  num_attention_heads=4, image_size=336, patch_size=14)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
-
-
-def inputs(model, device: str, dtype: torch.dtype, text_tokens: int = 40) -> dict:
-    g = torch.Generator().manual_seed(1)
-    before = torch.randint(3, 32000, (1, 5), generator=g)
-    after = torch.randint(3, 32000, (1, text_tokens - 5), generator=g)
-    ids = torch.cat([before, torch.full((1, 576), IMAGE_TOKEN), after], dim=1).to(device)
-    hidden = model.config.text_config.hidden_size
-    feats = torch.randn(576, hidden, generator=g).to(device=device, dtype=dtype)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[feats])}}
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int, warmup: int = 2) -> float:
-    """Median wall time in ms over ``repeats`` runs after ``warmup`` discarded runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def fresh(batch: dict) -> dict:
-    # mm_encoder_outputs is consumed per call: hand each call its own dict
-    return {**batch, "mm_encoder_outputs": dict(batch["mm_encoder_outputs"])}
-
-
-def kv_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.keys is not None)
-
-
-def measure(model, batch, device: str, repeats: int, decode_tokens: int) -> dict:
-    with torch.no_grad():
-        prefill = timed(lambda: model(**fresh(batch), use_cache=True, logits_to_keep=1), device, repeats)
-        cache = model(**fresh(batch), use_cache=True, logits_to_keep=1).cache
-        one = timed(lambda: model.generate(**fresh(batch), max_new_tokens=1, do_sample=False), device, max(1, repeats // 2))
-        many = timed(lambda: model.generate(**fresh(batch), max_new_tokens=1 + decode_tokens, do_sample=False),
-                     device, max(1, repeats // 2))
-    return {"prefill_ms": prefill, "decode_ms_per_token": (many - one) / decode_tokens, "kv_cache_bytes": kv_bytes(cache)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--decode-tokens", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="small model for a smoke run")
-    parser.add_argument("--out", type=Path, default=None, help="JSON output (default benchmarks/results/prefill_<device>.json)")
-    args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-    if args.device == "cpu":
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 16)))
-    model = build_model(args.quick, dtype, args.device)
-    batch = inputs(model, args.device, dtype)
-    layers = model.config.text_config.num_hidden_layers
-    methods = [("full", None), ("pool-64", build_config("pool", keep=64)),
-               ("fastv-K2-64", build_config("fastv", layer=2, keep=64)),
-               ("fastv-K2-50%", build_config("fastv", layer=2, keep=0.5)),
-               ("pdrop-25%", build_config("pdrop", **_pdrop(layers)))]
-    rows = []
-    for name, config in methods:
-        if config is not None:
-            tr.wrap(model, config)
-        try:
-            result = measure(model, batch, args.device, args.repeats, args.decode_tokens)
-            if config is not None:
-                tr.stats(model, reset=True)
-                with torch.no_grad():
-                    model(**fresh(batch), logits_to_keep=1)
-                sample = tr.stats(model).samples[0]
-                result.update(reducer_ms=sample.reducer_ms, flops=sample.prefill_flops, flops_full=sample.prefill_flops_full,
-                              visual_tokens_layer_mean=sample.visual_tokens_layer_mean)
-        finally:
-            if config is not None:
-                tr.unwrap(model)
-        rows.append({"method": name, **result})
-    full = rows[0]
-    for row in rows[1:]:
-        row["speedup"] = full["prefill_ms"] / row["prefill_ms"]
-        row["ideal_speedup"] = row["flops_full"] / row["flops"]
-        row["of_ideal"] = row["speedup"] / row["ideal_speedup"]
-        row["reducer_share_of_full_prefill"] = row["reducer_ms"] / full["prefill_ms"]
-        row["kv_cache_ratio"] = row["kv_cache_bytes"] / full["kv_cache_bytes"]
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    report = {"device": args.device, "device_name": device_name, "dtype": args.dtype, "threads": torch.get_num_threads(),
-              "quick": args.quick, "llm_layers": layers, "visual_tokens": 576, "rows": rows}
-    out = args.out or RESULTS / f"prefill_{'quick_' if args.quick else ''}{args.device.split(':')[0]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{device_name} ({args.device}, {args.dtype}, {torch.get_num_threads()} threads), {layers}-layer LM, 576 visual + 40 text tokens")
-    print(f"{'method':<14}{'vis/layer':>10}{'prefill ms':>12}{'speedup':>9}{'ideal':>8}{'of ideal':>10}"
-          f"{'reducer %':>11}{'decode ms/tok':>15}{'KV MiB':>9}")
-    for row in rows:
-        print(
-            f"{row['method']:<14}{row.get('visual_tokens_layer_mean', 576):>10.1f}{row['prefill_ms']:>12.1f}"
-            f"{row.get('speedup', 1.0):>9.2f}{row.get('ideal_speedup', 1.0):>8.2f}{row.get('of_ideal', 1.0):>10.1%}"
-            f"{row.get('reducer_share_of_full_prefill', 0.0):>11.2%}{row['decode_ms_per_token']:>15.1f}"
-            f"{row['kv_cache_bytes'] / 2**20:>9.1f}"
-        )
-    print(f"written to {out}")
-    return 0
-
-
-def _pdrop(layers: int) -> dict:
-    from tokenreduce.plugins.baselines.pdrop import PDropConfig
-
-    cfg = PDropConfig.at_budget(0.25, num_layers=layers)
-    return {"layers": cfg.layers, "keep": cfg.keep}
-
+from tokenreduce.eval.bench import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(results_dir=Path(__file__).parent / "results"))

@@ -1,55 +1,352 @@
-"""The ``tokenreduce`` command."""
+"""The ``tokenreduce`` command: ``demo``, ``eval``, ``bench``, ``show``.
+
+    tokenreduce demo                                   # every method on the built-in tiny models
+    tokenreduce eval --task docvqa --task-opt path=/data/docvqa --model llava-hf/llava-1.5-7b-hf \\
+        --methods none pool fastv --budgets 0.25 0.5 --limit 200 --name docvqa-llava
+    tokenreduce eval --config grid.yaml                # the same from a YAML / JSON file
+    tokenreduce bench --quick                          # prefill / decode timing, full vs reduced
+    tokenreduce show runs/docvqa-llava                 # table and kept-token overlays of a finished run
+
+``eval`` runs under ``accelerate launch --multi_gpu --num_processes N -m tokenreduce.cli eval ...`` as well
+(also on a CPU-only machine, where the processes use gloo): the samples are sharded over the processes and
+rank 0 writes the summary.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _parse_value(text: str) -> Any:
+    """Command-line values: JSON when it parses (numbers, lists, true/false/null), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_pairs(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        if "=" not in pair:
+            raise SystemExit(f"{what} must be KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# demo
+# ----------------------------------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Wrap a tiny model of every family with every method; print tokens in/out and logits agreement."""
-    import torch
+    """Run the demo grid(s), print each table, render a few overlays."""
+    _set_threads(args.threads)
+    from tokenreduce.eval.demo import demo_runs
+    from tokenreduce.eval.runner import Runner
 
-    import tokenreduce as tr
-    from tokenreduce.core.registry import get_method
-    from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model
-
-    torch.manual_seed(0)
-    print("visual tokens: per sample at the LLM input, and kept averaged over the LLM's layers")
-    print(f"{'family':<18}{'method':<12}{'budget':>7}{'tokens in':>11}{'tokens out':>12}{'FLOPs':>10}{'keep-all |dlogits|':>20}")
-    for family in FAMILIES:
-        model = tiny_model(family, num_layers=8)
-        batch = tiny_batch(model, default_rows(family, video=True))
-        with torch.no_grad():
-            reference = model(**batch).logits
-        layers = model.config.get_text_config().num_hidden_layers
-        for name in tr.list_methods():
-            config_cls = get_method(name).config_cls
-            tr.wrap(model, config_cls.at_budget(1.0, num_layers=layers))
-            with torch.no_grad():
-                same = model(**batch).logits
-            tr.unwrap(model)
-            valid = batch["attention_mask"].bool()
-            diff = (same[valid] - reference[valid]).abs().max().item() if same.shape == reference.shape else float("nan")
-            tr.wrap(model, config_cls.at_budget(args.budget, num_layers=layers))
-            with torch.no_grad():
-                model(**batch)
-            s = tr.stats(model).summary()
-            tr.unwrap(model)
-            kept = s["visual_tokens_in"] * s["layer_mean_keep_ratio"]
-            print(
-                f"{family:<18}{name:<12}{args.budget:>7.2f}{s['visual_tokens_in']:>11.1f}"
-                f"{kept:>12.1f}{s['prefill_flops_ratio']:>10.2f}{diff:>20.2e}"
-            )
+    for run in demo_runs(n=args.samples):
+        methods = args.methods or run.methods
+        budgets = args.budgets or run.budgets
+        runner = Runner(run.task, run.models, methods, budgets, name=run.name, out_dir=args.out,
+                        batch_size=args.batch_size, keep_maps=1, progress=not args.quiet)
+        summary = runner.run()
+        print(f"\n## {run.name} ({run.task.name}, {len(run.models)} model(s))\n")
+        print((runner.run_dir / "table.md").read_text())
+        overlays = render_overlays(runner.run_dir, run.task, per_cell=1)
+        print(f"plots: {', '.join(summary.get('plots', []))}")
+        print(f"overlays: {len(overlays)} PNG(s) in {runner.run_dir / 'overlays'}")
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------
+# eval
+# ----------------------------------------------------------------------------------------------------
+
+EVAL_KEYS = ("name", "task", "task_options", "models", "methods", "budgets", "method_options", "split", "limit",
+             "batch_size", "max_new_tokens", "warmup", "keep_maps", "out", "plots")
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """A run configuration from YAML or JSON, checked for unknown keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--config: no file {path}")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(path.read_text()) or {}
+    else:
+        data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise SystemExit(f"--config {path}: expected a mapping at the top level, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(EVAL_KEYS))
+    if unknown:
+        raise SystemExit(f"--config {path}: unknown key(s) {unknown}; accepted: {', '.join(EVAL_KEYS)}")
+    return data
+
+
+def model_spec(entry: str | dict[str, Any], defaults: dict[str, Any] | None = None):
+    """A :class:`ModelSpec` from ``"path"``, ``"name=path"``, ``"tiny:<family>"`` or a config mapping."""
+    from tokenreduce.eval.runner import ModelSpec
+
+    defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
+    if isinstance(entry, dict):
+        entry = dict(entry)
+        path = entry.pop("path", None)
+        name = entry.pop("name", None) or (path and _model_name(path))
+        if path is None:
+            raise SystemExit(f"model entry {entry} has no `path`")
+        if str(path).startswith("tiny:"):
+            return ModelSpec(name, factory=_tiny_factory(str(path)[5:]), **{**defaults, **entry})
+        return ModelSpec(name, path=str(path), **{**defaults, **entry})
+    name, _, path = entry.rpartition("=") if "=" in entry else ("", "", entry)
+    name = name or _model_name(path)
+    if path.startswith("tiny:"):
+        return ModelSpec(name, factory=_tiny_factory(path[5:]), **defaults)
+    return ModelSpec(name, path=path, **defaults)
+
+
+def _model_name(path: str) -> str:
+    return Path(str(path).rstrip("/")).name.replace(":", "-") or str(path)
+
+
+def _tiny_factory(family: str):
+    from tokenreduce.testing.tiny import FAMILIES
+
+    if family not in ("llava", "qwen2_vl", "qwen2_5_vl"):
+        raise SystemExit(f"tiny:<family> needs a family with a tiny processor (llava, qwen2_vl, qwen2_5_vl); "
+                         f"got {family!r} (families: {', '.join(FAMILIES)})")
+
+    def factory():
+        from tokenreduce.testing.tiny import tiny_model, tiny_processor
+
+        return tiny_model(family, num_layers=8), tiny_processor(family)
+
+    return factory
+
+
+def _eval(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    from tokenreduce.eval.runner import Runner
+    from tokenreduce.eval.tasks import get_task
+
+    cfg: dict[str, Any] = load_config(args.config) if args.config else {}
+    for key in ("name", "task", "split", "limit", "batch_size", "max_new_tokens", "warmup", "keep_maps", "out"):
+        value = getattr(args, key)
+        if value is not None:
+            cfg[key] = value
+    if args.methods:
+        cfg["methods"] = args.methods
+    if args.budgets:
+        cfg["budgets"] = args.budgets
+    if args.no_plots:
+        cfg["plots"] = False
+    task_options = {**cfg.get("task_options", {}), **_parse_pairs(args.task_opt, "--task-opt")}
+    method_options = dict(cfg.get("method_options", {}))
+    for key, value in _parse_pairs(args.method_opt, "--method-opt").items():
+        method, _, option = key.partition(".")
+        if not option:
+            raise SystemExit(f"--method-opt must be METHOD.OPTION=VALUE, got {key!r}")
+        method_options.setdefault(method, {})[option] = value
+    defaults = {"dtype": args.dtype, "device": args.device, "device_map": args.device_map}
+    models = [model_spec(m, defaults) for m in (args.model or cfg.get("models") or [])]
+    missing = [k for k, v in (("--task", cfg.get("task")), ("--model", models), ("--methods", cfg.get("methods"))) if not v]
+    if missing:
+        raise SystemExit(f"tokenreduce eval: missing {', '.join(missing)} (on the command line or in --config)")
+    task = get_task(cfg["task"], **task_options)
+    name = cfg.get("name") or f"{cfg['task']}-{models[0].name}"
+    runner = Runner(
+        task, models, cfg["methods"], cfg.get("budgets") or [0.25], name=name, out_dir=cfg.get("out", "runs"),
+        split=cfg.get("split"), limit=cfg.get("limit"), batch_size=cfg.get("batch_size", 4),
+        max_new_tokens=cfg.get("max_new_tokens"), warmup=cfg.get("warmup", 1), keep_maps=cfg.get("keep_maps", 4),
+        method_options=method_options, task_options=task_options, plots=cfg.get("plots", True),
+        progress=not args.quiet,
+    )
+    summary = runner.run()
+    if "cells" in summary:
+        print((runner.run_dir / "table.md").read_text())
+        print(f"records, summary, table and plots in {runner.run_dir}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# show
+# ----------------------------------------------------------------------------------------------------
+
+
+def render_overlays(run_dir: str | Path, task=None, *, per_cell: int | None = None, sample_ids: Sequence[str] = (),
+                    cells: Sequence[str] = (), out_dir: str | Path | None = None, progress: bool = False) -> list[Path]:
+    """Write ``overlays/<model>_<method>_<budget>_<sample>_<item>.png`` for records that hold kept maps.
+
+    ``task`` defaults to the one named in the run's ``run.json`` (rebuilt with its saved options).
+    ``cells`` filters by ``method`` or ``method@budget``; ``sample_ids`` by sample.
+    """
+    from tokenreduce.eval.overlay import render_record
+    from tokenreduce.eval.runner import read_records
+
+    run_dir = Path(run_dir)
+    spec = json.loads((run_dir / "run.json").read_text())
+    if task is None:
+        from tokenreduce.eval.tasks import get_task
+
+        task = get_task(spec["task"], **spec.get("task_options", {}))
+    records = [r for r in read_records(run_dir).values() if r.get("kept")]
+    if cells:
+        records = [r for r in records if r["method"] in cells or f"{r['method']}@{r['budget']:g}" in cells]
+    if sample_ids:
+        records = [r for r in records if r["sample_id"] in set(sample_ids)]
+    if per_cell is not None:
+        counts: dict[tuple, int] = {}
+        chosen = []
+        for r in records:
+            key = (r["model"], r["method"], r["budget"])
+            if counts.get(key, 0) < per_cell:
+                chosen.append(r)
+                counts[key] = counts.get(key, 0) + 1
+        records = chosen
+    wanted = {r["sample_id"] for r in records}
+    samples = {}
+    for s in task.samples(spec.get("split"), spec.get("limit")):
+        if s.id in wanted:
+            samples[s.id] = s
+        if len(samples) == len(wanted):
+            break
+    out = Path(out_dir) if out_dir else run_dir / "overlays"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    iterator = records
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(records, desc="overlays", unit="record", file=sys.stderr)
+    for r in iterator:
+        sample = samples.get(r["sample_id"])
+        if sample is None:
+            continue
+        for j, image in enumerate(render_record(r, sample)):
+            budget = "full" if r["budget"] is None else f"{r['budget']:g}"
+            stem = "_".join(_safe(x) for x in (r["model"], r["method"], budget, r["sample_id"], str(j)))
+            path = out / f"{stem}.png"
+            image.save(path)
+            paths.append(path)
+    return paths
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in str(text))
+
+
+def _show(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    if not (run_dir / "run.json").is_file():
+        raise SystemExit(f"{run_dir} is not a run folder (no run.json); runs live under runs/<name>")
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file() or args.refresh:
+        from tokenreduce.eval.report import write_reports
+        from tokenreduce.eval.tasks import get_task
+
+        spec = json.loads((run_dir / "run.json").read_text())
+        write_reports(run_dir, get_task(spec["task"], **spec.get("task_options", {})), plots=True)
+    print((run_dir / "table.md").read_text())
+    if args.stats:
+        summary = json.loads(summary_path.read_text())
+        for cell in summary["cells"]:
+            print(json.dumps({k: cell[k] for k in ("model", "method", "budget", "metrics")}, default=str))
+    if args.overlays:
+        paths = render_overlays(run_dir, per_cell=args.per_cell, sample_ids=args.sample or (), cells=args.cell or (),
+                                out_dir=args.out, progress=True)
+        print(f"{len(paths)} overlay(s) written to {Path(args.out) if args.out else run_dir / 'overlays'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench
+# ----------------------------------------------------------------------------------------------------
+
+
+def _bench(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    from tokenreduce.eval import bench
+
+    return bench.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenreduce", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tokenreduce", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run every method on the built-in tiny models and print a table")
-    demo.add_argument("--budget", type=float, default=0.25, help="fraction of visual tokens kept (default 0.25)")
+
+    demo = sub.add_parser("demo", help="evaluate every method on the built-in tiny models and print the tables")
+    demo.add_argument("--samples", type=int, default=8, help="samples per demo task (default 8)")
+    demo.add_argument("--methods", nargs="+", default=None, help="methods (default: none random pool fastv pdrop)")
+    demo.add_argument("--budgets", nargs="+", type=float, default=None, help="budgets (default: 0.25 0.5)")
+    demo.add_argument("--batch-size", type=int, default=4)
+    demo.add_argument("--out", default="runs", help="folder of the runs (default runs/)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (default 1: tiny models are fastest single-threaded on busy machines)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    ev = sub.add_parser("eval", help="run a model x method x budget grid on a task")
+    ev.add_argument("--config", help="YAML or JSON file with the run's settings (command-line flags override it)")
+    ev.add_argument("--task", help="task name (see tokenreduce.eval.tasks.list_tasks())")
+    ev.add_argument("--task-opt", action="append", metavar="KEY=VALUE",
+                    help="task / data option, e.g. path=/data/docvqa, revision=<sha>, media_dir=..., num_frames=16")
+    ev.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                    help="hub id, local directory or tiny:<family>; repeat for several models")
+    ev.add_argument("--methods", nargs="+", help="method names and/or 'none' (the unreduced model)")
+    ev.add_argument("--budgets", nargs="+", type=float, help="fractions of visual tokens kept (default 0.25)")
+    ev.add_argument("--method-opt", action="append", metavar="METHOD.OPTION=VALUE",
+                    help="extra method option, e.g. fastv.query=text")
+    ev.add_argument("--name", help="run name: results go to <out>/<name> (default <task>-<model>)")
+    ev.add_argument("--out", default=None, help="folder of the runs (default runs/)")
+    ev.add_argument("--split", default=None)
+    ev.add_argument("--limit", type=int, default=None, help="first N samples only")
+    ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.add_argument("--warmup", type=int, default=None, help="untimed generate calls per cell (default 1)")
+    ev.add_argument("--keep-maps", type=int, default=None, help="samples per cell that store kept-token maps (default 4)")
+    ev.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 or auto")
+    ev.add_argument("--device", default=None, help="e.g. cuda:0 or cpu (default: this process's GPU, else CPU)")
+    ev.add_argument("--device-map", default=None, help="'auto' to spread a large model over the GPUs")
+    ev.add_argument("--no-plots", action="store_true")
+    ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_eval)
+
+    from tokenreduce.eval import bench as bench_module
+
+    bench = sub.add_parser("bench", help="prefill / decode / KV timing of reduced vs full visual tokens")
+    bench_module.build_parser(bench)
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.set_defaults(func=_bench)
+
+    show = sub.add_parser("show", help="table, stats and kept-token overlays of a finished run")
+    show.add_argument("run", help="the run folder, e.g. runs/demo-image")
+    show.add_argument("--overlays", action="store_true", help="render kept-token overlays (PNG)")
+    show.add_argument("--stats", action="store_true", help="print every cell's full metrics")
+    show.add_argument("--cell", action="append", help="only this method or method@budget (repeatable)")
+    show.add_argument("--sample", action="append", help="only this sample id (repeatable)")
+    show.add_argument("--per-cell", type=int, default=None, help="at most N overlays per cell")
+    show.add_argument("--out", default=None, help="overlay folder (default <run>/overlays)")
+    show.add_argument("--refresh", action="store_true", help="recompute summary, table and plots from the records")
+    show.set_defaults(func=_show)
     return parser
 
 

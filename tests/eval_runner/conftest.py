@@ -1,0 +1,25 @@
+"""Fixtures of the evaluation-room tests: tiny local data in the benchmarks' real schemas, tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Tiny models run fastest on one thread, and far faster than on two when the cores are shared.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch):
+    """Tests never reach the hub: the default dataset loader fails loudly if anything calls it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"datasets.load_dataset called in a test: {args} {kwargs}")
+
+    monkeypatch.setattr("tokenreduce.eval.tasks.source._default_loader", refuse)

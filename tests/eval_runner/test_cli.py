@@ -1,0 +1,82 @@
+"""The ``tokenreduce`` command: eval (flags and config file), show (table and overlays), demo, bench."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenreduce.cli import main
+
+
+def test_eval_from_flags_then_config_then_show_overlays(tmp_path, capsys):
+    args = ["eval", "--task", "demo-image", "--task-opt", "n=3", "--model", "tiny=tiny:llava",
+            "--methods", "none", "pool", "fastv", "--budgets", "0.5", "--out", str(tmp_path), "--name", "cli",
+            "--batch-size", "2", "--keep-maps", "1", "--quiet", "--threads", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("| tiny |") == 3 and "records, summary, table and plots" in out
+    run = tmp_path / "cli"
+    spec = json.loads((run / "run.json").read_text())
+    assert spec["task"] == "demo-image" and spec["task_options"] == {"n": 3}
+    assert len((run / "records.jsonl").read_text().splitlines()) == 9
+
+    assert main(["show", str(run), "--overlays", "--stats"]) == 0
+    out = capsys.readouterr().out
+    overlays = sorted(p.name for p in (run / "overlays").glob("*.png"))
+    assert overlays == ["tiny_fastv_0.5_demo-image-0_0.png", "tiny_pool_0.5_demo-image-0_0.png"]
+    assert '"method": "pool"' in out
+
+    config = tmp_path / "grid.yaml"
+    config.write_text(f"name: from-config\ntask: demo-image\ntask_options: {{n: 4}}\nmodels: [{{name: t, path: 'tiny:llava'}}]\n"
+                      f"methods: [none, random]\nbudgets: [0.25]\nout: {tmp_path}\nbatch_size: 4\n")
+    assert main(["eval", "--config", str(config), "--limit", "2", "--no-plots", "--quiet"]) == 0
+    records = (tmp_path / "from-config" / "records.jsonl").read_text().splitlines()
+    assert len(records) == 4  # --limit 2 overrides the file; two cells
+    assert not list((tmp_path / "from-config").glob("*.png"))
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: demo-image\ncolour: red\n")
+    with pytest.raises(SystemExit, match="unknown key"):
+        main(["eval", "--config", str(bad)])
+    with pytest.raises(SystemExit, match="missing --model"):
+        main(["eval", "--task", "demo-image", "--methods", "none"])
+    with pytest.raises(SystemExit, match=r"METHOD\.OPTION"):
+        main(["eval", "--task", "demo-image", "--model", "tiny:llava", "--methods", "pool", "--method-opt", "keep=3"])
+    with pytest.raises(SystemExit, match="tiny processor"):
+        main(["eval", "--task", "demo-image", "--model", "tiny:llava_next", "--methods", "none"])
+
+
+def test_demo_runs_every_demo_task(tmp_path, capsys):
+    assert main(["demo", "--samples", "2", "--methods", "none", "pool", "--budgets", "0.5", "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "## demo-image" in out and "## demo-video" in out
+    assert out.count("| pool | 0.5 |") == 3  # two image models, one video model
+    assert list((tmp_path / "demo-video" / "overlays").glob("*.png"))
+
+
+def test_bench_runs_the_shared_prefill_benchmark(tmp_path, monkeypatch, capsys):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from tokenreduce.eval import bench
+
+    def small(quick, dtype, device):  # the benchmark's model shrunk to test speed; same code path
+        text = dict(model_type="llama", vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
+        vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, image_size=336, patch_size=14)
+        model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                          image_token_index=bench.IMAGE_TOKEN)).to(dtype).eval()
+        model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
+        return model
+
+    monkeypatch.setattr(bench, "build_model", small)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--dtype", "float32", "--repeats", "1", "--decode-tokens", "1", "--methods", "pool-64",
+                 "--out", str(out), "--threads", "1"]) == 0
+    report = json.loads(out.read_text())
+    assert [r["method"] for r in report["rows"]] == ["full", "pool-64"]
+    pool = report["rows"][1]
+    assert pool["visual_tokens_layer_mean"] == 64 and pool["kv_cache_ratio"] < 0.5
+    assert "pool-64" in capsys.readouterr().out

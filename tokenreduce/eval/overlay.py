@@ -1,0 +1,249 @@
+"""Which visual tokens a method kept (or merged into which), drawn on the image, page or video frames.
+
+The mapping from the token layout to pixels lives in :func:`token_boxes`, in one place:
+
+* a single grid (LLaVA-1.5) covers the part of the image the processor fed to the vision tower:
+  the centred crop (``fit="center_crop"``, CLIP's default), the image padded to the grid's aspect
+  (``"pad"``, LLaVA's ``expand2square``) or the whole image resized (``"stretch"``);
+* an anyres image (LLaVA-NeXT / OneVision) has a base grid of the whole image squashed to a square and a
+  high-resolution canvas whose grid, once the model has removed the padding, spans the whole image;
+* Qwen2-VL grids span the whole (resized) image; a video has one grid per frame (Qwen: per temporal
+  patch of ``frames / segments`` frames).
+
+Newline slots and CLS tokens have no area (NaN boxes).
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from tokenreduce.core.layout import Segment, TokenLayout
+
+FITS = ("center_crop", "pad", "stretch")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layout (de)serialisation, for records
+# ----------------------------------------------------------------------------------------------------
+
+
+def layout_to_dict(layout: TokenLayout) -> dict[str, Any]:
+    return {
+        "modality": layout.modality,
+        "image_size": list(layout.image_size) if layout.image_size else None,
+        "segments": [
+            {"kind": s.kind, "rows": s.rows, "cols": s.cols, "newline": s.newline, "time": s.time,
+             "crop_grid": list(s.crop_grid)}
+            for s in layout.segments
+        ],
+    }
+
+
+def layout_from_dict(data: Mapping[str, Any]) -> TokenLayout:
+    segments = tuple(
+        Segment(kind=s["kind"], rows=int(s["rows"]), cols=int(s["cols"]), newline=bool(s.get("newline")),
+                time=int(s.get("time", 0)), crop_grid=tuple(s.get("crop_grid", (1, 1))))
+        for s in data["segments"]
+    )
+    size = data.get("image_size")
+    return TokenLayout(data["modality"], segments, image_size=tuple(size) if size else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token -> pixels
+# ----------------------------------------------------------------------------------------------------
+
+
+def _region(fit: str, height: float, width: float, rows: int, cols: int) -> tuple[float, float, float, float]:
+    """(x0, y0, w, h) of the area a ``rows x cols`` grid covers, in original image pixels."""
+    if fit == "stretch":
+        return 0.0, 0.0, float(width), float(height)
+    aspect = cols / rows  # width / height of the model's input for this grid
+    if fit == "center_crop":
+        w = min(width, height * aspect)
+        h = w / aspect
+    elif fit == "pad":
+        w = max(width, height * aspect)
+        h = w / aspect
+    else:
+        raise ValueError(f"`fit` must be one of {FITS}, got {fit!r}")
+    return (width - w) / 2, (height - h) / 2, w, h
+
+
+def token_boxes(layout: TokenLayout, image_size: tuple[int, int], fit: str = "stretch") -> np.ndarray:
+    """``[N, 5]`` array of ``(segment_time, x0, y0, x1, y1)`` per token, in pixels of the original image.
+
+    ``image_size`` is ``(height, width)`` of the image (or video frame) as given to the processor.
+    ``fit`` says how a single grid or a video frame was fitted (see the module doc); anyres images ignore
+    it. Boxes are clipped to the image; tokens with no area, or padding outside the image, are NaN.
+    """
+    if fit not in FITS:
+        raise ValueError(f"`fit` must be one of {FITS}, got {fit!r}")
+    height, width = (float(v) for v in image_size)
+    anyres = any(s.kind == "crop" for s in layout.segments)
+    out = np.full((layout.num_tokens, 5), np.nan)
+    start = 0
+    for seg in layout.segments:
+        n = seg.num_tokens
+        if seg.cols > 0 and seg.kind != "cls":
+            seg_fit = "stretch" if (anyres and seg.kind in ("base", "crop")) else fit
+            x0, y0, w, h = _region(seg_fit, height, width, seg.rows, seg.cols)
+            width_slots = seg.cols + int(seg.newline)
+            r = np.repeat(np.arange(seg.rows), width_slots)
+            c = np.tile(np.arange(width_slots), seg.rows)
+            content = c < seg.cols
+            boxes = np.stack([
+                np.full(n, float(seg.time)),
+                x0 + c * w / seg.cols, y0 + r * h / seg.rows,
+                x0 + (c + 1) * w / seg.cols, y0 + (r + 1) * h / seg.rows,
+            ], axis=1)
+            boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, width)
+            boxes[:, [2, 4]] = boxes[:, [2, 4]].clip(0, height)
+            empty = (boxes[:, 3] <= boxes[:, 1]) | (boxes[:, 4] <= boxes[:, 2])
+            boxes[~content | empty] = np.nan
+            out[start : start + n] = boxes
+        start += n
+    return out
+
+
+def fit_for(processor: Any, family: str, modality: str) -> str:
+    """How ``processor`` fits an image / video frame into a single grid: ``center_crop``, ``pad`` or ``stretch``."""
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        return "stretch"
+    if modality == "image" and family in ("llava_next", "llava_next_video", "llava_onevision"):
+        return "stretch"  # anyres: base squashed to a square, canvas unpadded by the model
+    proc = getattr(processor, "video_processor" if modality == "video" else "image_processor", None)
+    if proc is None:
+        return "stretch"
+    if getattr(proc, "do_pad", False) and modality == "image":
+        return "pad"
+    if getattr(proc, "do_center_crop", False):
+        return "center_crop"
+    return "stretch"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------
+
+
+def _colour(i: int) -> tuple[int, int, int]:
+    h = (i * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(h, 0.75, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _panel(image: np.ndarray, boxes: np.ndarray, kept: np.ndarray, slots: np.ndarray | None, title: str,
+           side: int) -> Any:
+    """One picture: dropped tokens dimmed, kept tokens outlined; merged groups coloured by their slot."""
+    from PIL import Image, ImageDraw
+
+    pil = Image.fromarray(image).convert("RGB")
+    scale = side / max(pil.size)
+    pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))))
+    shade = Image.new("RGBA", pil.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(shade)
+    valid = ~np.isnan(boxes[:, 1])
+    for i in np.flatnonzero(valid):
+        x0, y0, x1, y1 = (boxes[i, 1:] * scale).tolist()
+        if slots is not None and slots[i] >= 0:
+            draw.rectangle([x0, y0, x1, y1], fill=(*_colour(int(slots[i])), 90))
+        elif not kept[i]:
+            draw.rectangle([x0, y0, x1, y1], fill=(0, 0, 0, 170))
+    out = Image.alpha_composite(pil.convert("RGBA"), shade)
+    draw = ImageDraw.Draw(out)
+    for i in np.flatnonzero(valid & kept):
+        x0, y0, x1, y1 = (boxes[i, 1:] * scale).tolist()
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 255, 0, 255), width=1)
+    canvas = Image.new("RGB", (out.width, out.height + 14), "white")
+    canvas.paste(out.convert("RGB"), (0, 14))
+    ImageDraw.Draw(canvas).text((2, 1), title, fill="black")
+    return canvas
+
+
+def _frames_for(modality: str, image: Any, video: Any) -> np.ndarray:
+    if modality == "video":
+        if video is None:
+            raise ValueError("a video item needs `video` frames ([T, H, W, 3])")
+        return np.asarray(video)
+    if image is None:
+        raise ValueError("an image item needs `image`")
+    return np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)[None]
+
+
+def render_item(item: Mapping[str, Any], *, image: Any = None, video: Any = None, fit: str = "stretch",
+                layers: Mapping[str, Sequence[int]] | None = None, side: int = 224) -> Any:
+    """A PIL image of one item's kept tokens: one panel per grid (base / canvas / frame), one row per stage.
+
+    ``item`` is a kept map as the runner records it: ``layout`` (dict or TokenLayout), ``sources`` (the
+    original token each kept token stands for) and optional ``assignment`` (the output slot every
+    original token was merged into, -1 dropped). ``layers`` maps an in-LLM pruning layer to the original
+    token indices still present from that layer on; each adds a row.
+    """
+    from PIL import Image
+
+    layout = item["layout"] if isinstance(item["layout"], TokenLayout) else layout_from_dict(item["layout"])
+    frames = _frames_for(layout.modality, image, video)
+    height, width = frames.shape[1:3]
+    boxes = token_boxes(layout, (height, width), fit)
+    n = layout.num_tokens
+    kept = np.zeros(n, dtype=bool)
+    kept[np.asarray(item["sources"], dtype=int)] = True
+    slots = None if item.get("assignment") is None else np.asarray(item["assignment"], dtype=int)
+    stages = [("LLM input", kept, slots)]
+    for layer, tokens in sorted((layers or {}).items(), key=lambda kv: int(kv[0])):
+        k = np.zeros(n, dtype=bool)
+        k[np.asarray(list(tokens), dtype=int)] = True
+        stages.append((f"layer {layer}+", k, None))
+    # panels: every grid segment (frames: one per time step)
+    slices = layout.segment_slices()
+    panels = [(seg, sl) for seg, sl in zip(layout.segments, slices) if seg.cols > 0 and seg.kind != "cls"]
+    n_times = max(1, len({seg.time for seg, _ in panels if seg.kind == "frame"}))
+    per_time = max(1, frames.shape[0] // n_times)
+    rows = []
+    for title, keep, slot in stages:
+        row = []
+        for seg, sl in panels:
+            frame = frames[min(frames.shape[0] - 1, seg.time * per_time)] if layout.modality == "video" else frames[0]
+            mask = np.zeros(n, dtype=bool)
+            mask[sl] = True
+            b = np.where(mask[:, None], boxes, np.nan)
+            label = f"{title} | {seg.kind}{f' t={seg.time}' if seg.kind == 'frame' else ''} | kept {int(keep[sl].sum())}/{seg.rows * seg.cols}"
+            row.append(_panel(frame, b, keep, None if slot is None else np.where(mask, slot, -1), label, side))
+        rows.append(row)
+    width_px = max(sum(p.width for p in row) for row in rows)
+    height_px = sum(max(p.height for p in row) for row in rows)
+    sheet = Image.new("RGB", (width_px, height_px), "white")
+    y = 0
+    for row in rows:
+        x = 0
+        for p in row:
+            sheet.paste(p, (x, y))
+            x += p.width
+        y += max(p.height for p in row)
+    return sheet
+
+
+def render_record(record: Mapping[str, Any], sample: Any, fits: Mapping[str, str] | None = None, side: int = 224) -> list[Any]:
+    """Overlays (one PIL image per visual item) of a runner record that holds a ``kept`` map."""
+    kept = record.get("kept")
+    if not kept:
+        raise ValueError(f"record {record.get('key')!r} holds no kept-token map (the runner stores them for "
+                         "the first `keep_maps` samples of each cell)")
+    images = list(getattr(sample, "images", []) or [])
+    out = []
+    image_i = 0
+    for i, item in enumerate(kept["items"]):
+        layers = {k: [t for it, t in pairs if it == i] for k, pairs in (kept.get("layers") or {}).items()}
+        fit = (fits or {}).get(item["modality"], item.get("fit", "stretch"))
+        if item["modality"] == "image":
+            image = images[image_i] if image_i < len(images) else None
+            image_i += 1
+            out.append(render_item(item, image=image, fit=fit, layers=layers, side=side))
+        else:
+            out.append(render_item(item, video=sample.video, fit=fit, layers=layers, side=side))
+    return out

@@ -1,0 +1,179 @@
+"""Summaries of a run: ``summary.json``, ``table.md`` and the accuracy / prefill-time vs visual-token plots.
+
+One summary row per (model, method, budget): the task's official metrics over the samples that ran
+(errors are counted, not scored), agreement with the unreduced model's answers when ``none`` ran, mean
+visual tokens (at the LLM input, at the deepest layer, averaged over layers), mean analytic prefill
+FLOPs and their ratio to the unreduced prefill, and MEDIAN reducer time, time to first token and decode
+time per token (timings are noisy; the median resists the outliers), the largest peak memory and the
+mean KV-cache bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenreduce.eval.task import Task
+
+BASELINE = "none"
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _median(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def cell_key(rec: Mapping[str, Any]) -> tuple[str, str, float | None]:
+    return rec["model"], rec["method"], rec.get("budget")
+
+
+def summarize(records: Sequence[Mapping[str, Any]], task: Task, skipped: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The run's summary from its records (any order, any number of resumed sessions)."""
+    cells: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        cells[cell_key(r)].append(r)
+    baseline_pred = {
+        (r["model"], r["sample_id"]): r.get("prediction") for r in records
+        if r["method"] == BASELINE and r.get("error") is None
+    }
+    rows = []
+    for (model, method, budget), recs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] != BASELINE,
+                                                                                  kv[0][1], kv[0][2] or 0)):
+        ok = [r for r in recs if r.get("error") is None]
+        errors = [r for r in recs if r.get("error") is not None]
+        metrics = task.aggregate(ok) if ok else {}
+        agree = [r.get("prediction") == baseline_pred[(model, r["sample_id"])] for r in ok
+                 if (model, r["sample_id"]) in baseline_pred]
+        flops = _mean(r.get("prefill_flops") for r in ok)
+        flops_full = _mean(r.get("prefill_flops_full") for r in ok)
+        rows.append({
+            "model": model, "method": method, "budget": budget, "samples": len(recs), "errors": len(errors),
+            "error_examples": sorted({str(r["error"])[:200] for r in errors})[:3],
+            "metrics": metrics, "primary": metrics.get(task.primary_metric),
+            "agreement_with_none": sum(agree) / len(agree) if agree else None,
+            "visual_tokens_in": _mean(r.get("visual_tokens_in") for r in ok),
+            "visual_tokens_llm_input": _mean(r.get("visual_tokens_llm_input") for r in ok),
+            "visual_tokens_out": _mean(r.get("visual_tokens_out") for r in ok),
+            "visual_tokens_layer_mean": _mean(r.get("visual_tokens_layer_mean") for r in ok),
+            "prefill_flops": flops, "prefill_flops_full": flops_full,
+            "prefill_flops_ratio": flops / flops_full if flops and flops_full else None,
+            "reducer_ms_median": _median(r.get("reducer_ms") for r in ok),
+            "ttft_ms_median": _median(r.get("ttft_ms") for r in ok),
+            "decode_ms_per_token_median": _median(r.get("decode_ms_per_token") for r in ok),
+            "peak_memory_bytes_max": max((r["peak_memory_bytes"] for r in ok if r.get("peak_memory_bytes")), default=None),
+            "memory_kind": next((r.get("memory_kind") for r in ok if r.get("memory_kind")), None),
+            "kv_cache_bytes_mean": _mean(r.get("kv_cache_bytes") for r in ok),
+            "batch_size_median": _median(r.get("batch_size") for r in ok),
+        })
+    return {"task": task.name, "primary_metric": task.primary_metric, "cells": rows,
+            "skipped_cells": dict(skipped or {}),
+            "notes": ("timings are medians over samples; with batch_size > 1 a sample's time to first token and "
+                      "decode time are its batch's; errors are excluded from the metrics and counted in `errors`")}
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def markdown_table(summary: Mapping[str, Any]) -> str:
+    """One row per cell, primary metric first, then tokens, FLOPs, time, memory."""
+    metric = summary["primary_metric"]
+    head = (f"| model | method | budget | {metric} | agree w/ none | visual tokens in | out (deepest) | layer mean | "
+            "FLOPs ratio | TTFT ms (med) | decode ms/tok (med) | reducer ms (med) | peak MiB | KV MiB | n | errors |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for c in summary["cells"]:
+        lines.append(
+            f"| {c['model']} | {c['method']} | {_fmt(c['budget'], 'g')} | {_fmt(c['primary'], '.4g')} | "
+            f"{_fmt(c['agreement_with_none'], '.3f')} | {_fmt(c['visual_tokens_in'], '.1f')} | "
+            f"{_fmt(c['visual_tokens_out'], '.1f')} | {_fmt(c['visual_tokens_layer_mean'], '.1f')} | "
+            f"{_fmt(c['prefill_flops_ratio'], '.3f')} | {_fmt(c['ttft_ms_median'], '.1f')} | "
+            f"{_fmt(c['decode_ms_per_token_median'], '.2f')} | {_fmt(c['reducer_ms_median'], '.2f')} | "
+            f"{_fmt(c['peak_memory_bytes_max'] and c['peak_memory_bytes_max'] / 2**20, '.0f')} | "
+            f"{_fmt(c['kv_cache_bytes_mean'] and c['kv_cache_bytes_mean'] / 2**20, '.3f')} | {c['samples']} | {c['errors']} |"
+        )
+    skipped = summary.get("skipped_cells") or {}
+    if skipped:
+        lines += ["", "Skipped cells:"] + [f"- {k}: {v}" for k, v in sorted(skipped.items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(summary: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
+    """``accuracy_vs_tokens[_<model>].png`` and ``prefill_vs_tokens[_<model>].png``: one line per method.
+
+    The x axis is the visual tokens averaged over the LLM's layers (what in-LLM budgets are stated in, and
+    what the prefill cost follows); the unreduced model is a star.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    by_model: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for c in summary["cells"]:
+        by_model[c["model"]].append(c)
+    paths = []
+    suffix_needed = len(by_model) > 1
+    for model, cells in by_model.items():
+        suffix = f"_{_safe(model)}" if suffix_needed else ""
+        for y_key, y_label, stem in (
+            ("primary", f"{summary['task']} {summary['primary_metric']}", "accuracy_vs_tokens"),
+            ("ttft_ms_median", "prefill time: median time to first token (ms)", "prefill_vs_tokens"),
+        ):
+            fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
+            methods: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            for c in cells:
+                x, y = c.get("visual_tokens_layer_mean"), c.get(y_key)
+                if x is None or y is None:
+                    continue
+                methods[c["method"]].append((x, y))
+            for method, pts in sorted(methods.items()):
+                pts.sort()
+                xs, ys = zip(*pts)
+                if method == BASELINE:
+                    ax.plot(xs, ys, linestyle="none", marker="*", markersize=14, color="black", label="none (full)")
+                else:
+                    ax.plot(xs, ys, marker="o", label=method)
+            ax.set_xlabel("visual tokens per sample (mean over LLM layers)")
+            ax.set_ylabel(y_label)
+            ax.set_title(f"{summary['task']} - {model}")
+            ax.grid(True, alpha=0.3)
+            if methods:
+                ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = out_dir / f"{stem}{suffix}.png"
+            fig.savefig(path)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def write_reports(run_dir: str | Path, task: Task, plots: bool = True,
+                  skipped: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read the run's records; write ``summary.json``, ``table.md`` and (``plots``) the PNGs; return the summary."""
+    from tokenreduce.eval.runner import read_records
+
+    run_dir = Path(run_dir)
+    records = list(read_records(run_dir).values())
+    summary = summarize(records, task, skipped)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (run_dir / "table.md").write_text(markdown_table(summary))
+    if plots:
+        summary["plots"] = [str(p) for p in plot_summary(summary, run_dir)]
+    return summary
