@@ -15,7 +15,12 @@ from tokenreduce.plugins.baselines.fastv import FastVMethod
 from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model
 
 NUM_LAYERS = 6
-CASES = {"fastv": dict(layer=2, keep=0.3), "pdrop": dict(layers=(1, 3, 4), keep=(0.6, 0.4, 0.2))}
+CASES = {
+    "fastv": dict(layer=2, keep=0.3),
+    "pdrop": dict(layers=(1, 3, 4), keep=(0.6, 0.4, 0.2)),
+    # instance-adaptive counts (mean + k std thresholds) plus spatial sampling
+    "atp": dict(layers=(1, 3, 4), keep=(0.5, 0.6, 0.6), spatial_rates=(0.25, 0.0, 0.0)),
+}
 
 
 def _models(family):

@@ -1,0 +1,149 @@
+"""ATP: scores, spatial augmented pruning, thresholds, heads, soft-mask training (the llm-stage oracles run
+ATP through tests/test_llm_stage.py's table)."""
+
+import pytest
+import torch
+
+import tokenreduce as tr
+from tokenreduce.core.api import get_handle
+from tokenreduce.core.llm import LLMContext
+from tokenreduce.plugins.atp import ATPConfig, ATPMethod, ThresholdHeads
+from tokenreduce.plugins.atp.scores import normal_quantile, spatial_sample
+from tokenreduce.plugins.atp.training import SoftMaskATP, budget_loss, train_heads
+from tokenreduce.plugins.baselines._llm import average_keep
+from tokenreduce.testing.tiny import RowSpec, default_rows, tiny_batch, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llava", num_layers=8)
+
+
+def test_counts_differ_per_instance_and_layer(model):
+    rows = [RowSpec(images=[(56, 56)] * (1 + i % 2), prefix=2 + i, suffix=3 + 2 * i, seed=10 + i) for i in range(4)]
+    batch = tiny_batch(model, rows)
+    tr.wrap(model, "atp", layers=(2, 4, 6), keep=(0.3, 0.6, 0.6), spatial_rates=(0.0, 0.0, 0.0))
+    try:
+        with torch.no_grad():
+            model(**batch)
+        counts = [tuple(s.layers.values()) for s in tr.stats(model).samples]
+    finally:
+        tr.unwrap(model)
+    assert len(set(counts)) > 1, counts
+    for c in counts:
+        assert list(c) == sorted(c, reverse=True)
+
+
+def test_spatial_sampling_is_a_uniform_grid_per_segment(model, monkeypatch):
+    batch = tiny_batch(model, default_rows("llava", n=1))
+    seen = {}
+    original = ATPMethod.select
+
+    def recording(self, ctx: LLMContext):
+        if ctx.layer == 2:  # the first stage sees the whole grid
+            seen["sampled"] = spatial_sample(ctx, 0, 0.25)
+            seen["tokens"] = ctx.visual_tokens[0]
+            seen["layout"] = ctx.items[0].layout
+        return original(self, ctx)
+
+    monkeypatch.setattr(ATPMethod, "select", recording)
+    tr.wrap(model, "atp", layers=(2, 4, 6), spatial_rates=(0.25, 0.0, 0.0))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        tr.unwrap(model)
+    layout, idx = seen["layout"], seen["tokens"][seen["sampled"], 1]
+    # a 4x4 grid at stride 2 samples rows 1, 3 and columns 1, 3
+    assert sorted(zip(layout.rows[idx].tolist(), layout.cols[idx].tolist())) == [(1, 1), (1, 3), (3, 1), (3, 3)]
+
+
+def test_training_free_threshold_rule(model, monkeypatch):
+    batch = tiny_batch(model, default_rows("llava", n=2))
+    seen = []
+    original = ATPMethod.thresholds
+
+    def recording(self, ctx, scores, features):
+        theta_r, theta_s = original(self, ctx, scores, features)
+        seen.append((scores, theta_r))
+        return theta_r, theta_s
+
+    monkeypatch.setattr(ATPMethod, "thresholds", recording)
+    tr.wrap(model, "atp", layers=(2, 4, 6), keep=(0.3, 0.5, 0.5), spatial_rates=(0.0, 0.0, 0.0))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        tr.unwrap(model)
+    scores, theta = seen[0]
+    k = normal_quantile(0.7)
+    for s, t in zip(scores, theta):
+        torch.testing.assert_close(t, s.float().mean() + k * s.float().std())
+    assert abs(normal_quantile(0.975) - 1.95996) < 1e-4
+
+
+def test_at_budget_averages_over_depth():
+    cfg = ATPConfig.at_budget(0.25, num_layers=32)
+    assert cfg.layers == (4, 14, 24)
+    fractions, current = [], 1.0
+    for kappa, rate in zip(cfg.keep, cfg.spatial_rates):
+        current *= kappa + (1 - kappa) * rate
+        fractions.append(current)
+    assert abs(average_keep(list(cfg.layers), fractions, 32) - 0.25) < 1e-6
+    with pytest.raises(ValueError, match="cannot reach 5%"):
+        ATPConfig.at_budget(0.05, num_layers=8)
+    with pytest.raises(ValueError, match="`keep` needs one value per pruning layer"):
+        ATPConfig(layers=(2, 4), keep=(0.5,), spatial_rates=(0.0, 0.0))
+
+
+def test_budget_loss_matches_hand_computation():
+    kept = {2: torch.tensor([0.5, 1.0]), 4: torch.tensor([0.25, 0.5])}
+    loss, average = budget_loss(kept, 8, target=0.5, depth_weight=0.1, target_weight=1.0)
+    # row 0: (2*1 + 2*0.5 + 4*0.25) / 8 = 0.5; row 1: (2 + 2 + 4*0.5) / 8 = 0.75
+    torch.testing.assert_close(average, torch.tensor([0.5, 0.75]))
+    depth = 0.1 * ((2 / 8) * torch.tensor([0.5, 1.0]) + (4 / 8) * torch.tensor([0.25, 0.5])).mean()
+    torch.testing.assert_close(loss, depth + (0.625 - 0.5))
+
+
+def test_soft_masks_at_open_thresholds_leave_the_model_unchanged(model):
+    batch = tiny_batch(model, default_rows("llava"), labels=True)
+    heads = ThresholdHeads([2, 4, 6])
+    with torch.no_grad():
+        for mlp in heads.mlps:
+            mlp[-1].bias.fill_(-1e4)  # every threshold far below every score: masks are 1
+        reference = model(**batch).logits
+    trainer = SoftMaskATP(model, ATPConfig(layers=(2, 4, 6)), heads=heads)
+    try:
+        with torch.no_grad():
+            out, kept = trainer(batch)
+    finally:
+        trainer.remove_hooks()
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
+    assert all(bool((v > 0.999).all()) for v in kept.values())
+
+
+def test_training_reaches_the_target_and_heads_round_trip(model, tmp_path):
+    batch = tiny_batch(model, default_rows("llava"), labels=True)
+    config = ATPConfig.at_budget(0.3, num_layers=8)
+    heads, log = train_heads(model, [batch], config, steps=30, target=0.3, lr=5e-2, log_every=5)
+    assert log[-1]["budget"] < log[0]["budget"]
+    assert abs(log[-1]["average_kept"] - 0.3) < 0.05
+    assert all(p.grad is None or not p.requires_grad for p in model.parameters())
+    heads.save_pretrained(tmp_path)
+    loaded = ThresholdHeads.from_pretrained(tmp_path)
+    for a, b in zip(heads.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    tr.wrap(model, "atp", layers=config.layers, spatial_rates=config.spatial_rates, keep=config.keep, heads=str(tmp_path))
+    try:
+        assert get_handle(model).method.heads is not None
+        with torch.no_grad():
+            model(**inputs)
+        assert tr.stats(model).summary()["layer_mean_keep_ratio"] < 0.6
+    finally:
+        tr.unwrap(model)
+    with pytest.raises(ValueError, match=r"`heads` were trained for layers \[1, 4, 6\]"):
+        tr.wrap(model, "atp", heads=str(tmp_path), layers=(2, 4, 6))
+    with pytest.raises(ValueError, match="is neither a local directory nor a reachable hub repo"):
+        tr.wrap(model, "atp", heads=str(tmp_path / "missing"), layers=(1, 4, 6))

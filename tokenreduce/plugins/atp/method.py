@@ -1,0 +1,169 @@
+"""ATP: the registered ``atp`` method (inference) and its config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenreduce.core.config import MethodConfig, check_choice, check_range
+from tokenreduce.core.llm import LLMContext
+from tokenreduce.core.reduction import Method
+from tokenreduce.core.registry import register_method
+from tokenreduce.plugins.baselines._llm import average_keep, check_layers
+
+from .scores import normal_quantile, redundancy_scores, spatial_sample
+
+# Layers {4, 14, 24} of 32 in the public reimplementation, as fractions of the depth.
+DEFAULT_DEPTH_FRACTIONS = (4 / 32, 14 / 32, 24 / 32)
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    layers = sorted({min(num_layers - 1, max(1, round(f * num_layers))) for f in DEFAULT_DEPTH_FRACTIONS})
+    return tuple(layers)
+
+
+@dataclass
+class ATPConfig(MethodConfig):
+    """Options of ``atp``.
+
+    Attributes:
+        layers: decoder layers at which ATP prunes (each instance keeps its own count there); ``None``:
+            4/32, 14/32 and 24/32 of the depth (the public reimplementation's {4, 14, 24} on LLaVA-1.5).
+        keep: training-free mode: the share of the current visual tokens each stage keeps by redundancy,
+            on average. A token survives if its score exceeds ``mean + k * std`` of its instance's scores
+            with ``k`` the normal quantile of ``1 - keep`` (``threshold_rule="mean_std"``: counts vary per
+            instance), or the instance's ``1 - keep`` quantile (``"quantile"``: fixed share).
+        spatial_rates: spatial augmented pruning: per stage, the share of the visual grid sampled at a
+            uniform stride ``round(1/sqrt(rate))`` (per crop / frame) that survives whatever its score; 0 off.
+        self_weight: weight of self-modality (vision->vision) importance in the redundancy score, the rest
+            being cross-modality (text->vision).
+        heads: trained threshold heads (local directory or hub repo id, see ``ThresholdHeads``): thresholds
+            are then predicted per instance and layer instead of the training-free rule.
+        spatial_score_scale: trained mode: a sampled token's spatial score is ``1 - rate * scale``.
+    """
+
+    layers: tuple[int, ...] | None = None
+    keep: tuple[float, ...] = (0.5, 0.5, 0.5)
+    threshold_rule: str = "mean_std"
+    spatial_rates: tuple[float, ...] = (0.25, 0.0625, 0.0)
+    self_weight: float = 0.5
+    heads: str | None = None
+    spatial_score_scale: float = 3.0
+
+    def validate(self) -> None:
+        self.keep = tuple(self.keep)
+        self.spatial_rates = tuple(self.spatial_rates)
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+            for layer in self.layers:
+                check_range("layers", layer, 1, integer=True)
+            if list(self.layers) != sorted(set(self.layers)):
+                raise ValueError(f"`layers` must be strictly increasing, got {self.layers}")
+        for k in self.keep:
+            check_range("keep", k, 0.0, 1.0, low_open=True)
+        for r in self.spatial_rates:
+            check_range("spatial_rates", r, 0.0, 1.0)
+        check_choice("threshold_rule", self.threshold_rule, ("mean_std", "quantile"))
+        check_range("self_weight", self.self_weight, 0.0, 1.0)
+        check_range("spatial_score_scale", self.spatial_score_scale, 0.0)
+        n = len(self.layers) if self.layers is not None else len(DEFAULT_DEPTH_FRACTIONS)
+        for name in ("keep", "spatial_rates"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"`{name}` needs one value per pruning layer ({n}), got {getattr(self, name)}")
+
+    @classmethod
+    def at_budget(cls, budget: float, num_layers: int | None = None, **options) -> ATPConfig:
+        """Training-free ATP averaging about ``budget`` of the visual tokens over the layers (or keeping
+        about ``budget`` after the last stage when ``num_layers`` is unknown)."""
+        check_range("budget", budget, 0.0, 1.0, low_open=True)
+        rates = tuple(options.pop("spatial_rates", (0.25, 0.0625, 0.0)))
+        layers = options.pop("layers", None)
+        if num_layers is not None:
+            layers = tuple(layers or default_layers(num_layers))
+            rates = rates[: len(layers)] + (0.0,) * (len(layers) - len(rates))
+
+        def fractions(kappa: float) -> list[float]:
+            out, current = [], 1.0
+            for r in rates:
+                current *= min(1.0, kappa + (1.0 - kappa) * r)
+                out.append(current)
+            return out
+
+        def achieved(kappa: float) -> float:
+            if num_layers is None:
+                return fractions(kappa)[-1]
+            return average_keep(list(layers), fractions(kappa), num_layers)
+
+        if achieved(1e-3) > budget:
+            raise ValueError(
+                f"atp with stages at {layers} and spatial rates {rates} cannot reach {budget:.0%} of the visual "
+                f"tokens{'' if num_layers is None else f' averaged over {num_layers} layers'}"
+            )
+        low, high = 1e-3, 1.0
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (mid, high) if achieved(mid) < budget else (low, mid)
+        kappa = (low + high) / 2
+        return cls(layers=layers, keep=(kappa,) * len(rates), spatial_rates=rates, **options)
+
+
+@register_method("atp", config_cls=ATPConfig, stages="llm")
+class ATPMethod(Method):
+    """Adaptive token pruning inside the LLM, per layer and per instance, with spatial augmented pruning."""
+
+    def llm_layers(self, num_layers: int) -> list[int]:
+        layers = self.config.layers or default_layers(num_layers)
+        self.layers = check_layers("layers", tuple(layers), num_layers)
+        self.heads = None
+        if self.config.heads is not None:
+            from .heads import ThresholdHeads
+
+            self.heads = ThresholdHeads.from_pretrained(self.config.heads)
+            if self.heads.layers != self.layers:
+                raise ValueError(
+                    f"`heads` were trained for layers {self.heads.layers}, the config prunes at {self.layers}; "
+                    "set `layers` to match"
+                )
+        return self.layers
+
+    def thresholds(self, ctx: LLMContext, scores: list[torch.Tensor], features: torch.Tensor):
+        """Per row ``(theta_redundancy, theta_spatial)``: from the heads, or the training-free rule."""
+        stage = self.layers.index(ctx.layer)
+        if self.heads is not None:
+            heads = self.heads.to(features.device)
+            with torch.no_grad():
+                theta_r, theta_s = heads(ctx.layer, features)
+            return theta_r, theta_s
+        keep = self.config.keep[stage]
+        theta = []
+        for s in scores:
+            if s.numel() == 0:
+                theta.append(s.new_zeros(()))
+            elif self.config.threshold_rule == "quantile":
+                theta.append(torch.quantile(s.float(), 1.0 - keep) if keep < 1 else s.min() - 1)
+            else:
+                k = normal_quantile(1.0 - keep) if keep < 1 else float("-inf")
+                std = s.float().std() if s.numel() > 1 else s.new_zeros(())
+                theta.append(s.float().mean() + k * std)
+        theta_r = torch.stack(theta) if theta else features.new_zeros(0)
+        return theta_r, torch.full_like(theta_r, float("-inf"))  # sampled tokens always survive
+
+    def select(self, ctx: LLMContext) -> list[torch.Tensor]:
+        stage = self.layers.index(ctx.layer)
+        rate = self.config.spatial_rates[stage]
+        scores, features = redundancy_scores(ctx, self.config.self_weight)
+        theta_r, theta_s = self.thresholds(ctx, scores, features)
+        out = []
+        for r, s in enumerate(scores):
+            if s.numel() == 0:
+                out.append(torch.zeros(0, dtype=torch.long, device=s.device))
+                continue
+            keep = s > theta_r[r]
+            sampled = spatial_sample(ctx, r, rate)
+            spatial_score = 1.0 - rate * self.config.spatial_score_scale
+            keep |= sampled & (spatial_score > theta_s[r])
+            if not bool(keep.any()):
+                keep[s.argmax()] = True
+            out.append(keep.nonzero().flatten())
+        return out

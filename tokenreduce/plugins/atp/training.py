@@ -1,0 +1,301 @@
+"""Training ATP's threshold heads (and optionally the LLM) with soft masks through attention.
+
+During training no token is dropped: at each ATP layer K the heads predict the instance's thresholds,
+each visual token gets a soft keep mask ``M = max(sigmoid((S_red - theta_r) T), sigmoid((S_sp - theta_s) T))``
+(the spatial term only on the SAP grid), masks multiply across stages, and every layer >= K sees them
+through attention: key ``j`` gets the additive bias ``log M_j`` (its own query excepted), which is
+DynamicViT's "scale the attention column and renormalise". The loss is next-token prediction on the answer
+plus the budget terms ``lambda_depth * sum_i (K_i / L) * kept_i + lambda_target * |average kept - target|``
+(kept as a share of the visual tokens, the average over all L layers). Scores are read without gradient;
+gradients reach the thresholds through the masks (and the LLM, when it is trained, through attention).
+
+    python -m tokenreduce.plugins.atp.training --model assets/models/synthetic-image --out runs/atp-heads \
+        --target 0.25 --steps 300
+
+Multi-process: ``accelerate launch -m tokenreduce.plugins.atp.training ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tokenreduce.adapters import get_adapter
+from tokenreduce.core.handle import VisualItem
+from tokenreduce.core.layout import TokenLayout
+from tokenreduce.core.llm import AttentionCapture, LLMContext
+
+from .heads import ThresholdHeads
+from .method import ATPConfig, default_layers
+from .scores import redundancy_scores, spatial_sample
+
+
+@dataclass
+class SoftMaskState:
+    """Per forward: visual columns, the running soft mask, the per-stage kept shares."""
+
+    visual: list[torch.Tensor]
+    tokens: list[torch.Tensor]
+    items: list[VisualItem]
+    mask2d: torch.Tensor
+    running: torch.Tensor | None = None  # [B, L] soft keep of every column (1 for text)
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B] kept share of visual tokens
+
+
+class SoftMaskATP(nn.Module):
+    """Wraps a VLM for training: the forward applies ATP soft masks at the configured layers."""
+
+    def __init__(self, model: nn.Module, config: ATPConfig, heads: ThresholdHeads | None = None,
+                 temperature: float = 10.0):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.adapter = get_adapter(model)
+        layers = self.adapter.decoder_layers
+        self.layers = list(config.layers or default_layers(len(layers)))
+        self.heads = heads if heads is not None else ThresholdHeads(self.layers)
+        self.temperature = temperature
+        self.state: SoftMaskState | None = None
+        self._captures: dict[int, AttentionCapture] = {}
+        self._hooks = []
+        lm = self.adapter.language_model
+        for k in self.layers:
+            self._hooks.append(layers[k - 1].self_attn.register_forward_hook(self._capture(k), with_kwargs=True))
+        for i in range(self.layers[0], len(layers)):
+            self._hooks.append(layers[i].register_forward_pre_hook(self._mask_layer(i), with_kwargs=True))
+        self._lm = lm
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # ----- hooks ---------------------------------------------------------------------------------------
+    def _capture(self, k: int):
+        def hook(module, args, kwargs, output):
+            if self.state is None:
+                return None
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            cos, sin = kwargs["position_embeddings"]
+            b = hidden.shape[0]
+            self._captures[k] = AttentionCapture(module, hidden.detach(), cos.expand(b, -1, -1), sin.expand(b, -1, -1))
+            return None
+
+        return hook
+
+    def _mask_layer(self, i: int):
+        def hook(module, args, kwargs):
+            state = self.state
+            if state is None:
+                return None
+            if i in self.layers:
+                self._update_masks(i)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kwargs["attention_mask"] = self._attention_bias(hidden, state)
+            return args, kwargs
+
+        return hook
+
+    def _update_masks(self, k: int) -> None:
+        state = self.state
+        capture = self._captures.pop(k)
+        b, length = state.mask2d.shape
+        ctx = LLMContext(
+            layer=k, hidden=capture.hidden, attention_mask=state.mask2d, visual=state.visual,
+            visual_tokens=state.tokens, text=_text_columns(state), items=state.items,
+            original_visual=[v.numel() for v in state.visual], capture=capture,
+        )
+        stage = self.layers.index(k)
+        rate = self.config.spatial_rates[stage]
+        with torch.no_grad():
+            scores, features = redundancy_scores(ctx, self.config.self_weight)
+        theta_r, theta_s = self.heads(k, features)
+        if state.running is None:
+            state.running = torch.ones(b, length, device=capture.hidden.device)
+        running = state.running.clone()
+        kept = []
+        for r, cols in enumerate(state.visual):
+            if cols.numel() == 0:
+                kept.append(running.new_ones(()))
+                continue
+            m_r = torch.sigmoid((scores[r].float() - theta_r[r]) * self.temperature)
+            sampled = spatial_sample(ctx, r, rate).float()
+            spatial_score = 1.0 - rate * self.config.spatial_score_scale
+            m_s = torch.sigmoid((spatial_score - theta_s[r]) * self.temperature) * sampled
+            m = torch.maximum(m_r, m_s)
+            running[r, cols] = running[r, cols] * m
+            kept.append(running[r, cols].mean())
+        state.running = running
+        state.kept[k] = torch.stack(kept)
+
+    def _attention_bias(self, hidden: torch.Tensor, state: SoftMaskState) -> torch.Tensor:
+        b, q = hidden.shape[:2]
+        length = state.mask2d.shape[1]
+        dtype = hidden.dtype
+        allowed = torch.ones(q, length, dtype=torch.bool, device=hidden.device).tril()[None] & state.mask2d.bool()[:, None, :]
+        bias = torch.zeros(b, q, length, dtype=dtype, device=hidden.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        if state.running is not None:
+            log_keep = torch.log(state.running.clamp_min(1e-6)).to(dtype)[:, None, :].expand(b, q, length).clone()
+            log_keep.diagonal(dim1=1, dim2=2).zero_()
+            bias = bias + log_keep.masked_fill(~allowed, 0.0)
+        return bias[:, None]
+
+    # ----- forward -------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Model outputs (with the NTP loss when ``labels`` are given) and, per ATP layer, ``[B]`` kept shares."""
+        self.state = _state_for(self.adapter, batch)
+        try:
+            out = self.model(**batch)
+            return out, dict(self.state.kept)
+        finally:
+            self.state = None
+            self._captures.clear()
+
+
+def budget_loss(kept: dict[int, torch.Tensor], num_layers: int, target: float,
+                depth_weight: float, target_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATP's budget terms and the layer-averaged kept share ``[B]`` they are computed from."""
+    layers = sorted(kept)
+    total = torch.zeros_like(kept[layers[0]])
+    previous, share = 0, torch.ones_like(total)
+    depth_term = torch.zeros_like(total)
+    for k in layers:
+        total = total + (k - previous) * share
+        previous, share = k, kept[k]
+        depth_term = depth_term + (k / num_layers) * kept[k]
+    total = total + (num_layers - previous) * share
+    average = total / num_layers
+    loss = depth_weight * depth_term.mean() + target_weight * (average.mean() - target).abs()
+    return loss, average
+
+
+def _state_for(adapter, batch: dict) -> SoftMaskState:
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    visual, tokens, items = [], [], []
+    for r in range(ids.shape[0]):
+        cols = torch.zeros(0, dtype=torch.long, device=ids.device)
+        for modality in adapter.modalities:
+            cols = torch.cat([cols, (ids[r] == adapter.placeholder_id(modality)).nonzero().flatten()])
+        cols = cols.sort().values
+        layout = _grid_layout(cols.numel())
+        items.append(VisualItem("image", r, layout, cols, torch.arange(cols.numel(), device=ids.device)))
+        visual.append(cols)
+        tokens.append(torch.stack([torch.full_like(cols, r), torch.arange(cols.numel(), device=ids.device)], 1))
+    return SoftMaskState(visual=visual, tokens=tokens, items=items, mask2d=mask)
+
+
+def _grid_layout(n: int) -> TokenLayout:
+    side = int(math.isqrt(n))
+    return TokenLayout.grid("image", side, side) if side * side == n else TokenLayout.flat("image", n)
+
+
+def _text_columns(state: SoftMaskState) -> list[torch.Tensor]:
+    out = []
+    for r, cols in enumerate(state.visual):
+        is_text = state.mask2d[r].bool().clone()
+        is_text[cols] = False
+        out.append(is_text.nonzero().flatten())
+    return out
+
+
+def train_heads(
+    model: nn.Module,
+    batches: Iterable[dict],
+    config: ATPConfig,
+    *,
+    steps: int,
+    target: float = 0.25,
+    lr: float = 1e-2,
+    llm_lr: float = 0.0,
+    temperature: float = 10.0,
+    depth_weight: float = 0.02,
+    target_weight: float = 1.0,
+    accelerator=None,
+    log_every: int = 10,
+) -> tuple[ThresholdHeads, list[dict]]:
+    """Train threshold heads (and the LLM when ``llm_lr > 0``) for ``steps`` batches; returns heads and a log."""
+    trainer = SoftMaskATP(model, config, temperature=temperature)
+    params = [{"params": trainer.heads.parameters(), "lr": lr}]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if llm_lr > 0:
+        lm_params = list(get_adapter(model).language_model.parameters())
+        for p in lm_params:
+            p.requires_grad_(True)
+        params.append({"params": lm_params, "lr": llm_lr})
+    optimizer = torch.optim.AdamW(params, weight_decay=0.0)
+    num_layers = len(get_adapter(model).decoder_layers)
+    if accelerator is not None:
+        trainer, optimizer = accelerator.prepare(trainer, optimizer)
+    module = trainer.module if hasattr(trainer, "module") else trainer
+    model.train(llm_lr > 0)
+    log = []
+    for step, batch in zip(range(steps), _cycle(batches)):
+        out, kept = trainer(batch)
+        budget, average = budget_loss(kept, num_layers, target, depth_weight, target_weight)
+        loss = out.loss + budget
+        optimizer.zero_grad()
+        (accelerator.backward(loss) if accelerator is not None else loss.backward())
+        optimizer.step()
+        if step % log_every == 0 or step == steps - 1:
+            log.append({"step": step, "loss": loss.item(), "ntp": out.loss.item(), "budget": budget.item(),
+                        "average_kept": average.mean().item()})
+    module.remove_hooks()
+    model.eval()
+    return module.heads, log
+
+
+def _cycle(batches: Iterable[dict]) -> Iterator[dict]:
+    cached = list(batches)
+    while True:
+        yield from cached
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised through the script
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="local directory of a saved VLM (and processor)")
+    parser.add_argument("--out", required=True, help="directory for atp_heads.safetensors")
+    parser.add_argument("--task", default="synthetic/image")
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--target", type=float, default=0.25)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--llm-lr", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=10.0)
+    parser.add_argument("--layers", type=int, nargs="*", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from accelerate import Accelerator
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tokenreduce.eval.tasks import get_task
+    from tokenreduce.eval.training_data import answer_batches
+
+    torch.manual_seed(args.seed)
+    accelerator = Accelerator()
+    model = AutoModelForImageTextToText.from_pretrained(args.model, attn_implementation="eager")
+    processor = AutoProcessor.from_pretrained(args.model)
+    layers = len(get_adapter(model).decoder_layers)
+    config = ATPConfig.at_budget(args.target, num_layers=layers, **({"layers": tuple(args.layers)} if args.layers else {}))
+    task = get_task(args.task)
+    batches = answer_batches(task, processor, model.config.model_type, split="train", limit=args.samples,
+                             batch_size=args.batch_size)
+    heads, log = train_heads(model, batches, config, steps=args.steps, target=args.target, lr=args.lr,
+                             llm_lr=args.llm_lr, temperature=args.temperature, accelerator=accelerator)
+    if accelerator.is_main_process:
+        heads.save_pretrained(args.out)
+        for row in log:
+            print(row)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
