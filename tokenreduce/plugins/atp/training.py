@@ -192,7 +192,7 @@ def _state_for(adapter, batch: dict) -> SoftMaskState:
 
 
 def _grid_layout(n: int) -> TokenLayout:
-    side = int(math.isqrt(n))
+    side = math.isqrt(n)
     return TokenLayout.grid("image", side, side) if side * side == n else TokenLayout.flat("image", n)
 
 
