@@ -291,11 +291,11 @@ class ModelHandle:
         if stage is None:
             return self.adapter.encode(modality, inputs)
         stage.discard()
-        stage.capture.enabled = True
+        stage.set_enabled(True)
         try:
             return self.adapter.encode(modality, inputs)
         finally:
-            stage.capture.enabled = False
+            stage.set_enabled(False)
 
     def _reduce_items(self, modality, layouts, features, coords, inputs, samples, signals=None):
         """Run the method on every item of one modality; ``columns`` hold placeholder offsets for now."""

@@ -30,7 +30,7 @@ class TowerCapture:
         self.parts = tower.parts(block)
         self.module = tower.attention_input_module(block)
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.enabled = True
+        self.enabled = False  # switched on by the handle only while it encodes
 
     def attach(self, handle: ModelHandle) -> None:
         handle.register_hook(self.module.register_forward_pre_hook(self._hook, with_kwargs=True))
@@ -57,25 +57,45 @@ class TowerCapture:
 
 
 class VisionStage:
-    """Installs a method's tower capture and turns captured q/k into per-token signals."""
+    """Installs a method's tower captures and turns captured q/k into per-token signals.
 
-    def __init__(self, handle: ModelHandle, tower: Tower, layer: int):
+    ``layers`` is one tower layer (the method's ``tower_signals`` then gets that layer's ``q, k``) or a
+    tuple of layers (it gets dicts ``{layer: q}``, ``{layer: k}``).
+    """
+
+    def __init__(self, handle: ModelHandle, tower: Tower, layers: int | tuple[int, ...]):
         self.handle = handle
         self.tower = tower
-        self.capture = TowerCapture(tower, layer)
+        self.single = isinstance(layers, int)
+        self.captures = {layer: TowerCapture(tower, layer) for layer in ((layers,) if self.single else layers)}
+
+    @property
+    def capture(self) -> TowerCapture:
+        """The capture of the first (or only) layer."""
+        return next(iter(self.captures.values()))
 
     def attach(self) -> None:
-        self.capture.attach(self.handle)
+        for capture in self.captures.values():
+            capture.attach(self.handle)
+
+    def set_enabled(self, enabled: bool) -> None:
+        for capture in self.captures.values():
+            capture.enabled = enabled
 
     def discard(self) -> None:
-        self.capture.records.clear()
+        for capture in self.captures.values():
+            capture.records.clear()
 
     def signals(self, modality: str, layouts: list) -> list[dict[str, Any]]:
         """Per item, the method's signals aligned with the item's tokens (NaN on newline/CLS slots)."""
-        captured = self.capture.pop()
-        if captured is None:
+        popped = {layer: c.pop() for layer, c in self.captures.items()}
+        if any(v is None for v in popped.values()):
             return [{} for _ in layouts]
-        q, k = captured
+        if self.single:
+            q, k = next(iter(popped.values()))
+        else:
+            q = {layer: v[0] for layer, v in popped.items()}
+            k = {layer: v[1] for layer, v in popped.items()}
         per_patch = self.handle.method.tower_signals(
             q, k, scale=self.capture.parts.scale, num_prefix=self.tower.num_prefix_tokens
         )
