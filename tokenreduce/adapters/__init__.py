@@ -16,6 +16,7 @@ _ADAPTERS: dict[str, tuple[str, str]] = {
     "llava_onevision": ("llava_onevision", "LlavaOnevisionAdapter"),
     "qwen2_vl": ("qwen2_vl", "Qwen2VLAdapter"),
     "qwen2_5_vl": ("qwen2_vl", "Qwen2_5_VLAdapter"),
+    "mplug_docowl": ("docowl", "DocOwlAdapter"),
 }
 
 
@@ -73,8 +74,7 @@ def get_adapter(model: nn.Module) -> Adapter:
             f"{', '.join(list_adapters())}"
         )
     cls = adapter_class(model_type)
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "get_image_features") or not hasattr(model, "generate"):
+    if not cls.accepts(model):
         raise TypeError(
             f"wrap the generation model of family {model_type!r} (e.g. {type(model).__name__.replace('Model', 'ForConditionalGeneration')}), "
             f"not {type(model).__name__}"

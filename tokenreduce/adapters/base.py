@@ -35,6 +35,29 @@ class Adapter:
         self.inner = model.model
         self.config = model.config
 
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        """Whether ``model`` is the generation model of the family (what ``wrap`` must be given)."""
+        inner = getattr(model, "model", None)
+        return inner is not None and hasattr(inner, "get_image_features") and hasattr(model, "generate")
+
+    # ----- calling convention ------------------------------------------------------------------------
+    # transformers' VLMs take one placeholder per visual token and precomputed features through
+    # ``mm_encoder_outputs``; families with another convention (e.g. remote-code models with one
+    # placeholder per crop) translate in these three hooks.
+    def attach(self, handle: Any) -> None:
+        """Install family-specific patches or hooks through ``handle`` (undone on unwrap). Default: none."""
+
+    def expand_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The caller's inputs with ONE placeholder per visual token (the core's convention). Default: as is."""
+        return inputs
+
+    def finalize_inputs(self, inputs: dict[str, Any], batch: Any) -> dict[str, Any]:
+        """The rebuilt inputs (reduced ids, positions, ``mm_encoder_outputs``) in the form the model's
+        ``forward`` / ``generate`` take; ``batch`` is the handle's :class:`~tokenreduce.core.handle.BatchInfo`
+        of this call (its ``extra`` may carry state to hooks installed by :meth:`attach`). Default: as is."""
+        return inputs
+
     # ----- tokens ------------------------------------------------------------------------------------
     def placeholder_id(self, modality: str) -> int:
         attr = {"image": "image_token_id", "video": "video_token_id"}[modality]

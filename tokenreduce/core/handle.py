@@ -132,6 +132,7 @@ class ModelHandle:
                 self.patch(model, "forward", forward)
                 self.patch(model, "generate", generate)
             self.patch(model, HANDLE_ATTR, self)
+            self.adapter.attach(self)
             layer = getattr(self.method, "vision_layer", None)
             if layer is not None:
                 from tokenreduce.core.vision import VisionStage
@@ -209,6 +210,8 @@ class ModelHandle:
     def prepare(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Reduce visual tokens and rebuild the inputs; record what happened in ``self.current``."""
         adapter = self.adapter
+        caller_inputs = inputs
+        inputs = adapter.expand_inputs(inputs)
         input_ids = inputs.get("input_ids")
         precomputed = dict(inputs.get("mm_encoder_outputs") or {})
         present_pixels = [m for m in adapter.modalities if adapter.has_pixels(m, inputs) or m in precomputed]
@@ -230,7 +233,7 @@ class ModelHandle:
                     f"was given; pass `{key}` from the processor together with `input_ids`"
                 )
         if not present:
-            return inputs
+            return caller_inputs
 
         attention_mask = inputs.get("attention_mask")
         if attention_mask is None:
@@ -264,7 +267,7 @@ class ModelHandle:
             for it in items:
                 it.columns = coords[it.modality][it.columns, 1]
             self.current = BatchInfo(items=items, attention_mask=attention_mask, samples=samples)
-            return inputs
+            return caller_inputs  # nothing reduced: the model reads the caller's own inputs
 
         with timer(input_ids.device) as t:
             inputs = self._rebuild(inputs, input_ids, attention_mask, items, coords, features, reductions, precomputed)
@@ -391,7 +394,7 @@ class ModelHandle:
         out["mm_encoder_outputs"] = packed
         self.current = BatchInfo(items=items, attention_mask=new_mask, samples=self.stats.last,
                                  position_ids=out["position_ids"])
-        return out
+        return adapter.finalize_inputs(out, self.current)
 
     def _text_embeds(self, inputs, row: int) -> torch.Tensor:
         ids = inputs["input_ids"][row]

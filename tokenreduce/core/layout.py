@@ -24,6 +24,9 @@ class Segment:
     frame or temporal patch), or ``"newline"`` (a lone newline token: ``rows=1, cols=0, newline=True``).
     ``source_rows`` / ``source_cols`` give the grid's extent in the source crop grid when the canvas was
     resized (LLaVA-OneVision's anyres_max downsampling); they equal ``rows`` / ``cols`` otherwise.
+    ``crop_index`` ``(row, col)`` marks a ``"crop"`` segment that is ONE sub-image, at that cell of the
+    ``crop_grid`` (cropping models such as mPLUG-DocOwl, which encode every sub-image as its own grid);
+    ``None`` for a canvas that spans the whole grid.
     """
 
     kind: str
@@ -34,6 +37,7 @@ class Segment:
     crop_grid: tuple[int, int] = (1, 1)
     source_rows: int | None = None
     source_cols: int | None = None
+    crop_index: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,107 @@
+"""Information density of a crop and the token budgets it buys (TCC's local-information branch).
+
+A token of a crop is *redundant* when more than ``max_neighbors`` other tokens of the same crop are more
+similar to it than ``threshold`` (cosine or Pearson correlation of shallow-layer features, counted by
+:func:`tokenreduce.kernels.neighbor_count`). The crop's redundancy ``r`` is the share of redundant tokens
+and its information density is ``d = 1 - r``: a blank margin (every patch alike) has ``d`` near 0, a crop
+of text-like glyphs (patches that differ) has ``d`` near 1. Budgets follow the density, either per crop
+(``ceil(d * N)``) or by sharing an image's global budget among its crops in proportion to ``d * N``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from tokenreduce import kernels
+
+
+def neighbor_bound(max_neighbors: int | float, n: int) -> float:
+    """The neighbour count above which a token of an ``n``-token crop is redundant.
+
+    An int is a count; a float is a fraction of the crop's other tokens (``max_neighbors * (n - 1)``), so
+    the same setting means the same thing for crops of different sizes (unpadded canvases, thumbnails).
+    """
+    if isinstance(max_neighbors, float):
+        return max_neighbors * max(n - 1, 0)
+    return float(max_neighbors)
+
+
+def redundancy(features: torch.Tensor, threshold: float, max_neighbors: int | float,
+               metric: str = "cosine") -> torch.Tensor:
+    """Share of redundant tokens among ``features: [n, d]`` (one crop), a 0-dim float tensor in [0, 1].
+
+    Tokens whose features hold NaN (slots with no tower patch) are left out.
+    """
+    valid = ~torch.isnan(features).any(dim=-1)
+    n = int(valid.sum())
+    if n == 0:
+        return torch.zeros((), dtype=torch.float32, device=features.device)
+    x = features[valid].float()
+    counts = kernels.neighbor_count(x[None], threshold, metric=metric)[0]
+    return (counts.float() > neighbor_bound(max_neighbors, n)).float().mean()
+
+
+def information_density(features: torch.Tensor, threshold: float, max_neighbors: int | float,
+                        metric: str = "cosine") -> float:
+    """``d = 1 - r`` of one crop (see :func:`redundancy`)."""
+    return float(1.0 - redundancy(features, threshold, max_neighbors, metric))
+
+
+def adaptive_budgets(densities: Sequence[float], sizes: Sequence[int], min_tokens: int) -> list[int]:
+    """Per crop ``ceil(d * N)`` tokens, at least ``min_tokens`` (and at most ``N``)."""
+    return [max(min(min_tokens, n), min(n, math.ceil(d * n - 1e-9))) for d, n in zip(densities, sizes)]
+
+
+def distribute(total: int, weights: Sequence[float], lower: Sequence[int], upper: Sequence[int]) -> list[int]:
+    """Integers ``k_i`` in ``[lower_i, upper_i]`` summing to ``total`` (clamped to what the bounds allow),
+    shared in proportion to ``weights`` above the lower bounds.
+
+    Water-filling: a crop that reaches its cap passes its excess on to the others; crops whose weights are
+    all zero share by remaining capacity. Rounding gives the leftover units to the largest fractional
+    parts (lower crop index first on ties), so the result is deterministic.
+    """
+    count = len(weights)
+    low = [int(v) for v in lower]
+    cap = [int(u) - int(v) for u, v in zip(upper, lower)]
+    if any(c < 0 for c in cap):
+        raise ValueError(f"`lower` {list(lower)} exceeds `upper` {list(upper)}")
+    extra = min(max(int(total) - sum(low), 0), sum(cap))
+    alloc = [0.0] * count
+    remaining = float(extra)
+    active = [c > 0 for c in cap]
+    while remaining > 1e-9 and any(active):
+        w = [max(float(weights[i]), 0.0) if active[i] else 0.0 for i in range(count)]
+        if sum(w) <= 0:
+            w = [float(cap[i] - alloc[i]) if active[i] else 0.0 for i in range(count)]
+        scale = remaining / sum(w)
+        taken = 0.0
+        for i in range(count):
+            if w[i] <= 0:
+                continue
+            take = min(w[i] * scale, cap[i] - alloc[i])
+            alloc[i] += take
+            taken += take
+            if cap[i] - alloc[i] <= 1e-9:
+                active[i] = False
+        remaining -= taken
+        if taken <= 1e-12:
+            break
+    whole = [min(cap[i], math.floor(alloc[i] + 1e-9)) for i in range(count)]
+    short = extra - sum(whole)
+    order = sorted(range(count), key=lambda i: (-(alloc[i] - whole[i]), i))
+    for i in order:
+        if short <= 0:
+            break
+        if whole[i] < cap[i]:
+            whole[i] += 1
+            short -= 1
+    return [lo + w for lo, w in zip(low, whole)]
+
+
+def global_budgets(total: int, densities: Sequence[float], sizes: Sequence[int], min_tokens: int) -> list[int]:
+    """Share ``total`` tokens among crops in proportion to ``d * N`` (each gets ``min_tokens`` first)."""
+    lower = [min(min_tokens, n) for n in sizes]
+    return distribute(total, [d * n for d, n in zip(densities, sizes)], lower, list(sizes))

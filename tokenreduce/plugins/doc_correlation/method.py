@@ -1,0 +1,267 @@
+"""``doc_correlation``: correlation-guided compression of cropping VLMs (TCC, arXiv 2407.14439).
+
+Cropping VLMs (LLaVA-NeXT / OneVision anyres, mPLUG-DocOwl 1.5) read a document as a thumbnail plus
+sub-images; most sub-images of a page are margins, rules and repeated text lines. TCC gives each crop a
+token budget that follows its *information density* and picks the tokens inside it:
+
+1. **Density** (shallow tower layer): per crop, the share ``r`` of tokens that more than ``max_neighbors``
+   other tokens of the crop resemble beyond ``threshold`` (key or hidden-state cosine / correlation) is
+   its redundancy; ``d = 1 - r``. Budget: ``ceil(d * N)`` per crop (``keep=None``), or an image's global
+   budget ``keep * N_image`` shared among its crops in proportion to ``d * N`` (``keep`` set; this is
+   what ``at_budget`` uses).
+2. **Global-information tokens** (deep tower layer): IQR outliers of the [CLS] attention over the crop.
+3. **Local-information tokens** (shallow layer): the rest of the budget, sampled without replacement from
+   the [CLS]-patch attention as a distribution (seeded), or its top-k.
+4. Optionally, dropped tokens are merged into their most similar kept token (weighted mean).
+
+Towers without [CLS] (SigLIP) use the attention each patch receives. The base image (thumbnail) is a
+crop like any other unless ``base="keep"``. Newline slots: a canvas row's newline stays when the row keeps
+a token, lone separators (DocOwl's per-crop end token, OneVision's trailing newline) always stay. Each
+item's ``Reduction.info`` lists the crops with their density and budget (``tr.stats``, overlays).
+
+Reconstructed, not from the (unreleased) reference code: every threshold and layer below, the budget
+mapping, the sampling distribution's normalisation and the merge rule. See the plug-in's README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokenreduce.core.config import MethodConfig, check_choice, check_range
+from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.registry import register_method
+from tokenreduce.plugins.baselines._vision import add_row_newlines, attention_and_keys, content_groups
+
+from .density import adaptive_budgets, global_budgets, information_density
+from .select import choose_tokens, merge_dropped, sampling_weights
+
+FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "docowl")
+SIMILARITY_SOURCES = ("keys", "keys_mean", "hidden")
+METRICS = ("cosine", "correlation")
+SAMPLINGS = ("sample", "topk")
+BASE_MODES = ("crop", "keep")
+MERGE_WEIGHTS = ("attention", "uniform")
+
+
+@dataclass
+class DocCorrelationConfig(MethodConfig):
+    """Options of ``doc_correlation``.
+
+    Attributes:
+        keep: ``None``: every crop keeps ``ceil(d * N)`` of its ``N`` tokens (adaptive total). A float in
+            (0, 1]: each image keeps ``round(keep * N_image)`` content tokens, shared among its crops in
+            proportion to ``d * N`` (at least ``min_tokens`` each, at most ``N``).
+        shallow_layer: tower layer whose keys / hidden states measure redundancy and whose [CLS] attention
+            is the sampling distribution (the paper ablates a "low" layer; the index is unknown).
+        deep_layer: tower layer whose [CLS] attention gives the global-information tokens.
+        similarity: features compared for redundancy and merging: ``"keys"`` (all heads concatenated),
+            ``"keys_mean"`` (mean over heads, as VisionZip) or ``"hidden"`` (the normed hidden states
+            entering the layer's attention).
+        metric: ``"cosine"`` or ``"correlation"`` (Pearson: centred cosine).
+        threshold: two tokens are alike when their similarity exceeds this.
+        max_neighbors: a token is redundant when more than this many other tokens of its crop are alike:
+            an int count, or a float fraction of the crop's other tokens.
+        min_tokens: fewest tokens any crop keeps (a blank crop gets exactly this).
+        global_tokens: keep the IQR outliers of the deep-layer [CLS] attention (within the budget).
+        iqr_factor: outliers lie above ``Q3 + iqr_factor * IQR``.
+        sampling: ``"sample"`` (seeded sampling without replacement) or ``"topk"`` (deterministic).
+        seed: seed of the sampler (the same for every item, so a row alone equals the row in a batch).
+        merge: merge each dropped token into its most similar kept token of the crop (weighted mean).
+        merge_weights: ``"attention"`` (shallow [CLS] attention) or ``"uniform"`` weights in the merge.
+        base: ``"crop"`` (the thumbnail is a crop like any other) or ``"keep"`` (it keeps all its tokens;
+            with ``keep`` set they count against the image's budget).
+    """
+
+    keep: float | None = None
+    shallow_layer: int = 1
+    deep_layer: int = -2
+    similarity: str = "keys"
+    metric: str = "cosine"
+    threshold: float = 0.9
+    max_neighbors: int | float = 0.05
+    min_tokens: int = 1
+    global_tokens: bool = True
+    iqr_factor: float = 1.5
+    sampling: str = "sample"
+    seed: int = 0
+    merge: bool = False
+    merge_weights: str = "attention"
+    base: str = "crop"
+
+    def validate(self) -> None:
+        if self.keep is not None:
+            check_range("keep", self.keep, 0.0, 1.0, low_open=True)
+        check_range("shallow_layer", self.shallow_layer, integer=True)
+        check_range("deep_layer", self.deep_layer, integer=True)
+        check_choice("similarity", self.similarity, SIMILARITY_SOURCES)
+        check_choice("metric", self.metric, METRICS)
+        check_range("threshold", self.threshold, -1.0, 1.0)
+        if isinstance(self.max_neighbors, float):
+            check_range("max_neighbors", self.max_neighbors, 0.0, 1.0)
+        else:
+            check_range("max_neighbors", self.max_neighbors, 0, integer=True)
+        check_range("min_tokens", self.min_tokens, 0, integer=True)
+        for name in ("global_tokens", "merge"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+        check_range("iqr_factor", self.iqr_factor, 0.0)
+        check_choice("sampling", self.sampling, SAMPLINGS)
+        check_range("seed", self.seed, 0, integer=True)
+        check_choice("merge_weights", self.merge_weights, MERGE_WEIGHTS)
+        check_choice("base", self.base, BASE_MODES)
+
+    @classmethod
+    def at_budget(cls, budget: float, num_layers: int | None = None, **options: Any) -> DocCorrelationConfig:
+        """A global budget: ``budget`` of each image's content tokens, shared among crops by density."""
+        check_range("budget", budget, 0.0, 1.0, low_open=True)
+        return cls(keep=float(budget), **options)
+
+
+def tower_features(q: torch.Tensor, k: torch.Tensor, num_prefix: int, source: str) -> torch.Tensor:
+    """Per-patch similarity features ``[R, P, d]`` from a layer's keys ``[R, H, N, d]`` (prefix dropped)."""
+    if source == "keys_mean":
+        return k.mean(1)[:, num_prefix:]
+    r, h, n, d = k.shape
+    return k.transpose(1, 2).reshape(r, n, h * d)[:, num_prefix:]
+
+
+@register_method("doc_correlation", config_cls=DocCorrelationConfig, stages=("vision", "projector"),
+                 families=FAMILIES, modalities=("image",))
+class DocCorrelationMethod(Method):
+    """Per-crop budgets by information density; global ([CLS] IQR) plus sampled local tokens (TCC)."""
+
+    def __init__(self, config: DocCorrelationConfig):
+        super().__init__(config)
+        self._hidden: list[torch.Tensor] = []
+        self._stage = None
+
+    # ----- tower signals ------------------------------------------------------------------------------
+    @property
+    def vision_layer(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys((self.config.shallow_layer, self.config.deep_layer)))
+
+    def attach(self, handle) -> None:
+        if self.config.similarity != "hidden":
+            return
+        # The core captures q/k; the hidden states entering the shallow layer's attention are read here,
+        # while (and only while) the core's capture is switched on.
+        tower = handle.adapter.tower
+        block = tower.blocks[tower.block_index(self.config.shallow_layer)]
+        module = tower.attention_input_module(block)
+        self._stage = handle.vision_stage
+
+        def hook(mod, args, kwargs):
+            if self._stage is None or not self._stage.capture.enabled:
+                return None
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if getattr(mod, "batch_first", True) is False:
+                hidden = hidden.transpose(0, 1)
+            self._hidden.append(hidden.detach())
+            return None
+
+        handle.register_hook(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def detach(self, handle) -> None:
+        self._hidden.clear()
+        self._stage = None
+
+    def tower_signals(self, q, k, scale, num_prefix) -> dict[str, torch.Tensor]:
+        shallow, deep = self.config.shallow_layer, self.config.deep_layer
+        qs, ks = (q, k) if isinstance(q, torch.Tensor) else (q[shallow], k[shallow])
+        qd, kd = (q, k) if isinstance(q, torch.Tensor) else (q[deep], k[deep])
+        out = {
+            "shallow_attention": attention_and_keys(qs, ks, scale, num_prefix)["attention"],
+            "deep_attention": attention_and_keys(qd, kd, scale, num_prefix)["attention"],
+        }
+        if self.config.similarity == "hidden":
+            rows = ks.shape[0]
+            hidden = torch.cat(self._hidden)[-rows:] if self._hidden else None
+            self._hidden.clear()
+            if hidden is None or hidden.shape[0] != rows:
+                raise RuntimeError("doc_correlation: the shallow layer's hidden states were not captured")
+            out["similarity"] = hidden[:, num_prefix:]
+        else:
+            out["similarity"] = tower_features(qs, ks, num_prefix, self.config.similarity)
+        return out
+
+    # ----- reduction ----------------------------------------------------------------------------------
+    def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
+        cfg = self.config
+        layout = context.layout
+        device = features.device
+        signals = context.signals
+        if not signals:
+            raise RuntimeError("doc_correlation needs the tower signals of its layers; none were captured "
+                               "(precomputed `mm_encoder_outputs` bypass the vision tower)")
+        similarity = signals["similarity"].to(device)
+        shallow = signals["shallow_attention"].to(device)
+        deep = signals["deep_attention"].to(device)
+        groups = [g.to(device) for g in content_groups(layout, per_crop=True)]
+        crop_ids, kinds = _crop_ids(layout, groups)
+        sizes = [int(g.numel()) for g in groups]
+        densities = [information_density(similarity[g], cfg.threshold, cfg.max_neighbors, cfg.metric) for g in groups]
+        budgets = self._budgets(densities, sizes, kinds)
+
+        sources, outputs, crops_info = [], [], []
+        assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=device)
+        token_crop = torch.full((features.shape[0],), -1, dtype=torch.long)
+        for group, crop, kind, density, budget in zip(groups, crop_ids, kinds, densities, budgets):
+            kept, n_global = choose_tokens(
+                deep[group], shallow[group], budget, global_tokens=cfg.global_tokens, iqr_factor=cfg.iqr_factor,
+                sampling=cfg.sampling, generator=context.generator,
+            )
+            if cfg.merge:
+                weights = (sampling_weights(shallow[group]) if cfg.merge_weights == "attention"
+                           else torch.ones(group.numel(), device=device))
+                out, slot = merge_dropped(features[group], similarity[group], kept, weights, cfg.metric)
+            else:
+                out = features[group[kept]]
+                slot = torch.full((group.numel(),), -1, dtype=torch.long, device=device)
+                slot[kept] = torch.arange(kept.numel(), device=device)
+            base = sum(s.numel() for s in sources)
+            assignment[group] = torch.where(slot >= 0, slot + base, -1)
+            token_crop[group.cpu()] = crop
+            sources.append(group[kept])
+            outputs.append(out)
+            crops_info.append({"crop": crop, "kind": kind, "tokens": sizes[len(crops_info)],
+                               "density": round(density, 4), "budget": int(budget), "kept": int(kept.numel()),
+                               "global": n_global})
+        if sources:
+            src, outs = torch.cat(sources), torch.cat(outputs)
+        else:
+            src, outs = torch.zeros(0, dtype=torch.long, device=device), features[:0]
+        src, outs, assignment = add_row_newlines(layout, features, src, outs, assignment)
+        info = {"crops": crops_info, "token_crop": token_crop.tolist()}
+        if cfg.merge:
+            return Reduction(sources=src, features=outs, assignment=assignment, info=info)
+        return Reduction(sources=src, assignment=assignment, info=info)
+
+    def _budgets(self, densities: list[float], sizes: list[int], kinds: list[str]) -> list[int]:
+        cfg = self.config
+        fixed = [cfg.base == "keep" and kind == "base" for kind in kinds]
+        free = [i for i, f in enumerate(fixed) if not f]
+        budgets = list(sizes)
+        if cfg.keep is None:
+            share = adaptive_budgets([densities[i] for i in free], [sizes[i] for i in free], cfg.min_tokens)
+        else:
+            total = round(cfg.keep * sum(sizes)) - sum(s for s, f in zip(sizes, fixed) if f)
+            share = global_budgets(total, [densities[i] for i in free], [sizes[i] for i in free], cfg.min_tokens)
+        for i, b in zip(free, share):
+            budgets[i] = b
+        return budgets
+
+
+def _crop_ids(layout, groups: list[torch.Tensor]) -> tuple[list[int], list[str]]:
+    """Crop index (base first) and kind (``"base"`` / ``"crop"`` / ``"frame"``) of every token group."""
+    source = layout.extra.get("patch_source")
+    segment = layout.segment_ids
+    ids, kinds = [], []
+    for i, g in enumerate(groups):
+        first = int(g[0])
+        crop = int(source[first, 0]) if source is not None else i
+        ids.append(crop)
+        kinds.append(layout.segments[int(segment[first])].kind)
+    return ids, kinds
