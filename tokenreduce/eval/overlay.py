@@ -8,7 +8,12 @@ The mapping from the token layout to pixels lives in :func:`token_boxes`, in one
 * an anyres image (LLaVA-NeXT / OneVision) has a base grid of the whole image squashed to a square and a
   high-resolution canvas whose grid, once the model has removed the padding, spans the whole image;
 * Qwen2-VL grids span the whole (resized) image; a video has one grid per frame (Qwen: per temporal
-  patch of ``frames / segments`` frames).
+  patch of ``frames / segments`` frames);
+* a crop segment with a ``crop_index`` (one sub-image of a cropping model such as mPLUG-DocOwl) covers its
+  cell of the ``crop_grid`` over the whole image; such crops share one panel.
+
+When a method records per-crop budgets (``info["crops"]`` and ``info["token_crop"]``, as
+``doc_correlation`` does), every crop is outlined and labelled with the tokens it kept out of its total.
 
 Newline slots and CLS tokens have no area (NaN boxes).
 """
@@ -37,7 +42,7 @@ def layout_to_dict(layout: TokenLayout) -> dict[str, Any]:
         "image_size": list(layout.image_size) if layout.image_size else None,
         "segments": [
             {"kind": s.kind, "rows": s.rows, "cols": s.cols, "newline": s.newline, "time": s.time,
-             "crop_grid": list(s.crop_grid)}
+             "crop_grid": list(s.crop_grid), **({"crop_index": list(s.crop_index)} if s.crop_index else {})}
             for s in layout.segments
         ],
     }
@@ -46,7 +51,8 @@ def layout_to_dict(layout: TokenLayout) -> dict[str, Any]:
 def layout_from_dict(data: Mapping[str, Any]) -> TokenLayout:
     segments = tuple(
         Segment(kind=s["kind"], rows=int(s["rows"]), cols=int(s["cols"]), newline=bool(s.get("newline")),
-                time=int(s.get("time", 0)), crop_grid=tuple(s.get("crop_grid", (1, 1))))
+                time=int(s.get("time", 0)), crop_grid=tuple(s.get("crop_grid", (1, 1))),
+                crop_index=tuple(s["crop_index"]) if s.get("crop_index") is not None else None)
         for s in data["segments"]
     )
     size = data.get("image_size")
@@ -92,6 +98,10 @@ def token_boxes(layout: TokenLayout, image_size: tuple[int, int], fit: str = "st
         if seg.cols > 0 and seg.kind != "cls":
             seg_fit = "stretch" if (anyres and seg.kind in ("base", "crop")) else fit
             x0, y0, w, h = _region(seg_fit, height, width, seg.rows, seg.cols)
+            if seg.kind == "crop" and seg.crop_index is not None:  # one sub-image: its cell of the grid
+                grid_h, grid_w = seg.crop_grid
+                w, h = width / grid_w, height / grid_h
+                x0, y0 = seg.crop_index[1] * w, seg.crop_index[0] * h
             width_slots = seg.cols + int(seg.newline)
             r = np.repeat(np.arange(seg.rows), width_slots)
             c = np.tile(np.arange(width_slots), seg.rows)
@@ -137,9 +147,31 @@ def _colour(i: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+def crop_labels(info: Mapping[str, Any] | None, boxes: np.ndarray) -> list[tuple[tuple[float, ...], str, int]]:
+    """Per crop of a method's ``info`` (``crops`` + ``token_crop``): ``(x0, y0, x1, y1)`` around the crop's
+    tokens among ``boxes`` (NaN rows ignored), a ``"c<i> kept/tokens"`` label and the crop index.
+
+    Crops with no token in ``boxes`` are left out, so each panel labels only the crops it shows.
+    """
+    if not info or "crops" not in info or "token_crop" not in info:
+        return []
+    token_crop = np.asarray(info["token_crop"], dtype=int)
+    out = []
+    for crop in info["crops"]:
+        sel = (token_crop == int(crop["crop"])) & ~np.isnan(boxes[:, 1])
+        if not sel.any():
+            continue
+        b = boxes[sel]
+        region = (float(b[:, 1].min()), float(b[:, 2].min()), float(b[:, 3].max()), float(b[:, 4].max()))
+        kept = crop.get("kept", crop.get("budget"))
+        out.append((region, f"c{crop['crop']} {kept}/{crop['tokens']}", int(crop["crop"])))
+    return out
+
+
 def _panel(image: np.ndarray, boxes: np.ndarray, kept: np.ndarray, slots: np.ndarray | None, title: str,
-           side: int) -> Any:
-    """One picture: dropped tokens dimmed, kept tokens outlined; merged groups coloured by their slot."""
+           side: int, labels: Sequence[tuple[tuple[float, ...], str, int]] = ()) -> Any:
+    """One picture: dropped tokens dimmed, kept tokens outlined; merged groups coloured by their slot;
+    ``labels`` (see :func:`crop_labels`) outline and name regions such as crops with their budgets."""
     from PIL import Image, ImageDraw
 
     pil = Image.fromarray(image).convert("RGB")
@@ -159,6 +191,13 @@ def _panel(image: np.ndarray, boxes: np.ndarray, kept: np.ndarray, slots: np.nda
     for i in np.flatnonzero(valid & kept):
         x0, y0, x1, y1 = (boxes[i, 1:] * scale).tolist()
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 255, 0, 255), width=1)
+    for region, text, index in labels:
+        x0, y0, x1, y1 = (v * scale for v in region)
+        colour = _colour(index + 3)
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(*colour, 255), width=2)
+        tx, ty = x0 + 3, y0 + 3
+        draw.rectangle([tx - 1, ty - 1, tx + 6 * len(text) + 1, ty + 10], fill=(255, 255, 255, 220))
+        draw.text((tx, ty - 1), text, fill=(*colour, 255))
     canvas = Image.new("RGB", (out.width, out.height + 14), "white")
     canvas.paste(out.convert("RGB"), (0, 14))
     ImageDraw.Draw(canvas).text((2, 1), title, fill="black")
@@ -199,21 +238,34 @@ def render_item(item: Mapping[str, Any], *, image: Any = None, video: Any = None
         k = np.zeros(n, dtype=bool)
         k[np.asarray(list(tokens), dtype=int)] = True
         stages.append((f"layer {layer}+", k, None))
-    # panels: every grid segment (frames: one per time step)
+    # panels: every grid segment (frames: one per time step); the sub-images of a cropping model share one
     slices = layout.segment_slices()
-    panels = [(seg, sl) for seg, sl in zip(layout.segments, slices) if seg.cols > 0 and seg.kind != "cls"]
+    panels = []
+    for seg, sl in zip(layout.segments, slices):
+        if seg.cols == 0 or seg.kind == "cls":
+            continue
+        if seg.crop_index is not None and panels and panels[-1][0].crop_index is not None:
+            panels[-1] = (panels[-1][0], panels[-1][1] + [sl])
+        else:
+            panels.append((seg, [sl]))
+    info = item.get("info")
     n_times = max(1, len({seg.time for seg, _ in panels if seg.kind == "frame"}))
     per_time = max(1, frames.shape[0] // n_times)
     rows = []
     for title, keep, slot in stages:
         row = []
-        for seg, sl in panels:
+        for seg, sls in panels:
             frame = frames[min(frames.shape[0] - 1, seg.time * per_time)] if layout.modality == "video" else frames[0]
             mask = np.zeros(n, dtype=bool)
-            mask[sl] = True
+            for sl in sls:
+                mask[sl] = True
             b = np.where(mask[:, None], boxes, np.nan)
-            label = f"{title} | {seg.kind}{f' t={seg.time}' if seg.kind == 'frame' else ''} | kept {int(keep[sl].sum())}/{seg.rows * seg.cols}"
-            row.append(_panel(frame, b, keep, None if slot is None else np.where(mask, slot, -1), label, side))
+            kind = "crops" if len(sls) > 1 else seg.kind
+            total = int((mask & ~np.isnan(boxes[:, 1])).sum()) if len(sls) > 1 else seg.rows * seg.cols
+            label = f"{title} | {kind}{f' t={seg.time}' if seg.kind == 'frame' else ''} | kept {int((keep & mask).sum())}/{total}"
+            regions = crop_labels(info, b) if title == "LLM input" else []
+            row.append(_panel(frame, b, keep, None if slot is None else np.where(mask, slot, -1), label, side,
+                              regions))
         rows.append(row)
     width_px = max(sum(p.width for p in row) for row in rows)
     height_px = sum(max(p.height for p in row) for row in rows)

@@ -360,6 +360,7 @@ class _ItemCapture:
                 "modality": it.modality, "layout": layout_to_dict(it.layout),
                 "sources": it.sources.detach().cpu().tolist(),
                 "assignment": None if red is None or red.assignment is None else red.assignment.detach().cpu().tolist(),
+                "info": None if red is None or not red.info else red.info,  # e.g. per-crop budgets
             }
             position[i] = (it.row, len(per_row[it.row]["items"]))
             per_row[it.row]["items"].append(entry)
