@@ -37,6 +37,8 @@ def tiny_docowl_config(vision_layers: int = 2) -> MPLUGDocOwlConfig:
 def tiny_docowl(seed: int = 0) -> MPLUGDocOwlLlamaForCausalLM:
     torch.manual_seed(seed)
     model = MPLUGDocOwlLlamaForCausalLM(tiny_docowl_config()).eval()
+    with torch.no_grad():  # upstream initialises these with randn (std 1), which drowns the patch content
+        model.model.vision_model.embeddings.position_embedding.mul_(0.02)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return model
@@ -74,14 +76,15 @@ def prompt_ids(num_crops: int, seed: int, prefix: int = 3, suffix: int = 4) -> l
     return ids + text(suffix)
 
 
-def docowl_batch(grids: list[tuple[int, int]], pad_id: int = 0) -> dict:
-    """A left-padded batch, one page per row with the given crop grids."""
+def docowl_batch(pages: list[tuple[tuple[int, int], int]], pad_id: int = 0) -> dict:
+    """A left-padded batch, one page per row: ``(crop grid, seed)`` each (a row alone gets the same pixels
+    and text as in a batch)."""
     images, positions, rows = [], [], []
-    for i, grid in enumerate(grids):
-        img, pos = page_inputs(grid, seed=i)
+    for grid, seed in pages:
+        img, pos = page_inputs(grid, seed=seed)
         images.append(img)
         positions.append(pos)
-        rows.append(prompt_ids(img.shape[0], seed=i, prefix=2 + i))
+        rows.append(prompt_ids(img.shape[0], seed=seed, prefix=2 + seed))
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
