@@ -166,7 +166,8 @@ def test_reduce_equals_step_by_step_reference(keep):
     sim[crop_of == 1] = torch.tensor([1.0, 2, 3, 4, 5]) + 1e-3 * torch.randn(int((crop_of == 1).sum()), 5)  # blank
     deep, shallow = torch.rand(n), torch.rand(n)
     sim[layout.is_newline] = float("nan")
-    cfg = DocCorrelationConfig(keep=keep, sampling="topk", threshold=0.9, max_neighbors=1, min_tokens=1)
+    cfg = DocCorrelationConfig(keep=keep, sampling="topk", threshold=0.9, max_neighbors=1, min_tokens=1,
+                               count_newlines=False)
     red = DocCorrelationMethod(cfg).reduce(feats, ReduceContext(layout=layout, modality="image", row=0, item=0, signals={
         "similarity": sim, "shallow_attention": shallow, "deep_attention": deep}))
     groups = [[i for i in range(n) if int(crop_of[i]) == c] for c in range(3)]
@@ -202,9 +203,22 @@ def test_base_keep_mode_keeps_the_thumbnail_and_counts_it():
     signals = {"similarity": torch.randn(n, 5), "shallow_attention": torch.rand(n), "deep_attention": torch.rand(n)}
     ctx = ReduceContext(layout=layout, modality="image", row=0, item=0, signals=signals,
                         generator=torch.Generator().manual_seed(0))
-    red = DocCorrelationMethod(DocCorrelationConfig(keep=0.75, base="keep")).reduce(torch.randn(n, 4), ctx)
+    red = DocCorrelationMethod(DocCorrelationConfig(keep=0.75, base="keep", count_newlines=False)).reduce(
+        torch.randn(n, 4), ctx)
     budgets = [c["budget"] for c in red.info["crops"]]
     assert budgets[0] == 12 and sum(budgets) == 18
+
+
+@pytest.mark.parametrize("keep", [0.2, 0.5, 0.8, 1.0])
+def test_newline_slots_are_paid_from_the_budget(keep):
+    layout = _two_crop_layout()  # 24 content tokens, 3 newline slots
+    n = layout.num_tokens
+    signals = {"similarity": torch.randn(n, 5), "shallow_attention": torch.rand(n), "deep_attention": torch.rand(n)}
+    ctx = ReduceContext(layout=layout, modality="image", row=0, item=0, signals=signals,
+                        generator=torch.Generator().manual_seed(0))
+    red = DocCorrelationMethod(DocCorrelationConfig(keep=keep)).reduce(torch.randn(n, 4), ctx)
+    assert sum(c["budget"] for c in red.info["crops"]) == max(3, round(keep * 27) - 3)
+    assert red.num_tokens <= max(round(keep * 27), 6)
 
 
 @pytest.mark.parametrize("options, message", [

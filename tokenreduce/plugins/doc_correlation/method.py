@@ -73,6 +73,10 @@ class DocCorrelationConfig(MethodConfig):
         merge_weights: ``"attention"`` (shallow [CLS] attention) or ``"uniform"`` weights in the merge.
         base: ``"crop"`` (the thumbnail is a crop like any other) or ``"keep"`` (it keeps all its tokens;
             with ``keep`` set they count against the image's budget).
+        count_newlines: with ``keep`` set, the budget is ``keep`` of ALL the image's tokens the LLM reads,
+            newline / separator slots included, and those slots are paid for first (so the item never
+            exceeds its budget); ``False``: ``keep`` of the content tokens, kept newline slots on top (as
+            ``pool`` / ``visionzip`` count).
     """
 
     keep: float | None = None
@@ -90,6 +94,7 @@ class DocCorrelationConfig(MethodConfig):
     merge: bool = False
     merge_weights: str = "attention"
     base: str = "crop"
+    count_newlines: bool = True
 
     def validate(self) -> None:
         if self.keep is not None:
@@ -104,7 +109,7 @@ class DocCorrelationConfig(MethodConfig):
         else:
             check_range("max_neighbors", self.max_neighbors, 0, integer=True)
         check_range("min_tokens", self.min_tokens, 0, integer=True)
-        for name in ("global_tokens", "merge"):
+        for name in ("global_tokens", "merge", "count_newlines"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         check_range("iqr_factor", self.iqr_factor, 0.0)
@@ -203,7 +208,8 @@ class DocCorrelationMethod(Method):
         crop_ids, kinds = _crop_ids(layout, groups)
         sizes = [int(g.numel()) for g in groups]
         densities = [information_density(similarity[g], cfg.threshold, cfg.max_neighbors, cfg.metric) for g in groups]
-        budgets = self._budgets(densities, sizes, kinds)
+        slots = int(layout.is_newline.sum()) if cfg.count_newlines else 0
+        budgets = self._budgets(densities, sizes, kinds, slots)
 
         sources, outputs, crops_info = [], [], []
         assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=device)
@@ -239,7 +245,8 @@ class DocCorrelationMethod(Method):
             return Reduction(sources=src, features=outs, assignment=assignment, info=info)
         return Reduction(sources=src, assignment=assignment, info=info)
 
-    def _budgets(self, densities: list[float], sizes: list[int], kinds: list[str]) -> list[int]:
+    def _budgets(self, densities: list[float], sizes: list[int], kinds: list[str], slots: int = 0) -> list[int]:
+        """Per-crop budgets; ``slots`` newline slots are paid out of a global budget first."""
         cfg = self.config
         fixed = [cfg.base == "keep" and kind == "base" for kind in kinds]
         free = [i for i, f in enumerate(fixed) if not f]
@@ -247,7 +254,7 @@ class DocCorrelationMethod(Method):
         if cfg.keep is None:
             share = adaptive_budgets([densities[i] for i in free], [sizes[i] for i in free], cfg.min_tokens)
         else:
-            total = round(cfg.keep * sum(sizes)) - sum(s for s, f in zip(sizes, fixed) if f)
+            total = round(cfg.keep * (sum(sizes) + slots)) - slots - sum(s for s, f in zip(sizes, fixed) if f)
             share = global_budgets(total, [densities[i] for i in free], [sizes[i] for i in free], cfg.min_tokens)
         for i, b in zip(free, share):
             budgets[i] = b
