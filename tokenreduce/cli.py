@@ -24,6 +24,8 @@ def _demo(args: argparse.Namespace) -> int:
             reference = model(**batch).logits
         layers = model.config.get_text_config().num_hidden_layers
         for name in tr.list_methods():
+            if not set(get_method(name).stages) & {"vision", "projector", "llm"}:
+                continue  # decode-stage methods (ares) keep every visual token: no visual budget to show
             config_cls = get_method(name).config_cls
             tr.wrap(model, config_cls.at_budget(1.0, num_layers=layers))
             with torch.no_grad():

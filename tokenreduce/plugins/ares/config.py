@@ -90,7 +90,8 @@ class AresConfig(MethodConfig):
                 f"`budgets` must be a dict mapping buckets {BUCKETS} to token counts, got {self.budgets!r}"
             )
         for bucket, budget in self.budgets.items():
-            check_choice("budgets key", bucket, BUCKETS)
+            if bucket not in BUCKETS:
+                raise ValueError(f"`budgets` keys must be one of {BUCKETS}, got {bucket!r}")
             check_range(f"budgets[{bucket!r}]", budget, 1, integer=True)
         check_choice("difficulty", self.difficulty, ("auto", *BUCKETS))
         check_range("probe_tokens", self.probe_tokens, 1, integer=True)

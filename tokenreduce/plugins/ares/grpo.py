@@ -167,7 +167,7 @@ class AresRewardFunction:
             soft_cost = None
             threshold = float(count.threshold.nanmean())
             out = paper_entropy_reward(n_hwe, correct, buckets, lam=self.paper_lambda)
-        self.last = {"buckets": buckets, "correct": correct, "n_hwe": n_hwe, "soft_cost": soft_cost,
+        self.last = {"groups": groups, "buckets": buckets, "correct": correct, "n_hwe": n_hwe, "soft_cost": soft_cost,
                      "threshold": threshold, "entropy_score": out.entropy, "targets": out.targets,
                      "weights": out.weights}
         log_metric = kwargs.get("log_metric")
