@@ -87,6 +87,24 @@ def test_recorded_entropy_temperature_and_next_window(qwen):
                                    rtol=1e-5, atol=2e-5)
 
 
+def test_entropy_is_of_the_scores_after_the_callers_processors(qwen):
+    # A repetition penalty runs before ares: the tracked entropy is of the penalised scores the sampler
+    # sees (greedy: no warper follows, so they are what generate returns as `scores`).
+    batch = text_batch()
+    tr.wrap(qwen, "ares")
+    try:
+        out = _generate(qwen, batch, max_new_tokens=8, do_sample=False, repetition_penalty=3.0,
+                        return_dict_in_generate=True, output_scores=True, output_logits=True)
+        records = ares_records(qwen)
+    finally:
+        tr.unwrap(qwen)
+    seen = direct_entropy(torch.stack(out.scores, 1))
+    raw = direct_entropy(torch.stack(out.logits, 1))
+    assert float((seen - raw).abs().max()) > 1e-2
+    for row, rec in enumerate(records):
+        np.testing.assert_allclose(rec["entropy"], seen[row].numpy(), rtol=1e-5, atol=2e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Controller off: no token changes
 # ----------------------------------------------------------------------------------------------------
