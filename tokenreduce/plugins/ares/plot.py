@@ -33,7 +33,7 @@ def _record(item: Any) -> Mapping[str, Any]:
     )
 
 
-def plot_entropy(item: Any, ax: Any = None, title: str | None = None):
+def plot_entropy(item: Any, ax: Any = None, title: str | None = None) -> Any:
     """Draw token entropy and window entropy over generated positions, HWE positions marked.
 
     Also draws the per-trajectory HWE threshold ``θ_i``, the fixed threshold when one was set, and, with

@@ -790,6 +790,7 @@ class CodeKLController:
         return masked_average(per_token_kl * weight, mask, average) * kl_coef
 
     def state_dict(self) -> dict[str, Any]:
+        """The controller's state (β, EMAs, micro-step count), e.g. for logging or checkpoints."""
         return {"beta": dict(self.beta), "kl_ema": dict(self.kl_ema), "error_ema": dict(self.error_ema),
                 "steps": self.steps}
 
