@@ -266,7 +266,7 @@ def test_budgets_follow_density_and_overlay_shows_them(model):
     assert crops[1]["density"] == 0.0 and crops[1]["budget"] == 1
     assert crops[2]["budget"] == max(c["budget"] for c in crops.values()) > crops[0]["budget"]
     record = {"layout": layout_to_dict(item.layout), "sources": item.sources.tolist(),
-              "assignment": item.reduction.assignment.tolist(), "info": item.reduction.info}
+              "assignment": None, "info": item.reduction.info}
     page = ((inputs["images"][1:].permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).byte()
     sheet = render_item(record, image=torch.cat(list(page), dim=1).numpy(), side=112)
     assert sheet.width >= 2 * 112  # the global view and one panel holding both crops

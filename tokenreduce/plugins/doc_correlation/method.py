@@ -243,7 +243,7 @@ class DocCorrelationMethod(Method):
         info = {"crops": crops_info, "token_crop": token_crop.tolist()}
         if cfg.merge:
             return Reduction(sources=src, features=outs, assignment=assignment, info=info)
-        return Reduction(sources=src, assignment=assignment, info=info)
+        return Reduction(sources=src, info=info)  # nothing merged: the kept tokens say it all
 
     def _budgets(self, densities: list[float], sizes: list[int], kinds: list[str], slots: int = 0) -> list[int]:
         """Per-crop budgets; ``slots`` newline slots are paid out of a global budget first."""
