@@ -55,7 +55,8 @@ class Adapter:
     def finalize_inputs(self, inputs: dict[str, Any], batch: Any) -> dict[str, Any]:
         """The rebuilt inputs (reduced ids, positions, ``mm_encoder_outputs``) in the form the model's
         ``forward`` / ``generate`` take; ``batch`` is the handle's :class:`~tokenreduce.core.handle.BatchInfo`
-        of this call (its ``extra`` may carry state to hooks installed by :meth:`attach`). Default: as is."""
+        of this call (``handle.current`` while the call runs: hooks installed by :meth:`attach` can tell
+        their call's state by it). Default: as is."""
         return inputs
 
     # ----- tokens ------------------------------------------------------------------------------------

@@ -51,7 +51,6 @@ from .towers import BlockParts, Tower, _identity
 
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
-STATE_KEY = "docowl"
 
 
 class MplugOwlTower(Tower):
@@ -249,13 +248,13 @@ class DocOwlAdapter(Adapter):
         packed = out.pop("mm_encoder_outputs", None) or {}
         positions = out.pop("position_ids")
         features = packed["image"].pooler_output if "image" in packed else []
-        batch.extra[STATE_KEY] = {
+        self._call = (batch, {
             "features": torch.cat(list(features)) if len(features) else None,
             "positions": positions,
             "next": positions.max(dim=-1).values + 1,
             "prefill": positions.shape[-1],
             "spliced": False,
-        }
+        })
         return out
 
     def attach(self, handle: Any) -> None:
@@ -267,9 +266,13 @@ class DocOwlAdapter(Adapter):
         names = list(inspect.signature(original).parameters)
         embed = self.inner.get_input_embeddings()
 
-        def state():
+        self._call = None
+
+        def state():  # the parked state of the call now running, if this handle's finalize_inputs made it
             current = getattr(handle, "current", None)
-            return None if current is None else current.extra.get(STATE_KEY)
+            if current is None or self._call is None or self._call[0] is not current:
+                return None
+            return self._call[1]
 
         def prepare_inputs_labels_for_multimodal(*args, **kwargs):
             bound = dict(zip(names, args), **kwargs)
