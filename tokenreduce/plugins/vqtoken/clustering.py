@@ -33,6 +33,7 @@ codewords, for the index map and for the distortion, goes through
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,16 +90,22 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def kmeans_pp_seeds(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def kmeans_pp_seeds(x: torch.Tensor, k: int, generator: torch.Generator, trials: int | None = None) -> torch.Tensor:
     """k-means++ seeds for the cosine distance: indices ``[k]`` of rows of the unit vectors ``x``.
 
     The first seed is uniform; each next one is drawn with probability proportional to the squared
-    distance to the nearest seed so far, ``||x - c||^2 = 2 (1 - x.c)`` for unit vectors. When every
-    remaining point coincides with a seed (all weights zero) the draw is uniform.
+    distance to the nearest seed so far, ``||x - c||^2 = 2 (1 - x.c)`` for unit vectors. Greedy k-means++
+    (Arthur & Vassilvitskii's variant, scikit-learn's default): ``trials`` candidates are drawn per step
+    (default ``2 + floor(ln k)``) and the one that lowers the total squared distance most is kept. Without
+    it, a few small objects in a large noisy background are often left without a seed. When every remaining
+    point coincides with a seed (all weights zero) the draw is uniform.
     """
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k-means++ needs 1 <= k <= number of points ({n}), got k={k}")
+    trials = 2 + int(math.log(k)) if trials is None else int(trials)
+    if trials < 1:
+        raise ValueError(f"`trials` must be >= 1, got {trials}")
     first = int(torch.randint(n, (1,), generator=generator))
     chosen = [first]
     nearest = x @ x[first]  # best cosine similarity to the seeds so far
@@ -106,9 +113,12 @@ def kmeans_pp_seeds(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
         weights = (2.0 - 2.0 * nearest).clamp_min(0.0).double()
         if float(weights.sum()) <= 0.0:
             weights = torch.ones_like(weights)
-        nxt = int(torch.multinomial(weights, 1, generator=generator))
-        chosen.append(nxt)
-        nearest = torch.maximum(nearest, x @ x[nxt])
+        candidates = torch.multinomial(weights, trials, replacement=True, generator=generator)
+        updated = torch.maximum(nearest[None], x[candidates] @ x.T)  # [trials, N]
+        potential = (2.0 - 2.0 * updated.double()).clamp_min(0.0).sum(1)
+        best = int(torch.argmin(potential))  # ties: the first candidate drawn
+        chosen.append(int(candidates[best]))
+        nearest = updated[best]
     return torch.tensor(chosen, dtype=torch.long)
 
 
