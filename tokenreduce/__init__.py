@@ -10,15 +10,35 @@ from tokenreduce.adapters import list_adapters
 from tokenreduce.core.api import disabled, from_pretrained, stats, unwrap, wrap
 from tokenreduce.core.config import MethodConfig
 from tokenreduce.core.registry import list_methods
+from tokenreduce.plugins.ares.config import AresConfig
+from tokenreduce.plugins.atp import ATPConfig
+from tokenreduce.plugins.baselines.divprune import DivPruneConfig
+from tokenreduce.plugins.baselines.fastv import FastVConfig
+from tokenreduce.plugins.baselines.pdrop import PDropConfig
 from tokenreduce.plugins.baselines.pool import PoolConfig
+from tokenreduce.plugins.baselines.prumerge import PruMergeConfig, PruMergePlusConfig
 from tokenreduce.plugins.baselines.random import RandomConfig
+from tokenreduce.plugins.baselines.tome import ToMeConfig
+from tokenreduce.plugins.baselines.visionzip import VisionZipConfig
+from tokenreduce.plugins.vqtoken.method import VQTokenCodebookConfig, VQTokenConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ATPConfig",
+    "AresConfig",
+    "DivPruneConfig",
+    "FastVConfig",
     "MethodConfig",
+    "PDropConfig",
     "PoolConfig",
+    "PruMergeConfig",
+    "PruMergePlusConfig",
     "RandomConfig",
+    "ToMeConfig",
+    "VQTokenCodebookConfig",
+    "VQTokenConfig",
+    "VisionZipConfig",
     "__version__",
     "disabled",
     "from_pretrained",

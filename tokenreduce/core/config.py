@@ -57,6 +57,16 @@ def check_range(
         raise ValueError(f"`{name}` must be in {interval}, got {value!r}")
 
 
+def check_increasing_layers(name: str, layers: Iterable[Any]) -> tuple[int, ...]:
+    """Decoder-layer indices: ints >= 1, strictly increasing; returned as a tuple."""
+    layers = tuple(layers)
+    for layer in layers:
+        check_range(name, layer, 1, integer=True)
+    if list(layers) != sorted(set(layers)):
+        raise ValueError(f"`{name}` must be strictly increasing, got {layers}")
+    return layers
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)
     if value not in choices:

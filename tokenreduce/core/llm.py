@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from tokenreduce import kernels
 from tokenreduce.core.sequence import column_index
@@ -355,6 +354,9 @@ class LLMStage:
         return self.lm.rotary_emb(hidden, positions)
 
     def _layer_kwargs(self, stage: Stage, kwargs: dict, hidden: torch.Tensor) -> dict[str, Any]:
+        # Imported here: masking_utils pulls in torch._dynamo, seconds at `import tokenreduce` time.
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
         call = self.call
         cache = call.cache
         if call.prefill:

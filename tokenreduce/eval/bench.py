@@ -8,7 +8,7 @@ prefill. For each method it prints the measured speedup over the full prefill, t
 analytic FLOPs, and their ratio; decode ms/token and KV-cache bytes; and the reducer's own share of a
 full prefill. Absolute times on shared CPUs are noisy: read the ratios.
 
-    tokenreduce bench                 # CPU, bf16
+    tokenreduce bench                 # CPU (bf16 where the CPU has it natively, else fp32)
     tokenreduce bench --device cuda   # on a GPU
     tokenreduce bench --quick         # small model, for a smoke run
 """
@@ -32,6 +32,14 @@ RESULTS = Path("benchmarks") / "results"
 WARMUP = 2
 METHODS = ("full", "pool-64", "fastv-K2-64", "fastv-K2-50%", "pdrop-25%")
 IMAGE_TOKEN = 32000
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def build_model(quick: bool, dtype: torch.dtype, device: str):
@@ -113,7 +121,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     """The benchmark's options (added to ``parser`` when given: the CLI's ``bench`` subcommand)."""
     parser = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="auto: bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else "
+                             "float32 (emulated bf16 matmuls are several times slower than fp32)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="small model for a smoke run")
@@ -130,6 +140,8 @@ def main(argv: list[str] | None = None, results_dir: Path | None = None) -> int:
 
 def run(args: argparse.Namespace, results_dir: Path | None = None) -> int:
     """Run the benchmark with parsed ``args``; print the table and write the JSON report."""
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") or _cpu_has_bf16() else "float32"
     dtype = getattr(torch, args.dtype)
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 16)))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenreduce.core.config import MethodConfig, check_choice, check_range
+from tokenreduce.core.config import MethodConfig, check_choice, check_increasing_layers, check_range
 from tokenreduce.core.llm import LLMContext
 from tokenreduce.core.reduction import Method
 from tokenreduce.core.registry import register_method
@@ -55,11 +55,7 @@ class ATPConfig(MethodConfig):
         self.keep = tuple(self.keep)
         self.spatial_rates = tuple(self.spatial_rates)
         if self.layers is not None:
-            self.layers = tuple(self.layers)
-            for layer in self.layers:
-                check_range("layers", layer, 1, integer=True)
-            if list(self.layers) != sorted(set(self.layers)):
-                raise ValueError(f"`layers` must be strictly increasing, got {self.layers}")
+            self.layers = check_increasing_layers("layers", self.layers)
         for k in self.keep:
             check_range("keep", k, 0.0, 1.0, low_open=True)
         for r in self.spatial_rates:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from tokenreduce import kernels
 from tokenreduce.core.layout import TokenLayout
+from tokenreduce.core.reduction import ReduceContext, Reduction
+
+GroupSelect = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def attention_and_keys(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int,
@@ -76,3 +81,19 @@ def add_row_newlines(layout: TokenLayout, features: torch.Tensor, sources: torch
     assignment = assignment.clone()
     assignment[slots_t] = outputs.shape[0] + torch.arange(len(slots), device=sources.device)
     return torch.cat([sources, slots_t]), torch.cat([outputs, features[slots_t]]), assignment
+
+
+def reduce_per_crop(features: torch.Tensor, context: ReduceContext, select: GroupSelect) -> Reduction:
+    """Run ``select(group) -> (sources, outputs, slot)`` on each crop / frame group of an item and assemble
+    the item's reduction (outputs group after group, then the newline slots of rows that keep a token)."""
+    sources, outputs = [], []
+    assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
+    for group in content_groups(context.layout, per_crop=True):
+        group = group.to(features.device)
+        src, out, slot = select(group)
+        base = sum(x.numel() for x in sources)
+        assignment[group] = torch.where(slot >= 0, slot + base, -1)
+        sources.append(src)
+        outputs.append(out)
+    merged = add_row_newlines(context.layout, features, torch.cat(sources), torch.cat(outputs), assignment)
+    return Reduction(sources=merged[0], features=merged[1], assignment=merged[2])

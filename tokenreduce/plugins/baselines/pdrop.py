@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenreduce.core.config import MethodConfig, check_choice, check_range
+from tokenreduce.core.config import MethodConfig, check_choice, check_increasing_layers, check_range
 from tokenreduce.core.llm import LLMContext
 from tokenreduce.core.reduction import Method
 from tokenreduce.core.registry import register_method
@@ -39,10 +39,7 @@ class PDropConfig(MethodConfig):
             raise ValueError(
                 f"`layers` and `keep` must be non-empty and of equal length, got {len(self.layers)} and {len(self.keep)}"
             )
-        for layer in self.layers:
-            check_range("layers", layer, 1, integer=True)
-        if list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(f"`layers` must be strictly increasing, got {self.layers}")
+        self.layers = check_increasing_layers("layers", self.layers)
         for k in self.keep:
             check_range("keep", k, 0.0, 1.0, low_open=True)
         if list(self.keep) != sorted(self.keep, reverse=True):

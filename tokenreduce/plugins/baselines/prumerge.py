@@ -25,7 +25,7 @@ from tokenreduce.core.config import MethodConfig, check_range
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
 
-from ._vision import add_row_newlines, attention_and_keys, content_groups
+from ._vision import attention_and_keys, reduce_per_crop
 
 FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision")
 
@@ -141,19 +141,10 @@ class _PruMergeBase(Method):
     def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
         attention = context.signals["attention"].to(features.device)
         keys = context.signals["keys"].to(features.device)
-        sources, outputs = [], []
-        assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
-        for group in content_groups(context.layout, per_crop=True):
-            group = group.to(features.device)
-            src, out, slot = prumerge_group(features, attention, keys, group, self.config, self.plus)
-            base = sum(s.numel() for s in sources)
-            assignment[group] = torch.where(slot >= 0, slot + base, -1)
-            sources.append(src)
-            outputs.append(out)
-        sources, outputs, assignment = add_row_newlines(
-            context.layout, features, torch.cat(sources), torch.cat(outputs), assignment
+        return reduce_per_crop(
+            features, context,
+            lambda group: prumerge_group(features, attention, keys, group, self.config, self.plus),
         )
-        return Reduction(sources=sources, features=outputs, assignment=assignment)
 
 
 @register_method("prumerge", config_cls=PruMergeConfig, stages=("vision", "projector"), families=FAMILIES)

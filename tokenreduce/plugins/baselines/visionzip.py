@@ -26,7 +26,7 @@ from tokenreduce.core.config import MethodConfig, check_range
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
 
-from ._vision import add_row_newlines, attention_and_keys, content_groups, count
+from ._vision import attention_and_keys, count, reduce_per_crop
 
 FAMILY_DEFAULTS = {"llava": (54, 10), "llava_next": (27, 5), "llava_next_video": (27, 5), "llava_onevision": (27, 5)}
 
@@ -119,18 +119,10 @@ class VisionZipMethod(Method):
     def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
         attention = context.signals["attention"].to(features.device)
         keys = context.signals["keys"].to(features.device)
-        sources, outputs = [], []
-        assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
-        for group in content_groups(context.layout, per_crop=True):
-            group = group.to(features.device)
+
+        def select(group: torch.Tensor):
             n = group.numel()
             dominant = max(1, count(self.dominant, n))
-            src, out, slot = visionzip_select(features, attention, keys, group, dominant, count(self.contextual, n))
-            base = sum(s.numel() for s in sources)
-            assignment[group] = torch.where(slot >= 0, slot + base, -1)
-            sources.append(src)
-            outputs.append(out)
-        sources, outputs, assignment = add_row_newlines(
-            context.layout, features, torch.cat(sources), torch.cat(outputs), assignment
-        )
-        return Reduction(sources=sources, features=outputs, assignment=assignment)
+            return visionzip_select(features, attention, keys, group, dominant, count(self.contextual, n))
+
+        return reduce_per_crop(features, context, select)
