@@ -20,8 +20,9 @@ def scene_grid(moving: int, frames: int = 8, side: int = 8) -> torch.Tensor:
     return grid
 
 
-def scene_features(moving: int, frames: int = 8, side: int = 8, dim: int = 32, noise: float = 0.02,
-                   seed: int = 0) -> torch.Tensor:
+def scene_features(
+    moving: int, frames: int = 8, side: int = 8, dim: int = 32, noise: float = 0.02, seed: int = 0
+) -> torch.Tensor:
     """``[frames * side * side, dim]`` tokens of :func:`scene_grid`: every look has its own random direction
     and every token independent noise, as a real tower's tokens would, so no two tokens coincide."""
     g = torch.Generator().manual_seed(seed)

@@ -27,7 +27,9 @@ def test_occupancy_is_the_pooled_one_hot_map_and_follows_motion():
     content = layout.content_mask.nonzero().flatten()
     codes = grid.flatten()
     assert torch.equal(index_map(layout, content, codes), grid)
-    occ = occupancy(grid_coordinates(layout, content), codes, int(codes.max()) + 1, (4, 2, 2)).view(-1, 4, 2, 2)
+    occ = occupancy(grid_coordinates(layout, content), codes, int(codes.max()) + 1, (4, 2, 2)).view(
+        -1, 4, 2, 2
+    )
     torch.testing.assert_close(occ.sum(0), torch.ones(4, 2, 2))  # every bin's shares sum to 1
     # look 3 (before the change) lives in time bins 0-1 only, look 4 in bins 2-3 only
     assert occ[3, :2].sum() > 0 and occ[3, 2:].sum() == 0
@@ -75,10 +77,14 @@ def test_untrained_module_is_the_codebook_and_save_load_round_trips(tmp_path):
 def _answer_batches(model, n_batches: int = 2, rows: int = 4):
     out = []
     for b in range(n_batches):
-        batch = tiny_batch(model, [RowSpec(videos=[4], prefix=3, suffix=2, seed=10 * b + i) for i in range(rows)])
+        batch = tiny_batch(
+            model, [RowSpec(videos=[4], prefix=3, suffix=2, seed=10 * b + i) for i in range(rows)]
+        )
         answer = torch.randint(3, 990, (rows, 1), generator=torch.Generator().manual_seed(b))
         batch["input_ids"] = torch.cat([batch["input_ids"], answer, torch.full((rows, 1), EOS)], 1)
-        batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(rows, 2, dtype=torch.long)], 1)
+        batch["attention_mask"] = torch.cat(
+            [batch["attention_mask"], torch.ones(rows, 2, dtype=torch.long)], 1
+        )
         labels = torch.full_like(batch["input_ids"], -100)
         labels[:, -2:] = batch["input_ids"][:, -2:]
         batch["labels"] = labels
@@ -89,8 +95,17 @@ def _answer_batches(model, n_batches: int = 2, rows: int = 4):
 def test_training_lowers_the_answer_loss_and_the_module_loads_into_wrap(tmp_path):
     model = tiny_model("llava_onevision")
     batches = _answer_batches(model, n_batches=1)
-    module, log = train_attention(model, batches, steps=30, keep=3, lr=1e-2, warmup=2, distill=0.5, log_every=29,
-                                  module_options={"hidden": 32, "bins": (4, 2, 2)})
+    module, log = train_attention(
+        model,
+        batches,
+        steps=30,
+        keep=3,
+        lr=1e-2,
+        warmup=2,
+        distill=0.5,
+        log_every=29,
+        module_options={"hidden": 32, "bins": (4, 2, 2)},
+    )
     assert get_handle(model) is None and not any(p.requires_grad for p in model.parameters())
     first, last = log[0], log[-1]
     assert last["ce"] < first["ce"] - 0.03 and "kl" in last

@@ -1,4 +1,4 @@
-"""Codebooks: k-means++ seeding, cosine k-means in FAISS, adaptive K (elbow / real silhouette), the index map."""
+"""Codebooks: k-means++ seeding, cosine k-means in FAISS, adaptive K (elbow / real silhouette)."""
 
 import math
 import sys
@@ -98,8 +98,10 @@ def test_elbow_maps_back_onto_the_candidate_range():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_silhouette_k_tracks_content_static_video_gets_fewest_codes(seed):
     # looks: static scene 3 (background, two objects); 3 / 6 moving objects changing look: 9 / 15
-    ks = [C.build_codebook(scene_features(m, seed=seed), None, adaptive="silhouette", k_min=2, k_max=24).k
-          for m in (0, 3, 6)]
+    ks = [
+        C.build_codebook(scene_features(m, seed=seed), None, adaptive="silhouette", k_min=2, k_max=24).k
+        for m in (0, 3, 6)
+    ]
     assert ks == [3, 9, 15]
 
 

@@ -21,10 +21,19 @@ def test_evaluate_runs_the_grid_and_writes_the_table(tmp_path):
         module.out.weight.normal_(0, 0.2)
     module.save_pretrained(tmp_path / "attn")
     result = evaluate(
-        _factory, InlineShapesTask("video", n=2, size=56), attention=str(tmp_path / "attn"), budget=0.5,
-        name="grid", out_dir=tmp_path, split=None, limit=2, batch_size=2,
-        methods=("none", "vqtoken", "vqtoken_codebook", "random", "tome"), model_name="tiny-qwen",
-        adaptive=[{"adaptive": "silhouette", "k_min": 2, "k_max": 3}], progress=False,
+        _factory,
+        InlineShapesTask("video", n=2, size=56),
+        attention=str(tmp_path / "attn"),
+        budget=0.5,
+        name="grid",
+        out_dir=tmp_path,
+        split=None,
+        limit=2,
+        batch_size=2,
+        methods=("none", "vqtoken", "vqtoken_codebook", "random", "tome"),
+        model_name="tiny-qwen",
+        adaptive=[{"adaptive": "silhouette", "k_min": 2, "k_max": 3}],
+        progress=False,
     )
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"none", "vqtoken", "vqtoken_codebook", "random", "vqtoken adaptive silhouette"}

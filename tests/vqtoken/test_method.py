@@ -60,21 +60,26 @@ def test_forward_equals_reduced_reference_and_batch_equals_rows_alone(models, at
     refs = reduced_rows(model, VQTokenMethod(config), batch)
     for r, (emb, pos, _) in enumerate(refs):
         ref = reference_logits(model, emb, pos)
-        torch.testing.assert_close(out[r, -ref.shape[0]:], ref, atol=1e-4, rtol=1e-4, msg=f"{family} row {r}")
+        torch.testing.assert_close(
+            out[r, -ref.shape[0] :], ref, atol=1e-4, rtol=1e-4, msg=f"{family} row {r}"
+        )
         videos = [it for it in stats[r].items if it.modality == "video"]
         assert videos and all(it.tokens_out < it.tokens_in for it in videos)
         assert all(it.tokens_out == it.tokens_in for it in stats[r].items if it.modality == "image")
     for r, spec in enumerate(rows):
         alone, _ = _run(model, config, tiny_batch(model, [spec]))
-        torch.testing.assert_close(out[r, -alone.shape[1]:], alone[0], atol=1e-4, rtol=1e-4,
-                                   msg=f"{family} row {r} alone")
+        torch.testing.assert_close(
+            out[r, -alone.shape[1] :], alone[0], atol=1e-4, rtol=1e-4, msg=f"{family} row {r} alone"
+        )
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_generate_equals_reduced_reference(models, attention_dir, family):
     model = models[family]
     batch = tiny_batch(model, default_rows(family, video=True))
-    config = VQTokenConfig(attention=attention_dir, **CONFIGS["representative" if "qwen" in family else "sequential"])
+    config = VQTokenConfig(
+        attention=attention_dir, **CONFIGS["representative" if "qwen" in family else "sequential"]
+    )
     out, _ = _run(model, config, batch, generate=True)
     assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
     for r, (emb, pos, _) in enumerate(reduced_rows(model, VQTokenMethod(config), batch)):
@@ -129,12 +134,16 @@ def test_qwen_code_tokens_take_representative_mrope_ids_or_sequential_ids(models
     model = models["qwen2_vl"]
     batch = tiny_batch(model, default_rows("qwen2_vl", video=True))
     full, _ = model.model.get_rope_index(
-        batch["input_ids"], attention_mask=batch["attention_mask"], mm_token_type_ids=batch["mm_token_type_ids"],
-        image_grid_thw=batch["image_grid_thw"], video_grid_thw=batch["video_grid_thw"])
+        batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"],
+        video_grid_thw=batch["video_grid_thw"],
+    )
     config = VQTokenConfig(keep=2, anchor="representative", renumber_positions=False)
     got = _positions_seen(model, config, batch)
     for r, (_, _, cols) in enumerate(reduced_rows(model, VQTokenMethod(config), batch)):
-        assert torch.equal(got[1:, r, -cols.numel():], full[:, r, cols])
+        assert torch.equal(got[1:, r, -cols.numel() :], full[:, r, cols])
     got = _positions_seen(model, VQTokenConfig(keep=2), batch)  # default: sequential, as in the paper
     for r, (_, _, cols) in enumerate(reduced_rows(model, VQTokenMethod(VQTokenConfig(keep=2)), batch)):
         n = cols.numel()
@@ -178,15 +187,18 @@ def test_adaptive_mode_reports_scores_and_respects_bounds(models):
         assert it.tokens_out == it.info["num_codes"] <= it.info["k"]
 
 
-@pytest.mark.parametrize(("options", "match"), [
-    ({"keep": 0}, "`keep`"),
-    ({"adaptive": "gap"}, "`adaptive`"),
-    ({"k_min": 9, "k_max": 4}, "`k_min`"),
-    ({"anchor": "middle"}, "`anchor`"),
-    ({"codeword": "median"}, "`codeword`"),
-    ({"threads": -1}, "`threads`"),
-    ({"use_gpu": "yes"}, "`use_gpu`"),
-])
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"keep": 0}, "`keep`"),
+        ({"adaptive": "gap"}, "`adaptive`"),
+        ({"k_min": 9, "k_max": 4}, "`k_min`"),
+        ({"anchor": "middle"}, "`anchor`"),
+        ({"codeword": "median"}, "`codeword`"),
+        ({"threads": -1}, "`threads`"),
+        ({"use_gpu": "yes"}, "`use_gpu`"),
+    ],
+)
 def test_bad_options_name_parameter_and_accepted_values(options, match):
     with pytest.raises(ValueError, match=match):
         VQTokenConfig(**options)

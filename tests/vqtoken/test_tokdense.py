@@ -5,9 +5,17 @@ from tokenreduce.eval.task import Task
 
 
 def _record(method, sample, score, tokens):
-    return {"model": "m", "method": method, "budget": None if method == "none" else 0.01, "sample_id": sample,
-            "score": score, "prediction": str(score), "error": None, "visual_tokens_in": 577,
-            "visual_tokens_llm_input": tokens}
+    return {
+        "model": "m",
+        "method": method,
+        "budget": None if method == "none" else 0.01,
+        "sample_id": sample,
+        "score": score,
+        "prediction": str(score),
+        "error": None,
+        "visual_tokens_in": 577,
+        "visual_tokens_llm_input": tokens,
+    }
 
 
 def test_tokdense_is_percent_accuracy_per_llm_input_token():

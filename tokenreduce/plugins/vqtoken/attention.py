@@ -86,7 +86,9 @@ class VQAttention(nn.Module):
         super().__init__()
         self.config = config
         d = config.dim
-        self.hash_mlp = nn.Sequential(nn.Linear(config.hash_size, config.hidden), nn.GELU(), nn.Linear(config.hidden, d))
+        self.hash_mlp = nn.Sequential(
+            nn.Linear(config.hash_size, config.hidden), nn.GELU(), nn.Linear(config.hidden, d)
+        )
         self.norm = nn.LayerNorm(d)
         self.q = nn.Linear(d, d)
         self.k = nn.Linear(d, d)
@@ -107,7 +109,8 @@ class VQAttention(nn.Module):
             raise ValueError(f"VQAttention expects a codebook [K, {cfg.dim}], got {tuple(codebook.shape)}")
         if occupancy.shape != (codebook.shape[0], cfg.hash_size):
             raise ValueError(
-                f"VQAttention expects occupancy [{codebook.shape[0]}, {cfg.hash_size}], got {tuple(occupancy.shape)}"
+                f"VQAttention expects occupancy [{codebook.shape[0]}, {cfg.hash_size}], "
+                f"got {tuple(occupancy.shape)}"
             )
         dtype = self.q.weight.dtype
         b = codebook.to(dtype)
@@ -119,7 +122,9 @@ class VQAttention(nn.Module):
             return t.view(k_codes, heads, -1).transpose(0, 1)  # [heads, K, d]
 
         attended = F.scaled_dot_product_attention(
-            split(self.q(h)), split(self.k(h)), split(self.v(hashed)),
+            split(self.q(h)),
+            split(self.k(h)),
+            split(self.v(hashed)),
             dropout_p=cfg.dropout if self.training else 0.0,
         )
         out = b + self.out(attended.transpose(0, 1).reshape(k_codes, -1))
@@ -134,7 +139,9 @@ class VQAttention(nn.Module):
 
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / WEIGHTS))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / WEIGHTS)
+        )
         meta = {**asdict(self.config), "bins": list(self.config.bins), "metadata": metadata}
         (path / CONFIG).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         return path
@@ -147,7 +154,9 @@ class VQAttention(nn.Module):
         path = Path(source)
         if path.is_dir():
             if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
-                raise ValueError(f"`attention`={str(source)!r}: that directory holds no {WEIGHTS} and {CONFIG}")
+                raise ValueError(
+                    f"`attention`={str(source)!r}: that directory holds no {WEIGHTS} and {CONFIG}"
+                )
             weights, config = path / WEIGHTS, path / CONFIG
         else:
             from huggingface_hub import hf_hub_download
@@ -157,7 +166,8 @@ class VQAttention(nn.Module):
                 config = Path(hf_hub_download(str(source), CONFIG, revision=revision))
             except Exception as error:  # unknown repo, no network, missing file
                 raise ValueError(
-                    f"`attention`={str(source)!r} is neither a local directory nor a reachable hub repo holding "
+                    f"`attention`={str(source)!r} is neither a local directory nor a reachable hub repo "
+                    f"holding "
                     f"{WEIGHTS} and {CONFIG}: {error}"
                 ) from error
         meta = json.loads(config.read_text())

@@ -90,7 +90,9 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def kmeans_pp_seeds(x: torch.Tensor, k: int, generator: torch.Generator, trials: int | None = None) -> torch.Tensor:
+def kmeans_pp_seeds(
+    x: torch.Tensor, k: int, generator: torch.Generator, trials: int | None = None
+) -> torch.Tensor:
     """k-means++ seeds for the cosine distance: indices ``[k]`` of rows of the unit vectors ``x``.
 
     The first seed is uniform; each next one is drawn with probability proportional to the squared
@@ -122,8 +124,16 @@ def kmeans_pp_seeds(x: torch.Tensor, k: int, generator: torch.Generator, trials:
     return torch.tensor(chosen, dtype=torch.long)
 
 
-def spherical_kmeans(x: torch.Tensor, k: int, *, generator: torch.Generator, max_iter: int = 100,
-                     tol: float = 1e-4, threads: int = 1, use_gpu: bool | None = None) -> torch.Tensor:
+def spherical_kmeans(
+    x: torch.Tensor,
+    k: int,
+    *,
+    generator: torch.Generator,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    threads: int = 1,
+    use_gpu: bool | None = None,
+) -> torch.Tensor:
     """Cosine k-means of the unit vectors ``x: [N, D]`` into ``k`` unit centroids ``[k, D]`` (float32, on
     ``x``'s device), seeded by :func:`kmeans_pp_seeds`.
 
@@ -139,9 +149,17 @@ def spherical_kmeans(x: torch.Tensor, k: int, *, generator: torch.Generator, max
     gpus = faiss_gpus(faiss)
     gpu = (x.is_cuda and gpus > 0) if use_gpu is None else bool(use_gpu)
     if gpu and gpus == 0:
-        raise ValueError("`use_gpu`=True but FAISS sees no GPU: install faiss-gpu or set use_gpu to None/False")
-    options: dict[str, Any] = dict(niter=int(max_iter), spherical=True, verbose=False, seed=1234,
-                                   min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+        raise ValueError(
+            "`use_gpu`=True but FAISS sees no GPU: install faiss-gpu or set use_gpu to None/False"
+        )
+    options: dict[str, Any] = dict(
+        niter=int(max_iter),
+        spherical=True,
+        verbose=False,
+        seed=1234,
+        min_points_per_centroid=1,
+        max_points_per_centroid=1 << 30,
+    )
     if hasattr(faiss.ClusteringParameters(), "early_stop_threshold"):
         options["early_stop_threshold"] = float(tol)
     if gpu:
@@ -223,19 +241,31 @@ class Codebook:
     scores: dict[int, float] = field(default_factory=dict)
 
 
-def fit(x_unit: torch.Tensor, k: int, *, seed: int, max_iter: int, tol: float, threads: int,
-        use_gpu: bool | None) -> Codebook:
+def fit(
+    x_unit: torch.Tensor, k: int, *, seed: int, max_iter: int, tol: float, threads: int, use_gpu: bool | None
+) -> Codebook:
     """Cluster unit vectors into ``k`` codewords and assign every vector to its nearest one."""
     generator = torch.Generator().manual_seed(int(seed))
-    centroids = spherical_kmeans(x_unit, k, generator=generator, max_iter=max_iter, tol=tol, threads=threads,
-                                 use_gpu=use_gpu)
+    centroids = spherical_kmeans(
+        x_unit, k, generator=generator, max_iter=max_iter, tol=tol, threads=threads, use_gpu=use_gpu
+    )
     codes, sim = assign(x_unit, centroids)
     return Codebook(centroids, codes, sim, k)
 
 
-def build_codebook(x: torch.Tensor, k: int | None, *, adaptive: str = "elbow", k_min: int = 12, k_max: int = 32,
-                   seed: int = 0, max_iter: int = 100, tol: float = 1e-4, threads: int = 1,
-                   use_gpu: bool | None = None) -> Codebook:
+def build_codebook(
+    x: torch.Tensor,
+    k: int | None,
+    *,
+    adaptive: str = "elbow",
+    k_min: int = 12,
+    k_max: int = 32,
+    seed: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    threads: int = 1,
+    use_gpu: bool | None = None,
+) -> Codebook:
     """Codebook of the tokens ``x: [N, D]``: ``k`` codewords, or an adaptive ``K`` in ``[k_min, k_max]``.
 
     Every candidate is clustered from the same seed. Bounds above the number of distinct tokens are

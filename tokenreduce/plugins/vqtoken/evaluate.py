@@ -57,8 +57,14 @@ def synthetic_video_task(split: str = "test"):
     )
 
 
-def adaptive_rows(model_factory: Callable[[], tuple[Any, Any]], task, split: str | None, limit: int | None,
-                  modes: Sequence[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
+def adaptive_rows(
+    model_factory: Callable[[], tuple[Any, Any]],
+    task,
+    split: str | None,
+    limit: int | None,
+    modes: Sequence[dict[str, Any]],
+    batch_size: int,
+) -> list[dict[str, Any]]:
     """Accuracy, mean code tokens and TokDense of ``vqtoken`` in each of ``modes`` (config options)."""
     import tokenreduce as tr
     from tokenreduce.eval.runner import generate_batch
@@ -85,31 +91,63 @@ def adaptive_rows(model_factory: Callable[[], tuple[Any, Any]], task, split: str
             tr.unwrap(model)
         accuracy = sum(scores) / max(1, len(scores))
         mean_tokens = sum(tokens) / max(1, len(tokens))
-        rows.append({"method": name, "options": options, "primary": accuracy, "visual_tokens_llm_input": mean_tokens,
-                     "tokdense": tokdense(accuracy, mean_tokens), "codes_min": min(ks, default=None),
-                     "codes_max": max(ks, default=None), "samples": len(scores)})
+        rows.append(
+            {
+                "method": name,
+                "options": options,
+                "primary": accuracy,
+                "visual_tokens_llm_input": mean_tokens,
+                "tokdense": tokdense(accuracy, mean_tokens),
+                "codes_min": min(ks, default=None),
+                "codes_max": max(ks, default=None),
+                "samples": len(scores),
+            }
+        )
     return rows
 
 
-def vqtoken_table(summary: dict[str, Any], adaptive: Sequence[dict[str, Any]], budget: float) -> tuple[str, dict]:
-    """Markdown table and JSON of accuracy, relative accuracy, tokens and TokDense, with the acceptance checks."""
+def vqtoken_table(
+    summary: dict[str, Any], adaptive: Sequence[dict[str, Any]], budget: float
+) -> tuple[str, dict]:
+    """Markdown table and JSON of accuracy, relative accuracy, tokens and TokDense, with the acceptance
+    checks."""
     cells = {c["method"]: c for c in summary["cells"]}
     full = cells.get("none", {}).get("primary")
-    lines = ["| method | budget | visual tokens at LLM | share of full tokens | accuracy | vs full | TokDense |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | budget | visual tokens at LLM | share of full tokens | accuracy | vs full | TokDense |",
+        "|---|---|---|---|---|---|---|",
+    ]
     rows = []
     for method in METHODS:
         if method not in cells:
             continue
         c = cells[method]
-        rows.append({"method": method, "budget": c["budget"], "tokens": c["visual_tokens_llm_input"],
-                     "share": (c["visual_tokens_llm_input"] or 0) / c["visual_tokens_in"] if c["visual_tokens_in"] else None,
-                     "accuracy": c["primary"], "relative": c["primary"] / full if full else None,
-                     "tokdense": c["tokdense"]})
+        rows.append(
+            {
+                "method": method,
+                "budget": c["budget"],
+                "tokens": c["visual_tokens_llm_input"],
+                "share": (c["visual_tokens_llm_input"] or 0) / c["visual_tokens_in"]
+                if c["visual_tokens_in"]
+                else None,
+                "accuracy": c["primary"],
+                "relative": c["primary"] / full if full else None,
+                "tokdense": c["tokdense"],
+            }
+        )
     for a in adaptive:
-        rows.append({"method": a["method"], "budget": None, "tokens": a["visual_tokens_llm_input"],
-                     "share": None, "accuracy": a["primary"], "relative": a["primary"] / full if full else None,
-                     "tokdense": a["tokdense"], "codes_range": [a["codes_min"], a["codes_max"]]})
+        rows.append(
+            {
+                "method": a["method"],
+                "budget": None,
+                "tokens": a["visual_tokens_llm_input"],
+                "share": None,
+                "accuracy": a["primary"],
+                "relative": a["primary"] / full if full else None,
+                "tokdense": a["tokdense"],
+                "codes_range": [a["codes_min"], a["codes_max"]],
+            }
+        )
     in_tokens = cells.get("none", {}).get("visual_tokens_in")
     for r in rows:
         if r["share"] is None and in_tokens and r["tokens"] is not None:
@@ -119,8 +157,10 @@ def vqtoken_table(summary: dict[str, Any], adaptive: Sequence[dict[str, Any]], b
         return "-" if v is None else format(v, spec)
 
     for r in rows:
-        lines.append(f"| {r['method']} | {f(r['budget'], '.4g')} | {f(r['tokens'], '.2f')} | {f(r['share'], '.2%')} | "
-                     f"{f(r['accuracy'], '.3f')} | {f(r['relative'], '.1%')} | {f(r['tokdense'], '.3g')} |")
+        lines.append(
+            f"| {r['method']} | {f(r['budget'], '.4g')} | {f(r['tokens'], '.2f')} | {f(r['share'], '.2%')} | "
+            f"{f(r['accuracy'], '.3f')} | {f(r['relative'], '.1%')} | {f(r['tokdense'], '.3g')} |"
+        )
     skipped = summary.get("skipped_cells") or {}
     if skipped:
         lines += ["", "Skipped by the runner:"] + [f"- {k}: {v}" for k, v in sorted(skipped.items())]
@@ -132,17 +172,33 @@ def vqtoken_table(summary: dict[str, Any], adaptive: Sequence[dict[str, Any]], b
         for other in ("random", "pool", "vqtoken_codebook"):
             if other in cells:
                 checks[f"vqtoken_ahead_of_{other}"] = vq["primary"] > cells[other]["primary"]
-    lines += ["", f"Budget {budget:.4g} of the visual tokens per reducing cell. Checks: "
-              + ", ".join(f"{k}={v}" for k, v in checks.items())]
+    lines += [
+        "",
+        f"Budget {budget:.4g} of the visual tokens per reducing cell. Checks: "
+        + ", ".join(f"{k}={v}" for k, v in checks.items()),
+    ]
     return "\n".join(lines) + "\n", {"rows": rows, "checks": checks, "full_accuracy": full}
 
 
-def evaluate(model_factory: Callable[[], tuple[Any, Any]], task, *, attention: str | None, budget: float = DEFAULT_BUDGET,
-             name: str = "vqtoken-synthetic-video", out_dir: str | Path = "runs", split: str | None = "test",
-             limit: int | None = 1000, batch_size: int = 16, method_options: dict[str, Any] | None = None,
-             adaptive: Sequence[dict[str, Any]] = (), methods: Sequence[str] = METHODS, model_name: str = "model",
-             progress: bool = True) -> dict[str, Any]:
-    """Run the grid and the adaptive modes; write ``vqtoken.md`` / ``vqtoken.json`` next to the runner's files."""
+def evaluate(
+    model_factory: Callable[[], tuple[Any, Any]],
+    task,
+    *,
+    attention: str | None,
+    budget: float = DEFAULT_BUDGET,
+    name: str = "vqtoken-synthetic-video",
+    out_dir: str | Path = "runs",
+    split: str | None = "test",
+    limit: int | None = 1000,
+    batch_size: int = 16,
+    method_options: dict[str, Any] | None = None,
+    adaptive: Sequence[dict[str, Any]] = (),
+    methods: Sequence[str] = METHODS,
+    model_name: str = "model",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the grid and the adaptive modes; write ``vqtoken.md`` / ``vqtoken.json`` next to the runner's
+    files."""
     from tokenreduce.eval.runner import ModelSpec, Runner
 
     options = dict(method_options or {})
@@ -155,9 +211,20 @@ def evaluate(model_factory: Callable[[], tuple[Any, Any]], task, *, attention: s
         per_method["vqtoken_codebook"] = dict(options)
     if "random" in methods:
         per_method["random"] = {"seed": 0}
-    runner = Runner(task, [ModelSpec(model_name, factory=model_factory)], list(methods), [budget], name=name,
-                    out_dir=out_dir, split=split, limit=limit, batch_size=batch_size, method_options=per_method,
-                    keep_maps=2, progress=progress)
+    runner = Runner(
+        task,
+        [ModelSpec(model_name, factory=model_factory)],
+        list(methods),
+        [budget],
+        name=name,
+        out_dir=out_dir,
+        split=split,
+        limit=limit,
+        batch_size=batch_size,
+        method_options=per_method,
+        keep_maps=2,
+        progress=progress,
+    )
     summary = runner.run()
     modes = [dict(m) for m in adaptive]
     for m in modes:
@@ -170,13 +237,21 @@ def evaluate(model_factory: Callable[[], tuple[Any, Any]], task, *, attention: s
     table, data = vqtoken_table(summary, rows, budget)
     run_dir = Path(out_dir) / name
     (run_dir / "vqtoken.md").write_text(table)
-    (run_dir / "vqtoken.json").write_text(json.dumps({**data, "budget": budget, "attention": attention,
-                                                       "method_options": options}, indent=2, default=str) + "\n")
+    (run_dir / "vqtoken.json").write_text(
+        json.dumps(
+            {**data, "budget": budget, "attention": attention, "method_options": options},
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
     return {"summary": summary, "table": table, **data}
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised through the CLI
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--attention", required=True, help="trained VQ-attention (directory or hub repo id)")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
     parser.add_argument("--limit", type=int, default=1000)
@@ -203,14 +278,33 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
         options["codeword"] = args.codeword
     if args.keep_newline:
         options["keep_newline"] = True
-    adaptive = [] if args.no_adaptive else [
-        {"adaptive": a, "k_min": args.k_min, "k_max": args.k_max, "label": f"vqtoken_codebook adaptive {a}"}
-        for a in ("elbow", "silhouette")
-    ]
-    result = evaluate(lambda: load_model("video"), synthetic_video_task(args.split), attention=args.attention,
-                      budget=args.budget, name=args.name, out_dir=args.out_dir, split=args.split, limit=args.limit,
-                      batch_size=args.batch_size, method_options=options, adaptive=adaptive,
-                      model_name="synthetic-onevision-video")
+    adaptive = (
+        []
+        if args.no_adaptive
+        else [
+            {
+                "adaptive": a,
+                "k_min": args.k_min,
+                "k_max": args.k_max,
+                "label": f"vqtoken_codebook adaptive {a}",
+            }
+            for a in ("elbow", "silhouette")
+        ]
+    )
+    result = evaluate(
+        lambda: load_model("video"),
+        synthetic_video_task(args.split),
+        attention=args.attention,
+        budget=args.budget,
+        name=args.name,
+        out_dir=args.out_dir,
+        split=args.split,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        method_options=options,
+        adaptive=adaptive,
+        model_name="synthetic-onevision-video",
+    )
     print(result["table"])
     return 0
 

@@ -53,7 +53,9 @@ def grid_coordinates(layout: TokenLayout, content: torch.Tensor) -> torch.Tensor
     seg = layout.segment_ids[content]
     rows = torch.tensor([max(1, s.rows) for s in layout.segments], dtype=torch.float32)[seg]
     cols = torch.tensor([max(1, s.cols) for s in layout.segments], dtype=torch.float32)[seg]
-    return torch.stack([times / frames, layout.rows[content].float() / rows, layout.cols[content].float() / cols], 1)
+    return torch.stack(
+        [times / frames, layout.rows[content].float() / rows, layout.cols[content].float() / cols], 1
+    )
 
 
 def index_map(layout: TokenLayout, content: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -82,9 +84,13 @@ def occupancy(coords: torch.Tensor, codes: torch.Tensor, k: int, bins: tuple[int
     cell = torch.minimum(cell, (scale.long() - 1)[None])
     flat = (cell[:, 0] * bh + cell[:, 1]) * bw + cell[:, 2]
     size = bt * bh * bw
-    counts = torch.zeros(size, device=coords.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+    counts = torch.zeros(size, device=coords.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.float32)
+    )
     hist = torch.zeros(k, size, device=coords.device)
-    hist.index_put_((codes.to(coords.device), flat), torch.ones_like(flat, dtype=torch.float32), accumulate=True)
+    hist.index_put_(
+        (codes.to(coords.device), flat), torch.ones_like(flat, dtype=torch.float32), accumulate=True
+    )
     hist = hist / counts.clamp_min(1.0)[None]
     # time bins without tokens (short clips): copy the previous filled time bin
     hist = hist.view(k, bt, bh * bw)

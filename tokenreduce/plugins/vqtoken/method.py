@@ -85,7 +85,8 @@ class VQTokenConfig(MethodConfig):
             raise ValueError(f"`keep_newline` must be a bool, got {self.keep_newline!r}")
         if self.attention is not None and (not isinstance(self.attention, str) or not self.attention):
             raise ValueError(
-                f"`attention` must be a local directory or hub repo id (a non-empty str) or None, got {self.attention!r}"
+                "`attention` must be a local directory or hub repo id (a non-empty str) or None, "
+                f"got {self.attention!r}"
             )
         check_range("seed", self.seed, 0, integer=True)
         check_range("max_iter", self.max_iter, 1, integer=True)
@@ -123,7 +124,8 @@ class VQTokenMethod(Method):
         if self.attention.config.dim != width:
             raise ValueError(
                 f"`attention`={self.config.attention!r} was trained for code tokens of width "
-                f"{self.attention.config.dim}; {handle.adapter.describe()} feeds its LLM tokens of width {width}"
+                f"{self.attention.config.dim}; {handle.adapter.describe()} feeds its LLM tokens of width "
+                f"{width}"
             )
         device = next(handle.model.parameters()).device
         self.attention.to(device)
@@ -142,8 +144,16 @@ class VQTokenMethod(Method):
         tokens = features[content.to(device)]
         k = None if cfg.keep is None else resolve_keep(cfg.keep, content.numel())
         book = build_codebook(
-            tokens.detach(), k, adaptive=cfg.adaptive, k_min=cfg.k_min, k_max=cfg.k_max, seed=cfg.seed,
-            max_iter=cfg.max_iter, tol=cfg.tol, threads=cfg.threads, use_gpu=cfg.use_gpu,
+            tokens.detach(),
+            k,
+            adaptive=cfg.adaptive,
+            k_min=cfg.k_min,
+            k_max=cfg.k_max,
+            seed=cfg.seed,
+            max_iter=cfg.max_iter,
+            tol=cfg.tol,
+            threads=cfg.threads,
+            use_gpu=cfg.use_gpu,
         )
         codes = book.codes.to(device)
         # Used codes, ordered by their anchor token; code ids renumbered to that order.
@@ -155,7 +165,9 @@ class VQTokenMethod(Method):
         codes = renumber[codes]
         m = order.numel()
         members = normalize(tokens) if cfg.codeword == "normalized_mean" else tokens.float()
-        sums = torch.zeros(m, tokens.shape[1], dtype=members.dtype, device=device).index_add(0, codes, members)
+        sums = torch.zeros(m, tokens.shape[1], dtype=members.dtype, device=device).index_add(
+            0, codes, members
+        )
         counts = torch.bincount(codes, minlength=m).clamp_min(1).to(members.dtype)
         outputs = sums / counts[:, None]
         if self.attention is not None:
@@ -167,7 +179,11 @@ class VQTokenMethod(Method):
         assignment = torch.full((n,), -1, dtype=torch.long, device=device)
         assignment[content.to(device)] = codes
         if cfg.keep_newline:
-            lone = [sl.start for seg, sl in zip(layout.segments, layout.segment_slices()) if seg.cols == 0 and seg.newline]
+            lone = [
+                sl.start
+                for seg, sl in zip(layout.segments, layout.segment_slices())
+                if seg.cols == 0 and seg.newline
+            ]
             if lone:
                 slots = torch.tensor(lone, dtype=torch.long, device=device)
                 assignment[slots] = m + torch.arange(slots.numel(), device=device)
@@ -193,11 +209,14 @@ class VQTokenCodebookConfig(VQTokenConfig):
         super().validate()
         if self.attention is not None:
             raise ValueError(
-                f"`attention` must be None for vqtoken_codebook (the codebook-only ablation), got {self.attention!r}; "
+                "`attention` must be None for vqtoken_codebook (the codebook-only ablation), "
+                f"got {self.attention!r}; "
                 "use method 'vqtoken' for trained VQ-attention"
             )
 
 
-@register_method("vqtoken_codebook", config_cls=VQTokenCodebookConfig, stages="projector", modalities=("video",))
+@register_method(
+    "vqtoken_codebook", config_cls=VQTokenCodebookConfig, stages="projector", modalities=("video",)
+)
 class VQTokenCodebookMethod(VQTokenMethod):
-    """VQToken codebook only (the paper's ablation, the released code's inference path), for side-by-side grids."""
+    """VQToken codebook only (the paper's ablation, the released code's inference path), for grids."""

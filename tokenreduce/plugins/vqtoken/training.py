@@ -64,7 +64,8 @@ def answer_lengths(labels: torch.Tensor) -> torch.Tensor:
         n = int(lengths[r])
         if n == 0 or not bool(valid[r, labels.shape[1] - n :].all()):
             raise ValueError(
-                f"row {r}: the labelled tokens must be the last tokens of the row (the answer after a left-padded "
+                f"row {r}: the labelled tokens must be the last tokens of the row (the answer after a "
+                "left-padded "
                 "prompt); got labels elsewhere or none"
             )
     return lengths
@@ -238,8 +239,13 @@ def train_attention(
             optimizer.step()
             last = step == steps - 1
             if step % log_every == 0 or last:
-                row = {"step": step, "loss": float(loss.detach()), **stats, "lr": optimizer.param_groups[0]["lr"],
-                       "elapsed_s": round(time.perf_counter() - start, 1)}
+                row = {
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    **stats,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "elapsed_s": round(time.perf_counter() - start, 1),
+                }
                 if evaluate is not None and eval_every and (step % eval_every == 0 or last) and step > 0:
                     module.eval()
                     with torch.no_grad():
@@ -259,7 +265,7 @@ def train_attention(
 
 
 def synthetic_answer_batches(processor, samples: Sequence[Any], batch_size: int) -> list[dict[str, Any]]:
-    """Left-padded inputs ``"<question> <video> answer : <answer>" + EOS`` with labels on the answer and EOS."""
+    """Left-padded inputs ``"<question> <video> answer : <answer>" + EOS``, labels on the answer and EOS."""
     from tokenreduce.eval.synthetic.prompting import prompt
 
     tokenizer = processor.tokenizer
@@ -268,8 +274,15 @@ def synthetic_answer_batches(processor, samples: Sequence[Any], batch_size: int)
     for start in range(0, len(samples), batch_size):
         chunk = list(samples[start : start + batch_size])
         texts = [f"{prompt(s)} {s.answer}" for s in chunk]
-        enc = dict(processor(text=texts, videos=[s.video for s in chunk], padding=True, padding_side="left",
-                             return_tensors="pt"))
+        enc = dict(
+            processor(
+                text=texts,
+                videos=[s.video for s in chunk],
+                padding=True,
+                padding_side="left",
+                return_tensors="pt",
+            )
+        )
         ids, mask = enc["input_ids"], enc["attention_mask"]
         b = ids.shape[0]
         enc["input_ids"] = torch.cat([ids, torch.full((b, 1), eos, dtype=ids.dtype)], 1)
@@ -283,8 +296,14 @@ def synthetic_answer_batches(processor, samples: Sequence[Any], batch_size: int)
     return out
 
 
-def synthetic_accuracy(model, processor, samples: Sequence[Any], module: VQAttention | None,
-                       method_options: dict[str, Any], batch_size: int = 16) -> float:
+def synthetic_accuracy(
+    model,
+    processor,
+    samples: Sequence[Any],
+    module: VQAttention | None,
+    method_options: dict[str, Any],
+    batch_size: int = 16,
+) -> float:
     """Exact-match accuracy of ``vqtoken`` (with ``module``) on ``samples`` (greedy generation)."""
     from tokenreduce.eval.predict import predict
     from tokenreduce.eval.synthetic.prompting import exact_match
@@ -317,10 +336,16 @@ def _parse_keep(values: list[str]) -> list[int | float]:
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised through the CLI
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="saved video VLM (default: the shipped synthetic video model)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="saved video VLM (default: the shipped synthetic video model)"
+    )
     parser.add_argument("--out", required=True, help="directory for vq_attention.safetensors / .json")
-    parser.add_argument("--keep", nargs="+", default=["5"], help="code count(s) (int) or fraction(s) to train at")
+    parser.add_argument(
+        "--keep", nargs="+", default=["5"], help="code count(s) (int) or fraction(s) to train at"
+    )
     parser.add_argument("--samples", type=int, default=4000, help="training samples from the train split")
     parser.add_argument("--val-samples", type=int, default=200, help="validation samples for the eval log")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -362,24 +387,51 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     val = load_synthetic("video", "validation", n=args.val_samples) if args.val_samples else []
     batches = synthetic_answer_batches(processor, train, args.batch_size)
     if accelerator.is_main_process:
-        print(f"data: {len(train)} train samples in {len(batches)} batches ({time.perf_counter() - t0:.0f}s)", flush=True)
+        print(
+            f"data: {len(train)} train samples in {len(batches)} batches ({time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
 
     def evaluate(module: VQAttention) -> dict[str, float]:
         if not val or not accelerator.is_main_process:
             return {}
-        return {f"val_acc@{k}": synthetic_accuracy(model, processor, val, module, {**options, "keep": k}) for k in keeps}
+        return {
+            f"val_acc@{k}": synthetic_accuracy(model, processor, val, module, {**options, "keep": k})
+            for k in keeps
+        }
 
     module, history = train_attention(
-        model, batches, steps=args.steps, keep=keeps, method_options=options,
-        module_options={"heads": args.heads, "hidden": args.hidden, "bins": tuple(args.bins), "ffn": not args.no_ffn},
-        lr=args.lr, warmup=args.warmup, distill=args.distill, accelerator=accelerator, seed=args.seed,
-        evaluate=evaluate, eval_every=args.eval_every,
+        model,
+        batches,
+        steps=args.steps,
+        keep=keeps,
+        method_options=options,
+        module_options={
+            "heads": args.heads,
+            "hidden": args.hidden,
+            "bins": tuple(args.bins),
+            "ffn": not args.no_ffn,
+        },
+        lr=args.lr,
+        warmup=args.warmup,
+        distill=args.distill,
+        accelerator=accelerator,
+        seed=args.seed,
+        evaluate=evaluate,
+        eval_every=args.eval_every,
         log=(lambda row: print(row, flush=True)) if accelerator.is_main_process else None,
     )
     if accelerator.is_main_process:
         module.save_pretrained(
-            args.out, model=args.model or "synthetic-onevision-video", keep=keeps, method_options=options,
-            samples=args.samples, steps=args.steps, lr=args.lr, distill=args.distill, seed=args.seed,
+            args.out,
+            model=args.model or "synthetic-onevision-video",
+            keep=keeps,
+            method_options=options,
+            samples=args.samples,
+            steps=args.steps,
+            lr=args.lr,
+            distill=args.distill,
+            seed=args.seed,
             final=history[-1] if history else None,
         )
         print(f"saved to {args.out}", flush=True)
