@@ -272,6 +272,15 @@ def _show(args: argparse.Namespace) -> int:
         paths = render_overlays(run_dir, per_cell=args.per_cell, sample_ids=args.sample or (), cells=args.cell or (),
                                 out_dir=args.out, progress=True)
         print(f"{len(paths)} overlay(s) written to {Path(args.out) if args.out else run_dir / 'overlays'}")
+    from tokenreduce.eval.runner import read_records
+
+    traced = [r for r in read_records(run_dir).values() if "ares" in (r.get("extra") or {})]
+    if traced:  # runs of the decode-stage method: entropy over the generated tokens, HWE marked
+        from tokenreduce.plugins.ares.plot import save_entropy_plots
+
+        out = Path(args.out) if args.out else run_dir / "entropy"
+        paths = save_entropy_plots(traced if args.per_cell is None else traced[: args.per_cell], out)
+        print(f"{len(paths)} entropy plot(s) written to {out}")
     return 0
 
 

@@ -80,3 +80,15 @@ def test_bench_runs_the_shared_prefill_benchmark(tmp_path, monkeypatch, capsys):
     pool = report["rows"][1]
     assert pool["visual_tokens_layer_mean"] == 64 and pool["kv_cache_ratio"] < 0.5
     assert "pool-64" in capsys.readouterr().out
+
+
+def test_show_plots_the_entropy_of_an_ares_run(tmp_path, capsys):
+    args = ["eval", "--task", "demo-image", "--task-opt", "n=2", "--model", "tiny=tiny:llava", "--methods", "ares",
+            "--budgets", "1.0", "--out", str(tmp_path), "--name", "ares", "--quiet", "--threads", "1"]
+    assert main(args) == 0
+    run = tmp_path / "ares"
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    assert all("entropy" in r["extra"]["ares"] for r in records)
+    assert main(["show", str(run)]) == 0
+    assert "2 entropy plot(s)" in capsys.readouterr().out
+    assert len(list((run / "entropy").glob("*.png"))) == 2

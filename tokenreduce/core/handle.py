@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,17 +51,6 @@ class BatchInfo:
     items: list[VisualItem]
     attention_mask: torch.Tensor
     samples: list[SampleStats]
-    position_ids: torch.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def row_items(self, row: int) -> list[VisualItem]:
-        return [it for it in self.items if it.row == row]
-
-    def visual_columns(self, row: int) -> torch.Tensor:
-        cols = [it.columns for it in self.items if it.row == row]
-        if not cols:
-            return torch.zeros(0, dtype=torch.long, device=self.attention_mask.device)
-        return torch.cat(cols).to(self.attention_mask.device)
 
 
 def _bind(fn, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -104,10 +93,7 @@ class ModelHandle:
         """Set ``obj.name = value`` on the instance, remembering how to undo it."""
         own = obj.__dict__
         self._patched.append((obj, name, name in own, own.get(name)))
-        if isinstance(obj, nn.Module) and isinstance(value, nn.Module):
-            obj._modules[name] = value
-        else:
-            object.__setattr__(obj, name, value)
+        object.__setattr__(obj, name, value)
 
     def register_hook(self, hook_handle: Any) -> Any:
         """Track a ``torch.utils.hooks.RemovableHandle`` (or anything with ``remove()``)."""
@@ -160,9 +146,7 @@ class ModelHandle:
             h.remove()
         self._hooks.clear()
         for obj, name, had, old in reversed(self._patched):
-            if isinstance(obj, nn.Module) and name in obj._modules and not had:
-                del obj._modules[name]
-            elif had:
+            if had:
                 object.__setattr__(obj, name, old)
             else:
                 obj.__dict__.pop(name, None)
@@ -389,8 +373,7 @@ class ModelHandle:
             for key in adapter.encoder_keys(m) | set(PIXEL_KEYS[m]):
                 out.pop(key, None)
         out["mm_encoder_outputs"] = packed
-        self.current = BatchInfo(items=items, attention_mask=new_mask, samples=self.stats.last,
-                                 position_ids=out["position_ids"])
+        self.current = BatchInfo(items=items, attention_mask=new_mask, samples=self.stats.last)
         return out
 
     def _text_embeds(self, inputs, row: int) -> torch.Tensor:

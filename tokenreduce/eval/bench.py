@@ -81,20 +81,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeats: int, warmup: int = WARMUP) -> float:
-    """Median wall time in ms over ``repeats`` runs after ``warmup`` discarded runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def fresh(batch: dict) -> dict:
     # mm_encoder_outputs is consumed per call: hand each call its own dict
     return {**batch, "mm_encoder_outputs": dict(batch["mm_encoder_outputs"])}
@@ -107,14 +93,69 @@ def kv_bytes(cache) -> int:
     return cache_bytes(cache)
 
 
-def measure(model, batch, device: str, repeats: int, decode_tokens: int) -> dict:
+def _once_ms(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure_interleaved(model, batch, device: str, methods: list, repeats: int, decode_tokens: int) -> list[dict]:
+    """Time every method in rounds (one prefill and one decode measurement of each per round).
+
+    On a shared machine load drifts over minutes; interleaving puts every method under the same load, and
+    each speedup is the median of per-round ratios against the full prefill of the same round.
+    """
+
+    def prefill():
+        return model(**fresh(batch), use_cache=True, logits_to_keep=1)
+
+    def decode_ms():
+        one = _once_ms(lambda: model.generate(**fresh(batch), max_new_tokens=1, do_sample=False), device)
+        many = _once_ms(lambda: model.generate(**fresh(batch), max_new_tokens=1 + decode_tokens, do_sample=False),
+                        device)
+        return (many - one) / decode_tokens
+
+    times = {name: {"prefill": [], "decode": []} for name, _ in methods}
+    extra: dict[str, dict] = {}
     with torch.no_grad():
-        prefill = timed(lambda: model(**fresh(batch), use_cache=True, logits_to_keep=1), device, repeats)
-        cache = model(**fresh(batch), use_cache=True, logits_to_keep=1).cache
-        one = timed(lambda: model.generate(**fresh(batch), max_new_tokens=1, do_sample=False), device, max(1, repeats // 2))
-        many = timed(lambda: model.generate(**fresh(batch), max_new_tokens=1 + decode_tokens, do_sample=False),
-                     device, max(1, repeats // 2))
-    return {"prefill_ms": prefill, "decode_ms_per_token": (many - one) / decode_tokens, "kv_cache_bytes": kv_bytes(cache)}
+        for round_ in range(WARMUP + repeats):
+            for name, config in methods:
+                if config is not None:
+                    tr.wrap(model, config)
+                try:
+                    p_ms = _once_ms(prefill, device)
+                    d_ms = decode_ms()
+                    if round_ >= WARMUP:
+                        times[name]["prefill"].append(p_ms)
+                        times[name]["decode"].append(d_ms)
+                    if name not in extra:
+                        tr.stats(model, reset=True) if config is not None else None
+                        out = prefill()
+                        extra[name] = {"kv_cache_bytes": kv_bytes(out.cache)}
+                        if config is not None:
+                            sample = tr.stats(model).samples[-1]
+                            extra[name].update(
+                                reducer_ms=sample.reducer_ms, flops=sample.prefill_flops,
+                                flops_full=sample.prefill_flops_full,
+                                visual_tokens_layer_mean=sample.visual_tokens_layer_mean,
+                            )
+                finally:
+                    if config is not None:
+                        tr.unwrap(model)
+    full = times[methods[0][0]]
+    rows = []
+    for name, _ in methods:
+        t = times[name]
+        row = {"method": name, "prefill_ms": statistics.median(t["prefill"]),
+               "decode_ms_per_token": statistics.median(t["decode"]), **extra[name],
+               "speedup": statistics.median(f / m for f, m in zip(full["prefill"], t["prefill"])),
+               "decode_speedup": statistics.median(f / m for f, m in zip(full["decode"], t["decode"]) if m > 0)}
+        rows.append(row)
+    return rows
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -153,26 +194,9 @@ def run(args: argparse.Namespace, results_dir: Path | None = None) -> int:
                "fastv-K2-50%": lambda: build_config("fastv", layer=2, keep=0.5),
                "pdrop-25%": lambda: build_config("pdrop", **_pdrop(layers))}
     methods = [(name, configs[name]()) for name in METHODS if name == "full" or name in args.methods]
-    rows = []
-    for name, config in methods:
-        if config is not None:
-            tr.wrap(model, config)
-        try:
-            result = measure(model, batch, args.device, args.repeats, args.decode_tokens)
-            if config is not None:
-                tr.stats(model, reset=True)
-                with torch.no_grad():
-                    model(**fresh(batch), logits_to_keep=1)
-                sample = tr.stats(model).samples[0]
-                result.update(reducer_ms=sample.reducer_ms, flops=sample.prefill_flops, flops_full=sample.prefill_flops_full,
-                              visual_tokens_layer_mean=sample.visual_tokens_layer_mean)
-        finally:
-            if config is not None:
-                tr.unwrap(model)
-        rows.append({"method": name, **result})
+    rows = measure_interleaved(model, batch, args.device, methods, args.repeats, args.decode_tokens)
     full = rows[0]
     for row in rows[1:]:
-        row["speedup"] = full["prefill_ms"] / row["prefill_ms"]
         row["ideal_speedup"] = row["flops_full"] / row["flops"]
         row["of_ideal"] = row["speedup"] / row["ideal_speedup"]
         row["reducer_share_of_full_prefill"] = row["reducer_ms"] / full["prefill_ms"]
