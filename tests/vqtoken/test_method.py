@@ -90,7 +90,7 @@ def test_generate_equals_reduced_reference(models, attention_dir, family):
 def test_index_map_round_trips_and_code_tokens_are_the_paper_codebook(models, family):
     model = models[family]
     batch = tiny_batch(model, default_rows(family, video=True))
-    tr.wrap(model, "vqtoken", keep=3)
+    tr.wrap(model, "vqtoken", keep=3, keep_codebook=True)
     try:
         with torch.no_grad():
             model(**batch)
@@ -176,6 +176,7 @@ def test_keep_newline_keeps_onevision_trailing_newline(models):
         last = it.layout.num_tokens - 1
         assert it.layout.is_newline[last] and int(it.reduction.sources[-1]) == last
         assert it.reduction.num_tokens == it.reduction.info["num_codes"] + 1
+        assert "codebook" not in it.reduction.info  # only with keep_codebook=True
 
 
 def test_adaptive_mode_reports_scores_and_respects_bounds(models):

@@ -44,6 +44,12 @@ class VQTokenConfig(MethodConfig):
             tokens (norm <= 1, off the scale the LLM was trained on).
         keep_newline: also keep a video's lone trailing newline token (LLaVA-OneVision). Off by default:
             the paper feeds the codes only.
+        keep_codebook: also put the unit codewords the index map was assigned with into
+            ``info["codebook"]`` (``[codes, D]``; every cell's code is its cosine-nearest row). Off by
+            default: the evaluation runner writes item info into every record, and a 32 x 896 codebook
+            is ~0.5 MB of JSON per sample. ``info`` always holds ``index_map`` (``T x H x W`` code ids,
+            code ``j`` being the ``j``-th code token), ``num_codes``, ``k`` and, in adaptive mode,
+            ``k_scores``.
         attention: trained VQ-attention (local directory or hub repo id, see
             :class:`~tokenreduce.plugins.vqtoken.attention.VQAttention`). ``None`` gives codebook only,
             the paper's ablation and the released code's inference path.
@@ -64,6 +70,7 @@ class VQTokenConfig(MethodConfig):
     renumber_positions: bool = True
     codeword: str = "mean"
     keep_newline: bool = False
+    keep_codebook: bool = False
     attention: str | None = None
     seed: int = 0
     max_iter: int = 100
@@ -81,8 +88,9 @@ class VQTokenConfig(MethodConfig):
             raise ValueError(f"`k_min` ({self.k_min}) must be <= `k_max` ({self.k_max})")
         check_choice("anchor", self.anchor, ANCHORS)
         check_choice("codeword", self.codeword, CODEWORDS)
-        if not isinstance(self.keep_newline, bool):
-            raise ValueError(f"`keep_newline` must be a bool, got {self.keep_newline!r}")
+        for name in ("keep_newline", "keep_codebook"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         if self.attention is not None and (not isinstance(self.attention, str) or not self.attention):
             raise ValueError(
                 "`attention` must be a local directory or hub repo id (a non-empty str) or None, "
@@ -193,9 +201,10 @@ class VQTokenMethod(Method):
             "num_codes": m,
             "k": book.k,
             "index_map": index_map(layout, content, codes).to("cpu", torch.int32),
-            "codebook": book.centroids[order].detach().to("cpu", torch.float32),
             "anchor": cfg.anchor,
         }
+        if cfg.keep_codebook:
+            info["codebook"] = book.centroids[order].detach().to("cpu", torch.float32)
         if book.scores:
             info["k_scores"] = book.scores
         return Reduction(sources=sources, features=outputs, assignment=assignment, info=info)
