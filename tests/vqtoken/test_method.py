@@ -220,3 +220,16 @@ def test_at_budget_is_fixed_length():
     config = VQTokenConfig.at_budget(0.01)
     assert config.keep == 0.01 and config.renumber_positions
     assert VQTokenConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_one_code_per_token_at_original_positions_is_the_identity(models, family):
+    model = models[family]
+    batch = tiny_batch(model, default_rows(family, video=True))
+    with torch.no_grad():
+        reference = model(**batch).logits
+    config = VQTokenConfig(keep=1.0, renumber_positions=False, keep_newline=True)
+    out, stats = _run(model, config, batch)
+    assert all(it.tokens_out == it.tokens_in for s in stats for it in s.items)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[valid], reference[valid], atol=1e-5, rtol=0)
