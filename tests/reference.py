@@ -50,6 +50,9 @@ def recorded_reductions(model):
 def reduced_rows(model, method, batch, modalities=("image", "video"), recorded=None):
     """Per row: (embeddings [L', D], positions [.., L'], kept original columns) of the reduced sequence.
 
+    Positions are the original ones at the kept columns, or ``0..L'-1`` when the method's config sets
+    ``renumber_positions``.
+
     The reductions come from ``method`` run on the unwrapped encoder's features, or, for methods that
     read the vision tower, from ``recorded`` (:func:`recorded_reductions` of the wrapped model).
     """
@@ -102,6 +105,9 @@ def reduced_rows(model, method, batch, modalities=("image", "video"), recorded=N
                 cols.append(c)
         cols_t = torch.tensor(cols)
         pos = positions[..., r, :][..., cols_t]
+        if getattr(getattr(method, "config", None), "renumber_positions", False):
+            # renumber_positions: the reduced row reads consecutive positions (every M-RoPE axis alike)
+            pos = torch.arange(cols_t.numel()).expand_as(pos).clone()
         rows.append((torch.stack(emb), pos, cols_t))
     return rows
 

@@ -39,7 +39,11 @@ def test_forward_equals_reduced_reference_and_rows_alone(models, family, method)
         ref = reference_logits(model, emb, pos)
         got = out[r, -ref.shape[0]:]
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=f"{family}/{method} row {r}")
-        assert stats[r].visual_tokens_out < stats[r].visual_tokens_in
+        # rows holding an item of the method's default modalities shrink; the others pass through
+        if any(it.modality in get_method(method).modalities for it in stats[r].items):
+            assert stats[r].visual_tokens_out < stats[r].visual_tokens_in
+        else:
+            assert stats[r].visual_tokens_out == stats[r].visual_tokens_in
     # rows of different lengths were left padded to the longest
     assert out.shape[1] == max(ref[0].shape[0] for ref in refs)
 

@@ -5,7 +5,8 @@ One summary row per (model, method, budget): the task's official metrics over th
 visual tokens (at the LLM input, at the deepest layer, averaged over layers), mean analytic prefill
 FLOPs and their ratio to the unreduced prefill, and MEDIAN reducer time, time to first token and decode
 time per token (timings are noisy; the median resists the outliers), the largest peak memory and the
-mean KV-cache bytes.
+mean KV-cache bytes. ``tokdense`` is VQToken's token density: the primary metric in percent (metrics are
+fractions in [0, 1]) per visual token fed to the LLM, e.g. 57.72 % / 13.08 tokens = 4.41.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def _median(values) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def tokdense(primary: float | None, tokens: float | None) -> float | None:
+    """Token density (VQToken, NeurIPS'25): ``100 * primary / tokens`` with ``tokens`` the mean visual
+    tokens at the LLM input; None when either is missing or no token is fed."""
+    if primary is None or not tokens:
+        return None
+    return 100.0 * primary / tokens
+
+
 def cell_key(rec: Mapping[str, Any]) -> tuple[str, str, float | None]:
     return rec["model"], rec["method"], rec.get("budget")
 
@@ -56,13 +65,15 @@ def summarize(records: Sequence[Mapping[str, Any]], task: Task, skipped: Mapping
                  if (model, r["sample_id"]) in baseline_pred]
         flops = _mean(r.get("prefill_flops") for r in ok)
         flops_full = _mean(r.get("prefill_flops_full") for r in ok)
+        llm_input = _mean(r.get("visual_tokens_llm_input") for r in ok)
         rows.append({
             "model": model, "method": method, "budget": budget, "samples": len(recs), "errors": len(errors),
             "error_examples": sorted({str(r["error"])[:200] for r in errors})[:3],
             "metrics": metrics, "primary": metrics.get(task.primary_metric),
             "agreement_with_none": sum(agree) / len(agree) if agree else None,
             "visual_tokens_in": _mean(r.get("visual_tokens_in") for r in ok),
-            "visual_tokens_llm_input": _mean(r.get("visual_tokens_llm_input") for r in ok),
+            "visual_tokens_llm_input": llm_input,
+            "tokdense": tokdense(metrics.get(task.primary_metric), llm_input),
             "visual_tokens_out": _mean(r.get("visual_tokens_out") for r in ok),
             "visual_tokens_layer_mean": _mean(r.get("visual_tokens_layer_mean") for r in ok),
             "prefill_flops": flops, "prefill_flops_full": flops_full,
@@ -90,13 +101,15 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 def markdown_table(summary: Mapping[str, Any]) -> str:
     """One row per cell, primary metric first, then tokens, FLOPs, time, memory."""
     metric = summary["primary_metric"]
-    head = (f"| model | method | budget | {metric} | agree w/ none | visual tokens in | out (deepest) | layer mean | "
+    head = (f"| model | method | budget | {metric} | agree w/ none | visual tokens in | LLM input | TokDense | "
+            "out (deepest) | layer mean | "
             "FLOPs ratio | TTFT ms (med) | decode ms/tok (med) | reducer ms (med) | peak MiB | KV MiB | n | errors |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for c in summary["cells"]:
         lines.append(
             f"| {c['model']} | {c['method']} | {_fmt(c['budget'], 'g')} | {_fmt(c['primary'], '.4g')} | "
             f"{_fmt(c['agreement_with_none'], '.3f')} | {_fmt(c['visual_tokens_in'], '.1f')} | "
+            f"{_fmt(c.get('visual_tokens_llm_input'), '.1f')} | {_fmt(c.get('tokdense'), '.3g')} | "
             f"{_fmt(c['visual_tokens_out'], '.1f')} | {_fmt(c['visual_tokens_layer_mean'], '.1f')} | "
             f"{_fmt(c['prefill_flops_ratio'], '.3f')} | {_fmt(c['ttft_ms_median'], '.1f')} | "
             f"{_fmt(c['decode_ms_per_token_median'], '.2f')} | {_fmt(c['reducer_ms_median'], '.2f')} | "

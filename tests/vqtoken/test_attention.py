@@ -1,0 +1,133 @@
+"""VQ-attention: the hash it reads, identity at initialisation, persistence, and training through the LLM."""
+
+import pytest
+import torch
+
+import tokenreduce as tr
+from tokenreduce.core.api import get_handle
+from tokenreduce.core.layout import Segment, TokenLayout
+from tokenreduce.plugins.vqtoken import VQAttention, VQAttentionConfig
+from tokenreduce.plugins.vqtoken.hashing import anchors, grid_coordinates, index_map, occupancy
+from tokenreduce.plugins.vqtoken.training import answer_lengths, train_attention
+from tokenreduce.testing.tiny import EOS, RowSpec, tiny_batch, tiny_model
+
+from .helpers import scene_grid
+
+
+def _video_layout(frames: int, side: int, newline: bool = False) -> TokenLayout:
+    segments = tuple(Segment("frame", side, side, time=t) for t in range(frames))
+    if newline:
+        segments += (Segment("newline", 1, 0, newline=True, time=frames - 1),)
+    return TokenLayout("video", segments)
+
+
+def test_occupancy_is_the_pooled_one_hot_map_and_follows_motion():
+    grid = scene_grid(1, frames=8, side=8)  # one object moving right, changing look at frame 4
+    layout = _video_layout(8, 8, newline=True)
+    content = layout.content_mask.nonzero().flatten()
+    codes = grid.flatten()
+    assert torch.equal(index_map(layout, content, codes), grid)
+    occ = occupancy(grid_coordinates(layout, content), codes, int(codes.max()) + 1, (4, 2, 2)).view(
+        -1, 4, 2, 2
+    )
+    torch.testing.assert_close(occ.sum(0), torch.ones(4, 2, 2))  # every bin's shares sum to 1
+    # look 3 (before the change) lives in time bins 0-1 only, look 4 in bins 2-3 only
+    assert occ[3, :2].sum() > 0 and occ[3, 2:].sum() == 0
+    assert occ[4, 2:].sum() > 0 and occ[4, :2].sum() == 0
+    # static objects occupy every time bin equally
+    torch.testing.assert_close(occ[2, 0], occ[2, 3])
+
+
+def test_occupancy_fills_time_bins_of_short_clips():
+    layout = _video_layout(2, 2)
+    content = layout.content_mask.nonzero().flatten()
+    codes = torch.tensor([0, 1, 1, 1, 0, 0, 1, 1])
+    occ = occupancy(grid_coordinates(layout, content), codes, 2, (4, 1, 1)).view(2, 4)
+    torch.testing.assert_close(occ[0], torch.tensor([0.25, 0.25, 0.5, 0.5]))
+
+
+def test_anchors_first_and_representative():
+    codes = torch.tensor([2, 0, 2, 0, 3])
+    sim = torch.tensor([0.5, 0.9, 0.8, 0.95, 1.0])
+    assert anchors(codes, sim, 4, "first").tolist() == [1, -1, 0, 4]
+    assert anchors(codes, sim, 4, "representative").tolist() == [3, -1, 2, 4]
+    with pytest.raises(ValueError, match="`anchor`"):
+        anchors(codes, sim, 4, "last")
+
+
+def test_untrained_module_is_the_codebook_and_save_load_round_trips(tmp_path):
+    module = VQAttention(VQAttentionConfig(dim=16, heads=2, bins=(2, 2, 2), hidden=8))
+    book, occ = torch.randn(5, 16), torch.rand(5, 8)
+    torch.testing.assert_close(module(book, occ), book)  # zero-initialised output projections
+    with torch.no_grad():
+        module.out.weight.normal_()
+        module.ffn[-1].weight.normal_()
+    out = module(book, occ)
+    assert not torch.allclose(out, book)
+    module.save_pretrained(tmp_path, note="test")
+    loaded = VQAttention.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(book, occ), out)
+    assert VQAttention.metadata(tmp_path) == {"note": "test"}
+    with pytest.raises(ValueError, match="occupancy"):
+        module(book, torch.rand(5, 7))
+    with pytest.raises(ValueError, match="divisible"):
+        VQAttentionConfig(dim=10, heads=4)
+
+
+def _answer_batches(model, n_batches: int = 2, rows: int = 4):
+    out = []
+    for b in range(n_batches):
+        batch = tiny_batch(
+            model, [RowSpec(videos=[4], prefix=3, suffix=2, seed=10 * b + i) for i in range(rows)]
+        )
+        answer = torch.randint(3, 990, (rows, 1), generator=torch.Generator().manual_seed(b))
+        batch["input_ids"] = torch.cat([batch["input_ids"], answer, torch.full((rows, 1), EOS)], 1)
+        batch["attention_mask"] = torch.cat(
+            [batch["attention_mask"], torch.ones(rows, 2, dtype=torch.long)], 1
+        )
+        labels = torch.full_like(batch["input_ids"], -100)
+        labels[:, -2:] = batch["input_ids"][:, -2:]
+        batch["labels"] = labels
+        out.append(batch)
+    return out
+
+
+def test_training_lowers_the_answer_loss_and_the_module_loads_into_wrap(tmp_path):
+    model = tiny_model("llava_onevision")
+    batches = _answer_batches(model, n_batches=1)
+    module, log = train_attention(
+        model,
+        batches,
+        steps=30,
+        keep=3,
+        lr=1e-2,
+        warmup=2,
+        distill=0.5,
+        log_every=29,
+        module_options={"hidden": 32, "bins": (4, 2, 2)},
+    )
+    assert get_handle(model) is None and not any(p.requires_grad for p in model.parameters())
+    first, last = log[0], log[-1]
+    assert last["ce"] < first["ce"] - 0.03 and "kl" in last
+    module.save_pretrained(tmp_path)
+    batch = {k: v for k, v in batches[0].items() if k != "labels"}
+    tr.wrap(model, "vqtoken", keep=3, attention=str(tmp_path))
+    try:
+        with torch.no_grad():
+            trained = model(**batch).logits[:, -1]
+    finally:
+        tr.unwrap(model)
+    tr.wrap(model, "vqtoken", keep=3)
+    try:
+        with torch.no_grad():
+            codebook_only = model(**batch).logits[:, -1]
+    finally:
+        tr.unwrap(model)
+    assert not torch.allclose(trained, codebook_only, atol=1e-4)
+
+
+def test_answer_lengths_needs_answers_at_the_end():
+    labels = torch.tensor([[-100, -100, 5, 2], [-100, 7, -100, 2]])
+    with pytest.raises(ValueError, match="row 1"):
+        answer_lengths(labels)
+    assert answer_lengths(labels[:1]).tolist() == [2]

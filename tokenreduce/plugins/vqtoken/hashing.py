@@ -1,0 +1,104 @@
+"""The token hash: where every code occurs in the video, kept next to the code tokens.
+
+The paper indexes grid token ``(f, h, w)`` as ``i = f*H*W + h*W + w`` and keeps the index map
+``M[f, h, w] = code of token i`` (``T x H x W``), so positions and motion survive although only one token
+per code reaches the LLM. Here the map lives in ``Reduction.info["index_map"]`` and is what VQ-attention
+reads.
+
+Which original token a code token stands at (its ``source``) decides its place in the sequence, and
+with ``renumber_positions=False`` its position ids:
+
+* ``"first"``: the code's first occurrence in raster order ``(f, h, w)``; code tokens then appear in the
+  order the codes first show up in the video;
+* ``"representative"``: the member closest to its codeword; with ``renumber_positions=False`` the code
+  token takes that token's position (on Qwen2-VL its temporal/height/width M-RoPE ids).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenreduce.core.layout import TokenLayout
+
+ANCHORS = ("first", "representative")
+
+
+def anchors(codes: torch.Tensor, similarity: torch.Tensor, k: int, mode: str) -> torch.Tensor:
+    """Per code ``0..k-1``: the index (into ``codes``) of its anchor token, ``-1`` for unused codes."""
+    n = codes.numel()
+    index = torch.arange(n, device=codes.device)
+    if mode == "first":
+        out = torch.full((k,), n, dtype=torch.long, device=codes.device)
+        out.scatter_reduce_(0, codes, index, reduce="amin")
+    elif mode == "representative":
+        # the most similar member; ties go to the earliest token
+        best = torch.full((k,), float("-inf"), dtype=torch.float32, device=codes.device)
+        best.scatter_reduce_(0, codes, similarity.float(), reduce="amax")
+        is_best = similarity.float() == best[codes]
+        out = torch.full((k,), n, dtype=torch.long, device=codes.device)
+        out.scatter_reduce_(0, codes[is_best], index[is_best], reduce="amin")
+    else:
+        raise ValueError(f"`anchor` must be one of {ANCHORS}, got {mode!r}")
+    return torch.where(out < n, out, torch.full_like(out, -1))
+
+
+def grid_coordinates(layout: TokenLayout, content: torch.Tensor) -> torch.Tensor:
+    """``[N_content, 3]`` float coordinates ``(t, y, x)`` in ``[0, 1)`` of the content tokens.
+
+    ``t`` is the frame's time over the number of frames (0 for images); ``y``, ``x`` the row and column over
+    the segment's grid. Works for any layout (frames, anyres crops of different grids, flat sequences).
+    """
+    times = layout.times[content].float()
+    frames = float(int(layout.times.max()) + 1) if layout.num_tokens else 1.0
+    seg = layout.segment_ids[content]
+    rows = torch.tensor([max(1, s.rows) for s in layout.segments], dtype=torch.float32)[seg]
+    cols = torch.tensor([max(1, s.cols) for s in layout.segments], dtype=torch.float32)[seg]
+    return torch.stack(
+        [times / frames, layout.rows[content].float() / rows, layout.cols[content].float() / cols], 1
+    )
+
+
+def index_map(layout: TokenLayout, content: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The ``T x H x W`` map of code ids when every content segment has the same grid, else ``[1, 1, N]``.
+
+    ``content`` are the item's content-token indices (raster order), ``codes`` their code ids.
+    """
+    grids = {(s.rows, s.cols) for s in layout.segments if s.cols > 0}
+    segments = [s for s in layout.segments if s.cols > 0]
+    if len(grids) == 1 and sum(s.rows * s.cols for s in segments) == codes.numel():
+        rows, cols = grids.pop()
+        return codes.reshape(len(segments), rows, cols)
+    return codes.reshape(1, 1, -1)
+
+
+def occupancy(coords: torch.Tensor, codes: torch.Tensor, k: int, bins: tuple[int, int, int]) -> torch.Tensor:
+    """``[k, bt*bh*bw]``: for every code, the share of each space-time bin's tokens that carry it.
+
+    The one-hot index map pooled onto a fixed ``bins`` grid, so one VQ-attention module serves any frame
+    count and resolution (the paper flattens the full map, which fixes ``T x H x W``). A bin's shares sum to
+    1 over the codes; empty bins (fewer frames than time bins) are filled from the nearest earlier bin.
+    """
+    bt, bh, bw = bins
+    scale = torch.tensor([bt, bh, bw], dtype=torch.float32, device=coords.device)
+    cell = (coords.to(scale.device) * scale).floor().long()
+    cell = torch.minimum(cell, (scale.long() - 1)[None])
+    flat = (cell[:, 0] * bh + cell[:, 1]) * bw + cell[:, 2]
+    size = bt * bh * bw
+    counts = torch.zeros(size, device=coords.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.float32)
+    )
+    hist = torch.zeros(k, size, device=coords.device)
+    hist.index_put_(
+        (codes.to(coords.device), flat), torch.ones_like(flat, dtype=torch.float32), accumulate=True
+    )
+    hist = hist / counts.clamp_min(1.0)[None]
+    # time bins without tokens (short clips): copy the previous filled time bin
+    hist = hist.view(k, bt, bh * bw)
+    filled = counts.view(bt, bh * bw).sum(1) > 0
+    last = 0
+    for t in range(bt):
+        if bool(filled[t]):
+            last = t
+        elif bool(filled[: t + 1].any()):
+            hist[:, t] = hist[:, last]
+    return hist.reshape(k, size)

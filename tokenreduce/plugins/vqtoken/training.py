@@ -1,0 +1,442 @@
+"""Training VQ-attention on video question answering, with the VLM frozen.
+
+The model is wrapped with ``vqtoken`` exactly as at inference (same clustering, same code order, same
+positions). Only the VQ-attention module being trained is plugged in, so the LLM reads the module's code
+tokens and gradients reach the module through the LLM. Everything else stays frozen. This differs from the
+paper, which tunes the whole model. There, a checkpoint is a whole model. Here, a checkpoint is a small
+module that ``tr.wrap(model, "vqtoken", attention=...)`` plugs into the unchanged model.
+
+Loss, per answer token (the answer words and EOS ending each row):
+
+* next-token cross-entropy on the answer;
+* with ``distill > 0``, plus ``distill * KL(teacher || student)``. The teacher is the same frozen model
+  reading the full, unreduced video, which tells the module what the LLM expects, not only which word is
+  right. This is ours; the paper trains on the answers only.
+
+To save time the frozen vision tower runs once per batch. Its output is cached and passed back as
+``mm_encoder_outputs``, next to a zero-stride stand-in for the pixels that carries the shapes the layouts
+are read from. The teacher's answer logits are cached the same way.
+
+    python -m tokenreduce.plugins.vqtoken.training --model assets/models/synthetic-onevision-video \\
+        --out runs/vqattn --keep 5 --samples 4000 --steps 3000
+
+Several processes: ``accelerate launch -m tokenreduce.plugins.vqtoken.training ...``. Each process takes
+every ``world``-th batch, and gradients are averaged across processes before every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import tokenreduce as tr
+from tokenreduce.adapters import get_adapter
+from tokenreduce.adapters.base import PIXEL_KEYS
+from tokenreduce.core.api import get_handle
+
+from .attention import VQAttention, VQAttentionConfig
+
+
+@dataclass
+class CachedBatch:
+    """One training batch with its frozen-tower features and the teacher's answer logits cached."""
+
+    inputs: dict[str, Any]
+    answer_lengths: torch.Tensor  # [B] labelled tokens at the end of each row (answer words + EOS)
+    teacher: torch.Tensor | None  # [B, max_len, V] log-probabilities (right-aligned, NaN where unused)
+
+
+def answer_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the number of labelled tokens, which must be the row's last tokens (left padding)."""
+    valid = labels != -100
+    lengths = valid.sum(1)
+    for r in range(labels.shape[0]):
+        n = int(lengths[r])
+        if n == 0 or not bool(valid[r, labels.shape[1] - n :].all()):
+            raise ValueError(
+                f"row {r}: the labelled tokens must be the last tokens of the row (the answer after a "
+                "left-padded "
+                "prompt); got labels elsewhere or none"
+            )
+    return lengths
+
+
+def _cache_pixels(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` with every modality's encoder output precomputed and its pixels replaced by a zero-stride
+    tensor of the same shape (the layouts read shapes only; the handle drops pixel inputs anyway)."""
+    adapter = get_adapter(model)
+    out = dict(inputs)
+    cached = {}
+    for m in adapter.modalities:
+        if not adapter.has_pixels(m, inputs):
+            continue
+        with torch.no_grad():
+            feats = adapter.encode(m, inputs)
+        cached[m] = BaseModelOutputWithPooling(pooler_output=[f.detach() for f in feats])
+        for key in PIXEL_KEYS[m]:
+            value = inputs.get(key)
+            if torch.is_tensor(value):
+                out[key] = torch.zeros((), dtype=value.dtype, device=value.device).expand(value.shape)
+    if cached:
+        out["mm_encoder_outputs"] = cached
+    return out
+
+
+def _answer_log_probs(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``[B, max_len, V]`` log-probabilities of the positions that predict each row's labelled tokens."""
+    most = int(lengths.max())
+    logp = F.log_softmax(logits[:, -most - 1 : -1].float(), dim=-1)
+    return logp
+
+
+def prepare_batches(model: nn.Module, batches: Sequence[dict[str, Any]], distill: bool) -> list[CachedBatch]:
+    """Cache the tower features (and, for distillation, the full-token teacher's answer log-probabilities)."""
+    out = []
+    handle = get_handle(model)
+    for batch in batches:
+        batch = dict(batch)
+        labels = batch.pop("labels")
+        lengths = answer_lengths(labels)
+        teacher = None
+        if distill:
+            ctx = tr.disabled(model) if handle is not None else _null()
+            with torch.no_grad(), ctx:
+                logits = model(**batch, logits_to_keep=int(lengths.max()) + 1).logits
+            teacher = _answer_log_probs(logits, lengths).cpu()
+        out.append(CachedBatch(_cache_pixels(model, batch), lengths, teacher))
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def batch_loss(model: nn.Module, batch: CachedBatch, distill: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Answer cross-entropy (+ ``distill`` x KL to the teacher) of the wrapped model on one cached batch."""
+    lengths = batch.answer_lengths
+    most = int(lengths.max())
+    ids = batch.inputs["input_ids"]
+    logits = model(**batch.inputs, logits_to_keep=most + 1).logits
+    logp = _answer_log_probs(logits, lengths)  # [B, most, V]
+    targets = ids[:, -most:]
+    positions = torch.arange(most, device=ids.device)[None]
+    mask = positions >= (most - lengths.to(ids.device))[:, None]  # right-aligned answer tokens
+    nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
+    ce = nll[mask].mean()
+    stats = {"ce": float(ce.detach())}
+    loss = ce
+    if distill > 0 and batch.teacher is not None:
+        teacher = batch.teacher.to(logp.device)
+        kl = (teacher.exp() * (teacher - logp)).sum(-1)
+        kl = kl[mask].mean()
+        loss = loss + distill * kl
+        stats["kl"] = float(kl.detach())
+    # share of answer tokens predicted right (greedy), a training-time accuracy proxy
+    stats["token_acc"] = float((logp.argmax(-1) == targets)[mask].float().mean())
+    return loss, stats
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_attention(
+    model: nn.Module,
+    batches: Sequence[dict[str, Any]],
+    *,
+    steps: int,
+    keep: int | float | Sequence[int | float] = 5,
+    method_options: dict[str, Any] | None = None,
+    module: VQAttention | None = None,
+    module_options: dict[str, Any] | None = None,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    warmup: int = 50,
+    distill: float = 1.0,
+    accelerator: Any = None,
+    seed: int = 0,
+    log_every: int = 25,
+    evaluate: Callable[[VQAttention], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    log: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[VQAttention, list[dict[str, Any]]]:
+    """Train VQ-attention on ``batches`` (model inputs with ``labels`` on the answer) for ``steps`` steps.
+
+    ``keep``: the fixed code count(s) to train at; with several, each step draws one, so the module serves
+    several budgets. ``method_options``: further ``vqtoken`` options (``anchor``, ``codeword``...), the same
+    ones inference must use. ``evaluate(module)``: called every ``eval_every`` steps and at the end; its
+    numbers go into the log. Returns the trained module (eval mode, on the CPU) and the log.
+    """
+    if steps < 1:
+        raise ValueError(f"`steps` must be >= 1, got {steps!r}")
+    if not batches:
+        raise ValueError("`batches` is empty")
+    keeps = list(keep) if isinstance(keep, (list, tuple)) else [keep]
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    adapter = get_adapter(model)
+    width = int(adapter.text_config.hidden_size)
+    if module is None:
+        module = VQAttention(VQAttentionConfig(dim=width, **(module_options or {})))
+    device = next(model.parameters()).device if accelerator is None else accelerator.device
+    model.to(device)
+    module.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    mine = [b for i, b in enumerate(batches) if i % world == rank] or list(batches)
+    mine = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in mine]
+    cached = prepare_batches(model, mine, distill > 0)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    options = {k: v for k, v in (method_options or {}).items() if k != "keep"}
+    tr.wrap(model, "vqtoken", keep=keeps[0], **options)
+    method = get_handle(model).method
+    method.set_attention(module)
+    history: list[dict[str, Any]] = []
+    order: list[int] = []
+    start = time.perf_counter()
+    try:
+        for step in range(steps):
+            if not order:
+                order = list(range(len(cached)))
+                rng.shuffle(order)
+            batch = cached[order.pop()]
+            method.config.keep = keeps[rng.randrange(len(keeps))] if len(keeps) > 1 else keeps[0]
+            for group in optimizer.param_groups:
+                group["lr"] = lr * _lr_factor(step, steps, warmup)
+            module.train()
+            loss, stats = batch_loss(model, batch, distill)
+            optimizer.zero_grad(set_to_none=True)
+            if accelerator is not None:
+                accelerator.backward(loss)
+                if world > 1:
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+            else:
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            last = step == steps - 1
+            if step % log_every == 0 or last:
+                row = {
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    **stats,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "elapsed_s": round(time.perf_counter() - start, 1),
+                }
+                if evaluate is not None and eval_every and (step % eval_every == 0 or last) and step > 0:
+                    module.eval()
+                    with torch.no_grad():
+                        row.update(evaluate(module))
+                history.append(row)
+                if log is not None:
+                    log(row)
+    finally:
+        tr.unwrap(model)
+    module.eval()
+    return module.cpu(), history
+
+
+# ----------------------------------------------------------------------------------------------------
+# The synthetic video benchmark
+# ----------------------------------------------------------------------------------------------------
+
+
+def synthetic_answer_batches(processor, samples: Sequence[Any], batch_size: int) -> list[dict[str, Any]]:
+    """Left-padded inputs ``"<question> <video> answer : <answer>" + EOS``, labels on the answer and EOS."""
+    from tokenreduce.eval.synthetic.prompting import prompt
+
+    tokenizer = processor.tokenizer
+    eos = tokenizer.eos_token_id
+    out = []
+    for start in range(0, len(samples), batch_size):
+        chunk = list(samples[start : start + batch_size])
+        texts = [f"{prompt(s)} {s.answer}" for s in chunk]
+        enc = dict(
+            processor(
+                text=texts,
+                videos=[s.video for s in chunk],
+                padding=True,
+                padding_side="left",
+                return_tensors="pt",
+            )
+        )
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        b = ids.shape[0]
+        enc["input_ids"] = torch.cat([ids, torch.full((b, 1), eos, dtype=ids.dtype)], 1)
+        enc["attention_mask"] = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], 1)
+        labels = torch.full_like(enc["input_ids"], -100)
+        for r, s in enumerate(chunk):
+            n = len(tokenizer(s.answer, add_special_tokens=False)["input_ids"]) + 1
+            labels[r, -n:] = enc["input_ids"][r, -n:]
+        enc["labels"] = labels
+        out.append(enc)
+    return out
+
+
+def synthetic_accuracy(
+    model,
+    processor,
+    samples: Sequence[Any],
+    module: VQAttention | None,
+    method_options: dict[str, Any],
+    batch_size: int = 16,
+) -> float:
+    """Exact-match accuracy of ``vqtoken`` (with ``module``) on ``samples`` (greedy generation)."""
+    from tokenreduce.eval.predict import predict
+    from tokenreduce.eval.synthetic.prompting import exact_match
+
+    handle = get_handle(model)
+    was_wrapped = handle is not None
+    if was_wrapped:
+        saved = handle.method.attention, handle.method.config.keep
+        handle.method.set_attention(module)
+        handle.method.config.keep = method_options.get("keep", handle.method.config.keep)
+    else:
+        tr.wrap(model, "vqtoken", **method_options)
+        get_handle(model).method.set_attention(module)
+    try:
+        predictions = predict(model, processor, samples, batch_size=batch_size, max_new_tokens=3)
+    finally:
+        if was_wrapped:
+            handle.method.set_attention(saved[0])
+            handle.method.config.keep = saved[1]
+        else:
+            tr.unwrap(model)
+    return sum(exact_match(p, s.answer) for p, s in zip(predictions, samples)) / max(1, len(samples))
+
+
+def _parse_keep(values: list[str]) -> list[int | float]:
+    out: list[int | float] = []
+    for v in values:
+        out.append(float(v) if "." in v else int(v))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised through the CLI
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="saved video VLM (default: the shipped synthetic video model)"
+    )
+    parser.add_argument("--out", required=True, help="directory for vq_attention.safetensors / .json")
+    parser.add_argument(
+        "--keep", nargs="+", default=["5"], help="code count(s) (int) or fraction(s) to train at"
+    )
+    parser.add_argument("--samples", type=int, default=4000, help="training samples from the train split")
+    parser.add_argument("--val-samples", type=int, default=200, help="validation samples for the eval log")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--distill", type=float, default=1.0)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--bins", type=int, nargs=3, default=[8, 4, 4])
+    parser.add_argument("--no-ffn", action="store_true")
+    parser.add_argument("--anchor", default="first")
+    parser.add_argument("--codeword", default="mean")
+    parser.add_argument("--keep-newline", action="store_true")
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+
+    from accelerate import Accelerator
+
+    from tokenreduce.eval.synthetic import load_model, load_synthetic
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    accelerator = Accelerator()
+    if args.model:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(args.model)
+        processor = AutoProcessor.from_pretrained(args.model)
+    else:
+        model, processor = load_model("video")
+    model.eval()
+    keeps = _parse_keep(args.keep)
+    options = {"anchor": args.anchor, "codeword": args.codeword, "keep_newline": args.keep_newline}
+    t0 = time.perf_counter()
+    train = load_synthetic("video", "train", n=args.samples)
+    val = load_synthetic("video", "validation", n=args.val_samples) if args.val_samples else []
+    batches = synthetic_answer_batches(processor, train, args.batch_size)
+    if accelerator.is_main_process:
+        print(
+            f"data: {len(train)} train samples in {len(batches)} batches ({time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
+
+    def evaluate(module: VQAttention) -> dict[str, float]:
+        if not val or not accelerator.is_main_process:
+            return {}
+        return {
+            f"val_acc@{k}": synthetic_accuracy(model, processor, val, module, {**options, "keep": k})
+            for k in keeps
+        }
+
+    module, history = train_attention(
+        model,
+        batches,
+        steps=args.steps,
+        keep=keeps,
+        method_options=options,
+        module_options={
+            "heads": args.heads,
+            "hidden": args.hidden,
+            "bins": tuple(args.bins),
+            "ffn": not args.no_ffn,
+        },
+        lr=args.lr,
+        warmup=args.warmup,
+        distill=args.distill,
+        accelerator=accelerator,
+        seed=args.seed,
+        evaluate=evaluate,
+        eval_every=args.eval_every,
+        log=(lambda row: print(row, flush=True)) if accelerator.is_main_process else None,
+    )
+    if accelerator.is_main_process:
+        module.save_pretrained(
+            args.out,
+            model=args.model or "synthetic-onevision-video",
+            keep=keeps,
+            method_options=options,
+            samples=args.samples,
+            steps=args.steps,
+            lr=args.lr,
+            distill=args.distill,
+            seed=args.seed,
+            final=history[-1] if history else None,
+        )
+        print(f"saved to {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
