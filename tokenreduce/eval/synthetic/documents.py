@@ -1,11 +1,13 @@
 """Document pages: large near-uniform or repetitive areas and a few small content blocks.
 
 A 336x336 page (read as a 168-px thumbnail plus a 2x2 grid of 168-px crops by LLaVA-OneVision's anyres)
-has blank margins, paragraphs of grey "text lines", sometimes a ruled grid, and 2-4 boxes with a coloured
-frame, each holding a string of 1-4 small dark glyphs (15-19 px, about one patch at full resolution and
-half a patch in the thumbnail). Questions ask about one box: the glyph in a box of a given colour, the
-colour of the box holding a glyph, how many symbols a box holds, its first or last symbol. A box never
-straddles two crops, so every crop and its caption are self-contained.
+has blank margins, paragraphs of grey "text lines", sometimes a ruled grid, and 2-4 boxes: a tinted
+rectangle with a coloured frame holding a string of 1-4 small dark glyphs. Boxes and glyphs sit on the
+14-px cell grid of the models' patches: a box is ``k + 2`` cells wide and 3 cells high, each glyph
+(10-12 px) is centred in its own cell, so a glyph is one visual token at full resolution (and a quarter of
+one in the thumbnail). A box never straddles two crops, so every crop and its caption are self-contained.
+Questions ask about one box: the glyph in a box of a given colour, the colour of the box holding a glyph,
+how many symbols a box holds, its first symbol, whether it holds a given symbol.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from .vocab import COLOUR_NAMES, NUMBER_WORDS, SHAPES
 
 PAGE_SIZE = 336
 CROP_SIZE = 168
-DOCUMENT_CATEGORIES: tuple[str, ...] = ("shape", "colour", "count", "first", "last")
+DOCUMENT_CATEGORIES: tuple[str, ...] = ("shape", "colour", "count", "first", "presence")
 MAX_SYMBOLS = 4
-FRAME = 3
-PADDING = 7
-SPACING = 5
+CELL = 14  # the models' patch size
+FRAME = 3  # frame line width, drawn INSET px inside the box's outer cells
+INSET = 4
+MIN_GLYPH, MAX_GLYPH = 10, 12
 
 
 @dataclass
@@ -63,32 +66,29 @@ class Block:
         return f"{article(self.colour)} {self.colour} box holding {NUMBER_WORDS[len(self.glyphs)]} symbols : {names}"
 
 
-def _block_size(k: int, glyph: int) -> tuple[int, int]:
-    return 2 * (FRAME + PADDING) + k * glyph + (k - 1) * SPACING, 2 * (FRAME + PADDING) + glyph
-
-
 def _place_blocks(rng: np.random.Generator, strings: list[tuple[str, list[str]]], margin: int) -> list[Block] | None:
-    """Boxes at random spots inside one crop each (never across the crop lines), not overlapping."""
+    """Boxes on the cell grid inside one crop each (never across the crop lines), one free cell apart."""
     blocks: list[Block] = []
+    crop_cells = CROP_SIZE // CELL
+    margin_cells = -(-margin // CELL)
     for colour, shapes in strings:
-        glyph = int(rng.integers(15, 20))
-        width, height = _block_size(len(shapes), glyph)
+        width, height = len(shapes) + 2, 3
         for _ in range(200):
-            cx, cy = (int(v) for v in rng.integers(0, 2, size=2))
-            lo_x = max(margin, cx * CROP_SIZE + 3)
-            hi_x = min(PAGE_SIZE - margin, (cx + 1) * CROP_SIZE - 3) - width
-            lo_y = max(margin, cy * CROP_SIZE + 3)
-            hi_y = min(PAGE_SIZE - margin, (cy + 1) * CROP_SIZE - 3) - height
+            crop_x, crop_y = (int(v) for v in rng.integers(0, 2, size=2))
+            lo_x = max(margin_cells, crop_x * crop_cells)
+            hi_x = min(PAGE_SIZE // CELL - margin_cells, (crop_x + 1) * crop_cells) - width
+            lo_y = max(margin_cells, crop_y * crop_cells)
+            hi_y = min(PAGE_SIZE // CELL - margin_cells, (crop_y + 1) * crop_cells) - height
             if hi_x < lo_x or hi_y < lo_y:
                 continue
-            x0, y0 = int(rng.integers(lo_x, hi_x + 1)), int(rng.integers(lo_y, hi_y + 1))
-            block = Block(colour, x0, y0, width, height)
-            if any(boxes_overlap(block.box, b.box, 10) for b in blocks):
+            cx, cy = int(rng.integers(lo_x, hi_x + 1)), int(rng.integers(lo_y, hi_y + 1))
+            block = Block(colour, cx * CELL, cy * CELL, width * CELL, height * CELL)
+            if any(boxes_overlap(block.box, b.box, CELL) for b in blocks):
                 continue
-            gx = x0 + FRAME + PADDING
-            for shape in shapes:
-                block.glyphs.append(Glyph(shape, gx, y0 + FRAME + PADDING, glyph))
-                gx += glyph + SPACING
+            for j, shape in enumerate(shapes):
+                size = int(rng.integers(MIN_GLYPH, MAX_GLYPH + 1))
+                offset = (CELL - size) // 2
+                block.glyphs.append(Glyph(shape, (cx + 1 + j) * CELL + offset, (cy + 1) * CELL + offset, size))
             blocks.append(block)
             break
         else:
@@ -119,15 +119,24 @@ def build_document(rng: np.random.Generator, category: str):
             k = int(rng.integers(1, MAX_SYMBOLS + 1))
             strings = [(target, _string(rng, k))]
             text = f"how many symbols are in the {target} box ?"
-        elif category in ("first", "last"):
+        elif category == "first":
             strings = [(target, _string(rng, int(rng.integers(2, MAX_SYMBOLS + 1))))]
-            text = f"what is the {category} symbol in the {target} box ?"
+            text = f"what is the first symbol in the {target} box ?"
+        elif category == "presence":
+            string = _string(rng, int(rng.integers(2, MAX_SYMBOLS + 1)))
+            present = rng.random() < 0.5
+            asked = string[int(rng.integers(len(string)))] if present else _string(rng, 1, set(string))[0]
+            strings = [(target, string)]
+            text = f"is there {article(asked)} {asked} in the {target} box ?"
         else:
             raise ValueError(f"unknown document category {category!r}; known: {DOCUMENT_CATEGORIES}")
         exclude = set(strings[0][1]) if category == "colour" else set()
-        for colour in colours[1:]:
+        for n, colour in enumerate(colours[1:]):
             k = int(rng.integers(1, MAX_SYMBOLS + 1))
-            strings.append((colour, _string(rng, min(k, len(SHAPES) - len(exclude)), exclude)))
+            string = _string(rng, min(k, len(SHAPES) - len(exclude)), exclude)
+            if category == "presence" and n == 0 and asked not in strings[0][1] and asked not in string:
+                string[0] = asked  # the asked symbol elsewhere on the page: the box colour matters
+            strings.append((colour, string))
         margin = int(rng.integers(14, 27))
         blocks = _place_blocks(rng, strings, margin)
         if blocks is None:
@@ -138,7 +147,7 @@ def build_document(rng: np.random.Generator, category: str):
             "colour": first.colour,
             "count": str(len(first.glyphs)),
             "first": first.glyphs[0].shape,
-            "last": first.glyphs[-1].shape,
+            "presence": "yes" if category == "presence" and asked in strings[0][1] else "no",
         }[category]
         return blocks, margin, text, answer
     raise RuntimeError(f"could not build a {category!r} document")  # pragma: no cover - never seen
@@ -201,10 +210,15 @@ def render_document(rng: np.random.Generator, blocks: list[Block], margin: int):
     glyph_index = 0
     for b, block in enumerate(blocks):
         x0, y0, x1, y1 = block.box
-        page[max(0, y0 - 4) : y1 + 4, max(0, x0 - 4) : x1 + 4] = rng.uniform(238, 250)
+        paper = rng.uniform(240, 250)
+        page[max(0, y0 - 4) : y1 + 4, max(0, x0 - 4) : x1 + 4] = paper
         frame = jittered_colour(rng, block.colour, 14)
-        page[y0:y1, x0:x1] = frame
-        page[y0 + FRAME : y1 - FRAME, x0 + FRAME : x1 - FRAME] = rng.uniform(240, 252)
+        page[y0:y1, x0:x1] = 0.75 * paper + 0.25 * frame  # tinted: the colour is visible in every cell
+        fx0, fy0, fx1, fy1 = x0 + INSET, y0 + INSET, x1 - INSET, y1 - INSET
+        page[fy0:fy1, fx0 : fx0 + FRAME] = frame
+        page[fy0:fy1, fx1 - FRAME : fx1] = frame
+        page[fy0 : fy0 + FRAME, fx0:fx1] = frame
+        page[fy1 - FRAME : fy1, fx0:fx1] = frame
         block_map[y0:y1, x0:x1] = b
         ink = np.full(3, rng.uniform(20, 55), np.float32)
         for g in block.glyphs:
@@ -233,6 +247,17 @@ def document_caption(blocks: list[Block], parts: list[dict], box=(0, 0, PAGE_SIZ
     return f"{prefix}{list_phrase(things)} ."
 
 
+def answer_glyph_indices(category: str, question: str, block: Block) -> list[int]:
+    """Indices of the glyphs of ``block`` the answer is read from (all of them for a count)."""
+    shapes = [g.shape for g in block.glyphs]
+    if category == "count":
+        return list(range(len(shapes)))
+    if category == "presence":
+        asked = next(s for s in SHAPES if f" {s} in the" in question)
+        return [shapes.index(asked)] if asked in shapes else []
+    return [0]
+
+
 def generate_document(rng: np.random.Generator, category: str, sample_id: str):
     """One document sample; returns ``(Sample, block_map, glyph_map, blocks)``."""
     from tokenreduce.eval.sample import Sample
@@ -240,9 +265,10 @@ def generate_document(rng: np.random.Generator, category: str, sample_id: str):
     blocks, margin, question, answer = build_document(rng, category)
     pixels, block_map, glyph_map, parts = render_document(rng, blocks, margin)
     target = blocks[0]
+    answer_glyphs = answer_glyph_indices(category, question, target)
     regions = [{"box": list(target.box), "block": 0, "role": "A", "colour": target.colour}]
-    regions += [{"box": list(g.box), "block": 0, "role": "glyph", "shape": g.shape, "order": i}
-                for i, g in enumerate(target.glyphs)]
+    regions += [{"box": list(g.box), "block": 0, "role": "answer" if i in answer_glyphs else "glyph",
+                 "shape": g.shape, "order": i} for i, g in enumerate(target.glyphs)]
     crops = []
     for cy in range(PAGE_SIZE // CROP_SIZE):
         for cx in range(PAGE_SIZE // CROP_SIZE):
@@ -262,19 +288,27 @@ def generate_document(rng: np.random.Generator, category: str, sample_id: str):
     return sample, block_map, glyph_map, blocks
 
 
-def ask_more_document(rng: np.random.Generator, blocks: list[Block]) -> list[tuple[str, str, str, int]]:
-    """Further questions about a page (for training): ``(category, question, answer, block index)`` tuples."""
+def ask_more_document(rng: np.random.Generator, blocks: list[Block]) -> list[tuple[str, str, str, int, list[int]]]:
+    """Further questions about a page (for training).
+
+    Tuples ``(category, question, answer, block index, indices of the glyphs of that block the answer is
+    read from)``.
+    """
     all_shapes = [g.shape for b in blocks for g in b.glyphs]
-    out = []
+    out: list[tuple[str, str, str, int, list[int]]] = []
     for i, b in enumerate(blocks):
-        out.append(("count", f"how many symbols are in the {b.colour} box ?", str(len(b.glyphs)), i))
-        if len(b.glyphs) == 1:
-            shape = b.glyphs[0].shape
-            out.append(("shape", f"what shape is in the {b.colour} box ?", shape, i))
-            if all_shapes.count(shape) == 1:
-                out.append(("colour", f"what colour is the box with the {shape} ?", b.colour, i))
+        shapes = [g.shape for g in b.glyphs]
+        out.append(("count", f"how many symbols are in the {b.colour} box ?", str(len(shapes)), i,
+                    list(range(len(shapes)))))
+        if len(shapes) == 1:
+            out.append(("shape", f"what shape is in the {b.colour} box ?", shapes[0], i, [0]))
+            if all_shapes.count(shapes[0]) == 1:
+                out.append(("colour", f"what colour is the box with the {shapes[0]} ?", b.colour, i, [0]))
         else:
-            out.append(("first", f"what is the first symbol in the {b.colour} box ?", b.glyphs[0].shape, i))
-            out.append(("last", f"what is the last symbol in the {b.colour} box ?", b.glyphs[-1].shape, i))
+            out.append(("first", f"what is the first symbol in the {b.colour} box ?", shapes[0], i, [0]))
+            asked = str(rng.choice(SHAPES))
+            found = [shapes.index(asked)] if asked in shapes else []
+            out.append(("presence", f"is there {article(asked)} {asked} in the {b.colour} box ?",
+                        "yes" if found else "no", i, found))
     order = rng.permutation(len(out))
     return [out[j] for j in order]

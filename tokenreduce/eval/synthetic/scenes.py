@@ -1,6 +1,6 @@
 """Image scenes: a few coloured shapes on a textured background, and questions about a few of them.
 
-A 224x224 scene holds 2-7 shapes of 26-40 px (two or three 14-px patches across) on one of five textures;
+A 224x224 scene holds 2-7 shapes of 22-34 px (two or three 14-px patches across) on one of five textures;
 together the shapes cover about a tenth of the image, so most visual tokens are background. Every question
 (colour of a shape, shape of a colour, count, presence of a colour-shape pair, relative position of two
 shapes) depends on one to four of them. A scene is built backwards from its question: the category and
@@ -19,10 +19,11 @@ from .vocab import COLOUR_NAMES, PLURALS, SHAPES, TEXTURES
 
 IMAGE_SIZE = 224
 IMAGE_CATEGORIES: tuple[str, ...] = ("colour", "shape", "count", "presence", "position")
-MIN_OBJECT, MAX_OBJECT = 26, 40
-OBJECT_GAP = 6
+MIN_OBJECT, MAX_OBJECT = 24, 28
+CELL = 14  # the models' patch size: objects are centred in blocks of 2x2 cells
+BLOCK = 2 * CELL
 MAX_COUNT = 4
-POSITION_MARGIN = 40
+POSITION_MARGIN = 3 * CELL
 
 
 @dataclass
@@ -74,20 +75,34 @@ def place_objects(
     rng: np.random.Generator, specs: list[tuple[str, str]], canvas: int, placed: list[SceneObject] | None = None,
     low: int = MIN_OBJECT, high: int = MAX_OBJECT, tries: int = 200,
 ) -> list[SceneObject] | None:
-    """Place ``specs`` (colour, shape) at random non-overlapping spots after ``placed``; None if it fails."""
+    """Place ``specs`` (colour, shape) after ``placed``, each centred in its own block of 2x2 cells with at
+    least one free cell between blocks; None if it fails.
+
+    Centring shapes on the 14-px cell grid makes each cell hold one quarter of one shape, always the same
+    quarter for a given shape: unaligned shapes of this size split into fragments that a tiny vision tower
+    cannot learn to tell apart in minutes of CPU time (measured: chance-level per-patch shape after 300
+    steps, while aligned quarters are learnt).
+    """
     out = list(placed or [])
+    cells = canvas // CELL
     for colour, shape in specs:
         for _ in range(tries):
             size = sample_size(rng, low, high)
-            x0 = int(rng.integers(2, canvas - size - 1))
-            y0 = int(rng.integers(2, canvas - size - 1))
-            obj = SceneObject(colour, shape, x0, y0, size)
-            if not any(boxes_overlap(obj.box, o.box, OBJECT_GAP) for o in out):
+            bx, by = (int(v) for v in rng.integers(0, cells - 1, size=2))
+            offset = (BLOCK - size) // 2
+            obj = SceneObject(colour, shape, bx * CELL + offset, by * CELL + offset, size)
+            block = (bx * CELL, by * CELL, bx * CELL + BLOCK, by * CELL + BLOCK)
+            if not any(boxes_overlap(block, _block(o), CELL) for o in out):
                 out.append(obj)
                 break
         else:
             return None
     return out
+
+
+def _block(obj: SceneObject) -> tuple[int, int, int, int]:
+    x0, y0 = obj.x0 // CELL * CELL, obj.y0 // CELL * CELL
+    return (x0, y0, x0 + BLOCK, y0 + BLOCK)
 
 
 def _other(rng: np.random.Generator, values: tuple[str, ...], exclude: set[str]) -> str:

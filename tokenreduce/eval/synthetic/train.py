@@ -9,7 +9,7 @@ Two stages, because training end to end from random init stalls near chance (an 
 1. **Tower.** The vision tower alone, with linear heads on the visual features the LM will read
    (``hidden_states[vision_feature_layer]``) and per-patch labels the generator gives for free: colour and
    shape of the object covering each patch, whether it holds an object's centre, and its row / column
-   (documents: box colour, glyph shape, glyph centre, first / last glyph of its box).
+   (documents: box colour, glyph present, glyph shape).
 2. **Language.** Tower frozen and its features cached; projector, language model (and OneVision's
    ``image_newline``) trained on the questions, placed BEFORE the visual tokens exactly as
    :func:`~.prompting.prompt` writes them, with the answer + EOS loss plus an auxiliary loss: a linear probe
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .benchmark import generate
-from .documents import CROP_SIZE, PAGE_SIZE, ask_more_document
+from .documents import CROP_SIZE, PAGE_SIZE, answer_glyph_indices, ask_more_document
 from .models import (
     PATCH_SIZE,
     PIXEL_MEAN,
@@ -79,13 +79,13 @@ class Plan:
     aux_layer: int = 2
     questions_per_media: int = 4
     val_size: int = 300
-    eval_every: int = 500
+    eval_every: int = 250
     seed: int = 0
     category_weights: dict[str, float] = field(default_factory=dict)
 
 
 PLANS: dict[str, Plan] = {
-    "image": Plan(tower_pool=3000, tower_steps=400, tower_batch=32, lm_pool=4000, lm_steps=2000, lm_batch=16,
+    "image": Plan(tower_pool=2000, tower_steps=300, tower_batch=16, lm_pool=4000, lm_steps=1500, lm_batch=16,
                   category_weights={"presence": 1.5, "position": 1.5, "count": 1.5}),
     "document": Plan(tower_pool=1500, tower_steps=500, tower_batch=6, lm_pool=3000, lm_steps=2500, lm_batch=12),
     "video": Plan(tower_pool=600, tower_steps=500, tower_batch=32, lm_pool=3000, lm_steps=2500, lm_batch=12),
@@ -131,9 +131,12 @@ def object_patch_labels(object_map: np.ndarray, colours: list[str], shapes: list
     colour_ids = np.array([COLOUR_NAMES.index(x) for x in colours], np.int64)
     shape_ids = np.array([SHAPES.index(x) for x in shapes], np.int64)
     rows, cols = np.mgrid[0:r, 0:c]
+    colour = _class_labels(cov, colour_ids, 0.05, 0.25)
+    # Shape is learnt on object patches only: background patches (88% of them) would drown its gradient.
+    shape = np.where(colour > 0, _class_labels(cov, shape_ids, 0.05, 0.25), IGNORE)
     labels = {
-        "colour": _class_labels(cov, colour_ids, 0.05, 0.25),
-        "shape": _class_labels(cov, shape_ids, 0.05, 0.25),
+        "colour": colour,
+        "shape": shape,
         "centre": _centre_labels(centres, PATCH_SIZE, r, c),
         "row": rows.astype(np.int64),
         "col": cols.astype(np.int64),
@@ -142,25 +145,18 @@ def object_patch_labels(object_map: np.ndarray, colours: list[str], shapes: list
 
 
 def document_patch_labels(block_map, glyph_map, blocks, cell: int) -> dict[str, np.ndarray]:
-    """Per-cell labels of a page at ``cell`` px: box colour, glyph shape / centre / first / last (``[R, C]``)."""
-    glyphs = [(b, j, g) for b, block in enumerate(blocks) for j, g in enumerate(block.glyphs)]
+    """Per-cell labels of a page at ``cell`` px (``[R, C]`` each): box colour, glyph present, glyph shape."""
+    glyphs = [g for block in blocks for g in block.glyphs]
     block_cov = coverage(block_map, len(blocks), cell)
     glyph_cov = coverage(glyph_map, len(glyphs), cell)
-    r, c = block_cov.shape[1:]
     colours = np.array([COLOUR_NAMES.index(b.colour) for b in blocks], np.int64)
-    shapes = np.array([SHAPES.index(g.shape) for _, _, g in glyphs], np.int64)
-    first = np.array([int(j == 0) for _, j, _ in glyphs], np.int64)
-    last = np.array([int(j == len(blocks[b].glyphs) - 1) for b, j, _ in glyphs], np.int64)
+    shapes = np.array([SHAPES.index(g.shape) for g in glyphs], np.int64)
     shape = _class_labels(glyph_cov, shapes, 0.02, 0.1)
-    best = glyph_cov.argmax(0)
     on_glyph = shape > 0
-    centres = [(g.x0 + g.size / 2, g.y0 + g.size / 2) for _, _, g in glyphs]
     return {
         "colour": _class_labels(block_cov, colours, 0.05, 0.3),
-        "shape": shape,
-        "centre": _centre_labels(centres, cell, r, c),
-        "first": np.where(on_glyph, first[best], np.where(shape == 0, 0, IGNORE)),
-        "last": np.where(on_glyph, last[best], np.where(shape == 0, 0, IGNORE)),
+        "glyph": np.where(on_glyph, 1, np.where(shape == 0, 0, IGNORE)),
+        "shape": np.where(on_glyph, shape, IGNORE),
     }
 
 
@@ -254,7 +250,7 @@ class ImageTask(Task):
 
 class DocumentTask(Task):
     kind = "document"
-    label_classes: ClassVar[dict[str, int]] = {"colour": 7, "shape": 6, "centre": 2, "first": 2, "last": 2}
+    label_classes: ClassVar[dict[str, int]] = {"colour": 7, "glyph": 2, "shape": 6}
 
     def __init__(self, tokenizer):
         super().__init__(tokenizer)
@@ -279,18 +275,28 @@ class DocumentTask(Task):
         return self._pixels(sample.images[0]), self._labels(block_map, glyph_map, blocks)
 
     def media_and_questions(self, index, split, rng, extra):
-        sample, block_map, _glyph_map, blocks = generate("document", split, index)
-        asked = [(sample.meta["category"], sample.question, sample.answer, 0)]
+        sample, block_map, glyph_map, blocks = generate("document", split, index)
+        category = sample.meta["category"]
+        asked = [(category, sample.question, sample.answer, 0,
+                  answer_glyph_indices(category, sample.question, blocks[0]))]
         if extra:
             asked += [q for q in ask_more_document(rng, blocks) if q[1] != sample.question]
-        base_cov = coverage(block_map, len(blocks), 2 * PATCH_SIZE)
-        full_cov = coverage(block_map, len(blocks), PATCH_SIZE)
+        first_glyph = np.cumsum([0] + [len(b.glyphs) for b in blocks])
+        n_glyphs = int(first_glyph[-1])
+        covs = {cell: (coverage(block_map, len(blocks), cell), coverage(glyph_map, n_glyphs, cell))
+                for cell in (2 * PATCH_SIZE, PATCH_SIZE)}
         out = []
-        for category, text, answer, block in asked:
-            base = _roles_to_aux(base_cov, {block: 1}, 0.2).reshape(-1)
-            full = _roles_to_aux(full_cov, {block: 1}, 0.2)
-            full = np.concatenate([full, np.zeros((full.shape[0], 1), np.int64)], axis=1).reshape(-1)  # newline
-            out.append((self.ids(text), self.word(answer), np.concatenate([base, full]), category))
+        for category, text, answer, block, glyph_ids in asked:
+            grids = []
+            for cell in (2 * PATCH_SIZE, PATCH_SIZE):
+                block_cov, glyph_cov = covs[cell]
+                roles = _roles_to_aux(block_cov, {block: 1}, 0.2)
+                answer_cells = _roles_to_aux(glyph_cov, {int(first_glyph[block]) + j: 2 for j in glyph_ids}, 0.1)
+                grids.append(np.maximum(roles, answer_cells))
+            base, full = grids
+            full = np.concatenate([full, np.zeros((full.shape[0], 1), np.int64)], axis=1)  # newline slots
+            out.append((self.ids(text), self.word(answer), np.concatenate([base.reshape(-1), full.reshape(-1)]),
+                        category))
         return self._pixels(sample.images[0]), out
 
     def pack(self, model, features):
@@ -412,7 +418,7 @@ def train_tower(model, task: Task, plan: Plan, log) -> dict:
                 pred = head(feats).flatten(0, 1).argmax(-1)
                 keep = target != IGNORE
                 # foreground-only accuracy for the class heads (background dominates otherwise)
-                if k in ("colour", "shape"):
+                if k in ("colour", "shape", "glyph"):
                     keep &= target > 0
                 accs[k].append((pred[keep] == target[keep]).float().sum().item() / max(1, keep.sum().item()))
     result = {k: round(float(np.mean(v)), 4) for k, v in accs.items()}
@@ -624,13 +630,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--aux-weight", type=float, default=None)
     parser.add_argument("--check", type=int, default=200, help="validation samples for the final real-path check")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tower-only", action="store_true", help="stop after the tower stage (experiments)")
+    parser.add_argument("--tower-lr", type=float, default=None)
+    parser.add_argument("--tower-batch", type=int, default=None)
     parser.add_argument("--work", type=Path, default=None,
                         help="cache the trained tower and feature pools here and reuse them on the next run")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     plan = PLANS[args.kind]
-    for name in ("tower_steps", "lm_steps", "tower_pool", "lm_pool", "lm_lr", "aux_weight"):
+    for name in ("tower_steps", "lm_steps", "tower_pool", "lm_pool", "lm_lr", "aux_weight", "tower_lr", "tower_batch"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
     out = args.out or model_dir(args.kind)
@@ -657,6 +666,8 @@ def main(argv: list[str] | None = None) -> None:
         if tower_file is not None:
             tower_file.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"state": model.model.vision_tower.state_dict(), "summary": tower}, tower_file)
+    if args.tower_only:
+        return
     language = train_language(model, task, plan, log, work)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

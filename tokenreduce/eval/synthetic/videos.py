@@ -1,6 +1,9 @@
 """Videos: a static textured scene in which one to three objects move, change colour, appear or disappear.
 
-16 frames of 168x168: a static background, two or three static shapes, and the dynamic objects. Questions
+16 frames of 168x168: a static background, two or three static shapes, and the dynamic objects. Shapes
+(24-28 px) are centred in the cells of a 28-px grid, the grid of LLaVA-OneVision's 2x2-pooled video
+tokens, so a shape is four patches and one pooled token per frame; a moving shape hops from cell to
+neighbouring cell (a one-cell step every few frames, 2-4 cells in all). Questions
 ask which way an object moves, what colour a shape turns, which of two shapes appears first, and what
 happens to a shape (moves / changes / appears / disappears). The answer depends on one or two objects in
 some of the frames; everything else (most tokens of most frames) repeats the first frame.
@@ -19,7 +22,9 @@ from .vocab import COLOUR_NAMES, DIRECTIONS, EVENTS, SHAPES, TEXTURES
 FRAME_SIZE = 168
 NUM_FRAMES = 16
 VIDEO_CATEGORIES: tuple[str, ...] = ("motion", "change", "order", "event")
-MIN_OBJECT, MAX_OBJECT = 24, 34
+MIN_OBJECT, MAX_OBJECT = 24, 28
+CELL = 28  # one pooled video token
+GRID = FRAME_SIZE // CELL
 SEGMENT_FRAMES = 4
 _STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
@@ -53,23 +58,22 @@ def _static(rng: np.random.Generator, shape: str, colour: str, size: int, x0: in
 
 
 def _make_track(rng: np.random.Generator, shape: str, colour: str, event: str | None, **kw) -> Track | None:
-    """A track of ``event`` (None: static) at a random spot; None when the motion does not fit in the frame."""
+    """A track of ``event`` (None: static) in a random cell; None when the motion does not fit in the frame."""
     size = int(rng.integers(MIN_OBJECT, MAX_OBJECT + 1))
-    x0 = int(rng.integers(2, FRAME_SIZE - size - 1))
-    y0 = int(rng.integers(2, FRAME_SIZE - size - 1))
-    track = _static(rng, shape, colour, size, x0, y0)
+    offset = (CELL - size) // 2
+    cx, cy = (int(v) for v in rng.integers(0, GRID, size=2))
+    track = _static(rng, shape, colour, size, cx * CELL + offset, cy * CELL + offset)
     if event == "moves":
         direction = kw.get("direction") or str(rng.choice(DIRECTIONS))
         start = int(rng.integers(0, 5))
         end = int(rng.integers(start + 8, NUM_FRAMES))
-        distance = int(rng.integers(56, 85))
+        cells = int(rng.integers(2, 5))
         dx, dy = _STEP[direction]
-        x1, y1 = x0 + dx * distance, y0 + dy * distance
-        if not (2 <= x1 <= FRAME_SIZE - size - 2 and 2 <= y1 <= FRAME_SIZE - size - 2):
+        if not (0 <= cx + dx * cells < GRID and 0 <= cy + dy * cells < GRID):
             return None
-        frac = np.clip((np.arange(NUM_FRAMES) - start) / (end - start), 0, 1)
-        track.x0 = np.rint(x0 + frac * (x1 - x0)).astype(int)
-        track.y0 = np.rint(y0 + frac * (y1 - y0)).astype(int)
+        steps = np.rint(np.clip((np.arange(NUM_FRAMES) - start) / (end - start), 0, 1) * cells).astype(int)
+        track.x0 = (cx + dx * steps) * CELL + offset
+        track.y0 = (cy + dy * steps) * CELL + offset
         track.direction, track.event_frames = direction, (start, end)
     elif event == "changes":
         at = int(kw.get("at", rng.integers(3, 13)))
@@ -85,16 +89,16 @@ def _make_track(rng: np.random.Generator, shape: str, colour: str, event: str | 
         track.visible[at:] = False
         track.event_frames = (at, at)
     track.event = event
-    boxes = [track.box(t) for t in range(NUM_FRAMES)]
-    track.swept = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
-                   max(b[3] for b in boxes))
+    cells_x = [int(x) // CELL for x in track.x0]
+    cells_y = [int(y) // CELL for y in track.y0]
+    track.swept = (min(cells_x) * CELL, min(cells_y) * CELL, (max(cells_x) + 1) * CELL, (max(cells_y) + 1) * CELL)
     return track
 
 
 def _add(rng: np.random.Generator, tracks: list[Track], shape: str, colour: str, event: str | None, **kw) -> bool:
     for _ in range(200):
         track = _make_track(rng, shape, colour, event, **kw)
-        if track is not None and not any(boxes_overlap(track.swept, t.swept, 5) for t in tracks):
+        if track is not None and not any(boxes_overlap(track.swept, t.swept) for t in tracks):
             tracks.append(track)
             return True
     return False
