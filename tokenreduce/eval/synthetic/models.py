@@ -35,7 +35,7 @@ GRID_PINPOINTS = [[CROP_SIZE, CROP_SIZE], [CROP_SIZE, PAGE_SIZE], [PAGE_SIZE, CR
 
 # Architecture sizes (shared by the three models; the towers differ in image size only).
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
-TEXT = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048)
 
 
