@@ -14,6 +14,7 @@ scene objects), and retraining one family cannot regress the other.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .documents import CROP_SIZE, PAGE_SIZE
@@ -28,6 +29,8 @@ MODEL_NAMES: dict[str, str] = {
     "video": "synthetic-onevision-video",
 }
 ASSETS_DIR = Path(__file__).resolve().parents[3] / "assets" / "models"
+# Folder holding the three model directories instead of ASSETS_DIR (e.g. models trained elsewhere).
+MODELS_ENV = "TOKENREDUCE_SYNTHETIC_MODELS"
 PATCH_SIZE = 14
 PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.5, 0.5, 0.5)
@@ -39,11 +42,16 @@ TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_att
             num_key_value_heads=2, max_position_embeddings=2048)
 
 
-def model_dir(kind: str) -> Path:
-    """Directory of the shipped model for ``kind`` (``"image"``, ``"document"`` or ``"video"``)."""
+def model_dir(kind: str, root: str | Path | None = None) -> Path:
+    """Directory of the shipped model for ``kind`` (``"image"``, ``"document"`` or ``"video"``).
+
+    It lies in ``root``, else in the folder named by ``$TOKENREDUCE_SYNTHETIC_MODELS``, else in
+    ``assets/models``.
+    """
     if kind not in MODEL_NAMES:
         raise ValueError(f"unknown kind {kind!r}; known: {KINDS}")
-    return ASSETS_DIR / MODEL_NAMES[kind]
+    root = root if root is not None else os.environ.get(MODELS_ENV) or ASSETS_DIR
+    return Path(root) / MODEL_NAMES[kind]
 
 
 def special_ids() -> dict[str, int]:
