@@ -3,8 +3,9 @@
     from tokenreduce.eval.tasks import get_task
     task = get_task("docvqa", path="/data/docvqa")            # local copy in the hub schema
     task = get_task("vqav2", revision="a1b2c3")                 # hub id from sources.json, pinned
+    task = get_task("synthetic-video")                          # the project's synthetic benchmark
 
-Another benchmark (the synthetic one) registers a factory with :func:`register_task`.
+Another benchmark registers a factory with :func:`register_task`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def register_task(name: str, factory: Callable[..., Task], overwrite: bool = Fal
 
 
 def _ensure_builtin() -> None:
-    # The (temporary) demo tasks register themselves on import.
-    import tokenreduce.eval.demo  # noqa: F401
+    # The synthetic benchmark's tasks register themselves on import.
+    import tokenreduce.eval.tasks.synthetic  # noqa: F401
 
 
 def list_tasks() -> list[str]:
