@@ -1,6 +1,6 @@
 """The ``tokenreduce`` command: ``demo``, ``eval``, ``bench``, ``show``.
 
-    tokenreduce demo                                   # every method on the built-in tiny models
+    tokenreduce demo                                   # every method on the synthetic benchmark's tiny models
     tokenreduce eval --task docvqa --task-opt path=/data/docvqa --model llava-hf/llava-1.5-7b-hf \\
         --methods none pool fastv --budgets 0.25 0.5 --limit 200 --name docvqa-llava
     tokenreduce eval --config grid.yaml                # the same from a YAML / JSON file
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,19 +56,34 @@ def _parse_pairs(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Run the demo grid(s), print each table, render a few overlays."""
+    """Run the demo grid(s), print each table and the benchmark checks, render a few overlays."""
     _set_threads(args.threads)
-    from tokenreduce.eval.demo import demo_runs
+    from tokenreduce.eval.demo import DEMO_BUDGETS, MissingModelsError, benchmark_checks, clear_run, demo_runs
     from tokenreduce.eval.runner import Runner
 
-    for run in demo_runs(n=args.samples):
+    try:
+        runs = demo_runs(n=args.samples, models=args.models, budgets=args.budgets or DEMO_BUDGETS)
+    except MissingModelsError as exc:
+        raise SystemExit(f"tokenreduce demo: {exc}") from None
+    for run in runs:
         methods = args.methods or run.methods
-        budgets = args.budgets or run.budgets
-        runner = Runner(run.task, run.models, methods, budgets, name=run.name, out_dir=args.out,
-                        batch_size=args.batch_size, keep_maps=1, progress=not args.quiet)
-        summary = runner.run()
-        print(f"\n## {run.name} ({run.task.name}, {len(run.models)} model(s))\n")
+        if not args.resume:
+            clear_run(Path(args.out) / run.name, run.task.name)
+        runner = Runner(run.task, run.models, methods, run.budgets, name=run.name, out_dir=args.out,
+                        limit=run.limit, batch_size=args.batch_size, keep_maps=1, task_options=run.task_options,
+                        progress=not args.quiet)
+        with warnings.catch_warnings():  # the table lists the cells a method cannot reach, with the reason
+            warnings.filterwarnings("ignore", message="skipping ", category=UserWarning)
+            summary = runner.run()
+        print(f"\n## {run.name} ({run.task.name}, {len(run.models)} model(s), {run.limit} samples)\n")
         print((runner.run_dir / "table.md").read_text())
+        if run.excluded and not args.methods:
+            print("methods left out:")
+            for method, reason in run.excluded.items():
+                print(f"- {method}: {reason}")
+        print("\nbenchmark checks:")
+        for line in benchmark_checks(summary):
+            print(f"  {line}")
         overlays = render_overlays(runner.run_dir, run.task, per_cell=1)
         print(f"plots: {', '.join(summary.get('plots', []))}")
         print(f"overlays: {len(overlays)} PNG(s) in {runner.run_dir / 'overlays'}")
@@ -301,12 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="evaluate every method on the built-in tiny models and print the tables")
-    demo.add_argument("--samples", type=int, default=8, help="samples per demo task (default 8)")
-    demo.add_argument("--methods", nargs="+", default=None, help="methods (default: none random pool fastv pdrop)")
-    demo.add_argument("--budgets", nargs="+", type=float, default=None, help="budgets (default: 0.25 0.5)")
+    from tokenreduce.eval.demo import DEMO_BUDGETS, DEMO_SAMPLES
+
+    demo = sub.add_parser("demo", help="evaluate every method on the synthetic benchmark's shipped tiny models")
+    demo.add_argument("--samples", type=int, default=DEMO_SAMPLES,
+                      help=f"test samples per benchmark family (default {DEMO_SAMPLES})")
+    demo.add_argument("--methods", nargs="+", default=None,
+                      help="methods (default: 'none' and every method that applies to the family's model)")
+    demo.add_argument("--budgets", nargs="+", type=float, default=None,
+                      help=f"budgets (default: {' '.join(f'{b:g}' for b in DEMO_BUDGETS)})")
+    demo.add_argument("--models", default=None,
+                      help="folder holding the three synthetic model directories (default: "
+                           "$TOKENREDUCE_SYNTHETIC_MODELS, else assets/models)")
     demo.add_argument("--batch-size", type=int, default=4)
-    demo.add_argument("--out", default="runs", help="folder of the runs (default runs/)")
+    demo.add_argument("--out", default="runs", help="folder of the runs (default runs/: runs/demo-<family>)")
+    demo.add_argument("--resume", action="store_true",
+                      help="keep the records of a previous demo run (default: start afresh)")
     demo.add_argument("--threads", type=int, default=1,
                       help="torch CPU threads (default 1: tiny models are fastest single-threaded on busy machines)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")

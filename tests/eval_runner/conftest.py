@@ -23,3 +23,22 @@ def _no_hub(monkeypatch):
         raise AssertionError(f"datasets.load_dataset called in a test: {args} {kwargs}")
 
     monkeypatch.setattr("tokenreduce.eval.tasks.source._default_loader", refuse)
+
+
+@pytest.fixture(scope="session")
+def synthetic_models(tmp_path_factory):
+    """A folder holding the three synthetic models (the real classes, processors and tokenizer, untrained:
+    they answer at chance), laid out like ``assets/models``."""
+    from tokenreduce.eval.synthetic import MODEL_NAMES, build_processor
+    from tokenreduce.eval.synthetic.models import build_model
+
+    root = tmp_path_factory.mktemp("synthetic-models")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for kind, name in MODEL_NAMES.items():
+            build_model(kind).save_pretrained(root / name)
+            build_processor(kind).save_pretrained(root / name)
+    finally:
+        torch.set_num_threads(previous)
+    return root

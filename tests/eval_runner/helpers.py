@@ -1,12 +1,17 @@
-"""Helpers of the evaluation-room tests: tiny local data in the benchmarks' real schemas."""
+"""Helpers of the evaluation-room tests: tiny local data in the benchmarks' real schemas, a tiny local task."""
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from tokenreduce.eval.sample import Sample
+from tokenreduce.eval.task import Task
 
 
 def png_bytes(colour=(200, 30, 30), size=(40, 60)) -> bytes:
@@ -61,3 +66,47 @@ class FakeLoader:
         self.calls.append((args, kwargs))
         name = args[1] if len(args) > 1 else kwargs.get("name")
         return list(self.rows_by_name.get(name, []))
+
+
+# Colours of the shapes task, named by words the tiny models' word-level tokenizer knows (``w<i>``).
+SHAPE_COLOURS = {"w20": (230, 40, 40), "w21": (40, 200, 60), "w22": (50, 80, 230), "w23": (240, 220, 40)}
+
+
+class ShapesTask(Task):
+    """A tiny local task for the tiny models: which colour is the square (image) / the moving square (video)?
+
+    Deterministic from ``seed``; ``n`` samples; answers are the colour's vocabulary word.
+    """
+
+    max_new_tokens = 2
+
+    def __init__(self, modality: str = "image", n: int = 8, seed: int = 0, size: int = 112):
+        if modality not in ("image", "video"):
+            raise ValueError(f"`modality` must be 'image' or 'video', got {modality!r}")
+        self.modality, self.n, self.seed, self.size = modality, n, seed, size
+        self.name = f"shapes-{modality}"
+
+    def samples(self, split: str | None = None, limit: int | None = None) -> Iterator[Sample]:
+        from PIL import Image
+
+        count = self.n if limit is None else min(self.n, limit)
+        for i in range(count):
+            rng = np.random.default_rng([self.seed, i])
+            word = list(SHAPE_COLOURS)[i % len(SHAPE_COLOURS)]
+            frames = 4 if self.modality == "video" else 1
+            clip = np.full((frames, self.size, self.size, 3), 235, dtype=np.uint8)
+            side = self.size // 4
+            y, x = rng.integers(0, self.size - side, size=2)
+            for t in range(frames):
+                xt = int(min(self.size - side, x + 6 * t))
+                clip[t, y : y + side, xt : xt + side] = SHAPE_COLOURS[word]
+            media = {"images": [Image.fromarray(clip[0])]} if self.modality == "image" else {"video": clip}
+            yield Sample(id=f"{self.name}-{i}", task=self.name, modality=self.modality, question="w100 w101 w102 w103",
+                         answer=word, meta={"category": word}, **media)
+
+    def parse(self, text: str, sample: Sample) -> str:
+        words = text.split()
+        return words[0] if words else ""
+
+    def score(self, prediction: Any, sample: Sample) -> float:
+        return float(prediction == sample.answer)

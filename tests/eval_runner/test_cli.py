@@ -9,8 +9,9 @@ import pytest
 from tokenreduce.cli import main
 
 
-def test_eval_from_flags_then_config_then_show_overlays(tmp_path, capsys):
-    args = ["eval", "--task", "demo-image", "--task-opt", "n=3", "--model", "tiny=tiny:llava",
+def test_eval_from_flags_then_config_then_show_overlays(synthetic_models, tmp_path, capsys):
+    image = synthetic_models / "synthetic-llava-image"
+    args = ["eval", "--task", "synthetic-image", "--task-opt", "seed=0", "--limit", "3", "--model", f"tiny={image}",
             "--methods", "none", "pool", "fastv", "--budgets", "0.5", "--out", str(tmp_path), "--name", "cli",
             "--batch-size", "2", "--keep-maps", "1", "--quiet", "--threads", "1"]
     assert main(args) == 0
@@ -18,17 +19,17 @@ def test_eval_from_flags_then_config_then_show_overlays(tmp_path, capsys):
     assert out.count("| tiny |") == 3 and "records, summary, table and plots" in out
     run = tmp_path / "cli"
     spec = json.loads((run / "run.json").read_text())
-    assert spec["task"] == "demo-image" and spec["task_options"] == {"n": 3}
+    assert spec["task"] == "synthetic-image" and spec["task_options"] == {"seed": 0}
     assert len((run / "records.jsonl").read_text().splitlines()) == 9
 
     assert main(["show", str(run), "--overlays", "--stats"]) == 0
     out = capsys.readouterr().out
     overlays = sorted(p.name for p in (run / "overlays").glob("*.png"))
-    assert overlays == ["tiny_fastv_0.5_demo-image-0_0.png", "tiny_pool_0.5_demo-image-0_0.png"]
+    assert overlays == ["tiny_fastv_0.5_image-test-0-000000_0.png", "tiny_pool_0.5_image-test-0-000000_0.png"]
     assert '"method": "pool"' in out
 
     config = tmp_path / "grid.yaml"
-    config.write_text(f"name: from-config\ntask: demo-image\ntask_options: {{n: 4}}\nmodels: [{{name: t, path: 'tiny:llava'}}]\n"
+    config.write_text(f"name: from-config\ntask: synthetic-image\nlimit: 4\nmodels: [{{name: t, path: '{image}'}}]\n"
                       f"methods: [none, random]\nbudgets: [0.25]\nout: {tmp_path}\nbatch_size: 4\n")
     assert main(["eval", "--config", str(config), "--limit", "2", "--no-plots", "--quiet"]) == 0
     records = (tmp_path / "from-config" / "records.jsonl").read_text().splitlines()
@@ -36,24 +37,33 @@ def test_eval_from_flags_then_config_then_show_overlays(tmp_path, capsys):
     assert not list((tmp_path / "from-config").glob("*.png"))
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("task: demo-image\ncolour: red\n")
+    bad.write_text("task: synthetic-image\ncolour: red\n")
     with pytest.raises(SystemExit, match="unknown key"):
         main(["eval", "--config", str(bad)])
     with pytest.raises(SystemExit, match="missing --model"):
-        main(["eval", "--task", "demo-image", "--methods", "none"])
+        main(["eval", "--task", "synthetic-image", "--methods", "none"])
     with pytest.raises(SystemExit, match=r"METHOD\.OPTION"):
-        main(["eval", "--task", "demo-image", "--model", "tiny:llava", "--methods", "pool", "--method-opt", "keep=3"])
+        main(["eval", "--task", "synthetic-image", "--model", str(image), "--methods", "pool", "--method-opt", "keep=3"])
     with pytest.raises(SystemExit, match="tiny processor"):
-        main(["eval", "--task", "demo-image", "--model", "tiny:llava_next", "--methods", "none"])
+        main(["eval", "--task", "synthetic-image", "--model", "tiny:llava_next", "--methods", "none"])
 
 
-def test_demo_runs_every_demo_task(tmp_path, capsys):
-    assert main(["demo", "--samples", "2", "--methods", "none", "pool", "--budgets", "0.5", "--out", str(tmp_path),
-                 "--quiet"]) == 0
+def test_demo_runs_every_synthetic_family(synthetic_models, tmp_path, capsys):
+    args = ["demo", "--samples", "2", "--methods", "none", "random", "--budgets", "0.1", "--models",
+            str(synthetic_models), "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "## demo-image" in out and "## demo-video" in out
-    assert out.count("| pool | 0.5 |") == 3  # two image models, one video model
-    assert list((tmp_path / "demo-video" / "overlays").glob("*.png"))
+    for kind, model in (("image", "synthetic-llava-image"), ("document", "synthetic-onevision-document"),
+                        ("video", "synthetic-onevision-video")):
+        assert f"## demo-{kind} (synthetic-{kind}, 1 model(s), 2 samples)" in out
+        assert f"| {model} | random | 0.1 |" in out
+        assert f"{model}: full-token accuracy" in out and f"{model}: random@0.1 loses" in out
+        assert list((tmp_path / f"demo-{kind}" / "overlays").glob("*.png"))
+        assert len((tmp_path / f"demo-{kind}" / "records.jsonl").read_text().splitlines()) == 4
+    assert out.count("FAIL  ") + out.count("PASS  ") == 6
+
+    assert main([*args[:-1], "--samples", "1", "--quiet"]) == 0  # a new demo run starts afresh
+    assert len((tmp_path / "demo-video" / "records.jsonl").read_text().splitlines()) == 2
 
 
 def test_bench_runs_the_shared_prefill_benchmark(tmp_path, monkeypatch, capsys):
@@ -82,8 +92,9 @@ def test_bench_runs_the_shared_prefill_benchmark(tmp_path, monkeypatch, capsys):
     assert "pool-64" in capsys.readouterr().out
 
 
-def test_show_plots_the_entropy_of_an_ares_run(tmp_path, capsys):
-    args = ["eval", "--task", "demo-image", "--task-opt", "n=2", "--model", "tiny=tiny:llava", "--methods", "ares",
+def test_show_plots_the_entropy_of_an_ares_run(synthetic_models, tmp_path, capsys):
+    image = synthetic_models / "synthetic-llava-image"
+    args = ["eval", "--task", "synthetic-image", "--limit", "2", "--model", f"tiny={image}", "--methods", "ares",
             "--budgets", "1.0", "--out", str(tmp_path), "--name", "ares", "--quiet", "--threads", "1"]
     assert main(args) == 0
     run = tmp_path / "ares"

@@ -12,8 +12,8 @@ from tokenreduce.cli import main
 from tokenreduce.eval.runner import Dist, read_records, shard
 
 REPO = Path(__file__).resolve().parents[2]
-ARGS = ["eval", "--task", "demo-image", "--task-opt", "n=5", "--model", "tiny:llava", "--methods", "none", "fastv",
-        "--budgets", "0.5", "--name", "grid", "--batch-size", "2", "--quiet", "--threads", "1", "--no-plots"]
+ARGS = ["eval", "--task", "synthetic-image", "--limit", "5", "--methods", "none", "fastv", "--budgets", "0.5",
+        "--name", "grid", "--batch-size", "2", "--quiet", "--threads", "1", "--no-plots"]
 SAME = ("text", "prediction", "score", "visual_tokens_in", "visual_tokens_out", "visual_tokens_layer_mean", "layers",
         "prefill_flops", "prefill_flops_full", "kv_cache_bytes", "new_tokens")
 
@@ -23,13 +23,14 @@ def test_shard_takes_every_nth_sample():
     assert Dist.detect().world == int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def test_two_process_run_equals_single_process(tmp_path):
-    assert main([*ARGS, "--out", str(tmp_path / "single")]) == 0
+def test_two_process_run_equals_single_process(synthetic_models, tmp_path):
+    args = [*ARGS, "--model", str(synthetic_models / "synthetic-llava-image")]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                MASTER_PORT=str(29500 + os.getpid() % 1000))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", env["MASTER_PORT"], "-m", "tokenreduce.cli", *ARGS, "--out", str(tmp_path / "multi")]
+           "--main_process_port", env["MASTER_PORT"], "-m", "tokenreduce.cli", *args, "--out", str(tmp_path / "multi")]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "multi" / "grid"

@@ -185,10 +185,10 @@ def test_unreachable_budget_skips_the_cell_and_bad_arguments_fail(tiny_llava, vq
 
 
 def test_function_task_plugs_in_and_duplicate_ids_fail(tiny_llava, tmp_path):
-    from tokenreduce.eval.demo import InlineShapesTask
+    from tests.eval_runner.helpers import ShapesTask
     from tokenreduce.eval.task import FunctionTask
 
-    shapes = InlineShapesTask("image", n=2)
+    shapes = ShapesTask("image", n=2)
     task = FunctionTask(
         "shapes", load=lambda split, limit: shapes.samples(split, limit),
         score=lambda pred, s: float(pred == s.answer), parse=lambda text, s: text.split()[0] if text else "",

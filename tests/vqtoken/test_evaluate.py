@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from tokenreduce.eval.demo import InlineShapesTask
+from tests.eval_runner.helpers import ShapesTask
 from tokenreduce.plugins.vqtoken import VQAttention, VQAttentionConfig
 from tokenreduce.plugins.vqtoken.evaluate import evaluate
 
@@ -22,7 +22,7 @@ def test_evaluate_runs_the_grid_and_writes_the_table(tmp_path):
     module.save_pretrained(tmp_path / "attn")
     result = evaluate(
         _factory,
-        InlineShapesTask("video", n=2, size=56),
+        ShapesTask("video", n=2, size=56),
         attention=str(tmp_path / "attn"),
         budget=0.5,
         name="grid",

@@ -1,120 +1,183 @@
-"""What ``tokenreduce demo`` evaluates: ONE place that names the demo's tasks and models.
+"""What ``tokenreduce demo`` evaluates: ONE place that names the demo's tasks, models, methods and budgets.
 
-TEMPORARY: until the synthetic benchmark (``tokenreduce.eval.synthetic``, with its trained tiny models)
-lands, the demo runs a tiny inline task (:class:`InlineShapesTask`, a handful of generated pictures and
-clips) on the random-weight tiny models of :mod:`tokenreduce.testing.tiny`. Random weights answer at
-chance, so the demo's accuracy column is noise; its ``agree w/ none`` column (how often a reduced model
-answers exactly like the unreduced one) and the token / FLOPs / time columns are meaningful. To switch
-to the synthetic benchmark, replace :func:`demo_runs` only (see its docstring).
+One run per synthetic benchmark family (:mod:`tokenreduce.eval.synthetic`), each on its shipped tiny
+model (``assets/models/<name>``, or the folder named by ``$TOKENREDUCE_SYNTHETIC_MODELS``):
+
+* ``image`` on ``synthetic-llava-image`` (LLaVA-1.5 architecture);
+* ``document`` on ``synthetic-onevision-document`` and ``video`` on ``synthetic-onevision-video``
+  (LLaVA-OneVision architecture).
+
+Each run takes every registered method that can reduce the model's visual tokens for the family's
+modality (see :func:`select_methods`), at budgets 10 %, 25 % and 50 %, plus the unreduced model. After
+the table, two properties of the benchmark are checked (printed, not asserted): the full-token accuracy
+is high, and keeping a random 10 % of the visual tokens costs many points, so a good selection has room
+to show.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import numpy as np
+from tokenreduce.eval.runner import BASELINE, Cell, ModelSpec, method_config
+from tokenreduce.eval.synthetic import KINDS, MODEL_NAMES, load_model, model_dir
+from tokenreduce.eval.tasks.synthetic import SyntheticTask
 
-from tokenreduce.eval.runner import ModelSpec
-from tokenreduce.eval.sample import Sample
-from tokenreduce.eval.task import Task
-
-DEMO_METHODS = ("none", "random", "pool", "fastv", "pdrop")
-DEMO_BUDGETS = (0.25, 0.5)
-
-# Answers must be words the tiny models' word-level tokenizer knows (``w<i>``).
-_COLOURS = {"w20": (230, 40, 40), "w21": (40, 200, 60), "w22": (50, 80, 230), "w23": (240, 220, 40)}
-
-
-class InlineShapesTask(Task):
-    """TEMPORARY demo task: which colour is the square (image) / the moving square (video)?
-
-    Deterministic from ``seed``; ``n`` samples; answers are the colour's vocabulary word.
-    """
-
-    instruction = ""
-    max_new_tokens = 2
-
-    def __init__(self, modality: str = "image", n: int = 8, seed: int = 0, size: int = 112):
-        if modality not in ("image", "video"):
-            raise ValueError(f"`modality` must be 'image' or 'video', got {modality!r}")
-        self.modality, self.n, self.seed, self.size = modality, n, seed, size
-        self.name = f"demo-{modality}"
-
-    def samples(self, split: str | None = None, limit: int | None = None) -> Iterator[Sample]:
-        count = self.n if limit is None else min(self.n, limit)
-        for i in range(count):
-            rng = np.random.default_rng([self.seed, i])
-            word = list(_COLOURS)[i % len(_COLOURS)]
-            frames = 4 if self.modality == "video" else 1
-            clip = np.full((frames, self.size, self.size, 3), 235, dtype=np.uint8)
-            side = self.size // 4
-            y, x = rng.integers(0, self.size - side, size=2)
-            for t in range(frames):
-                xt = int(min(self.size - side, x + 6 * t))
-                clip[t, y : y + side, xt : xt + side] = _COLOURS[word]
-            question = "w100 w101 w102 w103"
-            if self.modality == "image":
-                from PIL import Image
-
-                yield Sample(id=f"{self.name}-{i}", task=self.name, modality="image", question=question, answer=word,
-                             images=[Image.fromarray(clip[0])], meta={"category": word})
-            else:
-                yield Sample(id=f"{self.name}-{i}", task=self.name, modality="video", question=question, answer=word,
-                             video=clip, meta={"category": word})
-
-    def parse(self, text: str, sample: Sample) -> str:
-        words = text.split()
-        return words[0] if words else ""
-
-    def score(self, prediction: Any, sample: Sample) -> float:
-        return float(prediction == sample.answer)
+DEMO_BUDGETS = (0.1, 0.25, 0.5)
+# Samples per family: a multiple of every family's category count (5 or 4), so categories stay balanced;
+# the three runs together take about 4 minutes on 2 busy CPU cores.
+DEMO_SAMPLES = 40
+# The benchmark's two properties, printed after each table.
+FULL_ACCURACY_GOAL = 0.90
+RANDOM_BUDGET = 0.1
+RANDOM_DROP_GOAL = 15.0  # accuracy points lost by `random` at RANDOM_BUDGET
+# The modality of each family's samples (documents are images).
+MODALITIES = {"image": "image", "document": "image", "video": "video"}
+# What a config must fail with for its method to be left out (a missing required option, e.g. the path
+# of trained weights that are not shipped, or a model / budget the method cannot take).
+CONFIG_ERRORS = (ValueError, TypeError, NotImplementedError, OSError)
 
 
-def _tiny(family: str):
-    def factory():
-        from tokenreduce.testing.tiny import tiny_model, tiny_processor
-
-        return tiny_model(family, num_layers=8), tiny_processor(family)
-
-    return factory
+class MissingModelsError(FileNotFoundError):
+    """The shipped synthetic models are not where the demo looks for them."""
 
 
 @dataclass
 class DemoRun:
-    """One run of the demo: a task, its models, and the grid."""
+    """One run of the demo: a task, its model, the grid, and the methods left out (with the reason)."""
 
     name: str
-    task: Task
+    task: SyntheticTask
     models: list[ModelSpec]
-    methods: tuple[str, ...] = DEMO_METHODS
+    methods: tuple[str, ...]
     budgets: tuple[float, ...] = DEMO_BUDGETS
-    options: dict = field(default_factory=dict)
+    limit: int = DEMO_SAMPLES
+    task_options: dict[str, Any] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)
 
 
-def demo_runs(n: int = 8) -> list[DemoRun]:
-    """The demo's runs. TEMPORARY inline task and random tiny models.
+def check_models(root: str | Path | None = None) -> dict[str, Path]:
+    """The model directory of each family; raises :class:`MissingModelsError` naming every missing one
+    and the command that trains it."""
+    dirs = {kind: model_dir(kind, root) for kind in KINDS}
+    missing = [kind for kind, path in dirs.items() if not (path / "config.json").is_file()]
+    if missing:
+        lines = [f"  {dirs[k]}  (train it with `python -m tokenreduce.eval.synthetic.train {k}`)" for k in missing]
+        raise MissingModelsError(
+            "the demo needs the synthetic benchmark's tiny models; missing:\n" + "\n".join(lines)
+            + "\nor point $TOKENREDUCE_SYNTHETIC_MODELS (or `tokenreduce demo --models DIR`) at a folder holding "
+            f"{', '.join(MODEL_NAMES[k] for k in KINDS)}"
+        )
+    return dirs
 
-    When ``tokenreduce.eval.synthetic`` lands, return instead one run per synthetic kind, e.g.::
 
-        from tokenreduce.eval.synthetic import load_model, KINDS
-        from tokenreduce.eval.tasks.synthetic import SyntheticTask   # wraps load_synthetic / encode / score
-        return [DemoRun(f"demo-{k}", SyntheticTask(k, split="test"), [ModelSpec(f"synthetic-{k}",
-                factory=lambda k=k: load_model(k))]) for k in KINDS]
+def select_methods(model: Any, modality: str, budgets: Sequence[float] = DEMO_BUDGETS) -> tuple[tuple[str, ...], dict[str, str]]:
+    """``("none", *methods)`` that reduce ``model``'s visual tokens of ``modality``, and why the others are out.
+
+    A method is in when its ``families`` (None: every family) include the model's adapter, its
+    ``modalities`` include ``modality``, it acts before decoding (a decode-stage-only method such as
+    ``ares`` keeps every visual token), and its config builds through ``at_budget`` and wraps the model
+    for at least one of ``budgets`` (a method needing a path to trained weights that are not shipped
+    fails there). The model is left unwrapped.
     """
-    return [
-        DemoRun("demo-image", InlineShapesTask("image", n=n),
-                [ModelSpec("tiny-llava", factory=_tiny("llava")), ModelSpec("tiny-qwen2-vl", factory=_tiny("qwen2_vl"))]),
-        DemoRun("demo-video", InlineShapesTask("video", n=n), [ModelSpec("tiny-qwen2-vl", factory=_tiny("qwen2_vl"))]),
-    ]
+    import tokenreduce as tr
+    from tokenreduce.adapters import get_adapter
+    from tokenreduce.core.registry import method_specs
+
+    family = get_adapter(model).name
+    num_layers = model.config.get_text_config().num_hidden_layers
+    chosen: list[str] = []
+    excluded: dict[str, str] = {}
+    for spec in method_specs():
+        if set(spec.stages) <= {"decode"}:
+            excluded[spec.name] = "decode-stage only: keeps every visual token"
+            continue
+        if spec.families is not None and family not in spec.families:
+            excluded[spec.name] = f"supports families {', '.join(spec.families)}, not {family}"
+            continue
+        if modality not in spec.modalities:
+            excluded[spec.name] = f"acts on {', '.join(spec.modalities)}, not {modality}"
+            continue
+        errors = []
+        for budget in budgets:
+            try:
+                tr.unwrap(tr.wrap(model, method_config(Cell(spec.name, float(budget)), num_layers)))
+            except CONFIG_ERRORS as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+            else:
+                break
+        if len(errors) == len(budgets):
+            excluded[spec.name] = errors[0]
+        else:
+            chosen.append(spec.name)
+    return (BASELINE, *chosen), excluded
 
 
-def _register() -> None:
-    from tokenreduce.eval.tasks import register_task
+def demo_runs(n: int = DEMO_SAMPLES, models: str | Path | None = None,
+              budgets: Sequence[float] = DEMO_BUDGETS) -> list[DemoRun]:
+    """The demo's runs, one per synthetic family, with ``n`` test samples each.
 
-    register_task("demo-image", lambda **kw: InlineShapesTask("image", **kw), overwrite=True)
-    register_task("demo-video", lambda **kw: InlineShapesTask("video", **kw), overwrite=True)
+    ``models`` is the folder holding the three model directories (default: ``$TOKENREDUCE_SYNTHETIC_MODELS``,
+    else ``assets/models``); a missing one raises :class:`MissingModelsError`. The methods of a run come
+    from :func:`select_methods` on its loaded model (loaded once, shared with the runner).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`n` must be an int >= 1, got {n!r}")
+    dirs = check_models(models)
+    runs = []
+    for kind in KINDS:
+        model, processor = load_model(kind, dirs[kind])
+        methods, excluded = select_methods(model, MODALITIES[kind], budgets)
+        task = SyntheticTask(kind, split="test", seed=0)
+        spec = ModelSpec(MODEL_NAMES[kind], factory=lambda loaded=(model, processor): loaded)
+        runs.append(DemoRun(f"demo-{kind}", task, [spec], methods, tuple(budgets), n,
+                            {"split": task.split, "seed": task.seed}, excluded))
+    return runs
 
 
-_register()
+def clear_run(run_dir: str | Path, task_name: str) -> None:
+    """Remove a previous demo run of ``task_name`` in ``run_dir`` (its records would be reused otherwise,
+    even after the models changed). A folder that is not such a run is left alone."""
+    import json
+
+    run_dir = Path(run_dir)
+    spec = run_dir / "run.json"
+    if not spec.is_file():
+        return
+    try:
+        task = json.loads(spec.read_text()).get("task")
+    except (OSError, json.JSONDecodeError):
+        return
+    if task == task_name:
+        shutil.rmtree(run_dir)
+
+
+def benchmark_checks(summary: Mapping[str, Any]) -> list[str]:
+    """PASS / FAIL lines for the benchmark's two properties, per model of a run's summary.
+
+    Full-token accuracy >= 90 %, and ``random`` at 10 % of the visual tokens losing >= 15 points.
+    """
+    by_model: dict[str, dict[tuple[str, float | None], float | None]] = {}
+    for c in summary.get("cells", []):
+        by_model.setdefault(c["model"], {})[(c["method"], c["budget"])] = c.get("primary")
+    lines = []
+    for model, cells in by_model.items():
+        full = cells.get((BASELINE, None))
+        if full is None:
+            lines.append(f"n/a   {model}: full-token accuracy (the `none` cell did not run)")
+        else:
+            verdict = "PASS" if full >= FULL_ACCURACY_GOAL else "FAIL"
+            lines.append(f"{verdict}  {model}: full-token accuracy {100 * full:.1f}% "
+                         f"(goal >= {100 * FULL_ACCURACY_GOAL:.0f}%)")
+        reduced = cells.get(("random", RANDOM_BUDGET))
+        if full is None or reduced is None:
+            lines.append(f"n/a   {model}: points lost by random@{RANDOM_BUDGET:g} (the cell did not run)")
+        else:
+            drop = 100 * (full - reduced)
+            verdict = "PASS" if drop >= RANDOM_DROP_GOAL else "FAIL"
+            lines.append(f"{verdict}  {model}: random@{RANDOM_BUDGET:g} loses {drop:.1f} points "
+                         f"({100 * full:.1f}% -> {100 * reduced:.1f}%; goal >= {RANDOM_DROP_GOAL:g})")
+    return lines

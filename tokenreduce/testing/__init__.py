@@ -1,1 +1,1 @@
-"""Tiny models and batches for tests, benchmarks and the demo."""
+"""Tiny models and batches for tests and benchmarks."""

@@ -1,6 +1,6 @@
 """Tiny random-weight models of the real transformers VLM classes, and batches to feed them.
 
-Used by the test suite, the benchmarks and ``tokenreduce demo`` before trained assets exist: every model
+Used by the test suite, the benchmarks and ``tokenreduce eval --model tiny:<family>``: every model
 is built from a config (no download), every batch carries the exact placeholder counts the model's own
 encoder produces.
 """
