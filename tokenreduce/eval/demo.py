@@ -28,7 +28,7 @@ from tokenreduce.eval.tasks.synthetic import SyntheticTask
 
 DEMO_BUDGETS = (0.1, 0.25, 0.5)
 # Samples per family: a multiple of every family's category count (5 or 4), so categories stay balanced;
-# the three runs together take about 4 minutes on 2 busy CPU cores.
+# the three runs together take about 5 minutes on 2 busy CPU cores.
 DEMO_SAMPLES = 40
 # The benchmark's two properties, printed after each table.
 FULL_ACCURACY_GOAL = 0.90
