@@ -1,0 +1,93 @@
+"""The training script's invariants: it trains on exactly what inference feeds the model."""
+
+import numpy as np
+import pytest
+import torch
+
+from tokenreduce.eval.synthetic import build_processor, build_tokenizer, encode, load_synthetic
+from tokenreduce.eval.synthetic.benchmark import generate
+from tokenreduce.eval.synthetic.models import build_model
+from tokenreduce.eval.synthetic.train import (
+    IGNORE,
+    TASKS,
+    Question,
+    document_patch_labels,
+    make_batch,
+    object_patch_labels,
+    tower_features,
+)
+from tokenreduce.eval.synthetic.vocab import COLOUR_NAMES, SHAPES
+
+
+@pytest.mark.parametrize("kind", list(TASKS))
+def test_cached_feature_path_equals_the_model_encoder(kind):
+    model = build_model(kind).eval()
+    task = TASKS[kind](build_tokenizer())
+    sample = load_synthetic(kind, "validation", 1)[0]
+    inputs = encode(sample, build_processor(kind))
+    with torch.no_grad():
+        if kind == "video":
+            ref = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output[0]
+            units = inputs["pixel_values_videos"][0]
+        elif kind == "document":
+            ref = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+            units = inputs["pixel_values"][0]
+        else:
+            ref = model.model.get_image_features(inputs["pixel_values"]).pooler_output[0]
+            units = inputs["pixel_values"]
+        mine = task.pack(model, tower_features(model, units)[None] if kind != "image" else tower_features(model, units))
+    torch.testing.assert_close(mine[0], ref.reshape(mine[0].shape), atol=1e-5, rtol=1e-5)
+    # The training pool's pixels are the processor's.
+    media, questions = task.media_and_questions(0, "validation", np.random.default_rng(0), extra=False)
+    torch.testing.assert_close(task.tower_pixels(media), units, atol=1e-2, rtol=0)
+    _ids, _answer, aux, category = questions[0]
+    assert category == sample.meta["category"] and aux.shape == (ref.reshape(-1, ref.shape[-1]).shape[0],)
+    assert aux.max() >= 1  # the referent covers some visual tokens
+
+
+@pytest.mark.parametrize("kind", list(TASKS))
+def test_training_sequences_are_the_inference_prompt_plus_answer(kind):
+    tokenizer = build_tokenizer()
+    task = TASKS[kind](tokenizer)
+    processor = build_processor(kind)
+    sample = load_synthetic(kind, "validation", 1)[0]
+    inputs = encode(sample, processor)
+    placeholder = processor.tokenizer.convert_tokens_to_ids("<video>" if kind == "video" else "<image>")
+    n_visual = int((inputs["input_ids"] == placeholder).sum())
+    q = Question(0, task.ids(sample.question), task.word(sample.answer), np.zeros(n_visual, np.int8), "x")
+    prefix = tokenizer(" answer :", add_special_tokens=False)["input_ids"]
+    ids, mask, target, aux = make_batch([q, q], placeholder, n_visual, prefix, tokenizer.eos_token_id,
+                                        tokenizer.pad_token_id)
+    assert torch.equal(ids[0, : inputs["input_ids"].shape[1]], inputs["input_ids"][0])
+    assert ids.shape[1] == inputs["input_ids"].shape[1] + 1  # the prompt, then the answer token
+    assert target[0, -2].item() == q.answer and target[0, -1].item() == tokenizer.eos_token_id
+    assert (target[0, :-2] == IGNORE).all()
+    assert ((aux[0] != IGNORE) == (ids[0] == placeholder)).all()
+    assert mask.all()
+
+
+def test_patch_labels_follow_the_pixels():
+    _, object_map, objects, _ = generate("image", "validation", 3)
+    labels = object_patch_labels(object_map, [o.colour for o in objects], [o.shape for o in objects],
+                                 [o.centre for o in objects])
+    grid = 224 // 14
+    for o in objects:
+        cx, cy = o.centre
+        patch = int(cy // 14) * grid + int(cx // 14)
+        assert labels["centre"][patch] == 1
+        assert labels["colour"][patch] == COLOUR_NAMES.index(o.colour) + 1
+        assert labels["shape"][patch] in (SHAPES.index(o.shape) + 1, IGNORE)
+    assert labels["centre"].sum() == len(objects)
+    assert (labels["shape"][labels["colour"] == 0] == IGNORE).all()
+    assert labels["row"].reshape(grid, grid)[5, 0] == 5 and labels["col"].reshape(grid, grid)[0, 7] == 7
+
+    _sample, block_map, glyph_map, blocks = generate("document", "validation", 2)
+    doc = document_patch_labels(block_map, glyph_map, blocks, 14)
+    for block in blocks:
+        for g in block.glyphs:
+            r, c = g.y0 // 14, g.x0 // 14
+            assert doc["glyph"][r, c] == 1 and doc["shape"][r, c] == SHAPES.index(g.shape) + 1
+        x0, y0, x1, y1 = block.box
+        assert doc["colour"][y0 // 14 : y1 // 14, x0 // 14 : x1 // 14].tolist() == [
+            [COLOUR_NAMES.index(block.colour) + 1] * ((x1 - x0) // 14)] * ((y1 - y0) // 14)
+    assert (doc["shape"][doc["glyph"] == 0] == IGNORE).all()

@@ -1,0 +1,685 @@
+"""Train the shipped tiny VLMs on the synthetic benchmark's train split (CPU, seeded, deterministic).
+
+    PYTHONPATH=. python -m tokenreduce.eval.synthetic.train image      # or: document, video
+    PYTHONPATH=. python -m tokenreduce.eval.synthetic.train image --out /tmp/m --lm-steps 200  # smoke run
+
+Two stages, because training end to end from random init stalls near chance (an earlier trial: 37% after
+35 minutes, projected image features drifting to ~800x the norm of text embeddings):
+
+1. **Tower.** The vision tower alone, with linear heads on the visual features the LM will read
+   (``hidden_states[vision_feature_layer]``) and per-patch labels the generator gives for free: colour and
+   shape of the object covering each patch, whether it holds an object's centre, and its row / column
+   (documents: box colour, glyph present, glyph shape).
+2. **Language.** Tower frozen and its features cached; projector, language model (and OneVision's
+   ``image_newline``) trained on the questions, placed BEFORE the visual tokens exactly as
+   :func:`~.prompting.prompt` writes them, with the answer + EOS loss plus an auxiliary loss: a linear probe
+   on a middle layer's hidden state of every visual token must say whether the token belongs to what the
+   question refers to (first referent / second referent / neither). The heads and the probe are dropped.
+
+Images get several questions per generated scene, pages several per page, videos several per video, so
+each cached tower output is reused. At the end the model and processor are saved with ``save_pretrained``
+and re-checked through the real path (processor, ``generate``) on validation samples, full tokens and
+``random`` at 10%. Timing and accuracies go to ``training_summary.json`` next to the weights.
+
+Timing and findings (2 shared CPU cores, fp32; numbers from the runs that produced the shipped models, also
+in each model's ``training_summary.json``):
+
+* image (LLaVA, 1.04M parameters): see ``assets/models/synthetic-llava-image/training_summary.json``.
+* document (OneVision, 1.03M): see ``assets/models/synthetic-onevision-document/training_summary.json``.
+* video (OneVision, 1.03M): see ``assets/models/synthetic-onevision-video/training_summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .benchmark import generate
+from .documents import CROP_SIZE, PAGE_SIZE, answer_glyph_indices, ask_more_document
+from .models import (
+    PATCH_SIZE,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    build_model,
+    build_processor,
+    build_tokenizer,
+    model_dir,
+)
+from .prompting import prompt
+from .scenes import IMAGE_SIZE
+from .videos import FRAME_SIZE, NUM_FRAMES, ask_more_video
+from .vocab import COLOUR_NAMES, SHAPES
+
+IGNORE = -100
+
+
+@dataclass
+class Plan:
+    """Hyperparameters of one model's training (step counts fixed, so runs are deterministic)."""
+
+    tower_pool: int
+    tower_steps: int
+    tower_batch: int
+    lm_pool: int
+    lm_steps: int
+    lm_batch: int
+    tower_lr: float = 2e-3
+    lm_lr: float = 1.5e-3
+    aux_weight: float = 1.0
+    aux_layer: int = 2
+    questions_per_media: int = 4
+    val_size: int = 300
+    eval_every: int = 250
+    seed: int = 0
+    category_weights: dict[str, float] = field(default_factory=dict)
+
+
+PLANS: dict[str, Plan] = {
+    "image": Plan(tower_pool=2000, tower_steps=300, tower_batch=16, lm_pool=4000, lm_steps=1500, lm_batch=16,
+                  category_weights={"presence": 1.5, "position": 1.5, "count": 1.5}),
+    "document": Plan(tower_pool=1500, tower_steps=500, tower_batch=6, lm_pool=3000, lm_steps=2500, lm_batch=12),
+    "video": Plan(tower_pool=600, tower_steps=500, tower_batch=32, lm_pool=3000, lm_steps=2500, lm_batch=12),
+}
+
+
+# ----- per-patch labels ------------------------------------------------------------------------------------
+def coverage(index_map: np.ndarray, n: int, cell: int) -> np.ndarray:
+    """``[n, R, C]``: fraction of each ``cell x cell`` cell covered by index ``i`` of ``index_map``."""
+    h, w = index_map.shape
+    r, c = h // cell, w // cell
+    grid = index_map[: r * cell, : c * cell].reshape(r, cell, c, cell)
+    if n == 0:
+        return np.zeros((0, r, c), np.float32)
+    return np.stack([(grid == i).mean(axis=(1, 3)) for i in range(n)]).astype(np.float32)
+
+
+def _class_labels(cov: np.ndarray, classes: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Per cell: ``classes[i] + 1`` of the best-covering index if covered >= ``high``, 0 if < ``low``, else ignore."""
+    r, c = cov.shape[1:]
+    if cov.shape[0] == 0:
+        return np.zeros((r, c), np.int64)
+    best = cov.argmax(0)
+    amount = cov.max(0)
+    out = np.where(amount >= high, classes[best] + 1, np.where(amount < low, 0, IGNORE))
+    return out.astype(np.int64)
+
+
+def _centre_labels(centres: list[tuple[float, float]], cell: int, r: int, c: int) -> np.ndarray:
+    out = np.zeros((r, c), np.int64)
+    for x, y in centres:
+        row, col = int(y // cell), int(x // cell)
+        if 0 <= row < r and 0 <= col < c:
+            out[row, col] = 1
+    return out
+
+
+def object_patch_labels(object_map: np.ndarray, colours: list[str], shapes: list[str],
+                        centres: list[tuple[float, float]]) -> dict[str, np.ndarray]:
+    """Per-patch labels of a scene image or video frame: colour, shape, centre, row, column (each ``[P]``)."""
+    cov = coverage(object_map, len(colours), PATCH_SIZE)
+    r, c = cov.shape[1:]
+    colour_ids = np.array([COLOUR_NAMES.index(x) for x in colours], np.int64)
+    shape_ids = np.array([SHAPES.index(x) for x in shapes], np.int64)
+    rows, cols = np.mgrid[0:r, 0:c]
+    colour = _class_labels(cov, colour_ids, 0.05, 0.25)
+    # Shape is learnt on object patches only: background patches (88% of them) would drown its gradient.
+    shape = np.where(colour > 0, _class_labels(cov, shape_ids, 0.05, 0.25), IGNORE)
+    labels = {
+        "colour": colour,
+        "shape": shape,
+        "centre": _centre_labels(centres, PATCH_SIZE, r, c),
+        "row": rows.astype(np.int64),
+        "col": cols.astype(np.int64),
+    }
+    return {k: v.reshape(-1) for k, v in labels.items()}
+
+
+def document_patch_labels(block_map, glyph_map, blocks, cell: int) -> dict[str, np.ndarray]:
+    """Per-cell labels of a page at ``cell`` px (``[R, C]`` each): box colour, glyph present, glyph shape."""
+    glyphs = [g for block in blocks for g in block.glyphs]
+    block_cov = coverage(block_map, len(blocks), cell)
+    glyph_cov = coverage(glyph_map, len(glyphs), cell)
+    colours = np.array([COLOUR_NAMES.index(b.colour) for b in blocks], np.int64)
+    shapes = np.array([SHAPES.index(g.shape) for g in glyphs], np.int64)
+    shape = _class_labels(glyph_cov, shapes, 0.02, 0.1)
+    on_glyph = shape > 0
+    return {
+        "colour": _class_labels(block_cov, colours, 0.05, 0.3),
+        "glyph": np.where(on_glyph, 1, np.where(shape == 0, 0, IGNORE)),
+        "shape": np.where(on_glyph, shape, IGNORE),
+    }
+
+
+def _roles_to_aux(cov: np.ndarray, roles: dict[int, int], threshold: float) -> np.ndarray:
+    """Per cell: the role class (1, 2) of the referent covering it by >= ``threshold``, else 0."""
+    out = np.zeros(cov.shape[1:], np.int64)
+    for i, role in roles.items():
+        out[(cov[i] >= threshold) & (out == 0)] = role
+    return out
+
+
+# ----- tasks: data pools and how features reach the LM --------------------------------------------------------
+def normalise(pixels_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., H, W, 3]`` -> the processor's float ``[..., 3, H, W]`` (rescale, mean / std)."""
+    x = pixels_uint8.float().div(255.0).movedim(-1, -3)
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+@dataclass
+class Question:
+    media: int  # index into the cached features
+    ids: list[int]  # question token ids (BOS first)
+    answer: int
+    aux: np.ndarray  # [num visual tokens] int8 role classes
+    category: str
+
+
+class Task:
+    """What differs between the families: pools, labels, and packing of visual features."""
+
+    kind: str
+    label_classes: ClassVar[dict[str, int]]
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def word(self, text: str) -> int:
+        return self.tokenizer.convert_tokens_to_ids(text)
+
+    # tower stage
+    def tower_units(self, index: int) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """Tower inputs of train sample ``index`` (uint8 ``[U, H, W, 3]`` or float) and per-unit labels."""
+        raise NotImplementedError
+
+    def tower_pixels(self, units: torch.Tensor) -> torch.Tensor:
+        return normalise(units) if units.dtype == torch.uint8 else units.float()
+
+    # language stage
+    def media_and_questions(self, index: int, split: str, rng: np.random.Generator, extra: bool):
+        """Tower inputs of one sample plus its questions ``[(ids, answer, aux, category)]``."""
+        raise NotImplementedError
+
+    def pack(self, model, features: torch.Tensor) -> torch.Tensor:
+        """Cached tower features of a batch -> the LM's visual embeddings ``[B, N, H]``."""
+        raise NotImplementedError
+
+
+class ImageTask(Task):
+    kind = "image"
+    grid = IMAGE_SIZE // PATCH_SIZE
+    label_classes: ClassVar[dict[str, int]] = {"colour": 7, "shape": 6, "centre": 2, "row": grid, "col": grid}
+
+    def _generate(self, index: int, split: str, extra: bool = False):
+        sample, object_map, objects, questions = generate("image", split, index, extra_questions=extra)
+        return np.asarray(sample.images[0]), object_map, objects, questions
+
+    def tower_units(self, index):
+        pixels, object_map, objects, _ = self._generate(index, "train")
+        labels = object_patch_labels(object_map, [o.colour for o in objects], [o.shape for o in objects],
+                                     [o.centre for o in objects])
+        return torch.from_numpy(pixels[None].copy()), {k: v[None] for k, v in labels.items()}
+
+    def media_and_questions(self, index, split, rng, extra):
+        pixels, object_map, objects, questions = self._generate(index, split, extra)
+        cov = coverage(object_map, len(objects), PATCH_SIZE)
+        out = []
+        for q in questions:
+            roles = {i: {"A": 1, "B": 2}[r] for i, r in q.evidence.items() if r in ("A", "B")}
+            aux = _roles_to_aux(cov, roles, 0.2).reshape(-1)
+            out.append((self.ids(q.text), self.word(q.answer), aux, q.category))
+        return torch.from_numpy(pixels[None].copy()), out
+
+    def pack(self, model, features):
+        return model.model.multi_modal_projector(features.float())
+
+
+class DocumentTask(Task):
+    kind = "document"
+    label_classes: ClassVar[dict[str, int]] = {"colour": 7, "glyph": 2, "shape": 6}
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.image_processor = build_processor("document").image_processor
+
+    def _pixels(self, page) -> torch.Tensor:
+        return self.image_processor([page], return_tensors="pt")["pixel_values"][0].half()  # [5, 3, S, S]
+
+    def _labels(self, block_map, glyph_map, blocks) -> tuple[dict, dict]:
+        base = document_patch_labels(block_map, glyph_map, blocks, 2 * PATCH_SIZE)
+        full = document_patch_labels(block_map, glyph_map, blocks, PATCH_SIZE)
+        g = CROP_SIZE // PATCH_SIZE
+        n = PAGE_SIZE // CROP_SIZE
+        out = {}
+        for k in base:
+            crops = [full[k][y * g : (y + 1) * g, x * g : (x + 1) * g] for y in range(n) for x in range(n)]
+            out[k] = np.stack([base[k], *crops]).reshape(1 + n * n, -1)
+        return out
+
+    def tower_units(self, index):
+        sample, block_map, glyph_map, blocks = generate("document", "train", index)
+        return self._pixels(sample.images[0]), self._labels(block_map, glyph_map, blocks)
+
+    def media_and_questions(self, index, split, rng, extra):
+        sample, block_map, glyph_map, blocks = generate("document", split, index)
+        category = sample.meta["category"]
+        asked = [(category, sample.question, sample.answer, 0,
+                  answer_glyph_indices(category, sample.question, blocks[0]))]
+        if extra:
+            asked += [q for q in ask_more_document(rng, blocks) if q[1] != sample.question]
+        first_glyph = np.cumsum([0] + [len(b.glyphs) for b in blocks])
+        n_glyphs = int(first_glyph[-1])
+        covs = {cell: (coverage(block_map, len(blocks), cell), coverage(glyph_map, n_glyphs, cell))
+                for cell in (2 * PATCH_SIZE, PATCH_SIZE)}
+        out = []
+        for category, text, answer, block, glyph_ids in asked:
+            grids = []
+            for cell in (2 * PATCH_SIZE, PATCH_SIZE):
+                block_cov, glyph_cov = covs[cell]
+                roles = _roles_to_aux(block_cov, {block: 1}, 0.2)
+                answer_cells = _roles_to_aux(glyph_cov, {int(first_glyph[block]) + j: 2 for j in glyph_ids}, 0.1)
+                grids.append(np.maximum(roles, answer_cells))
+            base, full = grids
+            full = np.concatenate([full, np.zeros((full.shape[0], 1), np.int64)], axis=1)  # newline slots
+            out.append((self.ids(text), self.word(answer), np.concatenate([base.reshape(-1), full.reshape(-1)]),
+                        category))
+        return self._pixels(sample.images[0]), out
+
+    def pack(self, model, features):
+        b, crops, tokens, _ = features.shape
+        projected = model.model.multi_modal_projector(features.float().flatten(0, 1)).view(b, crops, tokens, -1)
+        sizes = torch.tensor([[PAGE_SIZE, PAGE_SIZE]] * b)
+        packed, _ = model.model.pack_image_features(
+            list(projected), sizes, image_newline=model.model.image_newline,
+            vision_aspect_ratio=model.config.vision_aspect_ratio,
+        )
+        return torch.stack(packed)
+
+
+class VideoTask(Task):
+    kind = "video"
+    grid = FRAME_SIZE // PATCH_SIZE
+    label_classes: ClassVar[dict[str, int]] = {"colour": 7, "shape": 6, "centre": 2, "row": grid, "col": grid}
+
+    def tower_units(self, index):
+        sample, maps, tracks, _ = generate("video", "train", index)
+        labels = []
+        for t in range(NUM_FRAMES):
+            labels.append(object_patch_labels(
+                maps[t], [tr.colours[t] for tr in tracks], [tr.shape for tr in tracks],
+                [(tr.box(t)[0] + tr.size / 2, tr.box(t)[1] + tr.size / 2) for tr in tracks if tr.visible[t]],
+            ))
+        stacked = {k: np.stack([lab[k] for lab in labels]) for k in labels[0]}
+        return torch.from_numpy(sample.video.copy()), stacked
+
+    def media_and_questions(self, index, split, rng, extra):
+        sample, maps, tracks, referents = generate("video", split, index)
+        asked = [(sample.meta["category"], sample.question, sample.answer, tuple(range(referents)))]
+        if extra:
+            asked += [q for q in ask_more_video(rng, tracks) if q[1] != sample.question]
+        covs = [coverage(maps[t], len(tracks), 2 * PATCH_SIZE) for t in range(NUM_FRAMES)]
+        out = []
+        for category, text, answer, refs in asked:
+            roles = {i: 1 for i in refs}
+            aux = np.concatenate([_roles_to_aux(c, roles, 0.15).reshape(-1) for c in covs] + [np.zeros(1, np.int64)])
+            out.append((self.ids(text), self.word(answer), aux, category))
+        return torch.from_numpy(sample.video.copy()), out
+
+    def pack(self, model, features):
+        b, _frames, _tokens, _ = features.shape
+        projected = model.model.multi_modal_projector(features.float().flatten(0, 1))
+        pooled = model.model.apply_pooling(projected).reshape(b, -1, projected.shape[-1])
+        newline = model.model.image_newline[None, None].expand(b, 1, -1)
+        return torch.cat([pooled, newline], dim=1)
+
+
+TASKS = {"image": ImageTask, "document": DocumentTask, "video": VideoTask}
+
+
+def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The visual features the model's projector reads (``vision_feature_layer``, CLS dropped for "default")."""
+    config = model.config
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    features = out.hidden_states[config.vision_feature_layer]
+    if config.vision_feature_select_strategy == "default":
+        features = features[:, 1:]
+    return features
+
+
+# ----- stage 1: tower -----------------------------------------------------------------------------------------
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_tower(model, task: Task, plan: Plan, log) -> dict:
+    t0 = time.time()
+    units, labels = [], {k: [] for k in task.label_classes}
+    for i in range(plan.tower_pool):
+        u, lab = task.tower_units(i)
+        units.append(u)
+        for k in labels:
+            labels[k].append(torch.from_numpy(lab[k]))
+    units_t = torch.cat(units)
+    labels_t = {k: torch.cat(v) for k, v in labels.items()}
+    log(f"tower pool: {units_t.shape[0]} units {tuple(units_t.shape[1:])} in {time.time() - t0:.0f}s")
+
+    vision = model.model.vision_tower
+    dim = model.config.vision_config.hidden_size
+    heads = nn.ModuleDict({k: nn.Linear(dim, n) for k, n in task.label_classes.items()})
+    params = list(vision.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=plan.tower_lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(plan.seed + 1)
+    n_units = units_t.shape[0]
+    vision.train()
+    t1 = time.time()
+    for step in range(plan.tower_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, plan.tower_steps, plan.tower_lr, 50)
+        idx = torch.randint(n_units, (plan.tower_batch,), generator=gen)
+        feats = tower_features(model, task.tower_pixels(units_t[idx]))
+        losses = {}
+        for k, head in heads.items():
+            logits = head(feats).flatten(0, 1)
+            losses[k] = F.cross_entropy(logits, labels_t[k][idx].reshape(-1), ignore_index=IGNORE)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == plan.tower_steps - 1:
+            log(f"tower step {step} loss {loss.item():.3f} " + " ".join(f"{k}={v.item():.3f}" for k, v in losses.items())
+                + f" ({time.time() - t1:.0f}s)")
+    vision.eval()
+    # Held-out per-patch accuracy on fresh train-split samples beyond the pool.
+    accs = {k: [] for k in heads}
+    with torch.no_grad():
+        for i in range(plan.tower_pool, plan.tower_pool + 40):
+            u, lab = task.tower_units(i)
+            feats = tower_features(model, task.tower_pixels(u))
+            for k, head in heads.items():
+                target = torch.from_numpy(lab[k]).reshape(-1)
+                pred = head(feats).flatten(0, 1).argmax(-1)
+                keep = target != IGNORE
+                # foreground-only accuracy for the class heads (background dominates otherwise)
+                if k in ("colour", "shape", "glyph"):
+                    keep &= target > 0
+                accs[k].append((pred[keep] == target[keep]).float().sum().item() / max(1, keep.sum().item()))
+    result = {k: round(float(np.mean(v)), 4) for k, v in accs.items()}
+    log(f"tower held-out per-patch accuracy {result} ({time.time() - t0:.0f}s in all)")
+    for p in vision.parameters():
+        p.requires_grad_(False)
+    return {"seconds": round(time.time() - t0, 1), "steps": plan.tower_steps, "held_out_accuracy": result}
+
+
+# ----- stage 2: language ------------------------------------------------------------------------------------------
+def build_pool(model, task: Task, split: str, indices: range, questions_per_media: int, seed: int, log):
+    """Cache frozen-tower features (fp16) of the samples ``indices`` and list up to ``questions_per_media``
+    questions about each (the sample's own question first)."""
+    t0 = time.time()
+    feats: list[torch.Tensor] = []
+    questions: list[Question] = []
+    chunk: list[torch.Tensor] = []
+
+    def flush():
+        if not chunk:
+            return
+        units = torch.cat(chunk)
+        with torch.no_grad():
+            out = torch.cat([tower_features(model, task.tower_pixels(units[s : s + 64])).half()
+                             for s in range(0, units.shape[0], 64)])
+        per_media = chunk[0].shape[0]
+        feats.append(out.view(len(chunk), per_media, *out.shape[1:]))
+        chunk.clear()
+
+    for n, i in enumerate(indices):
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7, i)))
+        media, asked = task.media_and_questions(i, split, rng, questions_per_media > 1)
+        chunk.append(media)
+        for ids, answer, aux, category in asked[:questions_per_media]:
+            questions.append(Question(n, ids, answer, aux.astype(np.int8), category))
+        if len(chunk) == 32:
+            flush()
+    flush()
+    features = torch.cat(feats)
+    if task.kind == "image":
+        features = features[:, 0]
+    log(f"{split} pool: {features.shape[0]} media, {len(questions)} questions, features {tuple(features.shape)} "
+        f"in {time.time() - t0:.0f}s")
+    return features, questions
+
+
+def make_batch(questions: list[Question], placeholder: int, n_visual: int, answer_prefix: list[int], eos: int, pad: int):
+    """Left-padded ids, mask, targets (-100 but at the answer and EOS) and per-token aux labels."""
+    seqs, targets, auxs = [], [], []
+    for q in questions:
+        seq = q.ids + [placeholder] * n_visual + answer_prefix + [q.answer, eos]
+        tgt = [IGNORE] * (len(seq) - 1)
+        tgt[-2], tgt[-1] = q.answer, eos  # predicted at the last prefix token and at the answer
+        aux = [IGNORE] * len(q.ids) + q.aux.tolist() + [IGNORE] * (len(answer_prefix) + 1)
+        seqs.append(seq[:-1])
+        targets.append(tgt)
+        auxs.append(aux)
+    length = max(len(s) for s in seqs)
+    b = len(seqs)
+    ids = torch.full((b, length), pad, dtype=torch.long)
+    mask = torch.zeros((b, length), dtype=torch.long)
+    target = torch.full((b, length), IGNORE, dtype=torch.long)
+    aux_t = torch.full((b, length), IGNORE, dtype=torch.long)
+    for r, (s, t, a) in enumerate(zip(seqs, targets, auxs)):
+        ids[r, length - len(s) :] = torch.tensor(s)
+        mask[r, length - len(s) :] = 1
+        target[r, length - len(s) :] = torch.tensor(t)
+        aux_t[r, length - len(s) :] = torch.tensor(a)
+    return ids, mask, target, aux_t
+
+
+def lm_forward(model, ids, mask, visual: torch.Tensor, placeholder: int, aux_layer: int):
+    """Hidden states of the LM on ids whose placeholders hold ``visual``: (last normed, layer ``aux_layer``)."""
+    embeds = model.model.get_input_embeddings()(ids)
+    slots = (ids == placeholder)[..., None]
+    embeds = embeds.masked_scatter(slots, visual.to(embeds.dtype))
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                     output_hidden_states=True)
+    return out.last_hidden_state, out.hidden_states[aux_layer]
+
+
+def cached_pool(model, task: Task, split: str, indices: range, per_media: int, seed: int, log, work):
+    """:func:`build_pool`, saved to / loaded from ``work`` when given (the pool depends on the tower only)."""
+    path = work / f"pool-{split}-{indices.start}-{indices.stop}-{per_media}.pt" if work else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=False)
+        log(f"reused {split} pool from {path}")
+        return saved["features"], saved["questions"]
+    features, questions = build_pool(model, task, split, indices, per_media, seed, log)
+    if path is not None:
+        torch.save({"features": features, "questions": questions}, path)
+    return features, questions
+
+
+def train_language(model, task: Task, plan: Plan, log, work: Path | None = None) -> dict:
+    t0 = time.time()
+    tok = task.tokenizer
+    placeholder = model.config.video_token_index if task.kind == "video" else model.config.image_token_index
+    answer_prefix = tok(" answer :", add_special_tokens=False)["input_ids"]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    start = plan.tower_pool + 100
+    feats, questions = cached_pool(model, task, "train", range(start, start + plan.lm_pool),
+                                   plan.questions_per_media, plan.seed, log, work)
+    val_feats, val_questions = cached_pool(model, task, "validation", range(plan.val_size), 1, plan.seed, log, work)
+    with torch.no_grad():
+        n_visual = task.pack(model, feats[:1]).shape[1]
+
+    weights = torch.tensor([plan.category_weights.get(q.category, 1.0) for q in questions])
+    probe = nn.Linear(model.config.text_config.hidden_size, 3)
+    trainable = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
+    trainable += list(probe.parameters())
+    opt = torch.optim.AdamW(trainable, lr=plan.lm_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(plan.seed + 2)
+    history = []
+
+    def evaluate() -> dict:
+        model.eval()
+        hits: dict[str, list[bool]] = {}
+        with torch.no_grad():
+            for s in range(0, len(val_questions), 32):
+                qs = val_questions[s : s + 32]
+                ids, mask, _target, _ = make_batch(qs, placeholder, n_visual, answer_prefix, eos, pad)
+                visual = task.pack(model, val_feats[[q.media for q in qs]])
+                hidden, _ = lm_forward(model, ids, mask, visual, placeholder, plan.aux_layer)
+                pred = model.lm_head(hidden[:, -2]).argmax(-1)
+                for q, p in zip(qs, pred.tolist()):
+                    hits.setdefault(q.category, []).append(p == q.answer)
+                    hits.setdefault("all", []).append(p == q.answer)
+        model.train()
+        return {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())}
+
+    model.train()
+    t1 = time.time()
+    for step in range(plan.lm_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, plan.lm_steps, plan.lm_lr, 100)
+        idx = torch.multinomial(weights, plan.lm_batch, replacement=True, generator=gen).tolist()
+        qs = [questions[i] for i in idx]
+        ids, mask, target, aux = make_batch(qs, placeholder, n_visual, answer_prefix, eos, pad)
+        visual = task.pack(model, feats[[q.media for q in qs]])
+        hidden, middle = lm_forward(model, ids, mask, visual, placeholder, plan.aux_layer)
+        rows, cols = (target != IGNORE).nonzero(as_tuple=True)
+        answer_loss = F.cross_entropy(model.lm_head(hidden[rows, cols]), target[rows, cols])
+        arow, acol = (aux != IGNORE).nonzero(as_tuple=True)
+        aux_loss = F.cross_entropy(probe(middle[arow, acol]), aux[arow, acol], weight=torch.tensor([1.0, 4.0, 4.0]))
+        loss = answer_loss + plan.aux_weight * aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        if step % 50 == 0:
+            log(f"lm step {step} answer {answer_loss.item():.3f} aux {aux_loss.item():.3f} ({time.time() - t1:.0f}s)")
+        if (step + 1) % plan.eval_every == 0 or step == plan.lm_steps - 1:
+            acc = evaluate()
+            history.append({"step": step + 1, "seconds": round(time.time() - t1, 1), **acc})
+            log(f"lm step {step + 1} validation {acc}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return {"seconds": round(time.time() - t0, 1), "steps": plan.lm_steps, "questions": len(questions),
+            "media": int(feats.shape[0]), "history": history}
+
+
+# ----- checks through the real path -------------------------------------------------------------------------------
+def check_real_path(model, processor, task: Task, n: int, log) -> dict:
+    """Accuracy through processor + ``generate`` on validation samples: full tokens and random at 10%."""
+    import tokenreduce as tr
+    from tokenreduce.eval.predict import predict
+
+    from .benchmark import load_synthetic
+    from .prompting import score
+
+    samples = load_synthetic(task.kind, "validation", n)
+    # The cached-feature packing must equal the model's own encoder path.
+    inputs = processor(text=[prompt(samples[0])], return_tensors="pt",
+                       **({"videos": [samples[0].video]} if task.kind == "video" else {"images": samples[0].images}))
+    with torch.no_grad():
+        if task.kind == "video":
+            ref = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output[0]
+            mine = task.pack(model, tower_features(model, inputs["pixel_values_videos"][0])[None])[0]
+        elif task.kind == "document":
+            ref = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+            mine = task.pack(model, tower_features(model, inputs["pixel_values"][0])[None])[0]
+        else:
+            ref = model.model.get_image_features(inputs["pixel_values"]).pooler_output[0]
+            mine = task.pack(model, tower_features(model, inputs["pixel_values"]))[0]
+    torch.testing.assert_close(mine, ref.reshape(mine.shape), atol=1e-4, rtol=1e-4)
+    t0 = time.time()
+    full = score(samples, predict(model, processor, samples))
+    tr.wrap(model, "random", keep=0.1, seed=0)
+    try:
+        rand = score(samples, predict(model, processor, samples))
+    finally:
+        tr.unwrap(model)
+    log(f"real path on {n} validation samples: full {full} random@0.1 {rand} ({time.time() - t0:.0f}s)")
+    return {"full": full, "random_0.1": rand}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("kind", choices=sorted(TASKS))
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the shipped asset dir)")
+    parser.add_argument("--tower-steps", type=int, default=None)
+    parser.add_argument("--lm-steps", type=int, default=None)
+    parser.add_argument("--tower-pool", type=int, default=None)
+    parser.add_argument("--lm-pool", type=int, default=None)
+    parser.add_argument("--lm-lr", type=float, default=None)
+    parser.add_argument("--aux-weight", type=float, default=None)
+    parser.add_argument("--check", type=int, default=200, help="validation samples for the final real-path check")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tower-only", action="store_true", help="stop after the tower stage (experiments)")
+    parser.add_argument("--tower-lr", type=float, default=None)
+    parser.add_argument("--tower-batch", type=int, default=None)
+    parser.add_argument("--work", type=Path, default=None,
+                        help="cache the trained tower and feature pools here and reuse them on the next run")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    plan = PLANS[args.kind]
+    for name in ("tower_steps", "lm_steps", "tower_pool", "lm_pool", "lm_lr", "aux_weight", "tower_lr", "tower_batch"):
+        if getattr(args, name) is not None:
+            setattr(plan, name, getattr(args, name))
+    out = args.out or model_dir(args.kind)
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+
+    torch.manual_seed(plan.seed)
+    model = build_model(args.kind, seed=plan.seed)
+    processor = build_processor(args.kind)
+    task = TASKS[args.kind](build_tokenizer())
+    log(f"{args.kind}: {sum(p.numel() for p in model.parameters())} parameters; plan {plan}")
+    work = args.work / args.kind if args.work else None
+    tower_file = work / "tower.pt" if work else None
+    if tower_file is not None and tower_file.is_file():
+        saved = torch.load(tower_file)
+        model.model.vision_tower.load_state_dict(saved["state"])
+        model.model.vision_tower.requires_grad_(False)
+        tower = saved["summary"]
+        log(f"reused tower from {tower_file}: {tower}")
+    else:
+        tower = train_tower(model, task, plan, log)
+        if tower_file is not None:
+            tower_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state": model.model.vision_tower.state_dict(), "summary": tower}, tower_file)
+    if args.tower_only:
+        return
+    language = train_language(model, task, plan, log, work)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    log(f"saved to {out}")
+    check = check_real_path(model, processor, task, args.check, log) if args.check else {}
+    summary = {"kind": args.kind, "parameters": sum(p.numel() for p in model.parameters()), "plan": asdict(plan),
+               "tower": tower, "language": language, "check": check, "total_seconds": round(time.time() - t0, 1),
+               "torch_threads": args.threads}
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
