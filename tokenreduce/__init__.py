@@ -20,6 +20,7 @@ from tokenreduce.plugins.baselines.prumerge import PruMergeConfig, PruMergePlusC
 from tokenreduce.plugins.baselines.random import RandomConfig
 from tokenreduce.plugins.baselines.tome import ToMeConfig
 from tokenreduce.plugins.baselines.visionzip import VisionZipConfig
+from tokenreduce.plugins.langdc import LangDCConfig
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "AresConfig",
     "DivPruneConfig",
     "FastVConfig",
+    "LangDCConfig",
     "MethodConfig",
     "PDropConfig",
     "PoolConfig",
