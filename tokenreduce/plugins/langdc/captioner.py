@@ -252,7 +252,7 @@ class Captioner(nn.Module):
         layer = self.config.hidden_layer
         rows = visual.shape[0]
         embeds = self.prefix(visual)
-        out = self.lm(inputs_embeds=embeds, use_cache=True)
+        out = self.lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
         cache = out.cache
         token = out.logits[:, -1].argmax(-1)
         done = token == eos
@@ -312,26 +312,38 @@ class Captioner(nn.Module):
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     # ----- cost ---------------------------------------------------------------------------------------
-    def flops(self, visual_tokens: int, caption_tokens: int) -> float:
-        """Analytic FLOPs of captioning one segment: ``in_proj`` on the visual tokens, the LM's prefill of
-        the prefix, one KV-cached step per caption token (the last step's output is end-of-sequence or the
-        length limit), the LM head at the prefill's last position and every step, ``post_proj`` per soft
-        token. Counted per segment as if it ran alone (a batched row that stopped early costs nothing)."""
+    def flops_breakdown(self, visual_tokens: int, caption_tokens: int) -> dict[str, float]:
+        """Analytic FLOPs (2 per multiply-add) of captioning one segment of ``visual_tokens`` tokens into a
+        caption of ``caption_tokens`` tokens, by part:
+
+        * ``projectors``: ``in_proj`` on every visual token, ``post_proj`` on every soft token;
+        * ``lm_linear``: the LM's q/k/v/o projections and gated MLP over the prefix (visual tokens and
+          prompt ids) and over one KV-cached step per caption token (the last step's prediction is the
+          end-of-sequence or the length limit);
+        * ``lm_attention``: scores and weighted sums, causal over the prefix, then each step against its
+          context (as :class:`~tokenreduce.core.flops.Geometry` counts the VLM's prefill);
+        * ``lm_head``: the output layer at the prefix's last position and at every step.
+
+        Counted per segment as if it ran alone: a batched row that stopped early costs nothing here.
+        """
         from tokenreduce.core.flops import Geometry
 
-        geometry = Geometry.from_config(self.lm.config)
+        g = Geometry.from_config(self.lm.config)
         prefix = visual_tokens + len(self.config.prompt_ids)
-        total = linear_flops(self.in_proj) * visual_tokens
-        total += geometry.prefill_flops([prefix] * geometry.layers)
-        q_dim, kv_dim = geometry.heads * geometry.head_dim, geometry.kv_heads * geometry.head_dim
-        per_token = 2 * geometry.hidden * (2 * q_dim + 2 * kv_dim) + 2 * 3 * geometry.hidden * geometry.intermediate
-        for t in range(caption_tokens):
-            context = prefix + t + 1
-            total += geometry.layers * (per_token + 2 * 2 * context * q_dim)
-        vocab = int(self.lm.config.vocab_size)
-        total += 2 * geometry.hidden * vocab * (caption_tokens + 1)
-        total += linear_flops(self.post_proj) * caption_tokens
-        return float(total)
+        q_dim, kv_dim = g.heads * g.head_dim, g.kv_heads * g.head_dim
+        per_token = 2 * g.hidden * (2 * q_dim + 2 * kv_dim) + 2 * 3 * g.hidden * g.intermediate
+        attention = 2 * 2 * (prefix * (prefix + 1) / 2) * q_dim
+        attention += sum(2 * 2 * (prefix + t + 1) * q_dim for t in range(caption_tokens))
+        return {
+            "projectors": linear_flops(self.in_proj) * visual_tokens + linear_flops(self.post_proj) * caption_tokens,
+            "lm_linear": float(g.layers * per_token * (prefix + caption_tokens)),
+            "lm_attention": float(g.layers * attention),
+            "lm_head": float(2 * g.hidden * int(self.lm.config.vocab_size) * (caption_tokens + 1)),
+        }
+
+    def flops(self, visual_tokens: int, caption_tokens: int) -> float:
+        """Total of :meth:`flops_breakdown`."""
+        return float(sum(self.flops_breakdown(visual_tokens, caption_tokens).values()))
 
 
 def count_parameters(module: nn.Module) -> int:
