@@ -13,7 +13,8 @@ from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_mo
 REDUCING = [s.name for s in method_specs() if set(s.stages) & {"projector", "vision", "llm"}]
 # PruMerge merges neighbours into every kept token, so keeping every token is not the identity. VQToken
 # feeds one token per distinct code at sequential positions (the paper's) without OneVision's video newline.
-NOT_IDENTITY_AT_FULL_BUDGET = {"prumerge", "prumerge_plus", "vqtoken", "vqtoken_codebook"}
+# LangDC adds soft caption tokens (from a trained captioner) to whatever the base branch keeps.
+NOT_IDENTITY_AT_FULL_BUDGET = {"prumerge", "prumerge_plus", "vqtoken", "vqtoken_codebook", "langdc"}
 KEEP_ALL = [(m, f) for m in REDUCING if m not in NOT_IDENTITY_AT_FULL_BUDGET for f in FAMILIES
             if get_method(m).families is None or f in get_method(m).families]
 

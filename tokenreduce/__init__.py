@@ -21,6 +21,7 @@ from tokenreduce.plugins.baselines.random import RandomConfig
 from tokenreduce.plugins.baselines.tome import ToMeConfig
 from tokenreduce.plugins.baselines.visionzip import VisionZipConfig
 from tokenreduce.plugins.doc_correlation import DocCorrelationConfig
+from tokenreduce.plugins.langdc import LangDCConfig
 from tokenreduce.plugins.vqtoken.method import VQTokenCodebookConfig, VQTokenConfig
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "DivPruneConfig",
     "DocCorrelationConfig",
     "FastVConfig",
+    "LangDCConfig",
     "MethodConfig",
     "PDropConfig",
     "PoolConfig",

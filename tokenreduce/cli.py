@@ -268,6 +268,25 @@ def _safe(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in str(text))
 
 
+def caption_lines(records, cells: Sequence[str] = (), sample_ids: Sequence[str] = ()) -> list[str]:
+    """One line per item whose method recorded captions (``info["captions"]``, e.g. langdc): the caption of
+    every segment with its frames and token count."""
+    lines = []
+    for rec in records:
+        label = rec["method"] if rec.get("budget") is None else f"{rec['method']}@{rec['budget']:g}"
+        if (cells and rec["method"] not in cells and label not in cells) or (sample_ids and rec["sample_id"] not in sample_ids):
+            continue
+        for i, item in enumerate(rec.get("items") or []):
+            info = item.get("info") or {}
+            if "captions" not in info:
+                continue
+            frames = info.get("segments") or [None] * len(info["captions"])
+            counts = info.get("caption_tokens") or [None] * len(info["captions"])
+            parts = [f"[{f[0]}-{f[1]}: {n} tok] {c!r}" if f else repr(c) for c, f, n in zip(info["captions"], frames, counts)]
+            lines.append(f"{rec['model']} {label} {rec['sample_id']} {item['modality']} {i}: " + " | ".join(parts))
+    return lines
+
+
 def _show(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not (run_dir / "run.json").is_file():
@@ -284,6 +303,10 @@ def _show(args: argparse.Namespace) -> int:
         summary = json.loads(summary_path.read_text())
         for cell in summary["cells"]:
             print(json.dumps({k: cell[k] for k in ("model", "method", "budget", "metrics")}, default=str))
+        from tokenreduce.eval.runner import read_records
+
+        for line in caption_lines(read_records(run_dir).values(), args.cell or (), args.sample or ()):
+            print(line)
     if args.overlays:
         paths = render_overlays(run_dir, per_cell=args.per_cell, sample_ids=args.sample or (), cells=args.cell or (),
                                 out_dir=args.out, progress=True)

@@ -1,3 +1,3 @@
 """Built-in methods. Importing this package registers them; none imports an optional extra at import time."""
 
-from tokenreduce.plugins import ares, atp, baselines, doc_correlation, vqtoken  # noqa: F401
+from tokenreduce.plugins import ares, atp, baselines, doc_correlation, langdc, vqtoken  # noqa: F401
