@@ -58,13 +58,23 @@ def _parse_pairs(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
 def _demo(args: argparse.Namespace) -> int:
     """Run the demo grid(s), print each table and the benchmark checks, render a few overlays."""
     _set_threads(args.threads)
-    from tokenreduce.eval.demo import DEMO_BUDGETS, MissingModelsError, benchmark_checks, clear_run, demo_runs
+    from tokenreduce.eval.demo import (
+        DEMO_BUDGETS,
+        MissingModelsError,
+        benchmark_checks,
+        check_models,
+        clear_run,
+        demo_runs,
+    )
     from tokenreduce.eval.runner import Runner
 
     try:
+        _, missing = check_models(args.models)
         runs = demo_runs(n=args.samples, models=args.models, budgets=args.budgets or DEMO_BUDGETS)
     except MissingModelsError as exc:
         raise SystemExit(f"tokenreduce demo: {exc}") from None
+    if missing:
+        print("tokenreduce demo: no model for these families, left out:\n" + "\n".join(missing))
     for run in runs:
         methods = args.methods or run.methods
         if not args.resume:

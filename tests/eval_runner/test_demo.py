@@ -109,3 +109,14 @@ def test_clear_run_removes_only_a_run_of_the_task(tmp_path):
     (tmp_path / "other").mkdir()
     clear_run(tmp_path / "other", "synthetic-image")
     assert (tmp_path / "other").exists()
+
+
+def test_families_without_a_model_are_left_out(tmp_path, synthetic_models):
+    import shutil
+
+    for kind in ("image", "document"):
+        shutil.copytree(synthetic_models / MODEL_NAMES[kind], tmp_path / MODEL_NAMES[kind])
+    present, missing = check_models(tmp_path)
+    assert sorted(present) == ["document", "image"]
+    assert len(missing) == 1 and "python -m tokenreduce.eval.synthetic.train video" in missing[0]
+    assert [run.name for run in demo_runs(n=1, models=tmp_path)] == ["demo-image", "demo-document"]

@@ -59,19 +59,19 @@ class DemoRun:
     excluded: dict[str, str] = field(default_factory=dict)
 
 
-def check_models(root: str | Path | None = None) -> dict[str, Path]:
-    """The model directory of each family; raises :class:`MissingModelsError` naming every missing one
-    and the command that trains it."""
+def check_models(root: str | Path | None = None) -> tuple[dict[str, Path], list[str]]:
+    """The model directory of each family that has one, and a line per missing family naming the command
+    that trains it; raises :class:`MissingModelsError` when no family has a model."""
     dirs = {kind: model_dir(kind, root) for kind in KINDS}
     missing = [kind for kind, path in dirs.items() if not (path / "config.json").is_file()]
-    if missing:
-        lines = [f"  {dirs[k]}  (train it with `python -m tokenreduce.eval.synthetic.train {k}`)" for k in missing]
+    lines = [f"  {dirs[k]}  (train it with `python -m tokenreduce.eval.synthetic.train {k}`)" for k in missing]
+    if len(missing) == len(KINDS):
         raise MissingModelsError(
             "the demo needs the synthetic benchmark's tiny models; missing:\n" + "\n".join(lines)
             + "\nor point $TOKENREDUCE_SYNTHETIC_MODELS (or `tokenreduce demo --models DIR`) at a folder holding "
             f"{', '.join(MODEL_NAMES[k] for k in KINDS)}"
         )
-    return dirs
+    return {k: v for k, v in dirs.items() if k not in missing}, lines
 
 
 def select_methods(model: Any, modality: str, budgets: Sequence[float] = DEMO_BUDGETS) -> tuple[tuple[str, ...], dict[str, str]]:
@@ -121,14 +121,14 @@ def demo_runs(n: int = DEMO_SAMPLES, models: str | Path | None = None,
     """The demo's runs, one per synthetic family, with ``n`` test samples each.
 
     ``models`` is the folder holding the three model directories (default: ``$TOKENREDUCE_SYNTHETIC_MODELS``,
-    else ``assets/models``); a missing one raises :class:`MissingModelsError`. The methods of a run come
+    else ``assets/models``); families without a model are left out (:func:`check_models`). The methods of a run come
     from :func:`select_methods` on its loaded model (loaded once, shared with the runner).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"`n` must be an int >= 1, got {n!r}")
-    dirs = check_models(models)
+    dirs, _missing = check_models(models)
     runs = []
-    for kind in KINDS:
+    for kind in dirs:
         model, processor = load_model(kind, dirs[kind])
         methods, excluded = select_methods(model, MODALITIES[kind], budgets)
         task = SyntheticTask(kind, split="test", seed=0)
