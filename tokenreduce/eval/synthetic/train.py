@@ -714,6 +714,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="continue from a model saved by an earlier run (its tower is kept frozen)")
     parser.add_argument("--curriculum", type=float, default=None)
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--category-weights", default=None,
+                        help="sampling weights of question categories, e.g. position=3,count=2")
     parser.add_argument("--tower-lr", type=float, default=None)
     parser.add_argument("--tower-batch", type=int, default=None)
     parser.add_argument("--work", type=Path, default=None,
@@ -726,6 +728,8 @@ def main(argv: list[str] | None = None) -> None:
                  "curriculum", "warmup"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
+    if args.category_weights:
+        plan.category_weights = {k: float(v) for k, v in (kv.split("=") for kv in args.category_weights.split(","))}
     out = args.out or model_dir(args.kind)
     t0 = time.time()
 
@@ -768,7 +772,8 @@ def main(argv: list[str] | None = None) -> None:
     check = check_real_path(model, processor, task, args.check, log) if args.check else {}
     usage = resource.getrusage(resource.RUSAGE_SELF)
     summary = {"kind": args.kind, "parameters": sum(p.numel() for p in model.parameters()), "plan": asdict(plan),
-               "tower": tower, "language": language, "check": check, "total_seconds": round(time.time() - t0, 1),
+               "tower": tower, "language": language, "check": check,
+               "continued_from": json.loads((args.init / "training_summary.json").read_text()) if args.init else None, "total_seconds": round(time.time() - t0, 1),
                # CPU seconds used by this process: on shared cores the wall clock overstates the cost.
                "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "torch_threads": args.threads}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
