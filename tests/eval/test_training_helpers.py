@@ -11,6 +11,7 @@ from tokenreduce.eval.synthetic.train import (
     IGNORE,
     TASKS,
     Question,
+    curriculum_keeps,
     document_patch_labels,
     make_batch,
     object_patch_labels,
@@ -56,14 +57,35 @@ def test_training_sequences_are_the_inference_prompt_plus_answer(kind):
     n_visual = int((inputs["input_ids"] == placeholder).sum())
     q = Question(0, task.ids(sample.question), task.word(sample.answer), np.zeros(n_visual, np.int8), "x")
     prefix = tokenizer(" answer :", add_special_tokens=False)["input_ids"]
-    ids, mask, target, aux = make_batch([q, q], placeholder, n_visual, prefix, tokenizer.eos_token_id,
-                                        tokenizer.pad_token_id)
+    ids, mask, target, aux, positions = make_batch([q, q], placeholder, n_visual, prefix, tokenizer.eos_token_id,
+                                                   tokenizer.pad_token_id)
     assert torch.equal(ids[0, : inputs["input_ids"].shape[1]], inputs["input_ids"][0])
     assert ids.shape[1] == inputs["input_ids"].shape[1] + 1  # the prompt, then the answer token
     assert target[0, -2].item() == q.answer and target[0, -1].item() == tokenizer.eos_token_id
     assert (target[0, :-2] == IGNORE).all()
     assert ((aux[0] != IGNORE) == (ids[0] == placeholder)).all()
     assert mask.all()
+    assert torch.equal(positions[0], torch.arange(ids.shape[1]))
+
+
+def test_curriculum_keeps_every_referent_at_its_original_position():
+    tokenizer = build_tokenizer()
+    aux = np.zeros(256, np.int8)
+    aux[[5, 6, 21, 22]] = 1
+    aux[[100, 101]] = 2
+    q = Question(0, [1, 7, 8], 9, aux, "colour")
+    keeps = curriculum_keeps([q, q], 256, 10, torch.Generator().manual_seed(0))
+    for keep in keeps:
+        assert set(np.nonzero(aux)[0]) <= set(keep.tolist()) and len(keep) == 16
+        assert (np.diff(keep) > 0).all()
+    prefix = tokenizer(" answer :", add_special_tokens=False)["input_ids"]
+    ids, _mask, _target, sub_aux, positions = make_batch([q, q], 99, 256, prefix, 2, 0, keeps)
+    slots = ids[0] == 99
+    assert int(slots.sum()) == 16
+    assert torch.equal(positions[0, slots], torch.from_numpy(3 + keeps[0]))  # after the 3 question tokens
+    assert torch.equal(sub_aux[0, slots], torch.from_numpy(aux[keeps[0]]).long())
+    assert positions[0, -1].item() == 3 + 256 + len(prefix)  # text after the image continues the full count
+    assert keeps[0].tolist() != keeps[1].tolist()  # each question draws its own distractors
 
 
 def test_patch_labels_follow_the_pixels():
