@@ -215,7 +215,7 @@ def _frames_for(modality: str, image: Any, video: Any) -> np.ndarray:
 
 
 def render_item(item: Mapping[str, Any], *, image: Any = None, video: Any = None, fit: str = "stretch",
-                layers: Mapping[str, Sequence[int]] | None = None, side: int = 224) -> Any:
+                layers: Mapping[str, Sequence[int]] | None = None, side: int = 320) -> Any:
     """A PIL image of one item's kept tokens: one panel per grid (base / canvas / frame), one row per stage.
 
     ``item`` is a kept map as the runner records it: ``layout`` (dict or TokenLayout), ``sources`` (the
@@ -280,7 +280,7 @@ def render_item(item: Mapping[str, Any], *, image: Any = None, video: Any = None
     return sheet
 
 
-def render_record(record: Mapping[str, Any], sample: Any, fits: Mapping[str, str] | None = None, side: int = 224) -> list[Any]:
+def render_record(record: Mapping[str, Any], sample: Any, fits: Mapping[str, str] | None = None, side: int = 320) -> list[Any]:
     """Overlays (one PIL image per visual item) of a runner record that holds a ``kept`` map."""
     kept = record.get("kept")
     if not kept:

@@ -152,13 +152,16 @@ def plot_summary(summary: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
                 if x is None or y is None:
                     continue
                 methods[c["method"]].append((x, y))
+            others = sorted(m for m in methods if m != BASELINE)
+            palette = plt.get_cmap("tab20" if len(others) > 10 else "tab10")
             for method, pts in sorted(methods.items()):
                 pts.sort()
                 xs, ys = zip(*pts)
                 if method == BASELINE:
                     ax.plot(xs, ys, linestyle="none", marker="*", markersize=14, color="black", label="none (full)")
                 else:
-                    ax.plot(xs, ys, marker="o", label=method)
+                    i = others.index(method)  # distinct colour and marker per method, even past ten methods
+                    ax.plot(xs, ys, marker="osD^v<>ph"[i % 9], color=palette(i % palette.N), label=method)
             ax.set_xlabel("visual tokens per sample (mean over LLM layers)")
             ax.set_ylabel(y_label)
             ax.set_title(f"{summary['task']} - {model}")
