@@ -5,7 +5,8 @@ way the runner states budgets (``at_budget(budget, num_layers=...)``): ``none``,
 with trained threshold heads), ``atp`` (training-free thresholds), ``fastv``, ``pdrop``, ``visionzip`` and
 ``random``. The runner writes its records, ``table.md``, ``summary.json`` and plots to ``--out``; this
 script then prints each method's accuracy relative to ``none``, the visual tokens it actually kept, and
-whether trained ATP keeps >= 98% of the unreduced accuracy and beats every other method.
+whether trained ATP stays within the budget (its heads set their own: measured, not imposed), keeps >= 98%
+of the unreduced accuracy and beats every other method.
 
     python benchmarks/atp_synthetic.py --heads runs/atp-heads                     # assets/models/synthetic-llava-image
     python benchmarks/atp_synthetic.py --model runs/img7 --heads runs/atp-heads --n 200 --out runs/atp-synthetic
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "assets" / "models" / "synthetic-llava-image"
 METHODS = ("none", "atp_trained", "atp", "fastv", "pdrop", "visionzip", "random")
 KEEP_GOAL = 0.98  # trained ATP's accuracy relative to the unreduced model
+BUDGET_SLACK = 0.005  # trained ATP's measured share of visual tokens may exceed the budget by this much
 
 
 def register_trained_atp() -> None:
@@ -83,10 +85,12 @@ def compare(summary: dict, budget: float) -> tuple[list[dict], dict]:
             "kept_layer_mean": mean, "kept_share": mean / tokens_in if mean is not None and tokens_in else None,
             "samples": c["samples"], "errors": c["errors"],
         })
-    trained = cells.get("atp_trained")
+    trained = next((r for r in rows if r["method"] == "atp_trained"), None)
     checks = {}
     if trained is not None:
-        acc = trained["primary"] or 0.0
+        acc = trained["accuracy"] or 0.0
+        # the heads set their own budget (their training target): the comparison holds only if it is kept
+        checks["within_budget"] = trained["kept_share"] is not None and trained["kept_share"] <= budget + BUDGET_SLACK
         if base_acc is not None:
             checks["keeps_98_percent_of_none"] = acc >= KEEP_GOAL * base_acc
         for r in rows:
