@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="training-free ATP's stages when no heads are given (default 1 2 4)")
     parser.add_argument("--atp-spatial-rates", type=float, nargs="+", default=[0.1, 0.05, 0.0],
                         help="training-free ATP's spatial rates when no heads are given (default 0.1 0.05 0)")
+    parser.add_argument("--atp-threshold-rule", default="mean_std", choices=("mean_std", "quantile"),
+                        help="training-free ATP's rule: mean_std (counts vary per instance; tends to keep a little "
+                             "less than the budget) or quantile (a fixed share per stage)")
     parser.add_argument("--out", default="runs/atp-synthetic", help="run folder (records, table, plots)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no --heads: atp_trained left out")
         methods.remove("atp_trained")
     if "atp" in methods:
-        options["atp"] = dict(stages)
+        options["atp"] = {**stages, "threshold_rule": args.atp_threshold_rule}
     print(f"ATP stages at layers {list(stages['layers'])}, spatial rates "
           f"{list(stages.get('spatial_rates', ()))} (ATP's defaults cannot reach {args.budget:.0%} on a shallow LLM)")
 

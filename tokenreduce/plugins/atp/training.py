@@ -18,6 +18,11 @@ average 25% of the visual tokens over a 6-layer LLM (the shipped synthetic model
 ``--layers`` / ``--spatial-rates`` above. The heads are saved with their layers and spatial rates, so
 ``tr.wrap(model, "atp", heads="runs/atp-heads")`` prunes where they were trained.
 
+Soft masks overstate what the hard thresholds keep at inference (tokens near a threshold count partly):
+on the synthetic image model, ``--temperature 25 --target-weight 5 --target 0.287`` gave a soft average of
+about 0.29 and 0.249 of the visual tokens kept at inference; at the default temperature 10 and target 0.25
+inference kept 0.22. Measure the kept share (``benchmarks/atp_synthetic.py`` does) before comparing.
+
 Multi-process: ``accelerate launch -m tokenreduce.plugins.atp.training ...``.
 """
 
