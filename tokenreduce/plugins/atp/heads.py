@@ -18,12 +18,20 @@ class ThresholdHeads(nn.Module):
 
     Thresholds live in the space of the redundancy scores (log importance relative to uniform) and of the
     spatial score; initialised to keep about half the tokens by redundancy and the spatial set.
+    ``spatial_rates`` and ``spatial_score_scale``, when given, record the SAP settings the heads were trained
+    with (saved in ``atp_heads.json``): the spatial threshold only means something with those.
     """
 
-    def __init__(self, layers: list[int], hidden: int = 16):
+    def __init__(self, layers: list[int], hidden: int = 16, spatial_rates: tuple[float, ...] | None = None,
+                 spatial_score_scale: float | None = None):
         super().__init__()
         self.layers = list(layers)
         self.hidden = hidden
+        if spatial_rates is not None and len(spatial_rates) != len(self.layers):
+            raise ValueError(f"`spatial_rates` needs one value per layer ({len(self.layers)}), got {spatial_rates}")
+        # what the heads were trained with (saved with them; ATP uses them when its `layers` are not set)
+        self.spatial_rates = None if spatial_rates is None else tuple(float(r) for r in spatial_rates)
+        self.spatial_score_scale = spatial_score_scale
         self.mlps = nn.ModuleList(
             nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 2)) for _ in self.layers
         )
@@ -42,8 +50,16 @@ class ThresholdHeads(nn.Module):
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS))
-        (path / CONFIG).write_text(json.dumps({"layers": self.layers, "hidden": self.hidden}, indent=2) + "\n")
+        (path / CONFIG).write_text(json.dumps(self._meta(), indent=2) + "\n")
         return path
+
+    def _meta(self) -> dict:
+        meta = {"layers": self.layers, "hidden": self.hidden}
+        if self.spatial_rates is not None:
+            meta["spatial_rates"] = list(self.spatial_rates)
+        if self.spatial_score_scale is not None:
+            meta["spatial_score_scale"] = self.spatial_score_scale
+        return meta
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, revision: str | None = None) -> ThresholdHeads:
@@ -68,6 +84,6 @@ class ThresholdHeads(nn.Module):
             if not (path / WEIGHTS).is_file():
                 raise ValueError(f"`heads`={str(source)!r}: no {WEIGHTS} in that directory")
             meta = json.loads((path / CONFIG).read_text())
-        heads = cls(meta["layers"], meta.get("hidden", 16))
+        heads = cls(meta["layers"], meta.get("hidden", 16), meta.get("spatial_rates"), meta.get("spatial_score_scale"))
         heads.load_state_dict(load_file(str(path / WEIGHTS)))
         return heads

@@ -39,7 +39,8 @@ class ATPConfig(MethodConfig):
         self_weight: weight of self-modality (vision->vision) importance in the redundancy score, the rest
             being cross-modality (text->vision).
         heads: trained threshold heads (local directory or hub repo id, see ``ThresholdHeads``): thresholds
-            are then predicted per instance and layer instead of the training-free rule.
+            are then predicted per instance and layer instead of the training-free rule. With ``layers``
+            unset, the heads' own layers, spatial rates and spatial score scale (saved with them) are used.
         spatial_score_scale: trained mode: a sampled token's spatial score is ``1 - rate * scale``.
     """
 
@@ -109,18 +110,31 @@ class ATPMethod(Method):
     """Adaptive token pruning inside the LLM, per layer and per instance, with spatial augmented pruning."""
 
     def llm_layers(self, num_layers: int) -> list[int]:
-        layers = self.config.layers or default_layers(num_layers)
-        self.layers = check_layers("layers", tuple(layers), num_layers)
         self.heads = None
+        self.spatial_rates = self.config.spatial_rates
+        self.spatial_score_scale = self.config.spatial_score_scale
+        layers = self.config.layers or default_layers(num_layers)
         if self.config.heads is not None:
             from .heads import ThresholdHeads
 
             self.heads = ThresholdHeads.from_pretrained(self.config.heads)
-            if self.heads.layers != self.layers:
-                raise ValueError(
-                    f"`heads` were trained for layers {self.heads.layers}, the config prunes at {self.layers}; "
-                    "set `layers` to match"
-                )
+            if self.config.layers is None:  # the heads' own stages and SAP settings
+                layers = self.heads.layers
+                if self.heads.spatial_rates is not None:
+                    self.spatial_rates = self.heads.spatial_rates
+                if self.heads.spatial_score_scale is not None:
+                    self.spatial_score_scale = self.heads.spatial_score_scale
+                if len(self.spatial_rates) != len(layers):
+                    raise ValueError(
+                        f"`heads` prune at layers {list(layers)} but carry no spatial rates; set `layers` and "
+                        f"`spatial_rates` to what they were trained with"
+                    )
+        self.layers = check_layers("layers", tuple(layers), num_layers)
+        if self.heads is not None and self.heads.layers != self.layers:
+            raise ValueError(
+                f"`heads` were trained for layers {self.heads.layers}, the config prunes at {self.layers}; "
+                "set `layers` to match"
+            )
         return self.layers
 
     def thresholds(self, ctx: LLMContext, scores: list[torch.Tensor], features: torch.Tensor):
@@ -147,7 +161,7 @@ class ATPMethod(Method):
 
     def select(self, ctx: LLMContext) -> list[torch.Tensor]:
         stage = self.layers.index(ctx.layer)
-        rate = self.config.spatial_rates[stage]
+        rate = self.spatial_rates[stage]
         scores, features = redundancy_scores(ctx, self.config.self_weight)
         theta_r, theta_s = self.thresholds(ctx, scores, features)
         out = []
@@ -157,7 +171,7 @@ class ATPMethod(Method):
                 continue
             keep = s > theta_r[r]
             sampled = spatial_sample(ctx, r, rate)
-            spatial_score = 1.0 - rate * self.config.spatial_score_scale
+            spatial_score = 1.0 - rate * self.spatial_score_scale
             keep |= sampled & (spatial_score > theta_s[r])
             if not bool(keep.any()):
                 keep[s.argmax()] = True

@@ -9,8 +9,19 @@ plus the budget terms ``lambda_depth * sum_i (K_i / L) * kept_i + lambda_target 
 (kept as a share of the visual tokens, the average over all L layers). Scores are read without gradient;
 gradients reach the thresholds through the masks (and the LLM, when it is trained, through attention).
 
-    python -m tokenreduce.plugins.atp.training --model assets/models/synthetic-image --out runs/atp-heads \
-        --target 0.25 --steps 300
+    python -m tokenreduce.plugins.atp.training --model assets/models/synthetic-llava-image --out runs/atp-heads \
+        --target 0.25 --steps 300 --layers 1 2 4 --spatial-rates 0.1 0.05 0.0
+
+The batches are the task's train split with the answer and EOS appended
+(:func:`tokenreduce.eval.training_data.answer_batches`). ATP's default stages and spatial rates cannot
+average 25% of the visual tokens over a 6-layer LLM (the shipped synthetic models), hence the explicit
+``--layers`` / ``--spatial-rates`` above. The heads are saved with their layers and spatial rates, so
+``tr.wrap(model, "atp", heads="runs/atp-heads")`` prunes where they were trained.
+
+Soft masks overstate what the hard thresholds keep at inference (tokens near a threshold count partly):
+on the synthetic image model, ``--temperature 25 --target-weight 5 --target 0.287`` gave a soft average of
+about 0.29 and 0.249 of the visual tokens kept at inference; at the default temperature 10 and target 0.25
+inference kept 0.22. Measure the kept share (``benchmarks/atp_synthetic.py`` does) before comparing.
 
 Multi-process: ``accelerate launch -m tokenreduce.plugins.atp.training ...``.
 """
@@ -18,9 +29,11 @@ Multi-process: ``accelerate launch -m tokenreduce.plugins.atp.training ...``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -58,7 +71,8 @@ class SoftMaskATP(nn.Module):
         self.adapter = get_adapter(model)
         layers = self.adapter.decoder_layers
         self.layers = list(config.layers or default_layers(len(layers)))
-        self.heads = heads if heads is not None else ThresholdHeads(self.layers)
+        self.heads = heads if heads is not None else ThresholdHeads(
+            self.layers, spatial_rates=config.spatial_rates, spatial_score_scale=config.spatial_score_scale)
         self.temperature = temperature
         self.state: SoftMaskState | None = None
         self._captures: dict[int, AttentionCapture] = {}
@@ -219,8 +233,12 @@ def train_heads(
     target_weight: float = 1.0,
     accelerator=None,
     log_every: int = 10,
+    on_log: Callable[[dict], None] | None = None,
 ) -> tuple[ThresholdHeads, list[dict]]:
-    """Train threshold heads (and the LLM when ``llm_lr > 0``) for ``steps`` batches; returns heads and a log."""
+    """Train threshold heads (and the LLM when ``llm_lr > 0``) for ``steps`` batches; returns heads and a log.
+
+    ``on_log`` is called with each log row as it is written (every ``log_every`` steps and the last).
+    """
     trainer = SoftMaskATP(model, config, temperature=temperature)
     params = [{"params": trainer.heads.parameters(), "lr": lr}]
     for p in model.parameters():
@@ -247,6 +265,8 @@ def train_heads(
         if step % log_every == 0 or step == steps - 1:
             log.append({"step": step, "loss": loss.item(), "ntp": out.loss.item(), "budget": budget.item(),
                         "average_kept": average.mean().item()})
+            if on_log is not None:
+                on_log(log[-1])
     module.remove_hooks()
     model.eval()
     return module.heads, log
@@ -258,21 +278,32 @@ def _cycle(batches: Iterable[dict]) -> Iterator[dict]:
         yield from cached
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised through the script
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="local directory of a saved VLM (and processor)")
     parser.add_argument("--out", required=True, help="directory for atp_heads.safetensors")
-    parser.add_argument("--task", default="synthetic/image")
-    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--task", default="synthetic-image", help="runner task whose train split is used")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--samples", type=int, default=512, help="training samples (per process)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--target", type=float, default=0.25)
+    parser.add_argument("--target", type=float, default=0.25,
+                        help="visual tokens kept, averaged over the LLM's layers")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--llm-lr", type=float, default=0.0)
     parser.add_argument("--temperature", type=float, default=10.0)
-    parser.add_argument("--layers", type=int, nargs="*", default=None)
+    parser.add_argument("--depth-weight", type=float, default=0.02)
+    parser.add_argument("--target-weight", type=float, default=1.0)
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="ATP stages (default: 4/32, 14/32, 24/32 of the depth)")
+    parser.add_argument("--spatial-rates", type=float, nargs="+", default=None,
+                        help="spatial augmented pruning rate per stage (default: 0.25 0.0625 0)")
+    parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from accelerate import Accelerator
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -284,16 +315,35 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     model = AutoModelForImageTextToText.from_pretrained(args.model, attn_implementation="eager")
     processor = AutoProcessor.from_pretrained(args.model)
     layers = len(get_adapter(model).decoder_layers)
-    config = ATPConfig.at_budget(args.target, num_layers=layers, **({"layers": tuple(args.layers)} if args.layers else {}))
+    options = {}
+    if args.layers:
+        options["layers"] = tuple(args.layers)
+    if args.spatial_rates:
+        options["spatial_rates"] = tuple(args.spatial_rates)
+    try:
+        config = ATPConfig.at_budget(args.target, num_layers=layers, **options)
+    except ValueError as error:
+        parser.error(f"{error}; choose --layers / --spatial-rates that can (e.g. --layers 1 2 4 "
+                     "--spatial-rates 0.1 0.05 0.0 on 6 layers) or a larger --target")
     task = get_task(args.task)
-    batches = answer_batches(task, processor, model.config.model_type, split="train", limit=args.samples,
-                             batch_size=args.batch_size)
+    batches = answer_batches(task, processor, model.config.model_type, split=args.split, limit=args.samples,
+                             batch_size=args.batch_size, start=accelerator.process_index * args.samples)
+    batches = [{k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    accelerator.print(f"{sum(len(b['input_ids']) for b in batches)} samples in {len(batches)} batches; ATP stages "
+                      f"{config.layers}, spatial rates {config.spatial_rates}, target {args.target:g} of "
+                      f"{layers} layers")
     heads, log = train_heads(model, batches, config, steps=args.steps, target=args.target, lr=args.lr,
-                             llm_lr=args.llm_lr, temperature=args.temperature, accelerator=accelerator)
+                             llm_lr=args.llm_lr, temperature=args.temperature, depth_weight=args.depth_weight,
+                             target_weight=args.target_weight, accelerator=accelerator, log_every=args.log_every,
+                             on_log=accelerator.print)
     if accelerator.is_main_process:
         heads.save_pretrained(args.out)
-        for row in log:
-            print(row)
+        record = {"args": vars(args), "config": config.to_dict(), "log": log}
+        (Path(args.out) / "atp_training.json").write_text(json.dumps(record, indent=2) + "\n")
+        if args.llm_lr > 0:
+            model.save_pretrained(args.out)
+            processor.save_pretrained(args.out)
+        print(f"heads saved to {args.out}")
     return 0
 
 
