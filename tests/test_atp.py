@@ -92,6 +92,10 @@ def test_at_budget_averages_over_depth():
     assert abs(average_keep(list(cfg.layers), fractions, 32) - 0.25) < 1e-6
     with pytest.raises(ValueError, match="cannot reach 5%"):
         ATPConfig.at_budget(0.05, num_layers=8)
+    shallow = ATPConfig.at_budget(0.25, num_layers=6)  # the default rates' floor (0.29) is over budget: halved
+    assert shallow.spatial_rates == (0.125, 0.03125, 0.0)
+    with pytest.raises(ValueError, match="cannot reach 25%"):  # given rates are kept as they are
+        ATPConfig.at_budget(0.25, num_layers=6, spatial_rates=(0.25, 0.0625, 0.0))
     with pytest.raises(ValueError, match="`keep` needs one value per pruning layer"):
         ATPConfig(layers=(2, 4), keep=(0.5,), spatial_rates=(0.0, 0.0))
 

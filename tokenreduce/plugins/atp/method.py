@@ -72,27 +72,39 @@ class ATPConfig(MethodConfig):
     @classmethod
     def at_budget(cls, budget: float, num_layers: int | None = None, **options) -> ATPConfig:
         """Training-free ATP averaging about ``budget`` of the visual tokens over the layers (or keeping
-        about ``budget`` after the last stage when ``num_layers`` is unknown)."""
+        about ``budget`` after the last stage when ``num_layers`` is unknown).
+
+        Spatial sampling alone keeps a floor of tokens; on a shallow LLM the default rates' floor can exceed
+        the budget. Unless ``spatial_rates`` is given, the default rates are then scaled down (by 1/2, 1/4, 1/8,
+        then none) until the floor fits the budget.
+        """
         check_range("budget", budget, 0.0, 1.0, low_open=True)
-        rates = tuple(options.pop("spatial_rates", (0.25, 0.0625, 0.0)))
+        explicit = "spatial_rates" in options
+        base_rates = tuple(options.pop("spatial_rates", (0.25, 0.0625, 0.0)))
         layers = options.pop("layers", None)
         if num_layers is not None:
             layers = tuple(layers or default_layers(num_layers))
-            rates = rates[: len(layers)] + (0.0,) * (len(layers) - len(rates))
+            base_rates = base_rates[: len(layers)] + (0.0,) * (len(layers) - len(base_rates))
 
-        def fractions(kappa: float) -> list[float]:
+        def fractions(kappa: float, rates: tuple[float, ...]) -> list[float]:
             out, current = [], 1.0
             for r in rates:
                 current *= min(1.0, kappa + (1.0 - kappa) * r)
                 out.append(current)
             return out
 
-        def achieved(kappa: float) -> float:
+        def achieved(kappa: float, rates: tuple[float, ...]) -> float:
             if num_layers is None:
-                return fractions(kappa)[-1]
-            return average_keep(list(layers), fractions(kappa), num_layers)
+                return fractions(kappa, rates)[-1]
+            return average_keep(list(layers), fractions(kappa, rates), num_layers)
 
-        if achieved(1e-3) > budget:
+        rates = base_rates
+        if not explicit:
+            for scale in (1.0, 0.5, 0.25, 0.125, 0.0):
+                rates = tuple(r * scale for r in base_rates)
+                if achieved(1e-3, rates) <= budget:
+                    break
+        if achieved(1e-3, rates) > budget:
             raise ValueError(
                 f"atp with stages at {layers} and spatial rates {rates} cannot reach {budget:.0%} of the visual "
                 f"tokens{'' if num_layers is None else f' averaged over {num_layers} layers'}"
@@ -100,7 +112,7 @@ class ATPConfig(MethodConfig):
         low, high = 1e-3, 1.0
         for _ in range(60):
             mid = (low + high) / 2
-            low, high = (mid, high) if achieved(mid) < budget else (low, mid)
+            low, high = (mid, high) if achieved(mid, rates) < budget else (low, mid)
         kappa = (low + high) / 2
         return cls(layers=layers, keep=(kappa,) * len(rates), spatial_rates=rates, **options)
 
