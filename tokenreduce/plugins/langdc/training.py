@@ -77,6 +77,14 @@ def _sync_gradients(params: Sequence[nn.Parameter], accelerator) -> None:
             p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
+def _warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first 5% of ``steps``, then cosine decay to zero."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
+    )
+
+
 def train_captioner(captioner: Captioner, inputs: torch.Tensor, captions: Sequence[Sequence[list[int]]], *,
                     steps: int, batch_size: int, lr: float, seed: int = 0, accelerator=None,
                     log_every: int = 100) -> list[dict[str, float]]:
@@ -86,10 +94,7 @@ def train_captioner(captioner: Captioner, inputs: torch.Tensor, captions: Sequen
     for p in captioner.post_proj.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
-    )
+    schedule = _warmup_cosine(optimizer, steps)
     gen = torch.Generator().manual_seed(seed)
     device = next(captioner.parameters()).device
     captioner.train()
@@ -250,10 +255,7 @@ def train_alignment(model, method: LangDCMethod, pairs: Sequence[tuple[VideoExam
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
-    )
+    schedule = _warmup_cosine(optimizer, steps)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     log, running = [], {"loss": [], "ce": [], "kl": [], "acc": []}
