@@ -30,7 +30,7 @@ from tokenreduce.core.config import build_config
 
 RESULTS = Path("benchmarks") / "results"
 WARMUP = 2
-METHODS = ("full", "pool-64", "fastv-K2-64", "fastv-K2-50%", "pdrop-25%")
+METHODS = ("full", "pool-64", "fastv-K2-64", "fastv-K2-50%", "pdrop-25%", "atp-25%")
 IMAGE_TOKEN = 32000
 
 
@@ -192,7 +192,8 @@ def run(args: argparse.Namespace, results_dir: Path | None = None) -> int:
     configs = {"full": lambda: None, "pool-64": lambda: build_config("pool", keep=64),
                "fastv-K2-64": lambda: build_config("fastv", layer=2, keep=64),
                "fastv-K2-50%": lambda: build_config("fastv", layer=2, keep=0.5),
-               "pdrop-25%": lambda: build_config("pdrop", **_pdrop(layers))}
+               "pdrop-25%": lambda: build_config("pdrop", **_pdrop(layers)),
+               "atp-25%": lambda: _atp(layers)}
     methods = [(name, configs[name]()) for name in METHODS if name == "full" or name in args.methods]
     rows = measure_interleaved(model, batch, args.device, methods, args.repeats, args.decode_tokens)
     full = rows[0]
@@ -226,6 +227,12 @@ def _pdrop(layers: int) -> dict:
 
     cfg = PDropConfig.at_budget(0.25, num_layers=layers)
     return {"layers": cfg.layers, "keep": cfg.keep}
+
+
+def _atp(layers: int):
+    from tokenreduce.plugins.atp.method import ATPConfig
+
+    return ATPConfig.at_budget(0.25, num_layers=layers)  # training-free: the scoring is the overhead
 
 
 if __name__ == "__main__":
