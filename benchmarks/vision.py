@@ -16,30 +16,15 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import tokenreduce as tr
 from tokenreduce.core.registry import get_method
+from tokenreduce.eval.bench import median_ms
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def _median_ms(fn, repeats: int, warmup: int = 1, device: str = "cpu") -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def tome_throughput(quick: bool, repeats: int, device: str) -> list[dict]:
@@ -60,12 +45,12 @@ def tome_throughput(quick: bool, repeats: int, device: str) -> list[dict]:
         torch.manual_seed(0)
         model = build().eval().to(device)
         with torch.no_grad():
-            base = _median_ms(lambda model=model: model(x), repeats, device=device)
+            base = median_ms(lambda model=model: model(x), repeats, device=device)
         rows.append({"tower": name, "r": 0, "images_per_s": batch / base * 1e3, "speedup": 1.0})
         for r in (8, 16):
             tr.wrap(model, "tome", r=r)
             with torch.no_grad():
-                ms = _median_ms(lambda model=model: model(x), repeats, device=device)
+                ms = median_ms(lambda model=model: model(x), repeats, device=device)
             tokens = tr.stats(model).samples[-1].visual_tokens_out
             tr.unwrap(model)
             rows.append({"tower": name, "r": r, "images_per_s": batch / ms * 1e3, "speedup": base / ms,
@@ -92,7 +77,7 @@ def reducer_overhead(quick: bool, repeats: int, device: str) -> list[dict]:
     pixels = torch.randn(1, 3, 336, 336, device=device)
     ids = torch.cat([torch.tensor([[1, 5, 6]]), torch.full((1, 576), 32000), torch.tensor([[7, 8]])], 1).to(device)
     with torch.no_grad():
-        tower_ms = _median_ms(lambda: model.model.vision_tower(pixels), repeats, device=device)
+        tower_ms = median_ms(lambda: model.model.vision_tower(pixels), repeats, device=device)
         features = model.model.get_image_features(pixel_values=pixels).pooler_output
     rows = []
     for name, budget in (("random", 64 / 576), ("pool", 64 / 576), ("divprune", 64 / 576),

@@ -29,12 +29,13 @@ import argparse
 import csv
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from tokenreduce.eval.bench import median_ms
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -64,17 +65,6 @@ def video_tokens(
     return x + noise * torch.randn(x.shape, generator=g)
 
 
-def _median_ms(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def _decoder(geometry: dict, layers: int):
     from transformers import Qwen2Config, Qwen2Model
 
@@ -99,7 +89,7 @@ def prefill_ms(decoder, tokens: int, dim: int, repeats: int) -> float:
         with torch.no_grad():
             decoder(inputs_embeds=x, use_cache=False)
 
-    return _median_ms(run, repeats)
+    return median_ms(run, repeats)
 
 
 def method_ms(x: torch.Tensor, frames: int, side: int, k: int, repeats: int) -> float:
@@ -110,7 +100,7 @@ def method_ms(x: torch.Tensor, frames: int, side: int, k: int, repeats: int) -> 
     layout = TokenLayout("video", tuple(Segment("frame", side, side, time=t) for t in range(frames)))
     method = VQTokenMethod(VQTokenConfig(keep=k))
     ctx = ReduceContext(layout=layout, modality="video", row=0, item=0)
-    return _median_ms(lambda: method.reduce(x, ctx), repeats)
+    return median_ms(lambda: method.reduce(x, ctx), repeats)
 
 
 def run(
@@ -154,9 +144,9 @@ def run(
             }
             book = build_codebook(x, k)
             row["codes_used"] = int(torch.unique(book.codes).numel())
-            row["build_ms"] = _median_ms(lambda x=x: build_codebook(x, k), repeats)
+            row["build_ms"] = median_ms(lambda x=x: build_codebook(x, k), repeats)
             unit, centroids = normalize(x), book.centroids
-            row["assign_ms"] = _median_ms(
+            row["assign_ms"] = median_ms(
                 lambda u=unit, c=centroids: kernels.codebook_assign(u, c, "cosine"), repeats
             )
             row["method_ms"] = method_ms(x, frames, side, k, repeats)

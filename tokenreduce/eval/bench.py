@@ -93,7 +93,8 @@ def kv_bytes(cache) -> int:
     return cache_bytes(cache)
 
 
-def _once_ms(fn, device: str) -> float:
+def once_ms(fn, device: str = "cpu") -> float:
+    """Milliseconds of one call of ``fn`` (CUDA synchronised on both sides)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -101,6 +102,13 @@ def _once_ms(fn, device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3
+
+
+def median_ms(fn, repeats: int, warmup: int = 1, device: str = "cpu") -> float:
+    """Median of ``repeats`` timed calls of ``fn`` after ``warmup`` untimed ones, in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(once_ms(fn, device) for _ in range(repeats))
 
 
 def measure_interleaved(model, batch, device: str, methods: list, repeats: int, decode_tokens: int) -> list[dict]:
@@ -114,8 +122,8 @@ def measure_interleaved(model, batch, device: str, methods: list, repeats: int, 
         return model(**fresh(batch), use_cache=True, logits_to_keep=1)
 
     def decode_ms():
-        one = _once_ms(lambda: model.generate(**fresh(batch), max_new_tokens=1, do_sample=False), device)
-        many = _once_ms(lambda: model.generate(**fresh(batch), max_new_tokens=1 + decode_tokens, do_sample=False),
+        one = once_ms(lambda: model.generate(**fresh(batch), max_new_tokens=1, do_sample=False), device)
+        many = once_ms(lambda: model.generate(**fresh(batch), max_new_tokens=1 + decode_tokens, do_sample=False),
                         device)
         return (many - one) / decode_tokens
 
@@ -127,7 +135,7 @@ def measure_interleaved(model, batch, device: str, methods: list, repeats: int, 
                 if config is not None:
                     tr.wrap(model, config)
                 try:
-                    p_ms = _once_ms(prefill, device)
+                    p_ms = once_ms(prefill, device)
                     d_ms = decode_ms()
                     if round_ >= WARMUP:
                         times[name]["prefill"].append(p_ms)
