@@ -189,6 +189,11 @@ class Question:
     answer: int
     aux: np.ndarray  # [num visual tokens] int8 role classes
     category: str
+    # [num visual tokens] bool: what the curriculum always shows (default: aux > 0). Videos show the row and
+    # column through each referent in EVERY frame, so which tokens are shown does not itself tell when or where
+    # something happened (showing only the referent's own tokens let the LM read motion and timing off the
+    # pattern of shown positions: train loss 0.2, validation at chance).
+    focus: np.ndarray | None = None
 
 
 # Readout supervision: at the answer position, head ``h`` of the LM's last layer must put its attention on
@@ -201,7 +206,11 @@ READOUTS: dict[str, dict[str, tuple[Readout, ...]]] = {
               "count": ((2, 1, "count"),), "presence": ((2, 1, "count"),)},
     "document": {"shape": ((0, 2, "max"),), "colour": ((0, 2, "max"),), "first": ((0, 2, "max"),),
                  "count": ((2, 2, "count"),), "presence": ((2, 2, "count"),)},
-    "video": {c: ((0, 1, "max"),) for c in ("motion", "change", "order", "event")},
+    # videos: role 1 = the referent in its final state (after the event), role 2 = in its initial state; for
+    # "order", role 1 = the first object while it is alone, role 2 = the second one (see VideoTask.roles)
+    "video": {**{c: ((0, 1, "max"), (1, 2, "max"), (2, 1, "count"), (3, 2, "count"))
+                 for c in ("motion", "change", "event")},
+              "order": ((0, 1, "max"), (1, 2, "max"))},
 }
 COUNT_SINK = {"image": 8.0, "document": 2.0, "video": 4.0}
 
@@ -248,7 +257,7 @@ class Task:
 
     # language stage
     def media_and_questions(self, index: int, split: str, rng: np.random.Generator, extra: bool):
-        """Tower inputs of one sample plus its questions ``[(ids, answer, aux, category)]``."""
+        """Tower inputs of one sample plus its questions ``[(ids, answer, aux, category, focus or None)]``."""
         raise NotImplementedError
 
     def pack(self, model, features: torch.Tensor) -> torch.Tensor:
@@ -278,7 +287,7 @@ class ImageTask(Task):
         for q in questions:
             roles = {i: {"A": 1, "B": 2}[r] for i, r in q.evidence.items() if r in ("A", "B")}
             aux = _roles_to_aux(cov, roles, 0.1).reshape(-1)  # all four patches of an aligned shape
-            out.append((self.ids(q.text), self.word(q.answer), aux, q.category))
+            out.append((self.ids(q.text), self.word(q.answer), aux, q.category, None))
         return torch.from_numpy(pixels[None].copy()), out
 
     def pack(self, model, features):
@@ -332,7 +341,7 @@ class DocumentTask(Task):
             full = np.maximum(_roles_to_aux(block_cov, {block: 1}, 0.2), answer_cells)
             full = np.concatenate([full, np.zeros((full.shape[0], 1), np.int64)], axis=1)  # newline slots
             out.append((self.ids(text), self.word(answer), np.concatenate([base.reshape(-1), full.reshape(-1)]),
-                        category))
+                        category, None))
         return self._pixels(sample.images[0]), out
 
     def pack(self, model, features):
@@ -362,6 +371,36 @@ class VideoTask(Task):
         stacked = {k: np.stack([lab[k] for lab in labels]) for k in labels[0]}
         return torch.from_numpy(sample.video.copy()), stacked
 
+    @staticmethod
+    def roles(category: str, refs: tuple[int, ...], tracks) -> list[dict[int, int]]:
+        """Per frame: ``{object: role}`` of the referents' tokens (see READOUTS).
+
+        Single-referent questions: role 2 while the referent is as in the first frame, role 1 once it is as in
+        the last frame (none of either when it is invisible then: an appearing object has no role 2, a
+        disappearing one no role 1), nothing in between (a moving object's intermediate cells). "order":
+        role 1 = the first-appearing object in the frames before the other appears, role 2 = the other one.
+        """
+        if category == "order":
+            first, second = sorted(refs, key=lambda i: tracks[i].event_frames[0])
+            at = tracks[second].event_frames[0]
+            return [{**({first: 1} if t < at else {}), **({second: 2} if tracks[second].visible[t] else {})}
+                    for t in range(NUM_FRAMES)]
+        (i,) = refs
+        tr = tracks[i]
+
+        def state(t: int):
+            return (tr.visible[t], tr.box(t), tr.colours[t])
+
+        out = []
+        for t in range(NUM_FRAMES):
+            role = {}
+            if tr.visible[t] and tr.visible[-1] and state(t) == state(NUM_FRAMES - 1):
+                role = {i: 1}
+            elif tr.visible[t] and tr.visible[0] and state(t) == state(0):
+                role = {i: 2}
+            out.append(role)
+        return out
+
     def media_and_questions(self, index, split, rng, extra):
         sample, maps, tracks, referents = generate("video", split, index)
         asked = [(sample.meta["category"], sample.question, sample.answer, tuple(range(referents)))]
@@ -370,9 +409,18 @@ class VideoTask(Task):
         covs = [coverage(maps[t], len(tracks), 2 * PATCH_SIZE) for t in range(NUM_FRAMES)]
         out = []
         for category, text, answer, refs in asked:
-            roles = {i: 1 for i in refs}
-            aux = np.concatenate([_roles_to_aux(c, roles, 0.15).reshape(-1) for c in covs] + [np.zeros(1, np.int64)])
-            out.append((self.ids(text), self.word(answer), aux, category))
+            per_frame = self.roles(category, refs, tracks)
+            aux = np.concatenate([_roles_to_aux(c, r, 0.15).reshape(-1) for c, r in zip(covs, per_frame)]
+                                 + [np.zeros(1, np.int64)])
+            # the whole row and column through each referent's first cell, in every frame: they hold all its
+            # motion whichever way it goes, and nothing in them depends on what happens
+            cross = np.zeros((self.grid // 2, self.grid // 2), bool)
+            for i in refs:
+                x0, y0, _, _ = tracks[i].box(0)
+                cross[y0 // (2 * PATCH_SIZE)] = True
+                cross[:, x0 // (2 * PATCH_SIZE)] = True
+            focus = np.concatenate([np.tile(cross.reshape(-1), NUM_FRAMES), np.zeros(1, bool)])
+            out.append((self.ids(text), self.word(answer), aux, category, focus))
         return torch.from_numpy(sample.video.copy()), out
 
     def pack(self, model, features):
@@ -488,8 +536,8 @@ def build_pool(model, task: Task, split: str, indices: range, questions_per_medi
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7, i)))
         media, asked = task.media_and_questions(i, split, rng, questions_per_media > 1)
         chunk.append(media)
-        for ids, answer, aux, category in asked[:questions_per_media]:
-            questions.append(Question(n, ids, answer, aux.astype(np.int8), category))
+        for ids, answer, aux, category, focus in asked[:questions_per_media]:
+            questions.append(Question(n, ids, answer, aux.astype(np.int8), category, focus))
         if len(chunk) == 32:
             flush()
     flush()
@@ -544,9 +592,9 @@ def curriculum_keeps(questions: list[Question], n_visual: int, distractors: int,
     """
     keeps = []
     for q in questions:
-        aux = q.aux[:n_visual]
-        referents = np.nonzero(aux > 0)[0]
-        others = np.nonzero(aux <= 0)[0]
+        shown = q.aux[:n_visual] > 0 if q.focus is None else q.focus[:n_visual] | (q.aux[:n_visual] > 0)
+        referents = np.nonzero(shown)[0]
+        others = np.nonzero(~shown)[0]
         if distractors < len(others):
             others = others[torch.randperm(len(others), generator=gen)[:distractors].numpy()]
         keeps.append(np.sort(np.concatenate([referents, others])))
