@@ -16,29 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 BASELINES = ("pool", "random", "visionzip", "divprune")
-
-
-def document_task(name: str = "synthetic-document"):
-    """The synthetic document test split as a runner task (prompting, parsing and scoring of the benchmark)."""
-    from tokenreduce.eval import synthetic
-    from tokenreduce.eval.task import FunctionTask
-
-    def load(split, limit):
-        split = split or "test"
-        stop = synthetic.SPLIT_SIZES[split] if limit is None else min(limit, synthetic.SPLIT_SIZES[split])
-        return synthetic.iter_synthetic("document", split, 0, stop)
-
-    return FunctionTask(
-        name, load=load,
-        encode=lambda sample, processor, family: dict(synthetic.encode(sample, processor)),
-        parse=lambda text, sample: synthetic.parse_answer(text),
-        score=lambda prediction, sample: float(synthetic.exact_match(prediction, sample.answer)),
-        max_new_tokens=4,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,19 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="delete an earlier run of the same name first")
     args = parser.parse_args(argv)
 
-    try:
-        from tokenreduce.eval.synthetic import load_model
-    except ImportError:
-        print("tokenreduce.eval.synthetic (benchmark + trained models) is not installed in this checkout; "
-              "merge main once it lands", file=sys.stderr)
-        return 2
     from tokenreduce.cli import render_overlays
     from tokenreduce.eval.runner import ModelSpec, Runner
+    from tokenreduce.eval.synthetic import load_model
+    from tokenreduce.eval.tasks import get_task
 
     run_dir = Path(args.out) / args.name
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    task = document_task()
+    task = get_task("synthetic-document")
     options = {"doc_correlation": json.loads(args.options)} if "doc_correlation" in args.methods else {}
     runner = Runner(task, [ModelSpec("synthetic-onevision-document", factory=lambda: load_model("document"))],
                     ["none", *args.methods], [args.budget], name=args.name, out_dir=args.out, limit=args.limit,

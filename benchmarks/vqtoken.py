@@ -16,8 +16,8 @@ texture repeated over the frames, a few moving objects, and per-token noise. We 
   for every row the analytic prefill FLOPs (:class:`tokenreduce.core.flops.Geometry`) give the saving too.
 
 Geometries: LLaVA-OneVision-0.5B (SigLIP 27x27 = 729 tokens per frame, Qwen2-0.5B LM of 24 layers, width
-896) at a few frame counts, and the synthetic benchmark's tiny video model (16 frames x 6x6 tokens, 3
-layers of width 96). Results go to ``benchmarks/results/vqtoken_<device>.json`` and ``.csv``.
+896) at a few frame counts, and the synthetic benchmark's tiny video model (16 frames x 6x6 tokens, its LM
+geometry read from :data:`tokenreduce.eval.synthetic.models.TEXT`). Results go to ``benchmarks/results/vqtoken_<device>.json`` and ``.csv``.
 
     python benchmarks/vqtoken.py                 # CPU
     python benchmarks/vqtoken.py --quick         # small frame counts, for a smoke run
@@ -36,13 +36,16 @@ from pathlib import Path
 import torch
 
 from tokenreduce.eval.bench import median_ms
+from tokenreduce.eval.synthetic.models import TEXT
 
 RESULTS = Path(__file__).parent / "results"
 
 # (name, tokens per frame side, width, LM layers, heads, kv heads, intermediate, frame counts)
 GEOMETRIES = {
     "llava-onevision-0.5b": dict(side=27, dim=896, layers=24, heads=14, kv_heads=2, intermediate=4864),
-    "synthetic-video-tiny": dict(side=6, dim=96, layers=3, heads=4, kv_heads=2, intermediate=192),
+    "synthetic-video-tiny": dict(side=6, dim=TEXT["hidden_size"], layers=TEXT["num_hidden_layers"],
+                                 heads=TEXT["num_attention_heads"], kv_heads=TEXT["num_key_value_heads"],
+                                 intermediate=TEXT["intermediate_size"]),
 }
 
 

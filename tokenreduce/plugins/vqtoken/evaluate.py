@@ -37,26 +37,6 @@ DEFAULT_BUDGET = 5 / 577
 METHODS = ("none", "vqtoken", "vqtoken_codebook", "random", "pool", "tome")
 
 
-def synthetic_video_task(split: str = "test"):
-    """The synthetic video benchmark as a runner task (the registered one when there is one)."""
-    from tokenreduce.eval.tasks import get_task, list_tasks
-
-    for name in ("synthetic/video", "synthetic-video"):
-        if name in list_tasks():
-            return get_task(name)
-    from tokenreduce.eval.synthetic import encode, exact_match, load_synthetic, parse_answer
-    from tokenreduce.eval.task import FunctionTask
-
-    return FunctionTask(
-        "synthetic/video",
-        load=lambda s, limit: iter(load_synthetic("video", s or split, n=limit)),
-        score=lambda prediction, sample: float(exact_match(prediction, sample.answer)),
-        parse=lambda text, sample: parse_answer(text),
-        encode=lambda sample, processor, family: encode(sample, processor),
-        max_new_tokens=3,
-    )
-
-
 def adaptive_rows(
     model_factory: Callable[[], tuple[Any, Any]],
     task,
@@ -270,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     if args.threads:
         torch.set_num_threads(args.threads)
     from tokenreduce.eval.synthetic import load_model
+    from tokenreduce.eval.tasks import get_task
 
     options: dict[str, Any] = {}
     if args.anchor:
@@ -293,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     )
     result = evaluate(
         lambda: load_model("video"),
-        synthetic_video_task(args.split),
+        get_task("synthetic-video", split=args.split),
         attention=args.attention,
         budget=args.budget,
         name=args.name,
