@@ -6,7 +6,8 @@ with trained threshold heads), ``atp`` (training-free thresholds), ``fastv``, ``
 ``random``. The runner writes its records, ``table.md``, ``summary.json`` and plots to ``--out``; this
 script then prints each method's accuracy relative to ``none``, the visual tokens it actually kept, and
 whether trained ATP stays within the budget (its heads set their own: measured, not imposed), keeps >= 98%
-of the unreduced accuracy and beats every other method.
+of the unreduced accuracy and beats every other method. ``atp_kept_by_objects.png`` shows the tokens each
+instance kept against how many objects its scene holds (ATP's claim: simple images are pruned harder).
 
     python benchmarks/atp_synthetic.py --heads runs/atp-heads                     # assets/models/synthetic-llava-image
     python benchmarks/atp_synthetic.py --model runs/img7 --heads runs/atp-heads --n 200 --out runs/atp-synthetic
@@ -113,6 +114,47 @@ def compare(summary: dict, budget: float, base_model: str | None = None,
     return rows, checks
 
 
+def plot_kept_by_content(run_dir: Path, methods: tuple[str, ...] = ("atp_trained", "atp")) -> Path | None:
+    """``atp_kept_by_objects.png``: per instance, the visual tokens ATP kept (mean over the LLM's layers),
+    grouped by how many objects the scene holds, one panel per model: whether busier scenes keep more."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tokenreduce.eval.runner import read_records
+
+    groups: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for rec in read_records(run_dir).values():
+        objects = (rec.get("fields") or {}).get("objects")
+        if rec.get("method") in methods and objects is not None and rec.get("visual_tokens_layer_mean") is not None:
+            by_count = groups.setdefault((rec["model"], rec["method"]), {})
+            by_count.setdefault(objects, []).append(rec["visual_tokens_layer_mean"])
+    if not groups:
+        return None
+    models = sorted({m for m, _ in groups})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), dpi=110, squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for i, method in enumerate(methods):
+            by_count = groups.get((model, method))
+            if not by_count:
+                continue
+            counts = sorted(by_count)
+            ax.boxplot([by_count[c] for c in counts], positions=[c + (i - 0.5) * 0.35 for c in counts], widths=0.3,
+                       patch_artist=True, boxprops={"facecolor": f"C{i}", "alpha": 0.5}, manage_ticks=False)
+            ax.plot([], [], color=f"C{i}", linewidth=8, alpha=0.5, label=method)
+        ax.set_xlabel("objects in the scene")
+        ax.set_ylabel("visual tokens kept per instance (mean over LLM layers)")
+        ax.set_title(model)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(run_dir) / "atp_kept_by_objects.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def format_rows(rows: list[dict]) -> str:
     head = "| model | method | budget | accuracy | rel. to none | visual tokens kept (layer mean) | kept share | n | errors |"
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
@@ -189,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"budget": args.budget, "stages": {k: list(v) for k, v in stages.items()}, "rows": rows,
                     "checks": checks, "skipped": skipped}, indent=2) + "\n")
     print(text)
-    print(f"records, table, plots and atp_comparison.md in {runner.run_dir}")
+    plot_kept_by_content(runner.run_dir)
+    print(f"records, table, plots, atp_kept_by_objects.png and atp_comparison.md in {runner.run_dir}")
     return 0
 
 

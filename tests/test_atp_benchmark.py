@@ -44,3 +44,20 @@ def test_tuned_model_is_compared_with_the_original_and_the_best_baseline(bench):
     assert not checks["within_budget"]  # 70 / 256 > 0.25 + slack
     summary["cells"][4]["primary"] = 0.9  # fastv on the tuned LLM beats trained ATP
     assert not bench.compare(summary, 0.25, "orig", "tuned")[1]["beats_fastv"]
+
+
+def test_kept_by_objects_plot(bench, tmp_path):
+    import json
+
+    from PIL import Image
+
+    lines = []
+    for i in range(12):
+        for method in ("atp", "atp_trained", "fastv"):
+            lines.append({"key": f"{method}-{i}", "model": "m", "method": method, "fields": {"objects": 2 + i % 3},
+                          "visual_tokens_layer_mean": 40.0 + 5 * (i % 3)})
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    path = bench.plot_kept_by_content(tmp_path)
+    assert path is not None and Image.open(path).size[0] > 400
+    (tmp_path / "records.jsonl").write_text(json.dumps({"key": "x", "model": "m", "method": "fastv"}) + "\n")
+    assert bench.plot_kept_by_content(tmp_path) is None  # no ATP records: no plot

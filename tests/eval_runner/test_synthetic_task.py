@@ -64,6 +64,7 @@ def test_parse_score_and_aggregate():
     records = [{"prediction": p, "score": task.score(task.parse(p, s), s), "fields": task.record_fields(s)}
                for p, s in zip(predictions, samples)]
     assert [r["fields"]["category"] for r in records] == ["colour", "shape", "count", "presence", "position"]
+    assert [r["fields"]["objects"] for r in records] == [len(s.meta["objects"]) for s in samples]
     summary = task.aggregate(records)
     assert summary["accuracy"] == pytest.approx(0.6) and summary["scored"] == 5
     assert summary["categories"] == {"colour": 1.0, "count": 1.0, "position": 0.0, "presence": 0.0, "shape": 1.0}

@@ -52,6 +52,13 @@ class SyntheticTask(Task):
         check_media(sample)
         return encode_synthetic(sample, processor)
 
+    def record_fields(self, sample: Sample) -> dict[str, Any]:
+        """The category, and how many objects the scene or video holds (content-adaptive methods' stats)."""
+        fields = super().record_fields(sample)
+        if "objects" in sample.meta:
+            fields["objects"] = len(sample.meta["objects"])
+        return fields
+
     def parse(self, text: str, sample: Sample) -> str:
         return parse_answer(text)
 
