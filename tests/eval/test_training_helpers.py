@@ -13,6 +13,7 @@ from tokenreduce.eval.synthetic.train import (
     Question,
     curriculum_keeps,
     document_patch_labels,
+    lm_forward,
     make_batch,
     object_patch_labels,
     tower_features,
@@ -41,7 +42,8 @@ def test_cached_feature_path_equals_the_model_encoder(kind):
     # The training pool's pixels are the processor's.
     media, questions = task.media_and_questions(0, "validation", np.random.default_rng(0), extra=False)
     torch.testing.assert_close(task.tower_pixels(media), units, atol=1e-2, rtol=0)
-    _ids, _answer, aux, category = questions[0]
+    _ids, _answer, aux, category, focus = questions[0]
+    assert focus is None or (focus.shape == aux.shape and focus[aux > 0].all())
     assert category == sample.meta["category"] and aux.shape == (ref.reshape(-1, ref.shape[-1]).shape[0],)
     assert aux.max() >= 1  # the referent covers some visual tokens
 
@@ -113,3 +115,49 @@ def test_patch_labels_follow_the_pixels():
         assert doc["colour"][y0 // 14 : y1 // 14, x0 // 14 : x1 // 14].tolist() == [
             [COLOUR_NAMES.index(block.colour) + 1] * ((x1 - x0) // 14)] * ((y1 - y0) // 14)
     assert (doc["shape"][doc["glyph"] == 0] == IGNORE).all()
+
+
+def test_video_roles_and_a_focus_that_does_not_tell_the_answer():
+    """Roles: initial state 2, final state 1 (order: the first object alone 1, the other 2). The curriculum's
+    focus (row + column of each referent, every frame) is the same whatever happens to the object."""
+    task = TASKS["video"](build_tokenizer())
+    seen = set()
+    for index in range(12):
+        _media, asked = task.media_and_questions(index, "train", np.random.default_rng(index), extra=True)
+        for _ids, _answer, aux, category, focus in asked:
+            frames = aux[:-1].reshape(16, 36)
+            shown = focus[:-1].reshape(16, 36)
+            assert (shown == shown[0]).all() and not focus[-1]  # the same cells in every frame, no newline
+            assert shown[aux[:-1].reshape(16, 36) > 0].all()
+            per_frame_1 = (frames == 1).sum(1)
+            per_frame_2 = (frames == 2).sum(1)
+            if category != "order":
+                assert int(shown[0].sum()) == 11  # one row + one column of the 6x6 grid
+                # the final state ends the clip, the initial one starts it (when the object is visible then)
+                assert not per_frame_1.any() or per_frame_1[-1] > 0
+                assert not per_frame_2.any() or per_frame_2[0] > 0
+            else:
+                first_alone = np.nonzero(per_frame_1)[0]
+                assert first_alone.size and per_frame_2[: first_alone.max() + 1].sum() == 0
+            seen.add(category)
+    assert seen == {"motion", "change", "order", "event"}
+
+
+def test_readout_attention_equals_eager_attention():
+    model = build_model("document").eval()
+    placeholder = model.config.image_token_index
+    ids = torch.randint(10, 40, (3, 60))
+    ids[:, 8:48] = placeholder
+    mask = torch.ones_like(ids)
+    mask[0, :4], ids[0, :4] = 0, 0  # left padding
+    visual = torch.randn(3, 40, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        hidden, _, attention = lm_forward(model, ids, mask, visual, placeholder, 2, attentions=True)
+        language_model = model.model.language_model
+        language_model.set_attn_implementation("eager")
+        embeds = model.model.get_input_embeddings()(ids).masked_scatter((ids == placeholder)[..., None], visual)
+        ref = language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                             output_attentions=True)
+    torch.testing.assert_close(attention, ref.attentions[-1][:, :, -2], atol=1e-6, rtol=1e-5)
+    valid = mask.bool()
+    torch.testing.assert_close(hidden[valid], ref.last_hidden_state[valid], atol=1e-5, rtol=1e-4)

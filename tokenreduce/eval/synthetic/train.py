@@ -605,15 +605,46 @@ def lm_forward(model, ids, mask, visual: torch.Tensor, placeholder: int, aux_lay
                position_ids: torch.Tensor | None = None):
     """The LM on ids whose placeholders hold ``visual`` (``[total placeholders, H]`` or ``[B, n, H]``): (last normed
     hidden states, hidden states of layer ``aux_layer``, and with ``attentions`` the last layer's attention from
-    the answer position ``[B, heads, L]``)."""
+    the answer position ``[B, heads, L]``).
+
+    The readout needs one attention row per sequence, so it is recomputed from the last layer's captured
+    attention inputs (queries against its keys, differentiable) while every layer runs SDPA: eager attention
+    over 600-750 tokens made training several times slower.
+    """
+    from tokenreduce.core.llm import AttentionCapture
+
     embeds = model.model.get_input_embeddings()(ids)
     slots = (ids == placeholder)[..., None]
     embeds = embeds.masked_scatter(slots, visual.to(embeds.dtype))
     if position_ids is None:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                                     output_hidden_states=True, output_attentions=attentions)
-    last_attention = out.attentions[-1][:, :, -2] if attentions else None
+    language_model = model.model.language_model
+    captured = {}
+    handle = None
+    if attentions:
+        def capture(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            cos, sin = (t.expand(hidden.shape[0], -1, -1) for t in kwargs["position_embeddings"])
+            captured["capture"] = AttentionCapture(module, hidden, cos, sin)
+
+        handle = language_model.layers[-1].self_attn.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        out = language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                             output_hidden_states=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    last_attention = None
+    if attentions:
+        cap = captured["capture"]
+        b, length = ids.shape
+        q = cap.query_states(torch.full((b, 1), length - 2, dtype=torch.long, device=ids.device))  # [B, Hq, 1, d]
+        k = cap.key_states()  # [B, Hkv, L, d]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q @ k.transpose(-1, -2))[:, :, 0] * cap.module.scaling  # [B, Hq, L]
+        allowed = mask.bool().clone()
+        allowed[:, length - 1] = False  # causal: the answer position does not see the token after it
+        last_attention = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
     return out.last_hidden_state, out.hidden_states[aux_layer], last_attention
 
 
@@ -667,10 +698,6 @@ def train_language(model, task: Task, plan: Plan, log, work: Path | None = None)
         model.train()
         return {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())}
 
-    language_model = model.model.language_model
-    implementation = language_model.config._attn_implementation
-    if plan.readout_weight > 0:
-        language_model.set_attn_implementation("eager")  # attention weights for the readout loss
     model.train()
     t1 = time.time()
     for step in range(plan.lm_steps):
@@ -703,7 +730,6 @@ def train_language(model, task: Task, plan: Plan, log, work: Path | None = None)
             history.append({"step": step + 1, "seconds": round(time.time() - t1, 1), **acc})
             log(f"lm step {step + 1} validation {acc}")
     model.eval()
-    language_model.set_attn_implementation(implementation)
     for p in model.parameters():
         p.requires_grad_(True)
     return {"seconds": round(time.time() - t0, 1), "steps": plan.lm_steps, "questions": len(questions),
