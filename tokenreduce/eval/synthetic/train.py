@@ -36,6 +36,7 @@ import json
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -661,7 +662,9 @@ def cached_pool(model, task: Task, split: str, indices: range, per_media: int, s
     return features, questions
 
 
-def train_language(model, task: Task, plan: Plan, log, work: Path | None = None) -> dict:
+def train_language(model, task: Task, plan: Plan, log, work: Path | None = None,
+                   checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Stage 2; ``checkpoint(partial summary)`` runs after every validation (the run can be continued from it)."""
     t0 = time.time()
     tok = task.tokenizer
     placeholder = model.config.video_token_index if task.kind == "video" else model.config.image_token_index
@@ -729,6 +732,9 @@ def train_language(model, task: Task, plan: Plan, log, work: Path | None = None)
             acc = evaluate()
             history.append({"step": step + 1, "seconds": round(time.time() - t1, 1), **acc})
             log(f"lm step {step + 1} validation {acc}")
+            if checkpoint is not None and step < plan.lm_steps - 1:
+                checkpoint({"seconds": round(time.time() - t0, 1), "steps": step + 1, "history": history,
+                            "partial": True})
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -838,11 +844,17 @@ def main(argv: list[str] | None = None) -> None:
             torch.save({"state": model.model.vision_tower.state_dict(), "summary": tower}, tower_file)
     if args.tower_only:
         return
-    language = train_language(model, task, plan, log, work)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    log(f"saved to {out}")
+    def save(language: dict) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        if language.get("partial"):  # enough for --init to continue from here if the run stops
+            (out / "training_summary.json").write_text(json.dumps(
+                {"kind": args.kind, "plan": asdict(plan), "tower": tower, "language": language}, indent=1) + "\n")
+        log(f"saved to {out} after {language['steps']} LM steps")
+
+    language = train_language(model, task, plan, log, work, checkpoint=save)
+    save(language)
     check = check_real_path(model, processor, task, args.check, log) if args.check else {}
     usage = resource.getrusage(resource.RUSAGE_SELF)
     summary = {"kind": args.kind, "parameters": sum(p.numel() for p in model.parameters()), "plan": asdict(plan),
