@@ -161,3 +161,11 @@ def test_readout_attention_equals_eager_attention():
     torch.testing.assert_close(attention, ref.attentions[-1][:, :, -2], atol=1e-6, rtol=1e-5)
     valid = mask.bool()
     torch.testing.assert_close(hidden[valid], ref.last_hidden_state[valid], atol=1e-5, rtol=1e-4)
+
+
+def test_document_focus_is_every_box_whatever_the_question():
+    task = TASKS["document"](build_tokenizer())
+    _media, asked = task.media_and_questions(0, "train", np.random.default_rng(0), extra=True)
+    focuses = [focus for *_rest, focus in asked]
+    assert len(focuses) > 1 and all(np.array_equal(f, focuses[0]) for f in focuses)
+    assert all(focus[aux > 0].all() for _ids, _answer, aux, _category, focus in asked)

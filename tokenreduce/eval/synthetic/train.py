@@ -218,8 +218,9 @@ class Question:
     answer: int
     aux: np.ndarray  # [num visual tokens] int8 role classes
     category: str
-    # [num visual tokens] bool: what the curriculum always shows (default: aux > 0). Videos show the row and
-    # column through each referent in EVERY frame, so which tokens are shown does not itself tell when or where
+    # [num visual tokens] bool: what the curriculum always shows besides the referents (default: nothing).
+    # Pages show every box; videos show the row and column through each referent in EVERY frame, so which
+    # tokens are shown does not itself tell which box is asked about, or when or where
     # something happened (showing only the referent's own tokens let the LM read motion and timing off the
     # pattern of shown positions: train loss 0.2, validation at chance).
     focus: np.ndarray | None = None
@@ -360,6 +361,13 @@ class DocumentTask(Task):
         n_glyphs = int(first_glyph[-1])
         covs = {cell: (coverage(block_map, len(blocks), cell), coverage(glyph_map, n_glyphs, cell))
                 for cell in (2 * PATCH_SIZE, PATCH_SIZE)}
+        # The curriculum always shows EVERY box (thumbnail and crops): showing only the asked one let the LM find
+        # it as "the box with no tokens missing" (validation flat at 36% = one box in 2-4 while the train
+        # loss fell to 0.2-0.4), so it never learnt to match the colour or glyph the question names.
+        every_box = {b: 1 for b in range(len(blocks))}
+        shown_full = _roles_to_aux(covs[PATCH_SIZE][0], every_box, 0.2) > 0
+        focus = np.concatenate([(_roles_to_aux(covs[2 * PATCH_SIZE][0], every_box, 0.2) > 0).reshape(-1),
+                                np.pad(shown_full, ((0, 0), (0, 1))).reshape(-1)])
         out = []
         for category, text, answer, block, glyph_ids in asked:
             # role 1: the box's tokens (thumbnail and crops); role 2: the cells of the glyphs the answer is
@@ -370,7 +378,7 @@ class DocumentTask(Task):
             full = np.maximum(_roles_to_aux(block_cov, {block: 1}, 0.2), answer_cells)
             full = np.concatenate([full, np.zeros((full.shape[0], 1), np.int64)], axis=1)  # newline slots
             out.append((self.ids(text), self.word(answer), np.concatenate([base.reshape(-1), full.reshape(-1)]),
-                        category, None))
+                        category, focus))
         return self._pixels(sample.images[0]), out
 
     def pack(self, model, features):
