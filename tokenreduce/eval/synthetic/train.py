@@ -238,8 +238,11 @@ READOUTS: dict[str, dict[str, tuple[Readout, ...]]] = {
                  "count": ((2, 2, "count"),), "presence": ((2, 2, "count"),)},
     # videos: role 1 = the referent in its final state (after the event), role 2 = in its initial state; for
     # "order", role 1 = the first object while it is alone, role 2 = the second one (see VideoTask.roles)
-    "video": {**{c: ((0, 1, "max"), (1, 2, "max"), (2, 1, "count"), (3, 2, "count"))
-                 for c in ("motion", "change", "event")},
+    "video": {**{c: ((0, 1, "max"), (1, 2, "max"), (2, 1, "count"), (3, 2, "count")) for c in ("motion", "event")},
+              # the new colour also through the other KV head: heads 0 and 1 share one value projection, whose
+              # 32 dims carry position and shape (motion, order), and change questions stayed at chance
+              # although head 0 put all its attention on the final state and a linear probe read its colour
+              "change": ((0, 1, "max"), (1, 2, "max"), (2, 1, "max"), (3, 2, "max")),
               "order": ((0, 1, "max"), (1, 2, "max"))},
 }
 COUNT_SINK = {"image": 8.0, "document": 2.0, "video": 4.0}
