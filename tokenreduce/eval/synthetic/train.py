@@ -49,9 +49,15 @@ Timing and findings (2 shared CPU cores, fp32; the full record is in each model'
   1000, 70% at 1250, 84% at 1750, 86% at 2000 (colour 98, shape 100, count 93, presence 90, position 50 =
   chance); then a continuation (see the shipped summary's ``continued_from``).
 * video (OneVision, 577 tokens): tower 163 s (per-patch colour 98%, shape 99%). With referent-only
-  curriculum and one readout role the LM stayed at chance (20% at step 500 of 1500). With (a) and (b): 28%
-  at step 250, 23% at 500, 31% at 750, 45% at 1000 (event 96%, motion 32%, order 33%, change 19%), the
-  curriculum having ended at step 900 (1 thread, ~3 s per full-length step with eager attention).
+  curriculum and one readout role the LM stayed at chance (20% at step 500 of 1500). With (a) and (b), 1500
+  steps (77 min on one busy thread, eager attention): 28% at step 250, 23% at 500, 31% at 750, 45% at 1000
+  (event 96%), 62% at 1250; 68% at the end on 200 validation samples through the real path (event 100,
+  motion 92, order 68, change 12: the head read the final state, a linear probe read its colour at 76%
+  there, yet the answer was mostly "orange"). Continued without curriculum, change weighted 4x (SDPA
+  steps): change read through one KV head, 600 steps: 84.5% (change 44); then through both KV heads, 400
+  steps: 91.5% (change 68), and 250 more at lr 5e-4, change 6x: 93.3% on the 300 validation samples, 92.7%
+  on 300 test samples (change 80), random@10% 27.3%: the shipped model. (From the 1500-step run straight to
+  both KV heads, 500 + 300 steps: 91% validation.)
 * document (OneVision anyres, 744 tokens): tower 250 steps in 59 s (per-patch box colour 98.8%, glyph 100%,
   glyph shape 97.2%); LM (batch 8, 1 thread): 36% at step 500, 37% at 750, 36% at 1000 (curriculum ends at
   1080).
