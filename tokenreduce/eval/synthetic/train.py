@@ -59,8 +59,10 @@ Timing and findings (2 shared CPU cores, fp32; the full record is in each model'
   on 300 test samples (change 80), random@10% 27.3%: the shipped model. (From the 1500-step run straight to
   both KV heads, 500 + 300 steps: 91% validation.)
 * document (OneVision anyres, 744 tokens): tower 250 steps in 59 s (per-patch box colour 98.8%, glyph 100%,
-  glyph shape 97.2%); LM (batch 8, 1 thread): 36% at step 500, 37% at 750, 36% at 1000 (curriculum ends at
-  1080).
+  glyph shape 97.2%). LM (batch 8, 1 thread), curriculum showing the asked box only: 36% at step 500, 37% at
+  750, 36% at 1000 (the leak: "the box with no tokens missing"). Showing every box: 24%, 29%, 27%, 25% at
+  steps 250-1000, the probe finding the asked box (aux loss 0.73 -> 0.06) but the answer loss staying at
+  0.6-0.7; stopped there. Not shipped yet.
 """
 
 from __future__ import annotations
@@ -224,11 +226,8 @@ class Question:
     answer: int
     aux: np.ndarray  # [num visual tokens] int8 role classes
     category: str
-    # [num visual tokens] bool: what the curriculum always shows besides the referents (default: nothing).
-    # Pages show every box; videos show the row and column through each referent in EVERY frame, so which
-    # tokens are shown does not itself tell which box is asked about, or when or where
-    # something happened (showing only the referent's own tokens let the LM read motion and timing off the
-    # pattern of shown positions: train loss 0.2, validation at chance).
+    # [num visual tokens] bool: what the curriculum always shows besides the referents (default: nothing),
+    # chosen so that WHICH tokens are shown does not give the answer away (see the module docstring)
     focus: np.ndarray | None = None
 
 
