@@ -161,9 +161,14 @@ def measure_interleaved(model, batch, device: str, methods: list, repeats: int, 
         row = {"method": name, "prefill_ms": statistics.median(t["prefill"]),
                "decode_ms_per_token": statistics.median(t["decode"]), **extra[name],
                "speedup": statistics.median(f / m for f, m in zip(full["prefill"], t["prefill"])),
-               "decode_speedup": statistics.median(f / m for f, m in zip(full["decode"], t["decode"]) if m > 0)}
+               "decode_speedup": _median_or_none([f / m for f, m in zip(full["decode"], t["decode"]) if m > 0])}
         rows.append(row)
     return rows
+
+
+def _median_or_none(values: list[float]) -> float | None:
+    """Median, or None when no repeat gave a usable value (a decode too short for the timer to see)."""
+    return statistics.median(values) if values else None
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
