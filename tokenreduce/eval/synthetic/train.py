@@ -637,7 +637,9 @@ def curriculum_keeps(questions: list[Question], n_visual: int, distractors: int,
     """
     keeps = []
     for q in questions:
-        shown = q.aux[:n_visual] > 0 if q.focus is None else q.focus[:n_visual] | (q.aux[:n_visual] > 0)
+        shown = q.aux[:n_visual] > 0
+        if q.focus is not None:
+            shown = shown | q.focus[:n_visual]
         referents = np.nonzero(shown)[0]
         others = np.nonzero(~shown)[0]
         if distractors < len(others):
