@@ -27,10 +27,11 @@ every ``world``-th batch, and gradients are averaged across processes before eve
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,12 +100,18 @@ def _answer_log_probs(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tens
     return logp
 
 
-def prepare_batches(model: nn.Module, batches: Sequence[dict[str, Any]], distill: bool) -> list[CachedBatch]:
-    """Cache the tower features (and, for distillation, the full-token teacher's answer log-probabilities)."""
+def prepare_batches(
+    model: nn.Module, batches: Iterable[dict[str, Any]], distill: bool, device: torch.device | None = None
+) -> list[CachedBatch]:
+    """Cache the tower features (and, for distillation, the full-token teacher's answer log-probabilities).
+
+    ``batches`` is consumed one at a time and each batch's pixels are dropped once encoded, so a generator
+    keeps only the cached features in memory (4000 videos as float pixels would take 22 GB).
+    """
     out = []
     handle = get_handle(model)
     for batch in batches:
-        batch = dict(batch)
+        batch = {k: (v.to(device) if device is not None and torch.is_tensor(v) else v) for k, v in batch.items()}
         labels = batch.pop("labels")
         lengths = answer_lengths(labels)
         teacher = None
@@ -159,7 +166,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 def train_attention(
     model: nn.Module,
-    batches: Sequence[dict[str, Any]],
+    batches: Iterable[dict[str, Any]],
     *,
     steps: int,
     keep: int | float | Sequence[int | float] = 5,
@@ -179,6 +186,8 @@ def train_attention(
 ) -> tuple[VQAttention, list[dict[str, Any]]]:
     """Train VQ-attention on ``batches`` (model inputs with ``labels`` on the answer) for ``steps`` steps.
 
+    ``batches`` may be a generator: it is read once, and each batch is reduced to its cached features.
+
     ``keep``: the fixed code count(s) to train at; with several, each step draws one, so the module serves
     several budgets. ``method_options``: further ``vqtoken`` options (``anchor``, ``codeword``...), the same
     ones inference must use. ``evaluate(module)``: called every ``eval_every`` steps and at the end; its
@@ -186,8 +195,6 @@ def train_attention(
     """
     if steps < 1:
         raise ValueError(f"`steps` must be >= 1, got {steps!r}")
-    if not batches:
-        raise ValueError("`batches` is empty")
     keeps = list(keep) if isinstance(keep, (list, tuple)) else [keep]
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -202,9 +209,9 @@ def train_attention(
         p.requires_grad_(False)
     model.eval()
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
-    mine = [b for i, b in enumerate(batches) if i % world == rank] or list(batches)
-    mine = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in mine]
-    cached = prepare_batches(model, mine, distill > 0)
+    cached = prepare_batches(model, (b for i, b in enumerate(batches) if i % world == rank), distill > 0, device)
+    if not cached:
+        raise ValueError(f"`batches` holds no batch for process {rank} of {world}")
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     options = {k: v for k, v in (method_options or {}).items() if k != "keep"}
@@ -264,15 +271,17 @@ def train_attention(
 # ----------------------------------------------------------------------------------------------------
 
 
-def synthetic_answer_batches(processor, samples: Sequence[Any], batch_size: int) -> list[dict[str, Any]]:
-    """Left-padded inputs ``"<question> <video> answer : <answer>" + EOS``, labels on the answer and EOS."""
+def synthetic_answer_batches(processor, samples: Iterable[Any], batch_size: int) -> Iterator[dict[str, Any]]:
+    """Left-padded inputs ``"<question> <video> answer : <answer>" + EOS``, labels on the answer and EOS.
+
+    A generator over ``samples`` (itself possibly a generator), one batch of ``batch_size`` at a time.
+    """
     from tokenreduce.eval.synthetic.prompting import prompt
 
     tokenizer = processor.tokenizer
     eos = tokenizer.eos_token_id
-    out = []
-    for start in range(0, len(samples), batch_size):
-        chunk = list(samples[start : start + batch_size])
+    samples = iter(samples)
+    while chunk := list(itertools.islice(samples, batch_size)):
         texts = [f"{prompt(s)} {s.answer}" for s in chunk]
         enc = dict(
             processor(
@@ -292,8 +301,7 @@ def synthetic_answer_batches(processor, samples: Sequence[Any], batch_size: int)
             n = len(tokenizer(s.answer, add_special_tokens=False)["input_ids"]) + 1
             labels[r, -n:] = enc["input_ids"][r, -n:]
         enc["labels"] = labels
-        out.append(enc)
-    return out
+        yield enc
 
 
 def synthetic_accuracy(
@@ -368,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     from accelerate import Accelerator
 
     from tokenreduce.eval.synthetic import load_model, load_synthetic
+    from tokenreduce.eval.synthetic.benchmark import iter_synthetic
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -382,15 +391,9 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     model.eval()
     keeps = _parse_keep(args.keep)
     options = {"anchor": args.anchor, "codeword": args.codeword, "keep_newline": args.keep_newline}
-    t0 = time.perf_counter()
-    train = load_synthetic("video", "train", n=args.samples)
     val = load_synthetic("video", "validation", n=args.val_samples) if args.val_samples else []
-    batches = synthetic_answer_batches(processor, train, args.batch_size)
-    if accelerator.is_main_process:
-        print(
-            f"data: {len(train)} train samples in {len(batches)} batches ({time.perf_counter() - t0:.0f}s)",
-            flush=True,
-        )
+    # generated and encoded batch by batch: only the tower features stay in memory
+    batches = synthetic_answer_batches(processor, iter_synthetic("video", "train", 0, args.samples), args.batch_size)
 
     def evaluate(module: VQAttention) -> dict[str, float]:
         if not val or not accelerator.is_main_process:
