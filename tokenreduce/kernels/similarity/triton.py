@@ -26,14 +26,13 @@ from tokenreduce.kernels._triton_utils import (
 
 
 @triton.jit
-def _similarity_kernel(
-    x_ptr, y_ptr, x_mean, x_sumsq, y_mean, y_sumsq, x_mask, y_mask, out_ptr,
-    N, M, D, sxb, sxn, syb, syn, sob, son, fill,
-    CENTER: tl.constexpr, HAS_X_MASK: tl.constexpr, HAS_Y_MASK: tl.constexpr,
-    TO_FP32: tl.constexpr, PRECISION: tl.constexpr,
+def _similarity_tile(
+    x_ptr, y_ptr, x_mean, x_sumsq, y_mean, y_sumsq, b, N, M, D, sxb, sxn, syb, syn,
+    CENTER: tl.constexpr, TO_FP32: tl.constexpr, PRECISION: tl.constexpr,
     EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(2).to(tl.int64)
+    """This program's ``BLOCK_M x BLOCK_N`` tile of cosine / correlation similarities, with its row and
+    column indices and their in-range masks."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -46,7 +45,22 @@ def _similarity_kernel(
         x_ptr + b * sxb + rows.to(tl.int64) * sxn, y_ptr + b * syb + cols.to(tl.int64) * syn,
         row_ok, col_ok, a_shift, b_shift, D, CENTER, TO_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
     )
-    sim = acc * a_inv[:, None] * b_inv[None, :]
+    return acc * a_inv[:, None] * b_inv[None, :], rows, cols, row_ok, col_ok
+
+
+@triton.jit
+def _similarity_kernel(
+    x_ptr, y_ptr, x_mean, x_sumsq, y_mean, y_sumsq, x_mask, y_mask, out_ptr,
+    N, M, D, sxb, sxn, syb, syn, sob, son, fill,
+    CENTER: tl.constexpr, HAS_X_MASK: tl.constexpr, HAS_Y_MASK: tl.constexpr,
+    TO_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(2).to(tl.int64)
+    sim, rows, cols, row_ok, col_ok = _similarity_tile(
+        x_ptr, y_ptr, x_mean, x_sumsq, y_mean, y_sumsq, b, N, M, D, sxb, sxn, syb, syn,
+        CENTER, TO_FP32, PRECISION, EPS, BLOCK_M, BLOCK_N, BLOCK_D,
+    )
     pair = row_ok[:, None] & col_ok[None, :]
     valid = pair
     if HAS_X_MASK:
@@ -66,19 +80,10 @@ def _neighbor_count_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(2).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    col_ok = cols < N
-    a_shift = tl.load(x_mean + b * N + rows, mask=row_ok, other=0.0)
-    b_shift = tl.load(x_mean + b * N + cols, mask=col_ok, other=0.0)
-    a_inv = inv_norm(tl.load(x_sumsq + b * N + rows, mask=row_ok, other=1.0), EPS)
-    b_inv = inv_norm(tl.load(x_sumsq + b * N + cols, mask=col_ok, other=1.0), EPS)
-    acc = dot_rows(
-        x_ptr + b * sxb + rows.to(tl.int64) * sxn, x_ptr + b * sxb + cols.to(tl.int64) * sxn,
-        row_ok, col_ok, a_shift, b_shift, D, CENTER, TO_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+    sim, rows, cols, row_ok, col_ok = _similarity_tile(
+        x_ptr, x_ptr, x_mean, x_sumsq, x_mean, x_sumsq, b, N, N, D, sxb, sxn, sxb, sxn,
+        CENTER, TO_FP32, PRECISION, EPS, BLOCK_M, BLOCK_N, BLOCK_D,
     )
-    sim = acc * a_inv[:, None] * b_inv[None, :]
     hit = (sim > threshold) & row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
     if HAS_MASK:
         hit = hit & (tl.load(x_mask + b * N + rows, mask=row_ok, other=0) != 0)[:, None]
