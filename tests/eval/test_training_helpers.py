@@ -169,3 +169,21 @@ def test_document_focus_is_every_box_whatever_the_question():
     focuses = [focus for *_rest, focus in asked]
     assert len(focuses) > 1 and all(np.array_equal(f, focuses[0]) for f in focuses)
     assert all(focus[aux > 0].all() for _ids, _answer, aux, _category, focus in asked)
+
+
+def test_language_model_is_taken_from_a_model_with_the_same_text_config(tmp_path):
+    from tokenreduce.eval.synthetic.train import take_language_model
+
+    donor = build_model("video", seed=1)
+    donor.save_pretrained(tmp_path / "video")
+    build_model("image").save_pretrained(tmp_path / "image")
+    model = build_model("document", seed=2)
+    tower = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    take_language_model(model, tmp_path / "video")
+    for (name, mine), theirs in zip(model.model.language_model.state_dict().items(),
+                                    donor.model.language_model.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+    assert torch.equal(model.lm_head.weight, donor.lm_head.weight)
+    assert all(torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in tower.items())
+    with pytest.raises(ValueError, match="--language-from.*text config differs"):
+        take_language_model(model, tmp_path / "image")
