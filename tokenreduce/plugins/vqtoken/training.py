@@ -22,6 +22,14 @@ are read from. The teacher's answer logits are cached the same way.
 
 Several processes: ``accelerate launch -m tokenreduce.plugins.vqtoken.training ...``. Each process takes
 every ``world``-th batch, and gradients are averaged across processes before every step.
+
+Measured on the shipped synthetic video model (577 visual tokens, full-token accuracy 92.7%), ``--keep 5``
+(0.9% of the tokens), 4000 samples, batch 16, 1 thread (0.22 s per step after 5 minutes of caching):
+validation accuracy 22%, 21.5% and 21% at steps 500, 1000 and 1500 (chance is about 25%) while the answer
+cross-entropy fell from 4.8 to 1.5-2 (the answer's kind, not its value); stopped there. Our reading: that
+model answers motion, order and change questions by comparing a referent's tokens before and after the
+event, and a code token is one cluster over the whole clip, so a module in front of a frozen LLM has no
+token pair to offer; the paper tunes the LLM too.
 """
 
 from __future__ import annotations
