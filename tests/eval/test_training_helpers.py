@@ -185,5 +185,5 @@ def test_language_model_is_taken_from_a_model_with_the_same_text_config(tmp_path
         assert torch.equal(mine, theirs), name
     assert torch.equal(model.lm_head.weight, donor.lm_head.weight)
     assert all(torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in tower.items())
-    with pytest.raises(ValueError, match="--language-from.*text config differs"):
+    with pytest.raises(ValueError, match=r"--language-from.*text config differs"):
         take_language_model(model, tmp_path / "image")

@@ -72,7 +72,10 @@ Timing and findings (2 shared CPU cores, fp32; the full record is in each model'
   gain on the readout heads' output columns, each continued 250 steps, left shape at chance. What moves
   it: the video model's trained language model and LM head in place of the stuck one (``--init`` the
   run above ``--language-from`` the video model), 750 steps with a short curriculum: 37% at step 500,
-  45% at 750 (shape 57, first 58; colour, count, presence still at chance). Not shipped yet.
+  45% at 750 (shape 57, first 58); continued 1000 steps without curriculum, colour weighted 2x and count
+  and presence 1.5x (lr 1e-3, 2.4 s per step on one thread): 39%, 44%, 62%, 68% at steps 250-1000, and
+  68% through the real path on 200 validation samples (shape 92.5, first 75, presence 70, colour 62.5,
+  count 40), random@10% 28.5%. Not shipped yet: below 90%.
 """
 
 from __future__ import annotations
