@@ -97,7 +97,7 @@ def test_training_lowers_the_answer_loss_and_the_module_loads_into_wrap(tmp_path
     batches = _answer_batches(model, n_batches=1)
     module, log = train_attention(
         model,
-        batches,
+        iter(batches),  # read once, batch by batch, as the script streams them
         steps=30,
         keep=3,
         lr=1e-2,
