@@ -154,8 +154,15 @@ def _two_crop_layout():
     return TokenLayout("image", segments, extra={"tower_rows": 3, "patch_source": torch.tensor(source)})
 
 
+def _reference_distinct(x, threshold):
+    x = torch.nn.functional.normalize(x.double(), dim=-1)
+    n = x.shape[0]
+    return [1 - sum(1 for j in range(n) if j != i and float(x[i] @ x[j]) > threshold) / (n - 1) for i in range(n)]
+
+
+@pytest.mark.parametrize("local_score", ["attention", "distinct"])
 @pytest.mark.parametrize("keep", [None, 0.5])
-def test_reduce_equals_step_by_step_reference(keep):
+def test_reduce_equals_step_by_step_reference(keep, local_score):
     """The whole per-item reduction (topk sampling) against a plain re-implementation from the signals."""
     torch.manual_seed(4)
     layout = _two_crop_layout()
@@ -167,7 +174,7 @@ def test_reduce_equals_step_by_step_reference(keep):
     deep, shallow = torch.rand(n), torch.rand(n)
     sim[layout.is_newline] = float("nan")
     cfg = DocCorrelationConfig(keep=keep, sampling="topk", threshold=0.9, max_neighbors=1, min_tokens=1,
-                               count_newlines=False)
+                               count_newlines=False, local_score=local_score)
     red = DocCorrelationMethod(cfg).reduce(feats, ReduceContext(layout=layout, modality="image", row=0, item=0, signals={
         "similarity": sim, "shallow_attention": shallow, "deep_attention": deep}))
     groups = [[i for i in range(n) if int(crop_of[i]) == c] for c in range(3)]
@@ -186,7 +193,11 @@ def test_reduce_equals_step_by_step_reference(keep):
         q1, q3 = torch.quantile(d, 0.25), torch.quantile(d, 0.75)
         glob = [g[i] for i in range(len(g)) if d[i] > q3 + 1.5 * (q3 - q1)]
         glob = sorted(sorted(glob, key=lambda t: (-float(deep[t]), t))[:k])
-        rest = sorted([t for t in g if t not in glob], key=lambda t: (-float(shallow[t]), t))
+        score = dict(zip(g, shallow[g].tolist()))
+        if local_score == "distinct":  # attention (as a share of the crop's highest) only breaks ties
+            top = max(score.values())
+            score = {t: dist + score[t] / top / (len(g) + 1) for t, dist in zip(g, _reference_distinct(sim[g], 0.9))}
+        rest = sorted([t for t in g if t not in glob], key=lambda t: (-score[t], t))
         expected += glob + rest[: k - len(glob)]
     rows_kept = {(int(layout.segment_ids[t]), int(layout.rows[t])) for t in expected}
     newlines = [t for t in layout.is_newline.nonzero().flatten().tolist()
@@ -230,7 +241,31 @@ def test_newline_slots_are_paid_from_the_budget(keep):
     ({"max_neighbors": -1}, r"`max_neighbors` must be in \[0, inf\]"),
     ({"base": "drop"}, r"`base` must be one of \('crop', 'keep'\)"),
     ({"merge": 1}, r"`merge` must be a bool"),
+    ({"local_score": "cls"}, r"`local_score` must be one of \('auto', 'attention', 'distinct'\)"),
 ])
 def test_config_errors_name_parameter_value_and_accepted(options, message):
     with pytest.raises(ValueError, match=message):
         DocCorrelationConfig(**options)
+
+
+def test_auto_local_score_follows_the_tower():
+    """``auto`` samples by attention on a tower with [CLS], by distinctiveness on one without (SigLIP)."""
+    torch.manual_seed(5)
+    layout = _two_crop_layout()
+    n = layout.num_tokens
+    sim = torch.randn(n, 5)
+    sim[:6] = torch.tensor([1.0, 2, 3, 4, 5])  # half the base crop alike: low distinctiveness, high attention
+    shallow = torch.rand(n)
+    shallow[:6] += 10
+    signals = {"similarity": sim, "shallow_attention": shallow, "deep_attention": torch.zeros(n)}
+    kept = {}
+    for prefix in (1, 0):
+        method = DocCorrelationMethod(DocCorrelationConfig(keep=0.5, sampling="topk", global_tokens=False,
+                                                           min_tokens=1, count_newlines=False))
+        q = k = torch.randn(1, 2, 12 + prefix, 4)
+        method.tower_signals({1: q, -2: q}, {1: k, -2: k}, 0.5, num_prefix=prefix)
+        ctx = ReduceContext(layout=layout, modality="image", row=0, item=0, signals=signals)
+        kept[prefix] = set(method.reduce(torch.randn(n, 4), ctx).sources.tolist())
+    base = [kept[p] & set(range(12)) for p in (1, 0)]
+    assert base[0] and base[0] <= set(range(6))    # attention: the thumbnail keeps only the alike half
+    assert base[1] and len(base[1] & set(range(6))) <= 1  # distinctiveness: the distinct half (an alike one on a tie)

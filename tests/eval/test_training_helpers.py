@@ -13,6 +13,7 @@ from tokenreduce.eval.synthetic.train import (
     Question,
     curriculum_keeps,
     document_patch_labels,
+    dropped_distractors,
     lm_forward,
     make_batch,
     object_patch_labels,
@@ -88,6 +89,22 @@ def test_curriculum_keeps_every_referent_at_its_original_position():
     assert torch.equal(sub_aux[0, slots], torch.from_numpy(aux[keeps[0]]).long())
     assert positions[0, -1].item() == 3 + 256 + len(prefix)  # text after the image continues the full count
     assert keeps[0].tolist() != keeps[1].tolist()  # each question draws its own distractors
+
+
+def test_token_drop_shows_a_share_of_the_background_and_draws_nothing_when_off():
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert dropped_distractors(6, 744, 744, 0.0, gen) == [744] * 6
+    assert torch.equal(gen.get_state(), state)  # runs without token drop keep their random stream
+    counts = dropped_distractors(400, 744, 744, 0.5, gen)
+    dropped = [c for c in counts if c < 744]
+    assert 150 < len(dropped) < 250 and min(dropped) >= int(0.05 * 744)
+    assert max(dropped_distractors(50, 10, 744, 1.0, gen)) <= 10  # never more than the curriculum shows
+    aux = np.zeros(744, np.int8)
+    aux[[5, 6]] = 1
+    q = Question(0, [1, 7], 9, aux, "count")
+    keeps = curriculum_keeps([q, q], 744, [0, 744], gen)
+    assert keeps[0].tolist() == [5, 6] and len(keeps[1]) == 744
 
 
 def test_patch_labels_follow_the_pixels():

@@ -137,6 +137,8 @@ class Plan:
     readout_weight: float = 1.0
     warmup: int = 100
     curriculum: float = 0.6  # fraction of LM steps over which distractor tokens ramp (quadratically) to all
+    # Share of questions that see their referents but only 5-100% of the other visual tokens (original positions).
+    token_drop: float = 0.0
     aux_layer: int = 2
     questions_per_media: int = 4
     val_size: int = 300
@@ -648,22 +650,25 @@ def make_batch(questions: list[Question], placeholder: int, n_visual: int, answe
     return ids, mask, target, aux_t, position_ids
 
 
-def curriculum_keeps(questions: list[Question], n_visual: int, distractors: int, gen: torch.Generator):
-    """Per question: every visual token of what it refers to (aux > 0) plus ``distractors`` random others.
+def curriculum_keeps(questions: list[Question], n_visual: int, distractors: int | list[int], gen: torch.Generator):
+    """Per question: every visual token of what it refers to (aux > 0) plus ``distractors`` random others
+    (one count for all, or one per question).
 
     Answers stay valid (the referents are all there), while the attention that must find them is spread over
     far fewer tokens than 256+: from random init the readout is found within a few hundred steps this way,
     whereas with all tokens from the start the LM sat near chance for 500+ steps (see the module docstring).
     """
     keeps = []
-    for q in questions:
+    if isinstance(distractors, int):
+        distractors = [distractors] * len(questions)
+    for q, count in zip(questions, distractors):
         shown = q.aux[:n_visual] > 0
         if q.focus is not None:
             shown = shown | q.focus[:n_visual]
         referents = np.nonzero(shown)[0]
         others = np.nonzero(~shown)[0]
-        if distractors < len(others):
-            others = others[torch.randperm(len(others), generator=gen)[:distractors].numpy()]
+        if count < len(others):
+            others = others[torch.randperm(len(others), generator=gen)[:count].numpy()]
         keeps.append(np.sort(np.concatenate([referents, others])))
     return keeps
 
@@ -728,6 +733,22 @@ def cached_pool(model, task: Task, split: str, indices: range, per_media: int, s
     return features, questions
 
 
+def dropped_distractors(count: int, distractors: int, n_visual: int, token_drop: float,
+                        gen: torch.Generator) -> list[int]:
+    """Per question the number of non-referent tokens shown: ``distractors``, or for a ``token_drop`` share of
+    the questions a uniform 5-100% of ``n_visual``.
+
+    A large VLM already knows that background it does not see holds no answer; a tiny one trained on full
+    inputs only is thrown by any missing token (its answer leans on every softmax share), which would judge a
+    pruning method by the model's shock rather than by which tokens it keeps.
+    """
+    if token_drop <= 0:  # no draw: runs without it stay bit-identical to those before it existed
+        return [distractors] * count
+    drop = (torch.rand(count, generator=gen) < token_drop).tolist()
+    share = (0.05 + 0.95 * torch.rand(count, generator=gen)).tolist()
+    return [min(distractors, int(s * n_visual)) if d else distractors for d, s in zip(drop, share)]
+
+
 def train_language(model, task: Task, plan: Plan, log, work: Path | None = None,
                    checkpoint: Callable[[dict], None] | None = None) -> dict:
     """Stage 2; ``checkpoint(partial summary)`` runs after every validation (the run can be continued from it)."""
@@ -775,7 +796,8 @@ def train_language(model, task: Task, plan: Plan, log, work: Path | None = None,
         idx = torch.multinomial(weights, plan.lm_batch, replacement=True, generator=gen).tolist()
         qs = [questions[i] for i in idx]
         ramp = min(1.0, step / max(1, plan.curriculum * plan.lm_steps)) if plan.curriculum else 1.0
-        keeps = curriculum_keeps(qs, n_visual, int(ramp**2 * n_visual), gen)
+        keeps = curriculum_keeps(qs, n_visual, dropped_distractors(len(qs), int(ramp**2 * n_visual), n_visual,
+                                                                 plan.token_drop, gen), gen)
         ids, mask, target, aux, position_ids = make_batch(qs, placeholder, n_visual, answer_prefix, eos, pad, keeps)
         visual = task.pack(model, feats[[q.media for q in qs]])
         visual = torch.cat([visual[r, torch.from_numpy(k)] for r, k in enumerate(keeps)])
@@ -877,6 +899,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="continue from a model saved by an earlier run (its tower is kept frozen)")
     parser.add_argument("--curriculum", type=float, default=None)
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--token-drop", type=float, default=None,
+                        help="share of questions shown their referents and only 5-100%% of the other visual tokens")
     parser.add_argument("--category-weights", default=None,
                         help="sampling weights of question categories, e.g. position=3,count=2")
     parser.add_argument("--language-from", type=Path, default=None,
@@ -891,7 +915,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     plan = PLANS[args.kind]
     for name in ("tower_steps", "lm_steps", "tower_pool", "lm_pool", "lm_lr", "aux_weight", "tower_lr", "tower_batch",
-                 "curriculum", "warmup"):
+                 "curriculum", "warmup", "token_drop"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
     if args.category_weights:

@@ -29,19 +29,45 @@ def neighbor_bound(max_neighbors: int | float, n: int) -> float:
     return float(max_neighbors)
 
 
+def neighbor_counts(features: torch.Tensor, threshold: float, metric: str = "cosine") -> torch.Tensor:
+    """Per token of ``features: [n, d]`` (one crop), how many other tokens are alike beyond ``threshold``.
+
+    Tokens whose features hold NaN (slots with no tower patch) count -1 and are nobody's neighbour.
+    """
+    valid = ~torch.isnan(features).any(dim=-1)
+    counts = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
+    if bool(valid.any()):
+        counts[valid] = kernels.neighbor_count(features[valid].float()[None], threshold, metric=metric)[0].long()
+    return counts
+
+
 def redundancy(features: torch.Tensor, threshold: float, max_neighbors: int | float,
                metric: str = "cosine") -> torch.Tensor:
     """Share of redundant tokens among ``features: [n, d]`` (one crop), a 0-dim float tensor in [0, 1].
 
     Tokens whose features hold NaN (slots with no tower patch) are left out.
     """
-    valid = ~torch.isnan(features).any(dim=-1)
+    return redundancy_of(neighbor_counts(features, threshold, metric), max_neighbors)
+
+
+def redundancy_of(counts: torch.Tensor, max_neighbors: int | float) -> torch.Tensor:
+    """:func:`redundancy` from the crop's :func:`neighbor_counts`."""
+    valid = counts >= 0
     n = int(valid.sum())
     if n == 0:
-        return torch.zeros((), dtype=torch.float32, device=features.device)
-    x = features[valid].float()
-    counts = kernels.neighbor_count(x[None], threshold, metric=metric)[0]
-    return (counts.float() > neighbor_bound(max_neighbors, n)).float().mean()
+        return torch.zeros((), dtype=torch.float32, device=counts.device)
+    return (counts[valid].float() > neighbor_bound(max_neighbors, n)).float().mean()
+
+
+def distinctiveness(counts: torch.Tensor) -> torch.Tensor:
+    """Per token, the share of the crop's other tokens NOT alike it (``1 - count / (n - 1)``; NaN slots 0).
+
+    The token-level reading of the density: a token of a blank margin or a repeated text line resembles many
+    others and scores near 0, a token unlike the rest of its crop (a glyph, a coloured frame) near 1.
+    """
+    valid = counts >= 0
+    others = max(int(valid.sum()) - 1, 1)
+    return torch.where(valid, 1.0 - counts.float() / others, torch.zeros((), device=counts.device))
 
 
 def information_density(features: torch.Tensor, threshold: float, max_neighbors: int | float,

@@ -11,10 +11,12 @@ token budget that follows its *information density* and picks the tokens inside 
    what ``at_budget`` uses).
 2. **Global-information tokens** (deep tower layer): IQR outliers of the [CLS] attention over the crop.
 3. **Local-information tokens** (shallow layer): the rest of the budget, sampled without replacement from
-   the [CLS]-patch attention as a distribution (seeded), or its top-k.
+   the [CLS]-patch attention as a distribution (seeded), or its top-k. Towers without [CLS] have no such
+   distribution; there (``local_score="auto"``) the local score is each token's *distinctiveness*, the share
+   of its crop's tokens it does not resemble (the token-level reading of step 1's density).
 4. Optionally, dropped tokens are merged into their most similar kept token (weighted mean).
 
-Towers without [CLS] (SigLIP) use the attention each patch receives. The base image (thumbnail) is a
+For the global tokens, towers without [CLS] (SigLIP) use the attention each patch receives. The base image (thumbnail) is a
 crop like any other unless ``base="keep"``. Newline slots: a canvas row's newline stays when the row keeps
 a token, lone separators (DocOwl's per-crop end token, OneVision's trailing newline) always stay. Each
 item's ``Reduction.info`` lists the crops with their density and budget (``tr.stats``, overlays).
@@ -35,7 +37,7 @@ from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
 from tokenreduce.plugins.baselines._vision import add_row_newlines, attention_and_keys, content_groups
 
-from .density import adaptive_budgets, global_budgets, information_density
+from .density import adaptive_budgets, distinctiveness, global_budgets, neighbor_counts, redundancy_of
 from .select import choose_tokens, merge_dropped, sampling_weights
 
 FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "docowl")
@@ -44,6 +46,7 @@ METRICS = ("cosine", "correlation")
 SAMPLINGS = ("sample", "topk")
 BASE_MODES = ("crop", "keep")
 MERGE_WEIGHTS = ("attention", "uniform")
+LOCAL_SCORES = ("auto", "attention", "distinct")
 
 
 @dataclass
@@ -68,6 +71,10 @@ class DocCorrelationConfig(MethodConfig):
         global_tokens: keep the IQR outliers of the deep-layer [CLS] attention (within the budget).
         iqr_factor: outliers lie above ``Q3 + iqr_factor * IQR``.
         sampling: ``"sample"`` (seeded sampling without replacement) or ``"topk"`` (deterministic).
+        local_score: what the local tokens are drawn by: ``"attention"`` (the shallow [CLS] attention, as
+            the paper; the attention each patch receives on towers without [CLS]), ``"distinct"`` (the share
+            of the crop's tokens a token is not alike, from the density's neighbour counts; attention breaks
+            ties) or ``"auto"`` (attention with a [CLS] token, distinct without).
         seed: seed of the sampler (the same for every item, so a row alone equals the row in a batch).
         merge: merge each dropped token into its most similar kept token of the crop (weighted mean).
         merge_weights: ``"attention"`` (shallow [CLS] attention) or ``"uniform"`` weights in the merge.
@@ -90,6 +97,7 @@ class DocCorrelationConfig(MethodConfig):
     global_tokens: bool = True
     iqr_factor: float = 1.5
     sampling: str = "sample"
+    local_score: str = "auto"
     seed: int = 0
     merge: bool = False
     merge_weights: str = "attention"
@@ -114,6 +122,7 @@ class DocCorrelationConfig(MethodConfig):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         check_range("iqr_factor", self.iqr_factor, 0.0)
         check_choice("sampling", self.sampling, SAMPLINGS)
+        check_choice("local_score", self.local_score, LOCAL_SCORES)
         check_range("seed", self.seed, 0, integer=True)
         check_choice("merge_weights", self.merge_weights, MERGE_WEIGHTS)
         check_choice("base", self.base, BASE_MODES)
@@ -142,6 +151,7 @@ class DocCorrelationMethod(Method):
         super().__init__(config)
         self._hidden: list[torch.Tensor] = []
         self._stage = None
+        self._has_cls = True
 
     # ----- tower signals ------------------------------------------------------------------------------
     @property
@@ -174,6 +184,7 @@ class DocCorrelationMethod(Method):
         self._stage = None
 
     def tower_signals(self, q, k, scale, num_prefix) -> dict[str, torch.Tensor]:
+        self._has_cls = num_prefix > 0
         shallow, deep = self.config.shallow_layer, self.config.deep_layer
         qs, ks = (q, k) if isinstance(q, torch.Tensor) else (q[shallow], k[shallow])
         qd, kd = (q, k) if isinstance(q, torch.Tensor) else (q[deep], k[deep])
@@ -207,16 +218,19 @@ class DocCorrelationMethod(Method):
         groups = [g.to(device) for g in content_groups(layout, per_crop=True)]
         crop_ids, kinds = _crop_ids(layout, groups)
         sizes = [int(g.numel()) for g in groups]
-        densities = [information_density(similarity[g], cfg.threshold, cfg.max_neighbors, cfg.metric) for g in groups]
+        counts = [neighbor_counts(similarity[g], cfg.threshold, cfg.metric) for g in groups]
+        densities = [float(1.0 - redundancy_of(c, cfg.max_neighbors)) for c in counts]
+        distinct = cfg.local_score == "distinct" or (cfg.local_score == "auto" and not self._has_cls)
         slots = int(layout.is_newline.sum()) if cfg.count_newlines else 0
         budgets = self._budgets(densities, sizes, kinds, slots)
 
         sources, outputs, crops_info = [], [], []
         assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=device)
         token_crop = torch.full((features.shape[0],), -1, dtype=torch.long)
-        for group, crop, kind, density, budget in zip(groups, crop_ids, kinds, densities, budgets):
+        for group, count, crop, kind, density, budget in zip(groups, counts, crop_ids, kinds, densities, budgets):
+            local = local_scores(count, shallow[group]) if distinct else shallow[group]
             kept, n_global = choose_tokens(
-                deep[group], shallow[group], budget, global_tokens=cfg.global_tokens, iqr_factor=cfg.iqr_factor,
+                deep[group], local, budget, global_tokens=cfg.global_tokens, iqr_factor=cfg.iqr_factor,
                 sampling=cfg.sampling, generator=context.generator,
             )
             if cfg.merge:
@@ -259,6 +273,13 @@ class DocCorrelationMethod(Method):
         for i, b in zip(free, share):
             budgets[i] = b
         return budgets
+
+
+def local_scores(counts: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """:func:`distinctiveness` of a crop's tokens, ties broken by ``attention`` (less than one count step)."""
+    attention = torch.nan_to_num(attention.float(), nan=0.0).clamp_min(0.0)
+    share = attention / attention.max().clamp_min(1e-20)
+    return distinctiveness(counts) + share / (counts.numel() + 1)
 
 
 def _crop_ids(layout, groups: list[torch.Tensor]) -> tuple[list[int], list[str]]:
