@@ -13,7 +13,7 @@ from ..reference import recorded_reductions, reduced_rows, reference_generate, r
 
 FAMILIES = ("llava_next", "llava_onevision")
 CONFIGS = {
-    "sample": dict(keep=0.4),
+    "sample": dict(keep=0.4, sampling="sample"),
     "adaptive-merge-hidden-topk": dict(merge=True, similarity="hidden", sampling="topk", threshold=0.5),
 }
 

@@ -236,7 +236,7 @@ def test_newline_slots_are_paid_from_the_budget(keep):
     ({"keep": 0.0}, r"`keep` must be in \(0.0, 1.0\]"),
     ({"similarity": "values"}, r"`similarity` must be one of \('keys', 'keys_mean', 'hidden'\)"),
     ({"metric": "dot"}, r"`metric` must be one of"),
-    ({"sampling": "greedy"}, r"`sampling` must be one of \('sample', 'topk'\)"),
+    ({"sampling": "greedy"}, r"`sampling` must be one of \('auto', 'sample', 'topk'\)"),
     ({"max_neighbors": 1.5}, r"`max_neighbors` must be in \[0.0, 1.0\]"),
     ({"max_neighbors": -1}, r"`max_neighbors` must be in \[0, inf\]"),
     ({"base": "drop"}, r"`base` must be one of \('crop', 'keep'\)"),

@@ -87,12 +87,12 @@ def test_missing_models_name_the_directory_and_the_training_command(tmp_path, mo
 
 
 def test_benchmark_checks():
-    cells = [{"model": "m", "method": "none", "budget": None, "primary": 0.95},
+    cells = [{"model": "m", "method": "none", "budget": None, "primary": 0.95, "samples": 40},
              {"model": "m", "method": "random", "budget": 0.1, "primary": 0.60},
              {"model": "n", "method": "none", "budget": None, "primary": 0.5},
              {"model": "n", "method": "random", "budget": 0.1, "primary": 0.45}]
     lines = benchmark_checks({"cells": cells})
-    assert lines[0].startswith("PASS  m: full-token accuracy 95.0%")
+    assert lines[0] == "PASS  m: full-token accuracy 95.0% (goal >= 90%, +/- 3.4 at 40 samples)"
     assert lines[1].startswith("PASS  m: random@0.1 loses 35.0 points")
     assert lines[2].startswith("FAIL  n: full-token accuracy 50.0%") and lines[3].startswith("FAIL  n: random@0.1")
     assert benchmark_checks({"cells": cells[:1]})[1].startswith("n/a")

@@ -16,6 +16,7 @@ to show.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -161,8 +162,11 @@ def benchmark_checks(summary: Mapping[str, Any]) -> list[str]:
     Full-token accuracy >= 90 %, and ``random`` at 10 % of the visual tokens losing >= 15 points.
     """
     by_model: dict[str, dict[tuple[str, float | None], float | None]] = {}
+    samples: dict[str, int] = {}
     for c in summary.get("cells", []):
         by_model.setdefault(c["model"], {})[(c["method"], c["budget"])] = c.get("primary")
+        if c["method"] == BASELINE:
+            samples[c["model"]] = int(c.get("samples") or 0)
     lines = []
     for model, cells in by_model.items():
         full = cells.get((BASELINE, None))
@@ -170,8 +174,11 @@ def benchmark_checks(summary: Mapping[str, Any]) -> list[str]:
             lines.append(f"n/a   {model}: full-token accuracy (the `none` cell did not run)")
         else:
             verdict = "PASS" if full >= FULL_ACCURACY_GOAL else "FAIL"
+            n = samples.get(model, 0)
+            # A few dozen samples leave several points of sampling error; say how many.
+            error = f", +/- {100 * math.sqrt(full * (1 - full) / n):.1f} at {n} samples" if n else ""
             lines.append(f"{verdict}  {model}: full-token accuracy {100 * full:.1f}% "
-                         f"(goal >= {100 * FULL_ACCURACY_GOAL:.0f}%)")
+                         f"(goal >= {100 * FULL_ACCURACY_GOAL:.0f}%{error})")
         reduced = cells.get(("random", RANDOM_BUDGET))
         if full is None or reduced is None:
             lines.append(f"n/a   {model}: points lost by random@{RANDOM_BUDGET:g} (the cell did not run)")

@@ -43,7 +43,7 @@ from .select import choose_tokens, merge_dropped, sampling_weights
 FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "docowl")
 SIMILARITY_SOURCES = ("keys", "keys_mean", "hidden")
 METRICS = ("cosine", "correlation")
-SAMPLINGS = ("sample", "topk")
+SAMPLINGS = ("auto", "sample", "topk")
 BASE_MODES = ("crop", "keep")
 MERGE_WEIGHTS = ("attention", "uniform")
 LOCAL_SCORES = ("auto", "attention", "distinct")
@@ -70,7 +70,10 @@ class DocCorrelationConfig(MethodConfig):
         min_tokens: fewest tokens any crop keeps (a blank crop gets exactly this).
         global_tokens: keep the IQR outliers of the deep-layer [CLS] attention (within the budget).
         iqr_factor: outliers lie above ``Q3 + iqr_factor * IQR``.
-        sampling: ``"sample"`` (seeded sampling without replacement) or ``"topk"`` (deterministic).
+        sampling: ``"sample"`` (seeded sampling without replacement), ``"topk"`` (deterministic) or
+            ``"auto"``: sampling from attention, top-k of distinctiveness (nearly flat over a crop's content
+            tokens, so draws from it land on near-random cells: on the synthetic documents at 34% of the
+            tokens, 82.7% accuracy sampled against 89.3% with top-k, full 90.7%).
         local_score: what the local tokens are drawn by: ``"attention"`` (the shallow [CLS] attention, as
             the paper; the attention each patch receives on towers without [CLS]), ``"distinct"`` (the share
             of the crop's tokens a token is not alike, from the density's neighbour counts; attention breaks
@@ -96,7 +99,7 @@ class DocCorrelationConfig(MethodConfig):
     min_tokens: int = 1
     global_tokens: bool = True
     iqr_factor: float = 1.5
-    sampling: str = "sample"
+    sampling: str = "auto"
     local_score: str = "auto"
     seed: int = 0
     merge: bool = False
@@ -221,6 +224,7 @@ class DocCorrelationMethod(Method):
         counts = [neighbor_counts(similarity[g], cfg.threshold, cfg.metric) for g in groups]
         densities = [float(1.0 - redundancy_of(c, cfg.max_neighbors)) for c in counts]
         distinct = cfg.local_score == "distinct" or (cfg.local_score == "auto" and not self._has_cls)
+        sampling = ("topk" if distinct else "sample") if cfg.sampling == "auto" else cfg.sampling
         slots = int(layout.is_newline.sum()) if cfg.count_newlines else 0
         budgets = self._budgets(densities, sizes, kinds, slots)
 
@@ -231,7 +235,7 @@ class DocCorrelationMethod(Method):
             local = local_scores(count, shallow[group]) if distinct else shallow[group]
             kept, n_global = choose_tokens(
                 deep[group], local, budget, global_tokens=cfg.global_tokens, iqr_factor=cfg.iqr_factor,
-                sampling=cfg.sampling, generator=context.generator,
+                sampling=sampling, generator=context.generator,
             )
             if cfg.merge:
                 weights = (sampling_weights(shallow[group]) if cfg.merge_weights == "attention"
