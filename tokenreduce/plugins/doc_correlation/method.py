@@ -16,10 +16,11 @@ token budget that follows its *information density* and picks the tokens inside 
    of its crop's tokens it does not resemble (the token-level reading of step 1's density).
 4. Optionally, dropped tokens are merged into their most similar kept token (weighted mean).
 
-For the global tokens, towers without [CLS] (SigLIP) use the attention each patch receives. The base image (thumbnail) is a
-crop like any other unless ``base="keep"``. Newline slots: a canvas row's newline stays when the row keeps
-a token, lone separators (DocOwl's per-crop end token, OneVision's trailing newline) always stay. Each
-item's ``Reduction.info`` lists the crops with their density and budget (``tr.stats``, overlays).
+For the global tokens, towers without [CLS] (SigLIP) use the attention each patch receives. The base
+image (thumbnail) is a crop like any other unless ``base="keep"``. Newline slots: a canvas row's newline
+stays when the row keeps a token, lone separators (DocOwl's per-crop end token, OneVision's trailing
+newline) always stay. Each item's ``Reduction.info`` lists the crops with their density and budget
+(``tr.stats``, overlays).
 
 Reconstructed, not from the (unreleased) reference code: every threshold and layer below, the budget
 mapping, the sampling distribution's normalisation and the merge rule. See the plug-in's README.
