@@ -249,7 +249,7 @@ def test_config_errors_name_parameter_value_and_accepted(options, message):
 
 
 def test_auto_local_score_follows_the_tower():
-    """``auto`` samples by attention on a tower with [CLS], by distinctiveness on one without (SigLIP)."""
+    """``auto`` picks by attention on a tower with [CLS], by distinctiveness (top-k) on one without (SigLIP)."""
     torch.manual_seed(5)
     layout = _two_crop_layout()
     n = layout.num_tokens
@@ -260,12 +260,16 @@ def test_auto_local_score_follows_the_tower():
     signals = {"similarity": sim, "shallow_attention": shallow, "deep_attention": torch.zeros(n)}
     kept = {}
     for prefix in (1, 0):
-        method = DocCorrelationMethod(DocCorrelationConfig(keep=0.5, sampling="topk", global_tokens=False,
-                                                           min_tokens=1, count_newlines=False))
-        q = k = torch.randn(1, 2, 12 + prefix, 4)
-        method.tower_signals({1: q, -2: q}, {1: k, -2: k}, 0.5, num_prefix=prefix)
-        ctx = ReduceContext(layout=layout, modality="image", row=0, item=0, signals=signals)
-        kept[prefix] = set(method.reduce(torch.randn(n, 4), ctx).sources.tolist())
+        for sampling in ("topk", "auto"):
+            method = DocCorrelationMethod(DocCorrelationConfig(keep=0.5, sampling=sampling, global_tokens=False,
+                                                               min_tokens=1, count_newlines=False))
+            q = k = torch.randn(1, 2, 12 + prefix, 4)
+            method.tower_signals({1: q, -2: q}, {1: k, -2: k}, 0.5, num_prefix=prefix)
+            ctx = ReduceContext(layout=layout, modality="image", row=0, item=0, signals=signals,
+                                generator=torch.Generator().manual_seed(0))
+            kept[prefix, sampling] = set(method.reduce(torch.randn(n, 4), ctx).sources.tolist())
+    assert kept[0, "auto"] == kept[0, "topk"]  # without [CLS], auto sampling is top-k of distinctiveness
+    kept = {p: kept[p, "topk"] for p in (1, 0)}
     base = [kept[p] & set(range(12)) for p in (1, 0)]
     assert base[0] and base[0] <= set(range(6))    # attention: the thumbnail keeps only the alike half
     assert base[1] and len(base[1] & set(range(6))) <= 1  # distinctiveness: the distinct half (an alike one on a tie)
