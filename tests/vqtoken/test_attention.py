@@ -1,9 +1,12 @@
 """VQ-attention: the hash it reads, identity at initialisation, persistence, and training through the LLM."""
 
+import copy
+
 import pytest
 import torch
 
 import tokenreduce as tr
+from tokenreduce.adapters import get_adapter
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.layout import Segment, TokenLayout
 from tokenreduce.plugins.vqtoken import VQAttention, VQAttentionConfig
@@ -131,3 +134,67 @@ def test_answer_lengths_needs_answers_at_the_end():
     with pytest.raises(ValueError, match="row 1"):
         answer_lengths(labels)
     assert answer_lengths(labels[:1]).tolist() == [2]
+
+
+def _vqtoken_logits(model, batch, module=None, **options):
+    """Last-position logits of ``vqtoken`` at keep 3, with ``module`` set on the wrapped model."""
+    tr.wrap(model, "vqtoken", keep=3, **options)
+    try:
+        if module is not None:
+            get_handle(model).method.set_attention(module)
+        with torch.no_grad():
+            return model(**batch).logits[:, -1]
+    finally:
+        tr.unwrap(model)
+
+
+def test_llm_adapters_train_travel_with_the_module_and_unwrap_removes_them(tmp_path):
+    model = tiny_model("llava_onevision")
+    batches = _answer_batches(model, n_batches=1)
+    batch = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        before = model(**batch).logits
+    module, _ = train_attention(
+        model,
+        iter(batches),
+        steps=20,
+        keep=3,
+        lr=1e-2,
+        warmup=2,
+        distill=0.0,
+        log_every=19,
+        module_options={
+            "hidden": 32,
+            "bins": (4, 2, 2),
+            "llm_rank": 2,
+            "llm_targets": ("q_proj", "down_proj"),
+        },
+    )
+    layers = model.config.text_config.num_hidden_layers
+    assert [n.rsplit(".", 1)[-1] for n, _, _ in module.config.llm_modules] == ["q_proj", "down_proj"] * layers
+    assert all(float(d.b.abs().max()) > 0 for d in module.llm.values())  # every adapter was trained
+    module.save_pretrained(tmp_path)
+    assert VQAttention.from_pretrained(tmp_path).config.llm_modules == module.config.llm_modules
+
+    loaded = _vqtoken_logits(model, batch, attention=str(tmp_path))
+    torch.testing.assert_close(loaded, _vqtoken_logits(model, batch, module))
+    without = copy.deepcopy(module)
+    with torch.no_grad():
+        for delta in without.llm.values():
+            delta.b.zero_()
+    # the same code tokens read by the LLM with and without its adapters
+    assert not torch.allclose(loaded, _vqtoken_logits(model, batch, without), atol=1e-4)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)  # unwrap left no adapter behind
+
+
+def test_llm_adapters_check_the_language_model():
+    language_model = get_adapter(tiny_model("llava_onevision")).language_model
+    config = VQAttentionConfig(dim=64, llm_rank=2, llm_modules=(("layers.0.self_attn.q_proj", 64, 99),))
+    with pytest.raises(ValueError, match="q_proj"):
+        VQAttention(config).adapt_llm(language_model)
+    config = VQAttentionConfig(dim=64, llm_rank=2, llm_modules=(("layers.0.nowhere", 64, 64),))
+    with pytest.raises(ValueError, match="nowhere"):
+        VQAttention(config).adapt_llm(language_model)
+    with pytest.raises(ValueError, match="llm_modules"):
+        VQAttentionConfig(dim=64, llm_rank=2)

@@ -20,6 +20,10 @@ This module follows the paper. Where the paper says nothing, the choices are our
 * Pre-norm queries/keys, multi-head, and a residual ``B' = B + W_O MHA(...)`` with ``W_O`` initialised at
   zero: an untrained module is exactly the codebook-only ablation, and training starts from it.
 * An optional FFN (``ffn=True``), a second residual block, again zero-initialised at its output.
+* Optional low-rank adapters on the LLM's linear layers (``llm_rank > 0``), trained with the block. The
+  paper tunes the whole LLM so that it learns to read code tokens; here the tuning travels with the module
+  as LoRA deltas ``x A^T B^T * alpha / rank`` (``B`` zero-initialised), added by forward hooks that
+  ``wrap`` installs and ``unwrap`` removes, so the unwrapped model is untouched.
 
 Saved as ``vq_attention.safetensors`` + ``vq_attention.json``. Loaded from a local directory or a hub
 repo id (:meth:`VQAttention.from_pretrained`).
@@ -52,6 +56,10 @@ class VQAttentionConfig:
         hidden: hidden width of the hash MLP.
         ffn: add a zero-initialised feed-forward residual block after the attention.
         dropout: attention-probability dropout in training.
+        llm_rank: rank of the LLM adapters (0: none, the LLM reads the code tokens as it is).
+        llm_alpha: adapter scale numerator (the delta is multiplied by ``llm_alpha / llm_rank``).
+        llm_modules: ``(name, in_features, out_features)`` of every adapted linear layer, names relative
+            to the language model (see :func:`llm_linear_layers`).
     """
 
     dim: int
@@ -60,9 +68,20 @@ class VQAttentionConfig:
     hidden: int = 256
     ffn: bool = True
     dropout: float = 0.0
+    llm_rank: int = 0
+    llm_alpha: float = 16.0
+    llm_modules: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         self.bins = tuple(int(b) for b in self.bins)
+        self.llm_modules = tuple((str(n), int(i), int(o)) for n, i, o in self.llm_modules)
+        if isinstance(self.llm_rank, bool) or not isinstance(self.llm_rank, int) or self.llm_rank < 0:
+            raise ValueError(f"`llm_rank` must be an int >= 0, got {self.llm_rank!r}")
+        if bool(self.llm_rank) != bool(self.llm_modules):
+            raise ValueError(
+                f"`llm_rank` ({self.llm_rank}) > 0 needs `llm_modules` and 0 needs none; got "
+                f"{len(self.llm_modules)} modules"
+            )
         for name in ("dim", "heads", "hidden"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -77,6 +96,37 @@ class VQAttentionConfig:
     @property
     def hash_size(self) -> int:
         return math.prod(self.bins)
+
+
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def llm_linear_layers(
+    language_model: nn.Module, targets: tuple[str, ...] = LLM_TARGETS
+) -> tuple[tuple[str, int, int], ...]:
+    """``(name, in_features, out_features)`` of the language model's ``nn.Linear`` layers whose last name
+    part is in ``targets`` (the attention and MLP projections of Llama/Qwen2-style decoders)."""
+    found = tuple(
+        (name, m.in_features, m.out_features)
+        for name, m in language_model.named_modules()
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    )
+    if not found:
+        raise ValueError(f"the language model has no nn.Linear layer named one of {targets}")
+    return found
+
+
+class LowRank(nn.Module):
+    """``x -> x A^T B^T * scale``: one LoRA delta, ``B`` zero-initialised so it starts at nothing."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
+        self.b = nn.Parameter(torch.zeros(out_features, rank))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x.to(self.a.dtype), self.a), self.b) * self.scale
 
 
 class VQAttention(nn.Module):
@@ -101,6 +151,39 @@ class VQAttention(nn.Module):
             self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
             nn.init.zeros_(self.ffn[-1].weight)
             nn.init.zeros_(self.ffn[-1].bias)
+        self.llm = nn.ModuleDict(
+            {
+                name.replace(".", "__"): LowRank(i, o, config.llm_rank, config.llm_alpha / config.llm_rank)
+                for name, i, o in config.llm_modules
+            }
+        )
+
+    def adapt_llm(self, language_model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        """Add the LLM adapters to ``language_model``'s linear layers as forward hooks; returns the hooks
+        (removing them restores the model exactly). Nothing when ``llm_rank`` is 0."""
+        hooks = []
+        try:
+            for name, i, o in self.config.llm_modules:
+                try:
+                    layer = language_model.get_submodule(name)
+                except AttributeError:
+                    layer = None
+                if not isinstance(layer, nn.Linear) or (layer.in_features, layer.out_features) != (i, o):
+                    raise ValueError(
+                        f"VQ-attention adapts LLM layer {name!r} as Linear({i} -> {o}); this language model "
+                        f"has {layer!r} there"
+                    )
+                delta = self.llm[name.replace(".", "__")]
+
+                def hook(_module, args, output, delta=delta):
+                    return output + delta(args[0]).to(output.dtype)
+
+                hooks.append(layer.register_forward_hook(hook))
+        except BaseException:
+            for h in hooks:
+                h.remove()
+            raise
+        return hooks
 
     def forward(self, codebook: torch.Tensor, occupancy: torch.Tensor) -> torch.Tensor:
         """``codebook: [K, D]`` code tokens, ``occupancy: [K, t*h*w]`` their pooled hash -> ``[K, D]``."""
@@ -142,7 +225,12 @@ class VQAttention(nn.Module):
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / WEIGHTS)
         )
-        meta = {**asdict(self.config), "bins": list(self.config.bins), "metadata": metadata}
+        meta = {
+            **asdict(self.config),
+            "bins": list(self.config.bins),
+            "llm_modules": [list(m) for m in self.config.llm_modules],
+            "metadata": metadata,
+        }
         (path / CONFIG).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         return path
 

@@ -52,7 +52,8 @@ class VQTokenConfig(MethodConfig):
             ``k_scores``.
         attention: trained VQ-attention (local directory or hub repo id, see
             :class:`~tokenreduce.plugins.vqtoken.attention.VQAttention`). ``None`` gives codebook only,
-            the paper's ablation and the released code's inference path.
+            the paper's ablation and the released code's inference path. A module trained with LLM
+            adapters adds them to the LLM while the model is wrapped (removed on unwrap).
         seed: seed of the k-means++ seeding (per item, so a video gets the same codes alone or in a batch).
         max_iter, tol: k-means iterations, and the relative objective improvement that stops them.
         threads: FAISS OpenMP threads while clustering (0: FAISS's default).
@@ -117,15 +118,27 @@ class VQTokenMethod(Method):
     def __init__(self, config: VQTokenConfig):
         super().__init__(config)
         self.attention: VQAttention | None = None
+        self.handle: Any = None
+        self._llm_hooks: list[Any] = []
         if config.attention is not None:
             self.attention = VQAttention.from_pretrained(config.attention)
 
     # ----- the module --------------------------------------------------------------------------------
     def set_attention(self, module: VQAttention | None) -> None:
-        """Use ``module`` (e.g. one being trained) as VQ-attention; ``None`` gives codebook only."""
+        """Use ``module`` (e.g. one being trained) as VQ-attention; ``None`` gives codebook only. On a
+        wrapped model the LLM adapters of the previous module are removed and ``module``'s installed."""
+        self._remove_llm_hooks()
         self.attention = module
+        if self.handle is not None and module is not None:
+            self._llm_hooks = module.adapt_llm(self.handle.adapter.language_model)
+
+    def _remove_llm_hooks(self) -> None:
+        for h in self._llm_hooks:
+            h.remove()
+        self._llm_hooks = []
 
     def attach(self, handle: Any) -> None:
+        self.handle = handle
         if self.attention is None:
             return
         width = int(handle.adapter.text_config.hidden_size)
@@ -137,6 +150,11 @@ class VQTokenMethod(Method):
             )
         device = next(handle.model.parameters()).device
         self.attention.to(device)
+        self.set_attention(self.attention)
+
+    def detach(self, handle: Any) -> None:
+        self._remove_llm_hooks()
+        self.handle = None
 
     # ----- reduction ---------------------------------------------------------------------------------
     def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:

@@ -53,7 +53,7 @@ from tokenreduce.adapters import get_adapter
 from tokenreduce.adapters.base import PIXEL_KEYS
 from tokenreduce.core.api import get_handle
 
-from .attention import VQAttention, VQAttentionConfig
+from .attention import LLM_TARGETS, VQAttention, VQAttentionConfig, llm_linear_layers
 
 
 @dataclass
@@ -119,7 +119,9 @@ def prepare_batches(
     out = []
     handle = get_handle(model)
     for batch in batches:
-        batch = {k: (v.to(device) if device is not None and torch.is_tensor(v) else v) for k, v in batch.items()}
+        batch = {
+            k: (v.to(device) if device is not None and torch.is_tensor(v) else v) for k, v in batch.items()
+        }
         labels = batch.pop("labels")
         lengths = answer_lengths(labels)
         teacher = None
@@ -182,6 +184,7 @@ def train_attention(
     module: VQAttention | None = None,
     module_options: dict[str, Any] | None = None,
     lr: float = 1e-3,
+    llm_lr: float | None = None,
     weight_decay: float = 0.01,
     warmup: int = 50,
     distill: float = 1.0,
@@ -196,6 +199,7 @@ def train_attention(
 
     ``batches`` may be a generator: it is read once, and each batch is reduced to its cached features.
 
+    ``llm_lr``: learning rate of the module's LLM adapters (default ``lr``).
     ``keep``: the fixed code count(s) to train at; with several, each step draws one, so the module serves
     several budgets. ``method_options``: further ``vqtoken`` options (``anchor``, ``codeword``...), the same
     ones inference must use. ``evaluate(module)``: called every ``eval_every`` steps and at the end; its
@@ -209,7 +213,11 @@ def train_attention(
     adapter = get_adapter(model)
     width = int(adapter.text_config.hidden_size)
     if module is None:
-        module = VQAttention(VQAttentionConfig(dim=width, **(module_options or {})))
+        options = dict(module_options or {})
+        targets = options.pop("llm_targets", LLM_TARGETS)
+        if options.get("llm_rank", 0) and "llm_modules" not in options:
+            options["llm_modules"] = llm_linear_layers(adapter.language_model, tuple(targets))
+        module = VQAttention(VQAttentionConfig(dim=width, **options))
     device = next(model.parameters()).device if accelerator is None else accelerator.device
     model.to(device)
     module.to(device)
@@ -217,11 +225,18 @@ def train_attention(
         p.requires_grad_(False)
     model.eval()
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
-    cached = prepare_batches(model, (b for i, b in enumerate(batches) if i % world == rank), distill > 0, device)
+    cached = prepare_batches(
+        model, (b for i, b in enumerate(batches) if i % world == rank), distill > 0, device
+    )
     if not cached:
         raise ValueError(f"`batches` holds no batch for process {rank} of {world}")
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    adapters = {id(p) for p in module.llm.parameters()}
+    groups = [
+        {"params": [p for p in params if id(p) not in adapters], "lr": lr, "base_lr": lr},
+        {"params": [p for p in params if id(p) in adapters], "lr": llm_lr or lr, "base_lr": llm_lr or lr},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
     options = {k: v for k, v in (method_options or {}).items() if k != "keep"}
     tr.wrap(model, "vqtoken", keep=keeps[0], **options)
     method = get_handle(model).method
@@ -237,7 +252,7 @@ def train_attention(
             batch = cached[order.pop()]
             method.config.keep = keeps[rng.randrange(len(keeps))] if len(keeps) > 1 else keeps[0]
             for group in optimizer.param_groups:
-                group["lr"] = lr * _lr_factor(step, steps, warmup)
+                group["lr"] = group["base_lr"] * _lr_factor(step, steps, warmup)
             module.train()
             loss, stats = batch_loss(model, batch, distill)
             optimizer.zero_grad(set_to_none=True)
@@ -319,8 +334,9 @@ def synthetic_accuracy(
     module: VQAttention | None,
     method_options: dict[str, Any],
     batch_size: int = 16,
-) -> float:
-    """Exact-match accuracy of ``vqtoken`` (with ``module``) on ``samples`` (greedy generation)."""
+) -> dict[str, float]:
+    """Exact-match accuracy of ``vqtoken`` (with ``module``) on ``samples`` (greedy generation):
+    ``{"all": ..., <category>: ...}``, categories from ``sample.meta["category"]`` where present."""
     from tokenreduce.eval.predict import predict
     from tokenreduce.eval.synthetic.prompting import exact_match
 
@@ -341,7 +357,14 @@ def synthetic_accuracy(
             handle.method.config.keep = saved[1]
         else:
             tr.unwrap(model)
-    return sum(exact_match(p, s.answer) for p, s in zip(predictions, samples)) / max(1, len(samples))
+    scores: dict[str, list[bool]] = {"all": []}
+    for p, s in zip(predictions, samples):
+        hit = exact_match(p, s.answer)
+        scores["all"].append(hit)
+        category = (s.meta or {}).get("category")
+        if category is not None:
+            scores.setdefault(str(category), []).append(hit)
+    return {name: round(sum(hits) / max(1, len(hits)), 4) for name, hits in scores.items()}
 
 
 def _parse_keep(values: list[str]) -> list[int | float]:
@@ -373,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--bins", type=int, nargs=3, default=[8, 4, 4])
     parser.add_argument("--no-ffn", action="store_true")
+    parser.add_argument(
+        "--llm-rank", type=int, default=0, help="rank of LLM adapters trained with the module (0: LLM as is)"
+    )
+    parser.add_argument("--llm-alpha", type=float, default=16.0)
+    parser.add_argument("--llm-lr", type=float, default=None, help="adapters' learning rate (default --lr)")
     parser.add_argument("--anchor", default="first")
     parser.add_argument("--codeword", default="mean")
     parser.add_argument("--keep-newline", action="store_true")
@@ -401,15 +429,19 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     options = {"anchor": args.anchor, "codeword": args.codeword, "keep_newline": args.keep_newline}
     val = load_synthetic("video", "validation", n=args.val_samples) if args.val_samples else []
     # generated and encoded batch by batch: only the tower features stay in memory
-    batches = synthetic_answer_batches(processor, iter_synthetic("video", "train", 0, args.samples), args.batch_size)
+    batches = synthetic_answer_batches(
+        processor, iter_synthetic("video", "train", 0, args.samples), args.batch_size
+    )
 
     def evaluate(module: VQAttention) -> dict[str, float]:
         if not val or not accelerator.is_main_process:
             return {}
-        return {
-            f"val_acc@{k}": synthetic_accuracy(model, processor, val, module, {**options, "keep": k})
-            for k in keeps
-        }
+        out = {}
+        for k in keeps:
+            acc = synthetic_accuracy(model, processor, val, module, {**options, "keep": k})
+            out[f"val_acc@{k}"] = acc.pop("all")
+            out.update({f"val_{name}@{k}": value for name, value in acc.items()})
+        return out
 
     module, history = train_attention(
         model,
@@ -422,8 +454,11 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
             "hidden": args.hidden,
             "bins": tuple(args.bins),
             "ffn": not args.no_ffn,
+            "llm_rank": args.llm_rank,
+            "llm_alpha": args.llm_alpha,
         },
         lr=args.lr,
+        llm_lr=args.llm_lr,
         warmup=args.warmup,
         distill=args.distill,
         accelerator=accelerator,
@@ -441,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
             samples=args.samples,
             steps=args.steps,
             lr=args.lr,
+            llm_lr=args.llm_lr,
+            llm_rank=args.llm_rank,
             distill=args.distill,
             seed=args.seed,
             final=history[-1] if history else None,
