@@ -5,7 +5,9 @@ import json
 import torch
 
 from tests.eval_runner.helpers import ShapesTask
+from tokenreduce.adapters import get_adapter
 from tokenreduce.plugins.vqtoken import VQAttention, VQAttentionConfig
+from tokenreduce.plugins.vqtoken.attention import llm_linear_layers
 from tokenreduce.plugins.vqtoken.evaluate import evaluate
 
 
@@ -16,7 +18,11 @@ def _factory():
 
 
 def test_evaluate_runs_the_grid_and_writes_the_table(tmp_path):
-    module = VQAttention(VQAttentionConfig(dim=64, hidden=16, bins=(2, 2, 2)))
+    model, _ = _factory()
+    adapted = llm_linear_layers(get_adapter(model).language_model, ("q_proj",))
+    module = VQAttention(
+        VQAttentionConfig(dim=64, hidden=16, bins=(2, 2, 2), llm_rank=2, llm_modules=adapted)
+    )
     with torch.no_grad():
         module.out.weight.normal_(0, 0.2)
     module.save_pretrained(tmp_path / "attn")
@@ -44,6 +50,7 @@ def test_evaluate_runs_the_grid_and_writes_the_table(tmp_path):
     assert "tome" in (tmp_path / "grid" / "vqtoken.md").read_text()  # skipped: not supported on this family
     saved = json.loads((tmp_path / "grid" / "vqtoken.json").read_text())
     assert saved["full_accuracy"] == rows["none"]["accuracy"]
+    assert saved["llm_rank"] == 2 and "rank-2 adapters" in result["table"]  # said under the table
     assert bool(saved["checks"]) == bool(saved["full_accuracy"])  # checks need a non-zero full accuracy
     summary = json.loads((tmp_path / "grid" / "summary.json").read_text())
     assert all("tokdense" in c for c in summary["cells"])

@@ -87,10 +87,11 @@ def adaptive_rows(
 
 
 def vqtoken_table(
-    summary: dict[str, Any], adaptive: Sequence[dict[str, Any]], budget: float
+    summary: dict[str, Any], adaptive: Sequence[dict[str, Any]], budget: float, llm_rank: int = 0
 ) -> tuple[str, dict]:
     """Markdown table and JSON of accuracy, relative accuracy, tokens and TokDense, with the acceptance
-    checks."""
+    checks. ``llm_rank``: rank of the LLM adapters the trained module carries (said under the table, since
+    then only the ``vqtoken`` row reads an adapted LLM)."""
     cells = {c["method"]: c for c in summary["cells"]}
     full = cells.get("none", {}).get("primary")
     lines = [
@@ -152,6 +153,12 @@ def vqtoken_table(
         for other in ("random", "pool", "vqtoken_codebook"):
             if other in cells:
                 checks[f"vqtoken_ahead_of_{other}"] = vq["primary"] > cells[other]["primary"]
+    if llm_rank:
+        lines += [
+            "",
+            f"The `vqtoken` row reads the LLM with the rank-{llm_rank} adapters trained with its VQ-attention "
+            "(added while wrapped); every other row reads the unchanged LLM.",
+        ]
     lines += [
         "",
         f"Budget {budget:.4g} of the visual tokens per reducing cell. Checks: "
@@ -214,12 +221,23 @@ def evaluate(
         for k, v in options.items():
             m.setdefault(k, v)
     rows = adaptive_rows(model_factory, task, split, limit, modes, batch_size) if modes else []
-    table, data = vqtoken_table(summary, rows, budget)
+    llm_rank = 0
+    if "vqtoken" in methods:
+        from .attention import VQAttention
+
+        llm_rank = VQAttention.from_pretrained(attention).config.llm_rank
+    table, data = vqtoken_table(summary, rows, budget, llm_rank)
     run_dir = Path(out_dir) / name
     (run_dir / "vqtoken.md").write_text(table)
     (run_dir / "vqtoken.json").write_text(
         json.dumps(
-            {**data, "budget": budget, "attention": attention, "method_options": options},
+            {
+                **data,
+                "budget": budget,
+                "attention": attention,
+                "llm_rank": llm_rank,
+                "method_options": options,
+            },
             indent=2,
             default=str,
         )
