@@ -5,6 +5,8 @@ Reference: the UNWRAPPED eager model, with the same tokens hidden from layers >=
 kept position and the same greedy tokens.
 """
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -76,16 +78,33 @@ def _masked_reference_hooks(model, kept, prompt_len):
     return handles
 
 
-def _run_wrapped(model, batch, method, generate=False):
-    tr.wrap(model, method, **CASES[method])
+@contextmanager
+def wrapped(model, method, **options):
+    """``model`` wrapped with ``method`` inside the block, without gradients; unwrapped on the way out."""
+    tr.wrap(model, method, **options)
     try:
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=10, do_sample=False) if generate else model(**batch).logits
-        kept = _kept_columns(model)
-        samples = tr.stats(model).last
+            yield model
     finally:
         tr.unwrap(model)
-    return out, kept, samples
+
+
+def _recording_select(monkeypatch, seen, **reads):
+    """Make ``FastVMethod.select`` record ``reads`` (name -> function of the context) and its choice."""
+    original = FastVMethod.select
+
+    def recording(self, ctx: LLMContext):
+        seen.update({name: read(ctx) for name, read in reads.items()})
+        seen["keep"] = original(self, ctx)
+        return seen["keep"]
+
+    monkeypatch.setattr(FastVMethod, "select", recording)
+
+
+def _run_wrapped(model, batch, method, generate=False):
+    with wrapped(model, method, **CASES[method]):
+        out = model.generate(**batch, max_new_tokens=10, do_sample=False) if generate else model(**batch).logits
+        return out, _kept_columns(model), tr.stats(model).last
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -134,13 +153,9 @@ def test_sdpa_equals_eager_and_cache_lengths(models, family):
     batch = tiny_batch(eager, default_rows(family, video=True))
     outs = {}
     for name, model in (("eager", eager), ("sdpa", sdpa)):
-        tr.wrap(model, "pdrop", **CASES["pdrop"])
-        try:
-            with torch.no_grad():
-                out = model(**batch, use_cache=True)
+        with wrapped(model, "pdrop", **CASES["pdrop"]):
+            out = model(**batch, use_cache=True)
             kept = _kept_columns(model)
-        finally:
-            tr.unwrap(model)
         outs[name] = out.logits
         cache = out.cache
         length = batch["input_ids"].shape[1]
@@ -159,20 +174,11 @@ def test_scores_equal_eager_attention_of_layer_before(models, monkeypatch):
     eager, _ = models["llava"]
     batch = tiny_batch(eager, default_rows("llava"))
     seen = {}
-    original = FastVMethod.select
-
-    def recording(self, ctx: LLMContext):
-        seen["scores"] = ctx.last_token_attention()
-        seen["text"] = ctx.text_attention()
-        return original(self, ctx)
-
-    monkeypatch.setattr(FastVMethod, "select", recording)
-    tr.wrap(eager, "fastv", layer=2, keep=0.5)
-    try:
-        with torch.no_grad():
-            eager(**batch)
-    finally:
-        tr.unwrap(eager)
+    _recording_select(
+        monkeypatch, seen, scores=LLMContext.last_token_attention, text=LLMContext.text_attention
+    )
+    with wrapped(eager, "fastv", layer=2, keep=0.5):
+        eager(**batch)
     with torch.no_grad():
         attn = eager(**batch, output_attentions=True).attentions[1]  # layer K-1 = 1, [B, H, L, L]
     torch.testing.assert_close(seen["scores"], attn[:, :, -1].mean(1), atol=1e-5, rtol=1e-4)
@@ -185,22 +191,14 @@ def test_fastv_keeps_top_scored_tokens(models, monkeypatch):
     eager, _ = models["llava"]
     batch = tiny_batch(eager, default_rows("llava"))
     seen = {}
-    original = FastVMethod.select
-
-    def recording(self, ctx):
-        seen["ctx_visual"] = [v.clone() for v in ctx.visual]
-        seen["scores"] = ctx.last_token_attention()
-        out = original(self, ctx)
-        seen["keep"] = out
-        return out
-
-    monkeypatch.setattr(FastVMethod, "select", recording)
-    tr.wrap(eager, "fastv", layer=2, keep=4)
-    try:
-        with torch.no_grad():
-            eager(**batch)
-    finally:
-        tr.unwrap(eager)
+    _recording_select(
+        monkeypatch,
+        seen,
+        ctx_visual=lambda ctx: [v.clone() for v in ctx.visual],
+        scores=LLMContext.last_token_attention,
+    )
+    with wrapped(eager, "fastv", layer=2, keep=4):
+        eager(**batch)
     for r in range(3):
         vis_scores = seen["scores"][r, seen["ctx_visual"][r]]
         assert set(seen["keep"][r].tolist()) == set(vis_scores.topk(4).indices.tolist())
@@ -209,16 +207,14 @@ def test_fastv_keeps_top_scored_tokens(models, monkeypatch):
 def test_renumber_positions_in_llm_stage_runs_and_differs(models):
     eager, _ = models["llava"]
     batch = tiny_batch(eager, default_rows("llava"))
-    outs = []
+    logits, generated = [], []
     for renumber in (False, True):
-        tr.wrap(eager, "fastv", layer=2, keep=0.25, renumber_positions=renumber)
-        try:
-            with torch.no_grad():
-                outs.append(eager.generate(**batch, max_new_tokens=4, do_sample=False))
-                eager(**batch)
-        finally:
-            tr.unwrap(eager)
-    assert outs[0].shape == outs[1].shape
+        with wrapped(eager, "fastv", layer=2, keep=0.25, renumber_positions=renumber):
+            generated.append(eager.generate(**batch, max_new_tokens=4, do_sample=False))
+            logits.append(eager(**batch).logits[:, -1])
+    assert generated[0].shape == generated[1].shape
+    # the kept tokens are the same; only their positions after layer 2 changed
+    assert not torch.allclose(logits[0], logits[1], atol=1e-5)
 
 
 def test_layer_out_of_range_is_explained(models):
