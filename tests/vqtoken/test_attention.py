@@ -95,47 +95,6 @@ def _answer_batches(model, n_batches: int = 2, rows: int = 4):
     return out
 
 
-def test_training_lowers_the_answer_loss_and_the_module_loads_into_wrap(tmp_path):
-    model = tiny_model("llava_onevision")
-    batches = _answer_batches(model, n_batches=1)
-    module, log = train_attention(
-        model,
-        iter(batches),  # read once, batch by batch, as the script streams them
-        steps=30,
-        keep=3,
-        lr=1e-2,
-        warmup=2,
-        distill=0.5,
-        log_every=29,
-        module_options={"hidden": 32, "bins": (4, 2, 2)},
-    )
-    assert get_handle(model) is None and not any(p.requires_grad for p in model.parameters())
-    first, last = log[0], log[-1]
-    assert last["ce"] < first["ce"] - 0.03 and "kl" in last
-    module.save_pretrained(tmp_path)
-    batch = {k: v for k, v in batches[0].items() if k != "labels"}
-    tr.wrap(model, "vqtoken", keep=3, attention=str(tmp_path))
-    try:
-        with torch.no_grad():
-            trained = model(**batch).logits[:, -1]
-    finally:
-        tr.unwrap(model)
-    tr.wrap(model, "vqtoken", keep=3)
-    try:
-        with torch.no_grad():
-            codebook_only = model(**batch).logits[:, -1]
-    finally:
-        tr.unwrap(model)
-    assert not torch.allclose(trained, codebook_only, atol=1e-4)
-
-
-def test_answer_lengths_needs_answers_at_the_end():
-    labels = torch.tensor([[-100, -100, 5, 2], [-100, 7, -100, 2]])
-    with pytest.raises(ValueError, match="row 1"):
-        answer_lengths(labels)
-    assert answer_lengths(labels[:1]).tolist() == [2]
-
-
 def _vqtoken_logits(model, batch, module=None, **options):
     """Last-position logits of ``vqtoken`` at keep 3, with ``module`` set on the wrapped model."""
     tr.wrap(model, "vqtoken", keep=3, **options)
@@ -148,27 +107,47 @@ def _vqtoken_logits(model, batch, module=None, **options):
         tr.unwrap(model)
 
 
+def _train(model, batches, steps: int, **options):
+    """``train_attention`` at keep 3 with a small module (``module_options`` merged into it)."""
+    module_options = {"hidden": 32, "bins": (4, 2, 2), **options.pop("module_options", {})}
+    options = {"keep": 3, "lr": 1e-2, "warmup": 2, "log_every": steps - 1, **options}
+    # read once, batch by batch, as the script streams them
+    return train_attention(model, iter(batches), steps=steps, module_options=module_options, **options)
+
+
+def test_training_lowers_the_answer_loss_and_the_module_loads_into_wrap(tmp_path):
+    model = tiny_model("llava_onevision")
+    batches = _answer_batches(model, n_batches=1)
+    module, log = _train(model, batches, 30, distill=0.5)
+    assert get_handle(model) is None and not any(p.requires_grad for p in model.parameters())
+    first, last = log[0], log[-1]
+    assert last["ce"] < first["ce"] - 0.03 and "kl" in last
+    module.save_pretrained(tmp_path)
+    batch = {k: v for k, v in batches[0].items() if k != "labels"}
+    trained = _vqtoken_logits(model, batch, attention=str(tmp_path))
+    codebook_only = _vqtoken_logits(model, batch)
+    assert not torch.allclose(trained, codebook_only, atol=1e-4)
+
+
+def test_answer_lengths_needs_answers_at_the_end():
+    labels = torch.tensor([[-100, -100, 5, 2], [-100, 7, -100, 2]])
+    with pytest.raises(ValueError, match="row 1"):
+        answer_lengths(labels)
+    assert answer_lengths(labels[:1]).tolist() == [2]
+
+
 def test_llm_adapters_train_travel_with_the_module_and_unwrap_removes_them(tmp_path):
     model = tiny_model("llava_onevision")
     batches = _answer_batches(model, n_batches=1)
     batch = {k: v for k, v in batches[0].items() if k != "labels"}
     with torch.no_grad():
         before = model(**batch).logits
-    module, _ = train_attention(
+    module, _ = _train(
         model,
-        iter(batches),
-        steps=20,
-        keep=3,
-        lr=1e-2,
-        warmup=2,
+        batches,
+        20,
         distill=0.0,
-        log_every=19,
-        module_options={
-            "hidden": 32,
-            "bins": (4, 2, 2),
-            "llm_rank": 2,
-            "llm_targets": ("q_proj", "down_proj"),
-        },
+        module_options={"llm_rank": 2, "llm_targets": ("q_proj", "down_proj")},
     )
     layers = model.config.text_config.num_hidden_layers
     assert [n.rsplit(".", 1)[-1] for n, _, _ in module.config.llm_modules] == ["q_proj", "down_proj"] * layers

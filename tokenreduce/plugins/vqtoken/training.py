@@ -1,10 +1,11 @@
-"""Training VQ-attention on video question answering, with the VLM frozen.
+"""Training VQ-attention on video question answering, with the VLM's weights frozen.
 
 The model is wrapped with ``vqtoken`` exactly as at inference (same clustering, same code order, same
 positions). Only the VQ-attention module being trained is plugged in, so the LLM reads the module's code
-tokens and gradients reach the module through the LLM. Everything else stays frozen. This differs from the
-paper, which tunes the whole model. There, a checkpoint is a whole model. Here, a checkpoint is a small
-module that ``tr.wrap(model, "vqtoken", attention=...)`` plugs into the unchanged model.
+tokens and gradients reach the module through the LLM. With ``--llm-rank R`` the module also carries
+rank-``R`` adapters on the LLM's projections, trained with it and hooked in only while the model is
+wrapped. The paper tunes the whole model, so there a checkpoint is a whole model. Here it is a small module
+that ``tr.wrap(model, "vqtoken", attention=...)`` plugs into the unchanged model.
 
 Loss, per answer token (the answer words and EOS ending each row):
 
