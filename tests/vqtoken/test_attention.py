@@ -58,13 +58,16 @@ def test_anchors_first_and_representative():
         anchors(codes, sim, 4, "last")
 
 
-def test_untrained_module_is_the_codebook_and_save_load_round_trips(tmp_path):
-    module = VQAttention(VQAttentionConfig(dim=16, heads=2, bins=(2, 2, 2), hidden=8))
+@pytest.mark.parametrize("own_hash", [False, True])
+def test_untrained_module_is_the_codebook_and_save_load_round_trips(tmp_path, own_hash):
+    module = VQAttention(VQAttentionConfig(dim=16, heads=2, bins=(2, 2, 2), hidden=8, own_hash=own_hash))
     book, occ = torch.randn(5, 16), torch.rand(5, 8)
     torch.testing.assert_close(module(book, occ), book)  # zero-initialised output projections
     with torch.no_grad():
         module.out.weight.normal_()
         module.ffn[-1].weight.normal_()
+        if own_hash:
+            module.own.weight.normal_()
     out = module(book, occ)
     assert not torch.allclose(out, book)
     module.save_pretrained(tmp_path, note="test")
@@ -177,3 +180,17 @@ def test_llm_adapters_check_the_language_model():
         VQAttention(config).adapt_llm(language_model)
     with pytest.raises(ValueError, match="llm_modules"):
         VQAttentionConfig(dim=64, llm_rank=2)
+
+
+def test_own_hash_gives_each_code_its_own_map():
+    """With the attention output off, a code token changes with its own occupancy only."""
+    module = VQAttention(
+        VQAttentionConfig(dim=16, heads=2, bins=(2, 2, 2), hidden=8, own_hash=True, ffn=False)
+    )
+    with torch.no_grad():
+        module.own.weight.normal_()
+    book, occ = torch.randn(4, 16), torch.rand(4, 8)
+    moved = occ.clone()
+    moved[2] = occ[2].flip(0)
+    changed = (module(book, moved) - module(book, occ)).abs().amax(1)
+    assert changed[2] > 1e-4 and torch.all(changed[[0, 1, 3]] == 0)

@@ -20,6 +20,10 @@ This module follows the paper. Where the paper says nothing, the choices are our
 * Pre-norm queries/keys, multi-head, and a residual ``B' = B + W_O MHA(...)`` with ``W_O`` initialised at
   zero: an untrained module is exactly the codebook-only ablation, and training starts from it.
 * An optional FFN (``ffn=True``), a second residual block, again zero-initialised at its output.
+* An optional direct path (``own_hash=True``): each code token also adds its own hash embedding,
+  ``W_H MLP(occupancy_k)`` (zero-initialised). In the paper's block a code token only receives hash
+  embeddings mixed by codebook similarity, so where and when *this* code occurs reaches it only as far as
+  its attention is peaked on itself.
 * Optional low-rank adapters on the LLM's linear layers (``llm_rank > 0``), trained with the block. The
   paper tunes the whole LLM so that it learns to read code tokens; here the tuning travels with the module
   as LoRA deltas ``x A^T B^T * alpha / rank`` (``B`` zero-initialised), added by forward hooks that
@@ -55,6 +59,7 @@ class VQAttentionConfig:
         bins: ``(t, h, w)`` grid the per-code occupancy map is pooled onto.
         hidden: hidden width of the hash MLP.
         ffn: add a zero-initialised feed-forward residual block after the attention.
+        own_hash: also add each code's own hash embedding to its token (zero-initialised projection).
         dropout: attention-probability dropout in training.
         llm_rank: rank of the LLM adapters (0: none, the LLM reads the code tokens as it is).
         llm_alpha: adapter scale numerator (the delta is multiplied by ``llm_alpha / llm_rank``).
@@ -67,6 +72,7 @@ class VQAttentionConfig:
     bins: tuple[int, int, int] = (8, 4, 4)
     hidden: int = 256
     ffn: bool = True
+    own_hash: bool = False
     dropout: float = 0.0
     llm_rank: int = 0
     llm_alpha: float = 16.0
@@ -130,7 +136,7 @@ class LowRank(nn.Module):
 
 
 class VQAttention(nn.Module):
-    """``B' = B + W_O MHA(Q = LN(B) W_Q, K = LN(B) W_K, V = MLP(occupancy) W_V)`` (+ optional FFN)."""
+    """``B' = B + W_O MHA(Q = LN(B) W_Q, K = LN(B) W_K, V = MLP(occupancy) W_V)`` (+ optional own hash, FFN)."""
 
     def __init__(self, config: VQAttentionConfig):
         super().__init__()
@@ -146,6 +152,10 @@ class VQAttention(nn.Module):
         self.out = nn.Linear(d, d)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        if config.own_hash:
+            self.own = nn.Linear(d, d)
+            nn.init.zeros_(self.own.weight)
+            nn.init.zeros_(self.own.bias)
         if config.ffn:
             self.ffn_norm = nn.LayerNorm(d)
             self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
@@ -211,6 +221,8 @@ class VQAttention(nn.Module):
             dropout_p=cfg.dropout if self.training else 0.0,
         )
         out = b + self.out(attended.transpose(0, 1).reshape(k_codes, -1))
+        if cfg.own_hash:
+            out = out + self.own(hashed)
         if cfg.ffn:
             out = out + self.ffn(self.ffn_norm(out))
         return out.to(codebook.dtype)

@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--bins", type=int, nargs=3, default=[8, 4, 4])
     parser.add_argument("--no-ffn", action="store_true")
+    parser.add_argument("--own-hash", action="store_true", help="each code also adds its own hash embedding")
     parser.add_argument(
         "--llm-rank", type=int, default=0, help="rank of LLM adapters trained with the module (0: LLM as is)"
     )
@@ -455,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
             "hidden": args.hidden,
             "bins": tuple(args.bins),
             "ffn": not args.no_ffn,
+            "own_hash": args.own_hash,
             "llm_rank": args.llm_rank,
             "llm_alpha": args.llm_alpha,
         },
