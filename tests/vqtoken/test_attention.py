@@ -58,9 +58,12 @@ def test_anchors_first_and_representative():
         anchors(codes, sim, 4, "last")
 
 
-@pytest.mark.parametrize("own_hash", [False, True])
+@pytest.mark.parametrize("own_hash", [False, True], ids=["paper", "own_hash_rms"])
 def test_untrained_module_is_the_codebook_and_save_load_round_trips(tmp_path, own_hash):
-    module = VQAttention(VQAttentionConfig(dim=16, heads=2, bins=(2, 2, 2), hidden=8, own_hash=own_hash))
+    config = VQAttentionConfig(
+        dim=16, heads=2, bins=(2, 2, 2), hidden=8, own_hash=own_hash, rms_residual=own_hash
+    )
+    module = VQAttention(config)
     book, occ = torch.randn(5, 16), torch.rand(5, 8)
     torch.testing.assert_close(module(book, occ), book)  # zero-initialised output projections
     with torch.no_grad():
@@ -194,3 +197,24 @@ def test_own_hash_gives_each_code_its_own_map():
     moved[2] = occ[2].flip(0)
     changed = (module(book, moved) - module(book, occ)).abs().amax(1)
     assert changed[2] > 1e-4 and torch.all(changed[[0, 1, 3]] == 0)
+
+
+def test_hidden_distillation_matches_the_teachers_states():
+    """The hidden-state term is 0 for the teacher itself and falls as the module learns."""
+    from tokenreduce.plugins.vqtoken.training import batch_loss, prepare_batches
+
+    model = tiny_model("llava_onevision")
+    batches = _answer_batches(model, n_batches=1)
+    cached = prepare_batches(model, iter(batches), distill=False, hidden=True)
+    layers = model.config.text_config.num_hidden_layers
+    assert cached[0].teacher is None and cached[0].teacher_hidden.shape[:2] == (4, layers)
+    # one code per token at original positions is the identity: the student is the teacher
+    tr.wrap(model, "vqtoken", keep=1.0, renumber_positions=False, keep_newline=True)
+    try:
+        with torch.no_grad():
+            _, stats = batch_loss(model, cached[0], distill=0.0, hidden_distill=1.0)
+    finally:
+        tr.unwrap(model)
+    assert stats["hidden"] < 1e-8
+    _, log = _train(model, batches, 30, distill=0.0, hidden_distill=20.0, lr=3e-3)
+    assert log[-1]["hidden"] < 0.7 * log[0]["hidden"]

@@ -60,6 +60,8 @@ class VQAttentionConfig:
         hidden: hidden width of the hash MLP.
         ffn: add a zero-initialised feed-forward residual block after the attention.
         own_hash: also add each code's own hash embedding to its token (zero-initialised projection).
+        rms_residual: scale the residual updates by each code token's RMS, so that the module learns at
+            the scale of the tokens it edits whatever the projector's output norm.
         dropout: attention-probability dropout in training.
         llm_rank: rank of the LLM adapters (0: none, the LLM reads the code tokens as it is).
         llm_alpha: adapter scale numerator (the delta is multiplied by ``llm_alpha / llm_rank``).
@@ -73,6 +75,7 @@ class VQAttentionConfig:
     hidden: int = 256
     ffn: bool = True
     own_hash: bool = False
+    rms_residual: bool = False
     dropout: float = 0.0
     llm_rank: int = 0
     llm_alpha: float = 16.0
@@ -220,11 +223,15 @@ class VQAttention(nn.Module):
             split(self.v(hashed)),
             dropout_p=cfg.dropout if self.training else 0.0,
         )
-        out = b + self.out(attended.transpose(0, 1).reshape(k_codes, -1))
+        # residual updates in units of each code token's RMS (projected visual tokens can sit at ~100x
+        # the norm of text embeddings; a zero-initialised update at unit scale would take long to matter)
+        unit = b.pow(2).mean(-1, keepdim=True).sqrt() if cfg.rms_residual else 1.0
+        update = self.out(attended.transpose(0, 1).reshape(k_codes, -1))
         if cfg.own_hash:
-            out = out + self.own(hashed)
+            update = update + self.own(hashed)
+        out = b + unit * update
         if cfg.ffn:
-            out = out + self.ffn(self.ffn_norm(out))
+            out = out + unit * self.ffn(self.ffn_norm(out))
         return out.to(codebook.dtype)
 
     # ----- persistence ---------------------------------------------------------------------------------

@@ -12,11 +12,15 @@ Loss, per answer token (the answer words and EOS ending each row):
 * next-token cross-entropy on the answer;
 * with ``distill > 0``, plus ``distill * KL(teacher || student)``. The teacher is the same frozen model
   reading the full, unreduced video, which tells the module what the LLM expects, not only which word is
-  right. This is ours; the paper trains on the answers only.
+  right. This is ours; the paper trains on the answers only;
+* with ``hidden_distill > 0``, plus ``hidden_distill`` x the squared error of every decoder layer's
+  output at those positions, relative to the teacher's (ours too): the full-token model's answer position
+  has already gathered what the video says about the question, which is a denser target than the logits.
+  The text after the video is the same in both sequences, so right-aligned positions correspond.
 
 To save time the frozen vision tower runs once per batch. Its output is cached and passed back as
 ``mm_encoder_outputs``, next to a zero-stride stand-in for the pixels that carries the shapes the layouts
-are read from. The teacher's answer logits are cached the same way.
+are read from. The teacher's answer logits (and hidden states) are cached the same way.
 
     python -m tokenreduce.plugins.vqtoken.training --model assets/models/synthetic-onevision-video \\
         --out runs/vqattn --keep 5 --samples 4000 --steps 3000
@@ -64,6 +68,7 @@ class CachedBatch:
     inputs: dict[str, Any]
     answer_lengths: torch.Tensor  # [B] labelled tokens at the end of each row (answer words + EOS)
     teacher: torch.Tensor | None  # [B, max_len, V] log-probabilities (right-aligned, NaN where unused)
+    teacher_hidden: torch.Tensor | None = None  # [B, layers, max_len, D] hidden states at those positions
 
 
 def answer_lengths(labels: torch.Tensor) -> torch.Tensor:
@@ -109,10 +114,20 @@ def _answer_log_probs(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tens
     return logp
 
 
+def _answer_hidden(hidden_states: Sequence[torch.Tensor], most: int) -> torch.Tensor:
+    """``[B, layers, most, D]``: every decoder layer's output at the positions predicting the answer."""
+    return torch.stack([h[:, -most - 1 : -1] for h in hidden_states[1:]], 1)
+
+
 def prepare_batches(
-    model: nn.Module, batches: Iterable[dict[str, Any]], distill: bool, device: torch.device | None = None
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    distill: bool,
+    device: torch.device | None = None,
+    hidden: bool = False,
 ) -> list[CachedBatch]:
-    """Cache the tower features (and, for distillation, the full-token teacher's answer log-probabilities).
+    """Cache the tower features (and, for distillation, the full-token teacher's answer log-probabilities;
+    with ``hidden``, also its hidden states at those positions).
 
     ``batches`` is consumed one at a time and each batch's pixels are dropped once encoded, so a generator
     keeps only the cached features in memory (4000 videos as float pixels would take 22 GB).
@@ -125,13 +140,15 @@ def prepare_batches(
         }
         labels = batch.pop("labels")
         lengths = answer_lengths(labels)
-        teacher = None
-        if distill:
+        teacher = teacher_hidden = None
+        if distill or hidden:
             ctx = tr.disabled(model) if handle is not None else _null()
+            most = int(lengths.max())
             with torch.no_grad(), ctx:
-                logits = model(**batch, logits_to_keep=int(lengths.max()) + 1).logits
-            teacher = _answer_log_probs(logits, lengths).cpu()
-        out.append(CachedBatch(_cache_pixels(model, batch), lengths, teacher))
+                output = model(**batch, logits_to_keep=most + 1, output_hidden_states=hidden)
+            teacher = _answer_log_probs(output.logits, lengths).cpu() if distill else None
+            teacher_hidden = _answer_hidden(output.hidden_states, most).cpu() if hidden else None
+        out.append(CachedBatch(_cache_pixels(model, batch), lengths, teacher, teacher_hidden))
     return out
 
 
@@ -143,13 +160,17 @@ class _null:
         return False
 
 
-def batch_loss(model: nn.Module, batch: CachedBatch, distill: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Answer cross-entropy (+ ``distill`` x KL to the teacher) of the wrapped model on one cached batch."""
+def batch_loss(
+    model: nn.Module, batch: CachedBatch, distill: float, hidden_distill: float = 0.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Answer cross-entropy (+ ``distill`` x KL to the teacher, + ``hidden_distill`` x the relative squared
+    error of every layer's hidden state at the answer positions) of the wrapped model on one cached batch."""
     lengths = batch.answer_lengths
     most = int(lengths.max())
     ids = batch.inputs["input_ids"]
-    logits = model(**batch.inputs, logits_to_keep=most + 1).logits
-    logp = _answer_log_probs(logits, lengths)  # [B, most, V]
+    hidden = hidden_distill > 0 and batch.teacher_hidden is not None
+    output = model(**batch.inputs, logits_to_keep=most + 1, output_hidden_states=hidden)
+    logp = _answer_log_probs(output.logits, lengths)  # [B, most, V]
     targets = ids[:, -most:]
     positions = torch.arange(most, device=ids.device)[None]
     mask = positions >= (most - lengths.to(ids.device))[:, None]  # right-aligned answer tokens
@@ -163,6 +184,13 @@ def batch_loss(model: nn.Module, batch: CachedBatch, distill: float) -> tuple[to
         kl = kl[mask].mean()
         loss = loss + distill * kl
         stats["kl"] = float(kl.detach())
+    if hidden:
+        target = batch.teacher_hidden.to(logp.device)  # [B, layers, most, D]
+        student = _answer_hidden(output.hidden_states, most).float()
+        err = (student - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-6)  # [B, layers, most]
+        rel = err.transpose(1, 2)[mask].mean()
+        loss = loss + hidden_distill * rel
+        stats["hidden"] = float(rel.detach())
     # share of answer tokens predicted right (greedy), a training-time accuracy proxy
     stats["token_acc"] = float((logp.argmax(-1) == targets)[mask].float().mean())
     return loss, stats
@@ -189,6 +217,7 @@ def train_attention(
     weight_decay: float = 0.01,
     warmup: int = 50,
     distill: float = 1.0,
+    hidden_distill: float = 0.0,
     accelerator: Any = None,
     seed: int = 0,
     log_every: int = 25,
@@ -227,7 +256,11 @@ def train_attention(
     model.eval()
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
     cached = prepare_batches(
-        model, (b for i, b in enumerate(batches) if i % world == rank), distill > 0, device
+        model,
+        (b for i, b in enumerate(batches) if i % world == rank),
+        distill > 0,
+        device,
+        hidden_distill > 0,
     )
     if not cached:
         raise ValueError(f"`batches` holds no batch for process {rank} of {world}")
@@ -255,7 +288,7 @@ def train_attention(
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * _lr_factor(step, steps, warmup)
             module.train()
-            loss, stats = batch_loss(model, batch, distill)
+            loss, stats = batch_loss(model, batch, distill, hidden_distill)
             optimizer.zero_grad(set_to_none=True)
             if accelerator is not None:
                 accelerator.backward(loss)
@@ -393,11 +426,15 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--distill", type=float, default=1.0)
+    parser.add_argument(
+        "--hidden-distill", type=float, default=0.0, help="weight of matching the teacher's hidden states"
+    )
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--bins", type=int, nargs=3, default=[8, 4, 4])
     parser.add_argument("--no-ffn", action="store_true")
     parser.add_argument("--own-hash", action="store_true", help="each code also adds its own hash embedding")
+    parser.add_argument("--rms-residual", action="store_true", help="updates in units of each code's RMS")
     parser.add_argument(
         "--llm-rank", type=int, default=0, help="rank of LLM adapters trained with the module (0: LLM as is)"
     )
@@ -457,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
             "bins": tuple(args.bins),
             "ffn": not args.no_ffn,
             "own_hash": args.own_hash,
+            "rms_residual": args.rms_residual,
             "llm_rank": args.llm_rank,
             "llm_alpha": args.llm_alpha,
         },
@@ -464,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
         llm_lr=args.llm_lr,
         warmup=args.warmup,
         distill=args.distill,
+        hidden_distill=args.hidden_distill,
         accelerator=accelerator,
         seed=args.seed,
         evaluate=evaluate,
@@ -482,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
             llm_lr=args.llm_lr,
             llm_rank=args.llm_rank,
             distill=args.distill,
+            hidden_distill=args.hidden_distill,
             seed=args.seed,
             final=history[-1] if history else None,
         )
