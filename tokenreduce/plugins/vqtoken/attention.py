@@ -139,7 +139,8 @@ class LowRank(nn.Module):
 
 
 class VQAttention(nn.Module):
-    """``B' = B + W_O MHA(Q = LN(B) W_Q, K = LN(B) W_K, V = MLP(occupancy) W_V)`` (+ optional own hash, FFN)."""
+    """``B' = B + W_O MHA(Q = LN(B) W_Q, K = LN(B) W_K, V = MLP(occupancy) W_V)``, optionally plus each
+    code's own hash embedding and an FFN."""
 
     def __init__(self, config: VQAttentionConfig):
         super().__init__()

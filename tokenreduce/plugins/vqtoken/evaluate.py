@@ -156,8 +156,8 @@ def vqtoken_table(
     if llm_rank:
         lines += [
             "",
-            f"The `vqtoken` row reads the LLM with the rank-{llm_rank} adapters trained with its VQ-attention "
-            "(added while wrapped); every other row reads the unchanged LLM.",
+            f"The `vqtoken` row reads the LLM with the rank-{llm_rank} adapters trained with its "
+            "VQ-attention (added while wrapped); every other row reads the unchanged LLM.",
         ]
     lines += [
         "",

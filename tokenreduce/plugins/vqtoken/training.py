@@ -48,12 +48,12 @@ event: 4 answers, order: 2):
 
 Where it stops: the hash carries the motion. On 100 validation motion videos the asked object's cells
 fall in one code in every video, and the shift of that code's occupancy centroid from the first to the
-last four frames names the direction in 98% of them. Yet motion stays near chance for most of every
-run above (the best run reaches 54% only at its end), also on the videos where the object's code holds
-little else. So most of the loss is in learning to read the hash through the LLM, not in what the codes
-keep; longer runs at a low learning rate are the next thing to try. In about half of the motion, change and event videos
-the asked object shares its code with others (5 codes, 4.1 objects on average, the background taking
-more than one code).
+last four frames names the direction in 98% of them. Yet motion stays near chance for most of every run
+above (the best run reaches 54% only at its end), also on the videos where the object's code holds little
+else. So most of the loss is in learning to read the hash through the LLM, not in what the codes keep;
+longer runs at a low learning rate are the next thing to try. In about half of the motion, change and
+event videos the asked object shares its code with others (5 codes, 4.1 objects on average, the
+background taking more than one code).
 """
 
 from __future__ import annotations
