@@ -11,7 +11,7 @@ from tokenreduce.core.api import get_handle
 from tokenreduce.core.layout import Segment, TokenLayout
 from tokenreduce.plugins.vqtoken import VQAttention, VQAttentionConfig
 from tokenreduce.plugins.vqtoken.hashing import anchors, grid_coordinates, index_map, occupancy
-from tokenreduce.plugins.vqtoken.training import answer_lengths, train_attention
+from tokenreduce.plugins.vqtoken.training import answer_lengths, batch_loss, prepare_batches, train_attention
 from tokenreduce.testing.tiny import EOS, RowSpec, tiny_batch, tiny_model
 
 from .helpers import scene_grid
@@ -201,8 +201,6 @@ def test_own_hash_gives_each_code_its_own_map():
 
 def test_hidden_distillation_matches_the_teachers_states():
     """The hidden-state term is 0 for the teacher itself and falls as the module learns."""
-    from tokenreduce.plugins.vqtoken.training import batch_loss, prepare_batches
-
     model = tiny_model("llava_onevision")
     batches = _answer_batches(model, n_batches=1)
     cached = prepare_batches(model, iter(batches), distill=False, hidden=True)
