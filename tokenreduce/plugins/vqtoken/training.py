@@ -45,13 +45,16 @@ event: 4 answers, order: 2):
   change 28%, order 70%, event 56%). On the first 300 test samples, in one runner run: 48.0% (51.8% of
   full tokens) against codebook only 8.7%, ``random`` 14.0% at 5 tokens and ``pool`` 14.0% at 17
   (``benchmarks/results/vqtoken_synthetic_cpu.md``).
+* the same at lr 5e-4 for 3500 steps: 38.5%, 39.5%, 43%, 43% at steps 1000, 2000, 3000, 3500 (motion 34%):
+  a lower rate alone does not help.
 
 Where it stops: the hash carries the motion. On 100 validation motion videos the asked object's cells
 fall in one code in every video, and the shift of that code's occupancy centroid from the first to the
 last four frames names the direction in 98% of them. Yet motion stays near chance for most of every run
 above (the best run reaches 54% only at its end), also on the videos where the object's code holds little
 else. So most of the loss is in learning to read the hash through the LLM, not in what the codes keep;
-longer runs at a low learning rate are the next thing to try. In about half of the motion, change and
+longer runs, or a loss that asks the hash path for where and when its code occurs, are the next things to
+try. In about half of the motion, change and
 event videos the asked object shares its code with others (5 codes, 4.1 objects on average, the
 background taking more than one code).
 """
