@@ -54,9 +54,8 @@ last four frames names the direction in 98% of them. Yet motion stays near chanc
 above (the best run reaches 54% only at its end), also on the videos where the object's code holds little
 else. So most of the loss is in learning to read the hash through the LLM, not in what the codes keep;
 longer runs, or a loss that asks the hash path for where and when its code occurs, are the next things to
-try. In about half of the motion, change and
-event videos the asked object shares its code with others (5 codes, 4.1 objects on average, the
-background taking more than one code).
+try. In about half of the motion, change and event videos the asked object shares its code with others
+(5 codes, 4.1 objects on average, the background taking more than one code).
 """
 
 from __future__ import annotations
