@@ -36,14 +36,14 @@ event: 4 answers, order: 2):
   21.5%, 21% at steps 500, 1000, 1500 while the answer cross-entropy fell from 4.8 to 1.5-2 (the answer's
   kind, not its value); stopped there.
 * ``--llm-rank 8 --bins 16 6 6`` (the exact 16 x 6 x 6 map), 3000 steps at lr 1e-3 (18 min on two
-  threads): 41%, 43.5%, 40.5%, 44%, 48.5%, 49% at steps 500-3000; at the end order 84%, event 40%,
-  motion 36%, change 36%; codebook only on the same samples 15.5%.
+  threads after 7 min of caching): 41%, 43.5%, 40.5%, 44%, 48.5%, 49% at steps 500-3000; at the end order
+  84%, event 40%, motion 36%, change 36%; codebook only on the same samples 15.5%.
 * rank 16 at lr 2e-3 (6000 samples): 31% at steps 1000 and 2000 (stopped).
 * rank 8 with ``--own-hash``: 43.5%, 41%, 39.5% at steps 500-1500 (motion 20-32%, stopped).
-* rank 8 with ``--own-hash --rms-residual --hidden-distill 1`` (28 min): 38.5%, 43.5%, 44%, 46%, 50.5%,
-  52% at steps 500-3000 (motion rising only as the learning rate decays: 32% at step 2000, 54% at the end;
-  change 28%, order 70%, event 56%). On the first 300 test samples, in one runner run: 48.0% (51.8% of
-  full tokens) against codebook only 8.7%, ``random`` 14.0% at 5 tokens and ``pool`` 14.0% at 17
+* rank 8 with ``--own-hash --rms-residual --hidden-distill 1`` (28 min in all): 38.5%, 43.5%, 44%, 46%,
+  50.5%, 52% at steps 500-3000 (motion rising only as the learning rate decays: 32% at step 2000, 54% at the
+  end; change 28%, order 70%, event 56%). On the first 300 test samples, in one runner run: 48.0% (51.8%
+  of full tokens) against codebook only 8.7%, ``random`` 14.0% at 5 tokens and ``pool`` 14.0% at 17
   (``benchmarks/results/vqtoken_synthetic_cpu.md``).
 * the same at lr 5e-4 for 3500 steps: 38.5%, 39.5%, 43%, 43% at steps 1000, 2000, 3000, 3500 (motion 34%):
   a lower rate alone does not help.
