@@ -1,5 +1,7 @@
 """The training script's invariants: it trains on exactly what inference feeds the model."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,9 @@ from tokenreduce.eval.synthetic.benchmark import generate
 from tokenreduce.eval.synthetic.models import build_model
 from tokenreduce.eval.synthetic.train import (
     IGNORE,
+    PLANS,
     TASKS,
+    Phase,
     Question,
     curriculum_keeps,
     document_patch_labels,
@@ -18,6 +22,7 @@ from tokenreduce.eval.synthetic.train import (
     make_batch,
     object_patch_labels,
     tower_features,
+    train_phases,
 )
 from tokenreduce.eval.synthetic.vocab import COLOUR_NAMES, SHAPES
 
@@ -204,3 +209,26 @@ def test_language_model_is_taken_from_a_model_with_the_same_text_config(tmp_path
     assert all(torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in tower.items())
     with pytest.raises(ValueError, match=r"--language-from.*text config differs"):
         take_language_model(model, tmp_path / "image")
+
+
+def test_recipe_phases_continue_on_the_same_pools_and_count_from_the_first():
+    plan = replace(PLANS["image"], tower_pool=0, lm_pool=3, questions_per_media=2, val_size=4, lm_steps=2,
+                   lm_batch=2, eval_every=1, warmup=1,
+                   then=(Phase(2, 1e-3, warmup=1, token_drop=0.5, category_weights={"count": 2.0}),))
+    first, second = plan.phases()
+    assert (first.lm_steps, first.curriculum, first.then) == (2, plan.curriculum, ())
+    assert (second.lm_lr, second.curriculum, second.token_drop, second.category_weights) == (1e-3, 0.0, 0.5,
+                                                                                                {"count": 2.0})
+    torch.manual_seed(0)
+    model = build_model("image")
+    model.model.vision_tower.requires_grad_(False)
+    task = TASKS["image"](build_tokenizer())
+    checkpoints, logged = [], []
+    before = model.lm_head.weight.detach().clone()
+    summary = train_phases(model, task, [first, second], logged.append, checkpoint=checkpoints.append)
+    assert sum("pool:" in line for line in logged) == 2  # train and validation pools built once for both phases
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4]
+    assert [h["phase"] for h in summary["history"]] == [1, 1, 2, 2]
+    assert summary["steps"] == 4 and [p["steps"] for p in summary["phases"]] == [2, 2]
+    assert [c["steps"] for c in checkpoints] == [1, 3]  # after every validation but a phase's last
+    assert not torch.equal(model.lm_head.weight, before)

@@ -3,6 +3,12 @@
     PYTHONPATH=. python -m tokenreduce.eval.synthetic.train image      # or: document, video
     PYTHONPATH=. python -m tokenreduce.eval.synthetic.train image --out /tmp/m --lm-steps 200  # smoke run
 
+``image`` and ``video`` run their whole recipe in one command: the tower, then the language phases of
+``PLANS`` (a curriculum phase, then shorter ones on all tokens with weak categories weighted up), each
+continuing from the one before on the same cached pools. Any schedule option on the command line
+(``--lm-steps``, ``--lm-lr``, ``--curriculum``, ``--warmup``, ``--token-drop``, ``--category-weights``) or
+``--init`` makes the run a single phase.
+
 Two stages, because training end to end from random init stalls near chance (an earlier trial: 37% after
 35 minutes, projected image features drifting to ~800x the norm of text embeddings):
 
@@ -107,7 +113,7 @@ import math
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -159,14 +165,45 @@ class Plan:
     eval_every: int = 250
     seed: int = 0
     category_weights: dict[str, float] = field(default_factory=dict)
+    # Language phases after the first, each continuing from where the one before stopped (same pools).
+    then: tuple[Phase, ...] = ()
+
+    def phases(self) -> list[Plan]:
+        """The language stage as a list of plans, one per phase, each with its own schedule."""
+        plans = [replace(self, then=())]
+        for phase in self.then:
+            plans.append(replace(plans[-1], lm_steps=phase.steps, lm_lr=phase.lr, warmup=phase.warmup,
+                                 curriculum=phase.curriculum, token_drop=phase.token_drop,
+                                 category_weights=dict(phase.category_weights or plans[-1].category_weights)))
+        return plans
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A language phase continuing the previous one: its own steps, warm-up and cosine schedule, weights.
+
+    What worked for the image and video models: a curriculum phase first, then shorter phases on all tokens
+    with the weak categories weighted up and the learning rate lowered (see the module docstring).
+    """
+
+    steps: int
+    lr: float
+    warmup: int = 20
+    curriculum: float = 0.0
+    token_drop: float = 0.0
+    category_weights: dict[str, float] | None = None  # None: the previous phase's
+
+
+_IMAGE_WEIGHTS = {"presence": 1.5, "position": 5.0, "count": 1.5}
 PLANS: dict[str, Plan] = {
-    "image": Plan(tower_pool=2000, tower_steps=300, tower_batch=16, lm_pool=4000, lm_steps=1200, lm_batch=16,
-                  lm_lr=2e-3,
-                  category_weights={"presence": 1.5, "position": 1.5, "count": 1.5}),
+    "image": Plan(tower_pool=2000, tower_steps=300, tower_batch=16, lm_pool=4000, lm_steps=2000, lm_batch=16,
+                  lm_lr=2e-3, category_weights={"presence": 1.5, "position": 1.5, "count": 1.5},
+                  then=(Phase(700, 1e-3, category_weights=_IMAGE_WEIGHTS),
+                        Phase(250, 5e-4, warmup=10, token_drop=0.5))),
     "document": Plan(tower_pool=800, tower_steps=250, tower_batch=20, lm_pool=2000, lm_steps=1000, lm_batch=8),
-    "video": Plan(tower_pool=300, tower_steps=250, tower_batch=24, lm_pool=1500, lm_steps=1000, lm_batch=8),
+    "video": Plan(tower_pool=300, tower_steps=250, tower_batch=24, lm_pool=1500, lm_steps=1500, lm_batch=8,
+                  then=(Phase(500, 8e-4, category_weights={"change": 5.0, "order": 1.0, "motion": 0.5, "event": 0.5}),
+                        Phase(300, 5e-4, warmup=10, category_weights={"change": 6.0}))),
 }
 
 
@@ -763,18 +800,37 @@ def dropped_distractors(count: int, distractors: int, n_visual: int, token_drop:
     return [min(distractors, int(s * n_visual)) if d else distractors for d, s in zip(drop, share)]
 
 
+@dataclass
+class Pools:
+    """Cached tower features and questions of the language stage's train and validation samples."""
+
+    feats: torch.Tensor
+    questions: list[Question]
+    val_feats: torch.Tensor
+    val_questions: list[Question]
+
+
+def language_pools(model, task: Task, plan: Plan, log, work: Path | None = None) -> Pools:
+    """The pools :func:`train_language` reads (train samples after the tower's, the first validation ones)."""
+    start = plan.tower_pool + 100
+    feats, questions = cached_pool(model, task, "train", range(start, start + plan.lm_pool),
+                                   plan.questions_per_media, plan.seed, log, work)
+    val_feats, val_questions = cached_pool(model, task, "validation", range(plan.val_size), 1, plan.seed, log, work)
+    return Pools(feats, questions, val_feats, val_questions)
+
+
 def train_language(model, task: Task, plan: Plan, log, work: Path | None = None,
-                   checkpoint: Callable[[dict], None] | None = None) -> dict:
-    """Stage 2; ``checkpoint(partial summary)`` runs after every validation (the run can be continued from it)."""
+                   checkpoint: Callable[[dict], None] | None = None, pools: Pools | None = None,
+                   phase: int = 0) -> dict:
+    """Stage 2 (one phase); ``checkpoint(partial summary)`` runs after every validation (the run can be
+    continued from it). ``pools`` reuses those of an earlier phase; ``phase`` > 0 draws other batches."""
     t0 = time.time()
     tok = task.tokenizer
     placeholder = model.config.video_token_index if task.kind == "video" else model.config.image_token_index
     answer_prefix = tok(" answer :", add_special_tokens=False)["input_ids"]
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    start = plan.tower_pool + 100
-    feats, questions = cached_pool(model, task, "train", range(start, start + plan.lm_pool),
-                                   plan.questions_per_media, plan.seed, log, work)
-    val_feats, val_questions = cached_pool(model, task, "validation", range(plan.val_size), 1, plan.seed, log, work)
+    pools = pools or language_pools(model, task, plan, log, work)
+    feats, questions, val_feats, val_questions = pools.feats, pools.questions, pools.val_feats, pools.val_questions
     with torch.no_grad():
         n_visual = task.pack(model, feats[:1]).shape[1]
 
@@ -783,7 +839,7 @@ def train_language(model, task: Task, plan: Plan, log, work: Path | None = None,
     trainable = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
     trainable += list(probe.parameters())
     opt = torch.optim.AdamW(trainable, lr=plan.lm_lr, weight_decay=0.01, betas=(0.9, 0.98))
-    gen = torch.Generator().manual_seed(plan.seed + 2)
+    gen = torch.Generator().manual_seed(plan.seed + 2 + 1000 * phase)
     history = []
 
     def evaluate() -> dict:
@@ -844,6 +900,35 @@ def train_language(model, task: Task, plan: Plan, log, work: Path | None = None,
             "media": int(feats.shape[0]), "history": history}
 
 
+def train_phases(model, task: Task, plans: list[Plan], log, work: Path | None = None,
+                 checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Every language phase of ``plans`` in turn on the same pools (:meth:`Plan.phases`); one summary whose
+    steps, seconds and validation history count from the start of the first phase."""
+    pools = language_pools(model, task, plans[0], log, work)
+    done, seconds, history, phases = 0, 0.0, [], []
+
+    def counted(summary: dict, phase: int) -> tuple[int, float, list[dict]]:
+        steps = [{**h, "step": done + h["step"], **({"phase": phase + 1} if len(plans) > 1 else {})}
+                 for h in summary["history"]]
+        return done + summary["steps"], seconds + summary["seconds"], history + steps
+
+    for i, plan in enumerate(plans):
+        if len(plans) > 1:
+            log(f"language phase {i + 1} of {len(plans)}: {plan.lm_steps} steps, lr {plan.lm_lr}, curriculum "
+                f"{plan.curriculum}, token drop {plan.token_drop}, weights {plan.category_weights}")
+
+        def partial(summary: dict, i: int = i) -> None:
+            steps, secs, hist = counted(summary, i)
+            checkpoint({**summary, "steps": steps, "seconds": secs, "history": hist})
+
+        result = train_language(model, task, plan, log, checkpoint=partial if checkpoint else None, pools=pools,
+                                phase=i)
+        done, seconds, history = counted(result, i)
+        phases.append({"steps": plan.lm_steps, "lr": plan.lm_lr, "seconds": result["seconds"]})
+    summary = {**result, "steps": done, "seconds": round(seconds, 1), "history": history}
+    return {**summary, "phases": phases} if len(plans) > 1 else summary
+
+
 def take_language_model(model, source: str | Path) -> None:
     """Copy the language model and LM head of the saved model at ``source`` into ``model`` (in place).
 
@@ -896,6 +981,10 @@ def check_real_path(model, processor, task: Task, n: int, log) -> dict:
     return {"full": full, "random_0.1": rand}
 
 
+# Options that set the language schedule: given any of them (or --init), the run is one phase.
+SCHEDULE_OPTIONS = ("lm_steps", "lm_lr", "curriculum", "warmup", "token_drop", "category_weights")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("kind", choices=sorted(TASKS))
@@ -927,13 +1016,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    plan = PLANS[args.kind]
+    plan = replace(PLANS[args.kind])
     for name in ("tower_steps", "lm_steps", "tower_pool", "lm_pool", "lm_lr", "aux_weight", "tower_lr", "tower_batch",
                  "curriculum", "warmup", "token_drop"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
     if args.category_weights:
         plan.category_weights = {k: float(v) for k, v in (kv.split("=") for kv in args.category_weights.split(","))}
+    if args.init is not None or any(getattr(args, name) is not None for name in SCHEDULE_OPTIONS):
+        plan.then = ()  # a schedule from the command line replaces the recipe's: one phase
     out = args.out or model_dir(args.kind)
     t0 = time.time()
 
@@ -981,7 +1072,7 @@ def main(argv: list[str] | None = None) -> None:
                 {"kind": args.kind, "plan": asdict(plan), "tower": tower, "language": language}, indent=1) + "\n")
         log(f"saved to {out} after {language['steps']} LM steps")
 
-    language = train_language(model, task, plan, log, work, checkpoint=save)
+    language = train_phases(model, task, plan.phases(), log, work, checkpoint=save)
     save(language)
     check = check_real_path(model, processor, task, args.check, log) if args.check else {}
     usage = resource.getrusage(resource.RUSAGE_SELF)
