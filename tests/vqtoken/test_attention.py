@@ -10,6 +10,7 @@ from tokenreduce.adapters import get_adapter
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.layout import Segment, TokenLayout
 from tokenreduce.plugins.vqtoken import VQAttention, VQAttentionConfig
+from tokenreduce.plugins.vqtoken.attention import occupancy_moments
 from tokenreduce.plugins.vqtoken.hashing import anchors, grid_coordinates, index_map, occupancy
 from tokenreduce.plugins.vqtoken.training import answer_lengths, batch_loss, prepare_batches, train_attention
 from tokenreduce.testing.tiny import EOS, RowSpec, tiny_batch, tiny_model
@@ -47,6 +48,29 @@ def test_occupancy_fills_time_bins_of_short_clips():
     codes = torch.tensor([0, 1, 1, 1, 0, 0, 1, 1])
     occ = occupancy(grid_coordinates(layout, content), codes, 2, (4, 1, 1)).view(2, 4)
     torch.testing.assert_close(occ[0], torch.tensor([0.25, 0.25, 0.5, 0.5]))
+
+
+def test_moments_give_each_code_its_mass_and_centroid_per_time_bin(tmp_path):
+    bins = (3, 2, 4)
+    occ = torch.zeros(3, *bins)
+    for t in range(3):  # code 0 walks right one column per time bin, code 1 fills the rest, code 2 is absent
+        occ[0, t, :, t] = 1.0
+        occ[1, t] = 1.0 - occ[0, t]
+    moments = occupancy_moments(occ.flatten(1), bins).view(3, 3, 3)  # [code, (mass, row, col), time]
+    torch.testing.assert_close(moments[0, 0], torch.full((3,), 0.25))
+    torch.testing.assert_close(moments[0, 1], torch.zeros(3))
+    torch.testing.assert_close(moments[0, 2], torch.tensor([-1.0, -1 / 3, 1 / 3]))
+    assert torch.all(moments[1, 2, 1:] < moments[1, 2, :-1])  # the rest's centroid drifts the other way
+    assert torch.all(moments[2] == 0)
+    config = VQAttentionConfig(dim=16, heads=2, bins=bins, hidden=8, moments=True, own_hash=True)
+    module = VQAttention(config)
+    assert config.hash_features == 24 + 9 and module.hash_mlp[0].in_features == 33
+    with torch.no_grad():
+        module.own.weight.normal_()
+    book = torch.randn(3, 16)
+    loaded = VQAttention.from_pretrained(module.save_pretrained(tmp_path))
+    assert loaded.config.moments
+    torch.testing.assert_close(loaded(book, occ.flatten(1)), module(book, occ.flatten(1)))
 
 
 def test_anchors_first_and_representative():
@@ -197,6 +221,21 @@ def test_own_hash_gives_each_code_its_own_map():
     moved[2] = occ[2].flip(0)
     changed = (module(book, moved) - module(book, occ)).abs().amax(1)
     assert changed[2] > 1e-4 and torch.all(changed[[0, 1, 3]] == 0)
+
+
+@pytest.mark.parametrize("rms_residual", [False, True])
+def test_rms_residual_updates_at_the_scale_of_the_codes(rms_residual):
+    """Queries and keys read normalised codes, so the attention's update is the same for a codebook and ten
+    times it; with ``rms_residual`` it is added in units of each code's RMS, so it grows with the codes."""
+    module = VQAttention(
+        VQAttentionConfig(dim=16, heads=2, bins=(2, 2, 2), hidden=8, ffn=False, rms_residual=rms_residual)
+    )
+    with torch.no_grad():
+        module.out.weight.normal_()
+    book, occ = torch.randn(4, 16), torch.rand(4, 8)
+    with torch.no_grad():
+        small, large = module(book, occ) - book, module(10 * book, occ) - 10 * book
+    torch.testing.assert_close(large, 10 * small if rms_residual else small, atol=1e-4, rtol=1e-4)
 
 
 def test_hidden_distillation_matches_the_teachers_states():

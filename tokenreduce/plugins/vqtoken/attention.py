@@ -24,6 +24,8 @@ This module follows the paper. Where the paper says nothing, the choices are our
   ``W_H MLP(occupancy_k)`` (zero-initialised). In the paper's block a code token only receives hash
   embeddings mixed by codebook similarity, so where and when *this* code occurs reaches it only as far as
   its attention is peaked on itself.
+* Optional moments (``moments=True``): the MLP also reads each code's mass and centroid per time bin,
+  where and how far a code moves being then linear in its input rather than a ratio to be learnt.
 * Optional low-rank adapters on the LLM's linear layers (``llm_rank > 0``), trained with the block. The
   paper tunes the whole LLM so that it learns to read code tokens; here the tuning travels with the module
   as LoRA deltas ``x A^T B^T * alpha / rank`` (``B`` zero-initialised), added by forward hooks that
@@ -62,6 +64,8 @@ class VQAttentionConfig:
         own_hash: also add each code's own hash embedding to its token (zero-initialised projection).
         rms_residual: scale the residual updates by each code token's RMS, so that the module learns at
             the scale of the tokens it edits whatever the projector's output norm.
+        moments: also feed the hash MLP each code's mass and centroid per time bin
+            (:func:`occupancy_moments`), so that where a code moves is a linear feature of its input.
         dropout: attention-probability dropout in training.
         llm_rank: rank of the LLM adapters (0: none, the LLM reads the code tokens as it is).
         llm_alpha: adapter scale numerator (the delta is multiplied by ``llm_alpha / llm_rank``).
@@ -76,6 +80,7 @@ class VQAttentionConfig:
     ffn: bool = True
     own_hash: bool = False
     rms_residual: bool = False
+    moments: bool = False
     dropout: float = 0.0
     llm_rank: int = 0
     llm_alpha: float = 16.0
@@ -104,7 +109,30 @@ class VQAttentionConfig:
 
     @property
     def hash_size(self) -> int:
+        """Length of a code's pooled occupancy map (what :meth:`VQAttention.forward` takes)."""
         return math.prod(self.bins)
+
+    @property
+    def hash_features(self) -> int:
+        """Width of the hash MLP's input: the map, plus 3 moments per time bin with ``moments``."""
+        return self.hash_size + (3 * self.bins[0] if self.moments else 0)
+
+
+def occupancy_moments(occupancy: torch.Tensor, bins: tuple[int, int, int]) -> torch.Tensor:
+    """``[K, 3 t]``: per time bin, each code's mass (its share of the bin's cells) and the row and column of
+    its centroid in ``[-1, 1]`` (0 where the code is absent).
+
+    From the flattened map an MLP must learn a ratio to find where a code sits, and a difference of two
+    such ratios to find where it moves; here both are linear in the input.
+    """
+    bt, bh, bw = bins
+    occ = occupancy.reshape(-1, bt, bh, bw)
+    mass = occ.sum((2, 3))
+    rows = torch.linspace(-1.0, 1.0, bh, device=occ.device, dtype=occ.dtype) if bh > 1 else occ.new_zeros(1)
+    cols = torch.linspace(-1.0, 1.0, bw, device=occ.device, dtype=occ.dtype) if bw > 1 else occ.new_zeros(1)
+    row = (occ.sum(3) * rows).sum(2) / mass.clamp_min(1e-6)
+    col = (occ.sum(2) * cols).sum(2) / mass.clamp_min(1e-6)
+    return torch.cat([mass / (bh * bw), row, col], dim=1)
 
 
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -147,7 +175,7 @@ class VQAttention(nn.Module):
         self.config = config
         d = config.dim
         self.hash_mlp = nn.Sequential(
-            nn.Linear(config.hash_size, config.hidden), nn.GELU(), nn.Linear(config.hidden, d)
+            nn.Linear(config.hash_features, config.hidden), nn.GELU(), nn.Linear(config.hidden, d)
         )
         self.norm = nn.LayerNorm(d)
         self.q = nn.Linear(d, d)
@@ -212,7 +240,10 @@ class VQAttention(nn.Module):
         dtype = self.q.weight.dtype
         b = codebook.to(dtype)
         k_codes, heads = b.shape[0], cfg.heads
-        hashed = self.hash_mlp(occupancy.to(dtype))
+        features = occupancy.to(dtype)
+        if cfg.moments:
+            features = torch.cat([features, occupancy_moments(features, cfg.bins)], dim=1)
+        hashed = self.hash_mlp(features)
         h = self.norm(b)
 
         def split(t: torch.Tensor) -> torch.Tensor:
