@@ -76,7 +76,8 @@ Timing and findings (2 shared CPU cores, fp32; the full record is in each model'
   steps): change read through one KV head, 600 steps: 84.5% (change 44); then through both KV heads, 400
   steps: 91.5% (change 68), and 250 more at lr 5e-4, change 6x: 93.3% on the 300 validation samples, 92.7%
   on 300 test samples (change 80), random@10% 27.3%: the shipped model. (From the 1500-step run straight to
-  both KV heads, 500 + 300 steps: 91% validation.)
+  both KV heads, 500 + 300 steps: 91% validation.) The recipe in ``PLANS`` is that route (1500 + 500 + 300
+  steps, change weighted up); it has not been run as one command yet.
 * document (OneVision anyres, 744 tokens): tower 250 steps in 59 s (per-patch box colour 98.8%, glyph 100%,
   glyph shape 97.2%). LM (batch 8, 1 thread), curriculum showing the asked box only: 36% at step 500, 37% at
   750, 36% at 1000 (the leak: "the box with no tokens missing"). Showing every box: 24%, 29%, 27%, 25% at
