@@ -52,10 +52,10 @@ event: 4 answers, order: 2):
   event 58%). Over the last 1000 steps the training batches scored 52% of answers right (from the mean
   token accuracy of answer + EOS, 0.76) against 74% on 4000 videos, so that run's extra training accuracy was
   memorised; three times the data removes the gap without raising validation accuracy.
-* the 28-minute recipe (4000 videos) with ``--moments``: 42.5%, 54%, 58.5%, 59%, 59% at steps 500-2500
-  (motion 86% at step 2500; at step 2000 motion 82%, order 76%, event 50%, change 28%; the run without moments stood at 46%,
-  motion 32%). Where a code moves was the hard part to learn from the flattened map; the change questions
-  (a colour change splits an object over two codes) stay at chance.
+* the 28-minute recipe (4000 videos) with ``--moments``: 42.5%, 54%, 58.5%, 59%, 59%, 58% at steps
+  500-3000 (at the end motion 86%, order 74%, event 46%, change 26%; the run without moments: 52%, motion
+  54%, and 32% at step 2000). Where a code moves was the hard part to learn from the flattened map; change
+  questions (a colour change splits an object over two codes) stay at chance.
 
 Where it stops: the hash carries the motion. On 100 validation motion videos the asked object's cells
 fall in one code in every video, and the shift of that code's occupancy centroid from the first to the
