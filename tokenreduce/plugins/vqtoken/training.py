@@ -59,12 +59,13 @@ event: 4 answers, order: 2):
 
 Where it stops: the hash carries the motion. On 100 validation motion videos the asked object's cells
 fall in one code in every video, and the shift of that code's occupancy centroid from the first to the
-last four frames names the direction in 98% of them. Yet motion stays near chance for most of every run
-above (the best run reaches 54% only at its end), also on the videos where the object's code holds little
-else. So most of the loss was in learning to read the hash, not in what the codes keep nor in too few
-training videos (the 12000-video run); moments (above) made motion readable. Next: change and event (when
-a code appears, and which two codes share a place across time). In about half of the motion, change and event videos the asked object shares its code with others
-(5 codes, 4.1 objects on average, the background taking more than one code).
+last four frames names the direction in 98% of them. Yet without moments motion stayed near chance for most
+of every run above (54% only at the end of the best), also where the object's code holds little else: the
+loss was in learning to read the hash, not in what the codes keep nor in too few training videos (the
+12000-video run). With moments motion reaches 86%. Next: change and event, i.e. when a code appears and
+which two codes share a place across time. In about half of the motion, change and event videos the asked
+object shares its code with others (5 codes, 4.1 objects on average, the background taking more than one
+code).
 """
 
 from __future__ import annotations
