@@ -213,7 +213,8 @@ PLANS: dict[str, Plan] = {
                         Phase(400, 5e-4, warmup=10, token_drop=0.5))),
     "document": Plan(tower_pool=800, tower_steps=250, tower_batch=20, lm_pool=2000, lm_steps=1000, lm_batch=8),
     "video": Plan(tower_pool=300, tower_steps=250, tower_batch=24, lm_pool=1500, lm_steps=1500, lm_batch=8,
-                  then=(Phase(500, 8e-4, category_weights={"change": 5.0, "order": 1.0, "motion": 0.5, "event": 0.5}),
+                  then=(Phase(500, 8e-4,
+                              category_weights={"change": 5.0, "order": 1.0, "motion": 0.5, "event": 0.5}),
                         Phase(300, 5e-4, warmup=10, category_weights={"change": 6.0}))),
 }
 

@@ -466,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     parser.add_argument("--no-ffn", action="store_true")
     parser.add_argument("--own-hash", action="store_true", help="each code also adds its own hash embedding")
     parser.add_argument("--rms-residual", action="store_true", help="updates in units of each code's RMS")
-    parser.add_argument("--moments", action="store_true", help="the hash MLP also reads mass and centroid per time bin")
+    parser.add_argument(
+        "--moments", action="store_true", help="the hash MLP also reads mass and centroid per time bin"
+    )
     parser.add_argument(
         "--llm-rank", type=int, default=0, help="rank of LLM adapters trained with the module (0: LLM as is)"
     )
