@@ -11,7 +11,7 @@ from tokenreduce.core.api import get_handle
 from tokenreduce.core.layout import Segment, TokenLayout
 from tokenreduce.plugins.vqtoken import VQAttention, VQAttentionConfig
 from tokenreduce.plugins.vqtoken.attention import occupancy_moments
-from tokenreduce.plugins.vqtoken.hashing import anchors, grid_coordinates, index_map, occupancy
+from tokenreduce.plugins.vqtoken.hashing import anchors, grid_coordinates, index_map, occupancy, trajectories
 from tokenreduce.plugins.vqtoken.training import answer_lengths, batch_loss, prepare_batches, train_attention
 from tokenreduce.testing.tiny import EOS, RowSpec, tiny_batch, tiny_model
 
@@ -71,6 +71,45 @@ def test_moments_give_each_code_its_mass_and_centroid_per_time_bin(tmp_path):
     loaded = VQAttention.from_pretrained(module.save_pretrained(tmp_path))
     assert loaded.config.moments
     torch.testing.assert_close(loaded(book, occ.flatten(1)), module(book, occ.flatten(1)))
+
+
+def test_trajectories_say_what_joins_and_leaves_a_code_over_time(tmp_path):
+    """A code that loses a member half-way: its first time bin's mean holds that member, its second does not;
+    an absent code reads zeros. The module reads them when ``trajectory`` > 0 and needs them then only."""
+    coords = torch.tensor([[0.1, 0, 0], [0.1, 0, 0.5], [0.6, 0, 0.5], [0.1, 0.5, 0], [0.6, 0.5, 0]])
+    codes = torch.tensor([0, 0, 0, 1, 1])
+    members = torch.tensor([[1.0, 0.0], [3.0, 2.0], [3.0, 2.0], [5.0, 5.0], [7.0, 5.0]])
+    traj = trajectories(coords, codes, members, 3, 2)
+    torch.testing.assert_close(traj[0], torch.tensor([[2.0, 1.0], [3.0, 2.0]]))  # member [1, 0] left
+    torch.testing.assert_close(traj[1], torch.tensor([[5.0, 5.0], [7.0, 5.0]]))
+    assert torch.all(traj[2] == 0)
+
+    config = VQAttentionConfig(dim=16, heads=2, bins=(2, 2, 2), hidden=8, trajectory=2, trajectory_dim=4)
+    assert config.hash_features == 8 + 2 * 4
+    module = VQAttention(config)
+    with torch.no_grad():
+        module.out.weight.normal_()
+    book, occ = torch.randn(3, 16), torch.rand(3, 8)
+    steady = book[:, None].expand(3, 2, 16).clone()
+    moving = steady.clone()
+    moving[0, 0] += 2.0  # code 0 held something else in its first time bin
+    with torch.no_grad():
+        assert not torch.allclose(module(book, occ, steady), module(book, occ, moving))
+    loaded = VQAttention.from_pretrained(module.save_pretrained(tmp_path))
+    torch.testing.assert_close(loaded(book, occ, moving), module(book, occ, moving))
+    with pytest.raises(ValueError, match="trajectory"):
+        module(book, occ)
+    with pytest.raises(ValueError, match="trajectory"):
+        VQAttention(VQAttentionConfig(dim=16, heads=2, bins=(2, 2, 2)))(book, occ, steady)
+    with pytest.raises(ValueError, match="`trajectory`"):
+        VQAttentionConfig(dim=16, trajectory=-1)
+
+    model = tiny_model("llava_onevision")  # the method computes them for a module that reads them
+    batches = _answer_batches(model, n_batches=1)
+    trained, log = _train(model, batches, 20, module_options={"trajectory": 2})
+    assert log[-1]["ce"] < log[0]["ce"]
+    batch = {k: v for k, v in batches[0].items() if k != "labels"}
+    assert not torch.allclose(_vqtoken_logits(model, batch, trained), _vqtoken_logits(model, batch), atol=1e-4)
 
 
 def test_anchors_first_and_representative():

@@ -26,6 +26,11 @@ This module follows the paper. Where the paper says nothing, the choices are our
   its attention is peaked on itself.
 * Optional moments (``moments=True``): the MLP also reads each code's mass and centroid per time bin,
   where and how far a code moves being then linear in its input rather than a ratio to be learnt.
+* Optional trajectories (``trajectory=t``): the MLP also reads what each code's members look like per
+  time bin, their mean minus the codeword, in units of the codeword's RMS, through a shared
+  ``Linear(D -> trajectory_dim)``. When an object changes colour, appears or leaves, the codes it moves
+  between change membership at that time, and the difference of their time-bin means is that object's
+  features: what, not only where, a code gains or loses.
 * Optional low-rank adapters on the LLM's linear layers (``llm_rank > 0``), trained with the block. The
   paper tunes the whole LLM so that it learns to read code tokens; here the tuning travels with the module
   as LoRA deltas ``x A^T B^T * alpha / rank`` (``B`` zero-initialised), added by forward hooks that
@@ -66,6 +71,9 @@ class VQAttentionConfig:
             the scale of the tokens it edits whatever the projector's output norm.
         moments: also feed the hash MLP each code's mass and centroid per time bin
             (:func:`occupancy_moments`), so that where a code moves is a linear feature of its input.
+        trajectory: time bins of each code's member means fed to the hash MLP (0: none); see
+            :func:`~tokenreduce.plugins.vqtoken.hashing.trajectories`.
+        trajectory_dim: width each time bin's member mean is projected to.
         dropout: attention-probability dropout in training.
         llm_rank: rank of the LLM adapters (0: none, the LLM reads the code tokens as it is).
         llm_alpha: adapter scale numerator (the delta is multiplied by ``llm_alpha / llm_rank``).
@@ -81,6 +89,8 @@ class VQAttentionConfig:
     own_hash: bool = False
     rms_residual: bool = False
     moments: bool = False
+    trajectory: int = 0
+    trajectory_dim: int = 16
     dropout: float = 0.0
     llm_rank: int = 0
     llm_alpha: float = 16.0
@@ -96,6 +106,10 @@ class VQAttentionConfig:
                 f"`llm_rank` ({self.llm_rank}) > 0 needs `llm_modules` and 0 needs none; got "
                 f"{len(self.llm_modules)} modules"
             )
+        for name in ("trajectory", "trajectory_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
         for name in ("dim", "heads", "hidden"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -114,8 +128,10 @@ class VQAttentionConfig:
 
     @property
     def hash_features(self) -> int:
-        """Width of the hash MLP's input: the map, plus 3 moments per time bin with ``moments``."""
-        return self.hash_size + (3 * self.bins[0] if self.moments else 0)
+        """Width of the hash MLP's input: the map, plus 3 moments per time bin with ``moments``, plus
+        ``trajectory_dim`` per trajectory time bin."""
+        moments = 3 * self.bins[0] if self.moments else 0
+        return self.hash_size + moments + self.trajectory * self.trajectory_dim
 
 
 def occupancy_moments(occupancy: torch.Tensor, bins: tuple[int, int, int]) -> torch.Tensor:
@@ -184,6 +200,8 @@ class VQAttention(nn.Module):
         self.out = nn.Linear(d, d)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        if config.trajectory:
+            self.trajectory = nn.Linear(d, config.trajectory_dim)
         if config.own_hash:
             self.own = nn.Linear(d, d)
             nn.init.zeros_(self.own.weight)
@@ -227,8 +245,14 @@ class VQAttention(nn.Module):
             raise
         return hooks
 
-    def forward(self, codebook: torch.Tensor, occupancy: torch.Tensor) -> torch.Tensor:
-        """``codebook: [K, D]`` code tokens, ``occupancy: [K, t*h*w]`` their pooled hash -> ``[K, D]``."""
+    def forward(
+        self, codebook: torch.Tensor, occupancy: torch.Tensor, trajectory: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``codebook: [K, D]`` code tokens, ``occupancy: [K, t*h*w]`` their pooled hash -> ``[K, D]``.
+
+        ``trajectory: [K, config.trajectory, D]``, each code's member mean per time bin (zeros where the code
+        is absent), is required when ``config.trajectory`` > 0 and refused otherwise.
+        """
         cfg = self.config
         if codebook.dim() != 2 or codebook.shape[1] != cfg.dim:
             raise ValueError(f"VQAttention expects a codebook [K, {cfg.dim}], got {tuple(codebook.shape)}")
@@ -237,12 +261,27 @@ class VQAttention(nn.Module):
                 f"VQAttention expects occupancy [{codebook.shape[0]}, {cfg.hash_size}], "
                 f"got {tuple(occupancy.shape)}"
             )
+        expected = (codebook.shape[0], cfg.trajectory, cfg.dim)
+        if (trajectory is None) != (cfg.trajectory == 0) or (
+            trajectory is not None and trajectory.shape != expected
+        ):
+            want = f"[{expected[0]}, {expected[1]}, {expected[2]}]" if cfg.trajectory else "none"
+            got = None if trajectory is None else tuple(trajectory.shape)
+            raise ValueError(
+                f"VQAttention with trajectory={cfg.trajectory} expects trajectory {want}, got {got}"
+            )
         dtype = self.q.weight.dtype
         b = codebook.to(dtype)
         k_codes, heads = b.shape[0], cfg.heads
         features = occupancy.to(dtype)
         if cfg.moments:
             features = torch.cat([features, occupancy_moments(features, cfg.bins)], dim=1)
+        if trajectory is not None:
+            traj = trajectory.to(dtype)
+            present = traj.abs().sum(-1, keepdim=True) > 0
+            rms = b.pow(2).mean(-1).sqrt().clamp_min(1e-6)[:, None, None]
+            offsets = torch.where(present, (traj - b[:, None]) / rms, torch.zeros_like(traj))
+            features = torch.cat([features, self.trajectory(offsets).flatten(1)], dim=1)
         hashed = self.hash_mlp(features)
         h = self.norm(b)
 

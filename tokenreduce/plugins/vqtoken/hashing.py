@@ -102,3 +102,20 @@ def occupancy(coords: torch.Tensor, codes: torch.Tensor, k: int, bins: tuple[int
         elif bool(filled[: t + 1].any()):
             hist[:, t] = hist[:, last]
     return hist.reshape(k, size)
+
+
+def trajectories(
+    coords: torch.Tensor, codes: torch.Tensor, members: torch.Tensor, k: int, bins: int
+) -> torch.Tensor:
+    """``[k, bins, D]``: every code's mean member per time bin, zeros where the code has none in that bin.
+
+    ``coords`` are the members' ``(t, y, x)`` from :func:`grid_coordinates`, ``codes`` their code ids and
+    ``members`` their features (what the codewords average). The codeword is the mean over all bins; how the
+    bin means differ from it says what joins or leaves the code over time.
+    """
+    cell = (coords[:, 0].to(members.device) * bins).floor().long().clamp_(0, bins - 1)
+    flat = codes.to(members.device) * bins + cell
+    sums = torch.zeros(k * bins, members.shape[1], dtype=members.dtype, device=members.device)
+    sums.index_add_(0, flat, members)
+    counts = torch.bincount(flat, minlength=k * bins).clamp_min(1).to(members.dtype)
+    return (sums / counts[:, None]).view(k, bins, -1)

@@ -13,7 +13,7 @@ from tokenreduce.core.registry import register_method
 
 from .attention import VQAttention
 from .clustering import ADAPTIVE, build_codebook, normalize
-from .hashing import ANCHORS, anchors, grid_coordinates, index_map, occupancy
+from .hashing import ANCHORS, anchors, grid_coordinates, index_map, occupancy, trajectories
 
 CODEWORDS = ("mean", "normalized_mean")
 
@@ -198,8 +198,12 @@ class VQTokenMethod(Method):
         outputs = sums / counts[:, None]
         if self.attention is not None:
             coords = grid_coordinates(layout, content).to(device)
-            hashed = occupancy(coords, codes, m, self.attention.config.bins)
-            outputs = self.attention(outputs, hashed)
+            attention = self.attention.config
+            hashed = occupancy(coords, codes, m, attention.bins)
+            traj = None
+            if attention.trajectory:
+                traj = trajectories(coords, codes, members, m, attention.trajectory)
+            outputs = self.attention(outputs, hashed, traj)
         outputs = outputs.to(features.dtype)
         sources = content.to(device)[anchor[order]]
         assignment = torch.full((n,), -1, dtype=torch.long, device=device)

@@ -471,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
         "--moments", action="store_true", help="the hash MLP also reads mass and centroid per time bin"
     )
     parser.add_argument(
+        "--trajectory", type=int, default=0, help="time bins of each code's member means the module reads"
+    )
+    parser.add_argument("--trajectory-dim", type=int, default=16)
+    parser.add_argument(
         "--llm-rank", type=int, default=0, help="rank of LLM adapters trained with the module (0: LLM as is)"
     )
     parser.add_argument("--llm-alpha", type=float, default=16.0)
@@ -531,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
             "own_hash": args.own_hash,
             "rms_residual": args.rms_residual,
             "moments": args.moments,
+            "trajectory": args.trajectory,
+            "trajectory_dim": args.trajectory_dim,
             "llm_rank": args.llm_rank,
             "llm_alpha": args.llm_alpha,
         },
