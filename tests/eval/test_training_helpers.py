@@ -18,10 +18,12 @@ from tokenreduce.eval.synthetic.train import (
     curriculum_keeps,
     document_patch_labels,
     dropped_distractors,
+    language_pools,
     lm_forward,
     make_batch,
     object_patch_labels,
     tower_features,
+    train_language,
     train_phases,
 )
 from tokenreduce.eval.synthetic.vocab import COLOUR_NAMES, SHAPES
@@ -174,7 +176,7 @@ def test_readout_attention_equals_eager_attention():
     mask[0, :4], ids[0, :4] = 0, 0  # left padding
     visual = torch.randn(3, 40, model.config.text_config.hidden_size)
     with torch.no_grad():
-        hidden, _, attention = lm_forward(model, ids, mask, visual, placeholder, 2, attentions=True)
+        hidden, _, attention = lm_forward(model, ids, mask, visual, placeholder, attentions=True)
         language_model = model.model.language_model
         language_model.set_attn_implementation("eager")
         embeds = model.model.get_input_embeddings()(ids).masked_scatter((ids == placeholder)[..., None], visual)
@@ -232,3 +234,26 @@ def test_recipe_phases_continue_on_the_same_pools_and_count_from_the_first():
     assert summary["steps"] == 4 and [p["steps"] for p in summary["phases"]] == [2, 2]
     assert [c["steps"] for c in checkpoints] == [1, 3]  # after every validation but a phase's last
     assert not torch.equal(model.lm_head.weight, before)
+
+
+def test_grid_loss_reads_each_shown_tokens_place_and_trains_the_projector():
+    task = TASKS["image"](build_tokenizer())
+    grid = task.visual_grid(256)
+    assert grid.shape == (256, 2) and grid[0].tolist() == [-1.0, -1.0]
+    torch.testing.assert_close(grid[17], torch.full((2,), -1 + 2 / 15))  # row 1, column 1
+    assert task.visual_grid(255) is None and TASKS["video"](build_tokenizer()).visual_grid(576) is None
+    plan = replace(PLANS["image"], tower_pool=0, lm_pool=2, questions_per_media=2, val_size=2, lm_steps=2,
+                   lm_batch=2, eval_every=2, warmup=1, then=())
+    torch.manual_seed(0)
+    start = build_model("image")
+    start.model.vision_tower.requires_grad_(False)
+    pools = language_pools(start, task, plan, lambda _: None)
+    projected = []
+    for weight in (0.0, 0.0, 5.0):
+        model = build_model("image")
+        model.load_state_dict(start.state_dict())
+        torch.manual_seed(1)
+        train_language(model, task, replace(plan, grid_weight=weight), lambda _: None, pools=pools)
+        projected.append(model.model.multi_modal_projector.linear_1.weight.detach())
+    assert torch.equal(projected[0], projected[1])  # same seeds and batches: only the grid loss differs
+    assert not torch.equal(projected[0], projected[2])

@@ -167,6 +167,9 @@ class Plan:
     lm_lr: float = 1.5e-3
     aux_weight: float = 1.0
     readout_weight: float = 1.0
+    # Weight of a linear regression of each visual token's (row, col) from the last layer's input, where the
+    # readout heads read: without it the projector and LM drop where a token is (see the module docstring).
+    grid_weight: float = 0.0
     warmup: int = 100
     curriculum: float = 0.6  # fraction of LM steps over which distractor tokens ramp (quadratically) to all
     # Share of questions that see their referents but only 5-100% of the other visual tokens (original positions).
@@ -387,6 +390,10 @@ class Task:
         """Cached tower features of a batch -> the LM's visual embeddings ``[B, N, H]``."""
         raise NotImplementedError
 
+    def visual_grid(self, n_visual: int) -> torch.Tensor | None:
+        """``[n_visual, 2]`` (row, col) of every visual token in ``[-1, 1]``, None where not defined."""
+        return None
+
 
 class ImageTask(Task):
     kind = "image"
@@ -415,6 +422,13 @@ class ImageTask(Task):
 
     def pack(self, model, features):
         return model.model.multi_modal_projector(features.float())
+
+    def visual_grid(self, n_visual):
+        side = math.isqrt(n_visual)
+        if side * side != n_visual:
+            return None
+        axis = torch.linspace(-1.0, 1.0, side)
+        return torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
 
 
 class DocumentTask(Task):
@@ -736,11 +750,11 @@ def curriculum_keeps(questions: list[Question], n_visual: int, distractors: int 
     return keeps
 
 
-def lm_forward(model, ids, mask, visual: torch.Tensor, placeholder: int, aux_layer: int, attentions: bool = False,
+def lm_forward(model, ids, mask, visual: torch.Tensor, placeholder: int, attentions: bool = False,
                position_ids: torch.Tensor | None = None):
     """The LM on ids whose placeholders hold ``visual`` (``[total placeholders, H]`` or ``[B, n, H]``): (last normed
-    hidden states, hidden states of layer ``aux_layer``, and with ``attentions`` the last layer's attention from
-    the answer position ``[B, heads, L]``).
+    hidden states, every layer's hidden states (``[0]`` the embeddings), and with ``attentions`` the last
+    layer's attention from the answer position ``[B, heads, L]``).
 
     The readout needs one attention row per sequence, so it is recomputed from the last layer's captured
     attention inputs (queries against its keys, differentiable) while every layer runs SDPA: eager attention
@@ -780,7 +794,7 @@ def lm_forward(model, ids, mask, visual: torch.Tensor, placeholder: int, aux_lay
         allowed = mask.bool().clone()
         allowed[:, length - 1] = False  # causal: the answer position does not see the token after it
         last_attention = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
-    return out.last_hidden_state, out.hidden_states[aux_layer], last_attention
+    return out.last_hidden_state, out.hidden_states, last_attention
 
 
 def cached_pool(model, task: Task, split: str, indices: range, per_media: int, seed: int, log, work):
@@ -850,6 +864,10 @@ def train_language(model, task: Task, plan: Plan, log, work: Path | None = None,
     probe = nn.Linear(model.config.text_config.hidden_size, 3)
     trainable = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
     trainable += list(probe.parameters())
+    grid = task.visual_grid(n_visual) if plan.grid_weight > 0 else None
+    if grid is not None:
+        grid_probe = nn.Linear(model.config.text_config.hidden_size, 2)
+        trainable += list(grid_probe.parameters())
     opt = torch.optim.AdamW(trainable, lr=plan.lm_lr, weight_decay=0.01, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(plan.seed + 2 + 1000 * phase)
     history = []
@@ -862,7 +880,7 @@ def train_language(model, task: Task, plan: Plan, log, work: Path | None = None,
                 qs = val_questions[s : s + 32]
                 ids, mask, _target, _, _ = make_batch(qs, placeholder, n_visual, answer_prefix, eos, pad)
                 visual = task.pack(model, val_feats[[q.media for q in qs]])
-                hidden, _, _ = lm_forward(model, ids, mask, visual, placeholder, plan.aux_layer)
+                hidden, _, _ = lm_forward(model, ids, mask, visual, placeholder)
                 pred = model.lm_head(hidden[:, -2]).argmax(-1)
                 for q, p in zip(qs, pred.tolist()):
                     hits.setdefault(q.category, []).append(p == q.answer)
@@ -883,14 +901,18 @@ def train_language(model, task: Task, plan: Plan, log, work: Path | None = None,
         ids, mask, target, aux, position_ids = make_batch(qs, placeholder, n_visual, answer_prefix, eos, pad, keeps)
         visual = task.pack(model, feats[[q.media for q in qs]])
         visual = torch.cat([visual[r, torch.from_numpy(k)] for r, k in enumerate(keeps)])
-        hidden, middle, attention = lm_forward(model, ids, mask, visual, placeholder, plan.aux_layer,
-                                               plan.readout_weight > 0, position_ids)
+        hidden, states, attention = lm_forward(model, ids, mask, visual, placeholder, plan.readout_weight > 0,
+                                               position_ids)
+        middle = states[plan.aux_layer]
         rows, cols = (target != IGNORE).nonzero(as_tuple=True)
         answer_loss = F.cross_entropy(model.lm_head(hidden[rows, cols]), target[rows, cols])
         arow, acol = (aux != IGNORE).nonzero(as_tuple=True)
         aux_loss = F.cross_entropy(probe(middle[arow, acol]), aux[arow, acol], weight=torch.tensor([1.0, 4.0, 4.0]))
         attention_loss = readout_loss(attention, aux, qs, task.kind) if attention is not None else hidden.sum() * 0
         loss = answer_loss + plan.aux_weight * aux_loss + plan.readout_weight * attention_loss
+        if grid is not None:  # visual slots in row order, each row's shown tokens in their original order
+            where = grid_probe(states[-2][ids == placeholder])
+            loss = loss + plan.grid_weight * F.mse_loss(where, grid[torch.from_numpy(np.concatenate(keeps))])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -1007,6 +1029,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lm-pool", type=int, default=None)
     parser.add_argument("--lm-lr", type=float, default=None)
     parser.add_argument("--aux-weight", type=float, default=None)
+    parser.add_argument("--grid-weight", type=float, default=None,
+                        help="weight of reading each visual token's row and column from the last layer's input")
     parser.add_argument("--check", type=int, default=200, help="validation samples for the final real-path check")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tower-only", action="store_true", help="stop after the tower stage (experiments)")
@@ -1029,8 +1053,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     plan = replace(PLANS[args.kind])
-    for name in ("tower_steps", "lm_steps", "tower_pool", "lm_pool", "lm_lr", "aux_weight", "tower_lr", "tower_batch",
-                 "curriculum", "warmup", "token_drop"):
+    for name in ("tower_steps", "lm_steps", "tower_pool", "lm_pool", "lm_lr", "aux_weight", "grid_weight", "tower_lr",
+                 "tower_batch", "curriculum", "warmup", "token_drop"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
     if args.category_weights:
