@@ -84,7 +84,12 @@ Timing and findings (2 shared CPU cores, fp32; the full record is in each model'
   steps: 91.5% (change 68), and 250 more at lr 5e-4, change 6x: 93.3% on the 300 validation samples, 92.7%
   on 300 test samples (change 80), random@10% 27.3%: the shipped model. (From the 1500-step run straight to
   both KV heads, 500 + 300 steps: 91% validation.) The recipe in ``PLANS`` is that route (1500 + 500 + 300
-  steps, change weighted up); it has not been run as one command yet.
+  steps, change weighted up). As one command (2 idle cores; tower 54 s, pools 91 s, 1.2-1.6 s per LM step)
+  it did not leave chance in time: 16%, 17%, 26%, 31%, 28%, 31% at steps 250-1500 of the first phase
+  (event 65%, the rest at chance; the shipped run: 45% at 1000, 62% at 1250), 38% at step 250 of the second
+  (stopped there, 37 min in). A run stopped earlier on busy cores stood at 25% and 22% at steps 250 and 500
+  and its tower differed (per-patch colour 98.2% vs 97.8%): the video runs are not bit-identical, and when
+  the readout forms varies from run to run.
 * document (OneVision anyres, 744 tokens): tower 250 steps in 59 s (per-patch box colour 98.8%, glyph 100%,
   glyph shape 97.2%). LM (batch 8, 1 thread), curriculum showing the asked box only: 36% at step 500, 37% at
   750, 36% at 1000 (the leak: "the box with no tokens missing"). Showing every box: 24%, 29%, 27%, 25% at
