@@ -106,14 +106,10 @@ class VQAttentionConfig:
                 f"`llm_rank` ({self.llm_rank}) > 0 needs `llm_modules` and 0 needs none; got "
                 f"{len(self.llm_modules)} modules"
             )
-        for name in ("trajectory", "trajectory_dim"):
+        for name, low in (("dim", 1), ("heads", 1), ("hidden", 1), ("trajectory", 0), ("trajectory_dim", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
-        for name in ("dim", "heads", "hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
         if self.dim % self.heads:
             raise ValueError(f"`dim` ({self.dim}) must be divisible by `heads` ({self.heads})")
         if len(self.bins) != 3 or any(b < 1 for b in self.bins):
