@@ -198,11 +198,11 @@ class VQTokenMethod(Method):
         outputs = sums / counts[:, None]
         if self.attention is not None:
             coords = grid_coordinates(layout, content).to(device)
-            attention = self.attention.config
-            hashed = occupancy(coords, codes, m, attention.bins)
+            shape = self.attention.config
+            hashed = occupancy(coords, codes, m, shape.bins)
             traj = None
-            if attention.trajectory:
-                traj = trajectories(coords, codes, members, m, attention.trajectory)
+            if shape.trajectory:
+                traj = trajectories(coords, codes, members, m, shape.trajectory)
             outputs = self.attention(outputs, hashed, traj)
         outputs = outputs.to(features.dtype)
         sources = content.to(device)[anchor[order]]
