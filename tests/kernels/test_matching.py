@@ -45,7 +45,7 @@ def test_matching_matches_twin(device, B, N, D, dtype, first, masked):
     (gi, gs), (wi, ws) = both(bipartite_matching, metric, protect_first=first, protect=protect)
     Na = (N + 1) // 2
     assert gi.shape == gs.shape == (B, Na) and gi.dtype == torch.int64 and gs.dtype == torch.float32
-    full = protect.clone() if protect is not None else torch.zeros(B, N, dtype=torch.bool)
+    full = protect.clone() if protect is not None else torch.zeros(B, N, dtype=torch.bool, device=device)
     full[:, 0] |= first
     scores = _oracle_scores(metric, full)
     finite = ~ws.isinf()
@@ -63,7 +63,7 @@ def test_matching_matches_twin(device, B, N, D, dtype, first, masked):
 
 def test_matching_all_destinations_protected(device):
     metric = randn(2, 9, 4, device=device)
-    protect = torch.zeros(2, 9, dtype=torch.bool)
+    protect = torch.zeros(2, 9, dtype=torch.bool, device=device)
     protect[:, 1::2] = True
     (gi, gs), (wi, ws) = both(bipartite_matching, metric, protect=protect)
     assert bool((gs == -math.inf).all()) and bool((gi == 0).all())

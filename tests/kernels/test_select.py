@@ -35,7 +35,7 @@ def _check(sel: Selection, want: Selection, k_eff: torch.Tensor | None = None) -
         n = int(keep.sum())
         assert torch.equal(row[:n], keep.nonzero().flatten()) and bool((row[n:] == -1).all())
     if k_eff is not None:
-        assert torch.equal(sel.keep.sum(1), k_eff)
+        assert torch.equal(sel.keep.sum(1), k_eff.to(sel.keep.device))
 
 
 # (B, N, dtype, masked, k per row)
@@ -56,9 +56,9 @@ TOPK = [
 def test_topk_matches_twin_exactly(device, B, N, dtype, masked, k):
     scores = _scores(B, N, dtype, device)
     mask = rand_mask(B, N, device=device) if masked else None
-    k = torch.tensor(k)
+    k = torch.tensor(k, device=device)
     got, want = both(topk_select, scores, k, mask)
-    valid = mask.sum(1) if masked else torch.full((B,), N)
+    valid = mask.sum(1) if masked else torch.full((B,), N, device=device)
     _check(got, want, torch.minimum(k, valid))
     assert got.indices.shape == (B, min(int(k.max()), N))
 
@@ -69,14 +69,15 @@ def test_topk_several_chunks_per_row(device):
     scores = _scores(B, N, F32, device)
     scores[1, 50:200] = 0.5  # a tie run crossing chunk borders
     mask = rand_mask(B, N, device=device)
-    k = torch.tensor([150, 60, 3])
+    k = torch.tensor([150, 60, 3], device=device)
     with use_backend("torch"):
         want = topk_select(scores, k, mask)
     got = select_triton.topk_select(scores, k, mask, int(k.max()), block_n=block)
     _check(Selection(*got), want)
-    got = select_triton.threshold_select(scores, torch.tensor([0.0, 0.5, -1.0]), mask, block_n=block)
+    thresholds = torch.tensor([0.0, 0.5, -1.0], device=device)
+    got = select_triton.threshold_select(scores, thresholds, mask, block_n=block)
     with use_backend("torch"):
-        want = threshold_select(scores, torch.tensor([0.0, 0.5, -1.0]), mask)
+        want = threshold_select(scores, thresholds, mask)
     _check(Selection(*got), want)
 
 

@@ -59,7 +59,7 @@ def test_pairwise_fill_and_zero_vectors(device):
 def test_pairwise_nan_propagates_like_twin(device):
     x = randn(1, 6, 8, device=device)
     x[0, 2, 5] = float("nan")
-    mask = torch.ones(1, 6, dtype=torch.bool)
+    mask = torch.ones(1, 6, dtype=torch.bool, device=device)
     mask[0, 4] = False
     x[0, 4, 0] = float("nan")  # masked rows are filled, their NaN does not leak
     got, want = both(pairwise_similarity, x, mask=mask)
@@ -77,6 +77,11 @@ def test_pairwise_rejects_bad_inputs():
         pairwise_similarity(x, torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="bool"):
         pairwise_similarity(x, mask=torch.ones(2, 3))
+    # a mask elsewhere than the data (a host mask for GPU tokens) is named, not handed to a kernel
+    with pytest.raises(ValueError, match="`mask` is on meta but the data is on cpu"):
+        pairwise_similarity(x, mask=torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="`y` is on meta"):
+        pairwise_similarity(x, torch.empty(2, 3, 4, device="meta"))
 
 
 def test_twin_matches_loops():
@@ -123,7 +128,7 @@ def test_neighbor_count_matches_twin(device, B, N, D, dtype, metric, masked, thr
     # A pair within rounding of the threshold may be counted by one backend only: bracket the count
     # between the twin's counts at threshold +- eps, and demand near-total exact agreement.
     sim = naive.pairwise_similarity(x, metric=metric, mask=mask)
-    sim = sim.masked_fill(torch.eye(N, dtype=torch.bool), float("-inf"))
+    sim = sim.masked_fill(torch.eye(N, dtype=torch.bool, device=device), float("-inf"))
     eps = 1e-5
     lo, hi = (sim > threshold + eps).sum(-1), (sim > threshold - eps).sum(-1)
     assert bool(((lo <= got) & (got <= hi)).all()), "counts outside the rounding bracket"

@@ -128,14 +128,19 @@ def check_tensor(op: str, name: str, t: torch.Tensor, ndim: int, floating: bool 
         raise ValueError(f"{op}: `{name}` must be a floating tensor, got {t.dtype}")
 
 
-def check_mask(op: str, name: str, mask: torch.Tensor | None, shape: tuple[int, ...]) -> None:
-    """Raise unless ``mask`` is ``None`` or a boolean tensor of ``shape``."""
+def check_mask(
+    op: str, name: str, mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.device
+) -> None:
+    """Raise unless ``mask`` is ``None`` or a boolean tensor of ``shape`` on ``device`` (the data's: a
+    kernel cannot read a host mask for device data)."""
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise ValueError(f"{op}: `{name}` must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{op}: `{name}` must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{op}: `{name}` is on {mask.device} but the data is on {device}; move it there")
 
 
 def check_finite(op: str, name: str, t: torch.Tensor) -> None:

@@ -54,14 +54,21 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, num_warps: int = 4, n
 
 
 def dot_config(a: torch.Tensor, b: torch.Tensor, center: bool = False) -> tuple[bool, str]:
-    """``(TO_FP32, PRECISION)`` for ``tl.dot`` on rows of ``a`` and ``b``; every choice is exact per product.
+    """``(TO_FP32, PRECISION)`` for ``tl.dot`` on rows of ``a`` and ``b``; every choice but 3xTF32 is exact
+    per product.
 
     * same half dtype, no centring: native fp16/bf16 tensor-core dot, fp32 accumulation. Except bf16 in
       the interpreter, whose bf16 dot multiplies raw bit patterns (triton#11584): cast to fp32 there.
     * fp16/bf16 cast to fp32: TF32 holds every fp16/bf16 value exactly, so TF32 is exact and fast.
-    * fp32 inputs, or centred values (no longer TF32-representable): IEEE fp32.
+    * centred values (no longer TF32-representable) on a GPU: 3xTF32, each operand split into a TF32 high
+      part and a TF32 remainder, three tensor-core products: about fp32's accuracy (relative error ~2^-21)
+      at a few times the TF32 speed, where IEEE fp32 ``tl.dot`` ran 5x slower than cuBLAS (H200, 2880 x
+      4096 bf16 tokens: 9.7 ms vs 1.8 ms for the torch twin).
+    * fp32 inputs, or centred values in the interpreter: IEEE fp32.
     """
     half = (torch.float16, torch.bfloat16)
+    if center and for_gpu(a):
+        return True, "tf32x3"
     if center or a.dtype not in half or b.dtype not in half:
         return True, "ieee"
     if a.dtype == b.dtype and (a.dtype == torch.float16 or for_gpu(a)):

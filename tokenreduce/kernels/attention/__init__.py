@@ -53,11 +53,13 @@ def attention_importance(
     B, Hq, Q, D = q.shape
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"{op}: `k` must be [B={B}, Hkv, S, D={D}], got {tuple(k.shape)}")
+    if k.device != q.device:
+        raise ValueError(f"{op}: `k` is on {k.device} but `q` is on {q.device}; move it there")
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"{op}: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    check_mask(op, "key_mask", key_mask, (B, k.shape[2]))
-    check_mask(op, "query_mask", query_mask, (B, Q))
+    check_mask(op, "key_mask", key_mask, (B, k.shape[2]), q.device)
+    check_mask(op, "query_mask", query_mask, (B, Q), q.device)
     if query_positions is not None and (query_positions.shape != (B, Q) or query_positions.is_floating_point()):
         raise ValueError(f"{op}: `query_positions` must be an integer [B={B}, Q={Q}] tensor, got "
                          f"{query_positions.dtype} {tuple(query_positions.shape)}")

@@ -75,7 +75,7 @@ def window_entropy(
         raise ValueError(f"{op}: `mode` must be one of {WINDOW_MODES}, got {mode!r}")
     if int(window) != window or window < 1:
         raise ValueError(f"{op}: `window` must be an int >= 1, got {window!r}")
-    check_mask(op, "mask", mask, tuple(entropy.shape))
+    check_mask(op, "mask", mask, tuple(entropy.shape), entropy.device)
     if select_backend(op, entropy) == "triton":
         from tokenreduce.kernels.entropy import triton as impl
     else:

@@ -37,7 +37,7 @@ def bipartite_matching(
     op = "bipartite_matching"
     check_tensor(op, "metric", metric, 3)
     B, N, _ = metric.shape
-    check_mask(op, "protect", protect, (B, N))
+    check_mask(op, "protect", protect, (B, N), metric.device)
     check_finite(op, "metric", metric)
     if protect_first and N > 0:
         protect = torch.zeros(B, N, dtype=torch.bool, device=metric.device) if protect is None else protect.clone()

@@ -52,7 +52,7 @@ def topk_select(scores: torch.Tensor, k: torch.Tensor | int, mask: torch.Tensor 
     op = "topk_select"
     check_tensor(op, "scores", scores, 2)
     B, N = scores.shape
-    check_mask(op, "mask", mask, (B, N))
+    check_mask(op, "mask", mask, (B, N), scores.device)
     integer = (not k.is_floating_point() and not k.is_complex()) if torch.is_tensor(k) else isinstance(k, int)
     if not integer:
         raise ValueError(f"{op}: `k` must be an int or an integer tensor, got {getattr(k, 'dtype', k)!r}")
@@ -86,7 +86,7 @@ def threshold_select(
     op = "threshold_select"
     check_tensor(op, "scores", scores, 2)
     B, N = scores.shape
-    check_mask(op, "mask", mask, (B, N))
+    check_mask(op, "mask", mask, (B, N), scores.device)
     dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     thr = _per_row(thresholds, B, scores.device, dtype, "thresholds", op)
     if select_backend(op, scores) == "triton":

@@ -52,11 +52,13 @@ def pairwise_similarity(
         check_tensor(op, "y", y, 3)
         if y.shape[0] != B or y.shape[2] != D:
             raise ValueError(f"{op}: `y` must be [B={B}, M, D={D}], got {tuple(y.shape)}")
+        if y.device != x.device:
+            raise ValueError(f"{op}: `y` is on {y.device} but `x` is on {x.device}; move it there")
     elif y_mask is not None:
         raise ValueError(f"{op}: `y_mask` needs `y`; with y=None `mask` covers both sides")
-    check_mask(op, "mask", mask, (B, N))
+    check_mask(op, "mask", mask, (B, N), x.device)
     if y is not None:
-        check_mask(op, "y_mask", y_mask, (B, y.shape[1]))
+        check_mask(op, "y_mask", y_mask, (B, y.shape[1]), x.device)
     if select_backend(op, x, y) == "triton":
         from tokenreduce.kernels.similarity import triton as impl
     else:
@@ -83,7 +85,7 @@ def neighbor_count(
     op = "neighbor_count"
     _check_metric(op, metric)
     check_tensor(op, "x", x, 3)
-    check_mask(op, "mask", mask, tuple(x.shape[:2]))
+    check_mask(op, "mask", mask, tuple(x.shape[:2]), x.device)
     if select_backend(op, x) == "triton":
         from tokenreduce.kernels.similarity import triton as impl
     else:
