@@ -19,7 +19,12 @@ Geometries: LLaVA-OneVision-0.5B (SigLIP 27x27 = 729 tokens per frame, Qwen2-0.5
 896) at a few frame counts, and the synthetic benchmark's tiny video model (16 frames x 6x6 tokens, its LM
 geometry read from :data:`tokenreduce.eval.synthetic.models.TEXT`). Results go to ``benchmarks/results/vqtoken_<device>.json`` and ``.csv``.
 
+On a GPU the tokens, the assignment and the decoder live on the device (decoder in bf16, every prefill
+run at full depth); the k-means runs on the GPU with faiss-gpu, else on host copies with faiss-cpu
+(``faiss_gpu`` in the output says which).
+
     python benchmarks/vqtoken.py                 # CPU
+    python benchmarks/vqtoken.py --device cuda   # GPU
     python benchmarks/vqtoken.py --quick         # small frame counts, for a smoke run
 """
 
@@ -30,7 +35,6 @@ import csv
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -68,7 +72,7 @@ def video_tokens(
     return x + noise * torch.randn(x.shape, generator=g)
 
 
-def _decoder(geometry: dict, layers: int):
+def _decoder(geometry: dict, layers: int, device: str, dtype: torch.dtype):
     from transformers import Qwen2Config, Qwen2Model
 
     config = Qwen2Config(
@@ -82,17 +86,17 @@ def _decoder(geometry: dict, layers: int):
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return Qwen2Model(config).eval()
+    return Qwen2Model(config).eval().to(device=device, dtype=dtype)
 
 
 def prefill_ms(decoder, tokens: int, dim: int, repeats: int) -> float:
-    x = torch.randn(1, tokens, dim)
+    x = torch.randn(1, tokens, dim).to(decoder.device, decoder.dtype)
 
     def run():
         with torch.no_grad():
             decoder(inputs_embeds=x, use_cache=False)
 
-    return median_ms(run, repeats)
+    return median_ms(run, repeats, device=str(decoder.device))
 
 
 def method_ms(x: torch.Tensor, frames: int, side: int, k: int, repeats: int) -> float:
@@ -103,15 +107,25 @@ def method_ms(x: torch.Tensor, frames: int, side: int, k: int, repeats: int) -> 
     layout = TokenLayout("video", tuple(Segment("frame", side, side, time=t) for t in range(frames)))
     method = VQTokenMethod(VQTokenConfig(keep=k))
     ctx = ReduceContext(layout=layout, modality="video", row=0, item=0)
-    return median_ms(lambda: method.reduce(x, ctx), repeats)
+    return median_ms(lambda: method.reduce(x, ctx), repeats, device=x.device.type)
 
 
 def run(
-    quick: bool, repeats: int, adaptive_max_tokens: int, text_tokens: int, k: int, prefill_max_tokens: int
+    quick: bool,
+    repeats: int,
+    adaptive_max_tokens: int,
+    text_tokens: int,
+    k: int,
+    prefill_max_tokens: int,
+    device: str = "cpu",
 ) -> list[dict]:
     from tokenreduce import kernels
     from tokenreduce.core.flops import Geometry
-    from tokenreduce.plugins.vqtoken.clustering import build_codebook, normalize
+    from tokenreduce.eval.bench import once_ms
+    from tokenreduce.plugins.vqtoken.clustering import build_codebook, faiss_gpus, import_faiss, normalize
+
+    cuda = device.startswith("cuda")
+    faiss_gpu = cuda and faiss_gpus(import_faiss()) > 0
 
     frame_counts = {
         "llava-onevision-0.5b": (2, 4) if quick else (2, 4, 8, 16, 32),
@@ -120,8 +134,8 @@ def run(
     rows = []
     for name, geometry in GEOMETRIES.items():
         side, dim, depth = geometry["side"], geometry["dim"], geometry["layers"]
-        # where a full-depth prefill of the longest video stays quick, run the whole decoder
-        scaled = side * side * max(frame_counts[name]) * depth > 20_000
+        # where a full-depth prefill of the longest video stays quick (always on a GPU), run the whole decoder
+        scaled = not cuda and side * side * max(frame_counts[name]) * depth > 20_000
         flops = Geometry(
             hidden=dim,
             heads=geometry["heads"],
@@ -130,10 +144,10 @@ def run(
             intermediate=geometry["intermediate"],
             layers=depth,
         )
-        decoder = _decoder(geometry, 1 if scaled else depth)
+        decoder = _decoder(geometry, 1 if scaled else depth, device, torch.bfloat16 if cuda else torch.float32)
         factor = depth if scaled else 1
         for frames in frame_counts[name]:
-            x = video_tokens(frames, side, dim)
+            x = video_tokens(frames, side, dim).to(device)
             n = x.shape[0]
             row = {
                 "geometry": name,
@@ -144,20 +158,24 @@ def run(
                 "text_tokens": text_tokens,
                 "llm_layers": depth,
                 "prefill_scaled": scaled,
+                "faiss_gpu": faiss_gpu,
             }
             book = build_codebook(x, k)
             row["codes_used"] = int(torch.unique(book.codes).numel())
-            row["build_ms"] = median_ms(lambda x=x: build_codebook(x, k), repeats)
+            row["build_ms"] = median_ms(lambda x=x: build_codebook(x, k), repeats, device=device)
             unit, centroids = normalize(x), book.centroids
             row["assign_ms"] = median_ms(
-                lambda u=unit, c=centroids: kernels.codebook_assign(u, c, "cosine"), repeats
+                lambda u=unit, c=centroids: kernels.codebook_assign(u, c, "cosine"), repeats, device=device
             )
             row["method_ms"] = method_ms(x, frames, side, k, repeats)
             if n <= adaptive_max_tokens:
-                start = time.perf_counter()
-                adaptive = build_codebook(x, None, adaptive="elbow", k_min=12, k_max=32)
-                row["adaptive_build_ms"] = (time.perf_counter() - start) * 1e3
-                row["adaptive_k"] = adaptive.k
+                found = {}
+
+                def adaptive(x=x, found=found):
+                    found["book"] = build_codebook(x, None, adaptive="elbow", k_min=12, k_max=32)
+
+                row["adaptive_build_ms"] = once_ms(adaptive, device)
+                row["adaptive_k"] = found["book"].k
             row["prefill_tflops_full"] = flops.prefill_flops([n + text_tokens] * depth) / 1e12
             row["prefill_tflops_vq"] = flops.prefill_flops([row["codes_used"] + text_tokens] * depth) / 1e12
             if n <= prefill_max_tokens:
@@ -195,27 +213,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prefill-max-tokens",
         type=int,
-        default=6000,
-        help="time the LLM prefill only for videos of up to this many visual tokens",
+        default=None,
+        help="time the LLM prefill only for videos of up to this many visual tokens (default: 6000 on the "
+        "CPU, all on a GPU)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible; use --device cpu")
     torch.set_num_threads(args.threads)
     rows = run(
-        args.quick, args.repeats, args.adaptive_max_tokens, args.text_tokens, args.k, args.prefill_max_tokens
+        args.quick,
+        args.repeats,
+        args.adaptive_max_tokens,
+        args.text_tokens,
+        args.k,
+        args.prefill_max_tokens or (1 << 30 if args.device.startswith("cuda") else 6000),
+        args.device,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"vqtoken{'_quick' if args.quick else ''}_cpu"
+    kind = args.device.split(":")[0]
+    stem = f"vqtoken{'_quick' if args.quick else ''}_{kind}"
     meta = {
-        "device": "cpu",
+        "device": torch.cuda.get_device_name() if kind == "cuda" else "cpu",
         "threads": args.threads,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "machine": platform.machine(),
         "processor": platform.processor(),
         "repeats": args.repeats,
-        "note": "medians; shared CPU, read the ratios; prefill_scaled: one decoder layer timed x depth",
+        "note": "medians; prefill_scaled: one decoder layer timed x depth"
+        + ("" if kind == "cuda" else "; shared CPU, read the ratios"),
     }
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     fields = list(dict.fromkeys(k for r in rows for k in r))

@@ -115,8 +115,9 @@ def kmeans_pp_seeds(
         weights = (2.0 - 2.0 * nearest).clamp_min(0.0).double()
         if float(weights.sum()) <= 0.0:
             weights = torch.ones_like(weights)
-        candidates = torch.multinomial(weights, trials, replacement=True, generator=generator)
-        updated = torch.maximum(nearest[None], x[candidates] @ x.T)  # [trials, N]
+        # drawn on the host from the host generator: the same seeds whichever device holds ``x``
+        candidates = torch.multinomial(weights.cpu(), trials, replacement=True, generator=generator)
+        updated = torch.maximum(nearest[None], x[candidates.to(x.device)] @ x.T)  # [trials, N]
         potential = (2.0 - 2.0 * updated.double()).clamp_min(0.0).sum(1)
         best = int(torch.argmin(potential))  # ties: the first candidate drawn
         chosen.append(int(candidates[best]))
