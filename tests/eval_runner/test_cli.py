@@ -71,7 +71,7 @@ def test_bench_runs_the_shared_prefill_benchmark(tmp_path, monkeypatch, capsys):
 
     from tokenreduce.eval import bench
 
-    def small(quick, dtype, device):  # the benchmark's model shrunk to test speed; same code path
+    def small(size, dtype, device):  # the benchmark's model shrunk to test speed; same code path
         text = dict(model_type="llama", vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
         vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,

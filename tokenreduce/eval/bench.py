@@ -1,8 +1,10 @@
 """Prefill and decode speed of reduced vs full visual tokens at LLaVA-1.5 geometry, measured in one run.
 
 Shared by ``tokenreduce bench`` and ``benchmarks/prefill.py``. A random-weight
-LlavaForConditionalGeneration with a ~0.4B-parameter Llama LM (hidden 1024, 24 layers) reads 576 visual
-tokens (24x24, as CLIP ViT-L/14@336) plus ~40 text tokens. Visual features are computed once and passed
+LlavaForConditionalGeneration with a ~0.4B-parameter Llama LM (hidden 1024, 24 layers; ``--llm 7b``: LLaVA-1.5-7B's
+Vicuna-7B geometry, hidden 4096, 32 layers, built directly on the device) reads 576 visual tokens (24x24, as CLIP
+ViT-L/14@336) plus ~40 text tokens. On a GPU the 0.4B LM's prefill is bound by kernel launches, not arithmetic, so
+it measures the methods' overhead; the 7B LM shows the speedup a served model gets. Visual features are computed once and passed
 as ``mm_encoder_outputs`` so every timing covers what token reduction changes: the reducer and the LLM
 prefill. For each method it prints the measured speedup over the full prefill, the ideal speedup from
 analytic FLOPs, and their ratio; decode ms/token and KV-cache bytes; and the reducer's own share of a
@@ -10,6 +12,7 @@ full prefill. Absolute times on shared CPUs are noisy: read the ratios.
 
     tokenreduce bench                 # CPU (bf16 where the CPU has it natively, else fp32)
     tokenreduce bench --device cuda   # on a GPU
+    tokenreduce bench --device cuda --llm 7b
     tokenreduce bench --quick         # small model, for a smoke run
 """
 
@@ -42,38 +45,45 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def build_model(quick: bool, dtype: torch.dtype, device: str):
-    """The random-weight LLaVA-1.5-geometry model (``quick``: a small one)."""
+# Language-model sizes (``quick`` for smoke runs); the vocabulary, positions and vision stub are shared.
+LLM_SIZES = {
+    "quick": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=4),
+    "0.4b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+}
+
+
+def build_model(size: str, dtype: torch.dtype, device: str):
+    """The random-weight LLaVA-1.5-geometry model with the language model of ``size`` (:data:`LLM_SIZES`),
+    initialised on ``device`` (a 7B model initialised on the CPU first would take minutes)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    text = dict(model_type="llama", vocab_size=32064, hidden_size=1024, intermediate_size=2816,
-                num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096)
-    if quick:
-        text.update(hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=4,
-                    num_key_value_heads=4)
+    text = dict(model_type="llama", vocab_size=32064, max_position_embeddings=4096, **LLM_SIZES[size])
+    text["num_key_value_heads"] = text["num_attention_heads"]
     vision = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                   num_attention_heads=4, image_size=336, patch_size=14)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return model
 
 
-def inputs(model, device: str, dtype: torch.dtype, text_tokens: int = 40) -> dict:
-    """One prompt of 576 visual (precomputed features) and ``text_tokens`` text tokens."""
+def inputs(model, device: str, dtype: torch.dtype, text_tokens: int = 40, batch: int = 1) -> dict:
+    """``batch`` prompts of 576 visual (precomputed features) and ``text_tokens`` text tokens each."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     g = torch.Generator().manual_seed(1)
-    before = torch.randint(3, 32000, (1, 5), generator=g)
-    after = torch.randint(3, 32000, (1, text_tokens - 5), generator=g)
-    ids = torch.cat([before, torch.full((1, 576), IMAGE_TOKEN), after], dim=1).to(device)
+    before = torch.randint(3, 32000, (batch, 5), generator=g)
+    after = torch.randint(3, 32000, (batch, text_tokens - 5), generator=g)
+    ids = torch.cat([before, torch.full((batch, 576), IMAGE_TOKEN), after], dim=1).to(device)
     hidden = model.config.text_config.hidden_size
-    feats = torch.randn(576, hidden, generator=g).to(device=device, dtype=dtype)
+    feats = [torch.randn(576, hidden, generator=g).to(device=device, dtype=dtype) for _ in range(batch)]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[feats])}}
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=feats)}}
 
 
 def _sync(device: str) -> None:
@@ -181,6 +191,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="small model for a smoke run")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per prefill (one image each)")
+    parser.add_argument("--llm", default="0.4b", choices=["0.4b", "7b"],
+                        help="language-model size (7b: LLaVA-1.5-7B's; ~14 GB in bf16, for a GPU)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="rows to measure ('full', the reference, is always measured)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default benchmarks/results/prefill_<device>.json)")
@@ -194,13 +207,16 @@ def main(argv: list[str] | None = None, results_dir: Path | None = None) -> int:
 
 def run(args: argparse.Namespace, results_dir: Path | None = None) -> int:
     """Run the benchmark with parsed ``args``; print the table and write the JSON report."""
+    if args.batch < 1:
+        raise SystemExit(f"--batch must be >= 1, got {args.batch}")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") or _cpu_has_bf16() else "float32"
     dtype = getattr(torch, args.dtype)
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 16)))
-    model = build_model(args.quick, dtype, args.device)
-    batch = inputs(model, args.device, dtype)
+    size = "quick" if args.quick else args.llm
+    model = build_model(size, dtype, args.device)
+    batch = inputs(model, args.device, dtype, batch=args.batch)
     layers = model.config.text_config.num_hidden_layers
     configs = {"full": lambda: None, "pool-64": lambda: build_config("pool", keep=64),
                "fastv-K2-64": lambda: build_config("fastv", layer=2, keep=64),
@@ -217,11 +233,14 @@ def run(args: argparse.Namespace, results_dir: Path | None = None) -> int:
         row["kv_cache_ratio"] = row["kv_cache_bytes"] / full["kv_cache_bytes"]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     report = {"device": args.device, "device_name": device_name, "dtype": args.dtype, "threads": torch.get_num_threads(),
-              "quick": args.quick, "llm_layers": layers, "visual_tokens": 576, "rows": rows}
-    out = args.out or (results_dir or RESULTS) / f"prefill_{'quick_' if args.quick else ''}{args.device.split(':')[0]}.json"
+              "quick": args.quick, "llm": size, "batch": args.batch, "llm_layers": layers, "visual_tokens": 576, "rows": rows}
+    stem = {"quick": "quick_", "0.4b": "", "7b": "7b_"}[size]
+    stem += f"b{args.batch}_" if args.batch > 1 else ""
+    out = args.out or (results_dir or RESULTS) / f"prefill_{stem}{args.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{device_name} ({args.device}, {args.dtype}, {torch.get_num_threads()} threads), {layers}-layer LM, 576 visual + 40 text tokens")
+    print(f"{device_name} ({args.device}, {args.dtype}, {torch.get_num_threads()} threads), {size} LM of {layers} layers, "
+          f"batch {args.batch}, 576 visual + 40 text tokens per prompt")
     print(f"{'method':<14}{'vis/layer':>10}{'prefill ms':>12}{'speedup':>9}{'ideal':>8}{'of ideal':>10}"
           f"{'reducer %':>11}{'decode ms/tok':>15}{'KV MiB':>9}")
     for row in rows:
