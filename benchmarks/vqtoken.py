@@ -20,8 +20,9 @@ Geometries: LLaVA-OneVision-0.5B (SigLIP 27x27 = 729 tokens per frame, Qwen2-0.5
 geometry read from :data:`tokenreduce.eval.synthetic.models.TEXT`). Results go to ``benchmarks/results/vqtoken_<device>.json`` and ``.csv``.
 
 On a GPU the tokens, the assignment and the decoder live on the device (decoder in bf16, every prefill
-run at full depth); the k-means runs on the GPU with faiss-gpu, else on host copies with faiss-cpu
-(``faiss_gpu`` in the output says which).
+run at full depth). ``--kmeans`` picks where the k-means runs (``kmeans`` in the output says where it
+ran): ``auto`` is FAISS for CPU tokens and with faiss-gpu, Lloyd's iterations in torch for GPU tokens
+otherwise; ``faiss`` on a GPU without faiss-gpu clusters host copies with faiss-cpu.
 
     python benchmarks/vqtoken.py                 # CPU
     python benchmarks/vqtoken.py --device cuda   # GPU
@@ -99,13 +100,13 @@ def prefill_ms(decoder, tokens: int, dim: int, repeats: int) -> float:
     return median_ms(run, repeats, device=str(decoder.device))
 
 
-def method_ms(x: torch.Tensor, frames: int, side: int, k: int, repeats: int) -> float:
+def method_ms(x: torch.Tensor, frames: int, side: int, k: int, repeats: int, kmeans: str) -> float:
     from tokenreduce.core.layout import Segment, TokenLayout
     from tokenreduce.core.reduction import ReduceContext
     from tokenreduce.plugins.vqtoken import VQTokenConfig, VQTokenMethod
 
     layout = TokenLayout("video", tuple(Segment("frame", side, side, time=t) for t in range(frames)))
-    method = VQTokenMethod(VQTokenConfig(keep=k))
+    method = VQTokenMethod(VQTokenConfig(keep=k, kmeans=kmeans))
     ctx = ReduceContext(layout=layout, modality="video", row=0, item=0)
     return median_ms(lambda: method.reduce(x, ctx), repeats, device=x.device.type)
 
@@ -118,14 +119,14 @@ def run(
     k: int,
     prefill_max_tokens: int,
     device: str = "cpu",
+    kmeans: str = "auto",
 ) -> list[dict]:
     from tokenreduce import kernels
     from tokenreduce.core.flops import Geometry
     from tokenreduce.eval.bench import once_ms
-    from tokenreduce.plugins.vqtoken.clustering import build_codebook, faiss_gpus, import_faiss, normalize
+    from tokenreduce.plugins.vqtoken.clustering import build_codebook, kmeans_backend, normalize
 
     cuda = device.startswith("cuda")
-    faiss_gpu = cuda and faiss_gpus(import_faiss()) > 0
 
     frame_counts = {
         "llava-onevision-0.5b": (2, 4) if quick else (2, 4, 8, 16, 32),
@@ -158,21 +159,21 @@ def run(
                 "text_tokens": text_tokens,
                 "llm_layers": depth,
                 "prefill_scaled": scaled,
-                "faiss_gpu": faiss_gpu,
+                "kmeans": kmeans_backend(x, kmeans),
             }
-            book = build_codebook(x, k)
+            book = build_codebook(x, k, kmeans=kmeans)
             row["codes_used"] = int(torch.unique(book.codes).numel())
-            row["build_ms"] = median_ms(lambda x=x: build_codebook(x, k), repeats, device=device)
+            row["build_ms"] = median_ms(lambda x=x: build_codebook(x, k, kmeans=kmeans), repeats, device=device)
             unit, centroids = normalize(x), book.centroids
             row["assign_ms"] = median_ms(
                 lambda u=unit, c=centroids: kernels.codebook_assign(u, c, "cosine"), repeats, device=device
             )
-            row["method_ms"] = method_ms(x, frames, side, k, repeats)
+            row["method_ms"] = method_ms(x, frames, side, k, repeats, kmeans)
             if n <= adaptive_max_tokens:
                 found = {}
 
                 def adaptive(x=x, found=found):
-                    found["book"] = build_codebook(x, None, adaptive="elbow", k_min=12, k_max=32)
+                    found["book"] = build_codebook(x, None, adaptive="elbow", k_min=12, k_max=32, kmeans=kmeans)
 
                 row["adaptive_build_ms"] = once_ms(adaptive, device)
                 row["adaptive_k"] = found["book"].k
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "CPU, all on a GPU)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--kmeans", default="auto", choices=["auto", "faiss", "torch"], help="where the k-means runs")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -231,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         args.k,
         args.prefill_max_tokens or (1 << 30 if args.device.startswith("cuda") else 6000),
         args.device,
+        args.kmeans,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kind = args.device.split(":")[0]
-    stem = f"vqtoken{'_quick' if args.quick else ''}_{kind}"
+    stem = f"vqtoken{'_quick' if args.quick else ''}{'' if args.kmeans == 'auto' else '_' + args.kmeans}_{kind}"
     meta = {
         "device": torch.cuda.get_device_name() if kind == "cuda" else "cpu",
         "threads": args.threads,

@@ -2,6 +2,7 @@
 
 import math
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,3 +133,51 @@ def test_use_gpu_without_faiss_gpu_is_an_error():
         pytest.skip("faiss-gpu present")
     with pytest.raises(ValueError, match="use_gpu"):
         C.build_codebook(torch.randn(20, 4), 2, use_gpu=True)
+
+
+def test_torch_kmeans_finds_the_faiss_clusters_and_the_same_adaptive_k():
+    x, labels = _clusters(30, 5)
+    book = C.build_codebook(x, 5, seed=1, kmeans="torch")
+    assert _same_partition(book.codes, labels)
+    torch.testing.assert_close(book.centroids.norm(dim=1), torch.ones(5))
+    for moving, k in ((0, 3), (3, 9), (6, 15)):
+        feats = scene_features(moving)
+        books = {b: C.build_codebook(feats, None, adaptive="silhouette", k_min=2, k_max=24, kmeans=b)
+                 for b in ("faiss", "torch")}
+        assert books["torch"].k == books["faiss"].k == k
+        assert _same_partition(books["torch"].codes, books["faiss"].codes)
+
+
+def test_lloyd_kmeans_stops_at_a_fixed_point():
+    x, _ = _clusters(40, 6, noise=0.3, seed=2)
+    unit = C.normalize(x)
+    init = unit[C.kmeans_pp_seeds(unit, 6, torch.Generator().manual_seed(0))]
+    centroids = C.lloyd_kmeans(unit, init, max_iter=200, tol=0.0)
+    codes, _ = C.assign(unit, centroids)
+    # every centroid is the normalised sum of the vectors assigned to it
+    sums = torch.zeros_like(centroids).index_add_(0, codes, unit)
+    used = torch.bincount(codes, minlength=6) > 0
+    torch.testing.assert_close(centroids[used], C.normalize(sums)[used])
+    # one assignment cannot move anything: the summed similarity is at least the seeds'
+    _, seed_sim = C.assign(unit, init)
+    _, sim = C.assign(unit, centroids)
+    assert float(sim.sum()) >= float(seed_sim.sum())
+    # one iteration: assign to the seeds, move to the members' normalised sums
+    first, _ = C.assign(unit, init)
+    step = C.normalize(torch.zeros_like(init).index_add_(0, first, unit))
+    torch.testing.assert_close(C.lloyd_kmeans(unit, init, max_iter=1), step)
+
+
+def test_kmeans_backend_choice(monkeypatch):
+    cpu = torch.zeros(2, 2)
+    assert C.kmeans_backend(cpu) == "faiss" and C.kmeans_backend(cpu, "torch") == "torch"
+    cuda = SimpleNamespace(is_cuda=True)  # only the device is read
+    monkeypatch.setattr(C, "faiss_gpus", lambda faiss: 0)
+    assert C.kmeans_backend(cuda) == "torch"  # host copies for faiss-cpu cost more than they save
+    assert C.kmeans_backend(cuda, use_gpu=True) == "faiss"  # asked for faiss-gpu: its own error if absent
+    monkeypatch.setattr(C, "faiss_gpus", lambda faiss: 1)
+    assert C.kmeans_backend(cuda) == "faiss"
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    assert C.kmeans_backend(cuda) == "torch"  # FAISS is not needed on the GPU
+    with pytest.raises(ValueError, match="`kmeans` must be one of"):
+        C.kmeans_backend(cpu, "sklearn")

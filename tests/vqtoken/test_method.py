@@ -35,6 +35,8 @@ CONFIGS = {
     "sequential": dict(keep=3),
     # representative tokens' own positions (M-RoPE ids on Qwen2-VL)
     "representative": dict(keep=0.4, anchor="representative", renumber_positions=False),
+    # Lloyd's iterations in torch (the default for CUDA features without faiss-gpu)
+    "torch_kmeans": dict(keep=3, kmeans="torch"),
 }
 
 
@@ -198,6 +200,7 @@ def test_adaptive_mode_reports_scores_and_respects_bounds(models):
         ({"codeword": "median"}, "`codeword`"),
         ({"threads": -1}, "`threads`"),
         ({"use_gpu": "yes"}, "`use_gpu`"),
+        ({"kmeans": "sklearn"}, "`kmeans`"),
     ],
 )
 def test_bad_options_name_parameter_and_accepted_values(options, match):

@@ -24,9 +24,13 @@ What is the paper's, the released code's, and ours:
 * The paper names "adaptive K-Means (Bhatia 2004)". We did not implement that; the two selectors above are
   what we have.
 
-FAISS is imported lazily (``pip install 'tokenreduce[vq]'``). The k-means runs on the GPU when faiss-gpu
-is installed and the features are CUDA tensors; otherwise faiss-cpu on host copies. Assigning tokens to
-codewords, for the index map and for the distortion, goes through
+Where the k-means runs (``kmeans``): FAISS (imported lazily, ``pip install 'tokenreduce[vq]'``) on the
+GPU with faiss-gpu, else faiss-cpu on host copies; or Lloyd's iterations in torch on the features' own
+device (:func:`lloyd_kmeans`: one fused assignment and one scatter-add per iteration). ``"auto"`` takes
+FAISS for CPU tensors and for CUDA tensors when faiss-gpu is installed, torch for CUDA tensors otherwise:
+on an H200 the faiss-cpu k-means on host copies of a 0.5B model's video tokens cost more (42-560 ms at
+2-32 frames) than the prefill the codes saved. Both start from the same k-means++ seeds. Assigning tokens
+to codewords, for the index map and for the distortion, goes through
 :func:`tokenreduce.kernels.codebook_assign`, the project's fused nearest-codeword kernel.
 """
 
@@ -43,6 +47,7 @@ import torch
 from tokenreduce import kernels
 
 ADAPTIVE = ("elbow", "silhouette")
+KMEANS = ("auto", "faiss", "torch")
 
 
 def import_faiss() -> Any:
@@ -125,6 +130,43 @@ def kmeans_pp_seeds(
     return torch.tensor(chosen, dtype=torch.long)
 
 
+def kmeans_backend(x: torch.Tensor, kmeans: str = "auto", use_gpu: bool | None = None) -> str:
+    """``"faiss"`` or ``"torch"``: where :func:`spherical_kmeans` clusters ``x`` (see the module doc)."""
+    if kmeans not in KMEANS:
+        raise ValueError(f"`kmeans` must be one of {KMEANS}, got {kmeans!r}")
+    if kmeans != "auto":
+        return kmeans
+    if not x.is_cuda or use_gpu:
+        return "faiss"
+    try:
+        import faiss
+    except ImportError:
+        return "torch"
+    return "faiss" if faiss_gpus(faiss) > 0 else "torch"
+
+
+def lloyd_kmeans(x: torch.Tensor, init: torch.Tensor, *, max_iter: int = 100, tol: float = 1e-4) -> torch.Tensor:
+    """Spherical k-means of the unit vectors ``x: [N, D]`` from the unit centroids ``init: [K, D]``, in
+    torch on ``x``'s device: assign every vector to its most similar centroid, move each centroid to the
+    normalised sum of its members; stop when an assignment improves the summed similarity by no more than
+    ``tol`` (relative) or after ``max_iter`` such iterations. A centroid that loses all its members stays
+    where it was.
+    """
+    x = x.float()
+    centroids = init.float()
+    previous = None
+    for _ in range(max_iter):
+        codes, similarity = kernels.codebook_assign(x, centroids, "cosine")
+        objective = float(similarity.double().sum())
+        if previous is not None and objective - previous <= tol * abs(previous):
+            break
+        previous = objective
+        sums = torch.zeros_like(centroids).index_add_(0, codes, x)
+        counts = torch.bincount(codes, minlength=centroids.shape[0])
+        centroids = torch.where((counts > 0)[:, None], normalize(sums), centroids)
+    return centroids
+
+
 def spherical_kmeans(
     x: torch.Tensor,
     k: int,
@@ -134,16 +176,21 @@ def spherical_kmeans(
     tol: float = 1e-4,
     threads: int = 1,
     use_gpu: bool | None = None,
+    kmeans: str = "auto",
 ) -> torch.Tensor:
     """Cosine k-means of the unit vectors ``x: [N, D]`` into ``k`` unit centroids ``[k, D]`` (float32, on
     ``x``'s device), seeded by :func:`kmeans_pp_seeds`.
 
+    ``kmeans``: ``"faiss"``, ``"torch"`` (:func:`lloyd_kmeans`) or ``"auto"`` (:func:`kmeans_backend`).
     ``use_gpu``: cluster with faiss-gpu (``None``: when it is installed and ``x`` is a CUDA tensor).
     """
+    backend = kmeans_backend(x, kmeans, use_gpu)
+    seeds = kmeans_pp_seeds(x, k, generator)
+    if backend == "torch":
+        return lloyd_kmeans(x, x[seeds.to(x.device)], max_iter=max_iter, tol=tol)
     faiss = import_faiss()
     import numpy as np
 
-    seeds = kmeans_pp_seeds(x, k, generator)
     host = x.detach().float().cpu().contiguous()
     points = np.ascontiguousarray(host.numpy(), dtype=np.float32)
     init = np.ascontiguousarray(points[seeds.numpy()], dtype=np.float32)
@@ -243,12 +290,27 @@ class Codebook:
 
 
 def fit(
-    x_unit: torch.Tensor, k: int, *, seed: int, max_iter: int, tol: float, threads: int, use_gpu: bool | None
+    x_unit: torch.Tensor,
+    k: int,
+    *,
+    seed: int,
+    max_iter: int,
+    tol: float,
+    threads: int,
+    use_gpu: bool | None,
+    kmeans: str = "auto",
 ) -> Codebook:
     """Cluster unit vectors into ``k`` codewords and assign every vector to its nearest one."""
     generator = torch.Generator().manual_seed(int(seed))
     centroids = spherical_kmeans(
-        x_unit, k, generator=generator, max_iter=max_iter, tol=tol, threads=threads, use_gpu=use_gpu
+        x_unit,
+        k,
+        generator=generator,
+        max_iter=max_iter,
+        tol=tol,
+        threads=threads,
+        use_gpu=use_gpu,
+        kmeans=kmeans,
     )
     codes, sim = assign(x_unit, centroids)
     return Codebook(centroids, codes, sim, k)
@@ -266,6 +328,7 @@ def build_codebook(
     tol: float = 1e-4,
     threads: int = 1,
     use_gpu: bool | None = None,
+    kmeans: str = "auto",
 ) -> Codebook:
     """Codebook of the tokens ``x: [N, D]``: ``k`` codewords, or an adaptive ``K`` in ``[k_min, k_max]``.
 
@@ -276,7 +339,7 @@ def build_codebook(
         raise ValueError(f"need a non-empty [N, D] token matrix, got shape {tuple(x.shape)}")
     unit = normalize(x)
     distinct = int(torch.unique(unit, dim=0).shape[0])
-    common = dict(seed=seed, max_iter=max_iter, tol=tol, threads=threads, use_gpu=use_gpu)
+    common = dict(seed=seed, max_iter=max_iter, tol=tol, threads=threads, use_gpu=use_gpu, kmeans=kmeans)
     if k is not None:
         return fit(unit, max(1, min(int(k), distinct)), **common)
     if adaptive not in ADAPTIVE:

@@ -12,7 +12,7 @@ from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
 
 from .attention import VQAttention
-from .clustering import ADAPTIVE, build_codebook, normalize
+from .clustering import ADAPTIVE, KMEANS, build_codebook, normalize
 from .hashing import ANCHORS, anchors, grid_coordinates, index_map, occupancy, trajectories
 
 CODEWORDS = ("mean", "normalized_mean")
@@ -59,6 +59,9 @@ class VQTokenConfig(MethodConfig):
         threads: FAISS OpenMP threads while clustering (0: FAISS's default).
         use_gpu: cluster with faiss-gpu. ``None`` does so when faiss-gpu is installed and the features
             are on CUDA.
+        kmeans: where the k-means runs: ``"faiss"``, ``"torch"`` (Lloyd's iterations on the features'
+            device) or ``"auto"``: FAISS for CPU features and with faiss-gpu, torch for CUDA features
+            without faiss-gpu (FAISS is then not needed at all).
         modalities: videos by default. Add ``"image"`` to quantise images too (all crops of an image share
             one codebook). Items of other modalities pass through untouched.
     """
@@ -78,6 +81,7 @@ class VQTokenConfig(MethodConfig):
     tol: float = 1e-4
     threads: int = 1
     use_gpu: bool | None = None
+    kmeans: str = "auto"
 
     def validate(self) -> None:
         if self.keep is not None:
@@ -103,6 +107,7 @@ class VQTokenConfig(MethodConfig):
         check_range("threads", self.threads, 0, integer=True)
         if self.use_gpu is not None and not isinstance(self.use_gpu, bool):
             raise ValueError(f"`use_gpu` must be True, False or None, got {self.use_gpu!r}")
+        check_choice("kmeans", self.kmeans, KMEANS)
 
     @classmethod
     def at_budget(cls, budget: float, num_layers: int | None = None, **options: Any) -> VQTokenConfig:
@@ -180,6 +185,7 @@ class VQTokenMethod(Method):
             tol=cfg.tol,
             threads=cfg.threads,
             use_gpu=cfg.use_gpu,
+            kmeans=cfg.kmeans,
         )
         codes = book.codes.to(device)
         # Used codes, ordered by their anchor token; code ids renumbered to that order.
