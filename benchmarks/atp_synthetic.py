@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--atp-threshold-rule", default="mean_std", choices=("mean_std", "quantile"),
                         help="training-free ATP's rule: mean_std (counts vary per instance; tends to keep a little "
                              "less than the budget) or quantile (a fixed share per stage)")
+    parser.add_argument("--atp-cross", default="text", choices=("text", "all_text"),
+                        help="training-free ATP's cross-modality queries: text (causal, the paper's) or all_text")
+    parser.add_argument("--atp-self-weight", type=float, default=0.5,
+                        help="training-free ATP's weight of self-modality importance (default 0.5)")
     parser.add_argument("--out", default="runs/atp-synthetic", help="run folder (records, table, plots)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -204,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no --heads: atp_trained left out")
         methods.remove("atp_trained")
     if "atp" in methods:
-        options["atp"] = {**stages, "threshold_rule": args.atp_threshold_rule}
+        options["atp"] = {**stages, "threshold_rule": args.atp_threshold_rule, "cross": args.atp_cross,
+                          "self_weight": args.atp_self_weight}
     print(f"ATP stages at layers {list(stages['layers'])}, spatial rates "
           f"{list(stages.get('spatial_rates', ()))} (ATP's defaults cannot reach {args.budget:.0%} on a shallow LLM)")
 

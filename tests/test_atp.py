@@ -7,6 +7,7 @@ import torch
 import tokenreduce as tr
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.llm import LLMContext
+from tokenreduce.core.sequence import column_index
 from tokenreduce.plugins.atp import ATPConfig, ATPMethod, ThresholdHeads
 from tokenreduce.plugins.atp.scores import normal_quantile, spatial_sample
 from tokenreduce.plugins.atp.training import SoftMaskATP, budget_loss, train_heads
@@ -82,6 +83,44 @@ def test_training_free_threshold_rule(model, monkeypatch):
     assert abs(normal_quantile(0.975) - 1.95996) < 1e-4
 
 
+def test_cross_all_text_lets_text_before_the_image_score_it(model, monkeypatch):
+    rows = [RowSpec(images=[(56, 56)], prefix=6, suffix=2, seed=3), RowSpec(images=[(56, 56)], prefix=4, suffix=5, seed=4)]
+    batch = tiny_batch(model, rows)
+    seen = {}
+    original = ATPMethod.select
+
+    def recording(self, ctx: LLMContext):
+        if ctx.layer == 2:
+            seen["causal"] = ctx.text_attention()
+            seen["all"] = ctx.text_attention(causal=False)
+            cols = column_index(ctx.text, device=ctx.hidden.device)
+            q = ctx.capture.query_states(cols.clamp_min(0))
+            k = ctx.capture.key_states()
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            logits = (q @ k.transpose(-1, -2)) * ctx.capture.module.scaling
+            logits = logits.masked_fill(~ctx.attention_mask.bool()[:, None, None, :], float("-inf"))
+            probs = logits.softmax(-1).mean(1)  # [B, Q, L], heads averaged
+            valid = (cols >= 0).float()[..., None]
+            seen["oracle"] = (probs * valid).sum(1) / valid.sum(1)
+            seen["visual"] = ctx.visual
+        return original(self, ctx)
+
+    monkeypatch.setattr(ATPMethod, "select", recording)
+    for cross in ("text", "all_text"):
+        tr.wrap(model, "atp", layers=(2, 4, 6), spatial_rates=(0.0, 0.0, 0.0), cross=cross)
+        try:
+            with torch.no_grad():
+                model(**batch)
+        finally:
+            tr.unwrap(model)
+    torch.testing.assert_close(seen["all"], seen["oracle"], atol=1e-5, rtol=1e-4)
+    for r, vis in enumerate(seen["visual"]):
+        # the causal share comes from the suffix alone; the prefix adds its own, so the two differ
+        assert float(seen["all"][r, vis].sum()) > 0 and not torch.allclose(seen["all"][r, vis], seen["causal"][r, vis])
+    with pytest.raises(ValueError, match="`cross`"):
+        ATPConfig(cross="question")
+
+
 def test_at_budget_averages_over_depth():
     cfg = ATPConfig.at_budget(0.25, num_layers=32)
     assert cfg.layers == (4, 14, 24)
@@ -129,7 +168,7 @@ def test_soft_masks_at_open_thresholds_leave_the_model_unchanged(model):
 
 def test_training_reaches_the_target_and_heads_round_trip(model, tmp_path):
     batch = tiny_batch(model, default_rows("llava"), labels=True)
-    config = ATPConfig.at_budget(0.3, num_layers=8)
+    config = ATPConfig.at_budget(0.3, num_layers=8, cross="all_text", self_weight=0.4)
     heads, log = train_heads(model, [batch], config, steps=30, target=0.3, lr=5e-2, log_every=5)
     assert log[-1]["budget"] < log[0]["budget"]
     assert abs(log[-1]["average_kept"] - 0.3) < 0.05
@@ -138,10 +177,12 @@ def test_training_reaches_the_target_and_heads_round_trip(model, tmp_path):
     loaded = ThresholdHeads.from_pretrained(tmp_path)
     for a, b in zip(heads.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
+    assert (loaded.cross, loaded.self_weight) == ("all_text", 0.4)  # the scoring the thresholds were fit to
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     tr.wrap(model, "atp", layers=config.layers, spatial_rates=config.spatial_rates, keep=config.keep, heads=str(tmp_path))
     try:
-        assert get_handle(model).method.heads is not None
+        method = get_handle(model).method
+        assert method.heads is not None and (method.cross, method.self_weight) == ("all_text", 0.4)
         with torch.no_grad():
             model(**inputs)
         assert tr.stats(model).summary()["layer_mean_keep_ratio"] < 0.6

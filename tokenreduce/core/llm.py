@@ -107,27 +107,31 @@ class LLMContext:
         ar = torch.arange(length, device=self.attention_mask.device)
         return torch.where(self.attention_mask.bool(), ar, -1).max(dim=1).values
 
-    def attention(self, queries: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attention(
+        self, queries: torch.Tensor, query_mask: torch.Tensor | None = None, causal: bool = True
+    ) -> torch.Tensor:
         """Layer ``K-1`` attention probabilities from the tokens at ``queries: [B, Q]`` to every key.
 
-        Softmax over keys with padding and causality masked (a query attends only to keys at or before
-        it), averaged over heads and valid queries: ``[B, L]``.
+        Softmax over keys with padding masked, and causality unless ``causal=False`` (then a query scores
+        keys after it too, which the model itself never does), averaged over heads and valid queries:
+        ``[B, L]``.
         """
         q = self.capture.query_states(queries)
         k = self.capture.key_states()
         scale = getattr(self.capture.module, "scaling", q.shape[-1] ** -0.5)
         return kernels.attention_importance(
-            q, k, scale=scale, key_mask=self.attention_mask.bool(), query_mask=query_mask, query_positions=queries
+            q, k, scale=scale, key_mask=self.attention_mask.bool(), query_mask=query_mask,
+            query_positions=queries if causal else None,
         )
 
     def last_token_attention(self) -> torch.Tensor:
         """Attention of each row's last token to every key, ``[B, L]`` (FastV's signal)."""
         return self.attention(self.last[:, None])
 
-    def text_attention(self) -> torch.Tensor:
+    def text_attention(self, causal: bool = True) -> torch.Tensor:
         """Attention of each row's text tokens to every key, averaged over them, ``[B, L]``."""
         cols = column_index(self.text, device=self.hidden.device)
-        return self.attention(cols.clamp_min(0), cols >= 0)
+        return self.attention(cols.clamp_min(0), cols >= 0, causal=causal)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from tokenreduce.core.reduction import Method
 from tokenreduce.core.registry import register_method
 from tokenreduce.plugins.baselines._llm import average_keep, check_layers
 
-from .scores import normal_quantile, redundancy_scores, spatial_sample
+from .scores import CROSS, normal_quantile, redundancy_scores, spatial_sample
 
 # Layers {4, 14, 24} of 32 in the public reimplementation, as fractions of the depth.
 DEFAULT_DEPTH_FRACTIONS = (4 / 32, 14 / 32, 24 / 32)
@@ -38,9 +38,16 @@ class ATPConfig(MethodConfig):
             uniform stride ``round(1/sqrt(rate))`` (per crop / frame) that survives whatever its score; 0 off.
         self_weight: weight of self-modality (vision->vision) importance in the redundancy score, the rest
             being cross-modality (text->vision).
+        cross: which text scores cross-modality importance: ``"text"``, the paper's causal attention (only
+            text after the image attends to it), or ``"all_text"``, every text token's query against the
+            visual keys (ours: with the question before the image, as in question-first prompts, the
+            question then scores the visual tokens; at the first layers the text after the image is
+            little more than a template).
         heads: trained threshold heads (local directory or hub repo id, see ``ThresholdHeads``): thresholds
             are then predicted per instance and layer instead of the training-free rule. With ``layers``
             unset, the heads' own layers, spatial rates and spatial score scale (saved with them) are used.
+            Their ``cross`` and ``self_weight``, when saved, always replace the config's: the thresholds are
+            in the units of the score they were trained on.
         spatial_score_scale: trained mode: a sampled token's spatial score is ``1 - rate * scale``.
     """
 
@@ -49,6 +56,7 @@ class ATPConfig(MethodConfig):
     threshold_rule: str = "mean_std"
     spatial_rates: tuple[float, ...] = (0.25, 0.0625, 0.0)
     self_weight: float = 0.5
+    cross: str = "text"
     heads: str | None = None
     spatial_score_scale: float = 3.0
 
@@ -63,6 +71,7 @@ class ATPConfig(MethodConfig):
             check_range("spatial_rates", r, 0.0, 1.0)
         check_choice("threshold_rule", self.threshold_rule, ("mean_std", "quantile"))
         check_range("self_weight", self.self_weight, 0.0, 1.0)
+        check_choice("cross", self.cross, CROSS)
         check_range("spatial_score_scale", self.spatial_score_scale, 0.0)
         n = len(self.layers) if self.layers is not None else len(DEFAULT_DEPTH_FRACTIONS)
         for name in ("keep", "spatial_rates"):
@@ -125,11 +134,15 @@ class ATPMethod(Method):
         self.heads = None
         self.spatial_rates = self.config.spatial_rates
         self.spatial_score_scale = self.config.spatial_score_scale
+        self.cross, self.self_weight = self.config.cross, self.config.self_weight
         layers = self.config.layers or default_layers(num_layers)
         if self.config.heads is not None:
             from .heads import ThresholdHeads
 
             self.heads = ThresholdHeads.from_pretrained(self.config.heads)
+            self.cross = self.heads.cross or self.cross
+            if self.heads.self_weight is not None:
+                self.self_weight = self.heads.self_weight
             if self.config.layers is None:  # the heads' own stages and SAP settings
                 layers = self.heads.layers
                 if self.heads.spatial_rates is not None:
@@ -174,7 +187,7 @@ class ATPMethod(Method):
     def select(self, ctx: LLMContext) -> list[torch.Tensor]:
         stage = self.layers.index(ctx.layer)
         rate = self.spatial_rates[stage]
-        scores, features = redundancy_scores(ctx, self.config.self_weight)
+        scores, features = redundancy_scores(ctx, self.self_weight, self.cross)
         theta_r, theta_s = self.thresholds(ctx, scores, features)
         out = []
         for r, s in enumerate(scores):

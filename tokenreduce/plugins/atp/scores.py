@@ -16,22 +16,29 @@ from tokenreduce.core.llm import LLMContext
 EPS = 1e-6
 
 
-def redundancy_scores(ctx: LLMContext, self_weight: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+CROSS = ("text", "all_text")
+
+
+def redundancy_scores(
+    ctx: LLMContext, self_weight: float, cross: str = "text"
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per row, ``log`` of the combined importance of its visual tokens relative to uniform attention.
 
     Self-modality importance is the attention the row's visual tokens pay each visual token, averaged over
     the visual queries that can see it (causal attention would otherwise favour early tokens, which more
-    queries see); cross-modality importance the attention its text tokens pay it (text before the image
-    sees none of it). Both come from layer K-1's queries against its cached keys (no eager attention) and are
-    scaled by the number of visual tokens so uniform attention scores 1. Returns the per-row scores and
-    ``[B, 2]`` features (mean log self / cross importance) for threshold heads.
+    queries see); cross-modality importance the attention its text tokens pay it. With ``cross="text"``
+    (the paper's) that attention is causal, so text before the image sees none of it; ``"all_text"`` scores
+    every text token's query against the visual keys, so a question placed before the image counts too.
+    Both come from layer K-1's queries against its cached keys (no eager attention) and are scaled by the
+    number of visual tokens so uniform attention scores 1. Returns the per-row scores and ``[B, 2]``
+    features (mean log self / cross importance) for threshold heads.
     """
     from tokenreduce.core.sequence import column_index
 
     device = ctx.hidden.device
     visual_cols = column_index(ctx.visual, device=device)
     self_attn = ctx.attention(visual_cols.clamp_min(0), visual_cols >= 0)
-    cross_attn = ctx.text_attention()
+    cross_attn = ctx.text_attention(causal=cross == "text")
     rows, features = [], []
     for r, cols in enumerate(ctx.visual):
         n = max(1, cols.numel())

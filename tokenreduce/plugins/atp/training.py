@@ -72,7 +72,8 @@ class SoftMaskATP(nn.Module):
         layers = self.adapter.decoder_layers
         self.layers = list(config.layers or default_layers(len(layers)))
         self.heads = heads if heads is not None else ThresholdHeads(
-            self.layers, spatial_rates=config.spatial_rates, spatial_score_scale=config.spatial_score_scale)
+            self.layers, spatial_rates=config.spatial_rates, spatial_score_scale=config.spatial_score_scale,
+            cross=config.cross, self_weight=config.self_weight)
         self.temperature = temperature
         self.state: SoftMaskState | None = None
         self._captures: dict[int, AttentionCapture] = {}
@@ -127,7 +128,7 @@ class SoftMaskATP(nn.Module):
         stage = self.layers.index(k)
         rate = self.config.spatial_rates[stage]
         with torch.no_grad():
-            scores, features = redundancy_scores(ctx, self.config.self_weight)
+            scores, features = redundancy_scores(ctx, self.config.self_weight, self.config.cross)
         theta_r, theta_s = self.heads(k, features)
         if state.running is None:
             state.running = torch.ones(b, length, device=capture.hidden.device)
@@ -298,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="ATP stages (default: 4/32, 14/32, 24/32 of the depth)")
     parser.add_argument("--spatial-rates", type=float, nargs="+", default=None,
                         help="spatial augmented pruning rate per stage (default: 0.25 0.0625 0)")
+    parser.add_argument("--cross", default="text", choices=("text", "all_text"),
+                        help="cross-modality queries of the redundancy score (see ATPConfig.cross)")
+    parser.add_argument("--self-weight", type=float, default=0.5, help="weight of self-modality importance")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -315,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForImageTextToText.from_pretrained(args.model, attn_implementation="eager")
     processor = AutoProcessor.from_pretrained(args.model)
     layers = len(get_adapter(model).decoder_layers)
-    options = {}
+    options = {"cross": args.cross, "self_weight": args.self_weight}
     if args.layers:
         options["layers"] = tuple(args.layers)
     if args.spatial_rates:
