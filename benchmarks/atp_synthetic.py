@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                              "less than the budget) or quantile (a fixed share per stage)")
     parser.add_argument("--atp-cross", default="text", choices=("text", "all_text"),
                         help="training-free ATP's cross-modality queries: text (causal, the paper's) or all_text")
+    parser.add_argument("--atp-score-layer", default="previous", choices=("previous", "current"),
+                        help="training-free ATP's scoring attention: layer K-1's (the paper's) or layer K's own")
     parser.add_argument("--atp-self-weight", type=float, default=0.5,
                         help="training-free ATP's weight of self-modality importance (default 0.5)")
     parser.add_argument("--out", default="runs/atp-synthetic", help="run folder (records, table, plots)")
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         methods.remove("atp_trained")
     if "atp" in methods:
         options["atp"] = {**stages, "threshold_rule": args.atp_threshold_rule, "cross": args.atp_cross,
-                          "self_weight": args.atp_self_weight}
+                          "self_weight": args.atp_self_weight, "score_layer": args.atp_score_layer}
     print(f"ATP stages at layers {list(stages['layers'])}, spatial rates "
           f"{list(stages.get('spatial_rates', ()))} (ATP's defaults cannot reach {args.budget:.0%} on a shallow LLM)")
 

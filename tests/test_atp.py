@@ -121,6 +121,33 @@ def test_cross_all_text_lets_text_before_the_image_score_it(model, monkeypatch):
         ATPConfig(cross="question")
 
 
+def test_current_layer_scores_are_that_layers_own_attention(model, monkeypatch):
+    batch = tiny_batch(model, default_rows("llava", n=2))
+    with torch.no_grad():
+        eager = model(**batch, output_attentions=True).attentions[2]  # [B, H, L, L], nothing pruned yet
+    seen = {}
+    original = ATPMethod.select
+
+    def recording(self, ctx: LLMContext):
+        if ctx.layer == 2:
+            current = ctx.at_current_layer()
+            assert current.capture.module is get_handle(model).llm_stage.layers[2].self_attn
+            seen["scores"], seen["text"] = current.text_attention(), ctx.text
+        return original(self, ctx)
+
+    monkeypatch.setattr(ATPMethod, "select", recording)
+    tr.wrap(model, "atp", layers=(2, 4, 6), spatial_rates=(0.0, 0.0, 0.0), score_layer="current")
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        tr.unwrap(model)
+    for r, cols in enumerate(seen["text"]):
+        torch.testing.assert_close(seen["scores"][r], eager[r][:, cols].mean((0, 1)), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="`score_layer`"):
+        ATPConfig(score_layer="next")
+
+
 def test_at_budget_averages_over_depth():
     cfg = ATPConfig.at_budget(0.25, num_layers=32)
     assert cfg.layers == (4, 14, 24)
@@ -168,7 +195,7 @@ def test_soft_masks_at_open_thresholds_leave_the_model_unchanged(model):
 
 def test_training_reaches_the_target_and_heads_round_trip(model, tmp_path):
     batch = tiny_batch(model, default_rows("llava"), labels=True)
-    config = ATPConfig.at_budget(0.3, num_layers=8, cross="all_text", self_weight=0.4)
+    config = ATPConfig.at_budget(0.3, num_layers=8, cross="all_text", self_weight=0.4, score_layer="current")
     heads, log = train_heads(model, [batch], config, steps=30, target=0.3, lr=5e-2, log_every=5)
     assert log[-1]["budget"] < log[0]["budget"]
     assert abs(log[-1]["average_kept"] - 0.3) < 0.05
@@ -177,12 +204,13 @@ def test_training_reaches_the_target_and_heads_round_trip(model, tmp_path):
     loaded = ThresholdHeads.from_pretrained(tmp_path)
     for a, b in zip(heads.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
-    assert (loaded.cross, loaded.self_weight) == ("all_text", 0.4)  # the scoring the thresholds were fit to
+    assert (loaded.cross, loaded.self_weight, loaded.score_layer) == ("all_text", 0.4, "current")  # the scoring fit to
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     tr.wrap(model, "atp", layers=config.layers, spatial_rates=config.spatial_rates, keep=config.keep, heads=str(tmp_path))
     try:
         method = get_handle(model).method
-        assert method.heads is not None and (method.cross, method.self_weight) == ("all_text", 0.4)
+        assert method.heads is not None and (method.cross, method.self_weight, method.score_layer) == (
+            "all_text", 0.4, "current")
         with torch.no_grad():
             model(**inputs)
         assert tr.stats(model).summary()["layer_mean_keep_ratio"] < 0.6

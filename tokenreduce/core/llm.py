@@ -17,7 +17,7 @@ Everything else happens here, for every method and every family:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,6 +87,7 @@ class LLMContext:
             each visual column; ``items[i].layout`` gives rows/cols/frames for spatial methods.
         text: per row, the columns of the row's text tokens.
         original_visual: per row, the number of visual tokens the row had at the LLM input.
+        layer_module: the decoder layer ``layer`` itself, for :meth:`at_current_layer`.
     """
 
     layer: int
@@ -99,6 +100,18 @@ class LLMContext:
     original_visual: list[int]
     capture: AttentionCapture
     extra: dict[str, Any] = field(default_factory=dict)
+    layer_module: nn.Module | None = None
+
+    def at_current_layer(self) -> LLMContext:
+        """This context with layer ``K``'s own attention in place of layer ``K-1``'s: layer ``K``'s input norm
+        and query / key projections applied to ``hidden``. Every query has then read one more layer (text
+        after the image has read the question, for one), at the cost of projecting the keys once more."""
+        if self.layer_module is None:
+            raise ValueError(f"the context of layer {self.layer} carries no decoder layer to score with")
+        norm = getattr(self.layer_module, "input_layernorm", None)
+        normed = norm(self.hidden) if norm is not None else self.hidden
+        capture = AttentionCapture(self.layer_module.self_attn, normed, self.capture.cos, self.capture.sin)
+        return replace(self, capture=capture)
 
     @property
     def last(self) -> torch.Tensor:
@@ -307,7 +320,7 @@ class LLMStage:
                 layer=k, hidden=hidden, attention_mask=mask, visual=visual, visual_tokens=visual_tokens, text=text,
                 items=info.items, original_visual=[
                     sum(it.columns.numel() for it in info.items if it.row == r) for r in range(mask.shape[0])
-                ], capture=call.captures[k],
+                ], capture=call.captures[k], layer_module=self.layers[k],
             )
             keep = self.method.select(ctx)
             rows_keep, new_visual_tok = [], []

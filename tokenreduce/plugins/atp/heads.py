@@ -19,13 +19,13 @@ class ThresholdHeads(nn.Module):
     Thresholds live in the space of the redundancy scores (log importance relative to uniform) and of the
     spatial score; initialised to keep about half the tokens by redundancy and the spatial set.
     ``spatial_rates`` and ``spatial_score_scale``, when given, record the SAP settings the heads were trained
-    with, ``cross`` and ``self_weight`` the redundancy score's (saved in ``atp_heads.json``): the thresholds
-    only mean something with those.
+    with, ``cross``, ``self_weight`` and ``score_layer`` the redundancy score's (saved in ``atp_heads.json``):
+    the thresholds only mean something with those.
     """
 
     def __init__(self, layers: list[int], hidden: int = 16, spatial_rates: tuple[float, ...] | None = None,
                  spatial_score_scale: float | None = None, cross: str | None = None,
-                 self_weight: float | None = None):
+                 self_weight: float | None = None, score_layer: str | None = None):
         super().__init__()
         self.layers = list(layers)
         self.hidden = hidden
@@ -36,6 +36,7 @@ class ThresholdHeads(nn.Module):
         self.spatial_score_scale = spatial_score_scale
         self.cross = cross
         self.self_weight = self_weight
+        self.score_layer = score_layer
         self.mlps = nn.ModuleList(
             nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 2)) for _ in self.layers
         )
@@ -61,7 +62,7 @@ class ThresholdHeads(nn.Module):
         meta = {"layers": self.layers, "hidden": self.hidden}
         if self.spatial_rates is not None:
             meta["spatial_rates"] = list(self.spatial_rates)
-        for name in ("spatial_score_scale", "cross", "self_weight"):
+        for name in ("spatial_score_scale", "cross", "self_weight", "score_layer"):
             if getattr(self, name) is not None:
                 meta[name] = getattr(self, name)
         return meta
@@ -90,6 +91,6 @@ class ThresholdHeads(nn.Module):
                 raise ValueError(f"`heads`={str(source)!r}: no {WEIGHTS} in that directory")
             meta = json.loads((path / CONFIG).read_text())
         heads = cls(meta["layers"], meta.get("hidden", 16), meta.get("spatial_rates"), meta.get("spatial_score_scale"),
-                    meta.get("cross"), meta.get("self_weight"))
+                    meta.get("cross"), meta.get("self_weight"), meta.get("score_layer"))
         heads.load_state_dict(load_file(str(path / WEIGHTS)))
         return heads

@@ -43,11 +43,15 @@ class ATPConfig(MethodConfig):
             visual keys (ours: with the question before the image, as in question-first prompts, the
             question then scores the visual tokens; at the first layers the text after the image is
             little more than a template).
+        score_layer: whose attention the scores come from: ``"previous"``, layer ``K-1``'s (the paper's;
+            its queries and keys are already computed), or ``"current"``, layer ``K``'s own projections of
+            the hidden states entering it (ours: the queries have read one more layer, which matters when
+            ``K = 1`` and layer 0's queries are bare token embeddings).
         heads: trained threshold heads (local directory or hub repo id, see ``ThresholdHeads``): thresholds
             are then predicted per instance and layer instead of the training-free rule. With ``layers``
             unset, the heads' own layers, spatial rates and spatial score scale (saved with them) are used.
-            Their ``cross`` and ``self_weight``, when saved, always replace the config's: the thresholds are
-            in the units of the score they were trained on.
+            Their ``cross``, ``self_weight`` and ``score_layer``, when saved, always replace the config's:
+            the thresholds are in the units of the score they were trained on.
         spatial_score_scale: trained mode: a sampled token's spatial score is ``1 - rate * scale``.
     """
 
@@ -57,6 +61,7 @@ class ATPConfig(MethodConfig):
     spatial_rates: tuple[float, ...] = (0.25, 0.0625, 0.0)
     self_weight: float = 0.5
     cross: str = "text"
+    score_layer: str = "previous"
     heads: str | None = None
     spatial_score_scale: float = 3.0
 
@@ -72,6 +77,7 @@ class ATPConfig(MethodConfig):
         check_choice("threshold_rule", self.threshold_rule, ("mean_std", "quantile"))
         check_range("self_weight", self.self_weight, 0.0, 1.0)
         check_choice("cross", self.cross, CROSS)
+        check_choice("score_layer", self.score_layer, ("previous", "current"))
         check_range("spatial_score_scale", self.spatial_score_scale, 0.0)
         n = len(self.layers) if self.layers is not None else len(DEFAULT_DEPTH_FRACTIONS)
         for name in ("keep", "spatial_rates"):
@@ -135,6 +141,7 @@ class ATPMethod(Method):
         self.spatial_rates = self.config.spatial_rates
         self.spatial_score_scale = self.config.spatial_score_scale
         self.cross, self.self_weight = self.config.cross, self.config.self_weight
+        self.score_layer = self.config.score_layer
         layers = self.config.layers or default_layers(num_layers)
         if self.config.heads is not None:
             from .heads import ThresholdHeads
@@ -143,6 +150,7 @@ class ATPMethod(Method):
             self.cross = self.heads.cross or self.cross
             if self.heads.self_weight is not None:
                 self.self_weight = self.heads.self_weight
+            self.score_layer = self.heads.score_layer or self.score_layer
             if self.config.layers is None:  # the heads' own stages and SAP settings
                 layers = self.heads.layers
                 if self.heads.spatial_rates is not None:
@@ -187,6 +195,8 @@ class ATPMethod(Method):
     def select(self, ctx: LLMContext) -> list[torch.Tensor]:
         stage = self.layers.index(ctx.layer)
         rate = self.spatial_rates[stage]
+        if self.score_layer == "current":
+            ctx = ctx.at_current_layer()
         scores, features = redundancy_scores(ctx, self.self_weight, self.cross)
         theta_r, theta_s = self.thresholds(ctx, scores, features)
         out = []

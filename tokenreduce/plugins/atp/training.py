@@ -73,7 +73,7 @@ class SoftMaskATP(nn.Module):
         self.layers = list(config.layers or default_layers(len(layers)))
         self.heads = heads if heads is not None else ThresholdHeads(
             self.layers, spatial_rates=config.spatial_rates, spatial_score_scale=config.spatial_score_scale,
-            cross=config.cross, self_weight=config.self_weight)
+            cross=config.cross, self_weight=config.self_weight, score_layer=config.score_layer)
         self.temperature = temperature
         self.state: SoftMaskState | None = None
         self._captures: dict[int, AttentionCapture] = {}
@@ -108,23 +108,26 @@ class SoftMaskATP(nn.Module):
             state = self.state
             if state is None:
                 return None
-            if i in self.layers:
-                self._update_masks(i)
             hidden = args[0] if args else kwargs["hidden_states"]
+            if i in self.layers:
+                self._update_masks(i, hidden)
             kwargs["attention_mask"] = self._attention_bias(hidden, state)
             return args, kwargs
 
         return hook
 
-    def _update_masks(self, k: int) -> None:
+    def _update_masks(self, k: int, hidden: torch.Tensor) -> None:
         state = self.state
         capture = self._captures.pop(k)
         b, length = state.mask2d.shape
         ctx = LLMContext(
-            layer=k, hidden=capture.hidden, attention_mask=state.mask2d, visual=state.visual,
+            layer=k, hidden=hidden.detach(), attention_mask=state.mask2d, visual=state.visual,
             visual_tokens=state.tokens, text=_text_columns(state), items=state.items,
             original_visual=[v.numel() for v in state.visual], capture=capture,
+            layer_module=self.adapter.decoder_layers[k],
         )
+        if self.config.score_layer == "current":
+            ctx = ctx.at_current_layer()
         stage = self.layers.index(k)
         rate = self.config.spatial_rates[stage]
         with torch.no_grad():
@@ -302,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cross", default="text", choices=("text", "all_text"),
                         help="cross-modality queries of the redundancy score (see ATPConfig.cross)")
     parser.add_argument("--self-weight", type=float, default=0.5, help="weight of self-modality importance")
+    parser.add_argument("--score-layer", default="previous", choices=("previous", "current"),
+                        help="attention the scores come from (see ATPConfig.score_layer)")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -319,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForImageTextToText.from_pretrained(args.model, attn_implementation="eager")
     processor = AutoProcessor.from_pretrained(args.model)
     layers = len(get_adapter(model).decoder_layers)
-    options = {"cross": args.cross, "self_weight": args.self_weight}
+    options = {"cross": args.cross, "self_weight": args.self_weight, "score_layer": args.score_layer}
     if args.layers:
         options["layers"] = tuple(args.layers)
     if args.spatial_rates:
