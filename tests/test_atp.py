@@ -173,6 +173,11 @@ def test_budget_loss_matches_hand_computation():
     torch.testing.assert_close(average, torch.tensor([0.5, 0.75]))
     depth = 0.1 * ((2 / 8) * torch.tensor([0.5, 1.0]) + (4 / 8) * torch.tensor([0.25, 0.5])).mean()
     torch.testing.assert_close(loss, depth + (0.625 - 0.5))
+    # per-stage targets add |mean kept after each stage - its target|: |0.75 - 0.5| + |0.375 - 0.5|
+    staged, _ = budget_loss(kept, 8, target=0.5, depth_weight=0.0, target_weight=1.0, stage_targets=(0.5, 0.5))
+    torch.testing.assert_close(staged, torch.tensor(0.125 + 0.25 + 0.125))
+    with pytest.raises(ValueError, match="one share per stage"):
+        budget_loss(kept, 8, 0.5, 0.0, 1.0, stage_targets=(0.5,))
 
 
 def test_soft_masks_at_open_thresholds_leave_the_model_unchanged(model):

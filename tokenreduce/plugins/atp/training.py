@@ -176,8 +176,14 @@ class SoftMaskATP(nn.Module):
 
 
 def budget_loss(kept: dict[int, torch.Tensor], num_layers: int, target: float,
-                depth_weight: float, target_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """ATP's budget terms and the layer-averaged kept share ``[B]`` they are computed from."""
+                depth_weight: float, target_weight: float,
+                stage_targets: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATP's budget terms and the layer-averaged kept share ``[B]`` they are computed from.
+
+    With ``stage_targets`` (ours), the batch-mean share kept after each stage is pulled toward its own target
+    (same weight as the average's): the heads then vary the counts per instance around that profile
+    instead of choosing the profile from soft masks, which overstate what hard pruning keeps.
+    """
     layers = sorted(kept)
     total = torch.zeros_like(kept[layers[0]])
     previous, share = 0, torch.ones_like(total)
@@ -189,6 +195,10 @@ def budget_loss(kept: dict[int, torch.Tensor], num_layers: int, target: float,
     total = total + (num_layers - previous) * share
     average = total / num_layers
     loss = depth_weight * depth_term.mean() + target_weight * (average.mean() - target).abs()
+    if stage_targets is not None:
+        if len(stage_targets) != len(layers):
+            raise ValueError(f"`stage_targets` needs one share per stage ({len(layers)}), got {stage_targets}")
+        loss = loss + target_weight * sum((kept[k].mean() - t).abs() for k, t in zip(layers, stage_targets))
     return loss, average
 
 
@@ -235,6 +245,7 @@ def train_heads(
     temperature: float = 10.0,
     depth_weight: float = 0.02,
     target_weight: float = 1.0,
+    stage_targets: tuple[float, ...] | None = None,
     accelerator=None,
     log_every: int = 10,
     on_log: Callable[[dict], None] | None = None,
@@ -261,7 +272,7 @@ def train_heads(
     log = []
     for step, batch in zip(range(steps), _cycle(batches)):
         out, kept = trainer(batch)
-        budget, average = budget_loss(kept, num_layers, target, depth_weight, target_weight)
+        budget, average = budget_loss(kept, num_layers, target, depth_weight, target_weight, stage_targets)
         loss = out.loss + budget
         optimizer.zero_grad()
         (accelerator.backward(loss) if accelerator is not None else loss.backward())
@@ -302,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="ATP stages (default: 4/32, 14/32, 24/32 of the depth)")
     parser.add_argument("--spatial-rates", type=float, nargs="+", default=None,
                         help="spatial augmented pruning rate per stage (default: 0.25 0.0625 0)")
+    parser.add_argument("--stage-targets", type=float, nargs="+", default=None,
+                        help="share of the visual tokens to keep after each stage, on average (with --target)")
     parser.add_argument("--cross", default="text", choices=("text", "all_text"),
                         help="cross-modality queries of the redundancy score (see ATPConfig.cross)")
     parser.add_argument("--self-weight", type=float, default=0.5, help="weight of self-modality importance")
@@ -343,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{layers} layers")
     heads, log = train_heads(model, batches, config, steps=args.steps, target=args.target, lr=args.lr,
                              llm_lr=args.llm_lr, temperature=args.temperature, depth_weight=args.depth_weight,
-                             target_weight=args.target_weight, accelerator=accelerator, log_every=args.log_every,
+                             target_weight=args.target_weight, stage_targets=args.stage_targets,
+                             accelerator=accelerator, log_every=args.log_every,
                              on_log=accelerator.print)
     if accelerator.is_main_process:
         heads.save_pretrained(args.out)

@@ -62,6 +62,11 @@ event: 4 answers, order: 2):
   On the first 300 test samples: 64.0% (69.3% of full tokens; change 51% from 29%, order 79%, event 61%,
   motion 65% from 88%): what a code gains and loses over time carries the colour changes, and motion,
   learnt late in the run before, was learnt less.
+* the same for 5000 steps (the schedule stretched; 39 min of training after 7 of caching, one thread of the
+  two shared with other work for part of it): 48%, 59%, 66.5%, 74.5%, 74%, 68.5%, 74%, 76%, 76%, 75.5% at
+  steps 500-5000 (at the end motion 92%, order 86%, event 64%, change 60%). On the first 300 test samples:
+  70.3% (76.2% of full tokens; motion 79%, order 79%, event 64%, change 60%): a longer schedule learns motion
+  back without losing change.
 
 Where it stops: the hash carries the motion. On 100 validation motion videos the asked object's cells
 fall in one code in every video, and the shift of that code's occupancy centroid from the first to the
