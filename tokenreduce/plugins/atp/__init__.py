@@ -13,6 +13,11 @@ training, SAP, 576 -> 144 tokens on average at -1.9% on LLaVA-1.5-7B. The equati
 temperature, loss weights and SAP rates were not published; the values here follow a public student
 reimplementation or are ours, and every one is an option of :class:`ATPConfig` / the training script.
 
+Ours, off by default: ``cross="all_text"`` lets text before the image score it too (question-first
+prompts), ``score_layer="current"`` scores with layer K's own attention (at K = 1, layer 0's queries are
+bare token embeddings), and the training script's ``--stage-targets`` pull each stage's mean kept share
+toward a profile, so the heads vary counts per instance around it.
+
 Training-free mode derives thresholds from each instance's score statistics; trained mode loads
 threshold heads (``tr.wrap(model, "atp", heads=path_or_repo_id)``) trained by
 ``python -m tokenreduce.plugins.atp.training``.
