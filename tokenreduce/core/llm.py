@@ -123,7 +123,8 @@ class LLMContext:
     def attention(
         self, queries: torch.Tensor, query_mask: torch.Tensor | None = None, causal: bool = True
     ) -> torch.Tensor:
-        """Layer ``K-1`` attention probabilities from the tokens at ``queries: [B, Q]`` to every key.
+        """Attention probabilities of the captured layer (``K-1``, or ``K`` after :meth:`at_current_layer`)
+        from the tokens at ``queries: [B, Q]`` to every key.
 
         Softmax over keys with padding masked, and causality unless ``causal=False`` (then a query scores
         keys after it too, which the model itself never does), averaged over heads and valid queries:

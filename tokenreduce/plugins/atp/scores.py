@@ -29,8 +29,9 @@ def redundancy_scores(
     queries see); cross-modality importance the attention its text tokens pay it. With ``cross="text"``
     (the paper's) that attention is causal, so text before the image sees none of it; ``"all_text"`` scores
     every text token's query against the visual keys, so a question placed before the image counts too.
-    Both come from layer K-1's queries against its cached keys (no eager attention) and are scaled by the
-    number of visual tokens so uniform attention scores 1. Returns the per-row scores and ``[B, 2]``
+    Both come from the context's captured layer (K-1's queries against its cached keys, or layer K's own
+    after :meth:`~tokenreduce.core.llm.LLMContext.at_current_layer`; no eager attention) and are scaled by
+    the number of visual tokens so uniform attention scores 1. Returns the per-row scores and ``[B, 2]``
     features (mean log self / cross importance) for threshold heads.
     """
     from tokenreduce.core.sequence import column_index

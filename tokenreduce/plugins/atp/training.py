@@ -126,11 +126,11 @@ class SoftMaskATP(nn.Module):
             original_visual=[v.numel() for v in state.visual], capture=capture,
             layer_module=self.adapter.decoder_layers[k],
         )
-        if self.config.score_layer == "current":
-            ctx = ctx.at_current_layer()
         stage = self.layers.index(k)
         rate = self.config.spatial_rates[stage]
         with torch.no_grad():
+            if self.config.score_layer == "current":
+                ctx = ctx.at_current_layer()
             scores, features = redundancy_scores(ctx, self.config.self_weight, self.config.cross)
         theta_r, theta_s = self.heads(k, features)
         if state.running is None:
