@@ -31,7 +31,8 @@ class ThresholdHeads(nn.Module):
         self.hidden = hidden
         if spatial_rates is not None and len(spatial_rates) != len(self.layers):
             raise ValueError(f"`spatial_rates` needs one value per layer ({len(self.layers)}), got {spatial_rates}")
-        # what the heads were trained with (saved with them; ATP uses them when its `layers` are not set)
+        # what the heads were trained with (saved with them; ATP uses the SAP settings when its `layers` are
+        # not set, the scoring ones always)
         self.spatial_rates = None if spatial_rates is None else tuple(float(r) for r in spatial_rates)
         self.spatial_score_scale = spatial_score_scale
         self.cross = cross

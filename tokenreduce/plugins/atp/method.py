@@ -12,7 +12,7 @@ from tokenreduce.core.reduction import Method
 from tokenreduce.core.registry import register_method
 from tokenreduce.plugins.baselines._llm import average_keep, check_layers
 
-from .scores import CROSS, normal_quantile, redundancy_scores, spatial_sample
+from .scores import CROSS, SCORE_LAYERS, normal_quantile, redundancy_scores, spatial_sample
 
 # Layers {4, 14, 24} of 32 in the public reimplementation, as fractions of the depth.
 DEFAULT_DEPTH_FRACTIONS = (4 / 32, 14 / 32, 24 / 32)
@@ -77,7 +77,7 @@ class ATPConfig(MethodConfig):
         check_choice("threshold_rule", self.threshold_rule, ("mean_std", "quantile"))
         check_range("self_weight", self.self_weight, 0.0, 1.0)
         check_choice("cross", self.cross, CROSS)
-        check_choice("score_layer", self.score_layer, ("previous", "current"))
+        check_choice("score_layer", self.score_layer, SCORE_LAYERS)
         check_range("spatial_score_scale", self.spatial_score_scale, 0.0)
         n = len(self.layers) if self.layers is not None else len(DEFAULT_DEPTH_FRACTIONS)
         for name in ("keep", "spatial_rates"):

@@ -17,6 +17,7 @@ EPS = 1e-6
 
 
 CROSS = ("text", "all_text")
+SCORE_LAYERS = ("previous", "current")
 
 
 def redundancy_scores(

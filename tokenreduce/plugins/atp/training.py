@@ -45,7 +45,7 @@ from tokenreduce.core.llm import AttentionCapture, LLMContext
 
 from .heads import ThresholdHeads
 from .method import ATPConfig, default_layers
-from .scores import redundancy_scores, spatial_sample
+from .scores import CROSS, SCORE_LAYERS, redundancy_scores, spatial_sample
 
 
 @dataclass
@@ -315,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="spatial augmented pruning rate per stage (default: 0.25 0.0625 0)")
     parser.add_argument("--stage-targets", type=float, nargs="+", default=None,
                         help="share of the visual tokens to keep after each stage, on average (with --target)")
-    parser.add_argument("--cross", default="text", choices=("text", "all_text"),
+    parser.add_argument("--cross", default="text", choices=CROSS,
                         help="cross-modality queries of the redundancy score (see ATPConfig.cross)")
     parser.add_argument("--self-weight", type=float, default=0.5, help="weight of self-modality importance")
-    parser.add_argument("--score-layer", default="previous", choices=("previous", "current"),
+    parser.add_argument("--score-layer", default="previous", choices=SCORE_LAYERS,
                         help="attention the scores come from (see ATPConfig.score_layer)")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
