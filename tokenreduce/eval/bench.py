@@ -33,7 +33,7 @@ from tokenreduce.core.config import build_config
 
 RESULTS = Path("benchmarks") / "results"
 WARMUP = 2
-METHODS = ("full", "pool-64", "fastv-K2-64", "fastv-K2-50%", "pdrop-25%", "atp-25%")
+METHODS = ("full", "pool-64", "fastv-K2-64", "fastv-K2-50%", "pdrop-25%", "atp-25%", "atp-heads")
 IMAGE_TOKEN = 32000
 
 
@@ -222,7 +222,7 @@ def run(args: argparse.Namespace, results_dir: Path | None = None) -> int:
                "fastv-K2-64": lambda: build_config("fastv", layer=2, keep=64),
                "fastv-K2-50%": lambda: build_config("fastv", layer=2, keep=0.5),
                "pdrop-25%": lambda: build_config("pdrop", **_pdrop(layers)),
-               "atp-25%": lambda: _atp(layers)}
+               "atp-25%": lambda: _atp(layers), "atp-heads": lambda: _atp_heads(layers)}
     methods = [(name, configs[name]()) for name in METHODS if name == "full" or name in args.methods]
     rows = measure_interleaved(model, batch, args.device, methods, args.repeats, args.decode_tokens)
     full = rows[0]
@@ -265,6 +265,25 @@ def _atp(layers: int):
     from tokenreduce.plugins.atp.method import ATPConfig
 
     return ATPConfig.at_budget(0.25, num_layers=layers)  # training-free: the scoring is the overhead
+
+
+_HEADS_DIRS: list = []  # kept alive (and removed at exit) while a benchmark's model is wrapped
+
+
+def _atp_heads(layers: int):
+    """ATP with threshold heads and the recorded recipe's scoring (layer K's own attention, every text
+    token). The heads are untrained (thresholds at uniform importance): the row measures what the heads and
+    that scoring cost; its kept share is its own, and its ideal speedup follows it."""
+    import tempfile
+    from dataclasses import replace
+
+    from tokenreduce.plugins.atp import ATPConfig, ThresholdHeads
+
+    cfg = ATPConfig.at_budget(0.25, num_layers=layers)
+    _HEADS_DIRS.append(tempfile.TemporaryDirectory(prefix="atp-heads-"))
+    ThresholdHeads(list(cfg.layers), spatial_rates=cfg.spatial_rates, spatial_score_scale=cfg.spatial_score_scale,
+                   cross="all_text", score_layer="current").save_pretrained(_HEADS_DIRS[-1].name)
+    return replace(cfg, heads=_HEADS_DIRS[-1].name, cross="all_text", score_layer="current")
 
 
 if __name__ == "__main__":
