@@ -181,3 +181,5 @@ def test_kmeans_backend_choice(monkeypatch):
     assert C.kmeans_backend(cuda) == "torch"  # FAISS is not needed on the GPU
     with pytest.raises(ValueError, match="`kmeans` must be one of"):
         C.kmeans_backend(cpu, "sklearn")
+    with pytest.raises(ValueError, match="drop one"):
+        C.kmeans_backend(cpu, "torch", use_gpu=True)

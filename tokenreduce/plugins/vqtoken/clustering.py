@@ -134,6 +134,8 @@ def kmeans_backend(x: torch.Tensor, kmeans: str = "auto", use_gpu: bool | None =
     """``"faiss"`` or ``"torch"``: where :func:`spherical_kmeans` clusters ``x`` (see the module doc)."""
     if kmeans not in KMEANS:
         raise ValueError(f"`kmeans` must be one of {KMEANS}, got {kmeans!r}")
+    if kmeans == "torch" and use_gpu:
+        raise ValueError("`use_gpu`=True asks for faiss-gpu but `kmeans`='torch' clusters in torch; drop one")
     if kmeans != "auto":
         return kmeans
     if not x.is_cuda or use_gpu:
