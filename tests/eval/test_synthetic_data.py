@@ -228,6 +228,17 @@ def test_captions_grow_with_content(test_sets):
     assert np.mean([n for n, e in zip(lengths, events) if e >= 2]) > np.mean([n for n, e in zip(lengths, events) if e == 1])
 
 
+def test_segment_captions_are_decided_by_the_segment_and_the_frame_before(test_sets):
+    """A segment is captioned ``nothing happens .`` exactly when none of its frames differs from the frame
+    before it, so a captioner that sees those frames can tell (LangDC trains on these captions)."""
+    for s in test_sets["video"]:
+        frames = _pixels(s)
+        for seg in s.meta["segment_captions"]:
+            lo, hi = seg["frames"]
+            changed = any(not np.array_equal(frames[t], frames[t - 1]) for t in range(max(lo, 1), hi + 1))
+            assert (seg["caption"] != "nothing happens .") == changed, (s.id, seg)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_write_and_read_split_round_trip(kind, tmp_path):
     path = write_split(kind, "validation", tmp_path, n=3)

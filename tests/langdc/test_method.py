@@ -6,9 +6,12 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.adapters import get_adapter
+from tokenreduce.core.api import get_handle
 from tokenreduce.core.reduction import ReduceContext
 from tokenreduce.plugins.baselines.pool import PoolConfig, PoolMethod
 from tokenreduce.plugins.langdc import Captioner, CaptionerConfig, LangDCConfig, LangDCMethod
+from tokenreduce.plugins.langdc.method import segment_groups
+from tokenreduce.plugins.langdc.training import add_vlm_adapters
 from tokenreduce.testing.tiny import default_rows, tiny_batch, tiny_model
 
 from .helpers import target_caption
@@ -145,3 +148,60 @@ def test_config_and_wrap_errors(tmp_path, tiny_setup):
     with pytest.raises(ValueError, match=r"was trained for visual tokens of width 32; llava_onevision .* width 64"):
         tr.wrap(model, "langdc", captioner=str(tmp_path / "narrow"))
     assert tr.core.api.get_handle(model) is None
+
+
+def test_differences_follow_the_frame_before_across_segments(tiny_setup):
+    model, _, _ = tiny_setup("llava_onevision")
+    feats, layouts = _video(model)
+    f, layout = feats[2], layouts[2]
+    plain = segment_groups(f, layout, 2, 4)
+    both = segment_groups(f, layout, 2, 4, differences=True)
+    frames = torch.cat([g.visual for g in plain]).view(-1, 4, f.shape[-1])  # [frames, 4 pooled cells, D]
+    got = torch.cat([g.visual for g in both]).view(-1, 4, 2 * f.shape[-1])
+    torch.testing.assert_close(got[..., : f.shape[-1]], frames)
+    expected = torch.cat([torch.zeros_like(frames[:1]), frames[1:] - frames[:-1]])  # segment 2 starts from frame 1
+    torch.testing.assert_close(got[..., f.shape[-1] :], expected)
+    assert [g.content.tolist() for g in both] == [g.content.tolist() for g in plain]
+
+
+def test_vlm_adapters_act_only_while_wrapped_and_round_trip(tmp_path, tiny_setup):
+    model, path, _ = tiny_setup("llava_onevision")
+    batch = tiny_batch(model, default_rows("llava_onevision", video=True))
+    captioner = Captioner.from_pretrained(path)
+    add_vlm_adapters(captioner, get_adapter(model).language_model, rank=2, targets=("q_proj", "down_proj"))
+    assert {n.rsplit(".", 1)[-1] for n, _, _ in captioner.config.vlm_modules} == {"q_proj", "down_proj"}
+    with torch.no_grad():
+        for delta in captioner.vlm_adapters.values():
+            delta.b.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    captioner.save_pretrained(tmp_path / "adapted")
+
+    def logits(captioner_path):
+        tr.wrap(model, "langdc", captioner=str(captioner_path), segment_frames=2)
+        try:
+            with torch.no_grad():
+                return model(**batch).logits
+        finally:
+            tr.unwrap(model)
+
+    with torch.no_grad():
+        before = model(**batch).logits
+    plain, adapted = logits(path), logits(tmp_path / "adapted")
+    assert not torch.allclose(plain, adapted, atol=1e-3)  # the adapters change what the LLM computes
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)  # and unwrap leaves none behind
+    loaded = Captioner.from_pretrained(tmp_path / "adapted")
+    assert loaded.config == captioner.config
+    for name, delta in captioner.vlm_adapters.items():
+        torch.testing.assert_close(loaded.vlm_adapters[name].b, delta.b)
+    bad = Captioner.from_pretrained(tmp_path / "adapted")
+    bad.vlm_adapters.layers = (("layers.0.nowhere", 64, 64),)
+    tr.wrap(model, "langdc", captioner=str(tmp_path / "adapted"), segment_frames=2)
+    try:
+        with pytest.raises(ValueError, match=r"the LangDC captioner adapts LLM layer 'layers\.0\.nowhere'"):
+            get_handle(model).method.set_captioner(bad)
+    finally:
+        tr.unwrap(model)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
+    with pytest.raises(ValueError, match=r"`vlm_rank` \(2\) > 0 needs `vlm_modules`"):
+        CaptionerConfig(vlm_hidden=8, eos_token_id=2, vlm_rank=2)

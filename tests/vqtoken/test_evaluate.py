@@ -6,8 +6,8 @@ import torch
 
 from tests.eval_runner.helpers import ShapesTask
 from tokenreduce.adapters import get_adapter
+from tokenreduce.core.lowrank import llm_linear_layers
 from tokenreduce.plugins.vqtoken import VQAttention, VQAttentionConfig
-from tokenreduce.plugins.vqtoken.attention import llm_linear_layers
 from tokenreduce.plugins.vqtoken.evaluate import evaluate
 
 

@@ -171,12 +171,15 @@ def render_video(rng: np.random.Generator, tracks: list[Track], texture: str) ->
 def _happening(tr: Track, lo: int, hi: int) -> str | None:
     """What ``tr`` does within frames ``lo..hi`` (inclusive), as a sentence, or None.
 
-    A change, appearance or disappearance belongs to the frame that first shows it; a motion to every
-    segment that holds one of its steps.
+    An event belongs to the frames that show it against the frame before: a change, appearance or
+    disappearance to the first frame that shows it, a motion to every frame where the object has just
+    stepped to the next cell (a slow motion rests in its cell for a few frames between steps). So a segment's
+    caption is decided by its frames and the one before them.
     """
-    start, end = tr.event_frames
+    start = tr.event_frames[0]
     if tr.event == "moves":
-        return f"the {tr.name(start)} moves {tr.direction} ." if start < hi and end > lo else None
+        steps = [t for t in range(max(lo, 1), hi + 1) if (tr.x0[t], tr.y0[t]) != (tr.x0[t - 1], tr.y0[t - 1])]
+        return f"the {tr.name(start)} moves {tr.direction} ." if steps else None
     if not lo <= start <= hi:
         return None
     if tr.event == "changes":
@@ -197,7 +200,8 @@ def video_caption(tracks: list[Track], texture: str) -> str:
 
 
 def segment_captions(tracks: list[Track]) -> list[dict]:
-    """Captions of consecutive 4-frame segments: ``nothing happens .`` for a static one."""
+    """Captions of consecutive 4-frame segments, each against the frame before it (see :func:`_happening`):
+    ``nothing happens .`` for a static one."""
     out = []
     for lo in range(0, NUM_FRAMES, SEGMENT_FRAMES):
         hi = lo + SEGMENT_FRAMES - 1

@@ -1,6 +1,6 @@
 """The language expert of LangDC ("CapPruner"): a small causal LM that captions a segment of video frames.
 
-One :class:`Captioner` bundles three trained parts and how they were trained to be used:
+One :class:`Captioner` bundles three (or four) trained parts and how they were trained to be used:
 
 * ``in_proj`` maps the VLM's visual tokens (what the projector stage sees: the VLM's own projected
   features, width ``vlm_hidden``) into the LM's embedding space. The paper's ``cap_mm_projector`` reads
@@ -12,6 +12,8 @@ One :class:`Captioner` bundles three trained parts and how they were trained to 
 * ``post_proj`` maps the LM's hidden state at layer ``hidden_layer`` of every caption position (a "soft
   caption token") into the VLM's embedding space (the paper's ``llm_projector``; linear in the paper,
   ``mlp2x_gelu`` by default here because the VLM stays frozen and the post-projector alone adapts).
+* optionally (``vlm_rank > 0``) ``vlm_adapters``: low-rank adapters for the VLM's LLM, trained with the
+  post-projector and hooked in only while the model is wrapped (the paper tunes the LLM with LoRA r=128).
 
 ``hidden_layer`` indexes ``hidden_states`` of the LM: 0 is the embedding output, ``k`` the output of
 decoder layer ``k``. The paper reads layer 15 of 24 (Table B4; its eval scripts: output of layer 16 of
@@ -34,6 +36,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from tokenreduce.core.lowrank import LowRankAdapters
 
 CONFIG_NAME = "langdc_captioner.json"
 PROJECTORS_NAME = "langdc_projectors.safetensors"
@@ -73,9 +77,17 @@ class CaptionerConfig:
             the grid of about this many cells with its aspect ratio (the paper pools 16x16 to 8x8); ``None``
             feeds every token.
         segment_frames: frames per captioned segment (the paper: 4 segments of 4 frames).
+        differences: each input token also carries its difference from the same cell of the frame before
+            (``in_proj`` reads ``2 * vlm_hidden`` features; ours, not the paper's): a segment's events are
+            what differs from the frame before it, and a small LM finds them token by token.
         max_caption_tokens: most caption tokens per segment (the paper: 128, its captions stay under 100).
         prompt_ids: token ids that follow the visual tokens and precede the caption (e.g. BOS).
         in_projector, post_projector: projector kinds, ``"linear"`` or ``"mlp2x_gelu"``.
+        vlm_rank: rank of low-rank adapters on the VLM's LLM (0: none, the VLM stays as it is), trained in
+            the alignment stage with the post-projector and hooked into the LLM only while the model is
+            wrapped (:mod:`tokenreduce.core.lowrank`). The paper tunes the LLM with LoRA r=128.
+        vlm_alpha: adapter scale numerator (each delta is multiplied by ``vlm_alpha / vlm_rank``).
+        vlm_modules: ``(name, in_features, out_features)`` of every adapted layer of the VLM's LLM.
         vlm: name of the VLM the projectors were trained for (informational).
         training: what training recorded (steps, time, losses, caption accuracy).
     """
@@ -85,15 +97,26 @@ class CaptionerConfig:
     hidden_layer: int = 2
     frame_tokens: int | None = 9
     segment_frames: int = 4
+    differences: bool = False
     max_caption_tokens: int = 32
     prompt_ids: tuple[int, ...] = ()
     in_projector: str = "linear"
     post_projector: str = "mlp2x_gelu"
+    vlm_rank: int = 0
+    vlm_alpha: float = 16.0
+    vlm_modules: tuple[tuple[str, int, int], ...] = ()
     vlm: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.prompt_ids = tuple(int(i) for i in self.prompt_ids)
+        self.vlm_modules = tuple((str(n), int(i), int(o)) for n, i, o in self.vlm_modules)
+        if isinstance(self.vlm_rank, bool) or not isinstance(self.vlm_rank, int) or self.vlm_rank < 0:
+            raise ValueError(f"`vlm_rank` must be an int >= 0, got {self.vlm_rank!r}")
+        if bool(self.vlm_rank) != bool(self.vlm_modules):
+            raise ValueError(
+                f"`vlm_rank` ({self.vlm_rank}) > 0 needs `vlm_modules` and 0 needs none; got {len(self.vlm_modules)} modules"
+            )
         for name in ("vlm_hidden", "segment_frames", "max_caption_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -104,6 +127,8 @@ class CaptionerConfig:
             isinstance(self.frame_tokens, bool) or not isinstance(self.frame_tokens, int) or self.frame_tokens < 1
         ):
             raise ValueError(f"`frame_tokens` must be an int >= 1 or None (every token), got {self.frame_tokens!r}")
+        if not isinstance(self.differences, bool):
+            raise ValueError(f"`differences` must be a bool, got {self.differences!r}")
         for name in ("in_projector", "post_projector"):
             if getattr(self, name) not in PROJECTOR_KINDS:
                 raise ValueError(f"`{name}` must be one of {PROJECTOR_KINDS}, got {getattr(self, name)!r}")
@@ -111,6 +136,7 @@ class CaptionerConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["prompt_ids"] = list(self.prompt_ids)
+        out["vlm_modules"] = [list(m) for m in self.vlm_modules]
         return out
 
     @classmethod
@@ -152,8 +178,10 @@ class Captioner(nn.Module):
             raise ValueError(
                 f"`hidden_layer` must be in [0, {layers}] for a captioner LM of {layers} layers, got {config.hidden_layer}"
             )
-        self.in_proj = build_projector(config.in_projector, config.vlm_hidden, width)
+        self.in_proj = build_projector(config.in_projector, config.vlm_hidden * (1 + config.differences), width)
         self.post_proj = build_projector(config.post_projector, width, config.vlm_hidden)
+        self.vlm_adapters = LowRankAdapters(config.vlm_modules, config.vlm_rank, config.vlm_alpha,
+                                            owner="the LangDC captioner")
         self.tokenizer = tokenizer
 
     # ----- construction -------------------------------------------------------------------------------
@@ -186,6 +214,7 @@ class Captioner(nn.Module):
         self.lm.save_pretrained(path / LM_DIR, safe_serialization=True)
         tensors = {f"in_proj.{k}": v for k, v in self.in_proj.state_dict().items()}
         tensors.update({f"post_proj.{k}": v for k, v in self.post_proj.state_dict().items()})
+        tensors.update({f"vlm_adapters.{k}": v for k, v in self.vlm_adapters.state_dict().items()})
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / PROJECTORS_NAME))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path / TOKENIZER_DIR)
@@ -222,10 +251,9 @@ class Captioner(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
         captioner = cls(config, lm, tokenizer)
         state = load_file(str(path / PROJECTORS_NAME))
-        captioner.in_proj.load_state_dict({k[len("in_proj."):]: v for k, v in state.items() if k.startswith("in_proj.")})
-        captioner.post_proj.load_state_dict(
-            {k[len("post_proj."):]: v for k, v in state.items() if k.startswith("post_proj.")}
-        )
+        for name in ("in_proj", "post_proj", "vlm_adapters"):
+            prefix = name + "."
+            getattr(captioner, name).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         return captioner.eval()
 
     # ----- running ------------------------------------------------------------------------------------

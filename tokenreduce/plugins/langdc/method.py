@@ -106,7 +106,8 @@ class SegmentGroup:
 
     Attributes:
         segments: indices of the layout segments (frames) it covers.
-        visual: ``[K, D]`` the captioner's input, every frame pooled to its ``frame_tokens`` grid.
+        visual: ``[K, D]`` the captioner's input, every frame pooled to its ``frame_tokens`` grid (``[K, 2D]``
+            with the differences from the frame before, see :func:`segment_groups`).
         content: ascending indices (within the item) of its content tokens, newline slots excluded.
         frames: ``time`` of its first and last frame.
     """
@@ -118,33 +119,49 @@ class SegmentGroup:
 
 
 def segment_groups(features: torch.Tensor, layout: TokenLayout, segment_frames: int,
-                   frame_tokens: int | None) -> list[SegmentGroup]:
+                   frame_tokens: int | None, differences: bool = False) -> list[SegmentGroup]:
     """Group a video's frames (layout ``"frame"`` segments) by ``segment_frames``, each frame pooled to the
     grid of about ``frame_tokens`` cells (``None``: unpooled). An item without frames (an image, or a flat
-    layout) is one group of all its grids."""
+    layout) is one group of all its grids.
+
+    With ``differences`` every pooled token is followed, along the feature axis, by its difference from the
+    same cell of the frame before (zero for the first frame, and where the grids differ in shape): ``[K, 2D]``.
+    What changed is then a property of one token instead of a comparison across a whole frame of tokens."""
     grids = [i for i, s in enumerate(layout.segments) if s.cols > 0]
-    if any(layout.segments[i].kind == "frame" for i in grids):
+    framed = any(layout.segments[i].kind == "frame" for i in grids)
+    if framed:
         grids = [i for i in grids if layout.segments[i].kind == "frame"]
-        chunks = [grids[j : j + segment_frames] for j in range(0, len(grids), segment_frames)]
-    else:
-        chunks = [grids] if grids else []
     slices = layout.segment_slices()
+    pooled: dict[int, torch.Tensor] = {}
+    for i in grids:
+        seg, sl = layout.segments[i], slices[i]
+        width = seg.cols + int(seg.newline)
+        grid = features[sl].view(seg.rows, width, -1)[:, : seg.cols]
+        h, w = pooled_grid(seg.rows, seg.cols, frame_tokens or seg.rows * seg.cols)
+        if (h, w) != (seg.rows, seg.cols):
+            grid = F.adaptive_avg_pool2d(grid.permute(2, 0, 1).float(), (h, w)).permute(1, 2, 0).to(features.dtype)
+        pooled[i] = grid.reshape(-1, features.shape[-1])
+    if differences:
+        previous = [None, *grids[:-1]] if framed else [None] * len(grids)
+        for i, before in reversed(list(zip(grids, previous))):
+            delta = torch.zeros_like(pooled[i])
+            if before is not None and pooled[before].shape == pooled[i].shape:
+                delta = pooled[i] - pooled[before]
+            pooled[i] = torch.cat([pooled[i], delta], dim=-1)
+    chunks = [grids[j : j + segment_frames] for j in range(0, len(grids), segment_frames)] if framed else [grids]
     out = []
     for chunk in chunks:
-        visual, content = [], []
+        if not chunk:
+            continue
+        content = []
         for i in chunk:
             seg, sl = layout.segments[i], slices[i]
             width = seg.cols + int(seg.newline)
-            grid = features[sl].view(seg.rows, width, -1)[:, : seg.cols]
-            h, w = pooled_grid(seg.rows, seg.cols, frame_tokens or seg.rows * seg.cols)
-            if (h, w) != (seg.rows, seg.cols):
-                pooled = F.adaptive_avg_pool2d(grid.permute(2, 0, 1).float(), (h, w)).permute(1, 2, 0)
-                grid = pooled.to(features.dtype)
-            visual.append(grid.reshape(-1, features.shape[-1]))
             cols = torch.arange(seg.cols).repeat(seg.rows) + torch.arange(seg.rows).repeat_interleave(seg.cols) * width
             content.append(sl.start + cols)
         times = (layout.segments[chunk[0]].time, layout.segments[chunk[-1]].time)
-        out.append(SegmentGroup(chunk, torch.cat(visual), torch.cat(content).to(features.device), times))
+        visual = torch.cat([pooled[i] for i in chunk])
+        out.append(SegmentGroup(chunk, visual, torch.cat(content).to(features.device), times))
     return out
 
 
@@ -167,12 +184,23 @@ class LangDCMethod(Method):
                 )
             captioner = Captioner.from_pretrained(config.captioner)
         self.captioner = captioner
+        self.handle: Any = None
+        self._hooks: list[Any] = []
         self._forced: list[list[list[int]]] | None = None
 
     # ----- the captioner -------------------------------------------------------------------------------
     def set_captioner(self, captioner: Captioner) -> None:
-        """Use ``captioner`` (e.g. one being trained)."""
+        """Use ``captioner`` (e.g. one being trained). On a wrapped model the previous captioner's VLM
+        adapters are removed and ``captioner``'s installed."""
+        self._remove_hooks()
         self.captioner = captioner
+        if self.handle is not None:
+            self._hooks = captioner.vlm_adapters.install(self.handle.adapter.language_model)
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def attach(self, handle: Any) -> None:
         width = int(handle.adapter.text_config.hidden_size)
@@ -183,6 +211,12 @@ class LangDCMethod(Method):
             )
         param = next(handle.model.parameters())
         self.captioner.to(param.device)
+        self.handle = handle
+        self.set_captioner(self.captioner)
+
+    def detach(self, handle: Any) -> None:
+        self._remove_hooks()
+        self.handle = None
 
     @property
     def segment_frames(self) -> int:
@@ -208,7 +242,8 @@ class LangDCMethod(Method):
     # ----- reduction -----------------------------------------------------------------------------------
     def groups(self, features: torch.Tensor, layout: TokenLayout) -> list[SegmentGroup]:
         """The captioned segments of one item, with the captioner's pooled input."""
-        return segment_groups(features, layout, self.segment_frames, self.captioner.config.frame_tokens)
+        config = self.captioner.config
+        return segment_groups(features, layout, self.segment_frames, config.frame_tokens, config.differences)
 
     def caption(self, groups: list[SegmentGroup]) -> tuple[list[list[int]], list[torch.Tensor], float]:
         """Caption ids and hidden states per group (batched by input length), and the time it took in ms."""

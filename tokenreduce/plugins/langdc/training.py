@@ -57,8 +57,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import tokenreduce as tr
+from tokenreduce.adapters import get_adapter
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.layout import TokenLayout
+from tokenreduce.core.lowrank import LLM_TARGETS, LowRankAdapters, llm_linear_layers
 
 from .captioner import Captioner, CaptionerConfig, count_parameters, default_hidden_layer
 from .data import IGNORE, Question, VideoExample, build_examples
@@ -73,7 +75,8 @@ def group_inputs(examples: Sequence[VideoExample], layout: TokenLayout, config: 
     """``[videos, segments, K, D]`` pooled captioner inputs of every video (float32)."""
     out = []
     for ex in examples:
-        groups = segment_groups(ex.features.float(), layout, config.segment_frames, config.frame_tokens)
+        groups = segment_groups(ex.features.float(), layout, config.segment_frames, config.frame_tokens,
+                                config.differences)
         out.append(torch.stack([g.visual for g in groups]))
     return torch.stack(out)
 
@@ -100,8 +103,8 @@ def train_captioner(captioner: Captioner, inputs: torch.Tensor, captions: Sequen
                     log_every: int = 100) -> list[dict[str, float]]:
     """Next-token prediction of the segment captions (and EOS) from ``inputs`` ``[V, S, K, D]``."""
     segments = [(v, s) for v in range(inputs.shape[0]) for s in range(inputs.shape[1])]
-    params = [p for n, p in captioner.named_parameters() if not n.startswith("post_proj.")]
-    for p in captioner.post_proj.parameters():
+    params = [*captioner.in_proj.parameters(), *captioner.lm.parameters()]
+    for p in [*captioner.post_proj.parameters(), *captioner.vlm_adapters.parameters()]:
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = _warmup_cosine(optimizer, steps)
@@ -125,7 +128,7 @@ def train_captioner(captioner: Captioner, inputs: torch.Tensor, captions: Sequen
         if (step + 1) % log_every == 0 or step == steps - 1:
             log.append({"step": step + 1, "loss": sum(running) / len(running)})
             running = []
-    for p in captioner.post_proj.parameters():
+    for p in [*captioner.post_proj.parameters(), *captioner.vlm_adapters.parameters()]:
         p.requires_grad_(True)
     captioner.eval()
     return log
@@ -248,11 +251,24 @@ def teacher_log_probs(model, pairs: Sequence[tuple[VideoExample, Question]], lay
     return out
 
 
+def add_vlm_adapters(captioner: Captioner, language_model: nn.Module, rank: int, alpha: float = 16.0,
+                     targets: tuple[str, ...] = LLM_TARGETS) -> None:
+    """Give ``captioner`` fresh rank-``rank`` adapters for ``language_model``'s ``targets`` layers (the
+    alignment stage trains them with the post-projector); rank 0 removes them."""
+    config = captioner.config
+    config.vlm_rank, config.vlm_alpha = int(rank), float(alpha)
+    config.vlm_modules = llm_linear_layers(language_model, tuple(targets)) if rank else ()
+    param = next(captioner.parameters())
+    captioner.vlm_adapters = LowRankAdapters(config.vlm_modules, config.vlm_rank, config.vlm_alpha,
+                                             owner="the LangDC captioner").to(param.device)
+
+
 def train_alignment(model, method: LangDCMethod, pairs: Sequence[tuple[VideoExample, Question]],
                     captions: dict[str, list[list[int]]], layout: TokenLayout, pad_id: int, *, steps: int,
                     batch_size: int, lr: float, distill: float = 1.0, teacher: Sequence[torch.Tensor] | None = None,
                     seed: int = 0, accelerator=None, log_every: int = 50) -> list[dict[str, float]]:
-    """Train ``method.captioner.post_proj`` so the frozen, wrapped ``model`` answers from the soft tokens.
+    """Train ``method.captioner.post_proj`` (and its VLM adapters, if any) so that the frozen, wrapped
+    ``model`` answers from the soft tokens.
 
     ``captions`` maps a video's sample id to the caption ids of its segments (teacher-forced through the
     frozen captioner); ``teacher`` gives the full-token log-probabilities for the KL term (``distill``)."""
@@ -261,7 +277,7 @@ def train_alignment(model, method: LangDCMethod, pairs: Sequence[tuple[VideoExam
         p.requires_grad_(False)
     for p in captioner.parameters():
         p.requires_grad_(False)
-    params = list(captioner.post_proj.parameters())
+    params = [*captioner.post_proj.parameters(), *captioner.vlm_adapters.parameters()]
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -348,6 +364,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden-layer", type=int, default=None, help="hidden_states index (default 2/3 depth)")
     parser.add_argument("--frame-tokens", type=int, default=9, help="captioner input tokens per frame (0: all)")
     parser.add_argument("--segment-frames", type=int, default=4)
+    parser.add_argument("--differences", action="store_true",
+                        help="captioner input tokens also carry their difference from the frame before")
+    parser.add_argument("--in-projector", default="linear", choices=("linear", "mlp2x_gelu"))
     parser.add_argument("--max-caption-tokens", type=int, default=32)
     parser.add_argument("--post-projector", default="mlp2x_gelu", choices=("linear", "mlp2x_gelu"))
     parser.add_argument("--caption-steps", type=int, default=3000)
@@ -357,6 +376,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--align-batch", type=int, default=16)
     parser.add_argument("--align-lr", type=float, default=1e-3)
     parser.add_argument("--align-captions", default="generated", choices=("generated", "gt"))
+    parser.add_argument("--vlm-rank", type=int, default=0,
+                        help="rank of adapters on the VLM's LLM trained in alignment (0: the VLM as it is)")
+    parser.add_argument("--vlm-alpha", type=float, default=16.0)
     parser.add_argument("--distill", type=float, default=1.0, help="weight of the KL to the full-token VLM")
     parser.add_argument("--base-keep", type=float, default=0.11, help="base branch share during alignment")
     parser.add_argument("--no-base", action="store_true", help="align without the base branch (captions only)")
@@ -425,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
             vlm_hidden=vlm_hidden, eos_token_id=int(cap_tokenizer.eos_token_id),
             hidden_layer=args.hidden_layer if args.hidden_layer is not None else default_hidden_layer(layers),
             frame_tokens=args.frame_tokens or None, segment_frames=args.segment_frames,
+            differences=args.differences, in_projector=args.in_projector,
             max_caption_tokens=args.max_caption_tokens,
             prompt_ids=(cap_tokenizer.bos_token_id,) if cap_tokenizer.bos_token_id is not None else (),
             post_projector=args.post_projector, vlm=Path(args.model).name,
@@ -461,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
 
     # ----- stage 2 -----
     if args.stage in ("all", "align"):
+        add_vlm_adapters(captioner, get_adapter(model).language_model, args.vlm_rank, args.vlm_alpha)
         captioner.save_pretrained(out_dir) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         method_config = LangDCConfig(captioner=str(out_dir), base=not args.no_base, base_keep=args.base_keep)
@@ -515,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
             "validation_answers": results,
             "train_videos": args.train_videos, "caption_steps": args.caption_steps, "align_steps": args.align_steps,
             "align_captions": args.align_captions, "distill": args.distill, "base_keep": args.base_keep,
-            "base": not args.no_base,
+            "base": not args.no_base, "vlm_rank": args.vlm_rank,
         }
         captioner.save_pretrained(out_dir)
         (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")

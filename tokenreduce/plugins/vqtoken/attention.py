@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenreduce.core.lowrank import LowRankAdapters
+
 WEIGHTS = "vq_attention.safetensors"
 CONFIG = "vq_attention.json"
 
@@ -78,7 +80,7 @@ class VQAttentionConfig:
         llm_rank: rank of the LLM adapters (0: none, the LLM reads the code tokens as it is).
         llm_alpha: adapter scale numerator (the delta is multiplied by ``llm_alpha / llm_rank``).
         llm_modules: ``(name, in_features, out_features)`` of every adapted linear layer, names relative
-            to the language model (see :func:`llm_linear_layers`).
+            to the language model (see :func:`tokenreduce.core.lowrank.llm_linear_layers`).
     """
 
     dim: int
@@ -147,37 +149,6 @@ def occupancy_moments(occupancy: torch.Tensor, bins: tuple[int, int, int]) -> to
     return torch.cat([mass / (bh * bw), row, col], dim=1)
 
 
-LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def llm_linear_layers(
-    language_model: nn.Module, targets: tuple[str, ...] = LLM_TARGETS
-) -> tuple[tuple[str, int, int], ...]:
-    """``(name, in_features, out_features)`` of the language model's ``nn.Linear`` layers whose last name
-    part is in ``targets`` (the attention and MLP projections of Llama/Qwen2-style decoders)."""
-    found = tuple(
-        (name, m.in_features, m.out_features)
-        for name, m in language_model.named_modules()
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets
-    )
-    if not found:
-        raise ValueError(f"the language model has no nn.Linear layer named one of {targets}")
-    return found
-
-
-class LowRank(nn.Module):
-    """``x -> x A^T B^T * scale``: one LoRA delta, ``B`` zero-initialised so it starts at nothing."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, scale: float):
-        super().__init__()
-        self.a = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
-        self.b = nn.Parameter(torch.zeros(out_features, rank))
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x.to(self.a.dtype), self.a), self.b) * self.scale
-
-
 class VQAttention(nn.Module):
     """``B' = B + W_O MHA(Q = LN(B) W_Q, K = LN(B) W_K, V = MLP(occupancy) W_V)``, optionally plus each
     code's own hash embedding and an FFN."""
@@ -207,39 +178,12 @@ class VQAttention(nn.Module):
             self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
             nn.init.zeros_(self.ffn[-1].weight)
             nn.init.zeros_(self.ffn[-1].bias)
-        self.llm = nn.ModuleDict(
-            {
-                name.replace(".", "__"): LowRank(i, o, config.llm_rank, config.llm_alpha / config.llm_rank)
-                for name, i, o in config.llm_modules
-            }
-        )
+        self.llm = LowRankAdapters(config.llm_modules, config.llm_rank, config.llm_alpha, owner="VQ-attention")
 
     def adapt_llm(self, language_model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         """Add the LLM adapters to ``language_model``'s linear layers as forward hooks; returns the hooks
         (removing them restores the model exactly). Nothing when ``llm_rank`` is 0."""
-        hooks = []
-        try:
-            for name, i, o in self.config.llm_modules:
-                try:
-                    layer = language_model.get_submodule(name)
-                except AttributeError:
-                    layer = None
-                if not isinstance(layer, nn.Linear) or (layer.in_features, layer.out_features) != (i, o):
-                    raise ValueError(
-                        f"VQ-attention adapts LLM layer {name!r} as Linear({i} -> {o}); this language model "
-                        f"has {layer!r} there"
-                    )
-                delta = self.llm[name.replace(".", "__")]
-
-                def hook(_module, args, output, delta=delta):
-                    return output + delta(args[0]).to(output.dtype)
-
-                hooks.append(layer.register_forward_hook(hook))
-        except BaseException:
-            for h in hooks:
-                h.remove()
-            raise
-        return hooks
+        return self.llm.install(language_model)
 
     def forward(
         self, codebook: torch.Tensor, occupancy: torch.Tensor, trajectory: torch.Tensor | None = None

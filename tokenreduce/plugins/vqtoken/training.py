@@ -102,8 +102,9 @@ import tokenreduce as tr
 from tokenreduce.adapters import get_adapter
 from tokenreduce.adapters.base import PIXEL_KEYS
 from tokenreduce.core.api import get_handle
+from tokenreduce.core.lowrank import LLM_TARGETS, llm_linear_layers
 
-from .attention import LLM_TARGETS, VQAttention, VQAttentionConfig, llm_linear_layers
+from .attention import VQAttention, VQAttentionConfig
 
 
 @dataclass
