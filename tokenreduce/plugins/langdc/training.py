@@ -90,6 +90,12 @@ def _sync_gradients(params: Sequence[nn.Parameter], accelerator) -> None:
             p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
+def _report(stage: str, entry: dict[str, float], accelerator) -> None:
+    """Print a training log entry (main process only) as one JSON line."""
+    if accelerator is None or accelerator.is_main_process:
+        print(json.dumps({"stage": stage, **{k: round(v, 4) for k, v in entry.items()}}), flush=True)
+
+
 def _warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over the first 5% of ``steps``, then cosine decay to zero."""
     warmup = max(1, steps // 20)
@@ -100,7 +106,7 @@ def _warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.
 
 def train_captioner(captioner: Captioner, inputs: torch.Tensor, captions: Sequence[Sequence[list[int]]], *,
                     steps: int, batch_size: int, lr: float, seed: int = 0, accelerator=None,
-                    log_every: int = 100) -> list[dict[str, float]]:
+                    log_every: int = 250) -> list[dict[str, float]]:
     """Next-token prediction of the segment captions (and EOS) from ``inputs`` ``[V, S, K, D]``."""
     segments = [(v, s) for v in range(inputs.shape[0]) for s in range(inputs.shape[1])]
     params = [*captioner.in_proj.parameters(), *captioner.lm.parameters()]
@@ -127,6 +133,7 @@ def train_captioner(captioner: Captioner, inputs: torch.Tensor, captions: Sequen
         running.append(loss.item())
         if (step + 1) % log_every == 0 or step == steps - 1:
             log.append({"step": step + 1, "loss": sum(running) / len(running)})
+            _report("caption", log[-1], accelerator)
             running = []
     for p in [*captioner.post_proj.parameters(), *captioner.vlm_adapters.parameters()]:
         p.requires_grad_(True)
@@ -266,7 +273,7 @@ def add_vlm_adapters(captioner: Captioner, language_model: nn.Module, rank: int,
 def train_alignment(model, method: LangDCMethod, pairs: Sequence[tuple[VideoExample, Question]],
                     captions: dict[str, list[list[int]]], layout: TokenLayout, pad_id: int, *, steps: int,
                     batch_size: int, lr: float, distill: float = 1.0, teacher: Sequence[torch.Tensor] | None = None,
-                    seed: int = 0, accelerator=None, log_every: int = 50) -> list[dict[str, float]]:
+                    seed: int = 0, accelerator=None, log_every: int = 100) -> list[dict[str, float]]:
     """Train ``method.captioner.post_proj`` (and its VLM adapters, if any) so that the frozen, wrapped
     ``model`` answers from the soft tokens.
 
@@ -313,6 +320,7 @@ def train_alignment(model, method: LangDCMethod, pairs: Sequence[tuple[VideoExam
             running[key].append(float(value.detach()))
         if (step + 1) % log_every == 0 or step == steps - 1:
             log.append({"step": step + 1, **{k: sum(v) / len(v) for k, v in running.items()}})
+            _report("align", log[-1], accelerator)
             running = {k: [] for k in running}
     for p in params:
         p.requires_grad_(False)
@@ -322,7 +330,8 @@ def train_alignment(model, method: LangDCMethod, pairs: Sequence[tuple[VideoExam
 @torch.no_grad()
 def answer_accuracy(model, pairs: Sequence[tuple[VideoExample, Question]], layout: TokenLayout, pad_id: int,
                     batch_size: int = 16) -> dict[str, float]:
-    """Accuracy of the first answer token (argmax at the position that predicts it), and visual tokens."""
+    """Accuracy of the first answer token (argmax at the position that predicts it), overall and per question
+    category, and visual tokens."""
     device = next(model.parameters()).device
     hits, tokens = [], []
     handle = get_handle(model)
@@ -339,7 +348,11 @@ def answer_accuracy(model, pairs: Sequence[tuple[VideoExample, Question]], layou
             hits.append(pred == int(labels[r, labels.shape[1] - n]))
         if handle is not None:
             tokens.extend(s.visual_tokens_out for s in tr.stats(model).last)
-    out = {"accuracy": sum(hits) / len(hits), "questions": len(hits)}
+    out: dict[str, Any] = {"accuracy": sum(hits) / len(hits), "questions": len(hits)}
+    categories: dict[str, list[bool]] = {}
+    for (_, q), hit in zip(pairs, hits):
+        categories.setdefault(q.category, []).append(hit)
+    out["by_category"] = {c: round(sum(v) / len(v), 4) for c, v in sorted(categories.items())}
     if tokens:
         out["visual_tokens"] = sum(tokens) / len(tokens)
     return out
@@ -382,7 +395,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--distill", type=float, default=1.0, help="weight of the KL to the full-token VLM")
     parser.add_argument("--base-keep", type=float, default=0.11, help="base branch share during alignment")
     parser.add_argument("--no-base", action="store_true", help="align without the base branch (captions only)")
-    parser.add_argument("--stage", default="all", choices=("all", "caption", "align"))
+    parser.add_argument("--stage", default="all", choices=("all", "caption", "align", "features"),
+                        help="features: only build the --cache file (e.g. once before several runs share it)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -426,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     t = time.time()
     train, val, layout = _examples(args, model, processor, accelerator)
     timings["features_s"] = time.time() - t
+    if args.stage == "features":
+        return 0
     out_dir = Path(args.out)
 
     # ----- stage 1 -----
