@@ -85,7 +85,8 @@ def build_examples(model, processor, split: str, start: int, stop: int, *, extra
     for lo in range(start, stop, batch_size):
         generated = [generate("video", split, i, seed) for i in range(lo, min(stop, lo + batch_size))]
         samples = [g[0] for g in generated]
-        inputs = encode_batch(samples, processor)
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in encode_batch(samples, processor).items()}
         with torch.no_grad():
             feats = adapter.encode("video", inputs)
         if layout is None:
@@ -105,7 +106,7 @@ def build_examples(model, processor, split: str, start: int, stop: int, *, extra
                 labels[len(prompt) :] = torch.tensor(answer_ids)
                 questions.append(Question(ids, labels, category, answer))
             if lo == start and row == 0:  # the expansion agrees with the processor's own
-                expected = inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
+                expected = inputs["input_ids"][0][inputs["attention_mask"][0].bool()].cpu().tolist()
                 if expected != questions[0].input_ids[: len(expected)].tolist():
                     raise ValueError("the processor expands the video placeholder differently from prompt_ids")
             examples.append(VideoExample(
