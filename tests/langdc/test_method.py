@@ -155,13 +155,24 @@ def test_differences_follow_the_frame_before_across_segments(tiny_setup):
     feats, layouts = _video(model)
     f, layout = feats[2], layouts[2]
     plain = segment_groups(f, layout, 2, 4)
-    both = segment_groups(f, layout, 2, 4, differences=True)
+    both = segment_groups(f, layout, 2, 4, differences="cell")
     frames = torch.cat([g.visual for g in plain]).view(-1, 4, f.shape[-1])  # [frames, 4 pooled cells, D]
     got = torch.cat([g.visual for g in both]).view(-1, 4, 2 * f.shape[-1])
     torch.testing.assert_close(got[..., : f.shape[-1]], frames)
     expected = torch.cat([torch.zeros_like(frames[:1]), frames[1:] - frames[:-1]])  # segment 2 starts from frame 1
     torch.testing.assert_close(got[..., f.shape[-1] :], expected)
     assert [g.content.tolist() for g in both] == [g.content.tolist() for g in plain]
+    wide = torch.cat([g.visual for g in segment_groups(f, layout, 2, 4, differences="neighbourhood")])
+    d = f.shape[-1]
+    delta = expected.view(-1, 2, 2, d)  # the 2 x 2 pooled grid of every frame
+    around = wide.view(-1, 2, 2, 6 * d)[..., 2 * d :].view(-1, 2, 2, 4, d)  # above, below, left, right
+    torch.testing.assert_close(around[:, 1, 0, 0], delta[:, 0, 0])  # above (1, 0) is (0, 0)
+    torch.testing.assert_close(around[:, 0, 1, 1], delta[:, 1, 1])  # below (0, 1) is (1, 1)
+    torch.testing.assert_close(around[:, 0, 1, 2], delta[:, 0, 0])  # left of (0, 1) is (0, 0)
+    torch.testing.assert_close(around[:, 1, 0, 3], delta[:, 1, 1])  # right of (1, 0) is (1, 1)
+    assert not around[:, 0, :, 0].any() and not around[:, :, 1, 3].any()  # off the grid: zero
+    with pytest.raises(ValueError, match=r"`differences` must be one of \('none', 'cell', 'neighbourhood'\)"):
+        segment_groups(f, layout, 2, 4, differences="yes")
 
 
 def test_vlm_adapters_act_only_while_wrapped_and_round_trip(tmp_path, tiny_setup):

@@ -44,6 +44,7 @@ PROJECTORS_NAME = "langdc_projectors.safetensors"
 LM_DIR = "lm"
 TOKENIZER_DIR = "tokenizer"
 PROJECTOR_KINDS = ("linear", "mlp2x_gelu")
+INPUT_WIDTHS = {"none": 1, "cell": 2, "neighbourhood": 6}  # captioner input width per ``differences``, in vlm_hidden
 
 
 def default_hidden_layer(num_layers: int) -> int:
@@ -77,9 +78,11 @@ class CaptionerConfig:
             the grid of about this many cells with its aspect ratio (the paper pools 16x16 to 8x8); ``None``
             feeds every token.
         segment_frames: frames per captioned segment (the paper: 4 segments of 4 frames).
-        differences: each input token also carries its difference from the same cell of the frame before
-            (``in_proj`` reads ``2 * vlm_hidden`` features; ours, not the paper's): a segment's events are
-            what differs from the frame before it, and a small LM finds them token by token.
+        differences: what each input token carries besides itself (ours, not the paper's): ``"none"``;
+            ``"cell"``, its difference from the same cell of the frame before (``in_proj`` reads
+            ``2 * vlm_hidden`` features); ``"neighbourhood"``, also the differences of the four cells around
+            it (``6 * vlm_hidden``). A segment's events are what differs from the frame before it, and a
+            small LM finds them token by token (see :func:`~tokenreduce.plugins.langdc.method.segment_groups`).
         max_caption_tokens: most caption tokens per segment (the paper: 128, its captions stay under 100).
         prompt_ids: token ids that follow the visual tokens and precede the caption (e.g. BOS).
         in_projector, post_projector: projector kinds, ``"linear"`` or ``"mlp2x_gelu"``.
@@ -97,7 +100,7 @@ class CaptionerConfig:
     hidden_layer: int = 2
     frame_tokens: int | None = 9
     segment_frames: int = 4
-    differences: bool = False
+    differences: str = "none"
     max_caption_tokens: int = 32
     prompt_ids: tuple[int, ...] = ()
     in_projector: str = "linear"
@@ -127,8 +130,8 @@ class CaptionerConfig:
             isinstance(self.frame_tokens, bool) or not isinstance(self.frame_tokens, int) or self.frame_tokens < 1
         ):
             raise ValueError(f"`frame_tokens` must be an int >= 1 or None (every token), got {self.frame_tokens!r}")
-        if not isinstance(self.differences, bool):
-            raise ValueError(f"`differences` must be a bool, got {self.differences!r}")
+        if self.differences not in INPUT_WIDTHS:
+            raise ValueError(f"`differences` must be one of {tuple(INPUT_WIDTHS)}, got {self.differences!r}")
         for name in ("in_projector", "post_projector"):
             if getattr(self, name) not in PROJECTOR_KINDS:
                 raise ValueError(f"`{name}` must be one of {PROJECTOR_KINDS}, got {getattr(self, name)!r}")
@@ -178,7 +181,7 @@ class Captioner(nn.Module):
             raise ValueError(
                 f"`hidden_layer` must be in [0, {layers}] for a captioner LM of {layers} layers, got {config.hidden_layer}"
             )
-        self.in_proj = build_projector(config.in_projector, config.vlm_hidden * (1 + config.differences), width)
+        self.in_proj = build_projector(config.in_projector, config.vlm_hidden * INPUT_WIDTHS[config.differences], width)
         self.post_proj = build_projector(config.post_projector, width, config.vlm_hidden)
         self.vlm_adapters = LowRankAdapters(config.vlm_modules, config.vlm_rank, config.vlm_alpha,
                                             owner="the LangDC captioner")

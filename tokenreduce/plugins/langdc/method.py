@@ -107,7 +107,7 @@ class SegmentGroup:
     Attributes:
         segments: indices of the layout segments (frames) it covers.
         visual: ``[K, D]`` the captioner's input, every frame pooled to its ``frame_tokens`` grid (``[K, 2D]``
-            with the differences from the frame before, see :func:`segment_groups`).
+            or wider with the differences from the frame before, see :func:`segment_groups`).
         content: ascending indices (within the item) of its content tokens, newline slots excluded.
         frames: ``time`` of its first and last frame.
     """
@@ -118,15 +118,29 @@ class SegmentGroup:
     frames: tuple[int, int]
 
 
+DIFFERENCES = ("none", "cell", "neighbourhood")
+
+
+def _neighbours(grid: torch.Tensor) -> torch.Tensor:
+    """``[h, w, D]`` -> ``[h, w, 4D]``: each cell's neighbours above, below, left and right (zero off the grid)."""
+    padded = F.pad(grid.permute(2, 0, 1), (1, 1, 1, 1)).permute(1, 2, 0)
+    h, w = grid.shape[:2]
+    return torch.cat([padded[:h, 1 : w + 1], padded[2:, 1 : w + 1], padded[1 : h + 1, :w], padded[1 : h + 1, 2:]], -1)
+
+
 def segment_groups(features: torch.Tensor, layout: TokenLayout, segment_frames: int,
-                   frame_tokens: int | None, differences: bool = False) -> list[SegmentGroup]:
+                   frame_tokens: int | None, differences: str = "none") -> list[SegmentGroup]:
     """Group a video's frames (layout ``"frame"`` segments) by ``segment_frames``, each frame pooled to the
     grid of about ``frame_tokens`` cells (``None``: unpooled). An item without frames (an image, or a flat
     layout) is one group of all its grids.
 
-    With ``differences`` every pooled token is followed, along the feature axis, by its difference from the
-    same cell of the frame before (zero for the first frame, and where the grids differ in shape): ``[K, 2D]``.
-    What changed is then a property of one token instead of a comparison across a whole frame of tokens."""
+    ``differences`` appends, along the feature axis, each pooled token's difference from the same cell of the
+    frame before (zero for the first frame, and where the grids differ in shape): ``"cell"`` its own
+    (``[K, 2D]``), ``"neighbourhood"`` also those of the four cells around it (``[K, 6D]``). What changed is
+    then a property of one token instead of a comparison across a whole frame of tokens, and with the
+    neighbourhood so is where it went (an object stepping right leaves a loss on the left of its new cell)."""
+    if differences not in DIFFERENCES:
+        raise ValueError(f"`differences` must be one of {DIFFERENCES}, got {differences!r}")
     grids = [i for i, s in enumerate(layout.segments) if s.cols > 0]
     framed = any(layout.segments[i].kind == "frame" for i in grids)
     if framed:
@@ -140,14 +154,16 @@ def segment_groups(features: torch.Tensor, layout: TokenLayout, segment_frames: 
         h, w = pooled_grid(seg.rows, seg.cols, frame_tokens or seg.rows * seg.cols)
         if (h, w) != (seg.rows, seg.cols):
             grid = F.adaptive_avg_pool2d(grid.permute(2, 0, 1).float(), (h, w)).permute(1, 2, 0).to(features.dtype)
-        pooled[i] = grid.reshape(-1, features.shape[-1])
-    if differences:
+        pooled[i] = grid
+    if differences != "none":
         previous = [None, *grids[:-1]] if framed else [None] * len(grids)
         for i, before in reversed(list(zip(grids, previous))):
             delta = torch.zeros_like(pooled[i])
             if before is not None and pooled[before].shape == pooled[i].shape:
                 delta = pooled[i] - pooled[before]
-            pooled[i] = torch.cat([pooled[i], delta], dim=-1)
+            parts = [pooled[i], delta] + ([_neighbours(delta)] if differences == "neighbourhood" else [])
+            pooled[i] = torch.cat(parts, dim=-1)
+    pooled = {i: grid.reshape(-1, grid.shape[-1]) for i, grid in pooled.items()}
     chunks = [grids[j : j + segment_frames] for j in range(0, len(grids), segment_frames)] if framed else [grids]
     out = []
     for chunk in chunks:

@@ -377,8 +377,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden-layer", type=int, default=None, help="hidden_states index (default 2/3 depth)")
     parser.add_argument("--frame-tokens", type=int, default=9, help="captioner input tokens per frame (0: all)")
     parser.add_argument("--segment-frames", type=int, default=4)
-    parser.add_argument("--differences", action="store_true",
-                        help="captioner input tokens also carry their difference from the frame before")
+    parser.add_argument("--differences", default="none", choices=("none", "cell", "neighbourhood"),
+                        help="captioner input tokens also carry their difference from the frame before (cell) and "
+                             "those of the cells around them (neighbourhood)")
     parser.add_argument("--in-projector", default="linear", choices=("linear", "mlp2x_gelu"))
     parser.add_argument("--max-caption-tokens", type=int, default=32)
     parser.add_argument("--post-projector", default="mlp2x_gelu", choices=("linear", "mlp2x_gelu"))
