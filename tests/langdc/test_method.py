@@ -216,3 +216,16 @@ def test_vlm_adapters_act_only_while_wrapped_and_round_trip(tmp_path, tiny_setup
         assert torch.equal(model(**batch).logits, before)
     with pytest.raises(ValueError, match=r"`vlm_rank` \(2\) > 0 needs `vlm_modules`"):
         CaptionerConfig(vlm_hidden=8, eos_token_id=2, vlm_rank=2)
+
+
+def test_base_branch_defaults_to_how_the_captioner_was_aligned(tiny_setup):
+    model, path, _ = tiny_setup("llava_onevision")
+    feats, layouts = _video(model)
+    context = ReduceContext(layout=layouts[2], modality="video", row=0, item=0)
+    captioner = Captioner.from_pretrained(path)
+    assert LangDCMethod(LangDCConfig(captioner=path), captioner=captioner).base  # nothing recorded: with base
+    captioner.config.training["base"] = False
+    method = LangDCMethod(LangDCConfig(captioner=path, segment_frames=2), captioner=captioner)
+    assert method.reduce(feats[2], context).info["base_tokens"] == 1  # the newline slot only
+    forced = LangDCMethod(LangDCConfig(captioner=path, segment_frames=2, base=True), captioner=captioner)
+    assert forced.reduce(feats[2], context).info["base_tokens"] > 1

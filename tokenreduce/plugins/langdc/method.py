@@ -59,7 +59,9 @@ class LangDCConfig(MethodConfig):
             ``python -m tokenreduce.plugins.langdc.training``; the one for the shipped synthetic video
             model is ``assets/langdc/synthetic-onevision-video``.
         base: add the pooled base branch (the paper's BasePruner + CapPruner); ``False`` feeds the soft
-            caption tokens only (the paper's "CapPruner only").
+            caption tokens only (the paper's "CapPruner only"); ``None``: as the captioner was aligned
+            (its ``training["base"]``, else ``True``), since its post-projector and VLM adapters learnt to be
+            read with or without base tokens.
         base_keep: tokens of a video the base branch keeps: a count (int >= 1) or a fraction of its
             content tokens (float in (0, 1]), shared by the frames in proportion to their size; every frame
             is average-pooled on its own grid. The paper pools 16x16 to 4x4 (1/16).
@@ -72,7 +74,7 @@ class LangDCConfig(MethodConfig):
     """
 
     captioner: str | None = None
-    base: bool = True
+    base: bool | None = None
     base_keep: int | float = 0.11
     segment_frames: int | None = None
     max_caption_tokens: int | None = None
@@ -83,9 +85,10 @@ class LangDCConfig(MethodConfig):
             raise ValueError(
                 f"`captioner` must be a local directory or hub repo id (a non-empty str), got {self.captioner!r}"
             )
-        for name in ("base", "keep_newline"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+        if self.base is not None and not isinstance(self.base, bool):
+            raise ValueError(f"`base` must be a bool or None (as the captioner was aligned), got {self.base!r}")
+        if not isinstance(self.keep_newline, bool):
+            raise ValueError(f"`keep_newline` must be a bool, got {self.keep_newline!r}")
         check_keep("base_keep", self.base_keep)
         if self.segment_frames is not None:
             check_range("segment_frames", self.segment_frames, 1, integer=True)
@@ -235,6 +238,13 @@ class LangDCMethod(Method):
         self.handle = None
 
     @property
+    def base(self) -> bool:
+        """Whether the pooled base branch is fed: the config's choice, else the captioner's alignment's."""
+        if self.config.base is not None:
+            return self.config.base
+        return bool(self.captioner.config.training.get("base", True))
+
+    @property
     def segment_frames(self) -> int:
         return self.config.segment_frames or self.captioner.config.segment_frames
 
@@ -304,7 +314,7 @@ class LangDCMethod(Method):
 
         feats, sources = [], []
         slices = layout.segment_slices()
-        if cfg.base:
+        if self.base:
             sizes = [s.rows * s.cols for s in layout.segments]
             total = sum(sizes)
             k = resolve_keep(cfg.base_keep, total)
