@@ -289,9 +289,12 @@ def add_vlm_adapters(captioner: Captioner, language_model: nn.Module, rank: int,
 def train_alignment(model, method: LangDCMethod, pairs: Sequence[tuple[VideoExample, Question]],
                     captions: dict[str, list[list[int]]], layout: TokenLayout, pad_id: int, *, steps: int,
                     batch_size: int, lr: float, distill: float = 1.0, teacher: Sequence[torch.Tensor] | None = None,
-                    seed: int = 0, accelerator=None, log_every: int = 100) -> list[dict[str, float]]:
+                    seed: int = 0, accelerator=None, log_every: int = 100,
+                    category_weights: dict[str, float] | None = None) -> list[dict[str, float]]:
     """Train ``method.captioner.post_proj`` (and its VLM adapters, if any) so that the frozen, wrapped
     ``model`` answers from the soft tokens.
+
+    ``category_weights`` draws questions of a category that much more often (1 for any other).
 
     ``captions`` maps a video's sample id to the caption ids of its segments (teacher-forced through the
     frozen captioner); ``teacher`` gives the full-token log-probabilities for the KL term (``distill``)."""
@@ -306,10 +309,11 @@ def train_alignment(model, method: LangDCMethod, pairs: Sequence[tuple[VideoExam
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = _warmup_cosine(optimizer, steps)
     gen = torch.Generator().manual_seed(seed)
+    weights = torch.tensor([float((category_weights or {}).get(q.category, 1.0)) for _, q in pairs])
     device = next(model.parameters()).device
     log, running = [], {"loss": [], "ce": [], "kl": [], "acc": []}
     for step in range(steps):
-        pick = torch.randint(len(pairs), (batch_size,), generator=gen).tolist()
+        pick = torch.multinomial(weights, batch_size, replacement=True, generator=gen).tolist()
         chunk = [pairs[i] for i in pick]
         inputs = answer_batch(chunk, layout, pad_id, device)
         labels = inputs["labels"]
@@ -410,6 +414,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rank of adapters on the VLM's LLM trained in alignment (0: the VLM as it is)")
     parser.add_argument("--vlm-alpha", type=float, default=16.0)
     parser.add_argument("--distill", type=float, default=1.0, help="weight of the KL to the full-token VLM")
+    parser.add_argument("--category-weight", action="append", default=[], metavar="CATEGORY=W",
+                        help="draw alignment questions of CATEGORY W times as often (e.g. change=3)")
     parser.add_argument("--base-keep", type=float, default=0.11, help="base branch share during alignment")
     parser.add_argument("--no-base", action="store_true", help="align without the base branch (captions only)")
     parser.add_argument("--stage", default="all", choices=("all", "caption", "align", "features"),
@@ -417,6 +423,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
+
+
+def _category_weights(items: Sequence[str]) -> dict[str, float]:
+    """``["change=3"]`` -> ``{"change": 3.0}``, with clear errors."""
+    from tokenreduce.eval.synthetic.videos import VIDEO_CATEGORIES
+
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if name not in VIDEO_CATEGORIES or weight <= 0:
+            raise SystemExit(f"--category-weight must be CATEGORY=W with CATEGORY in {VIDEO_CATEGORIES} and W > 0, "
+                             f"got {item!r}")
+        out[name] = weight
+    return out
 
 
 def _examples(args, model, processor, accelerator) -> tuple[list[VideoExample], list[VideoExample], TokenLayout]:
@@ -538,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
             summary["align_log"] = train_alignment(
                 model, method, pairs, captions, layout, pad_id, steps=args.align_steps, batch_size=args.align_batch,
                 lr=args.align_lr, distill=args.distill, teacher=teacher, seed=args.seed, accelerator=accelerator,
+                category_weights=_category_weights(args.category_weight),
             )
             timings["align_train_s"] = time.time() - t
         finally:
