@@ -527,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     else:
         captioner = Captioner.from_pretrained(out_dir).to(device)
         log1 = []
+    previous = dict(captioner.config.training) if args.stage == "align" else None
     summary: dict[str, Any] = {"args": vars(args), "captioner_parameters": count_parameters(captioner.lm)
                                + count_parameters(captioner.in_proj), "post_projector_parameters":
                                count_parameters(captioner.post_proj), "caption_log": log1}
@@ -591,13 +592,19 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
         summary["validation_answers"] = results
         timings["total_s"] = time.time() - started
         summary["timings"] = timings
+        trained = {"caption": args.stage in ("all", "caption"), "align": args.stage in ("all", "align")}
         captioner.config.training = {
+            "stage": args.stage,
             "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "validation_captions": summary["validation_captions"],
             "validation_answers": results,
-            "train_videos": args.train_videos, "caption_steps": args.caption_steps, "align_steps": args.align_steps,
-            "align_captions": args.align_captions, "distill": args.distill, "base_keep": args.base_keep,
-            "base": not args.no_base, "vlm_rank": args.vlm_rank,
+            "train_videos": args.train_videos,
+            **({"caption_steps": args.caption_steps} if trained["caption"] else {}),
+            **({"align_steps": args.align_steps, "align_lr": args.align_lr, "align_captions": args.align_captions,
+                "distill": args.distill, "vlm_rank": args.vlm_rank, "category_weights":
+                _category_weights(args.category_weight)} if trained["align"] else {}),
+            "base_keep": args.base_keep, "base": not args.no_base,
+            **({"continued_from": previous} if previous else {}),
         }
         captioner.save_pretrained(out_dir)
         (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
