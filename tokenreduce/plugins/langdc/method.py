@@ -44,7 +44,7 @@ from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
 from tokenreduce.plugins.baselines.pool import pool_segment, pooled_grid
 
-from .captioner import Captioner
+from .captioner import INPUT_WIDTHS, Captioner
 
 VIDEO_FAMILIES = ("llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 
@@ -121,7 +121,7 @@ class SegmentGroup:
     frames: tuple[int, int]
 
 
-DIFFERENCES = ("none", "cell", "neighbourhood")
+DIFFERENCES = tuple(INPUT_WIDTHS)  # "none", "cell", "neighbourhood"
 
 
 def _neighbours(grid: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,7 @@ from tokenreduce.core.lowrank import LLM_TARGETS, LowRankAdapters, llm_linear_la
 
 from .captioner import Captioner, CaptionerConfig, count_parameters, default_hidden_layer
 from .data import IGNORE, Question, VideoExample, build_examples
-from .method import LangDCConfig, LangDCMethod, segment_groups
+from .method import DIFFERENCES, LangDCConfig, LangDCMethod, segment_groups
 
 # ----------------------------------------------------------------------------------------------------
 # Stage 1: captions
@@ -397,7 +397,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden-layer", type=int, default=None, help="hidden_states index (default 2/3 depth)")
     parser.add_argument("--frame-tokens", type=int, default=9, help="captioner input tokens per frame (0: all)")
     parser.add_argument("--segment-frames", type=int, default=4)
-    parser.add_argument("--differences", default="none", choices=("none", "cell", "neighbourhood"),
+    parser.add_argument("--differences", default="none", choices=DIFFERENCES,
                         help="captioner input tokens also carry their difference from the frame before (cell) and "
                              "those of the cells around them (neighbourhood)")
     parser.add_argument("--in-projector", default="linear", choices=("linear", "mlp2x_gelu"))
