@@ -34,6 +34,19 @@ def llm_linear_layers(
     return found
 
 
+def check_adapters(prefix: str, rank: int, modules: Iterable) -> tuple[tuple[str, int, int], ...]:
+    """Validate the ``{prefix}_rank`` / ``{prefix}_modules`` pair of a config; returns the modules as
+    ``(name, in_features, out_features)`` tuples (JSON gives lists)."""
+    modules = tuple((str(n), int(i), int(o)) for n, i, o in modules)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"`{prefix}_rank` must be an int >= 0, got {rank!r}")
+    if bool(rank) != bool(modules):
+        raise ValueError(
+            f"`{prefix}_rank` ({rank}) > 0 needs `{prefix}_modules` and 0 needs none; got {len(modules)} modules"
+        )
+    return modules
+
+
 class LowRank(nn.Module):
     """``x -> x A^T B^T * scale``: one LoRA delta, ``B`` zero-initialised so it starts at nothing."""
 

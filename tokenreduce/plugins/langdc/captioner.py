@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenreduce.core.lowrank import LowRankAdapters
+from tokenreduce.core.lowrank import LowRankAdapters, check_adapters
 
 CONFIG_NAME = "langdc_captioner.json"
 PROJECTORS_NAME = "langdc_projectors.safetensors"
@@ -113,13 +113,7 @@ class CaptionerConfig:
 
     def __post_init__(self) -> None:
         self.prompt_ids = tuple(int(i) for i in self.prompt_ids)
-        self.vlm_modules = tuple((str(n), int(i), int(o)) for n, i, o in self.vlm_modules)
-        if isinstance(self.vlm_rank, bool) or not isinstance(self.vlm_rank, int) or self.vlm_rank < 0:
-            raise ValueError(f"`vlm_rank` must be an int >= 0, got {self.vlm_rank!r}")
-        if bool(self.vlm_rank) != bool(self.vlm_modules):
-            raise ValueError(
-                f"`vlm_rank` ({self.vlm_rank}) > 0 needs `vlm_modules` and 0 needs none; got {len(self.vlm_modules)} modules"
-            )
+        self.vlm_modules = check_adapters("vlm", self.vlm_rank, self.vlm_modules)
         for name in ("vlm_hidden", "segment_frames", "max_caption_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

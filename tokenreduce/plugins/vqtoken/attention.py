@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenreduce.core.lowrank import LowRankAdapters
+from tokenreduce.core.lowrank import LowRankAdapters, check_adapters
 
 WEIGHTS = "vq_attention.safetensors"
 CONFIG = "vq_attention.json"
@@ -100,14 +100,7 @@ class VQAttentionConfig:
 
     def __post_init__(self) -> None:
         self.bins = tuple(int(b) for b in self.bins)
-        self.llm_modules = tuple((str(n), int(i), int(o)) for n, i, o in self.llm_modules)
-        if isinstance(self.llm_rank, bool) or not isinstance(self.llm_rank, int) or self.llm_rank < 0:
-            raise ValueError(f"`llm_rank` must be an int >= 0, got {self.llm_rank!r}")
-        if bool(self.llm_rank) != bool(self.llm_modules):
-            raise ValueError(
-                f"`llm_rank` ({self.llm_rank}) > 0 needs `llm_modules` and 0 needs none; got "
-                f"{len(self.llm_modules)} modules"
-            )
+        self.llm_modules = check_adapters("llm", self.llm_rank, self.llm_modules)
         for name, low in (("dim", 1), ("heads", 1), ("hidden", 1), ("trajectory", 0), ("trajectory_dim", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
