@@ -116,5 +116,5 @@ def test_shipped_captioner_answers_far_above_pool_at_as_many_tokens(shipped):
         tr.unwrap(model)
     assert pool["visual_tokens"] >= langdc["visual_tokens"]
     assert langdc["accuracy"] >= pool["accuracy"] + 0.3
-    assert langdc["accuracy"] >= 0.7 * full
+    assert langdc["accuracy"] >= 0.85 * full  # 0.875 vs 0.896 for the shipped captioner
     assert answer_accuracy(model, pairs, layout, pad)["accuracy"] == full  # unwrap left no adapter behind
