@@ -1,8 +1,12 @@
 """Training LangDC's captioner, post-projector and VLM adapters on the synthetic video benchmark.
 
     python -m tokenreduce.plugins.langdc.training --model assets/models/synthetic-onevision-video \
-        --out assets/langdc/synthetic-onevision-video
+        --out runs/langdc --differences neighbourhood --frame-tokens 0 --vlm-rank 32 --no-base
     accelerate launch -m tokenreduce.plugins.langdc.training --model ... --out ...   # several processes
+
+The shipped captioner (``assets/langdc/synthetic-onevision-video``) came from two commands, a whole run
+and a second alignment (``--stage align``) continuing it; both are in
+``benchmarks/results/langdc_synthetic_cpu.md`` and the last entries below.
 
 Two stages (the paper's stages II and III with the VLM frozen; its stage I, cross-modal pretraining of
 the projectors on CC-595K, has no counterpart: the captioner learns its input projector in stage II):
