@@ -81,6 +81,7 @@ def _demo(args: argparse.Namespace) -> int:
             clear_run(Path(args.out) / run.name, run.task.name)
         runner = Runner(run.task, run.models, methods, run.budgets, name=run.name, out_dir=args.out,
                         limit=run.limit, batch_size=args.batch_size, keep_maps=1, task_options=run.task_options,
+                        method_options={m: o for m, o in run.method_options.items() if m in methods},
                         progress=not args.quiet)
         with warnings.catch_warnings():  # the table lists the cells a method cannot reach, with the reason
             warnings.filterwarnings("ignore", message="skipping ", category=UserWarning)

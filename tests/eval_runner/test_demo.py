@@ -120,3 +120,15 @@ def test_families_without_a_model_are_left_out(tmp_path, synthetic_models):
     assert sorted(present) == ["document", "image"]
     assert len(missing) == 1 and "python -m tokenreduce.eval.synthetic.train video" in missing[0]
     assert [run.name for run in demo_runs(n=1, models=tmp_path)] == ["demo-image", "demo-document"]
+
+
+def test_shipped_trained_weights_are_found_beside_the_models(tmp_path):
+    from pathlib import Path
+
+    from tokenreduce.eval.demo import trained_options
+
+    assets = Path(__file__).resolve().parents[2] / "assets"
+    video = assets / "models" / MODEL_NAMES["video"]
+    assert trained_options(video) == {"langdc": {"captioner": str(assets / "langdc" / MODEL_NAMES["video"])}}
+    assert trained_options(assets / "models" / MODEL_NAMES["image"]) == {}
+    assert trained_options(tmp_path / "models" / MODEL_NAMES["video"]) == {}

@@ -58,6 +58,15 @@ class DemoRun:
     limit: int = DEMO_SAMPLES
     task_options: dict[str, Any] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def trained_options(model_path: str | Path) -> dict[str, dict[str, Any]]:
+    """Options pointing methods that need trained weights at the ones shipped for the model in
+    ``model_path``: a LangDC captioner in ``<models folder>/../langdc/<model name>``."""
+    model_path = Path(model_path)
+    captioner = model_path.parent.parent / "langdc" / model_path.name
+    return {"langdc": {"captioner": str(captioner)}} if (captioner / "langdc_captioner.json").is_file() else {}
 
 
 def check_models(root: str | Path | None = None) -> tuple[dict[str, Path], list[str]]:
@@ -75,14 +84,15 @@ def check_models(root: str | Path | None = None) -> tuple[dict[str, Path], list[
     return {k: v for k, v in dirs.items() if k not in missing}, lines
 
 
-def select_methods(model: Any, modality: str, budgets: Sequence[float] = DEMO_BUDGETS) -> tuple[tuple[str, ...], dict[str, str]]:
+def select_methods(model: Any, modality: str, budgets: Sequence[float] = DEMO_BUDGETS,
+                   options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[tuple[str, ...], dict[str, str]]:
     """``("none", *methods)`` that reduce ``model``'s visual tokens of ``modality``, and why the others are out.
 
     A method is in when its ``families`` (None: every family) include the model's adapter, its
     ``modalities`` include ``modality``, it acts before decoding (a decode-stage-only method such as
     ``ares`` keeps every visual token), and its config builds through ``at_budget`` and wraps the model
-    for at least one of ``budgets`` (a method needing a path to trained weights that are not shipped
-    fails there). The model is left unwrapped.
+    for at least one of ``budgets``, with its ``options`` if any (a method needing a path to trained
+    weights that are not shipped fails there). The model is left unwrapped.
     """
     import tokenreduce as tr
     from tokenreduce.adapters import get_adapter
@@ -105,7 +115,8 @@ def select_methods(model: Any, modality: str, budgets: Sequence[float] = DEMO_BU
         errors = []
         for budget in budgets:
             try:
-                tr.unwrap(tr.wrap(model, method_config(Cell(spec.name, float(budget)), num_layers)))
+                config = method_config(Cell(spec.name, float(budget)), num_layers, (options or {}).get(spec.name))
+                tr.unwrap(tr.wrap(model, config))
             except CONFIG_ERRORS as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
             else:
@@ -131,11 +142,13 @@ def demo_runs(n: int = DEMO_SAMPLES, models: str | Path | None = None,
     runs = []
     for kind in dirs:
         model, processor = load_model(kind, dirs[kind])
-        methods, excluded = select_methods(model, MODALITIES[kind], budgets)
+        options = trained_options(dirs[kind])
+        methods, excluded = select_methods(model, MODALITIES[kind], budgets, options)
         task = SyntheticTask(kind, split="test", seed=0)
         spec = ModelSpec(MODEL_NAMES[kind], factory=lambda loaded=(model, processor): loaded)
         runs.append(DemoRun(f"demo-{kind}", task, [spec], methods, tuple(budgets), n,
-                            {"split": task.split, "seed": task.seed}, excluded))
+                            {"split": task.split, "seed": task.seed}, excluded,
+                            {m: o for m, o in options.items() if m in methods}))
     return runs
 
 
