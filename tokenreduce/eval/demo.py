@@ -58,7 +58,7 @@ class DemoRun:
     limit: int = DEMO_SAMPLES
     task_options: dict[str, Any] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # for methods it may run
 
 
 def trained_options(model_path: str | Path) -> dict[str, dict[str, Any]]:
@@ -147,8 +147,7 @@ def demo_runs(n: int = DEMO_SAMPLES, models: str | Path | None = None,
         task = SyntheticTask(kind, split="test", seed=0)
         spec = ModelSpec(MODEL_NAMES[kind], factory=lambda loaded=(model, processor): loaded)
         runs.append(DemoRun(f"demo-{kind}", task, [spec], methods, tuple(budgets), n,
-                            {"split": task.split, "seed": task.seed}, excluded,
-                            {m: o for m, o in options.items() if m in methods}))
+                            {"split": task.split, "seed": task.seed}, excluded, options))
     return runs
 
 
