@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Nothing reaches the network in tests: no hub lookups, no telemetry thread (one of those, started by a
+# trainer, crashed a test worker inside getaddrinfo on a machine without network).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest
 import torch
