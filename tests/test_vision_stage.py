@@ -13,7 +13,7 @@ from tokenreduce.core.api import get_handle
 from tokenreduce.core.registry import get_method
 from tokenreduce.plugins.baselines.divprune import max_min_diversity
 from tokenreduce.plugins.baselines.prumerge import PruMergeConfig, iqr_outliers, prumerge_group
-from tokenreduce.plugins.baselines.tome import merge_schedule, merge_step
+from tokenreduce.plugins.baselines.tome import merge_schedule, merge_step, merge_tokens
 from tokenreduce.plugins.baselines.visionzip import visionzip_select
 from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model
 
@@ -128,6 +128,22 @@ def test_tome_schedule():
     sched = merge_schedule(576, 23, r=None, keep=0.25)
     assert 576 - sum(sched) == 144 and max(sched) - min(sched) <= 1
     assert merge_schedule(4, 3, r=16, keep=None) == [2, 1, 0]
+
+
+def test_tome_projector_merges_by_similarity_into_member_means():
+    """Every merged token is the mean of the tokens in its slot; the closest pair merges first."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 16)
+    x[4] = x[1] + 0.01  # A token 4 and B token 1 are near duplicates
+    merged, slot = merge_tokens(x, 8)
+    assert slot[4] == slot[1] and slot.unique().numel() == 8
+    for k in (1, 3, 5):
+        merged, slot = merge_tokens(x, k)
+        assert merged.shape == (k, 16) and torch.equal(slot.unique(), torch.arange(k))
+        for j in range(k):
+            torch.testing.assert_close(merged[j], x[slot == j].mean(0))
+    merged, slot = merge_tokens(x, 9)
+    assert torch.equal(merged, x) and torch.equal(slot, torch.arange(9))
 
 
 def test_visionzip_select_equals_reference():

@@ -36,13 +36,16 @@ def test_evaluate_runs_the_grid_and_writes_the_table(tmp_path):
         split=None,
         limit=2,
         batch_size=2,
-        methods=("none", "vqtoken", "vqtoken_codebook", "random", "tome"),
+        methods=("none", "vqtoken", "vqtoken_codebook", "random", "tome", "tome_projector"),
         model_name="tiny-qwen",
         adaptive=[{"adaptive": "silhouette", "k_min": 2, "k_max": 3}],
         progress=False,
     )
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == {"none", "vqtoken", "vqtoken_codebook", "random", "vqtoken adaptive silhouette"}
+    assert set(rows) == {
+        "none", "vqtoken", "vqtoken_codebook", "random", "tome_projector", "vqtoken adaptive silhouette"
+    }
+    assert rows["tome_projector"]["tokens"] == rows["random"]["tokens"] == 4.0
     assert rows["none"]["tokens"] == 8.0 and rows["vqtoken"]["tokens"] <= 4.0  # 2 x 2 x 2 merged patches
     assert 2.0 <= rows["vqtoken adaptive silhouette"]["tokens"] <= 3.0
     for r in rows.values():

@@ -10,6 +10,11 @@ Works on a bare timm / open_clip / HF CLIP-SigLIP ViT (``tr.wrap(vit, "tome", r=
 whose single-grid tower output can shrink; there, merging runs in the blocks up to the feature layer and
 each merged token is placed at the position of its first member in raster order. Anyres and video
 families pack fixed crop grids after the tower, so merging inside their tower is not supported.
+
+``tome_projector`` runs the same bipartite soft matching on the projected tokens of each item instead
+(cosine of the features, size-weighted averages, ``r`` per round at most half of what remains) until
+``keep`` tokens are left. It works on every family and merges across a whole video, so it reaches budgets
+below one token per frame, where video token-reduction papers compare against ToMe.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 
 from tokenreduce import kernels
 from tokenreduce.adapters.towers import merging_block_forward
-from tokenreduce.core.config import MethodConfig, check_range
+from tokenreduce.core.config import MethodConfig, check_keep, check_range, resolve_keep
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
 from tokenreduce.core.stats import ItemStats
@@ -191,3 +196,46 @@ class ToMeMethod(Method):
         first = torch.full((n_out,), n_layout, dtype=torch.long, device=features.device)
         first.scatter_reduce_(0, slot_of_token, owner, reduce="amin")
         return Reduction(sources=first, features=features, assignment=slot_of_token)
+
+
+@dataclass
+class ToMeProjectorConfig(MethodConfig):
+    """Options of ``tome_projector``.
+
+    Attributes:
+        keep: tokens left per item: a count (int >= 1) or a fraction of its tokens (float in (0, 1]).
+    """
+
+    keep: int | float = 0.25
+
+    def validate(self) -> None:
+        check_keep("keep", self.keep)
+
+
+def merge_tokens(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``x: [N, D]`` down to ``k`` tokens by rounds of bipartite soft matching on ``x`` itself.
+
+    Returns the merged ``[k, D]`` tokens (size-weighted means, in the order the rounds keep) and the
+    ``[N]`` slot every original token ended in.
+    """
+    n = x.shape[0]
+    merged = x[None].float()
+    size = torch.ones(1, n, device=x.device)
+    slot = torch.arange(n, device=x.device)[None]
+    while merged.shape[1] > k:
+        r = min(merged.shape[1] // 2, merged.shape[1] - k)
+        merged, size, slot = merge_step(merged, size, merged, slot, r, 0)
+    return merged[0].to(x.dtype), slot[0]
+
+
+@register_method("tome_projector", config_cls=ToMeProjectorConfig, stages="projector")
+class ToMeProjectorMethod(Method):
+    """ToMe's bipartite soft matching on each item's projected tokens, down to ``keep`` tokens."""
+
+    def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
+        n = features.shape[0]
+        merged, slot = merge_tokens(features, resolve_keep(self.config.keep, n))
+        # each merged token stands at its first member
+        first = torch.full((merged.shape[0],), n, dtype=torch.long, device=features.device)
+        first.scatter_reduce_(0, slot, torch.arange(n, device=features.device), reduce="amin")
+        return Reduction(sources=first, features=merged, assignment=slot)

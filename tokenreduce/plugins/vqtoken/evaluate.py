@@ -9,10 +9,12 @@ the shipped OneVision video model. Every reducing method runs at the same budget
 * ``random``: a seeded random subset;
 * ``pool``: per-frame average pooling, which keeps at least one token per frame and so cannot go below
   16 + 1 tokens on 16 frames;
-* ``tome``: skipped by the runner and reported as such; it merges inside the tower and does not support
-  OneVision's pooled video grids.
+* ``tome_projector``: ToMe's bipartite soft matching on the projected tokens, across the whole video, down
+  to the same count (``tome`` proper merges inside the tower and does not support OneVision's pooled
+  video grids; per frame it could not go below one token per frame either).
 
-The default budget ``5/577`` (0.87%) gives 5 code tokens per video, and ``random`` keeps 5 too.
+The default budget ``5/577`` (0.87%) gives 5 code tokens per video; ``random`` and ``tome_projector``
+keep 5 too.
 Afterwards, adaptive-length mode (elbow and silhouette, ``K`` in ``[k_min, k_max]``) runs on the same
 samples outside the grid: its token count varies per video, so it has no budget cell. The runner's
 ``summary.json`` / ``table.md`` report accuracy and TokDense per cell. This script adds ``vqtoken.md`` /
@@ -34,7 +36,7 @@ import torch
 from tokenreduce.eval.report import tokdense
 
 DEFAULT_BUDGET = 5 / 577
-METHODS = ("none", "vqtoken", "vqtoken_codebook", "random", "pool", "tome")
+METHODS = ("none", "vqtoken", "vqtoken_codebook", "random", "pool", "tome_projector")
 
 
 def adaptive_rows(
@@ -150,7 +152,7 @@ def vqtoken_table(
     if vq and full:
         checks["vqtoken_at_most_1pct_tokens"] = vq["visual_tokens_llm_input"] <= 0.01 * vq["visual_tokens_in"]
         checks["vqtoken_at_least_95pct_of_full"] = vq["primary"] >= 0.95 * full
-        for other in ("random", "pool", "vqtoken_codebook"):
+        for other in ("random", "pool", "tome_projector", "vqtoken_codebook"):
             if other in cells:
                 checks[f"vqtoken_ahead_of_{other}"] = vq["primary"] > cells[other]["primary"]
     if llm_rank:
