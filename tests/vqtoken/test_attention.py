@@ -11,7 +11,15 @@ from tokenreduce.core.api import get_handle
 from tokenreduce.core.layout import Segment, TokenLayout
 from tokenreduce.plugins.vqtoken import VQAttention, VQAttentionConfig
 from tokenreduce.plugins.vqtoken.attention import occupancy_moments
-from tokenreduce.plugins.vqtoken.hashing import anchors, grid_coordinates, index_map, occupancy, trajectories
+from tokenreduce.plugins.vqtoken.hashing import (
+    anchors,
+    changes,
+    frame_differences,
+    grid_coordinates,
+    index_map,
+    occupancy,
+    trajectories,
+)
 from tokenreduce.plugins.vqtoken.training import answer_lengths, batch_loss, prepare_batches, train_attention
 from tokenreduce.testing.tiny import EOS, RowSpec, tiny_batch, tiny_model
 
@@ -110,6 +118,59 @@ def test_trajectories_say_what_joins_and_leaves_a_code_over_time(tmp_path):
     assert log[-1]["ce"] < log[0]["ce"]
     batch = {k: v for k, v in batches[0].items() if k != "labels"}
     assert not torch.allclose(_vqtoken_logits(model, batch, trained), _vqtoken_logits(model, batch), atol=1e-4)
+
+
+def test_changes_show_what_arrived_in_a_code_and_when(tmp_path):
+    """A cell turns from look A to look B in frame 2 of 4: the code it joins (B) shows B - A in the time bin
+    of frame 2, at full scale although B's other members are static, and nothing elsewhere."""
+    layout = _video_layout(4, 2, newline=True)
+    content = layout.content_mask.nonzero().flatten()
+    look_a, look_b = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])
+    tokens = look_b.repeat(16, 1)
+    tokens[[0, 4]] = look_a  # cell 0 shows A in frames 0 and 1, B from frame 2 on
+    codes = (tokens[:, 1] > 0).long()  # code 0: look A, code 1: look B
+    diffs = frame_differences(layout, content, tokens)
+    assert torch.all(diffs[:4] == 0) and torch.equal(diffs[8], look_b - look_a)
+    assert diffs.abs().sum() == (look_b - look_a).abs().sum()  # one cell, one frame
+    moved = changes(grid_coordinates(layout, content), codes, diffs, 2, 4)
+    torch.testing.assert_close(moved[1, 2], look_b - look_a)
+    assert torch.all(moved[0] == 0) and torch.all(moved[1, [0, 1, 3]] == 0)
+    uneven = TokenLayout("video", (Segment("frame", 2, 2, time=0), Segment("frame", 1, 4, time=1)))
+    assert torch.all(frame_differences(uneven, uneven.content_mask.nonzero().flatten(), tokens[:8]) == 0)
+
+    config = VQAttentionConfig(
+        dim=16, heads=2, bins=(2, 2, 2), hidden=8, trajectory=2, trajectory_dim=4, changes=True, blocks=1
+    )
+    assert config.hash_features == 8 + 2 * 4 * 2
+    module = VQAttention(config)
+    book, occ = torch.randn(3, 16), torch.rand(3, 8)
+    traj, still = book[:, None].expand(3, 2, 16).clone(), torch.zeros(3, 2, 16)
+    torch.testing.assert_close(module(book, occ, traj, still), book)  # new blocks start as the identity
+    with torch.no_grad():
+        module.out.weight.normal_()
+        module.blocks[0].out.weight.normal_()
+    arrived = still.clone()
+    arrived[1, 1] = 3.0
+    with torch.no_grad():
+        assert not torch.allclose(module(book, occ, traj, still), module(book, occ, traj, arrived))
+    loaded = VQAttention.from_pretrained(module.save_pretrained(tmp_path))
+    torch.testing.assert_close(loaded(book, occ, traj, arrived), module(book, occ, traj, arrived))
+    with pytest.raises(ValueError, match="changes"):
+        module(book, occ, traj)
+    with pytest.raises(ValueError, match="`changes`=True needs `trajectory`"):
+        VQAttentionConfig(dim=16, changes=True)
+    with pytest.raises(ValueError, match="`blocks`"):
+        VQAttentionConfig(dim=16, blocks=-1)
+
+    model = tiny_model("llava_onevision")  # the method computes them for a module that reads them
+    batches = _answer_batches(model, n_batches=1)
+    trained, log = _train(model, batches, 20, module_options={"trajectory": 2, "changes": True, "blocks": 1})
+    assert log[-1]["ce"] < log[0]["ce"]
+    blind = copy.deepcopy(trained)  # reads no change: the method fed nonzero ones
+    with torch.no_grad():
+        blind.change.weight.zero_()
+    batch = {k: v for k, v in batches[0].items() if k != "labels"}
+    assert not torch.allclose(_vqtoken_logits(model, batch, trained), _vqtoken_logits(model, batch, blind))
 
 
 def test_anchors_first_and_representative():

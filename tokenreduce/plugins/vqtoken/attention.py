@@ -31,6 +31,15 @@ This module follows the paper. Where the paper says nothing, the choices are our
   ``Linear(D -> trajectory_dim)``. When an object changes colour, appears or leaves, the codes it moves
   between change membership at that time, and the difference of their time-bin means is that object's
   features: what, not only where, a code gains or loses.
+* Optional changes (``changes=True``, with ``trajectory``): per time bin, what each code's members differ
+  by from the same cell in the frame before, averaged with weights by the difference's norm (see
+  :func:`~tokenreduce.plugins.vqtoken.hashing.changes`), through a second ``Linear(D -> trajectory_dim)``.
+  Trajectories say what a code holds over time; changes say what arrived where it now is: when a shape
+  turns blue it joins the blue code, and that code's change at that time is the shape's new look minus
+  its old one.
+* Optional further blocks (``blocks=n``): pre-norm self-attention among the code tokens, with the tokens
+  as values, and an FFN, zero-initialised at their outputs. The paper's block mixes hash embeddings only;
+  these let a code read what the others hold (the code a shape left and the one it joined).
 * Optional low-rank adapters on the LLM's linear layers (``llm_rank > 0``), trained with the block. The
   paper tunes the whole LLM so that it learns to read code tokens; here the tuning travels with the module
   as LoRA deltas ``x A^T B^T * alpha / rank`` (``B`` zero-initialised), added by forward hooks that
@@ -75,7 +84,9 @@ class VQAttentionConfig:
             (:func:`occupancy_moments`), so that where a code moves is a linear feature of its input.
         trajectory: time bins of each code's member means fed to the hash MLP (0: none); see
             :func:`~tokenreduce.plugins.vqtoken.hashing.trajectories`.
-        trajectory_dim: width each time bin's member mean is projected to.
+        trajectory_dim: width each time bin's member mean (and change) is projected to.
+        changes: also feed the hash MLP each code's change per trajectory time bin (needs ``trajectory``).
+        blocks: further self-attention + FFN blocks among the code tokens after the hash attention.
         dropout: attention-probability dropout in training.
         llm_rank: rank of the LLM adapters (0: none, the LLM reads the code tokens as it is).
         llm_alpha: adapter scale numerator (the delta is multiplied by ``llm_alpha / llm_rank``).
@@ -93,6 +104,8 @@ class VQAttentionConfig:
     moments: bool = False
     trajectory: int = 0
     trajectory_dim: int = 16
+    changes: bool = False
+    blocks: int = 0
     dropout: float = 0.0
     llm_rank: int = 0
     llm_alpha: float = 16.0
@@ -101,12 +114,23 @@ class VQAttentionConfig:
     def __post_init__(self) -> None:
         self.bins = tuple(int(b) for b in self.bins)
         self.llm_modules = check_adapters("llm", self.llm_rank, self.llm_modules)
-        for name, low in (("dim", 1), ("heads", 1), ("hidden", 1), ("trajectory", 0), ("trajectory_dim", 1)):
+        for name, low in (
+            ("dim", 1),
+            ("heads", 1),
+            ("hidden", 1),
+            ("trajectory", 0),
+            ("trajectory_dim", 1),
+            ("blocks", 0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
         if self.dim % self.heads:
             raise ValueError(f"`dim` ({self.dim}) must be divisible by `heads` ({self.heads})")
+        if self.changes and not self.trajectory:
+            raise ValueError(
+                "`changes`=True needs `trajectory` > 0 (changes are read per trajectory time bin)"
+            )
         if len(self.bins) != 3 or any(b < 1 for b in self.bins):
             raise ValueError(f"`bins` must be three ints >= 1 (time, height, width), got {self.bins!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -120,9 +144,9 @@ class VQAttentionConfig:
     @property
     def hash_features(self) -> int:
         """Width of the hash MLP's input: the map, plus 3 moments per time bin with ``moments``, plus
-        ``trajectory_dim`` per trajectory time bin."""
+        ``trajectory_dim`` per trajectory time bin (twice with ``changes``)."""
         moments = 3 * self.bins[0] if self.moments else 0
-        return self.hash_size + moments + self.trajectory * self.trajectory_dim
+        return self.hash_size + moments + self.trajectory * self.trajectory_dim * (2 if self.changes else 1)
 
 
 def occupancy_moments(occupancy: torch.Tensor, bins: tuple[int, int, int]) -> torch.Tensor:
@@ -140,6 +164,40 @@ def occupancy_moments(occupancy: torch.Tensor, bins: tuple[int, int, int]) -> to
     row = (occ.sum(3) * rows).sum(2) / mass.clamp_min(1e-6)
     col = (occ.sum(2) * cols).sum(2) / mass.clamp_min(1e-6)
     return torch.cat([mass / (bh * bw), row, col], dim=1)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, dropout: float) -> torch.Tensor:
+    """Multi-head attention among ``K`` code tokens: ``[K, D]`` queries, keys and values -> ``[K, D]``."""
+    n = q.shape[0]
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(n, heads, -1).transpose(0, 1)  # [heads, K, d]
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), dropout_p=dropout)
+    return out.transpose(0, 1).reshape(n, -1)
+
+
+class _Block(nn.Module):
+    """Pre-norm self-attention among the code tokens (the tokens are the values) and an FFN, both
+    zero-initialised at their outputs, so a new block leaves the tokens as they are."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ffn_norm = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        for layer in (self.out, self.ffn[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self, x: torch.Tensor, unit: torch.Tensor | float, heads: int, dropout: float
+    ) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        x = x + unit * self.out(_attend(q, k, v, heads, dropout))
+        return x + unit * self.ffn(self.ffn_norm(x))
 
 
 class VQAttention(nn.Module):
@@ -162,6 +220,8 @@ class VQAttention(nn.Module):
         nn.init.zeros_(self.out.bias)
         if config.trajectory:
             self.trajectory = nn.Linear(d, config.trajectory_dim)
+        if config.changes:
+            self.change = nn.Linear(d, config.trajectory_dim)
         if config.own_hash:
             self.own = nn.Linear(d, d)
             nn.init.zeros_(self.own.weight)
@@ -171,7 +231,10 @@ class VQAttention(nn.Module):
             self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
             nn.init.zeros_(self.ffn[-1].weight)
             nn.init.zeros_(self.ffn[-1].bias)
-        self.llm = LowRankAdapters(config.llm_modules, config.llm_rank, config.llm_alpha, owner="VQ-attention")
+        self.blocks = nn.ModuleList(_Block(d) for _ in range(config.blocks))
+        self.llm = LowRankAdapters(
+            config.llm_modules, config.llm_rank, config.llm_alpha, owner="VQ-attention"
+        )
 
     def adapt_llm(self, language_model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         """Add the LLM adapters to ``language_model``'s linear layers as forward hooks; returns the hooks
@@ -179,12 +242,17 @@ class VQAttention(nn.Module):
         return self.llm.install(language_model)
 
     def forward(
-        self, codebook: torch.Tensor, occupancy: torch.Tensor, trajectory: torch.Tensor | None = None
+        self,
+        codebook: torch.Tensor,
+        occupancy: torch.Tensor,
+        trajectory: torch.Tensor | None = None,
+        changes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``codebook: [K, D]`` code tokens, ``occupancy: [K, t*h*w]`` their pooled hash -> ``[K, D]``.
 
         ``trajectory: [K, config.trajectory, D]``, each code's member mean per time bin (zeros where the code
-        is absent), is required when ``config.trajectory`` > 0 and refused otherwise.
+        is absent), is required when ``config.trajectory`` > 0 and refused otherwise; ``changes`` (same
+        shape, :func:`~tokenreduce.plugins.vqtoken.hashing.changes`) likewise with ``config.changes``.
         """
         cfg = self.config
         if codebook.dim() != 2 or codebook.shape[1] != cfg.dim:
@@ -195,47 +263,45 @@ class VQAttention(nn.Module):
                 f"got {tuple(occupancy.shape)}"
             )
         expected = (codebook.shape[0], cfg.trajectory, cfg.dim)
-        if (trajectory is None) != (cfg.trajectory == 0) or (
-            trajectory is not None and trajectory.shape != expected
+        for name, value, wanted in (
+            ("trajectory", trajectory, cfg.trajectory > 0),
+            ("changes", changes, cfg.changes),
         ):
-            want = f"[{expected[0]}, {expected[1]}, {expected[2]}]" if cfg.trajectory else "none"
-            got = None if trajectory is None else tuple(trajectory.shape)
-            raise ValueError(
-                f"VQAttention with trajectory={cfg.trajectory} expects trajectory {want}, got {got}"
-            )
+            if (value is None) == wanted or (value is not None and value.shape != expected):
+                want = f"[{expected[0]}, {expected[1]}, {expected[2]}]" if wanted else "none"
+                got = None if value is None else tuple(value.shape)
+                raise ValueError(
+                    f"VQAttention with trajectory={cfg.trajectory}, changes={cfg.changes} expects {name} "
+                    f"{want}, got {got}"
+                )
         dtype = self.q.weight.dtype
         b = codebook.to(dtype)
-        k_codes, heads = b.shape[0], cfg.heads
         features = occupancy.to(dtype)
         if cfg.moments:
             features = torch.cat([features, occupancy_moments(features, cfg.bins)], dim=1)
+        rms = b.pow(2).mean(-1, keepdim=True).sqrt()
         if trajectory is not None:
             traj = trajectory.to(dtype)
             present = traj.abs().sum(-1, keepdim=True) > 0
-            rms = b.pow(2).mean(-1).sqrt().clamp_min(1e-6)[:, None, None]
-            offsets = torch.where(present, (traj - b[:, None]) / rms, torch.zeros_like(traj))
+            offsets = torch.where(present, (traj - b[:, None]) / rms.clamp_min(1e-6)[:, None], 0.0)
             features = torch.cat([features, self.trajectory(offsets).flatten(1)], dim=1)
+        if changes is not None:
+            change = self.change(changes.to(dtype) / rms.clamp_min(1e-6)[:, None])
+            features = torch.cat([features, change.flatten(1)], dim=1)
         hashed = self.hash_mlp(features)
         h = self.norm(b)
-
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(k_codes, heads, -1).transpose(0, 1)  # [heads, K, d]
-
-        attended = F.scaled_dot_product_attention(
-            split(self.q(h)),
-            split(self.k(h)),
-            split(self.v(hashed)),
-            dropout_p=cfg.dropout if self.training else 0.0,
-        )
+        dropout = cfg.dropout if self.training else 0.0
         # residual updates in units of each code token's RMS (projected visual tokens can sit at ~100x
         # the norm of text embeddings; a zero-initialised update at unit scale would take long to matter)
-        unit = b.pow(2).mean(-1, keepdim=True).sqrt() if cfg.rms_residual else 1.0
-        update = self.out(attended.transpose(0, 1).reshape(k_codes, -1))
+        unit = rms if cfg.rms_residual else 1.0
+        update = self.out(_attend(self.q(h), self.k(h), self.v(hashed), cfg.heads, dropout))
         if cfg.own_hash:
             update = update + self.own(hashed)
         out = b + unit * update
         if cfg.ffn:
             out = out + unit * self.ffn(self.ffn_norm(out))
+        for block in self.blocks:
+            out = block(out, unit, cfg.heads, dropout)
         return out.to(codebook.dtype)
 
     # ----- persistence ---------------------------------------------------------------------------------

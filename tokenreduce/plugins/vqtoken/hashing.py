@@ -119,3 +119,39 @@ def trajectories(
     sums.index_add_(0, flat, members)
     counts = torch.bincount(flat, minlength=k * bins).clamp_min(1).to(members.dtype)
     return (sums / counts[:, None]).view(k, bins, -1)
+
+
+def frame_differences(layout: TokenLayout, content: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``[N, D]``: every content token minus the token at the same cell of the frame before it.
+
+    Zeros in the first frame, and for every token when the content segments do not share one grid (then no
+    cell has a frame before it). ``tokens`` are the item's content tokens in raster order ``(f, h, w)``.
+    """
+    segments = [s for s in layout.segments if s.cols > 0]
+    grids = {(s.rows, s.cols) for s in segments}
+    out = torch.zeros_like(tokens)
+    if len(grids) != 1 or len(segments) < 2 or sum(s.rows * s.cols for s in segments) != content.numel():
+        return out
+    frames = tokens.view(len(segments), -1, tokens.shape[1])
+    out.view_as(frames)[1:] = frames[1:] - frames[:-1]
+    return out
+
+
+def changes(
+    coords: torch.Tensor, codes: torch.Tensor, differences: torch.Tensor, k: int, bins: int
+) -> torch.Tensor:
+    """``[k, bins, D]``: per code and time bin, its members' differences from the frame before, averaged
+    with each difference weighted by its own norm (zeros where nothing changed).
+
+    A colour change, an appearance or a step of a motion shows as a difference at a few cells of one frame;
+    a plain mean over a code's members would dilute it by the static ones, and weighting by the norm keeps
+    the changed cells' difference at its own scale without a threshold.
+    """
+    cell = (coords[:, 0].to(differences.device) * bins).floor().long().clamp_(0, bins - 1)
+    flat = codes.to(differences.device) * bins + cell
+    weight = differences.norm(dim=1)
+    sums = torch.zeros(k * bins, differences.shape[1], dtype=differences.dtype, device=differences.device)
+    sums.index_add_(0, flat, differences * weight[:, None])
+    total = torch.zeros(k * bins, dtype=differences.dtype, device=differences.device)
+    total.index_add_(0, flat, weight)
+    return (sums / total.clamp_min(1e-12)[:, None]).view(k, bins, -1)

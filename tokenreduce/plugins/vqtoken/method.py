@@ -13,7 +13,16 @@ from tokenreduce.core.registry import register_method
 
 from .attention import VQAttention
 from .clustering import ADAPTIVE, KMEANS, build_codebook, normalize
-from .hashing import ANCHORS, anchors, grid_coordinates, index_map, occupancy, trajectories
+from .hashing import (
+    ANCHORS,
+    anchors,
+    changes,
+    frame_differences,
+    grid_coordinates,
+    index_map,
+    occupancy,
+    trajectories,
+)
 
 CODEWORDS = ("mean", "normalized_mean")
 
@@ -206,10 +215,13 @@ class VQTokenMethod(Method):
             coords = grid_coordinates(layout, content).to(device)
             shape = self.attention.config
             hashed = occupancy(coords, codes, m, shape.bins)
-            traj = None
+            traj = moved = None
             if shape.trajectory:
                 traj = trajectories(coords, codes, members, m, shape.trajectory)
-            outputs = self.attention(outputs, hashed, traj)
+            if shape.changes:
+                differences = frame_differences(layout, content, members)
+                moved = changes(coords, codes, differences, m, shape.trajectory)
+            outputs = self.attention(outputs, hashed, traj, moved)
         outputs = outputs.to(features.dtype)
         sources = content.to(device)[anchor[order]]
         assignment = torch.full((n,), -1, dtype=torch.long, device=device)

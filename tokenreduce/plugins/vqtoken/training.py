@@ -489,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     )
     parser.add_argument("--trajectory-dim", type=int, default=16)
     parser.add_argument(
+        "--changes", action="store_true", help="the module also reads each code's change per trajectory bin"
+    )
+    parser.add_argument("--blocks", type=int, default=0, help="further self-attention blocks among the codes")
+    parser.add_argument(
         "--llm-rank", type=int, default=0, help="rank of LLM adapters trained with the module (0: LLM as is)"
     )
     parser.add_argument("--llm-alpha", type=float, default=16.0)
@@ -551,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
             "moments": args.moments,
             "trajectory": args.trajectory,
             "trajectory_dim": args.trajectory_dim,
+            "changes": args.changes,
+            "blocks": args.blocks,
             "llm_rank": args.llm_rank,
             "llm_alpha": args.llm_alpha,
         },
