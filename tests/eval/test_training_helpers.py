@@ -195,12 +195,12 @@ def test_document_focus_is_every_box_whatever_the_question():
     assert all(focus[aux > 0].all() for _ids, _answer, aux, _category, focus in asked)
 
 
-def test_language_model_is_taken_from_a_model_with_the_same_text_config(tmp_path):
+def test_language_model_is_taken_from_a_model_with_the_same_text_sizes(tmp_path):
     from tokenreduce.eval.synthetic.train import take_language_model
+    from tokenreduce.testing.tiny import tiny_model
 
     donor = build_model("video", seed=1)
     donor.save_pretrained(tmp_path / "video")
-    build_model("image").save_pretrained(tmp_path / "image")
     model = build_model("document", seed=2)
     tower = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
     take_language_model(model, tmp_path / "video")
@@ -209,8 +209,20 @@ def test_language_model_is_taken_from_a_model_with_the_same_text_config(tmp_path
         assert torch.equal(mine, theirs), name
     assert torch.equal(model.lm_head.weight, donor.lm_head.weight)
     assert all(torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in tower.items())
-    with pytest.raises(ValueError, match=r"--language-from.*text config differs"):
-        take_language_model(model, tmp_path / "image")
+
+    # the image model's Llama into the video model's Qwen2: the same function (zero q/k/v biases)
+    llama = build_model("image", seed=3)
+    llama.save_pretrained(tmp_path / "image")
+    take_language_model(model, tmp_path / "image")
+    embeds = torch.randn(2, 7, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        ours = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+        theirs = llama.model.language_model(inputs_embeds=embeds).last_hidden_state
+    torch.testing.assert_close(ours, theirs)
+    assert float(model.model.language_model.layers[0].self_attn.q_proj.bias.abs().sum()) == 0
+    tiny_model("llava_onevision").save_pretrained(tmp_path / "tiny")
+    with pytest.raises(ValueError, match=r"--language-from.*text config differs in \['hidden_size'"):
+        take_language_model(model, tmp_path / "tiny")
 
 
 def test_recipe_phases_continue_on_the_same_pools_and_count_from_the_first():
@@ -257,3 +269,12 @@ def test_grid_loss_reads_each_shown_tokens_place_and_trains_the_projector():
         projected.append(model.model.multi_modal_projector.linear_1.weight.detach())
     assert torch.equal(projected[0], projected[1])  # same seeds and batches: only the grid loss differs
     assert not torch.equal(projected[0], projected[2])
+
+
+def test_video_recipe_says_to_train_the_image_model_first(tmp_path, monkeypatch):
+    from tokenreduce.eval.synthetic.train import main
+
+    monkeypatch.setenv("TOKENREDUCE_SYNTHETIC_MODELS", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"from the image model.*train it first.*train image\)"):
+        main(["video", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
