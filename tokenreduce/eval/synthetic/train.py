@@ -72,6 +72,8 @@ Timing and findings (2 shared CPU cores, fp32; the full record is in each model'
   70% at the end of the first phase, then 74%, 77%, 83%, 81%, 84%, 87%, 87%, 88%, 89% at steps 250-2200 of
   the second, 87.3% after the third (colour 100, shape 100, count 100, presence 88, position 48); 87.0%
   through the real path on 200 validation samples, random@10% 41%. Position never left chance in this run.
+  The same with ``--grid-weight 1`` lagged behind: 36%, 40%, 40%, 51% at steps 1000-1750 of the first phase
+  (against 41%, 48%, 61%, 67%), position at 47-53%; stopped there.
   Position questions sit near chance in all these runs, while the tower's features give each patch's row
   and column linearly (ridge R^2 0.87 / 0.86 over 60 images): in the shipped model R^2 is 0.48 / 0.52 after
   the projector and the column fades to 0.18 at the last layer's input, where the readout heads read.
