@@ -45,6 +45,27 @@ def test_same_seed_same_samples_and_prefix_independent(kind, test_sets):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_samples_do_not_depend_on_the_process_string_hash(kind):
+    """Two processes with different PYTHONHASHSEED generate the same pixels (a colour change's tints were once
+    drawn in the order of a set of strings, so change videos differed from process to process)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib; from tokenreduce.eval.synthetic import load_synthetic; "
+        f"print(hashlib.sha1(b''.join(s.video.tobytes() if s.video is not None else __import__('numpy')"
+        f".asarray(s.images[0]).tobytes() for s in load_synthetic({kind!r}, 'test', 12))).hexdigest())"
+    )
+    digests = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(digests) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_splits_are_disjoint(kind, test_sets):
     digests = {split: {_digest(s) for s in load_synthetic(kind, split, 20)} for split in ("train", "validation")}
     digests["test"] = {_digest(s) for s in test_sets[kind][:20]}

@@ -104,7 +104,7 @@ Timing and findings (2 shared CPU cores, fp32; the full record is in each model'
   goes into Qwen2 as the same function, the query, key and value biases Qwen2 adds set to zero): 25%, 31%,
   47%, 61%, 68%, 75% at steps 250-1500 (order 96%, event 100%), 81%, 90% in the second phase, 93.7%, 93.0%
   in the third (change 99, event 99, motion 83, order 92); 91% through the real path on 200 validation
-  samples. On 300 test samples 90.0% (change 98.7, event 97.3, motion 74.7, order 89.3), random@10% 27.3%.
+  samples. On 300 test samples 90.3% (change 98.7, event 98.7, motion 74.7, order 89.3), random@10% 27.3%.
   20.5 min on 2 idle cores (tower 14 s, pools 50 s, LM 0.2-0.5 s per step).
 * document (OneVision anyres, 744 tokens): tower 250 steps in 59 s (per-patch box colour 98.8%, glyph 100%,
   glyph shape 97.2%). LM (batch 8, 1 thread), curriculum showing the asked box only: 36% at step 500, 37% at
@@ -213,7 +213,7 @@ class Plan:
     eval_every: int = 250
     seed: int = 0
     category_weights: dict[str, float] = field(default_factory=dict)
-    # Start the language model and LM head from the shipped model of this kind (documents: "video").
+    # Start the language model and LM head from the model of this kind in model_dir (video: "image").
     language_from: str | None = None
     # Language phases after the first, each continuing from where the one before stopped (same pools).
     then: tuple[Phase, ...] = ()

@@ -155,7 +155,8 @@ def build_video(rng: np.random.Generator, category: str):
 def render_video(rng: np.random.Generator, tracks: list[Track], texture: str) -> tuple[np.ndarray, np.ndarray]:
     """Frames (uint8 ``[T, H, W, 3]``) and per-frame object index maps (int16 ``[T, H, W]``, -1 elsewhere)."""
     base = background(rng, FRAME_SIZE, FRAME_SIZE, texture)
-    tints = [{c: jittered_colour(rng, c) for c in set(tr.colours)} for tr in tracks]
+    # each colour once, in order of appearance (iterating a set would follow the per-process string hash)
+    tints = [{c: jittered_colour(rng, c) for c in dict.fromkeys(tr.colours)} for tr in tracks]
     frames = np.empty((NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
     maps = np.full((NUM_FRAMES, FRAME_SIZE, FRAME_SIZE), -1, np.int16)
     for t in range(NUM_FRAMES):

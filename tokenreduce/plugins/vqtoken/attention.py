@@ -202,7 +202,7 @@ class _Block(nn.Module):
 
 class VQAttention(nn.Module):
     """``B' = B + W_O MHA(Q = LN(B) W_Q, K = LN(B) W_K, V = MLP(occupancy) W_V)``, optionally plus each
-    code's own hash embedding and an FFN."""
+    code's own hash embedding, an FFN and further self-attention blocks among the codes."""
 
     def __init__(self, config: VQAttentionConfig):
         super().__init__()
@@ -280,13 +280,14 @@ class VQAttention(nn.Module):
         if cfg.moments:
             features = torch.cat([features, occupancy_moments(features, cfg.bins)], dim=1)
         rms = b.pow(2).mean(-1, keepdim=True).sqrt()
+        per_bin = rms.clamp_min(1e-6)[:, None]  # [K, 1, 1]: time-bin features in units of the code's RMS
         if trajectory is not None:
             traj = trajectory.to(dtype)
             present = traj.abs().sum(-1, keepdim=True) > 0
-            offsets = torch.where(present, (traj - b[:, None]) / rms.clamp_min(1e-6)[:, None], 0.0)
+            offsets = torch.where(present, (traj - b[:, None]) / per_bin, 0.0)
             features = torch.cat([features, self.trajectory(offsets).flatten(1)], dim=1)
         if changes is not None:
-            change = self.change(changes.to(dtype) / rms.clamp_min(1e-6)[:, None])
+            change = self.change(changes.to(dtype) / per_bin)
             features = torch.cat([features, change.flatten(1)], dim=1)
         hashed = self.hash_mlp(features)
         h = self.norm(b)
