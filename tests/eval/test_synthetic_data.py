@@ -53,9 +53,10 @@ def test_samples_do_not_depend_on_the_process_string_hash(kind):
     import sys
 
     script = (
-        "import hashlib; from tokenreduce.eval.synthetic import load_synthetic; "
-        f"print(hashlib.sha1(b''.join(s.video.tobytes() if s.video is not None else __import__('numpy')"
-        f".asarray(s.images[0]).tobytes() for s in load_synthetic({kind!r}, 'test', 12))).hexdigest())"
+        "import hashlib, numpy as np; from tokenreduce.eval.synthetic import load_synthetic; "
+        f"samples = load_synthetic({kind!r}, 'test', 12); "
+        "pixels = (s.video if s.video is not None else np.asarray(s.images[0]) for s in samples); "
+        "print(hashlib.sha1(b''.join(p.tobytes() for p in pixels)).hexdigest())"
     )
     digests = {
         subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
