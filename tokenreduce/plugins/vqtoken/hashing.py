@@ -58,16 +58,25 @@ def grid_coordinates(layout: TokenLayout, content: torch.Tensor) -> torch.Tensor
     )
 
 
+def frame_grid(layout: TokenLayout, num_content: int) -> tuple[int, int, int] | None:
+    """``(frames, rows, cols)`` when the item's ``num_content`` content tokens fill content segments that all
+    share one grid (video frames), else ``None``."""
+    segments = [s for s in layout.segments if s.cols > 0]
+    grids = {(s.rows, s.cols) for s in segments}
+    if len(grids) != 1 or sum(s.rows * s.cols for s in segments) != num_content:
+        return None
+    rows, cols = grids.pop()
+    return len(segments), rows, cols
+
+
 def index_map(layout: TokenLayout, content: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """The ``T x H x W`` map of code ids when every content segment has the same grid, else ``[1, 1, N]``.
 
     ``content`` are the item's content-token indices (raster order), ``codes`` their code ids.
     """
-    grids = {(s.rows, s.cols) for s in layout.segments if s.cols > 0}
-    segments = [s for s in layout.segments if s.cols > 0]
-    if len(grids) == 1 and sum(s.rows * s.cols for s in segments) == codes.numel():
-        rows, cols = grids.pop()
-        return codes.reshape(len(segments), rows, cols)
+    grid = frame_grid(layout, codes.numel())
+    if grid is not None:
+        return codes.reshape(grid)
     return codes.reshape(1, 1, -1)
 
 
@@ -104,6 +113,12 @@ def occupancy(coords: torch.Tensor, codes: torch.Tensor, k: int, bins: tuple[int
     return hist.reshape(k, size)
 
 
+def _code_time_bins(coords: torch.Tensor, codes: torch.Tensor, bins: int, device: torch.device) -> torch.Tensor:
+    """Per token, the flat index ``code * bins + time bin`` of its code's time bin."""
+    cell = (coords[:, 0].to(device) * bins).floor().long().clamp_(0, bins - 1)
+    return codes.to(device) * bins + cell
+
+
 def trajectories(
     coords: torch.Tensor, codes: torch.Tensor, members: torch.Tensor, k: int, bins: int
 ) -> torch.Tensor:
@@ -113,8 +128,7 @@ def trajectories(
     ``members`` their features (what the codewords average). The codeword is the mean over all bins; how the
     bin means differ from it says what joins or leaves the code over time.
     """
-    cell = (coords[:, 0].to(members.device) * bins).floor().long().clamp_(0, bins - 1)
-    flat = codes.to(members.device) * bins + cell
+    flat = _code_time_bins(coords, codes, bins, members.device)
     sums = torch.zeros(k * bins, members.shape[1], dtype=members.dtype, device=members.device)
     sums.index_add_(0, flat, members)
     counts = torch.bincount(flat, minlength=k * bins).clamp_min(1).to(members.dtype)
@@ -127,12 +141,11 @@ def frame_differences(layout: TokenLayout, content: torch.Tensor, tokens: torch.
     Zeros in the first frame, and for every token when the content segments do not share one grid (then no
     cell has a frame before it). ``tokens`` are the item's content tokens in raster order ``(f, h, w)``.
     """
-    segments = [s for s in layout.segments if s.cols > 0]
-    grids = {(s.rows, s.cols) for s in segments}
     out = torch.zeros_like(tokens)
-    if len(grids) != 1 or len(segments) < 2 or sum(s.rows * s.cols for s in segments) != content.numel():
+    grid = frame_grid(layout, content.numel())
+    if grid is None or grid[0] < 2:
         return out
-    frames = tokens.view(len(segments), -1, tokens.shape[1])
+    frames = tokens.view(grid[0], -1, tokens.shape[1])
     out.view_as(frames)[1:] = frames[1:] - frames[:-1]
     return out
 
@@ -147,8 +160,7 @@ def changes(
     a plain mean over a code's members would dilute it by the static ones, and weighting by the norm keeps
     the changed cells' difference at its own scale without a threshold.
     """
-    cell = (coords[:, 0].to(differences.device) * bins).floor().long().clamp_(0, bins - 1)
-    flat = codes.to(differences.device) * bins + cell
+    flat = _code_time_bins(coords, codes, bins, differences.device)
     weight = differences.norm(dim=1)
     sums = torch.zeros(k * bins, differences.shape[1], dtype=differences.dtype, device=differences.device)
     sums.index_add_(0, flat, differences * weight[:, None])
