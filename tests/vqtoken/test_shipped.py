@@ -35,5 +35,5 @@ def test_shipped_vq_attention_keeps_most_of_full_accuracy_at_five_codes():
     vq = synthetic_accuracy(model, processor, samples, module, {"keep": 5})["all"]
     codebook = synthetic_accuracy(model, processor, samples, None, {"keep": 5})["all"]
     assert full_accuracy() == full  # the adapters left with the wrap
-    assert vq >= 0.85 * full  # 0.8125 vs 0.906 for the shipped module (codebook only: 0.109)
+    assert vq >= 0.9 * full  # 0.859 vs 0.906 for the shipped module (codebook only: 0.109)
     assert vq >= codebook + 0.5
