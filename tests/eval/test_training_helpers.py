@@ -278,3 +278,22 @@ def test_video_recipe_says_to_train_the_image_model_first(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match=r"from the image model.*train it first.*train image\)"):
         main(["video", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_projector_only_phase_leaves_the_language_model_as_it_was():
+    plan = replace(PLANS["image"], tower_pool=0, lm_pool=2, questions_per_media=2, val_size=2, lm_steps=2,
+                   lm_batch=2, eval_every=2, warmup=1, train_language=False,
+                   then=(Phase(1, 1e-3, warmup=1),))
+    first, second = plan.phases()
+    assert not first.train_language and second.train_language
+    torch.manual_seed(0)
+    model = build_model("image")
+    model.model.vision_tower.requires_grad_(False)
+    task = TASKS["image"](build_tokenizer())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pools = language_pools(model, task, first, lambda _: None)
+    train_language(model, task, first, lambda _: None, pools=pools)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("model.multi_modal_projector") for n in moved)
+    train_language(model, task, second, lambda _: None, pools=pools, phase=1)
+    assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])
