@@ -68,7 +68,8 @@ Timing and findings (2 shared CPU cores, fp32; the full record is in each model'
   of the second phase, 85.3% after the third (colour 100, shape 100, count 92, presence 90, position 45);
   85.5% through the real path on 200 validation samples, random@10% 46%. So one command gives a usable
   model in under an hour, 5 points short of the shipped one. The second phase stretched to 2200 steps (the
-  first three phases of the recipe in ``PLANS``; 22.6 min on 2 idle cores of a faster machine: tower 19 s, LM 0.05-0.35 s per step):
+  first three phases of the recipe in ``PLANS``; 22.6 min on 2 idle cores of a faster machine: tower 19 s,
+  LM 0.05-0.35 s per step):
   70% at the end of the first phase, then 74%, 77%, 83%, 81%, 84%, 87%, 87%, 88%, 89% at steps 250-2200 of
   the second, 87.3% after the third (colour 100, shape 100, count 100, presence 88, position 48); 87.0%
   through the real path on 200 validation samples, random@10% 41%. Position never left chance in this run.
