@@ -70,7 +70,7 @@ validation split, one question each):
   21 min): 57.5% (change 20, event 86, motion 76, order 48): worse everywhere, change included.
 * The same for 6000 steps without weights (22 min): training accuracy 77% at step 3100; ``langdc`` 84.0%
   (change 72, event 84, motion 90, order 90; 89.4% of full). On the whole test split (1000 videos,
-  evaluation runner): 87.2% against 91.0% (95.8%) at 3.4% of the tokens and 18.2% of the FLOPs
+  evaluation runner): 87.0% against 91.0% (95.6%) at 3.4% of the tokens and 18.2% of the FLOPs
   (``benchmarks/results/langdc_synthetic_cpu.md``). The best of the three alignments on validation, and
   the shipped captioner (``assets/langdc/synthetic-onevision-video``).
 """
