@@ -272,6 +272,8 @@ PLANS: dict[str, Plan] = {
                   lm_lr=2e-3, category_weights={"presence": 1.5, "position": 1.5, "count": 1.5},
                   then=(Phase(2200, 1e-3, category_weights={"presence": 2.0, "position": 5.0, "count": 2.0}),
                         Phase(400, 5e-4, warmup=10, token_drop=0.5),
+                        # the same settings again as a phase of its own (warm-up and cosine restarted): it was
+                        # measured as a continuation; one 1400-step phase is another schedule, not run
                         Phase(1000, 5e-4, warmup=10, token_drop=0.5))),
     "document": Plan(tower_pool=800, tower_steps=250, tower_batch=20, lm_pool=4000, lm_steps=1000, lm_batch=8,
                      language_from="video", train_language=False,
@@ -934,8 +936,7 @@ def train_language(model, task: Task, plan: Plan, log, work: Path | None = None,
 
     weights = torch.tensor([plan.category_weights.get(q.category, 1.0) for q in questions])
     probe = nn.Linear(model.config.text_config.hidden_size, 3)
-    frozen = ("model.vision_tower",) if plan.train_language else ("model.vision_tower", "model.language_model",
-                                                                   "lm_head")
+    frozen = ("model.vision_tower",) + (() if plan.train_language else ("model.language_model", "lm_head"))
     for n, p in model.named_parameters():
         p.requires_grad_(not n.startswith(frozen))
     trainable = [p for p in model.parameters() if p.requires_grad]

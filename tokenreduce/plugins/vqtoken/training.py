@@ -92,15 +92,14 @@ event: 4 answers, order: 2):
   13.8% at 5 tokens, codebook only 9.2% (``benchmarks/results/vqtoken_synthetic_cpu.md``). Trained at 5
   codes, it does not carry to many: 85.9%, 81.3%, 3% at 5, 12, 58 codes on the first 64 test videos.
 
-Where it stopped before ``--changes``: the hash carries the motion. On 100 validation motion videos the asked object's cells
-fall in one code in every video, and the shift of that code's occupancy centroid from the first to the
-last four frames names the direction in 98% of them. Yet without moments motion stayed near chance for most
-of every run above (54% only at the end of the best), also where the object's code holds little else: the
+Where it stopped before ``--changes``: the hash carries the motion. On 100 validation motion videos the asked
+object's cells fall in one code in every video, and the shift of that code's occupancy centroid from the first
+to the last four frames names the direction in 98% of them. Yet without moments motion stayed near chance for
+most of every run above (54% only at the end of the best), also where the object's code holds little else: the
 loss was in learning to read the hash, not in what the codes keep nor in too few training videos (the
-12000-video run). With moments motion reaches 86%; with trajectories change reaches 51-64%, at motion's
-cost in a run of the same length. In about half of the motion, change and event videos the asked object
-shares its code with others (5 codes, 4.1 objects on average, the background taking more than one code).
-"""
+12000-video run). With moments motion reaches 86%; with trajectories change reaches 51-64%, at motion's cost
+in a run of the same length. In about half of the motion, change and event videos the asked object shares its
+code with others (5 codes, 4.1 objects on average, the background taking more than one code). """
 
 from __future__ import annotations
 
