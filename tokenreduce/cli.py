@@ -70,8 +70,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     try:
         _, missing = check_models(args.models)
-        runs = demo_runs(n=args.samples, models=args.models, budgets=args.budgets or DEMO_BUDGETS)
-    except MissingModelsError as exc:
+        runs = demo_runs(n=args.samples, models=args.models, budgets=args.budgets or DEMO_BUDGETS,
+                         check=args.check_samples)
+    except (MissingModelsError, ValueError) as exc:
         raise SystemExit(f"tokenreduce demo: {exc}") from None
     if missing:
         print("tokenreduce demo: no model for these families, left out:\n" + "\n".join(missing))
@@ -92,8 +93,14 @@ def _demo(args: argparse.Namespace) -> int:
             print("methods left out:")
             for method, reason in run.excluded.items():
                 print(f"- {method}: {reason}")
-        print("\nbenchmark checks:")
-        for line in benchmark_checks(summary):
+        checked = summary
+        if run.check_limit:
+            checker = run.check_runner(args.out, batch_size=args.batch_size, progress=not args.quiet)
+            checked = checker.run()
+            print(f"\nbenchmark checks ({run.check_limit} test samples; {checker.run_dir}):")
+        else:
+            print(f"\nbenchmark checks (on the {run.limit} samples above):")
+        for line in benchmark_checks(checked):
             print(f"  {line}")
         overlays = render_overlays(runner.run_dir, run.task, per_cell=1)
         print(f"plots: {', '.join(summary.get('plots', []))}")
@@ -351,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from tokenreduce.eval.demo import DEMO_BUDGETS, DEMO_SAMPLES
+    from tokenreduce.eval.demo import CHECK_SAMPLES, DEMO_BUDGETS, DEMO_SAMPLES
 
     demo = sub.add_parser("demo", help="evaluate every method on the synthetic benchmark's shipped tiny models")
     demo.add_argument("--samples", type=int, default=DEMO_SAMPLES,
@@ -363,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--models", default=None,
                       help="folder holding the three synthetic model directories (default: "
                            "$TOKENREDUCE_SYNTHETIC_MODELS, else assets/models)")
+    demo.add_argument("--check-samples", type=int, default=None,
+                      help="test samples on which the benchmark's two properties are checked (full-token "
+                           "accuracy, random@10%%); default: "
+                           + ", ".join(f"{n} {kind}" for kind, n in CHECK_SAMPLES.items())
+                           + "; 0: on the grid's samples")
     demo.add_argument("--batch-size", type=int, default=4)
     demo.add_argument("--out", default="runs", help="folder of the runs (default runs/: runs/demo-<family>)")
     demo.add_argument("--resume", action="store_true",

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 import tokenreduce as tr
+from tokenreduce.eval.demo import CHECK_SAMPLES
 from tokenreduce.eval.predict import predict
 from tokenreduce.eval.synthetic import KINDS, encode, load_model, load_synthetic, model_dir, score
 from tokenreduce.eval.synthetic.models import ASSETS_DIR
@@ -27,9 +28,6 @@ EXPECTED = {
     "document": (LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor, 744),
     "video": (LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor, 577),
 }
-# Test samples per family in the acceptance test. Videos and documents: the 300 the README reports (60 videos
-# gave 88.3%, 53 of 60, against 92.7% on 300: too few to tell 90% apart), about 75 s and 40 s on one thread.
-ACCEPTANCE_SAMPLES = {"image": 100, "document": 300, "video": 300}
 
 
 SHIPPED = [kind for kind in KINDS if (model_dir(kind) / "config.json").is_file()]
@@ -86,7 +84,9 @@ def test_batched_prediction_equals_one_by_one(shipped):
 @pytest.mark.parametrize("kind", SHIPPED)
 def test_full_tokens_accurate_and_random_ten_percent_is_not(kind, shipped):
     model, processor = shipped[kind]
-    samples = load_synthetic(kind, "test", ACCEPTANCE_SAMPLES[kind])
+    # The samples `make demo` checks on (documents and videos: the 300 the README reports; 60 videos gave 88.3%,
+    # 53 of 60, against 92.7% on 300: too few to tell 90% apart), about 75 s and 40 s on one thread.
+    samples = load_synthetic(kind, "test", CHECK_SAMPLES[kind])
     full = score(samples, predict(model, processor, samples, batch_size=10))["all"]
     tr.wrap(model, "random", keep=0.1, seed=0)
     try:

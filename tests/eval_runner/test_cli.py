@@ -50,20 +50,28 @@ def test_eval_from_flags_then_config_then_show_overlays(synthetic_models, tmp_pa
 
 def test_demo_runs_every_synthetic_family(synthetic_models, tmp_path, capsys):
     args = ["demo", "--samples", "2", "--methods", "none", "random", "--budgets", "0.1", "--models",
-            str(synthetic_models), "--out", str(tmp_path), "--quiet"]
+            str(synthetic_models), "--out", str(tmp_path), "--check-samples", "3", "--quiet"]
     assert main(args) == 0
     out = capsys.readouterr().out
     for kind, model in (("image", "synthetic-llava-image"), ("document", "synthetic-onevision-document"),
                         ("video", "synthetic-onevision-video")):
+        run = tmp_path / f"demo-{kind}"
         assert f"## demo-{kind} (synthetic-{kind}, 1 model(s), 2 samples)" in out
         assert f"| {model} | random | 0.1 |" in out
+        assert f"benchmark checks (3 test samples; {run / 'check'})" in out
         assert f"{model}: full-token accuracy" in out and f"{model}: random@0.1 loses" in out
-        assert list((tmp_path / f"demo-{kind}" / "overlays").glob("*.png"))
-        assert len((tmp_path / f"demo-{kind}" / "records.jsonl").read_text().splitlines()) == 4
-    assert out.count("FAIL  ") + out.count("PASS  ") == 6
+        assert list((run / "overlays").glob("*.png")) and f"plots: {run / 'accuracy_vs_tokens.png'}" in out
+        assert len((run / "records.jsonl").read_text().splitlines()) == 4
+        assert len((run / "check" / "records.jsonl").read_text().splitlines()) == 6  # none, random@0.1
+    assert out.count("FAIL  ") + out.count("PASS  ") == 6 and out.count("at 3 samples") == 3
 
-    assert main([*args[:-1], "--samples", "1", "--quiet"]) == 0  # a new demo run starts afresh
+    assert main([*args[:-3], "--samples", "1", "--check-samples", "0", "--quiet"]) == 0  # starts afresh
+    out = capsys.readouterr().out
     assert len((tmp_path / "demo-video" / "records.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "demo-video" / "check").exists()
+    assert out.count("benchmark checks (on the 1 samples above)") == 3 and out.count("at 1 samples") == 3
+    with pytest.raises(SystemExit, match=r"`check` must be an int >= 0 or None, got -1"):
+        main([*args[:-2], "-1", "--quiet"])
 
 
 def test_bench_runs_the_shared_prefill_benchmark(tmp_path, monkeypatch, capsys):

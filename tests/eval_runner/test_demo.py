@@ -10,6 +10,7 @@ from tokenreduce.core.api import get_handle
 from tokenreduce.core.config import MethodConfig
 from tokenreduce.core.registry import _METHODS, MethodSpec, method_specs
 from tokenreduce.eval.demo import (
+    CHECK_SAMPLES,
     DEMO_BUDGETS,
     MissingModelsError,
     benchmark_checks,
@@ -27,7 +28,7 @@ def runs(synthetic_models):
     return {r.name: r for r in demo_runs(n=2, models=synthetic_models)}
 
 
-def test_one_run_per_family_on_its_model(runs):
+def test_one_run_per_family_on_its_model(runs, synthetic_models, tmp_path):
     assert list(runs) == ["demo-image", "demo-document", "demo-video"]
     for kind, run in zip(("image", "document", "video"), runs.values()):
         assert run.task.name == f"synthetic-{kind}" and run.task.split == "test"
@@ -35,6 +36,15 @@ def test_one_run_per_family_on_its_model(runs):
         assert run.budgets == DEMO_BUDGETS == (0.1, 0.25, 0.5) and run.limit == 2
         model, _ = run.models[0].load()
         assert model.config.model_type == ("llava" if kind == "image" else "llava_onevision")
+        # the two properties are checked on more samples than the grid's, the same model and task
+        assert run.check_limit == CHECK_SAMPLES[kind] >= 100
+        checker = run.check_runner(tmp_path)
+        assert checker.run_dir == tmp_path / run.name / "check" and checker.limit == run.check_limit
+        assert [(c.method, c.budget) for c in checker.cells] == [("none", None), ("random", 0.1)]
+        assert checker.models == run.models and checker.task is run.task
+    assert all(r.check_limit == 0 for r in demo_runs(n=1, models=synthetic_models, check=0))
+    with pytest.raises(ValueError, match="`check` must be an int >= 0 or None"):
+        demo_runs(n=1, models=synthetic_models, check=-1)
 
 
 def test_methods_per_family(runs):
