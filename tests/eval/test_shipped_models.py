@@ -84,8 +84,8 @@ def test_batched_prediction_equals_one_by_one(shipped):
 @pytest.mark.parametrize("kind", SHIPPED)
 def test_full_tokens_accurate_and_random_ten_percent_is_not(kind, shipped):
     model, processor = shipped[kind]
-    # The samples `make demo` checks on (documents and videos: the 300 the README reports; 60 videos gave 88.3%,
-    # 53 of 60, against 92.7% on 300: too few to tell 90% apart), about 75 s and 40 s on one thread.
+    # The samples `make demo` checks on, the counts the README reports (60 videos gave 88.3%, 53 of 60, against
+    # 92.7% on 300: too few to tell 90% apart); about 12, 20 and 25 s for images, documents and videos.
     samples = load_synthetic(kind, "test", CHECK_SAMPLES[kind])
     full = score(samples, predict(model, processor, samples, batch_size=10))["all"]
     tr.wrap(model, "random", keep=0.1, seed=0)
