@@ -142,11 +142,10 @@ def demo_runs(n: int = DEMO_SAMPLES, models: str | Path | None = None,
               budgets: Sequence[float] = DEMO_BUDGETS, check: int | None = None) -> list[DemoRun]:
     """The demo's runs, one per synthetic family, with ``n`` test samples each.
 
-    ``check``: samples of each family's check run (default ``CHECK_SAMPLES``; 0: no check run).
-
     ``models`` is the folder holding the three model directories (default: ``$TOKENREDUCE_SYNTHETIC_MODELS``,
     else ``assets/models``); families without a model are left out (:func:`check_models`). The methods of a run come
-    from :func:`select_methods` on its loaded model (loaded once, shared with the runner).
+    from :func:`select_methods` on its loaded model (loaded once, shared with the runner). ``check``: samples
+    of each family's check run (default ``CHECK_SAMPLES``; 0: none, the checks read the grid).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"`n` must be an int >= 1, got {n!r}")

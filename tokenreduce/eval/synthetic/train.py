@@ -171,12 +171,13 @@ Timing and findings (2 shared CPU cores, fp32; the full record is in each model'
   3x): the first three reproduced the run above exactly (7% after the projector-only phase, 48%, 77%; colour
   28% at that point), then 74, 81, 82; 82, 88, 89; 87, 91, 93, 93% (4750 LM steps), **93.0% on 300 test
   samples** (count, first, shape 100, presence 95, colour 70), random@10% 29.3%; through the real path on 200
-  validation samples 92%, random@10% 26%. 47.3 min on 2 idle cores (tower 17 s, pools 44 s,
-  0.55-0.7 s per LM step once every token is shown). With the projector-only phase cut to 600 steps and
-  the rest as here it stalled: 27%, 35%, 40% in the second phase, 41-43% through the third (stopped). That model is not the shipped one: on it ``doc_correlation`` at 34% of the tokens kept 90.7% of
-  93.0% while ``visionzip`` kept 93.3% and ``divprune`` 92.3% (300 test samples), where on the shipped model
-  ``doc_correlation`` leads (``benchmarks/results/doc_correlation_cpu.md``): trained to answer from its
-  referents alone, it is no longer hurt by any selection that keeps the boxes.
+  validation samples 92%, random@10% 26%. 47.3 min on 2 idle cores (tower 17 s, pools 44 s, 0.55-0.7 s
+  per LM step once every token is shown). With the projector-only phase cut to 600 steps and the rest as
+  here it stalled: 27%, 35%, 40% in the second phase, 41-43% through the third (stopped). That model is not
+  the shipped one: on it ``doc_correlation`` at 34% of the tokens kept 90.7% of 93.0% while ``visionzip``
+  kept 93.3% and ``divprune`` 92.3% (300 test samples), where on the shipped model ``doc_correlation``
+  leads (``benchmarks/results/doc_correlation_cpu.md``): trained to answer from its referents alone, it is
+  no longer hurt by any selection that keeps the boxes.
 """
 
 from __future__ import annotations
