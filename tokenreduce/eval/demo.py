@@ -51,7 +51,8 @@ class MissingModelsError(FileNotFoundError):
 
 @dataclass
 class DemoRun:
-    """One run of the demo: a task, its model, the grid, and the methods left out (with the reason)."""
+    """One run of the demo: a task, its model, the grid, the methods left out (with the reason) and the size
+    of the run that checks the benchmark's two properties."""
 
     name: str
     task: SyntheticTask
