@@ -102,7 +102,8 @@ most of every run above (54% only at the end of the best), also where the object
 loss was in learning to read the hash, not in what the codes keep nor in too few training videos (the
 12000-video run). With moments motion reaches 86%; with trajectories change reaches 51-64%, at motion's cost
 in a run of the same length. In about half of the motion, change and event videos the asked object shares its
-code with others (5 codes, 4.1 objects on average, the background taking more than one code). """
+code with others (5 codes, 4.1 objects on average, the background taking more than one code).
+"""
 
 from __future__ import annotations
 
