@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +51,8 @@ class BatchInfo:
     items: list[VisualItem]
     attention_mask: torch.Tensor
     samples: list[SampleStats]
+    # Per modality, the features handed to the model (item order) when the core packed them itself.
+    features: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 def _bind(fn, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -111,12 +113,19 @@ class ModelHandle:
         def generate(*args, **kwargs):
             return self._generate(args, kwargs)
 
+        original_expand = getattr(model, "_expand_multimodal_outputs", None)
+
+        def expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size=1, **kw):
+            return self._expand_multimodal_outputs(original_expand, input_ids, mm_encoder_output, expand_size, kw)
+
         self.llm_stage = None
         self.vision_stage = None
         try:
             if self.adapter.is_vlm:
                 self.patch(model, "forward", forward)
                 self.patch(model, "generate", generate)
+                if original_expand is not None:
+                    self.patch(model, "_expand_multimodal_outputs", expand_multimodal_outputs)
             self.patch(model, HANDLE_ATTR, self)
             self.adapter.attach(self)
             layer = getattr(self.method, "vision_layer", None)
@@ -189,6 +198,21 @@ class ModelHandle:
         if original_ids is None or inputs["input_ids"] is original_ids:
             return out
         return _restore_prompt(out, original_ids, inputs["input_ids"].shape[1])
+
+    def _expand_multimodal_outputs(self, original, input_ids, mm_encoder_output, expand_size, kwargs):
+        """``generate``'s repetition of the features for beams / returned sequences, for features the core
+        packed: each row's items repeated ``expand_size`` times in row order ([A, A, B, B] for rows A, B),
+        as ``input_ids`` are. transformers splits the packed output by placeholder counts, which fails for
+        families whose packed form is one joined tensor (OneVision videos)."""
+        info = self.current
+        packed = {m: f for m, f in (info.features.items() if info is not None else ()) if m in mm_encoder_output}
+        rest = {m: v for m, v in mm_encoder_output.items() if m not in packed}
+        out = dict(original(input_ids, rest, expand_size=expand_size, **kwargs)) if rest else {}
+        for m, feats in packed.items():
+            rows = [it.row for it in info.items if it.modality == m]
+            groups = [[f for f, row in zip(feats, rows) if row == r] for r in range(len(info.samples))]
+            out[m] = self.adapter.pack(m, [f for g in groups for _ in range(expand_size) for f in g])
+        return out
 
     # ----- the bookkeeping ----------------------------------------------------------------------------
     def prepare(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -369,14 +393,15 @@ class ModelHandle:
         for key in ("mm_token_type_ids", "token_type_ids"):
             if inputs.get(key) is not None:
                 out[key] = gather_columns(inputs[key], index, 0)
-        packed = dict(precomputed)
+        packed, handed = dict(precomputed), {}
         for m in coords:
             feats = [red.output_features(f) for red, f in zip(reductions[m], features[m])]
+            handed[m] = feats
             packed[m] = adapter.pack(m, feats)
             for key in adapter.encoder_keys(m) | set(PIXEL_KEYS[m]):
                 out.pop(key, None)
         out["mm_encoder_outputs"] = packed
-        self.current = BatchInfo(items=items, attention_mask=new_mask, samples=self.stats.last)
+        self.current = BatchInfo(items=items, attention_mask=new_mask, samples=self.stats.last, features=handed)
         return adapter.finalize_inputs(out, self.current)
 
     def _text_embeds(self, inputs, row: int) -> torch.Tensor:
