@@ -9,8 +9,11 @@ finds the visual placeholders, computes the visual tokens, lets the method reduc
 
 from __future__ import annotations
 
+import copy
+import copyreg
 import functools
 import inspect
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +123,7 @@ class ModelHandle:
 
         self.llm_stage = None
         self.vision_stage = None
+        hooks_before = _hook_keys(model)
         try:
             if self.adapter.is_vlm:
                 self.patch(model, "forward", forward)
@@ -146,9 +150,76 @@ class ModelHandle:
                 self.llm_stage = LLMStage(self)
                 self.llm_stage.attach()
             self.method.attach(self)
+            self._install_copying(hooks_before)
         except BaseException:
             self.remove()
             raise
+
+    # ----- copying and pickling -----------------------------------------------------------------------
+    def _install_copying(self, hooks_before: dict[int, dict[str, set]]) -> None:
+        """Make ``copy.deepcopy`` and pickling see the unwrapped model, then wrap the copy anew.
+
+        Wrapping puts closures bound to this handle on the model (``forward``, ``generate``) and hooks on
+        its submodules: copied as they are, a copy would run the original, and closures do not pickle.
+        Every object wrap touched gets an instance ``__getstate__`` leaving out what wrap added; the model
+        gets ``__deepcopy__`` and ``__reduce_ex__`` that rebuild it from that state and wrap it again with
+        (a copy of) this handle's config.
+        """
+        added: dict[int, tuple[nn.Module, dict[str, set]]] = {}
+        for module in self.model.modules():
+            before = hooks_before.get(id(module), {})
+            new = {name: keys - before.get(name, set()) for name, keys in _module_hook_keys(module).items()}
+            new = {name: keys for name, keys in new.items() if keys}
+            if new:
+                added[id(module)] = (module, new)
+        self._added_hooks = {k: v for k, (_, v) in added.items()}
+        owners = {id(obj): obj for obj, *_ in self._patched if isinstance(obj, nn.Module)}
+        owners.update({k: m for k, (m, _) in added.items()})
+        for obj in owners.values():
+            if obj is not self.model:
+                self.patch(obj, "__getstate__", functools.partial(self._state_of, obj))
+        model = self.model
+        self.patch(model, "__getstate__", functools.partial(self._state_of, model))
+        self.patch(model, "__deepcopy__", self._deepcopy)
+        self.patch(model, "__reduce_ex__", self._reduce_ex)
+
+    def _state_of(self, obj: Any) -> dict[str, Any]:
+        """``obj.__dict__`` as it was before wrap: patched attributes restored, wrap's hooks left out."""
+        state = obj.__dict__.copy()
+        state.pop("_compiled_call_impl", None)
+        for o, name, had, old in reversed(self._patched):
+            if o is obj:
+                if had:
+                    state[name] = old
+                else:
+                    state.pop(name, None)
+        for name, keys in self._added_hooks.get(id(obj), {}).items():
+            if name in state:
+                state[name] = OrderedDict((k, v) for k, v in state[name].items() if k not in keys)
+        return state
+
+    def _wrap_copy(self, clone: nn.Module, config: MethodConfig, stats: Stats | None) -> None:
+        from tokenreduce.core.api import get_handle, wrap
+
+        wrap(clone, config)
+        handle = get_handle(clone)
+        handle.enabled = self.enabled
+        if stats is not None:
+            handle.stats = stats
+
+    def _deepcopy(self, memo: dict) -> nn.Module:
+        model = self.model
+        cls = type(model)
+        clone = cls.__new__(cls)
+        memo[id(model)] = clone
+        clone.__setstate__(copy.deepcopy(self._state_of(model), memo))
+        self._wrap_copy(clone, copy.deepcopy(self.config, memo), copy.deepcopy(self.stats, memo))
+        return clone
+
+    def _reduce_ex(self, protocol: int):
+        # The 6th item (state setter) runs once the model's state is loaded: it wraps the loaded model.
+        setter = functools.partial(_load_wrapped, self.config, self.enabled)
+        return copyreg.__newobj__, (type(self.model),), self._state_of(self.model), None, None, setter
 
     def remove(self) -> None:
         self.method.detach(self)
@@ -426,6 +497,30 @@ class ModelHandle:
             yield self.model
         finally:
             self.enabled = previous
+
+
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks",
+)
+
+
+def _module_hook_keys(module: nn.Module) -> dict[str, set]:
+    return {name: set(module.__dict__[name]) for name in _HOOK_DICTS if name in module.__dict__}
+
+
+def _hook_keys(model: nn.Module) -> dict[int, dict[str, set]]:
+    """The ids of the hooks every submodule holds, by hook dict: what wrap adds is told apart by it."""
+    return {id(m): _module_hook_keys(m) for m in model.modules()}
+
+
+def _load_wrapped(config: MethodConfig, enabled: bool, model: nn.Module, state: dict[str, Any]) -> None:
+    """Unpickling of a wrapped model: restore the unwrapped model's state, then wrap it again."""
+    from tokenreduce.core.api import get_handle, wrap
+
+    model.__setstate__(state)
+    wrap(model, config)
+    get_handle(model).enabled = enabled
 
 
 def _check_reduction(name: str, red: Reduction, n: int) -> None:
