@@ -9,10 +9,13 @@ finds the visual placeholders, computes the visual tokens, lets the method reduc
 
 from __future__ import annotations
 
+import copy
+import copyreg
 import functools
 import inspect
+from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +54,8 @@ class BatchInfo:
     items: list[VisualItem]
     attention_mask: torch.Tensor
     samples: list[SampleStats]
+    # Per modality, the features handed to the model (item order) when the core packed them itself.
+    features: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 def _bind(fn, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -111,12 +116,20 @@ class ModelHandle:
         def generate(*args, **kwargs):
             return self._generate(args, kwargs)
 
+        original_expand = getattr(model, "_expand_multimodal_outputs", None)
+
+        def expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size=1, **kw):
+            return self._expand_multimodal_outputs(original_expand, input_ids, mm_encoder_output, expand_size, kw)
+
         self.llm_stage = None
         self.vision_stage = None
+        hooks_before = _hook_keys(model)
         try:
             if self.adapter.is_vlm:
                 self.patch(model, "forward", forward)
                 self.patch(model, "generate", generate)
+                if original_expand is not None:
+                    self.patch(model, "_expand_multimodal_outputs", expand_multimodal_outputs)
             self.patch(model, HANDLE_ATTR, self)
             self.adapter.attach(self)
             layer = getattr(self.method, "vision_layer", None)
@@ -137,9 +150,76 @@ class ModelHandle:
                 self.llm_stage = LLMStage(self)
                 self.llm_stage.attach()
             self.method.attach(self)
+            self._install_copying(hooks_before)
         except BaseException:
             self.remove()
             raise
+
+    # ----- copying and pickling -----------------------------------------------------------------------
+    def _install_copying(self, hooks_before: dict[int, dict[str, set]]) -> None:
+        """Make ``copy.deepcopy`` and pickling see the unwrapped model, then wrap the copy anew.
+
+        Wrapping puts closures bound to this handle on the model (``forward``, ``generate``) and hooks on
+        its submodules: copied as they are, a copy would run the original, and closures do not pickle.
+        Every object wrap touched gets an instance ``__getstate__`` leaving out what wrap added; the model
+        gets ``__deepcopy__`` and ``__reduce_ex__`` that rebuild it from that state and wrap it again with
+        (a copy of) this handle's config.
+        """
+        added: dict[int, tuple[nn.Module, dict[str, set]]] = {}
+        for module in self.model.modules():
+            before = hooks_before.get(id(module), {})
+            new = {name: keys - before.get(name, set()) for name, keys in _module_hook_keys(module).items()}
+            new = {name: keys for name, keys in new.items() if keys}
+            if new:
+                added[id(module)] = (module, new)
+        self._added_hooks = {k: v for k, (_, v) in added.items()}
+        owners = {id(obj): obj for obj, *_ in self._patched if isinstance(obj, nn.Module)}
+        owners.update({k: m for k, (m, _) in added.items()})
+        for obj in owners.values():
+            if obj is not self.model:
+                self.patch(obj, "__getstate__", functools.partial(self._state_of, obj))
+        model = self.model
+        self.patch(model, "__getstate__", functools.partial(self._state_of, model))
+        self.patch(model, "__deepcopy__", self._deepcopy)
+        self.patch(model, "__reduce_ex__", self._reduce_ex)
+
+    def _state_of(self, obj: Any) -> dict[str, Any]:
+        """``obj.__dict__`` as it was before wrap: patched attributes restored, wrap's hooks left out."""
+        state = obj.__dict__.copy()
+        state.pop("_compiled_call_impl", None)
+        for o, name, had, old in reversed(self._patched):
+            if o is obj:
+                if had:
+                    state[name] = old
+                else:
+                    state.pop(name, None)
+        for name, keys in self._added_hooks.get(id(obj), {}).items():
+            if name in state:
+                state[name] = OrderedDict((k, v) for k, v in state[name].items() if k not in keys)
+        return state
+
+    def _wrap_copy(self, clone: nn.Module, config: MethodConfig, stats: Stats | None) -> None:
+        from tokenreduce.core.api import get_handle, wrap
+
+        wrap(clone, config)
+        handle = get_handle(clone)
+        handle.enabled = self.enabled
+        if stats is not None:
+            handle.stats = stats
+
+    def _deepcopy(self, memo: dict) -> nn.Module:
+        model = self.model
+        cls = type(model)
+        clone = cls.__new__(cls)
+        memo[id(model)] = clone
+        clone.__setstate__(copy.deepcopy(self._state_of(model), memo))
+        self._wrap_copy(clone, copy.deepcopy(self.config, memo), copy.deepcopy(self.stats, memo))
+        return clone
+
+    def _reduce_ex(self, protocol: int):
+        # The 6th item (state setter) runs once the model's state is loaded: it wraps the loaded model.
+        setter = functools.partial(_load_wrapped, self.config, self.enabled)
+        return copyreg.__newobj__, (type(self.model),), self._state_of(self.model), None, None, setter
 
     def remove(self) -> None:
         self.method.detach(self)
@@ -189,6 +269,21 @@ class ModelHandle:
         if original_ids is None or inputs["input_ids"] is original_ids:
             return out
         return _restore_prompt(out, original_ids, inputs["input_ids"].shape[1])
+
+    def _expand_multimodal_outputs(self, original, input_ids, mm_encoder_output, expand_size, kwargs):
+        """``generate``'s repetition of the features for beams / returned sequences, for features the core
+        packed: each row's items repeated ``expand_size`` times in row order ([A, A, B, B] for rows A, B),
+        as ``input_ids`` are. transformers splits the packed output by placeholder counts, which fails for
+        families whose packed form is one joined tensor (OneVision videos)."""
+        info = self.current
+        packed = {m: f for m, f in (info.features.items() if info is not None else ()) if m in mm_encoder_output}
+        rest = {m: v for m, v in mm_encoder_output.items() if m not in packed}
+        out = dict(original(input_ids, rest, expand_size=expand_size, **kwargs)) if rest else {}
+        for m, feats in packed.items():
+            rows = [it.row for it in info.items if it.modality == m]
+            groups = [[f for f, row in zip(feats, rows) if row == r] for r in range(len(info.samples))]
+            out[m] = self.adapter.pack(m, [f for g in groups for _ in range(expand_size) for f in g])
+        return out
 
     # ----- the bookkeeping ----------------------------------------------------------------------------
     def prepare(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -369,14 +464,15 @@ class ModelHandle:
         for key in ("mm_token_type_ids", "token_type_ids"):
             if inputs.get(key) is not None:
                 out[key] = gather_columns(inputs[key], index, 0)
-        packed = dict(precomputed)
+        packed, handed = dict(precomputed), {}
         for m in coords:
             feats = [red.output_features(f) for red, f in zip(reductions[m], features[m])]
+            handed[m] = feats
             packed[m] = adapter.pack(m, feats)
             for key in adapter.encoder_keys(m) | set(PIXEL_KEYS[m]):
                 out.pop(key, None)
         out["mm_encoder_outputs"] = packed
-        self.current = BatchInfo(items=items, attention_mask=new_mask, samples=self.stats.last)
+        self.current = BatchInfo(items=items, attention_mask=new_mask, samples=self.stats.last, features=handed)
         return adapter.finalize_inputs(out, self.current)
 
     def _text_embeds(self, inputs, row: int) -> torch.Tensor:
@@ -401,6 +497,30 @@ class ModelHandle:
             yield self.model
         finally:
             self.enabled = previous
+
+
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks",
+)
+
+
+def _module_hook_keys(module: nn.Module) -> dict[str, set]:
+    return {name: set(module.__dict__[name]) for name in _HOOK_DICTS if name in module.__dict__}
+
+
+def _hook_keys(model: nn.Module) -> dict[int, dict[str, set]]:
+    """The ids of the hooks every submodule holds, by hook dict: what wrap adds is told apart by it."""
+    return {id(m): _module_hook_keys(m) for m in model.modules()}
+
+
+def _load_wrapped(config: MethodConfig, enabled: bool, model: nn.Module, state: dict[str, Any]) -> None:
+    """Unpickling of a wrapped model: restore the unwrapped model's state, then wrap it again."""
+    from tokenreduce.core.api import get_handle, wrap
+
+    model.__setstate__(state)
+    wrap(model, config)
+    get_handle(model).enabled = enabled
 
 
 def _check_reduction(name: str, red: Reduction, n: int) -> None:

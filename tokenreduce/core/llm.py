@@ -299,6 +299,9 @@ class LLMStage:
         handle = self.handle
         info = handle.current
         previous = self.stages[-1] if self.stages else None
+        # generate's beam search / num_return_sequences repeat every row (repeat_interleave): expanded row
+        # r is the caller's row r // factor, and each of its copies is pruned as the row alone.
+        factor = _expansion(info, hidden.shape[0])
         with timer(hidden.device) as t:
             if previous is None:
                 mask = call.mask2d if call.mask2d is not None and call.mask2d.dim() == 2 else None
@@ -312,7 +315,7 @@ class LLMStage:
                 position_ids = kwargs.get("position_ids")
                 if position_ids is not None:
                     position_ids = position_ids.expand(*position_ids.shape[:-2], hidden.shape[0], -1)
-                visual, visual_tokens, text = _split_columns(info, mask)
+                visual, visual_tokens, text = _split_columns(info, mask, factor)
             else:
                 mask, columns = previous.mask, previous.columns
                 cos, sin, position_ids = previous.cos, previous.sin, previous.position_ids
@@ -320,7 +323,7 @@ class LLMStage:
             ctx = LLMContext(
                 layer=k, hidden=hidden, attention_mask=mask, visual=visual, visual_tokens=visual_tokens, text=text,
                 items=info.items, original_visual=[
-                    sum(it.columns.numel() for it in info.items if it.row == r) for r in range(mask.shape[0])
+                    sum(it.columns.numel() for it in info.items if it.row == r // factor) for r in range(mask.shape[0])
                 ], capture=call.captures[k], layer_module=self.layers[k],
             )
             keep = self.method.select(ctx)
@@ -361,7 +364,7 @@ class LLMStage:
         self.stages.append(Stage(k, new_columns, new_mask, cos, sin, new_pos, new_visual, new_visual_tok, new_text))
         share = t["ms"] / max(1, mask.shape[0])
         for r, sample in enumerate(info.samples):
-            sample.layers[k] = int(new_visual[r].numel())
+            sample.layers[k] = int(new_visual[r * factor].numel())
             sample.llm_reducer_ms += share
         return new_hidden
 
@@ -417,13 +420,23 @@ def _gather_positions(position_ids: torch.Tensor, safe: torch.Tensor, valid: tor
     return torch.gather(position_ids, -1, idx).masked_fill(~valid.expand_as(idx), 0)
 
 
-def _split_columns(info, mask: torch.Tensor):
-    """Per row: visual columns, their (item, token) ids, and text columns of the LLM-input sequence."""
+def _expansion(info, rows: int) -> int:
+    """How many times ``generate`` repeated each of the caller's rows (beams, returned sequences)."""
+    batch = len(info.samples)
+    if batch == 0 or rows % batch:
+        raise RuntimeError(f"the LLM received {rows} rows for a call of {batch} rows; expected a multiple of {batch}")
+    return rows // batch
+
+
+def _split_columns(info, mask: torch.Tensor, factor: int = 1):
+    """Per row: visual columns, their (item, token) ids, and text columns of the LLM-input sequence.
+
+    Row ``r`` of ``mask`` is the caller's row ``r // factor`` (``generate`` repeats rows for beams)."""
     visual, tokens, text = [], [], []
     for r in range(mask.shape[0]):
         cols, ids = [], []
         for i, it in enumerate(info.items):
-            if it.row == r:
+            if it.row == r // factor:
                 cols.append(it.columns.to(mask.device))
                 ids.append(torch.stack([torch.full_like(it.sources, i), it.sources], dim=1).to(mask.device))
         vis = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long, device=mask.device)
