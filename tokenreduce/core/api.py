@@ -12,7 +12,7 @@ from torch import nn
 from tokenreduce.adapters import get_adapter
 from tokenreduce.core.config import CONFIG_NAME, MethodConfig, build_config
 from tokenreduce.core.handle import HANDLE_ATTR, ModelHandle
-from tokenreduce.core.registry import get_method
+from tokenreduce.core.registry import get_method, method_specs
 from tokenreduce.core.stats import Stats
 
 
@@ -52,8 +52,6 @@ def wrap(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mod
         raise TypeError(f"`method` must be a method name or a MethodConfig, got {type(method).__name__}")
     adapter = get_adapter(model)
     if not adapter.is_vlm and (spec.families is None or adapter.name not in spec.families):
-        from tokenreduce.core.registry import method_specs
-
         usable = [s.name for s in method_specs() if s.families and adapter.name in s.families]
         raise TypeError(
             f"method {spec.name!r} needs a vision-language model; on a bare vision tower ({adapter.describe()}) "
