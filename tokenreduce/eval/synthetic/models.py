@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tokenreduce.assets import assets_dir
+
 from .documents import CROP_SIZE, PAGE_SIZE
 from .scenes import IMAGE_SIZE
 from .videos import FRAME_SIZE
@@ -28,7 +30,7 @@ MODEL_NAMES: dict[str, str] = {
     "document": "synthetic-onevision-document",
     "video": "synthetic-onevision-video",
 }
-ASSETS_DIR = Path(__file__).resolve().parents[3] / "assets" / "models"
+ASSETS_DIR = assets_dir() / "models"
 # Folder holding the three model directories instead of ASSETS_DIR (e.g. models trained elsewhere).
 MODELS_ENV = "TOKENREDUCE_SYNTHETIC_MODELS"
 PATCH_SIZE = 14
