@@ -85,7 +85,7 @@ def check_models(root: str | Path | None = None) -> tuple[dict[str, Path], list[
     that trains it; raises :class:`MissingModelsError` when no family has a model."""
     dirs = {kind: model_dir(kind, root) for kind in KINDS}
     missing = [kind for kind, path in dirs.items() if not (path / "config.json").is_file()]
-    lines = [f"  {dirs[k]}  (train it with `python -m tokenreduce.eval.synthetic.train {k}`)" for k in missing]
+    lines = [f"  {dirs[k]}  (train it with `python -m research.synthetic.train {k}`)" for k in missing]
     if len(missing) == len(KINDS):
         raise MissingModelsError(
             "the demo needs the synthetic benchmark's tiny models; missing:\n" + "\n".join(lines)

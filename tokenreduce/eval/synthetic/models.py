@@ -172,7 +172,7 @@ def load(kind: str, directory: str | Path | None = None):
 
     path = Path(directory) if directory is not None else model_dir(kind)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {path}; train it with `python -m tokenreduce.eval.synthetic.train {kind}`")
+        raise FileNotFoundError(f"no model at {path}; train it with `python -m research.synthetic.train {kind}`")
     model = AutoModelForImageTextToText.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)
     return model.eval(), processor
