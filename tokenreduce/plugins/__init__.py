@@ -10,7 +10,7 @@ What a method needs trained for your own model is trained by the ``training`` mo
 * :mod:`tokenreduce.plugins.ares.training` and :mod:`tokenreduce.plugins.ares.grpo`: ARES's AEPO rewards
   and KL control in TRL's ``GRPOTrainer`` (the ``train`` extra).
 
-How the shipped tiny models and modules were made, and the experiments behind the README's and docs/' tables, are
+How the shipped tiny models and modules were made, and the experiments behind the tables in README.md and docs/, are
 research code outside the package (``research/`` in a checkout).
 """
 
