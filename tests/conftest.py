@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -6,6 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # trainer, crashed a test worker inside getaddrinfo on a machine without network).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# Tests of the research code import `research` from the checkout (it is not part of the wheel).
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch

@@ -6,6 +6,8 @@
     tr.unwrap(model)                       # back to the exact original model
 """
 
+# Importing the plugins package registers every built-in method (core/registry.py imports no method).
+import tokenreduce.plugins  # noqa: F401
 from tokenreduce.adapters import list_adapters
 from tokenreduce.core.api import disabled, from_pretrained, stats, unwrap, wrap
 from tokenreduce.core.config import MethodConfig

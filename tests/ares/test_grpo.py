@@ -8,7 +8,7 @@ from tokenreduce.plugins.ares.training import code_entropy_score, difficulty_buc
 
 def test_grpo_run_with_ares_reward_and_dynamic_kl(tmp_path):
     pytest.importorskip("trl")
-    from tokenreduce.plugins.ares.toy import run_grpo
+    from research.ares.toy import run_grpo
 
     result = run_grpo(tmp_path, steps=3, variant="code")
     assert result["steps"] == 3
@@ -37,7 +37,7 @@ def test_grpo_run_with_ares_reward_and_dynamic_kl(tmp_path):
 
 def test_grpo_run_with_the_paper_reward(tmp_path):
     pytest.importorskip("trl")
-    from tokenreduce.plugins.ares.toy import run_grpo
+    from research.ares.toy import run_grpo
     from tokenreduce.plugins.ares.training import shaping
 
     result = run_grpo(tmp_path, steps=2, variant="paper")

@@ -6,10 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokenreduce.eval.synthetic import build_processor, build_tokenizer, encode, load_synthetic
-from tokenreduce.eval.synthetic.benchmark import generate
-from tokenreduce.eval.synthetic.models import build_model
-from tokenreduce.eval.synthetic.train import (
+from research.synthetic.train import (
     IGNORE,
     PLANS,
     TASKS,
@@ -26,6 +23,9 @@ from tokenreduce.eval.synthetic.train import (
     train_language,
     train_phases,
 )
+from tokenreduce.eval.synthetic import build_processor, build_tokenizer, encode, load_synthetic
+from tokenreduce.eval.synthetic.benchmark import generate
+from tokenreduce.eval.synthetic.models import build_model
 from tokenreduce.eval.synthetic.vocab import COLOUR_NAMES, SHAPES
 
 
@@ -196,7 +196,7 @@ def test_document_focus_is_every_box_whatever_the_question():
 
 
 def test_language_model_is_taken_from_a_model_with_the_same_text_sizes(tmp_path):
-    from tokenreduce.eval.synthetic.train import take_language_model
+    from research.synthetic.train import take_language_model
     from tokenreduce.testing.tiny import tiny_model
 
     donor = build_model("video", seed=1)
@@ -272,7 +272,7 @@ def test_grid_loss_reads_each_shown_tokens_place_and_trains_the_projector():
 
 
 def test_video_recipe_says_to_train_the_image_model_first(tmp_path, monkeypatch):
-    from tokenreduce.eval.synthetic.train import main
+    from research.synthetic.train import main
 
     monkeypatch.setenv("TOKENREDUCE_SYNTHETIC_MODELS", str(tmp_path))
     with pytest.raises(SystemExit, match=r"from the image model.*train it first.*train image\)"):

@@ -90,7 +90,7 @@ def test_missing_models_name_the_directory_and_the_training_command(tmp_path, mo
     message = str(info.value)
     for kind, name in MODEL_NAMES.items():
         assert str(tmp_path / name) in message
-        assert f"python -m tokenreduce.eval.synthetic.train {kind}" in message
+        assert f"python -m research.synthetic.train {kind}" in message
     monkeypatch.setenv("TOKENREDUCE_SYNTHETIC_MODELS", str(tmp_path))
     with pytest.raises(SystemExit, match="synthetic-onevision-video"):
         main(["demo", "--quiet"])
@@ -128,7 +128,7 @@ def test_families_without_a_model_are_left_out(tmp_path, synthetic_models):
         shutil.copytree(synthetic_models / MODEL_NAMES[kind], tmp_path / MODEL_NAMES[kind])
     present, missing = check_models(tmp_path)
     assert sorted(present) == ["document", "image"]
-    assert len(missing) == 1 and "python -m tokenreduce.eval.synthetic.train video" in missing[0]
+    assert len(missing) == 1 and "python -m research.synthetic.train video" in missing[0]
     assert [run.name for run in demo_runs(n=1, models=tmp_path)] == ["demo-image", "demo-document"]
 
 

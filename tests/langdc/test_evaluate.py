@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from research.langdc.evaluate import evaluate
 from tests.eval_runner.helpers import ShapesTask
-from tokenreduce.plugins.langdc.evaluate import evaluate
 from tokenreduce.testing.tiny import tiny_processor
 
 

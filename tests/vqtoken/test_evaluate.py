@@ -4,11 +4,11 @@ import json
 
 import torch
 
+from research.vqtoken.evaluate import evaluate
 from tests.eval_runner.helpers import ShapesTask
 from tokenreduce.adapters import get_adapter
 from tokenreduce.core.lowrank import llm_linear_layers
 from tokenreduce.plugins.vqtoken import VQAttention, VQAttentionConfig
-from tokenreduce.plugins.vqtoken.evaluate import evaluate
 
 
 def _factory():

@@ -8,16 +8,20 @@ from torch import nn
 
 from .base import Adapter
 
-# model_type -> (module, class). Modules import only transformers, which is a core dependency.
-_ADAPTERS: dict[str, tuple[str, str]] = {
-    "llava": ("llava", "LlavaAdapter"),
-    "llava_next": ("llava_next", "LlavaNextAdapter"),
-    "llava_next_video": ("llava_next", "LlavaNextVideoAdapter"),
-    "llava_onevision": ("llava_onevision", "LlavaOnevisionAdapter"),
-    "qwen2_vl": ("qwen2_vl", "Qwen2VLAdapter"),
-    "qwen2_5_vl": ("qwen2_vl", "Qwen2_5_VLAdapter"),
-    "mplug_docowl": ("docowl", "DocOwlAdapter"),
+# Family name -> (module, class, the `config.model_type` values it serves). The family name is the adapter's
+# `name`, the one method `families` lists use. Modules import only transformers, a core dependency.
+_ADAPTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "llava": ("llava", "LlavaAdapter", ("llava",)),
+    "llava_next": ("llava_next", "LlavaNextAdapter", ("llava_next",)),
+    "llava_next_video": ("llava_next", "LlavaNextVideoAdapter", ("llava_next_video",)),
+    "llava_onevision": ("llava_onevision", "LlavaOnevisionAdapter", ("llava_onevision",)),
+    "qwen2_vl": ("qwen2_vl", "Qwen2VLAdapter", ("qwen2_vl",)),
+    "qwen2_5_vl": ("qwen2_vl", "Qwen2_5_VLAdapter", ("qwen2_5_vl",)),
+    "docowl": ("docowl", "DocOwlAdapter", ("mplug_docowl",)),
 }
+# `config.model_type` -> family name. A model type that differs from its family name (DocOwl's remote code
+# says "mplug_docowl") is accepted wherever a family is named, so configs and scripts written with it work.
+_FAMILY_OF_MODEL_TYPE = {t: family for family, (_, _, types) in _ADAPTERS.items() for t in types}
 
 
 # Bare vision towers (for in-tower methods such as ToMe), by Tower.kind.
@@ -25,16 +29,21 @@ TOWER_ADAPTERS = {"hf": "hf_vision_tower", "timm": "timm_vit", "open_clip": "ope
 
 
 def list_adapters() -> list[str]:
-    """Model families (``config.model_type`` values) and bare vision-tower kinds that can be wrapped."""
+    """Model families and bare vision-tower kinds that can be wrapped, spelled as methods' ``families``."""
     return sorted(_ADAPTERS) + sorted(TOWER_ADAPTERS.values())
 
 
-def adapter_class(model_type: str) -> type[Adapter]:
-    if model_type not in _ADAPTERS:
-        raise TypeError(
-            f"unsupported model type {model_type!r}; supported families: {', '.join(list_adapters())}"
-        )
-    module, cls = _ADAPTERS[model_type]
+def family_name(name: str) -> str:
+    """The family name for a family name or a ``config.model_type`` (``"mplug_docowl"`` -> ``"docowl"``)."""
+    return name if name in _ADAPTERS else _FAMILY_OF_MODEL_TYPE.get(name, name)
+
+
+def adapter_class(name: str) -> type[Adapter]:
+    """The adapter class of a model family, named by its family name or its ``config.model_type``."""
+    family = family_name(name)
+    if family not in _ADAPTERS:
+        raise TypeError(f"unsupported model type {name!r}; supported families: {', '.join(list_adapters())}")
+    module, cls, _ = _ADAPTERS[family]
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 

@@ -9,10 +9,10 @@ from typing import Any
 
 from torch import nn
 
-from tokenreduce.adapters import get_adapter
+from tokenreduce.adapters import family_name, get_adapter
 from tokenreduce.core.config import CONFIG_NAME, MethodConfig, build_config
 from tokenreduce.core.handle import HANDLE_ATTR, ModelHandle
-from tokenreduce.core.registry import get_method
+from tokenreduce.core.registry import get_method, method_specs
 from tokenreduce.core.stats import Stats
 
 
@@ -26,6 +26,11 @@ def _require_handle(model: nn.Module, what: str) -> ModelHandle:
     if handle is None:
         raise ValueError(f"`{what}` needs a model wrapped by tokenreduce.wrap; {type(model).__name__} is not wrapped")
     return handle
+
+
+def _supports(families: tuple[str, ...] | None, family: str) -> bool:
+    """Whether a method's ``families`` (None: every VLM family) name ``family``, in either spelling."""
+    return families is not None and family in {family_name(f) for f in families}
 
 
 def wrap(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Module:
@@ -51,15 +56,13 @@ def wrap(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mod
     else:
         raise TypeError(f"`method` must be a method name or a MethodConfig, got {type(method).__name__}")
     adapter = get_adapter(model)
-    if not adapter.is_vlm and (spec.families is None or adapter.name not in spec.families):
-        from tokenreduce.core.registry import method_specs
-
-        usable = [s.name for s in method_specs() if s.families and adapter.name in s.families]
+    if not adapter.is_vlm and not _supports(spec.families, adapter.name):
+        usable = [s.name for s in method_specs() if s.families and _supports(s.families, adapter.name)]
         raise TypeError(
             f"method {spec.name!r} needs a vision-language model; on a bare vision tower ({adapter.describe()}) "
             f"use one of: {', '.join(usable)}"
         )
-    if spec.families is not None and adapter.name not in spec.families:
+    if spec.families is not None and not _supports(spec.families, adapter.name):
         raise TypeError(
             f"method {spec.name!r} does not support model family {adapter.name!r}; supported: {', '.join(spec.families)}"
         )

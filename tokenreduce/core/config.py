@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from tokenreduce.core.registry import get_method
+
 CONFIG_NAME = "tokenreduce_config.json"
 MODALITIES = ("image", "video")
 
@@ -145,8 +147,6 @@ class MethodConfig:
         name = data.pop("method", None) or cls.method
         if not name:
             raise ValueError("config dict has no `method` entry")
-        from tokenreduce.core.registry import get_method
-
         config_cls = get_method(name).config_cls
         if cls is not MethodConfig and config_cls is not cls:
             raise ValueError(f"config is for method {name!r}, not {cls.method!r}")
@@ -178,8 +178,6 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
 
 def build_config(method: str, **options: Any) -> MethodConfig:
     """Config of ``method`` from keyword options; unknown options raise a TypeError listing accepted ones."""
-    from tokenreduce.core.registry import get_method
-
     config_cls = get_method(method).config_cls
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
     unknown = sorted(set(options) - set(fields))

@@ -1,14 +1,25 @@
-"""Registry of reduction methods.
+"""Registry of reduction methods: a leaf module that imports nothing else of the package.
 
 A method registers its name, its config dataclass, the stages it acts in and the class that implements
 it. Registration fails loudly on a bad or duplicate name, and everything registered is picked up by the
 shared test table, so a new method is tested by registering it.
+
+Built-in methods register when ``import tokenreduce`` imports :mod:`tokenreduce.plugins`. Methods of other
+distributions register through the entry-point group ``tokenreduce.methods``, loaded once on the first
+lookup (:func:`get_method`, :func:`list_methods`, :func:`method_specs`). An entry point names a module whose
+import registers its methods, or a function called once with no arguments that does::
+
+    [project.entry-points."tokenreduce.methods"]
+    mymethod = "my_package.tokenreduce_plugin"
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.metadata
+import inspect
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +42,12 @@ class MethodSpec:
     modalities: tuple[str, ...] = ("image", "video")
 
 
+ENTRY_POINT_GROUP = "tokenreduce.methods"
+
 _METHODS: dict[str, MethodSpec] = {}
+# Entry points that failed to load, "name (distribution)" -> the error, shown by unknown-method errors.
+_PLUGIN_ERRORS: dict[str, str] = {}
+_plugins_loaded = False
 
 
 def register_method(
@@ -74,22 +90,46 @@ def register_method(
     return decorator
 
 
-def _ensure_builtin_methods() -> None:
-    # Importing the plugins package registers every built-in method; it imports no optional extra.
-    import tokenreduce.plugins  # noqa: F401
+def load_plugins() -> None:
+    """Load the ``tokenreduce.methods`` entry points of installed distributions (once per process).
+
+    A plugin that fails to import or to register is reported by a warning naming the entry point, its
+    distribution and the error, and is listed again by the error of an unknown method name; the other
+    plugins and the built-in methods stay usable.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True  # before loading: a plugin may look methods up while it registers
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = entry_point.dist.name if entry_point.dist is not None else "unknown distribution"
+        label = f"{entry_point.name} ({dist})"
+        try:
+            loaded = entry_point.load()
+            if callable(loaded) and not inspect.isclass(loaded):
+                loaded()
+        except Exception as error:  # a broken third-party plugin must not break the built-in methods
+            _PLUGIN_ERRORS[label] = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f"tokenreduce method plugin {label} = {entry_point.value!r} failed to load: "
+                f"{type(error).__name__}: {error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 def get_method(name: str) -> MethodSpec:
     """Return the spec of a registered method, or raise a ValueError listing the known ones."""
-    _ensure_builtin_methods()
+    load_plugins()
     if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
+        failed = f"; plugins that failed to load: {', '.join(sorted(_PLUGIN_ERRORS))}" if _PLUGIN_ERRORS else ""
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_METHODS))}{failed}")
     return _METHODS[name]
 
 
 def list_methods(filter: str = "*", stage: str | None = None) -> list[str]:
     """Names of registered methods, optionally filtered by a wildcard pattern and a stage."""
-    _ensure_builtin_methods()
+    load_plugins()
     if stage is not None and stage not in STAGES:
         raise ValueError(f"`stage` must be one of {STAGES}, got {stage!r}")
     return sorted(
@@ -101,5 +141,5 @@ def list_methods(filter: str = "*", stage: str | None = None) -> list[str]:
 
 def method_specs() -> list[MethodSpec]:
     """Every registered method's spec, sorted by name."""
-    _ensure_builtin_methods()
+    load_plugins()
     return [_METHODS[n] for n in sorted(_METHODS)]

@@ -85,7 +85,7 @@ def check_models(root: str | Path | None = None) -> tuple[dict[str, Path], list[
     that trains it; raises :class:`MissingModelsError` when no family has a model."""
     dirs = {kind: model_dir(kind, root) for kind in KINDS}
     missing = [kind for kind, path in dirs.items() if not (path / "config.json").is_file()]
-    lines = [f"  {dirs[k]}  (train it with `python -m tokenreduce.eval.synthetic.train {k}`)" for k in missing]
+    lines = [f"  {dirs[k]}  (train it with `python -m research.synthetic.train {k}`)" for k in missing]
     if len(missing) == len(KINDS):
         raise MissingModelsError(
             "the demo needs the synthetic benchmark's tiny models; missing:\n" + "\n".join(lines)
@@ -106,7 +106,7 @@ def select_methods(model: Any, modality: str, budgets: Sequence[float] = DEMO_BU
     weights that are not shipped fails there). The model is left unwrapped.
     """
     import tokenreduce as tr
-    from tokenreduce.adapters import get_adapter
+    from tokenreduce.adapters import family_name, get_adapter
     from tokenreduce.core.registry import method_specs
 
     family = get_adapter(model).name
@@ -117,7 +117,7 @@ def select_methods(model: Any, modality: str, budgets: Sequence[float] = DEMO_BU
         if set(spec.stages) <= {"decode"}:
             excluded[spec.name] = "decode-stage only: keeps every visual token"
             continue
-        if spec.families is not None and family not in spec.families:
+        if spec.families is not None and family not in {family_name(f) for f in spec.families}:
             excluded[spec.name] = f"supports families {', '.join(spec.families)}, not {family}"
             continue
         if modality not in spec.modalities:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenreduce.eval.records import read_records
 from tokenreduce.eval.task import Task
 
 BASELINE = "none"
@@ -183,8 +184,6 @@ def _safe(name: str) -> str:
 def write_reports(run_dir: str | Path, task: Task, plots: bool = True,
                   skipped: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Read the run's records; write ``summary.json``, ``table.md`` and (``plots``) the PNGs; return the summary."""
-    from tokenreduce.eval.runner import read_records
-
     run_dir = Path(run_dir)
     records = list(read_records(run_dir).values())
     summary = summarize(records, task, skipped)

@@ -47,6 +47,8 @@ from tokenreduce.eval.measure import (
     peak_memory,
     reset_peak_memory,
 )
+from tokenreduce.eval.records import read_records
+from tokenreduce.eval.report import write_reports
 from tokenreduce.eval.sample import Sample
 from tokenreduce.eval.task import Task, collate
 
@@ -162,26 +164,6 @@ def method_config(cell: Cell, num_layers: int, options: Mapping[str, Any] | None
 # ----------------------------------------------------------------------------------------------------
 # Records on disk
 # ----------------------------------------------------------------------------------------------------
-
-
-def read_records(run_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Every record of a run (all rank files), by key; the first complete line of a key wins.
-
-    A line cut short by an interruption is ignored, so its sample is simply run again.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    run_dir = Path(run_dir)
-    files = sorted(run_dir.glob("records*.jsonl"))
-    for path in files:
-        with path.open() as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and "key" in rec:
-                    out.setdefault(rec["key"], rec)
-    return out
 
 
 class RecordWriter:
@@ -547,8 +529,6 @@ class Runner:
             return {"rank": self.dist.rank, "written": written}
         if self.dist.world > 1:
             merge_rank_files(self.run_dir)
-        from tokenreduce.eval.report import write_reports
-
         return write_reports(self.run_dir, self.task, plots=self.plots, skipped=self.skipped)
 
     def _pending(self, model_name: str, batch: Sequence[Sample], done: set[str]) -> dict[Cell, list[int]]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tokenreduce.assets import assets_dir
+
 from .documents import CROP_SIZE, PAGE_SIZE
 from .scenes import IMAGE_SIZE
 from .videos import FRAME_SIZE
@@ -28,7 +30,7 @@ MODEL_NAMES: dict[str, str] = {
     "document": "synthetic-onevision-document",
     "video": "synthetic-onevision-video",
 }
-ASSETS_DIR = Path(__file__).resolve().parents[3] / "assets" / "models"
+ASSETS_DIR = assets_dir() / "models"
 # Folder holding the three model directories instead of ASSETS_DIR (e.g. models trained elsewhere).
 MODELS_ENV = "TOKENREDUCE_SYNTHETIC_MODELS"
 PATCH_SIZE = 14
@@ -170,7 +172,7 @@ def load(kind: str, directory: str | Path | None = None):
 
     path = Path(directory) if directory is not None else model_dir(kind)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {path}; train it with `python -m tokenreduce.eval.synthetic.train {kind}`")
+        raise FileNotFoundError(f"no model at {path}; train it with `python -m research.synthetic.train {kind}`")
     model = AutoModelForImageTextToText.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)
     return model.eval(), processor

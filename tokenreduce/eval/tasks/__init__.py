@@ -15,8 +15,9 @@ from typing import Any
 
 from tokenreduce.eval.task import Task
 from tokenreduce.eval.tasks.benchmarks import MVBENCH_SUBTASKS, TASK_CLASSES
+from tokenreduce.eval.tasks.synthetic import SYNTHETIC_TASKS
 
-_FACTORIES: dict[str, Callable[..., Task]] = dict(TASK_CLASSES)
+_FACTORIES: dict[str, Callable[..., Task]] = {**TASK_CLASSES, **SYNTHETIC_TASKS}
 
 
 def register_task(name: str, factory: Callable[..., Task], overwrite: bool = False) -> None:
@@ -28,21 +29,13 @@ def register_task(name: str, factory: Callable[..., Task], overwrite: bool = Fal
     _FACTORIES[name] = factory
 
 
-def _ensure_builtin() -> None:
-    # The synthetic benchmark's tasks register themselves on import.
-    import tokenreduce.eval.tasks.synthetic  # noqa: F401
-
-
 def list_tasks() -> list[str]:
     """Names :func:`get_task` accepts."""
-    _ensure_builtin()
     return sorted(_FACTORIES)
 
 
 def get_task(name: str, **options: Any) -> Task:
     """The task called ``name``, built with ``options`` (data location, prompt options...)."""
-    if name not in _FACTORIES:
-        _ensure_builtin()
     if name not in _FACTORIES:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
     return _FACTORIES[name](**options)

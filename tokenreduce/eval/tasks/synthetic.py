@@ -73,11 +73,5 @@ def _factory(kind: str):
     return factory
 
 
-def _register() -> None:
-    from tokenreduce.eval.tasks import register_task
-
-    for kind in KINDS:
-        register_task(f"synthetic-{kind}", _factory(kind), overwrite=True)
-
-
-_register()
+# `get_task("synthetic-image")` and the other kinds; :mod:`tokenreduce.eval.tasks` registers them.
+SYNTHETIC_TASKS = {f"synthetic-{kind}": _factory(kind) for kind in KINDS}

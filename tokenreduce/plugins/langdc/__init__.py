@@ -7,7 +7,8 @@ more tokens: the compression ratio is decided by when the captioner emits end-of
 base branch (the paper's BasePruner) can be added. See :mod:`.method` for positions and statistics,
 :mod:`.captioner` for the captioner, :mod:`.training` for semantic-density supervision (captions of the
 synthetic benchmark, whose length follows content) and the alignment (post-projector, optional low-rank
-adapters hooked into the VLM's LLM while wrapped), :mod:`.evaluate` for the synthetic video table.
+adapters hooked into the VLM's LLM while wrapped). The synthetic video table is research code, made in a
+checkout by ``python -m research.langdc.evaluate``.
 
     tr.wrap(model, "langdc", captioner="assets/langdc/synthetic-onevision-video")
     tr.wrap(model, tr.LangDCConfig(captioner="user/repo", base=False))      # caption tokens only

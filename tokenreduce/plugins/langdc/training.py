@@ -34,45 +34,7 @@ Validation videos (never the test split) give caption exact-match, the correlati
 content, and answer accuracy with full tokens, ``pool`` and ``langdc``. Everything goes to
 ``training_summary.json`` and into the captioner's config (``training``).
 
-Measured on the shipped synthetic video model (1 or 2 threads; validation: the first 200 videos of the
-validation split, one question each):
-
-* ``--frame-tokens 9``, 2000 caption steps (4.5 min; 1500 training videos): the caption loss sat at
-  0.66-0.75 from step 300 on, the captioner mostly writing ``nothing happens .``: exact match 32%, tokens
-  static 4.0 vs busy 4.4, Spearman (tokens, events) 0.11. After 600 alignment steps (post-projector only,
-  VLM frozen): full tokens 96%, ``langdc`` 29% at 82 tokens, ``pool`` 18% at 65.
-* ``--frame-tokens 0`` (all 36 tokens of each frame), 5000 caption steps (37 min): exact match 34%,
-  static 3.9 vs busy 4.6 tokens, Spearman 0.28; ``langdc`` 15% after alignment.
-
-  Half of the ground truth could not be read off a segment's frames: a colour change or an appearance on
-  a segment's first frame shows only against the frame before it, and a slow motion was captioned in
-  segments where the object rested in its cell. The captions now describe what differs from the frame
-  before (:func:`tokenreduce.eval.synthetic.videos.segment_captions`), and the captioner can be given those
-  differences (``--differences``).
-* ``--frame-tokens 0 --differences cell --vlm-rank 8``, 3000 caption + 1500 alignment steps on 3000
-  training videos (19 min in all, 2 threads): caption loss 0.11 at the end, exact match 76.8%, tokens
-  static 3.0 vs busy 6.1, Spearman 0.96; ``langdc`` 64.5% (full 94%, ``pool`` at 65 tokens 20%). On 120
-  test videos (evaluation runner): 60.8%, motion 13% (change 67, event 83, order 80): the captions got the
-  moving object and its direction wrong (a step shows as a loss in one cell and a gain in the next, two
-  tokens the small LM had to relate).
-* ``--differences neighbourhood --in-projector mlp2x_gelu --vlm-rank 16``, 4000 caption + 2500 alignment
-  steps (24 min): caption loss 0.027, exact match 93.5%, static 3.0 vs busy 6.2 tokens, Spearman 0.97.
-  ``langdc`` 62.5% (motion 80, event 84, order 72, change 14; full 94%): the captions now hold the events,
-  and reading them is the hard part. The alignment's training accuracy rose slowly (60% at step 900, 71%
-  from step 2100 on), and which categories it learnt differed between runs.
-* That captioner (its post-projector continued), aligned again with ``--stage align --align-steps 4000
-  --align-lr 2e-3 --vlm-rank 32 --no-base`` (16 min): training accuracy 79% at step 3000, 81% at the end;
-  ``langdc`` 77.0% at 19 tokens (change 56, event 82, motion 88, order 82), ``pool`` at 17 tokens 17.5%.
-  On the first 300 test videos (evaluation runner): 77.7% against 92.0% (84.4%) at 3.4% of the tokens and
-  18.1% of the FLOPs. Colour changes stay the weak spot (46.7%): the captions were right for 65 of 75
-  change videos and the answer wrong for 33 of those.
-* The same for 6000 steps with change questions drawn 3 times as often (``--category-weight change=3``,
-  21 min): 57.5% (change 20, event 86, motion 76, order 48): worse everywhere, change included.
-* The same for 6000 steps without weights (22 min): training accuracy 77% at step 3100; ``langdc`` 84.0%
-  (change 72, event 84, motion 90, order 90; 89.4% of full). On the whole test split (1000 videos,
-  evaluation runner): 87.0% against 91.0% (95.6%) at 3.4% of the tokens and 18.2% of the FLOPs
-  (``benchmarks/results/langdc_synthetic_cpu.md``). The best of the three alignments on validation, and
-  the shipped captioner (``assets/langdc/synthetic-onevision-video``).
+Every run behind the shipped captioner, with what it measured: ``research/RESULTS.md`` (in a checkout).
 """
 
 from __future__ import annotations

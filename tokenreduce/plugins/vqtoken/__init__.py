@@ -13,8 +13,9 @@ code occurs reaches the LLM. ::
 
 Modules: :mod:`.clustering` (codebooks, adaptive K), :mod:`.hashing` (index map, anchors, occupancy),
 :mod:`.attention` (VQ-attention), :mod:`.method` (the registered methods), :mod:`.training` (training
-VQ-attention on the synthetic video split) and :mod:`.evaluate` (the benchmark table). FAISS is imported
-only when a video is clustered (``pip install 'tokenreduce[vq]'``).
+VQ-attention on the synthetic video split); the benchmark table is research code, made in a checkout by
+``python -m research.vqtoken.evaluate``. FAISS is imported only when a video is clustered
+(``pip install 'tokenreduce[vq]'``).
 """
 
 from .attention import VQAttention, VQAttentionConfig

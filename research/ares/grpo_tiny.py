@@ -2,10 +2,10 @@
 
 The same run the test suite does (``tests/ares/test_grpo.py``), with knobs: the released-code reward and
 per-bucket KL controller (``--variant code``) or the paper's reward (``--variant paper``) on the toy task of
-:mod:`tokenreduce.plugins.ares.toy`. Nothing is downloaded.
+:mod:`research.ares.toy`. Nothing is downloaded.
 
-    python scripts/ares_grpo_tiny.py --steps 5
-    python scripts/ares_grpo_tiny.py --variant paper --steps 3 --out runs/ares_grpo_tiny
+    python -m research.ares.grpo_tiny --steps 5
+    python -m research.ares.grpo_tiny --variant paper --steps 3 --out runs/ares_grpo_tiny
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from tokenreduce.plugins.ares.toy import run_grpo
+    from research.ares.toy import run_grpo
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ares_grpo_"))
     result = run_grpo(out, steps=args.steps, prompts=args.prompts, num_generations=args.generations,

@@ -1,6 +1,6 @@
 """A tiny, local ARES training setup: a random-weight causal LM, a toy task and a short GRPO run.
 
-Used by the test suite and ``scripts/ares_grpo_tiny.py`` to run the ARES reward and KL controller through
+Used by the test suite and ``python -m research.ares.grpo_tiny`` to run the ARES reward and KL controller through
 TRL's ``GRPOTrainer`` on CPU in seconds. Nothing is downloaded: the model is built from a config and the
 tokenizer is :func:`tokenreduce.testing.tiny.tiny_tokenizer` (words ``w3 ... w995``).
 
@@ -80,10 +80,9 @@ def run_grpo(
     from datasets import Dataset
     from trl import GRPOConfig
 
+    from tokenreduce.plugins.ares.grpo import AresGRPOTrainer, AresRewardFunction
+    from tokenreduce.plugins.ares.training import CodeKLController, TriggerVocabulary
     from tokenreduce.testing.tiny import tiny_tokenizer
-
-    from .grpo import AresGRPOTrainer, AresRewardFunction
-    from .training import CodeKLController, TriggerVocabulary
 
     start = time.perf_counter()
     tokenizer = tiny_tokenizer()

@@ -20,7 +20,7 @@ samples outside the grid: its token count varies per video, so it has no budget 
 ``summary.json`` / ``table.md`` report accuracy and TokDense per cell. This script adds ``vqtoken.md`` /
 ``vqtoken.json`` with accuracy relative to full tokens and the acceptance checks::
 
-    python -m tokenreduce.plugins.vqtoken.evaluate --attention runs/vqattn --limit 1000
+    python -m research.vqtoken.evaluate --attention runs/vqattn --limit 1000
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def evaluate(
     rows = adaptive_rows(model_factory, task, split, limit, modes, batch_size) if modes else []
     llm_rank = 0
     if "vqtoken" in methods:
-        from .attention import VQAttention
+        from tokenreduce.plugins.vqtoken.attention import VQAttention
 
         llm_rank = VQAttention.from_pretrained(attention).config.llm_rank
     table, data = vqtoken_table(summary, rows, budget, llm_rank)

@@ -17,7 +17,7 @@ also gives the captioner's median time against the time to first token it saves,
 test video, the Pearson and Spearman correlations of the caption's token count with the number of events
 the generator put there (0 for a static segment), with the mean count on static and on busy segments::
 
-    python -m tokenreduce.plugins.langdc.evaluate --captioner runs/langdc --limit 300
+    python -m research.langdc.evaluate --captioner runs/langdc --limit 300
 
 Writes ``langdc.md`` / ``langdc.json`` next to run 1's files.
 """
@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from .data import happenings
-from .training import pearson, spearman
+from tokenreduce.plugins.langdc.data import happenings
+from tokenreduce.plugins.langdc.training import pearson, spearman
 
 DEFAULT_BASE_KEEP = 0.11
 
@@ -146,8 +146,7 @@ def evaluate(model_factory: Callable[[], tuple[Any, Any]], task, *, captioner: s
     """Run both grids and write ``langdc.md`` / ``langdc.json`` into run 1's directory. ``options``: further
     ``langdc`` config options (e.g. ``max_caption_tokens``)."""
     from tokenreduce.eval.runner import ModelSpec, Runner, read_records
-
-    from .captioner import Captioner
+    from tokenreduce.plugins.langdc.captioner import Captioner
 
     spec = [ModelSpec(model_name, factory=model_factory)]
     common = dict(out_dir=out_dir, split=split, limit=limit, batch_size=batch_size, keep_maps=2, progress=progress)

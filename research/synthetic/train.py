@@ -1,9 +1,9 @@
 """Train the shipped tiny VLMs on the synthetic benchmark's train split (CPU, seeded, deterministic).
 
-    PYTHONPATH=. python -m tokenreduce.eval.synthetic.train image      # or: document, video
-    PYTHONPATH=. python -m tokenreduce.eval.synthetic.train image --out /tmp/m --lm-steps 200  # smoke run
+    python -m research.synthetic.train image      # or: document, video
+    python -m research.synthetic.train image --out /tmp/m --lm-steps 200  # smoke run
 
-Each kind runs its whole recipe in one command: the tower, then the language phases of ``PLANS`` (a
+Each kind runs its whole recipe in one command: the tower, then the language phases of its recipe (``recipes/<kind>.json``; a
 curriculum phase, then shorter ones on all tokens with weak categories weighted up), each continuing from the
 one before on the same cached pools. ``video`` starts its language model from the image model's and
 ``document`` from the video model's (train those first); ``document`` first trains its projector alone. Any
@@ -49,135 +49,8 @@ each cached tower output is reused. At the end the model and processor are saved
 and re-checked through the real path (processor, ``generate``) on validation samples, full tokens and
 ``random`` at 10%. Timing and accuracies go to ``training_summary.json`` next to the weights.
 
-Timing and findings (2 shared CPU cores, fp32; the full record is in each model's ``training_summary.json``):
-
-* image (LLaVA, CLIP tower + 6-layer Llama, 1.1M parameters): tower 300 steps (16 min on busy cores,
-  per-patch colour 99.5%, shape 100%); LM 2000 steps with the curriculum (38 min): validation 57% at step
-  1000, 70% at 1250, 84% at 1750, 86% at 2000 (colour 98, shape 100, count 93, presence 90, position 50 =
-  chance); then 700 steps without curriculum, position 5x (21 min): 90.7% on validation, 89.2% on 500 test
-  samples (position 50). Then 250 steps with ``--token-drop 0.5`` (lr 5e-4, position 5x, 3 min): 90.9% on
-  1000 validation samples (89.2% before), 90.2% on 500 test samples (position 56); shipped.
-  The same schedule as one command (phases of 2000 + 700 + 250 steps; 32 min on 2 idle cores: tower 70 s,
-  pools 80 s, language 29.6 min): validation 28%, 33%, 34%, 38%, 43%, 51%, 59%, 65% at steps 250-2000
-  (count 32, position 47), then 67%, 75% at steps 250 and 500 of the second phase, 75.7% at the end
-  (colour 98, shape 100, count 57, presence 77, position 47); 74% through the real path on 200 validation
-  samples, random@10% 45%. The shipped run's first phase, on an earlier version of this script, stood at
-  86% at step 2000: the readout of count and presence forms later now, and how much later varies. A
-  first one-command recipe (2000 + 1400 + 400 steps, count and presence 2x in the later phases; 45 min on 2 idle
-  cores, the first phase bit-identical to the run before): 67%, 75%, 78%, 82%, 85.3% at steps 250-1400
-  of the second phase, 85.3% after the third (colour 100, shape 100, count 92, presence 90, position 45);
-  85.5% through the real path on 200 validation samples, random@10% 46%. So one command gives a usable
-  model in under an hour, 5 points short of the shipped one. The second phase stretched to 2200 steps (the
-  first three phases of the recipe in ``PLANS``; 22.6 min on 2 idle cores of a faster machine: tower 19 s,
-  LM 0.05-0.35 s per step):
-  70% at the end of the first phase, then 74%, 77%, 83%, 81%, 84%, 87%, 87%, 88%, 89% at steps 250-2200 of
-  the second, 87.3% after the third (colour 100, shape 100, count 100, presence 88, position 48); 87.0%
-  through the real path on 200 validation samples, random@10% 41%. Position never left chance in this run.
-  The same with ``--grid-weight 1`` lagged behind: 36%, 40%, 40%, 51% at steps 1000-1750 of the first phase
-  (against 41%, 48%, 61%, 67%), position at 47-53%; stopped there.
-  Position questions sit near chance in all these runs, while the tower's features give each patch's row
-  and column linearly (ridge R^2 0.87 / 0.86 over 60 images): in the shipped model R^2 is 0.48 / 0.52 after
-  the projector and the column fades to 0.18 at the last layer's input, where the readout heads read.
-  ``grid_weight`` (a linear read-out of row and column from that layer, MSE) keeps them: 0.96 / 0.91 after
-  300 steps continuing the shipped model (lr 5e-4, position 5x, token drop 0.5), 93.3% on validation
-  (position 70), 90.6% on 500 test samples. The same 300 steps without it: 93.7% (position 73), 93.4% on
-  the 500 test samples (the shipped model: 90.2%; random@10% 36.4%). More training, not the lost column,
-  moved position, so ``PLANS`` leave it off.
-  That run (position 48 at its end) continued 1000 steps as its third phase had run (lr 5e-4, token drop
-  0.5, position 5x, count and presence 2x): 87%, 88%, 92%, 92% on validation, position 55-63%; 92.8% on 500
-  test samples (position 74). So the recipe now ends with such a fourth phase. As one command (the first
-  three phases bit-identical to the run before): 87%, 90%, 90%, 92% in the fourth phase (position 60, 62,
-  63, 68%), 91% through the real path on 200 validation samples; **93.4% on 500 test samples** (colour 100,
-  shape 100, count 100, presence 87, position 80), random@10% 36.8%. 25.5 min on 2 idle cores (3004 CPU s).
-* video (OneVision, 577 tokens): tower 163 s (per-patch colour 98%, shape 99%). With referent-only
-  curriculum and one readout role the LM stayed at chance (20% at step 500 of 1500). With (a) and (b), 1500
-  steps (77 min on one busy thread, eager attention): 28% at step 250, 23% at 500, 31% at 750, 45% at 1000
-  (event 96%), 62% at 1250; 68% at the end on 200 validation samples through the real path (event 100,
-  motion 92, order 68, change 12: the head read the final state, a linear probe read its colour at 76%
-  there, yet the answer was mostly "orange"). Continued without curriculum, change weighted 4x (SDPA
-  steps): change read through one KV head, 600 steps: 84.5% (change 44); then through both KV heads, 400
-  steps: 91.5% (change 68), and 250 more at lr 5e-4, change 6x: 93.3% on the 300 validation samples, 92.7%
-  on 300 test samples (change 80), random@10% 27.3%: the shipped model. (From the 1500-step run straight to
-  both KV heads, 500 + 300 steps: 91% validation.) The recipe in ``PLANS`` is that route (1500 + 500 + 300
-  steps, change weighted up). As one command (2 idle cores; tower 54 s, pools 91 s, 1.2-1.6 s per LM step)
-  it did not leave chance in time: 16%, 17%, 26%, 31%, 28%, 31% at steps 250-1500 of the first phase
-  (event 65%, the rest at chance; the shipped run: 45% at 1000, 62% at 1250), 38% at step 250 of the second
-  (stopped there, 37 min in). A run stopped earlier on busy cores stood at 25% and 22% at steps 250 and 500
-  and its tower differed (per-patch colour 98.2% vs 97.8%): the video runs are not bit-identical, and when
-  the readout forms varies from run to run. Once more on a faster machine: 26%, 30%, 28%, 35%, 33%, 36% at
-  steps 250-1500, every answer of a category one word ("circle" for every order question, although either
-  named shape would score half), as the document LM was stuck before it took the video model's LM.
-  So the recipe now starts the video LM from the shipped image model's (``language_from="image"``; its Llama
-  goes into Qwen2 as the same function, the query, key and value biases Qwen2 adds set to zero): 25%, 31%,
-  47%, 61%, 68%, 75% at steps 250-1500 (order 96%, event 100%), 81%, 90% in the second phase, 93.7%, 93.0%
-  in the third (change 99, event 99, motion 83, order 92); 91% through the real path on 200 validation
-  samples. On 300 test samples 90.3% (change 98.7, event 98.7, motion 74.7, order 89.3), random@10% 27.3%.
-  20.5 min on 2 idle cores (tower 14 s, pools 50 s, LM 0.2-0.5 s per step).
-* document (OneVision anyres, 744 tokens): tower 250 steps in 59 s (per-patch box colour 98.8%, glyph 100%,
-  glyph shape 97.2%). LM (batch 8, 1 thread), curriculum showing the asked box only: 36% at step 500, 37% at
-  750, 36% at 1000 (the leak: "the box with no tokens missing"). Showing every box: 24%, 29%, 27%, 25% at
-  steps 250-1000, the probe finding the asked box (aux loss 0.73 -> 0.06) but the answer loss staying at
-  0.6-0.7. Diagnosis of that run at step 1000 (shape questions): head 0 puts 84% of its attention on the
-  asked glyph's cell, the value there carries the glyph (linear probe 95%), and so does the head's output
-  at the answer position (probe 88% on validation), yet every answer is the same word: the answer
-  position's residual has norm 70 (a near-constant part; 7.6 of it varies from sample to sample) while
-  the head adds 0.47, and the last MLP adds a vector of norm 174. Training only the last layer's
-  output projection, MLP, norms and LM head on cached states reached 50% (shape 52%) in 2000 steps, even
-  with the head outputs standardised; reading through two KV heads (as for video "change") and an 8x
-  gain on the readout heads' output columns, each continued 250 steps, left shape at chance. What moves
-  it: the video model's trained language model and LM head in place of the stuck one (``--init`` the
-  run above ``--language-from`` the video model), 750 steps with a short curriculum: 37% at step 500,
-  45% at 750 (shape 57, first 58); continued 1000 steps without curriculum, colour weighted 2x and count
-  and presence 1.5x (lr 1e-3, 2.4 s per step on one thread): 39%, 44%, 62%, 68% at steps 250-1000, and
-  68% through the real path on 200 validation samples (shape 92.5, first 75, presence 70, colour 62.5,
-  count 40), random@10% 28.5%. Then 600 steps at lr 7e-4, count 3x, colour and presence 1.5x: 68% at step
-  250, 84% at 500, 86% at 600 on the 300 validation samples; through the real path on 200: 86.5% (shape
-  100, presence 92.5, first 85, count 80, colour 75), random@10% 29.5%. Then 300 steps at lr 4e-4 (1.5 s per
-  step on two threads), colour 3x, count 2x, presence 1.5x: 88% on the 300 validation samples (colour 83,
-  count 77, first 88, presence 93, shape 98), 87% through the real path on 200, random@10% 28%. Then 300
-  steps at lr 3e-4, count 3x, colour 2x, first and presence 1.5x: 90% at step 250 and 91% at 300 on the 300
-  validation samples (colour 90, count 85, first 92, presence 92, shape 97), 90% through the real path on
-  200, random@10% 27.5%; 88% on 300 test samples (count 68).
-  That model was fragile to pruning: ``doc_correlation`` at 34% of the tokens kept 100% of the asked box's
-  crop cells and 99% of every box's, yet lost 7 of 86 points (100 test samples); at 50% it lost 1. The LM had
-  only ever seen full pages, so any missing background moved its answer. ``--token-drop`` shows a share of
-  the questions their referents (every box) and only 5-100% of the other tokens, at original positions.
-  Continued 400 steps at lr 3e-4 on a fresh pool of 4000 pages, token drop 0.5, count 4x, colour 2x, first
-  and presence 1.5x: 89.7% on the 300 validation samples, 86.7% on 300 test samples, and ``doc_correlation``
-  at 34% now kept 83 of 86 points. Then 600 steps, token drop 0.6, count 5x, presence 2x, colour and first
-  1.5x: 91.3% on validation (92.5% through the real path on 200, random@10% 28.5%), 89.0% on 300 test samples
-  (count 68.3: off by one, mostly too many). Then 600 steps, count 6x: 90.7% on validation (89.5% through the
-  real path on 200), 90.7% on 300 test samples (count 75, random@10% 31.3%); on 1000 validation samples it
-  beat the run before (89.3% vs 88.6%), so it is the shipped model. A further 300 steps at lr 2e-4 stood at
-  89.4% on the 1000 validation samples after 250 (no better; stopped).
-  Those eight continuations as one command (``language_from="video"`` and the eight phases above on one pool
-  of 4000 pages; the projector starting untrained, where the runs above had 1500 steps on it first): 33%,
-  29%, 32% at steps 250-750 of the first phase, 30% and 30% at steps 250 and 500 of the second (0.3-0.66 s
-  per step on 2 idle cores of a faster machine; stopped 14 min in).
-  With a first phase that trains the projector alone in front of the frozen video LM (LLaVA's first stage,
-  ``train_language=False``; 1000 steps with the curriculum), then the eight continuations (the recipe in
-  ``PLANS`` now, one pool of 4000 pages): 8%, 4%, 6%, 7% at steps 250-1000 of the first phase, then 28%,
-  41%, 48% in the second (the chain above: 37%, 45% at 500, 750), 45%, 70%, 73%, 77% in the third (chain:
-  68% at its end), then at each validation of the next five: 73, 77, 78; 80, 81; 84, 84; 82, 85; 82, 87,
-  86%. At the end on 300 validation samples count, first and shape 100%, presence 70%, colour 62%: 86.3%;
-  through the real path on 200: 84.5%, random@10% 21.5%; **86.7% on 300 test samples** (colour 63, presence
-  70), random@10% 30%. 62.5 min on 2 cores (tower 150 s and the first 750 steps slowed by other jobs; pools
-  5 min; 0.5-0.7 s per LM step). Colour and presence hold it back, while the last five phases weight count,
-  which stood at 100% from the third on: continuing it 600 steps at lr 5e-4, token drop 0.5, colour 4x,
-  presence 3x gave 88.7%, 90.0%, 89.3% on validation and 89.7% on 300 test samples (colour 72, presence 77),
-  random@10% 30.3%.
-  So the recipe in ``PLANS`` keeps the first three phases and ends with three re-weighted ones (600 steps
-  at lr 7e-4 colour 3x, presence 2x; 600 at 5e-4 and 800 at 3e-4 with token drop 0.5, colour 4x, presence
-  3x): the first three reproduced the run above exactly (7% after the projector-only phase, 48%, 77%; colour
-  28% at that point), then 74, 81, 82; 82, 88, 89; 87, 91, 93, 93% (4750 LM steps), **93.0% on 300 test
-  samples** (count, first, shape 100, presence 95, colour 70), random@10% 29.3%; through the real path on 200
-  validation samples 92%, random@10% 26%. 47.3 min on 2 idle cores (tower 17 s, pools 44 s, 0.55-0.7 s
-  per LM step once every token is shown). With the projector-only phase cut to 600 steps and the rest as
-  here it stalled: 27%, 35%, 40% in the second phase, 41-43% through the third (stopped). That model is not
-  the shipped one: on it ``doc_correlation`` at 34% of the tokens kept 90.7% of 93.0% while ``visionzip``
-  kept 93.3% and ``divprune`` 92.3% (300 test samples), where on the shipped model ``doc_correlation``
-  leads (``benchmarks/results/doc_correlation_cpu.md``): trained to answer from its referents alone, it is
-  no longer hurt by any selection that keeps the boxes.
+Timing, findings and every run behind the recipes: ``research/RESULTS.md``; the recipes themselves:
+``research/synthetic/recipes/<kind>.json``.
 """
 
 from __future__ import annotations
@@ -197,9 +70,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .benchmark import generate
-from .documents import CROP_SIZE, PAGE_SIZE, answer_glyph_indices, ask_more_document
-from .models import (
+from tokenreduce.eval.synthetic.benchmark import generate
+from tokenreduce.eval.synthetic.documents import CROP_SIZE, PAGE_SIZE, answer_glyph_indices, ask_more_document
+from tokenreduce.eval.synthetic.models import (
     PATCH_SIZE,
     PIXEL_MEAN,
     PIXEL_STD,
@@ -208,10 +81,10 @@ from .models import (
     build_tokenizer,
     model_dir,
 )
-from .prompting import prompt
-from .scenes import IMAGE_SIZE
-from .videos import FRAME_SIZE, NUM_FRAMES, ask_more_video
-from .vocab import COLOUR_NAMES, SHAPES
+from tokenreduce.eval.synthetic.prompting import prompt
+from tokenreduce.eval.synthetic.scenes import IMAGE_SIZE
+from tokenreduce.eval.synthetic.videos import FRAME_SIZE, NUM_FRAMES, ask_more_video
+from tokenreduce.eval.synthetic.vocab import COLOUR_NAMES, SHAPES
 
 IGNORE = -100
 
@@ -231,7 +104,7 @@ class Plan:
     aux_weight: float = 1.0
     readout_weight: float = 1.0
     # Weight of a linear regression of each visual token's (row, col) from the last layer's input, where the
-    # readout heads read: without it the projector and LM drop where a token is (see the module docstring).
+    # readout heads read: without it the projector and LM drop where a token is (research/RESULTS.md).
     grid_weight: float = 0.0
     warmup: int = 100
     curriculum: float = 0.6  # fraction of LM steps over which distractor tokens ramp (quadratically) to all
@@ -267,7 +140,7 @@ class Phase:
     """A language phase continuing the previous one: its own steps, warm-up and cosine schedule, weights.
 
     What worked for the image and video models: a curriculum phase first, then shorter phases on all tokens
-    with the weak categories weighted up and the learning rate lowered (see the module docstring).
+    with the weak categories weighted up and the learning rate lowered (runs in research/RESULTS.md).
     """
 
     steps: int
@@ -279,29 +152,20 @@ class Phase:
     train_language: bool = True  # False: the projector alone (Plan.train_language)
 
 
-PLANS: dict[str, Plan] = {
-    "image": Plan(tower_pool=2000, tower_steps=300, tower_batch=16, lm_pool=4000, lm_steps=2000, lm_batch=16,
-                  lm_lr=2e-3, category_weights={"presence": 1.5, "position": 1.5, "count": 1.5},
-                  then=(Phase(2200, 1e-3, category_weights={"presence": 2.0, "position": 5.0, "count": 2.0}),
-                        Phase(400, 5e-4, warmup=10, token_drop=0.5),
-                        # the same settings again as a phase of its own (warm-up and cosine restarted): it was
-                        # measured as a continuation; one 1400-step phase is another schedule, not run
-                        Phase(1000, 5e-4, warmup=10, token_drop=0.5))),
-    "document": Plan(tower_pool=800, tower_steps=250, tower_batch=20, lm_pool=4000, lm_steps=1000, lm_batch=8,
-                     language_from="video", train_language=False,
-                     then=(Phase(750, 1e-3, warmup=50, curriculum=0.3),
-                           Phase(1000, 1e-3, category_weights={"colour": 2.0, "count": 1.5, "presence": 1.5}),
-                           Phase(600, 7e-4, category_weights={"colour": 3.0, "presence": 2.0, "count": 1.5,
-                                                               "first": 1.5}),
-                           Phase(600, 5e-4, warmup=10, token_drop=0.5,
-                                 category_weights={"colour": 4.0, "presence": 3.0, "count": 1.5}),
-                           Phase(800, 3e-4, warmup=10, token_drop=0.5))),
-    "video": Plan(tower_pool=300, tower_steps=250, tower_batch=24, lm_pool=1500, lm_steps=1500, lm_batch=8,
-                  language_from="image",
-                  then=(Phase(500, 8e-4,
-                              category_weights={"change": 5.0, "order": 1.0, "motion": 0.5, "event": 0.5}),
-                        Phase(300, 5e-4, warmup=10, category_weights={"change": 6.0}))),
-}
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def load_plan(kind: str) -> Plan:
+    """The recipe of ``kind`` from ``recipes/<kind>.json``: :class:`Plan` fields, ``then`` a list of
+    :class:`Phase` fields; ``kind``, ``description`` and each phase's ``note`` are for the reader."""
+    data = json.loads((RECIPES_DIR / f"{kind}.json").read_text())
+    for key in ("kind", "description"):
+        data.pop(key, None)
+    phases = tuple(Phase(**{k: v for k, v in phase.items() if k != "note"}) for phase in data.pop("then", ()))
+    return Plan(**data, then=phases)
+
+
+PLANS: dict[str, Plan] = {kind: load_plan(kind) for kind in ("image", "document", "video")}
 
 
 # ----- per-patch labels ------------------------------------------------------------------------------------
@@ -1086,9 +950,8 @@ def check_real_path(model, processor, task: Task, n: int, log) -> dict:
     """Accuracy through processor + ``generate`` on validation samples: full tokens and random at 10%."""
     import tokenreduce as tr
     from tokenreduce.eval.predict import predict
-
-    from .benchmark import load_synthetic
-    from .prompting import score
+    from tokenreduce.eval.synthetic.benchmark import load_synthetic
+    from tokenreduce.eval.synthetic.prompting import score
 
     samples = load_synthetic(task.kind, "validation", n)
     # The cached-feature packing must equal the model's own encoder path.
@@ -1168,7 +1031,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (language_from / "config.json").is_file():
             raise SystemExit(
                 f"the {args.kind} recipe starts its language model from the {plan.language_from} model, and "
-                f"{language_from} holds none: train it first (python -m tokenreduce.eval.synthetic.train "
+                f"{language_from} holds none: train it first (python -m research.synthetic.train "
                 f"{plan.language_from}) or pass --language-from DIR"
             )
     out = args.out or model_dir(args.kind)

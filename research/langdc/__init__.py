@@ -1,0 +1,1 @@
+"""LangDC experiments: the synthetic video table (``python -m research.langdc.evaluate``)."""

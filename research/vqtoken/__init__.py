@@ -1,0 +1,1 @@
+"""VQToken experiments: the synthetic video table (``python -m research.vqtoken.evaluate``)."""
