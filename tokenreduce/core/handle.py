@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenreduce.adapters import get_adapter
 from tokenreduce.adapters.base import PIXEL_KEYS, Adapter
 from tokenreduce.core.config import MethodConfig
 from tokenreduce.core.flops import Geometry
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
-from tokenreduce.core.registry import MethodSpec
+from tokenreduce.core.registry import MethodSpec, get_method
 from tokenreduce.core.sequence import column_index, gather_columns, padding_mask
 from tokenreduce.core.stats import ItemStats, SampleStats, Stats, timer
 
@@ -199,11 +200,7 @@ class ModelHandle:
         return state
 
     def _wrap_copy(self, clone: nn.Module, config: MethodConfig, stats: Stats | None) -> None:
-        from tokenreduce.core.api import get_handle, wrap
-
-        wrap(clone, config)
-        handle = get_handle(clone)
-        handle.enabled = self.enabled
+        handle = _install(clone, config, self.enabled)
         if stats is not None:
             handle.stats = stats
 
@@ -514,13 +511,18 @@ def _hook_keys(model: nn.Module) -> dict[int, dict[str, set]]:
     return {id(m): _module_hook_keys(m) for m in model.modules()}
 
 
+def _install(model: nn.Module, config: MethodConfig, enabled: bool) -> ModelHandle:
+    """Wrap a copy of a model that was wrapped with ``config`` (its checks passed when the original was)."""
+    handle = ModelHandle(model, get_adapter(model), get_method(config.method), config)
+    handle.install()
+    handle.enabled = enabled
+    return handle
+
+
 def _load_wrapped(config: MethodConfig, enabled: bool, model: nn.Module, state: dict[str, Any]) -> None:
     """Unpickling of a wrapped model: restore the unwrapped model's state, then wrap it again."""
-    from tokenreduce.core.api import get_handle, wrap
-
     model.__setstate__(state)
-    wrap(model, config)
-    get_handle(model).enabled = enabled
+    _install(model, config, enabled)
 
 
 def _check_reduction(name: str, red: Reduction, n: int) -> None:
