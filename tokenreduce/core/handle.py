@@ -13,6 +13,7 @@ import copy
 import copyreg
 import functools
 import inspect
+import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -410,7 +411,7 @@ class ModelHandle:
                     generator=self._generator(), signals=signals[i] if signals else {},
                 )
                 with timer(features[i].device) as t:
-                    red = self.method.reduce(features[i], ctx).sorted()
+                    red = self._reduce_one(features[i], ctx)
                 _check_reduction(self.spec.name, red, n)
                 ms = t["ms"]
             else:
@@ -422,6 +423,28 @@ class ModelHandle:
             reductions.append(red)
             offset += n
         return items, reductions
+
+    def _reduce_one(self, features: torch.Tensor, ctx: ReduceContext) -> Reduction:
+        """The method's reduction of one item; a bad item never takes down its batch.
+
+        An empty item has nothing to reduce. An item whose features hold NaN / inf, if the method fails on
+        it, passes through unreduced (its row then reads what the unwrapped model reads), with a warning
+        and ``skipped`` in the item's stats; any other failure names the row and the item.
+        """
+        n = features.shape[0]
+        if n == 0:
+            return Reduction(sources=torch.zeros(0, dtype=torch.long, device=features.device), info={"skipped": "empty"})
+        try:
+            return self.method.reduce(features, ctx).sorted()
+        except Exception as err:
+            where = f"{ctx.modality} item {ctx.item} (row {ctx.row})"
+            if bool(torch.isfinite(features).all()):
+                raise RuntimeError(f"method {self.spec.name!r} failed on {where}: {err}") from err
+            warnings.warn(
+                f"tokenreduce: {where} holds NaN or inf features and method {self.spec.name!r} cannot reduce it "
+                f"({err}); passed through unreduced, as the unwrapped model reads it", stacklevel=2,
+            )
+            return Reduction(sources=torch.arange(n, device=features.device), info={"skipped": "non-finite features"})
 
     def _rebuild(self, inputs, input_ids, attention_mask, items, coords, features, reductions, precomputed):
         adapter = self.adapter
