@@ -245,3 +245,32 @@ def test_wrap_with_config_object_and_extra_options(models):
         tr.wrap(models["llava"], tr.PoolConfig(keep=0.5), keep=0.2)
     with pytest.raises(TypeError, match="must be a method name or a MethodConfig"):
         tr.wrap(models["llava"], 42)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("wrapped_vlm", [False, True], ids=["plain_vlm", "wrapped_vlm"])
+def test_submodule_of_a_vlm_is_refused_naming_the_model_to_wrap(family, wrapped_vlm):
+    model = tiny_model(family)
+    if wrapped_vlm:
+        tr.wrap(model, "pool", keep=0.5)
+    tower = model.model.vision_tower if family == "llava" else model.model.visual
+    cls = type(model).__name__
+    for sub, path, method in ((tower, "model.vision_tower" if family == "llava" else "model.visual", "tome"),
+                              (model.model.language_model, "model.language_model", "fastv"),
+                              (model.model, "model", "pool")):
+        if method == "tome" and family != "llava":
+            method = "pool"
+        with pytest.raises(TypeError, match=rf"^cannot wrap {type(sub).__name__}: it is `{path}` inside {cls}, .*wrap the {cls} itself"):
+            tr.wrap(sub, method)
+        assert get_handle(sub) is None
+    if wrapped_vlm:
+        tr.unwrap(model)
+
+
+def test_bare_tower_outside_a_vlm_is_still_wrapped():
+    from transformers import CLIPVisionModel
+
+    tower = CLIPVisionModel(tiny_model("llava").config.vision_config)
+    tr.wrap(tower, "tome", r=2)
+    assert get_handle(tower) is not None
+    tr.unwrap(tower)
