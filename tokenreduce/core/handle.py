@@ -87,6 +87,7 @@ class ModelHandle:
         # What the last call did (items with their reductions): for overlays, analysis and tests.
         self.last_batch: BatchInfo | None = None
         self._in_generate = False
+        self._warned: set[str] = set()
         self._patched: list[tuple[Any, str, bool, Any]] = []
         self._hooks: list[Any] = []
         self.original_forward = model.forward
@@ -233,6 +234,22 @@ class ModelHandle:
             else:
                 obj.__dict__.pop(name, None)
         self._patched.clear()
+
+    def note(self, key: str, message: str, record: dict[str, Any]) -> None:
+        """The rule for inputs a method cannot act on: they pass through (or the budget is clamped), what
+        happened goes into ``record`` (an item's or a sample's stats, under ``"notes"``) and one warning per
+        kind (``key``) is given per wrapped model."""
+        record.setdefault("notes", []).append(message)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"tokenreduce: {message} (recorded in tr.stats; warned once per model)", stacklevel=3)
+
+    def requested_keep(self, stage: int = 0) -> int | None:
+        """The token count ``keep`` asks for (at the ``stage``-th pruning layer), or None for a fraction."""
+        keep = getattr(self.config, "keep", None)
+        if isinstance(keep, (tuple, list)):
+            keep = keep[stage] if stage < len(keep) else None
+        return keep if isinstance(keep, int) and not isinstance(keep, bool) else None
 
     @property
     def reduces_before_llm(self) -> bool:
@@ -418,11 +435,25 @@ class ModelHandle:
                 red = Reduction(sources=torch.arange(n, device=coords.device))
                 ms = 0.0
             sources = red.sources.to(coords.device)
+            self._note_unreduced(modality, i, row, n, act, red)
             samples[row].items.append(ItemStats(modality, n, red.num_tokens, ms, red.info))
             items.append(VisualItem(modality, row, layout, offsets[sources], sources, red))
             reductions.append(red)
             offset += n
         return items, reductions
+
+    def _note_unreduced(self, modality: str, item: int, row: int, n: int, acted: bool, red: Reduction) -> None:
+        """Record (and warn once about) an item a count-changing method could not act on."""
+        name = self.spec.name
+        if not any(s in COUNT_CHANGING_STAGES for s in self.spec.stages):
+            return
+        if not acted and modality not in self.spec.modalities:
+            self.note(f"modality:{modality}", f"method {name!r} does not reduce {modality}s; {modality} item {item} "
+                      f"(row {row}) passed through with its {n} tokens", red.info)
+        keep = self.requested_keep()
+        if acted and keep is not None and keep > n:
+            self.note("keep", f"`keep`={keep} is more than the {n} tokens of {modality} item {item} (row {row}) "
+                      f"of method {name!r}: all {n} kept", red.info)
 
     def _reduce_one(self, features: torch.Tensor, ctx: ReduceContext) -> Reduction:
         """The method's reduction of one item; a bad item never takes down its batch.

@@ -363,8 +363,13 @@ class LLMStage:
                 new_text.append(lookup[text[r]])
         self.stages.append(Stage(k, new_columns, new_mask, cos, sin, new_pos, new_visual, new_visual_tok, new_text))
         share = t["ms"] / max(1, mask.shape[0])
+        requested = handle.requested_keep(self.prune_layers.index(k))
         for r, sample in enumerate(info.samples):
             sample.layers[k] = int(new_visual[r * factor].numel())
+            available = int(visual[r * factor].numel())
+            if requested is not None and requested > available:
+                handle.note("keep", f"`keep`={requested} is more than the {available} visual tokens row {r} holds at "
+                            f"layer {k} (method {handle.spec.name!r}): all {available} kept", sample.extra)
             sample.llm_reducer_ms += share
         return new_hidden
 
