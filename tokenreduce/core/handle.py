@@ -88,6 +88,7 @@ class ModelHandle:
         self.last_batch: BatchInfo | None = None
         self._in_generate = False
         self._warned: set[str] = set()
+        self._preparing_generate = False
         self._patched: list[tuple[Any, str, bool, Any]] = []
         self._hooks: list[Any] = []
         self.original_forward = model.forward
@@ -273,7 +274,11 @@ class ModelHandle:
         if inputs.get("input_ids") is None and torch.is_tensor(inputs.get("inputs")):
             inputs["input_ids"] = inputs.pop("inputs")
         original_ids = inputs.get("input_ids")
-        inputs = self.prepare(inputs)
+        self._preparing_generate = True
+        try:
+            inputs = self.prepare(inputs)
+        finally:
+            self._preparing_generate = False
         if "decode" in self.spec.stages:
             inputs = _add_generation_hooks(inputs, self.method.generation_hooks(self, inputs))
         self._in_generate = True
@@ -322,13 +327,16 @@ class ModelHandle:
         placeholders = {m: adapter.placeholder_id(m) for m in adapter.modalities}
         counts = {m: int((input_ids == pid).sum()) for m, pid in placeholders.items()}
         present = [m for m in adapter.modalities if counts[m] > 0]
-        for m in present:
-            if not (adapter.has_pixels(m, inputs) or precomputed.get(m) is not None):
-                key = PIXEL_KEYS[m][0]
-                raise ValueError(
-                    f"`input_ids` hold {counts[m]} {m} placeholder tokens (id {placeholders[m]}) but no `{key}` "
-                    f"was given; pass `{key}` from the processor together with `input_ids`"
-                )
+        missing = [m for m in present if not (adapter.has_pixels(m, inputs) or precomputed.get(m) is not None)]
+        if missing:
+            # The plain model embeds such placeholders as ordinary tokens: nothing to reduce, pass through.
+            for row, sample in enumerate(self.stats.new_call(input_ids.shape[0])):
+                for m in missing:
+                    n = int((input_ids[row] == placeholders[m]).sum())
+                    self.note(f"no_pixels:{m}", f"`input_ids` hold {m} placeholder tokens but no `{PIXEL_KEYS[m][0]}` "
+                              f"was given: nothing to reduce, the call passed through ({n} in row {row})",
+                              sample.extra)
+            return caller_inputs
         if not present:
             return caller_inputs
 
@@ -506,7 +514,11 @@ class ModelHandle:
         else:
             original = inputs.get("position_ids")
             if original is None or (original.dim() == 3 and original.shape[0] == 4):
-                original = adapter.position_ids(input_ids, attention_mask, inputs)
+                if self._preparing_generate and adapter.text_positions_in_generate(inputs):
+                    # what the plain model's generate uses then (e.g. Qwen without `mm_token_type_ids`)
+                    original = adapter.sequential_positions(attention_mask)
+                else:
+                    original = adapter.position_ids(input_ids, attention_mask, inputs)
             positions = gather_columns(original, index, 0)
         out = dict(inputs)
         pad_id = self.adapter.text_config.pad_token_id
