@@ -130,3 +130,39 @@ def test_fastv_default_layer_adapts_to_a_two_layer_model():
     # an explicit layer is never moved: the refusal names the layers that work
     with pytest.raises(ValueError, match=r"`layer` must be in \[1, 1\] for this model \(2 decoder layers\), got 3"):
         tr.wrap(model, "fastv", layer=3)
+
+
+# ARES traces one trajectory's entropy per row: it refuses assisted generation.
+REFUSES_ASSISTED = {"ares"}
+ASSISTED = [pytest.param(s.name, f, id=f"{s.name}-{f}") for s in method_specs() if s.name not in NEEDS_TRAINED_WEIGHTS
+            for f in ("llava", "qwen2_vl", "llava_onevision") if s.families is None or f in s.families]
+
+
+@pytest.mark.parametrize("method,family", ASSISTED)
+def test_assisted_decoding_gives_the_tokens_of_plain_decoding(models, method, family):
+    """Greedy assisted decoding (an assistant model; prompt lookup) is lossless: it must give the wrapped
+    model's own greedy tokens. The assistant's candidates ride along the prefill, and the features a
+    projector method hands ``generate`` are deep-copied for the assistant."""
+    model = _model(models, family)
+    key = f"{family}-assistant"
+    if key not in models:
+        models[key] = tiny_model(family, seed=1, num_layers=2)
+    batch = tiny_batch(model, default_rows(family, n=1, video=True))
+    spec = get_method(method)
+    tr.wrap(model, spec.config_cls.at_budget(1.0 if spec.stages == ("decode",) else 0.3, num_layers=4))
+    try:
+        with torch.no_grad():
+            if method in REFUSES_ASSISTED:  # a one-line refusal naming the option, at call time
+                with pytest.raises(ValueError, match=rf"^`assistant_model` .* is not supported by method '{method}'"):
+                    model.generate(**batch, max_new_tokens=5, do_sample=False, assistant_model=models[key])
+                return
+            kw = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+            plain = model.generate(**batch, **kw)
+            helped = model.generate(**batch, **kw, assistant_model=models[key])
+            lookup = model.generate(**batch, **kw, prompt_lookup_num_tokens=2)
+    finally:
+        tr.unwrap(model)
+    for out in (helped, lookup):
+        assert out.sequences.tolist() == plain.sequences.tolist()
+        # the same logits, not only the same argmax: in-LLM methods choose from the prompt alone
+        torch.testing.assert_close(torch.stack(out.logits), torch.stack(plain.logits), atol=1e-5, rtol=1e-5)

@@ -276,7 +276,10 @@ class ModelHandle:
         original_ids = inputs.get("input_ids")
         self._preparing_generate = True
         try:
-            inputs = self.prepare(inputs)
+            # generate runs without gradients; features made here must be plain tensors too (assisted
+            # decoding deep-copies the model kwargs, which tensors with a grad history refuse)
+            with torch.no_grad():
+                inputs = self.prepare(inputs)
         finally:
             self._preparing_generate = False
         if "decode" in self.spec.stages:
