@@ -215,17 +215,20 @@ def test_option_of_another_method(models):
 
 
 def test_called_without_images(models):
+    """Placeholders without pixels: the plain model embeds them as tokens; the wrapped one passes through
+    (tests/test_plain_inputs.py checks every method and the note in tr.stats)."""
     model = models["llava"]
     batch = tiny_batch(model, default_rows("llava"))
     batch.pop("pixel_values")
+    with torch.no_grad():
+        plain = model.generate(**batch, max_new_tokens=2, do_sample=False)
     tr.wrap(model, "pool")
     try:
-        with pytest.raises(ValueError, match=r"`input_ids` hold 48 image placeholder tokens \(id 999\) but no `pixel_values`"):
-            model(**batch)
-        with pytest.raises(ValueError, match="no `pixel_values` was given"):
-            model.generate(**batch, max_new_tokens=2)
+        with pytest.warns(UserWarning, match="no `pixel_values` was given: nothing to reduce"), torch.no_grad():
+            got = model.generate(**batch, max_new_tokens=2, do_sample=False)
     finally:
         tr.unwrap(model)
+    assert torch.equal(got, plain)
 
 
 def test_inputs_embeds_with_pixels_is_refused(models):
@@ -245,3 +248,32 @@ def test_wrap_with_config_object_and_extra_options(models):
         tr.wrap(models["llava"], tr.PoolConfig(keep=0.5), keep=0.2)
     with pytest.raises(TypeError, match="must be a method name or a MethodConfig"):
         tr.wrap(models["llava"], 42)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("wrapped_vlm", [False, True], ids=["plain_vlm", "wrapped_vlm"])
+def test_submodule_of_a_vlm_is_refused_naming_the_model_to_wrap(family, wrapped_vlm):
+    model = tiny_model(family)
+    if wrapped_vlm:
+        tr.wrap(model, "pool", keep=0.5)
+    tower = model.model.vision_tower if family == "llava" else model.model.visual
+    cls = type(model).__name__
+    for sub, path, method in ((tower, "model.vision_tower" if family == "llava" else "model.visual", "tome"),
+                              (model.model.language_model, "model.language_model", "fastv"),
+                              (model.model, "model", "pool")):
+        if method == "tome" and family != "llava":
+            method = "pool"
+        with pytest.raises(TypeError, match=rf"^cannot wrap {type(sub).__name__}: it is `{path}` inside {cls}, .*wrap the {cls} itself"):
+            tr.wrap(sub, method)
+        assert get_handle(sub) is None
+    if wrapped_vlm:
+        tr.unwrap(model)
+
+
+def test_bare_tower_outside_a_vlm_is_still_wrapped():
+    from transformers import CLIPVisionModel
+
+    tower = CLIPVisionModel(tiny_model("llava").config.vision_config)
+    tr.wrap(tower, "tome", r=2)
+    assert get_handle(tower) is not None
+    tr.unwrap(tower)

@@ -133,3 +133,38 @@ def test_model_args_parsing_and_errors(model_dir):
         _lmm(model_dir, method="pool", colour="red")
     with pytest.raises(ValueError, match="method 'none'"):
         _lmm(model_dir, keep=3)
+
+
+@pytest.mark.slow
+def test_lmms_eval_command_runs_a_local_task_end_to_end(tmp_path):
+    """The ``lmms-eval`` command itself (not the in-process API): entry point discovery, a task YAML from
+    ``--include_path`` on local data, the shipped synthetic image model wrapped with pool, a results file."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tokenreduce.eval.synthetic.benchmark import write_split
+    from tokenreduce.eval.synthetic.models import model_dir
+
+    command = shutil.which("lmms-eval", path=str(Path(sys.executable).parent)) or shutil.which("lmms-eval")
+    assert command, "the lmms-eval command is not installed next to this Python"
+    write_split("image", "test", tmp_path, n=4)  # image-test.jsonl + PNGs, read relative to the working dir
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(tmp_path / "hf"), TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    out = tmp_path / "results"
+    args = [command, "--model", "tokenreduce", "--model_args",
+            f"pretrained={model_dir('image')},method=pool,budget=0.25,device=cpu,dtype=float32",
+            "--tasks", "tokenreduce_synthetic_image_local", "--include_path", str(Path(__file__).parent / "lmms_task"),
+            "--limit", "4", "--output_path", str(out)]
+    run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    files = list(out.rglob("*_results.json"))
+    assert len(files) == 1, f"no results file under {out}: {run.stderr[-2000:]}"
+    results = json.loads(files[0].read_text())
+    task = "tokenreduce_synthetic_image_local"
+    assert results["n-samples"][task] == {"original": 4, "effective": 4}
+    assert 0.0 <= results["results"][task]["exact_match,none"] <= 1.0
+    assert "method=pool" in results["config"]["model_args"]

@@ -68,15 +68,71 @@ class TowerAdapter(Adapter):
         return f"{self.name} ({type(self.model).__name__})"
 
 
+def _parents(modules: list[tuple[nn.Module, str]]) -> list[tuple[nn.Module, str]]:
+    """The modules holding any of ``modules`` as a direct child, with the child's attribute path extended.
+
+    A module does not know its parents: they are found through the garbage collector's referrers (the
+    parent's ``_modules`` dict, then its ``__dict__``, then the parent), three heap scans per level."""
+    import gc
+
+    paths = {id(m): p for m, p in modules}
+    children = [d for d in gc.get_referrers(*(m for m, _ in modules))
+                if isinstance(d, dict) and any(id(v) in paths for v in d.values())]
+    if not children:
+        return []
+    by_id = {id(d): d for d in children}
+    attrs = [a for a in gc.get_referrers(*children) if isinstance(a, dict) and id(a.get("_modules")) in by_id]
+    if not attrs:
+        return []
+    out = []
+    for owner in gc.get_referrers(*attrs):
+        if isinstance(owner, nn.Module) and id(owner.__dict__.get("_modules")) in by_id:
+            for name, child in owner._modules.items():
+                if id(child) in paths:
+                    path = paths[id(child)]
+                    out.append((owner, f"{name}.{path}" if path else name))
+    return out
+
+
+def enclosing_vlm(module: nn.Module, depth: int = 6) -> tuple[nn.Module, str] | None:
+    """The wrappable VLM ``module`` is a sub-module of (and its attribute path there), or None."""
+    frontier, seen = [(module, "")], {id(module)}
+    for _ in range(depth):
+        frontier = [(p, path) for p, path in _parents(frontier) if id(p) not in seen]
+        for parent, path in frontier:
+            seen.add(id(parent))
+            model_type = getattr(getattr(parent, "config", None), "model_type", None)
+            if model_type in _ADAPTERS and adapter_class(model_type).accepts(parent):
+                return parent, path
+        if not frontier:
+            return None
+    return None
+
+
+def _refuse_inside_vlm(model: nn.Module) -> None:
+    found = enclosing_vlm(model)
+    if found is not None:
+        vlm, path = found
+        raise TypeError(
+            f"cannot wrap {type(model).__name__}: it is `{path}` inside {type(vlm).__name__}, whose forward and "
+            f"generate would then see changed token counts; wrap the {type(vlm).__name__} itself (methods "
+            "acting in the tower or the LLM do so from there)"
+        )
+
+
 def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter for ``model``, or a TypeError naming the supported families."""
+    """The adapter for ``model``, or a TypeError naming the supported families (or, for a sub-module of a
+    VLM such as its vision tower or language model, the model to wrap instead)."""
     from .towers import find_tower
 
     tower = find_tower(model)
     if tower is not None:
+        _refuse_inside_vlm(model)
         return TowerAdapter(model, tower)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type not in _ADAPTERS:
+        _refuse_inside_vlm(model)
     if model_type is None:
         raise TypeError(
             f"cannot wrap {type(model).__name__}: it has no `config.model_type`; supported families: "
@@ -84,6 +140,7 @@ def get_adapter(model: nn.Module) -> Adapter:
         )
     cls = adapter_class(model_type)
     if not cls.accepts(model):
+        _refuse_inside_vlm(model)
         raise TypeError(
             f"wrap the generation model of family {model_type!r} (e.g. {type(model).__name__.replace('Model', 'ForConditionalGeneration')}), "
             f"not {type(model).__name__}"

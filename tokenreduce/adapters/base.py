@@ -139,6 +139,11 @@ class Adapter:
         """Position ids of the original sequence: ``[B, L]`` (``[3, B, L]`` for M-RoPE families)."""
         return text_positions(attention_mask)
 
+    def text_positions_in_generate(self, inputs: dict[str, Any]) -> bool:
+        """Whether the plain model's ``generate`` would give these inputs plain text positions instead of
+        :meth:`position_ids` (Qwen without ``mm_token_type_ids``). Default: no."""
+        return False
+
     def format_positions(self, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Turn gathered positions into the ``position_ids`` argument ``forward``/``generate`` take."""
         return positions

@@ -43,7 +43,12 @@ class Qwen2VLAdapter(Adapter):
         positions, _ = self.inner.get_rope_index(input_ids, attention_mask=attention_mask, **kwargs)
         return positions
 
+    def text_positions_in_generate(self, inputs):
+        return inputs.get("mm_token_type_ids") is None
+
     def format_positions(self, positions, attention_mask):
+        if positions.dim() == 2:  # 2-D ids given by the caller: the model uses them on every M-RoPE axis
+            positions = positions[None].expand(3, -1, -1)
         # Row 0 holds plain text positions (used for masks only), rows 1-3 the t/h/w rotary ids.
         return torch.cat([text_positions(attention_mask)[None].to(positions), positions], dim=0)
 

@@ -13,6 +13,7 @@ import copy
 import copyreg
 import functools
 import inspect
+import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -87,6 +88,8 @@ class ModelHandle:
         # What the last call did (items with their reductions): for overlays, analysis and tests.
         self.last_batch: BatchInfo | None = None
         self._in_generate = False
+        self._warned: set[str] = set()
+        self._preparing_generate = False
         self._patched: list[tuple[Any, str, bool, Any]] = []
         self._hooks: list[Any] = []
         self.original_forward = model.forward
@@ -230,6 +233,22 @@ class ModelHandle:
                 obj.__dict__.pop(name, None)
         self._patched.clear()
 
+    def note(self, key: str, message: str, record: dict[str, Any]) -> None:
+        """The rule for inputs a method cannot act on: they pass through (or the budget is clamped), what
+        happened goes into ``record`` (an item's or a sample's stats, under ``"notes"``) and one warning per
+        kind (``key``) is given per wrapped model."""
+        record.setdefault("notes", []).append(message)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"tokenreduce: {message} (recorded in tr.stats; warned once per model)", stacklevel=3)
+
+    def requested_keep(self, stage: int = 0) -> int | None:
+        """The token count ``keep`` asks for (at the ``stage``-th pruning layer), or None for a fraction."""
+        keep = getattr(self.config, "keep", None)
+        if isinstance(keep, (tuple, list)):
+            keep = keep[stage] if stage < len(keep) else None
+        return keep if isinstance(keep, int) and not isinstance(keep, bool) else None
+
     @property
     def reduces_before_llm(self) -> bool:
         return any(s in COUNT_CHANGING_STAGES for s in self.spec.stages) and bool(self.modalities)
@@ -252,7 +271,14 @@ class ModelHandle:
         if inputs.get("input_ids") is None and torch.is_tensor(inputs.get("inputs")):
             inputs["input_ids"] = inputs.pop("inputs")
         original_ids = inputs.get("input_ids")
-        inputs = self.prepare(inputs)
+        self._preparing_generate = True
+        try:
+            # generate runs without gradients; features made here must be plain tensors too (assisted
+            # decoding deep-copies the model kwargs, which tensors with a grad history refuse)
+            with torch.no_grad():
+                inputs = self.prepare(inputs)
+        finally:
+            self._preparing_generate = False
         if "decode" in self.spec.stages:
             inputs = _add_generation_hooks(inputs, self.method.generation_hooks(self, inputs))
         self._in_generate = True
@@ -301,13 +327,16 @@ class ModelHandle:
         placeholders = {m: adapter.placeholder_id(m) for m in adapter.modalities}
         counts = {m: int((input_ids == pid).sum()) for m, pid in placeholders.items()}
         present = [m for m in adapter.modalities if counts[m] > 0]
-        for m in present:
-            if not (adapter.has_pixels(m, inputs) or precomputed.get(m) is not None):
-                key = PIXEL_KEYS[m][0]
-                raise ValueError(
-                    f"`input_ids` hold {counts[m]} {m} placeholder tokens (id {placeholders[m]}) but no `{key}` "
-                    f"was given; pass `{key}` from the processor together with `input_ids`"
-                )
+        missing = [m for m in present if not (adapter.has_pixels(m, inputs) or precomputed.get(m) is not None)]
+        if missing:
+            # The plain model embeds such placeholders as ordinary tokens: nothing to reduce, pass through.
+            for row, sample in enumerate(self.stats.new_call(input_ids.shape[0])):
+                for m in missing:
+                    n = int((input_ids[row] == placeholders[m]).sum())
+                    self.note(f"no_pixels:{m}", f"`input_ids` hold {m} placeholder tokens but no `{PIXEL_KEYS[m][0]}` "
+                              f"was given: nothing to reduce, the call passed through ({n} in row {row})",
+                              sample.extra)
+            return caller_inputs
         if not present:
             return caller_inputs
 
@@ -407,18 +436,54 @@ class ModelHandle:
                     generator=self._generator(), signals=signals[i] if signals else {},
                 )
                 with timer(features[i].device) as t:
-                    red = self.method.reduce(features[i], ctx).sorted()
+                    red = self._reduce_one(features[i], ctx)
                 _check_reduction(self.spec.name, red, n)
                 ms = t["ms"]
             else:
                 red = Reduction(sources=torch.arange(n, device=coords.device))
                 ms = 0.0
             sources = red.sources.to(coords.device)
+            self._note_unreduced(modality, i, row, n, act, red)
             samples[row].items.append(ItemStats(modality, n, red.num_tokens, ms, red.info))
             items.append(VisualItem(modality, row, layout, offsets[sources], sources, red))
             reductions.append(red)
             offset += n
         return items, reductions
+
+    def _note_unreduced(self, modality: str, item: int, row: int, n: int, acted: bool, red: Reduction) -> None:
+        """Record (and warn once about) an item a count-changing method could not act on."""
+        name = self.spec.name
+        if not any(s in COUNT_CHANGING_STAGES for s in self.spec.stages):
+            return
+        if not acted and modality not in self.spec.modalities:
+            self.note(f"modality:{modality}", f"method {name!r} does not reduce {modality}s; {modality} item {item} "
+                      f"(row {row}) passed through with its {n} tokens", red.info)
+        keep = self.requested_keep()
+        if acted and keep is not None and keep > n:
+            self.note("keep", f"`keep`={keep} is more than the {n} tokens of {modality} item {item} (row {row}) "
+                      f"of method {name!r}: all {n} kept", red.info)
+
+    def _reduce_one(self, features: torch.Tensor, ctx: ReduceContext) -> Reduction:
+        """The method's reduction of one item; a bad item never takes down its batch.
+
+        An empty item has nothing to reduce. An item whose features hold NaN / inf, if the method fails on
+        it, passes through unreduced (its row then reads what the unwrapped model reads), with a warning
+        and ``skipped`` in the item's stats; any other failure names the row and the item.
+        """
+        n = features.shape[0]
+        if n == 0:
+            return Reduction(sources=torch.zeros(0, dtype=torch.long, device=features.device), info={"skipped": "empty"})
+        try:
+            return self.method.reduce(features, ctx).sorted()
+        except Exception as err:
+            where = f"{ctx.modality} item {ctx.item} (row {ctx.row})"
+            if bool(torch.isfinite(features).all()):
+                raise RuntimeError(f"method {self.spec.name!r} failed on {where}: {err}") from err
+            warnings.warn(
+                f"tokenreduce: {where} holds NaN or inf features and method {self.spec.name!r} cannot reduce it "
+                f"({err}); passed through unreduced, as the unwrapped model reads it", stacklevel=2,
+            )
+            return Reduction(sources=torch.arange(n, device=features.device), info={"skipped": "non-finite features"})
 
     def _rebuild(self, inputs, input_ids, attention_mask, items, coords, features, reductions, precomputed):
         adapter = self.adapter
@@ -449,7 +514,11 @@ class ModelHandle:
         else:
             original = inputs.get("position_ids")
             if original is None or (original.dim() == 3 and original.shape[0] == 4):
-                original = adapter.position_ids(input_ids, attention_mask, inputs)
+                if self._preparing_generate and adapter.text_positions_in_generate(inputs):
+                    # what the plain model's generate uses then (e.g. Qwen without `mm_token_type_ids`)
+                    original = adapter.sequential_positions(attention_mask)
+                else:
+                    original = adapter.position_ids(input_ids, attention_mask, inputs)
             positions = gather_columns(original, index, 0)
         out = dict(inputs)
         pad_id = self.adapter.text_config.pad_token_id

@@ -161,6 +161,8 @@ class Stage:
     visual: list[torch.Tensor]
     visual_tokens: list[torch.Tensor]
     text: list[torch.Tensor]
+    # Per row, columns after the prompt that rode along its prefill (assisted decoding's candidates).
+    tail: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -316,12 +318,23 @@ class LLMStage:
                 if position_ids is not None:
                     position_ids = position_ids.expand(*position_ids.shape[:-2], hidden.shape[0], -1)
                 visual, visual_tokens, text = _split_columns(info, mask, factor)
+                # Assisted decoding verifies candidate tokens in the prefill itself: they are kept, and the
+                # method chooses from the prompt alone, as it does without an assistant.
+                prompt = info.attention_mask.shape[1]
+                tail = [cols[cols >= prompt] for cols in text]
+                text = [cols[cols < prompt] for cols in text]
             else:
                 mask, columns = previous.mask, previous.columns
                 cos, sin, position_ids = previous.cos, previous.sin, previous.position_ids
                 visual, visual_tokens, text = previous.visual, previous.visual_tokens, previous.text
+                tail = previous.tail
+            scoring_mask = mask
+            if any(cols.numel() for cols in tail):
+                scoring_mask = mask.clone()
+                for r, cols in enumerate(tail):
+                    scoring_mask[r, cols] = 0
             ctx = LLMContext(
-                layer=k, hidden=hidden, attention_mask=mask, visual=visual, visual_tokens=visual_tokens, text=text,
+                layer=k, hidden=hidden, attention_mask=scoring_mask, visual=visual, visual_tokens=visual_tokens, text=text,
                 items=info.items, original_visual=[
                     sum(it.columns.numel() for it in info.items if it.row == r // factor) for r in range(mask.shape[0])
                 ], capture=call.captures[k], layer_module=self.layers[k],
@@ -330,7 +343,7 @@ class LLMStage:
             rows_keep, new_visual_tok = [], []
             for r in range(mask.shape[0]):
                 kv = keep[r].to(hidden.device).long().sort().values
-                rows_keep.append(torch.cat([text[r], visual[r][kv]]).sort().values)
+                rows_keep.append(torch.cat([text[r], visual[r][kv], tail[r]]).sort().values)
                 new_visual_tok.append(visual_tokens[r][kv.to(visual_tokens[r].device)])
             index = column_index(rows_keep, device=hidden.device)  # into the current sequence
             valid = index >= 0
@@ -354,17 +367,24 @@ class LLMStage:
                 sin = torch.gather(sin, 1, safe[..., None].expand(-1, -1, sin.shape[-1]))
                 new_pos = None if position_ids is None else _gather_positions(position_ids, safe, valid)
             # Map visual/text columns into the new sequence.
-            new_visual, new_text = [], []
+            new_visual, new_text, new_tail = [], [], []
             for r in range(mask.shape[0]):
                 lookup = torch.full((mask.shape[1],), -1, dtype=torch.long, device=hidden.device)
                 lookup[index[r][valid[r]]] = torch.nonzero(valid[r]).flatten()
                 vis = visual[r][keep[r].to(hidden.device).long().sort().values]
                 new_visual.append(lookup[vis])
                 new_text.append(lookup[text[r]])
-        self.stages.append(Stage(k, new_columns, new_mask, cos, sin, new_pos, new_visual, new_visual_tok, new_text))
+                new_tail.append(lookup[tail[r]])
+        self.stages.append(Stage(k, new_columns, new_mask, cos, sin, new_pos, new_visual, new_visual_tok, new_text,
+                                 new_tail))
         share = t["ms"] / max(1, mask.shape[0])
+        requested = handle.requested_keep(self.prune_layers.index(k))
         for r, sample in enumerate(info.samples):
             sample.layers[k] = int(new_visual[r * factor].numel())
+            available = int(visual[r * factor].numel())
+            if requested is not None and requested > available:
+                handle.note("keep", f"`keep`={requested} is more than the {available} visual tokens row {r} holds at "
+                            f"layer {k} (method {handle.spec.name!r}): all {available} kept", sample.extra)
             sample.llm_reducer_ms += share
         return new_hidden
 

@@ -64,7 +64,11 @@ class FastVMethod(Method):
     """Prune visual tokens after layer K by the last token's attention (FastV)."""
 
     def llm_layers(self, num_layers: int) -> list[int]:
-        return check_layers("layer", (self.config.layer,), num_layers)
+        layer = self.config.layer
+        if layer == FastVConfig.layer and 2 <= num_layers <= layer:
+            # The paper's default K=2 on a shallower model: the deepest layer that still has one before it.
+            layer = num_layers - 1
+        return check_layers("layer", (layer,), num_layers)
 
     def select(self, ctx: LLMContext) -> list[torch.Tensor]:
         return top_visual(ctx, scores_for(ctx, self.config.query), self.config.keep)

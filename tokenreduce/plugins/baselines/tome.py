@@ -84,6 +84,9 @@ def merge_step(x, size, metric, slot, r: int, prefix: int):
         return x, size, slot
     protect = torch.zeros(b, n, dtype=torch.bool, device=x.device)
     protect[:, :prefix] = True
+    # A row of NaN / inf (a corrupt image) must not fail its batch: it is matched on zeros, its merged tokens
+    # stay NaN as the unwrapped model's would, and finite rows are untouched.
+    metric = torch.nan_to_num(metric, nan=0.0, posinf=0.0, neginf=0.0)
     best, score = kernels.bipartite_matching(metric, protect=protect)
     order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :r]  # A positions merged
     src = 2 * order

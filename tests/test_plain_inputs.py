@@ -1,0 +1,168 @@
+"""Inputs the plain model takes pass through a wrapped model, at keep-all and with a real reduction.
+
+Placeholders without pixels, caller-given 2-D position ids on Qwen2-VL, ``generate`` without
+``mm_token_type_ids``, and FastV's default layer on a model shallower than it.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import tokenreduce as tr
+from tokenreduce.core.registry import get_method, method_specs
+from tokenreduce.testing.tiny import FAMILIES, IMAGE_TOKEN, default_rows, tiny_batch, tiny_model
+
+from .reference import reduced_rows, reference_generate
+
+NEEDS_TRAINED_WEIGHTS = {"langdc"}
+CASES = [pytest.param(s.name, f, id=f"{s.name}-{f}") for s in method_specs()
+         if {"vision", "projector", "llm"} & set(s.stages) and s.name not in NEEDS_TRAINED_WEIGHTS
+         for f in FAMILIES if s.families is None or f in s.families]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {}
+
+
+def _model(models, family):
+    if family not in models:
+        models[family] = tiny_model(family)
+    return models[family]
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_placeholders_without_pixels_pass_through_and_say_so(models, method, family):
+    spec = get_method(method)
+    model = _model(models, family)
+    batch = tiny_batch(model, default_rows(family, n=2))
+    text_only = {k: v for k, v in batch.items()
+                 if k in ("input_ids", "attention_mask")}  # the image placeholders stay, the pixels go
+    with torch.no_grad():
+        plain = model(**text_only).logits
+    tr.wrap(model, spec.config_cls.at_budget(0.5, num_layers=4))
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            got = model(**text_only).logits
+        samples = tr.stats(model).last
+    finally:
+        tr.unwrap(model)
+    torch.testing.assert_close(got, plain, atol=0, rtol=0)
+    assert sum("no `pixel_values` was given" in str(w.message) for w in caught) == 1
+    for r, s in enumerate(samples):
+        n = int((batch["input_ids"][r] == IMAGE_TOKEN).sum())
+        assert s.extra["notes"] == [f"`input_ids` hold image placeholder tokens but no `pixel_values` was given: "
+                                    f"nothing to reduce, the call passed through ({n} in row {r})"]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_two_dimensional_position_ids(models, family):
+    model = _model(models, family)
+    batch = tiny_batch(model, default_rows(family, n=2))
+    # the caller's 2-D ids (e.g. transformers' left-padding test): the model uses them on every M-RoPE axis
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0) + 5
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["position_ids"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            plain = model(**batch, position_ids=positions).logits
+            tr.wrap(model, "pool", keep=1.0)
+            try:
+                same = model(**batch, position_ids=positions).logits
+            finally:
+                tr.unwrap(model)
+            seen.clear()
+            tr.wrap(model, "pool", keep=0.25)
+            try:
+                model(**batch, position_ids=positions)
+            finally:
+                tr.unwrap(model)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=1e-5)
+    got = seen[0]
+    method = get_method("pool").method_cls(get_method("pool").config_cls(keep=0.25))
+    for r, (_, _, cols) in enumerate(reduced_rows(model, method, batch)):
+        n = cols.numel()
+        for axis in (1, 2, 3):
+            assert torch.equal(got[axis, r, -n:], positions[r, cols])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_generate_without_mm_token_type_ids(models, family):
+    model = _model(models, family)
+    batch = tiny_batch(model, default_rows(family, n=2))
+    untyped = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+    with torch.no_grad():
+        plain = model.generate(**untyped, max_new_tokens=4, do_sample=False)
+        tr.wrap(model, "pool", keep=1.0)
+        try:
+            same = model.generate(**untyped, max_new_tokens=4, do_sample=False)
+        finally:
+            tr.unwrap(model)
+        tr.wrap(model, "pool", keep=0.25)
+        try:
+            reduced = model.generate(**untyped, max_new_tokens=4, do_sample=False)
+        finally:
+            tr.unwrap(model)
+    assert torch.equal(same, plain)
+    # plain generate gives such inputs text positions (cumsum of the mask) on every axis: the kept tokens keep theirs
+    text = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    method = get_method("pool").method_cls(get_method("pool").config_cls(keep=0.25))
+    for r, (emb, _, cols) in enumerate(reduced_rows(model, method, batch)):
+        expected = reference_generate(model, emb, text[r, cols].expand(3, -1), 4)
+        assert reduced[r, -4:].tolist() == expected.tolist()
+
+
+def test_fastv_default_layer_adapts_to_a_two_layer_model():
+    model = tiny_model("llava", num_layers=2)
+    batch = tiny_batch(model, default_rows("llava", n=2))
+    tr.wrap(model, "fastv")
+    try:
+        with torch.no_grad():
+            model(**batch)
+        assert list(tr.stats(model).last[0].layers) == [1]
+    finally:
+        tr.unwrap(model)
+    # an explicit layer is never moved: the refusal names the layers that work
+    with pytest.raises(ValueError, match=r"`layer` must be in \[1, 1\] for this model \(2 decoder layers\), got 3"):
+        tr.wrap(model, "fastv", layer=3)
+
+
+# ARES traces one trajectory's entropy per row: it refuses assisted generation.
+REFUSES_ASSISTED = {"ares"}
+ASSISTED = [pytest.param(s.name, f, id=f"{s.name}-{f}") for s in method_specs() if s.name not in NEEDS_TRAINED_WEIGHTS
+            for f in ("llava", "qwen2_vl", "llava_onevision") if s.families is None or f in s.families]
+
+
+@pytest.mark.parametrize("method,family", ASSISTED)
+def test_assisted_decoding_gives_the_tokens_of_plain_decoding(models, method, family):
+    """Greedy assisted decoding (an assistant model; prompt lookup) is lossless: it must give the wrapped
+    model's own greedy tokens. The assistant's candidates ride along the prefill, and the features a
+    projector method hands ``generate`` are deep-copied for the assistant."""
+    model = _model(models, family)
+    key = f"{family}-assistant"
+    if key not in models:
+        models[key] = tiny_model(family, seed=1, num_layers=2)
+    batch = tiny_batch(model, default_rows(family, n=1, video=True))
+    spec = get_method(method)
+    tr.wrap(model, spec.config_cls.at_budget(1.0 if spec.stages == ("decode",) else 0.3, num_layers=4))
+    try:
+        with torch.no_grad():
+            if method in REFUSES_ASSISTED:  # a one-line refusal naming the option, at call time
+                with pytest.raises(ValueError, match=rf"^`assistant_model` .* is not supported by method '{method}'"):
+                    model.generate(**batch, max_new_tokens=5, do_sample=False, assistant_model=models[key])
+                return
+            kw = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+            plain = model.generate(**batch, **kw)
+            helped = model.generate(**batch, **kw, assistant_model=models[key])
+            lookup = model.generate(**batch, **kw, prompt_lookup_num_tokens=2)
+    finally:
+        tr.unwrap(model)
+    for out in (helped, lookup):
+        assert out.sequences.tolist() == plain.sequences.tolist()
+        # the same logits, not only the same argmax: in-LLM methods choose from the prompt alone
+        torch.testing.assert_close(torch.stack(out.logits), torch.stack(plain.logits), atol=1e-5, rtol=1e-5)
