@@ -5,7 +5,10 @@ Reference: the UNWRAPPED eager model, with the same tokens hidden from layers >=
 kept position and the same greedy tokens.
 """
 
+import math
+import statistics
 from contextlib import contextmanager
+from statistics import NormalDist
 
 import pytest
 import torch
@@ -14,7 +17,9 @@ import tokenreduce as tr
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.llm import LLMContext
 from tokenreduce.plugins.baselines.fastv import FastVMethod
-from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model
+from tokenreduce.testing.tiny import FAMILIES, IMAGE_TOKEN, VIDEO_TOKEN, default_rows, tiny_batch, tiny_model
+
+from .reference import hide_columns, llm_stage_reference, visual_tokens
 
 NUM_LAYERS = 6
 CASES = {
@@ -39,43 +44,75 @@ def _kept_columns(model):
     return {s.layer: s.columns.clone() for s in get_handle(model).llm_stage.stages}
 
 
-def _masked_reference_hooks(model, kept, prompt_len):
-    """Hooks hiding, from layers >= K, the prompt columns not kept at stage K (4D additive masks)."""
-    lm = model.model.language_model
-    state = {}
-    handles = [lm.register_forward_pre_hook(lambda m, a, k: state.update(mask2d=k.get("attention_mask")), with_kwargs=True)]
-    stage_layers = sorted(kept)
+# ----- the methods' definitions, on attention probabilities of the unwrapped eager model ------------------
+def _count(keep, n_input):
+    """Tokens a budget keeps of the row's LLM-input visual tokens: a count, or ceil(share * count)."""
+    if isinstance(keep, int):
+        return keep
+    return max(1, math.ceil(round(keep * n_input, 6)))
 
-    def layer_hook(i):
-        def hook(module, args, kwargs):
-            stage = max((k for k in stage_layers if k <= i), default=None)
-            if stage is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            b, q = hidden.shape[:2]
-            cache = kwargs.get("cache")
-            past = cache.get_seq_length(i) if cache is not None else 0
-            kv = past + q
-            allowed = torch.ones(b, q, kv, dtype=torch.bool)
-            qpos = torch.arange(past, past + q)
-            allowed &= torch.arange(kv)[None, None, :] <= qpos[None, :, None]
-            mask2d = state.get("mask2d")
-            if mask2d is not None:
-                allowed &= mask2d[:, None, :kv].bool()
-            keep = torch.zeros(b, kv, dtype=torch.bool)
-            keep[:, prompt_len:] = True
-            cols = kept[stage]
-            for r in range(b):
-                keep[r, cols[r][cols[r] >= 0]] = True
-            allowed &= keep[:, None, :]
-            mask = torch.zeros(b, 1, q, kv, dtype=hidden.dtype).masked_fill(~allowed[:, None], torch.finfo(hidden.dtype).min)
-            kwargs["attention_mask"] = mask
-            return args, kwargs
-        return hook
 
-    for i in range(min(stage_layers), len(lm.layers)):
-        handles.append(lm.layers[i].register_forward_pre_hook(layer_hook(i), with_kwargs=True))
-    return handles
+def _top(scores, visual, k):
+    """The ``k`` best-scored columns of ``visual``; ties go to the lower column."""
+    ranked = sorted(visual.tolist(), key=lambda c: (-float(scores[c]), c))
+    return ranked[: min(k, len(ranked))]
+
+
+def _fastv_pdrop_select(options, n_input):
+    keeps = options["keep"] if isinstance(options["keep"], tuple) else (options["keep"],)
+
+    def select(stage, attention, visual, text, row):
+        if options.get("query", "last") == "text":  # mean over heads and every text query
+            scores = attention[:, text].mean((0, 1))
+        else:
+            last = int(text.max())  # the row's last real token
+            scores = attention[:, last].mean(0)
+        return _top(scores, visual, _count(keeps[stage], n_input[row]))
+
+    return select
+
+
+def _atp_select(options, grid):
+    """ATP's training-free rule: log of the mixed self / cross importance relative to uniform, kept above
+    mean + z(1 - keep) * std of the row's scores, plus the tokens on the spatial sampling grid."""
+
+    def select(stage, attention, visual, text, row):
+        att = attention.double().mean(0)
+        n = visual.numel()
+        vis = visual.tolist()
+        # self: mean over all visual queries, rescaled by how many of them see each key (causal)
+        self_imp = att[visual][:, visual].mean(0) * n / torch.arange(n, 0, -1, dtype=torch.float64)
+        self_imp = self_imp / self_imp.sum() * n
+        cross = att[text][:, visual].mean(0)
+        cross = cross / cross.sum() * n
+        scores = torch.log(0.5 * self_imp + 0.5 * cross).tolist()
+        keep = options["keep"][stage]
+        threshold = statistics.fmean(scores) + NormalDist().inv_cdf(1 - keep) * statistics.stdev(scores)
+        rate = options["spatial_rates"][stage]
+        stride = round(1 / math.sqrt(rate)) if rate > 0 else 0
+        out = []
+        for c, s in zip(vis, scores):
+            layout, j = grid[row][c]
+            sampled = stride and int(layout.rows[j]) % stride == stride // 2 and int(layout.cols[j]) % stride == stride // 2 \
+                and bool(layout.content_mask[j])
+            if s > threshold or sampled:
+                out.append(c)
+        return out or [vis[max(range(n), key=lambda i: scores[i])]]
+
+    return select
+
+
+def reference_run(model, batch, method, options=None, renumber=False):
+    """Logits and kept visual columns per stage of ``method`` by its definition (see :func:`llm_stage_reference`)."""
+    options = CASES[method] if options is None else options
+    ids = batch["input_ids"]
+    n_input = [int(((ids[r] == IMAGE_TOKEN) | (ids[r] == VIDEO_TOKEN)).sum()) for r in range(ids.shape[0])]
+    if method == "atp":
+        select = _atp_select(options, visual_tokens(model, batch))
+    else:
+        select = _fastv_pdrop_select(options, n_input)
+    layers = options["layers"] if "layers" in options else (options["layer"],)
+    return llm_stage_reference(model, batch, layers, select, renumber=renumber)
 
 
 @contextmanager
@@ -101,49 +138,59 @@ def _recording_select(monkeypatch, seen, **reads):
     monkeypatch.setattr(FastVMethod, "select", recording)
 
 
-def _run_wrapped(model, batch, method, generate=False):
-    with wrapped(model, method, **CASES[method]):
+def _run_wrapped(model, batch, method, generate=False, **options):
+    with wrapped(model, method, **(options or CASES[method])):
         out = model.generate(**batch, max_new_tokens=10, do_sample=False) if generate else model(**batch).logits
         return out, _kept_columns(model), tr.stats(model).last
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", list(CASES))
-@pytest.mark.parametrize("rows", [1, 3], ids=["B1", "B3"])
-def test_physical_drop_equals_mask_reference_forward(models, family, method, rows):
-    eager, _ = models[family]
-    batch = tiny_batch(eager, default_rows(family, n=rows, video=True))
-    logits, kept, samples = _run_wrapped(eager, batch, method)
-    handles = _masked_reference_hooks(eager, kept, batch["input_ids"].shape[1])
-    try:
-        with torch.no_grad():
-            reference = eager(**batch).logits
-    finally:
-        for h in handles:
-            h.remove()
-    final = kept[max(kept)]
-    for r in range(rows):
-        cols = final[r][final[r] >= 0]
-        torch.testing.assert_close(logits[r, cols], reference[r, cols], atol=1e-4, rtol=1e-4)
-        assert samples[r].visual_tokens_out < samples[r].visual_tokens_in
-        assert list(samples[r].layers) == sorted(kept)
+def _visual_kept(columns, batch):
+    """Per stage and row: the visual columns among a wrapped model's kept columns."""
+    ids = batch["input_ids"]
+    out = {}
+    for layer, cols in columns.items():
+        out[layer] = []
+        for r in range(cols.shape[0]):
+            c = cols[r][cols[r] >= 0]
+            out[layer].append(c[(ids[r, c] == IMAGE_TOKEN) | (ids[r, c] == VIDEO_TOKEN)])
+    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", list(CASES))
 @pytest.mark.parametrize("rows", [1, 3], ids=["B1", "B3"])
-def test_physical_drop_equals_mask_reference_generate(models, family, method, rows):
+def test_forward_equals_reference_of_the_definition(models, family, method, rows):
+    """Which tokens each stage keeps, how many, and every output column (dropped ones included) equal the
+    method's definition computed on the unwrapped eager model."""
     eager, _ = models[family]
     batch = tiny_batch(eager, default_rows(family, n=rows, video=True))
-    tokens, kept, _ = _run_wrapped(eager, batch, method, generate=True)
-    handles = _masked_reference_hooks(eager, kept, batch["input_ids"].shape[1])
-    try:
-        with torch.no_grad():
-            reference = eager.generate(**batch, max_new_tokens=10, do_sample=False)
-    finally:
-        for h in handles:
-            h.remove()
-    assert torch.equal(tokens[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    logits, columns, samples = _run_wrapped(eager, batch, method)
+    reference, kept = reference_run(eager, batch, method)
+    got = _visual_kept(columns, batch)
+    assert sorted(got) == sorted(kept)
+    for layer in kept:
+        for r in range(rows):
+            assert got[layer][r].tolist() == kept[layer][r].tolist(), f"stage {layer} row {r}"
+            assert samples[r].layers[layer] == kept[layer][r].numel()
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("rows", [1, 3], ids=["B1", "B3"])
+def test_generate_equals_reference_of_the_definition(models, family, method, rows):
+    eager, _ = models[family]
+    batch = tiny_batch(eager, default_rows(family, n=rows, video=True))
+    tokens, _, _ = _run_wrapped(eager, batch, method, generate=True)
+    _, kept = reference_run(eager, batch, method)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    is_visual = (ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)
+    prompt = {k: [torch.cat([(mask[r].bool() & ~is_visual[r]).nonzero().flatten(), v[r]]) for r in range(rows)]
+              for k, v in kept.items()}
+    with hide_columns(eager, prompt, ids.shape[1]), torch.no_grad():
+        reference = eager.generate(**batch, max_new_tokens=10, do_sample=False)
+    assert torch.equal(tokens[:, : ids.shape[1]], ids)
     assert tokens.tolist() == reference.tolist()
 
 
@@ -151,23 +198,20 @@ def test_physical_drop_equals_mask_reference_generate(models, family, method, ro
 def test_sdpa_equals_eager_and_cache_lengths(models, family):
     eager, sdpa = models[family]
     batch = tiny_batch(eager, default_rows(family, video=True))
-    outs = {}
-    for name, model in (("eager", eager), ("sdpa", sdpa)):
+    reference, kept = reference_run(eager, batch, "pdrop")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    text = [int(mask[r].sum()) - int(((ids[r] == IMAGE_TOKEN) | (ids[r] == VIDEO_TOKEN)).sum()) for r in range(3)]
+    # layers before the first stage hold the prompt; from a stage on, the longest row's text + kept tokens
+    expected, length = {}, ids.shape[1]
+    for i in range(NUM_LAYERS):
+        stage = max((k for k in kept if k <= i), default=None)
+        expected[i] = length if stage is None else max(text[r] + kept[stage][r].numel() for r in range(3))
+    for model in (eager, sdpa):
         with wrapped(model, "pdrop", **CASES["pdrop"]):
             out = model(**batch, use_cache=True)
-            kept = _kept_columns(model)
-        outs[name] = out.logits
-        cache = out.cache
-        length = batch["input_ids"].shape[1]
-        expected = {}
-        for i in range(NUM_LAYERS):
-            stage = max((k for k in kept if k <= i), default=None)
-            expected[i] = length if stage is None else kept[stage].shape[1]
-        assert {i: cache.layers[i].keys.shape[2] for i in range(NUM_LAYERS)} == expected
-        # the padded length is the longest row's kept count: text + kept visual tokens
-        for cols in kept.values():
-            assert cols.shape[1] == int((cols >= 0).sum(1).max())
-    torch.testing.assert_close(outs["sdpa"], outs["eager"], atol=1e-4, rtol=1e-4)
+        assert {i: out.cache.layers[i].keys.shape[2] for i in range(NUM_LAYERS)} == expected
+        valid = mask.bool()
+        torch.testing.assert_close(out.logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
 
 
 def test_scores_equal_eager_attention_of_layer_before(models, monkeypatch):
@@ -187,34 +231,61 @@ def test_scores_equal_eager_attention_of_layer_before(models, monkeypatch):
     torch.testing.assert_close(seen["text"], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_fastv_keeps_top_scored_tokens(models, monkeypatch):
-    eager, _ = models["llava"]
-    batch = tiny_batch(eager, default_rows("llava"))
-    seen = {}
-    _recording_select(
-        monkeypatch,
-        seen,
-        ctx_visual=lambda ctx: [v.clone() for v in ctx.visual],
-        scores=LLMContext.last_token_attention,
-    )
-    with wrapped(eager, "fastv", layer=2, keep=4):
-        eager(**batch)
-    for r in range(3):
-        vis_scores = seen["scores"][r, seen["ctx_visual"][r]]
-        assert set(seen["keep"][r].tolist()) == set(vis_scores.topk(4).indices.tolist())
+@pytest.mark.parametrize("method, options", [
+    ("fastv", dict(layer=2, keep=7)),
+    ("fastv", dict(layer=3, keep=0.37, query="text")),
+    ("fastv", dict(layer=1, keep=1.0)),
+    ("pdrop", dict(layers=(1, 2, 4), keep=(0.55, 0.33, 0.1), query="text")),
+    ("pdrop", dict(layers=(2, 5), keep=(0.49, 0.49))),
+    ("atp", dict(layers=(2, 4), keep=(0.3, 0.7), spatial_rates=(0.0, 0.1))),
+], ids=["fastv-count", "fastv-text-0.37", "fastv-all", "pdrop-text-uneven", "pdrop-equal", "atp-uneven"])
+def test_counts_at_budgets_that_do_not_divide(models, method, options):
+    """Budgets whose share of the visual count is not whole (48 * 0.37 = 17.76 keeps 18), by the
+    definition, on rows with different visual counts."""
+    eager, _ = models["llava_onevision"]
+    batch = tiny_batch(eager, default_rows("llava_onevision", video=True))
+    logits, columns, samples = _run_wrapped(eager, batch, method, **options)
+    reference, kept = reference_run(eager, batch, method, options)
+    got = _visual_kept(columns, batch)
+    for layer in kept:
+        for r in range(3):
+            assert got[layer][r].tolist() == kept[layer][r].tolist(), f"stage {layer} row {r}"
+            assert samples[r].layers[layer] == kept[layer][r].numel()
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
 
 
-def test_renumber_positions_in_llm_stage_runs_and_differs(models):
+def test_renumbered_positions_equal_reference(models):
+    """With ``renumber_positions`` the kept tokens read their ranks as positions from layer K on."""
     eager, _ = models["llava"]
     batch = tiny_batch(eager, default_rows("llava"))
-    logits, generated = [], []
-    for renumber in (False, True):
-        with wrapped(eager, "fastv", layer=2, keep=0.25, renumber_positions=renumber):
-            generated.append(eager.generate(**batch, max_new_tokens=4, do_sample=False))
-            logits.append(eager(**batch).logits[:, -1])
-    assert generated[0].shape == generated[1].shape
-    # the kept tokens are the same; only their positions after layer 2 changed
-    assert not torch.allclose(logits[0], logits[1], atol=1e-5)
+    options = dict(layer=2, keep=0.25)
+    with wrapped(eager, "fastv", renumber_positions=True, **options):
+        generated = eager.generate(**batch, max_new_tokens=6, do_sample=False)
+        logits = eager(**batch).logits
+    reference, kept = reference_run(eager, batch, "fastv", options, renumber=True)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    prompt = {2: [torch.cat([(mask[r].bool() & (ids[r] != IMAGE_TOKEN)).nonzero().flatten(), kept[2][r]])
+                  for r in range(3)]}
+    with hide_columns(eager, prompt, ids.shape[1], renumber=True), torch.no_grad():
+        expected = eager.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert generated.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_loss_covers_dropped_columns(models, family):
+    """Outside generate the loss reads every column: kept ones and dropped ones (their state at drop time)."""
+    eager, _ = models[family]
+    batch = tiny_batch(eager, default_rows(family), labels=True)
+    with wrapped(eager, "pdrop", **CASES["pdrop"]):
+        loss = eager(**batch).loss
+    labels = batch.pop("labels")
+    reference, _ = reference_run(eager, batch, "pdrop")
+    expected = torch.nn.functional.cross_entropy(
+        reference[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_layer_out_of_range_is_explained(models):
