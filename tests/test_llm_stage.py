@@ -34,9 +34,17 @@ def _models(family):
     return tiny_model(family, num_layers=NUM_LAYERS), tiny_model(family, num_layers=NUM_LAYERS, attn_implementation="sdpa")
 
 
+class _Models(dict):
+    """Family -> (eager, sdpa) models, built on first use (a run of a few tests builds only theirs)."""
+
+    def __missing__(self, family):
+        self[family] = _models(family)
+        return self[family]
+
+
 @pytest.fixture(scope="module")
 def models():
-    return {f: _models(f) for f in FAMILIES}
+    return _Models()
 
 
 def _kept_columns(model):
