@@ -17,7 +17,7 @@ import torch
 
 from tokenreduce.core.layout import Segment, TokenLayout
 from tokenreduce.core.reduction import ReduceContext, Reduction
-from tokenreduce.core.registry import get_method
+from tokenreduce.core.registry import get_method, method_specs
 
 LAYOUTS = {
     "grid": TokenLayout.grid("image", 5, 7),
@@ -222,3 +222,26 @@ REFERENCE_METHODS = ("pool", "random", "divprune")
 def reference_reducer(name, config):
     """The plain reference of method ``name`` with ``config``, or None when this file has none."""
     return _ReferenceMethod(name, config) if name in REFERENCE_METHODS else None
+
+
+SCALAR_KEEP = [s.name for s in method_specs()
+               if isinstance(getattr(s.config_cls(), "keep", None), (int, float))
+               and not isinstance(getattr(s.config_cls(), "keep", None), bool)]
+
+
+@pytest.mark.parametrize("name", SCALAR_KEEP)
+def test_bad_keep_is_named_in_the_error(name):
+    with pytest.raises(ValueError, match=r"^`keep` as a token count must be >= 1, got 0$"):
+        get_method(name).config_cls(keep=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pool_keeps_the_feature_dtype(dtype):
+    lay = LAYOUTS["anyres"]
+    x = _features(lay).to(dtype)
+    reduction = _method("pool", keep=0.33).reduce(x, _context(lay))
+    got_src, got = _as_set(reduction, x)
+    ref_src, ref = _sorted_reference(*reference_pool(x.float(), lay, 0.33))
+    assert got.dtype == dtype
+    assert got_src == ref_src
+    torch.testing.assert_close(got, ref.to(dtype))
