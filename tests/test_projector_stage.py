@@ -138,20 +138,21 @@ def test_renumber_positions_gives_consecutive_positions(models, family):
         seen["position_ids"] = kwargs["position_ids"]
 
     handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    tr.wrap(model, "pool", keep=0.25, renumber_positions=True)
+    config = get_method("pool").config_cls(keep=0.25, renumber_positions=True)
+    tr.wrap(model, config)
     try:
         with torch.no_grad():
-            out = model(**batch)
+            out = model(**batch).logits
     finally:
         tr.unwrap(model)
         handle.remove()
     pos = seen["position_ids"]
-    last = pos[-1] if pos.dim() == 3 else pos
-    mask = out.logits.new_ones(last.shape).bool()
-    for r in range(last.shape[0]):
-        valid = last[r][(last[r] > 0).cumsum(0) > 0]
-        assert torch.equal(valid, torch.arange(1, valid.numel() + 1)) or torch.equal(valid, torch.arange(valid.numel()))
-    assert mask.any()
+    rope = pos[1:] if pos.dim() == 3 else pos[None]  # Qwen: [text, t, h, w] axes; the M-RoPE ones
+    for r, (emb, ref_pos, _) in enumerate(reduced_rows(model, _reference("pool", config), batch)):
+        n = emb.shape[0]
+        # every kept token of the row reads its rank: 0 .. n-1 on every axis, and so do the logits
+        assert torch.equal(rope[:, r, -n:], torch.arange(n).expand(rope.shape[0], n))
+        torch.testing.assert_close(out[r, -n:], reference_logits(model, emb, ref_pos), atol=1e-4, rtol=1e-4)
 
 
 def test_modalities_option_reduces_only_videos(models):
