@@ -319,3 +319,29 @@ def test_budget_averaged_over_depth():
         FastVConfig.at_budget(0.05, num_layers=8, layer=2)
     with pytest.raises(ValueError, match="cannot average 20%"):
         PDropConfig.at_budget(0.2, num_layers=32, layers=(8, 16, 24))
+
+
+@pytest.mark.parametrize("budget, num_layers", [(0.3, 7), (0.45, 11), (0.37, 32)])
+def test_budgets_averaged_over_depth_at_uneven_values(budget, num_layers):
+    """The configs' keep shares average ``budget`` over the layers (computed here by hand: the first layer
+    of each stage on, the stage's share), at depths and budgets that do not divide."""
+    from tokenreduce.plugins.baselines.fastv import FastVConfig
+    from tokenreduce.plugins.baselines.pdrop import PDropConfig
+
+    def by_hand(layers, keeps):
+        shares = [1.0] * num_layers
+        for layer, keep in zip(layers, keeps):
+            shares[layer:] = [keep] * (num_layers - layer)
+        return sum(shares) / num_layers
+
+    fastv = FastVConfig.at_budget(budget, num_layers=num_layers)
+    assert fastv.layer == min(2, max(1, math.ceil(num_layers * budget) - 1))
+    assert by_hand([fastv.layer], [fastv.keep]) == pytest.approx(budget, abs=1e-9)
+    pdrop = PDropConfig.at_budget(budget, num_layers=num_layers)
+    assert pdrop.layers == tuple(sorted({max(1, round(num_layers * f)) for f in (1 / 16, 1 / 4, 1 / 2)}))
+    ratio = pdrop.keep[0]
+    assert pdrop.keep == pytest.approx(tuple(ratio ** (i + 1) for i in range(len(pdrop.layers))))
+    assert by_hand(pdrop.layers, pdrop.keep) == pytest.approx(budget, abs=1e-6)
+    # without a depth, the share kept after the last stage
+    assert FastVConfig.at_budget(budget).keep == budget
+    assert PDropConfig.at_budget(budget).keep[-1] == pytest.approx(budget)
