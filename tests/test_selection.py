@@ -253,3 +253,11 @@ def test_per_group_count_of_the_tower_methods(value, n, expected):
     from tokenreduce.plugins.baselines._vision import count
 
     assert count(value, n) == expected
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_divprune_never_picks_a_token_twice(k):
+    """Identical tokens are all at distance 0 from each other: the greedy still takes distinct ones, in order."""
+    x = torch.ones(4, 8)
+    reduction = _method("divprune", keep=k).reduce(x, _context(TokenLayout.flat("image", 4)))
+    assert reduction.sources.tolist() == list(range(k))
