@@ -280,3 +280,10 @@ def test_generation_failure_is_recorded_and_the_run_goes_on(tiny_llava, tmp_path
     assert {r["sample_id"]: r["batch_size"] for r in records if r not in failed and r["method"] == "none"} == {
         "shapes-image-0": 1, "shapes-image-2": 1}
     assert [(c["method"], c["samples"], c["errors"]) for c in summary["cells"]] == [("none", 3, 1), ("pool", 3, 1)]
+
+
+def test_max_new_tokens_zero_is_refused_not_replaced(tiny_llava, vqa_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"^`max_new_tokens` must be an int >= 1 or None \(the task's\), got 0$"):
+        _runner(tiny_llava, vqa_dir, tmp_path, max_new_tokens=0)
+    assert _runner(tiny_llava, vqa_dir, tmp_path, max_new_tokens=1).max_new_tokens == 1
+    assert _runner(tiny_llava, vqa_dir, tmp_path).max_new_tokens == get_task("vqav2", path=str(vqa_dir)).max_new_tokens
