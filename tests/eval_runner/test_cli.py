@@ -147,3 +147,18 @@ def test_cli_argument_errors_name_the_flag(tmp_path):
         main(["eval", "--task", "synthetic-image", "--task-opt", "seed", "--model", "x", "--methods", "none"])
     with pytest.raises(SystemExit, match=r"^tokenreduce demo: the demo needs the synthetic benchmark's tiny models"):
         main(["demo", "--models", str(tmp_path / "empty"), "--quiet"])
+
+
+def test_cli_config_and_run_folder_errors(tmp_path):
+    with pytest.raises(SystemExit, match=r"^--config: no file .*missing\.yaml$"):
+        main(["eval", "--config", str(tmp_path / "missing.yaml")])
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(SystemExit, match=r"expected a mapping at the top level, got list$"):
+        main(["eval", "--config", str(listing)])
+    no_path = tmp_path / "nopath.yaml"
+    no_path.write_text("task: synthetic-image\nmethods: [none]\nmodels: [{name: t}]\n")
+    with pytest.raises(SystemExit, match=r"^model entry \{'name': 't'\} has no `path`$"):
+        main(["eval", "--config", str(no_path)])
+    with pytest.raises(SystemExit, match=r"is not a run folder \(no run\.json\)"):
+        main(["show", str(tmp_path)])
