@@ -16,7 +16,8 @@ import torch
 import tokenreduce as tr
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.llm import LLMContext
-from tokenreduce.plugins.baselines.fastv import FastVMethod
+from tokenreduce.plugins.baselines.fastv import FastVConfig, FastVMethod
+from tokenreduce.plugins.baselines.pdrop import PDropConfig
 from tokenreduce.testing.tiny import FAMILIES, IMAGE_TOKEN, VIDEO_TOKEN, default_rows, tiny_batch, tiny_model
 
 from .reference import hide_columns, llm_stage_reference, visual_tokens
@@ -345,3 +346,72 @@ def test_budgets_averaged_over_depth_at_uneven_values(budget, num_layers):
     # without a depth, the share kept after the last stage
     assert FastVConfig.at_budget(budget).keep == budget
     assert PDropConfig.at_budget(budget).keep[-1] == pytest.approx(budget)
+
+
+# ----- configs of the in-LLM baselines ---------------------------------------------------------------------
+@pytest.mark.parametrize("build, message", [
+    (lambda: FastVConfig(layer=0), r"`layer` must be in [1, inf], got 0"),
+    (lambda: FastVConfig(layer=1.5), r"`layer` must be an int, got 1.5"),
+    (lambda: FastVConfig(keep=0), r"`keep` as a token count must be >= 1, got 0"),
+    (lambda: FastVConfig(query="all"), r"`query` must be one of ('last', 'text'), got 'all'"),
+    (lambda: FastVConfig.at_budget(0.0), r"`budget` must be in (0.0, 1.0], got 0.0"),
+    (lambda: FastVConfig.at_budget(1.5, num_layers=8), r"`budget` must be in (0.0, 1.0], got 1.5"),
+    (lambda: FastVConfig.at_budget(-0.5), r"`budget` must be in (0.0, 1.0], got -0.5"),
+    (lambda: FastVConfig.at_budget(0.25, num_layers=8, layer=2),
+     "fastv with `layer`=2 cannot average 25% of the visual tokens over 8 layers (the first 2 layers see all of "
+     "them); choose a smaller `layer` or a larger budget"),
+    (lambda: PDropConfig(layers=(), keep=()), "`layers` and `keep` must be non-empty and of equal length, got 0 and 0"),
+    (lambda: PDropConfig(layers=(1, 2), keep=(0.5,)), "`layers` and `keep` must be non-empty and of equal length, got 2 and 1"),
+    (lambda: PDropConfig(layers=(1,), keep=(0.0,)), r"`keep` must be in (0.0, 1.0], got 0.0"),
+    (lambda: PDropConfig(layers=(1,), keep=(1.5,)), r"`keep` must be in (0.0, 1.0], got 1.5"),
+    (lambda: PDropConfig(layers=(1, 2), keep=(0.2, 0.5)), "`keep` must be non-increasing, got (0.2, 0.5)"),
+    (lambda: PDropConfig(query="all"), r"`query` must be one of ('last', 'text'), got 'all'"),
+    (lambda: PDropConfig.at_budget(0.0), r"`budget` must be in (0.0, 1.0], got 0.0"),
+    (lambda: PDropConfig.at_budget(1.5), r"`budget` must be in (0.0, 1.0], got 1.5"),
+    # the floor of stages at 2/8/16 of 32 is 2/32 = 6.25 %, plus what the smallest ratio keeps
+    (lambda: PDropConfig.at_budget(0.0625 + 1e-9, num_layers=32),
+     "pdrop with stages at (2, 8, 16) cannot average 6% of the visual tokens over 32 layers"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_llm_config_errors_are_exact(build, message):
+    with pytest.raises(ValueError) as info:
+        build()
+    assert str(info.value) == message
+
+
+def test_llm_config_budgets_and_options():
+    """Options given to ``at_budget`` reach the config; the schedules' arithmetic, by hand."""
+    assert FastVConfig.at_budget(0.5, query="text").query == "text"
+    assert FastVConfig.at_budget(0.5, num_layers=8, query="text").query == "text"
+    assert FastVConfig.at_budget(0.5, num_layers=8, layer=3).layer == 3
+    # 8 layers at 20 %: K = max(1, ceil(1.6) - 1) = 1, and (1 + 7 * keep) / 8 = 0.2 gives keep = 0.6 / 7
+    config = FastVConfig.at_budget(0.2, num_layers=8)
+    assert (config.layer, config.keep) == (1, pytest.approx((1.6 - 1) / 7))
+    assert PDropConfig.at_budget(0.125).keep == pytest.approx((0.5, 0.25, 0.125))
+    assert PDropConfig.at_budget(0.125, query="text").query == "text"
+    assert PDropConfig.at_budget(0.3, num_layers=32, query="text").query == "text"
+    assert PDropConfig.at_budget(0.3, num_layers=24).layers == (2, 6, 12)  # 24/16 = 1.5 rounds to 2
+    just = PDropConfig.at_budget(0.0625 + 1e-6, num_layers=32)  # just above the floor: reachable
+    assert just.layers == (2, 8, 16) and just.keep[0] < 0.01
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("fastv", dict(layer=6), r"`layer` must be in [1, 5] for this model (6 decoder layers), got 6"),
+    ("pdrop", dict(layers=(1, 9), keep=(0.5, 0.25)), r"`layers` must be in [1, 5] for this model (6 decoder layers), got 9"),
+])
+def test_llm_config_layers_beyond_the_model(models, method, options, message):
+    eager, _ = models["llava"]
+    with pytest.raises(ValueError) as info:
+        tr.wrap(eager, method, **options)
+    assert str(info.value) == message
+    assert get_handle(eager) is None
+
+
+def test_llm_config_top_visual_ties_go_to_the_lower_column():
+    from tokenreduce.plugins.baselines._llm import top_visual
+
+    visual = [torch.tensor([2, 3, 4, 5, 6, 7]), torch.tensor([], dtype=torch.long)]
+    scores = torch.tensor([[0.0, 0.0, 0.5, 0.1, 0.5, 0.1, 0.5, 0.1], [0.0] * 8])
+    ctx = LLMContext(layer=1, hidden=None, attention_mask=None, visual=visual, visual_tokens=None, text=None,
+                     items=None, original_visual=[6, 0], capture=None)
+    kept = top_visual(ctx, scores, 4)
+    assert kept[0].tolist() == [0, 2, 4, 1] and kept[1].tolist() == []
