@@ -110,6 +110,9 @@ def run_group(name: str, files: list[str], tests: list[str], max_children: int) 
     for path in {p for f in files for p in ROOT.glob(f)}:
         for stale in (ROOT / "mutants" / path.relative_to(ROOT), ROOT / "mutants" / f"{path.relative_to(ROOT)}.meta"):
             stale.unlink(missing_ok=True)
+    # Which tests reach which function is recorded per run; a group with the same test selection as the
+    # last one would otherwise reuse a mapping taken while its files were not mutated (no test for any).
+    (ROOT / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     configuration.reset_config()
     config = configuration.config()
     config.only_mutate = files
