@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # (files to mutate, pytest arguments selecting the tests that exercise them). Globs are relative to the
 # repository root. The selections are the fast tests that matter for each group: every mutant runs them.
 LLM_TESTS = ["tests/test_llm_stage.py", "-k",
-             "(forward_equals_reference and B3 and llava_onevision) or budgets or renumbered "
-             "or (loss_covers and llava) or scores_equal or out_of_range or averaged or llm_config"]
+             "((forward_equals_reference or generate_equals_reference) and B3 and llava_onevision) "
+             "or (forward_equals_reference and B3 and qwen2_5_vl and fastv) or (sdpa and qwen2_5_vl) "
+             "or budgets or renumbered or (loss_covers and llava) or scores_equal or out_of_range or averaged "
+             "or llm_config"]
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "metrics": (["tokenreduce/eval/metrics.py"], ["tests/metrics"]),
     "llm-select": (
