@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench mutate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Mutation testing (mutmut, one worker): every group of scripts/mutate.py, or MODULE=<path> alone.
+# Slow (one test run per mutant); not part of `make test`.
+mutate: $(STAMP)
+	$(BIN)/python scripts/mutate.py $(MODULE) --max-children $(or $(MUTATE_WORKERS),1)
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prefill.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache mutants

@@ -7,6 +7,7 @@ from the original row, its embeddings and its original position ids.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -130,3 +131,120 @@ def reference_generate(model, emb, pos, max_new_tokens=8):
             position_ids=position_ids, max_new_tokens=max_new_tokens, do_sample=False,
         )
     return out[0, -max_new_tokens:]
+
+
+# ----- the LLM stage: which tokens a method keeps, from its definition on the unwrapped model -------------
+def visual_tokens(model, batch):
+    """Per row: ``{column: (layout, index in the layout)}`` of every visual placeholder of the LLM input."""
+    adapter = get_adapter(model)
+    ids = batch["input_ids"]
+    out = [{} for _ in range(ids.shape[0])]
+    for modality, token in (("image", IMAGE_TOKEN), ("video", VIDEO_TOKEN)):
+        coords = (ids == token).nonzero().tolist()
+        if not coords:
+            continue
+        layouts = adapter.layouts(modality, batch, [f.shape[0] for f in encoder_features(model, modality, batch)])
+        offset = 0
+        for layout in layouts:
+            for j in range(layout.num_tokens):
+                row, col = coords[offset + j]
+                out[row][col] = (layout, j)
+            offset += layout.num_tokens
+    return out
+
+
+@contextmanager
+def hide_columns(model, kept, prompt_len, record=None, renumber=False):
+    """Inside the block, the UNWRAPPED model hides from every layer ``>= K`` the prompt columns not in
+    ``kept[K]`` (per row, the prompt columns kept from stage ``K`` on): explicit 4D additive masks, original
+    positions (or, with ``renumber``, the kept tokens' ranks), the hidden tokens still computed.
+
+    ``record`` (a dict), when given, receives the hidden states entering each stage layer in prefill.
+    """
+    lm = model.model.language_model
+    state = {}
+    handles = [lm.register_forward_pre_hook(lambda m, a, k: state.update(mask2d=k.get("attention_mask")),
+                                            with_kwargs=True)]
+    stages = sorted(kept)
+
+    def layer_hook(i):
+        def hook(module, args, kwargs):
+            stage = max((k for k in stages if k <= i), default=None)
+            if stage is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            b, q = hidden.shape[:2]
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length(i) if cache is not None else 0
+            if record is not None and i in kept and past == 0:
+                record[i] = hidden.detach().clone()
+            kv = past + q
+            allowed = torch.arange(kv)[None, None, :] <= torch.arange(past, past + q)[None, :, None]
+            allowed = allowed.expand(b, q, kv).clone()
+            mask2d = state.get("mask2d")
+            if mask2d is not None and mask2d.dim() == 2:
+                allowed &= mask2d[:, None, :kv].bool()
+            visible = torch.zeros(b, kv, dtype=torch.bool)
+            visible[:, prompt_len:] = True
+            for r in range(b):
+                visible[r, kept[stage][r]] = True
+            allowed &= visible[:, None, :]
+            kwargs["attention_mask"] = torch.zeros(b, 1, q, kv, dtype=hidden.dtype).masked_fill(
+                ~allowed[:, None], torch.finfo(hidden.dtype).min)
+            if renumber:
+                # a kept token's position is its rank among the row's visible tokens
+                rank = (visible & (mask2d[:, :kv].bool() if mask2d is not None else True)).long().cumsum(-1) - 1
+                positions = rank[:, past:kv]
+                if kwargs.get("position_ids") is not None and kwargs["position_ids"].dim() == 3:
+                    positions = positions[None].expand(3, -1, -1)
+                kwargs["position_embeddings"] = lm.rotary_emb(hidden, positions)
+            return args, kwargs
+        return hook
+
+    for i in range(min(stages), len(lm.layers)):
+        handles.append(lm.layers[i].register_forward_pre_hook(layer_hook(i), with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def llm_stage_reference(model, batch, layers, select, renumber=False):
+    """What an in-LLM pruning method's definition gives on the UNWRAPPED eager model ``model``.
+
+    ``select(stage, attention, visual, text, row)`` returns, of the row's remaining ``visual`` columns, those
+    kept from stage ``layers[stage]`` on, given ``attention`` (``[H, L, L]`` probabilities of layer
+    ``K - 1`` on the sequence as the previous stages left it) and the row's ``text`` columns. Each stage's
+    attention comes from a run hiding what the previous stages dropped.
+
+    Returns ``(logits, kept visual columns per stage layer and row)``: logits at every valid column; a
+    token dropped at layer ``K`` reads the final norm and LM head of its state entering layer ``K``.
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    prompt_len = ids.shape[1]
+    is_visual = (ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)
+    visual = [is_visual[r].nonzero().flatten() for r in range(ids.shape[0])]
+    text = [(mask[r].bool() & ~is_visual[r]).nonzero().flatten() for r in range(ids.shape[0])]
+    kept_visual, kept = {}, {}
+    current = visual
+    for stage, layer in enumerate(layers):
+        with hide_columns(model, kept, prompt_len, renumber=renumber) if kept else nullcontext(), torch.no_grad():
+            attentions = model(**batch, output_attentions=True).attentions
+        current = [torch.as_tensor(sorted(select(stage, attentions[layer - 1][r], current[r], text[r], r)),
+                                   dtype=torch.long) for r in range(ids.shape[0])]
+        kept_visual[layer] = current
+        kept[layer] = [torch.cat([text[r], current[r]]) for r in range(ids.shape[0])]
+    record = {}
+    with hide_columns(model, kept, prompt_len, record=record, renumber=renumber), torch.no_grad():
+        logits = model(**batch).logits.clone()
+        lm = model.model.language_model
+        head = model.get_output_embeddings()
+        remaining = visual
+        for layer in layers:
+            for r in range(ids.shape[0]):
+                dropped = sorted(set(remaining[r].tolist()) - set(kept_visual[layer][r].tolist()))
+                if dropped:
+                    logits[r, dropped] = head(lm.norm(record[layer][r, dropped]))
+            remaining = kept_visual[layer]
+    return logits, kept_visual

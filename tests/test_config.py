@@ -41,6 +41,10 @@ def test_common_options_validate():
     with pytest.raises(ValueError, match="`renumber_positions` must be a bool"):
         build_config("pool", renumber_positions="yes")
     assert build_config("pool", modalities="video").modalities == ("video",)
+    # empty is not "unset": it is refused rather than silently reducing the method's default modalities
+    with pytest.raises(ValueError, match=r"^`modalities` must name at least one of \('image', 'video'\) \(or be None\), got \(\)$"):
+        build_config("pool", modalities=())
+    assert build_config("pool", renumber_positions=False).renumber_positions is False
     with pytest.raises(ValueError, match=r"`budget` must be in \(0.0, 1.0\]"):
         tr.PoolConfig.at_budget(0.0)
 
@@ -66,3 +70,16 @@ def test_registry_refuses_bad_names_and_duplicates():
     assert "pool" in tr.list_methods(stage="projector")
     with pytest.raises(ValueError, match="`stage` must be one of"):
         tr.list_methods(stage="nope")
+
+
+def test_falsy_values_of_method_options():
+    """Options whose accepted range holds 0 / empty take it as given, not as "unset"."""
+    from tokenreduce.plugins.atp import ATPConfig
+
+    assert build_config("random", seed=0).seed == 0
+    assert build_config("tome", r=0).r == 0
+    assert build_config("visionzip", dominant=3, contextual=0.0).contextual == 0.0
+    atp = ATPConfig(layers=(2,), keep=(0.5,), spatial_rates=(0.0,), self_weight=0.0, spatial_score_scale=0.0)
+    assert (atp.spatial_rates, atp.self_weight, atp.spatial_score_scale) == ((0.0,), 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"^`layers` must hold at least one decoder layer \(or be None for the defaults\), got \(\)$"):
+        ATPConfig(layers=(), keep=(), spatial_rates=())

@@ -5,7 +5,10 @@ Reference: the UNWRAPPED eager model, with the same tokens hidden from layers >=
 kept position and the same greedy tokens.
 """
 
+import math
+import statistics
 from contextlib import contextmanager
+from statistics import NormalDist
 
 import pytest
 import torch
@@ -13,8 +16,11 @@ import torch
 import tokenreduce as tr
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.llm import LLMContext
-from tokenreduce.plugins.baselines.fastv import FastVMethod
-from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model
+from tokenreduce.plugins.baselines.fastv import FastVConfig, FastVMethod
+from tokenreduce.plugins.baselines.pdrop import PDropConfig
+from tokenreduce.testing.tiny import FAMILIES, IMAGE_TOKEN, VIDEO_TOKEN, default_rows, tiny_batch, tiny_model
+
+from .reference import hide_columns, llm_stage_reference, visual_tokens
 
 NUM_LAYERS = 6
 CASES = {
@@ -29,9 +35,17 @@ def _models(family):
     return tiny_model(family, num_layers=NUM_LAYERS), tiny_model(family, num_layers=NUM_LAYERS, attn_implementation="sdpa")
 
 
+class _Models(dict):
+    """Family -> (eager, sdpa) models, built on first use (a run of a few tests builds only theirs)."""
+
+    def __missing__(self, family):
+        self[family] = _models(family)
+        return self[family]
+
+
 @pytest.fixture(scope="module")
 def models():
-    return {f: _models(f) for f in FAMILIES}
+    return _Models()
 
 
 def _kept_columns(model):
@@ -39,43 +53,75 @@ def _kept_columns(model):
     return {s.layer: s.columns.clone() for s in get_handle(model).llm_stage.stages}
 
 
-def _masked_reference_hooks(model, kept, prompt_len):
-    """Hooks hiding, from layers >= K, the prompt columns not kept at stage K (4D additive masks)."""
-    lm = model.model.language_model
-    state = {}
-    handles = [lm.register_forward_pre_hook(lambda m, a, k: state.update(mask2d=k.get("attention_mask")), with_kwargs=True)]
-    stage_layers = sorted(kept)
+# ----- the methods' definitions, on attention probabilities of the unwrapped eager model ------------------
+def _count(keep, n_input):
+    """Tokens a budget keeps of the row's LLM-input visual tokens: a count, or ceil(share * count)."""
+    if isinstance(keep, int):
+        return keep
+    return max(1, math.ceil(round(keep * n_input, 6)))
 
-    def layer_hook(i):
-        def hook(module, args, kwargs):
-            stage = max((k for k in stage_layers if k <= i), default=None)
-            if stage is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            b, q = hidden.shape[:2]
-            cache = kwargs.get("cache")
-            past = cache.get_seq_length(i) if cache is not None else 0
-            kv = past + q
-            allowed = torch.ones(b, q, kv, dtype=torch.bool)
-            qpos = torch.arange(past, past + q)
-            allowed &= torch.arange(kv)[None, None, :] <= qpos[None, :, None]
-            mask2d = state.get("mask2d")
-            if mask2d is not None:
-                allowed &= mask2d[:, None, :kv].bool()
-            keep = torch.zeros(b, kv, dtype=torch.bool)
-            keep[:, prompt_len:] = True
-            cols = kept[stage]
-            for r in range(b):
-                keep[r, cols[r][cols[r] >= 0]] = True
-            allowed &= keep[:, None, :]
-            mask = torch.zeros(b, 1, q, kv, dtype=hidden.dtype).masked_fill(~allowed[:, None], torch.finfo(hidden.dtype).min)
-            kwargs["attention_mask"] = mask
-            return args, kwargs
-        return hook
 
-    for i in range(min(stage_layers), len(lm.layers)):
-        handles.append(lm.layers[i].register_forward_pre_hook(layer_hook(i), with_kwargs=True))
-    return handles
+def _top(scores, visual, k):
+    """The ``k`` best-scored columns of ``visual``; ties go to the lower column."""
+    ranked = sorted(visual.tolist(), key=lambda c: (-float(scores[c]), c))
+    return ranked[: min(k, len(ranked))]
+
+
+def _fastv_pdrop_select(options, n_input):
+    keeps = options["keep"] if isinstance(options["keep"], tuple) else (options["keep"],)
+
+    def select(stage, attention, visual, text, row):
+        if options.get("query", "last") == "text":  # mean over heads and every text query
+            scores = attention[:, text].mean((0, 1))
+        else:
+            last = int(text.max())  # the row's last real token
+            scores = attention[:, last].mean(0)
+        return _top(scores, visual, _count(keeps[stage], n_input[row]))
+
+    return select
+
+
+def _atp_select(options, grid):
+    """ATP's training-free rule: log of the mixed self / cross importance relative to uniform, kept above
+    mean + z(1 - keep) * std of the row's scores, plus the tokens on the spatial sampling grid."""
+
+    def select(stage, attention, visual, text, row):
+        att = attention.double().mean(0)
+        n = visual.numel()
+        vis = visual.tolist()
+        # self: mean over all visual queries, rescaled by how many of them see each key (causal)
+        self_imp = att[visual][:, visual].mean(0) * n / torch.arange(n, 0, -1, dtype=torch.float64)
+        self_imp = self_imp / self_imp.sum() * n
+        cross = att[text][:, visual].mean(0)
+        cross = cross / cross.sum() * n
+        scores = torch.log(0.5 * self_imp + 0.5 * cross).tolist()
+        keep = options["keep"][stage]
+        threshold = statistics.fmean(scores) + NormalDist().inv_cdf(1 - keep) * statistics.stdev(scores)
+        rate = options["spatial_rates"][stage]
+        stride = round(1 / math.sqrt(rate)) if rate > 0 else 0
+        out = []
+        for c, s in zip(vis, scores):
+            layout, j = grid[row][c]
+            sampled = stride and int(layout.rows[j]) % stride == stride // 2 and int(layout.cols[j]) % stride == stride // 2 \
+                and bool(layout.content_mask[j])
+            if s > threshold or sampled:
+                out.append(c)
+        return out or [vis[max(range(n), key=lambda i: scores[i])]]
+
+    return select
+
+
+def reference_run(model, batch, method, options=None, renumber=False):
+    """Logits and kept visual columns per stage of ``method`` by its definition (see :func:`llm_stage_reference`)."""
+    options = CASES[method] if options is None else options
+    ids = batch["input_ids"]
+    n_input = [int(((ids[r] == IMAGE_TOKEN) | (ids[r] == VIDEO_TOKEN)).sum()) for r in range(ids.shape[0])]
+    if method == "atp":
+        select = _atp_select(options, visual_tokens(model, batch))
+    else:
+        select = _fastv_pdrop_select(options, n_input)
+    layers = options["layers"] if "layers" in options else (options["layer"],)
+    return llm_stage_reference(model, batch, layers, select, renumber=renumber)
 
 
 @contextmanager
@@ -101,49 +147,59 @@ def _recording_select(monkeypatch, seen, **reads):
     monkeypatch.setattr(FastVMethod, "select", recording)
 
 
-def _run_wrapped(model, batch, method, generate=False):
-    with wrapped(model, method, **CASES[method]):
+def _run_wrapped(model, batch, method, generate=False, **options):
+    with wrapped(model, method, **(options or CASES[method])):
         out = model.generate(**batch, max_new_tokens=10, do_sample=False) if generate else model(**batch).logits
         return out, _kept_columns(model), tr.stats(model).last
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", list(CASES))
-@pytest.mark.parametrize("rows", [1, 3], ids=["B1", "B3"])
-def test_physical_drop_equals_mask_reference_forward(models, family, method, rows):
-    eager, _ = models[family]
-    batch = tiny_batch(eager, default_rows(family, n=rows, video=True))
-    logits, kept, samples = _run_wrapped(eager, batch, method)
-    handles = _masked_reference_hooks(eager, kept, batch["input_ids"].shape[1])
-    try:
-        with torch.no_grad():
-            reference = eager(**batch).logits
-    finally:
-        for h in handles:
-            h.remove()
-    final = kept[max(kept)]
-    for r in range(rows):
-        cols = final[r][final[r] >= 0]
-        torch.testing.assert_close(logits[r, cols], reference[r, cols], atol=1e-4, rtol=1e-4)
-        assert samples[r].visual_tokens_out < samples[r].visual_tokens_in
-        assert list(samples[r].layers) == sorted(kept)
+def _visual_kept(columns, batch):
+    """Per stage and row: the visual columns among a wrapped model's kept columns."""
+    ids = batch["input_ids"]
+    out = {}
+    for layer, cols in columns.items():
+        out[layer] = []
+        for r in range(cols.shape[0]):
+            c = cols[r][cols[r] >= 0]
+            out[layer].append(c[(ids[r, c] == IMAGE_TOKEN) | (ids[r, c] == VIDEO_TOKEN)])
+    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", list(CASES))
 @pytest.mark.parametrize("rows", [1, 3], ids=["B1", "B3"])
-def test_physical_drop_equals_mask_reference_generate(models, family, method, rows):
+def test_forward_equals_reference_of_the_definition(models, family, method, rows):
+    """Which tokens each stage keeps, how many, and every output column (dropped ones included) equal the
+    method's definition computed on the unwrapped eager model."""
     eager, _ = models[family]
     batch = tiny_batch(eager, default_rows(family, n=rows, video=True))
-    tokens, kept, _ = _run_wrapped(eager, batch, method, generate=True)
-    handles = _masked_reference_hooks(eager, kept, batch["input_ids"].shape[1])
-    try:
-        with torch.no_grad():
-            reference = eager.generate(**batch, max_new_tokens=10, do_sample=False)
-    finally:
-        for h in handles:
-            h.remove()
-    assert torch.equal(tokens[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    logits, columns, samples = _run_wrapped(eager, batch, method)
+    reference, kept = reference_run(eager, batch, method)
+    got = _visual_kept(columns, batch)
+    assert sorted(got) == sorted(kept)
+    for layer in kept:
+        for r in range(rows):
+            assert got[layer][r].tolist() == kept[layer][r].tolist(), f"stage {layer} row {r}"
+            assert samples[r].layers[layer] == kept[layer][r].numel()
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("rows", [1, 3], ids=["B1", "B3"])
+def test_generate_equals_reference_of_the_definition(models, family, method, rows):
+    eager, _ = models[family]
+    batch = tiny_batch(eager, default_rows(family, n=rows, video=True))
+    tokens, _, _ = _run_wrapped(eager, batch, method, generate=True)
+    _, kept = reference_run(eager, batch, method)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    is_visual = (ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)
+    prompt = {k: [torch.cat([(mask[r].bool() & ~is_visual[r]).nonzero().flatten(), v[r]]) for r in range(rows)]
+              for k, v in kept.items()}
+    with hide_columns(eager, prompt, ids.shape[1]), torch.no_grad():
+        reference = eager.generate(**batch, max_new_tokens=10, do_sample=False)
+    assert torch.equal(tokens[:, : ids.shape[1]], ids)
     assert tokens.tolist() == reference.tolist()
 
 
@@ -151,23 +207,20 @@ def test_physical_drop_equals_mask_reference_generate(models, family, method, ro
 def test_sdpa_equals_eager_and_cache_lengths(models, family):
     eager, sdpa = models[family]
     batch = tiny_batch(eager, default_rows(family, video=True))
-    outs = {}
-    for name, model in (("eager", eager), ("sdpa", sdpa)):
+    reference, kept = reference_run(eager, batch, "pdrop")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    text = [int(mask[r].sum()) - int(((ids[r] == IMAGE_TOKEN) | (ids[r] == VIDEO_TOKEN)).sum()) for r in range(3)]
+    # layers before the first stage hold the prompt; from a stage on, the longest row's text + kept tokens
+    expected, length = {}, ids.shape[1]
+    for i in range(NUM_LAYERS):
+        stage = max((k for k in kept if k <= i), default=None)
+        expected[i] = length if stage is None else max(text[r] + kept[stage][r].numel() for r in range(3))
+    for model in (eager, sdpa):
         with wrapped(model, "pdrop", **CASES["pdrop"]):
             out = model(**batch, use_cache=True)
-            kept = _kept_columns(model)
-        outs[name] = out.logits
-        cache = out.cache
-        length = batch["input_ids"].shape[1]
-        expected = {}
-        for i in range(NUM_LAYERS):
-            stage = max((k for k in kept if k <= i), default=None)
-            expected[i] = length if stage is None else kept[stage].shape[1]
-        assert {i: cache.layers[i].keys.shape[2] for i in range(NUM_LAYERS)} == expected
-        # the padded length is the longest row's kept count: text + kept visual tokens
-        for cols in kept.values():
-            assert cols.shape[1] == int((cols >= 0).sum(1).max())
-    torch.testing.assert_close(outs["sdpa"], outs["eager"], atol=1e-4, rtol=1e-4)
+        assert {i: out.cache.layers[i].keys.shape[2] for i in range(NUM_LAYERS)} == expected
+        valid = mask.bool()
+        torch.testing.assert_close(out.logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
 
 
 def test_scores_equal_eager_attention_of_layer_before(models, monkeypatch):
@@ -187,34 +240,61 @@ def test_scores_equal_eager_attention_of_layer_before(models, monkeypatch):
     torch.testing.assert_close(seen["text"], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_fastv_keeps_top_scored_tokens(models, monkeypatch):
-    eager, _ = models["llava"]
-    batch = tiny_batch(eager, default_rows("llava"))
-    seen = {}
-    _recording_select(
-        monkeypatch,
-        seen,
-        ctx_visual=lambda ctx: [v.clone() for v in ctx.visual],
-        scores=LLMContext.last_token_attention,
-    )
-    with wrapped(eager, "fastv", layer=2, keep=4):
-        eager(**batch)
-    for r in range(3):
-        vis_scores = seen["scores"][r, seen["ctx_visual"][r]]
-        assert set(seen["keep"][r].tolist()) == set(vis_scores.topk(4).indices.tolist())
+@pytest.mark.parametrize("method, options", [
+    ("fastv", dict(layer=2, keep=7)),
+    ("fastv", dict(layer=3, keep=0.37, query="text")),
+    ("fastv", dict(layer=1, keep=1.0)),
+    ("pdrop", dict(layers=(1, 2, 4), keep=(0.55, 0.33, 0.1), query="text")),
+    ("pdrop", dict(layers=(2, 5), keep=(0.49, 0.49))),
+    ("atp", dict(layers=(2, 4), keep=(0.3, 0.7), spatial_rates=(0.0, 0.1))),
+], ids=["fastv-count", "fastv-text-0.37", "fastv-all", "pdrop-text-uneven", "pdrop-equal", "atp-uneven"])
+def test_counts_at_budgets_that_do_not_divide(models, method, options):
+    """Budgets whose share of the visual count is not whole (48 * 0.37 = 17.76 keeps 18), by the
+    definition, on rows with different visual counts."""
+    eager, _ = models["llava_onevision"]
+    batch = tiny_batch(eager, default_rows("llava_onevision", video=True))
+    logits, columns, samples = _run_wrapped(eager, batch, method, **options)
+    reference, kept = reference_run(eager, batch, method, options)
+    got = _visual_kept(columns, batch)
+    for layer in kept:
+        for r in range(3):
+            assert got[layer][r].tolist() == kept[layer][r].tolist(), f"stage {layer} row {r}"
+            assert samples[r].layers[layer] == kept[layer][r].numel()
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
 
 
-def test_renumber_positions_in_llm_stage_runs_and_differs(models):
+def test_renumbered_positions_equal_reference(models):
+    """With ``renumber_positions`` the kept tokens read their ranks as positions from layer K on."""
     eager, _ = models["llava"]
     batch = tiny_batch(eager, default_rows("llava"))
-    logits, generated = [], []
-    for renumber in (False, True):
-        with wrapped(eager, "fastv", layer=2, keep=0.25, renumber_positions=renumber):
-            generated.append(eager.generate(**batch, max_new_tokens=4, do_sample=False))
-            logits.append(eager(**batch).logits[:, -1])
-    assert generated[0].shape == generated[1].shape
-    # the kept tokens are the same; only their positions after layer 2 changed
-    assert not torch.allclose(logits[0], logits[1], atol=1e-5)
+    options = dict(layer=2, keep=0.25)
+    with wrapped(eager, "fastv", renumber_positions=True, **options):
+        generated = eager.generate(**batch, max_new_tokens=6, do_sample=False)
+        logits = eager(**batch).logits
+    reference, kept = reference_run(eager, batch, "fastv", options, renumber=True)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    prompt = {2: [torch.cat([(mask[r].bool() & (ids[r] != IMAGE_TOKEN)).nonzero().flatten(), kept[2][r]])
+                  for r in range(3)]}
+    with hide_columns(eager, prompt, ids.shape[1], renumber=True), torch.no_grad():
+        expected = eager.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert generated.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_loss_covers_dropped_columns(models, family):
+    """Outside generate the loss reads every column: kept ones and dropped ones (their state at drop time)."""
+    eager, _ = models[family]
+    batch = tiny_batch(eager, default_rows(family), labels=True)
+    with wrapped(eager, "pdrop", **CASES["pdrop"]):
+        loss = eager(**batch).loss
+    labels = batch.pop("labels")
+    reference, _ = reference_run(eager, batch, "pdrop")
+    expected = torch.nn.functional.cross_entropy(
+        reference[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_layer_out_of_range_is_explained(models):
@@ -240,3 +320,98 @@ def test_budget_averaged_over_depth():
         FastVConfig.at_budget(0.05, num_layers=8, layer=2)
     with pytest.raises(ValueError, match="cannot average 20%"):
         PDropConfig.at_budget(0.2, num_layers=32, layers=(8, 16, 24))
+
+
+@pytest.mark.parametrize("budget, num_layers", [(0.3, 7), (0.45, 11), (0.37, 32)])
+def test_budgets_averaged_over_depth_at_uneven_values(budget, num_layers):
+    """The configs' keep shares average ``budget`` over the layers (computed here by hand: the first layer
+    of each stage on, the stage's share), at depths and budgets that do not divide."""
+    from tokenreduce.plugins.baselines.fastv import FastVConfig
+    from tokenreduce.plugins.baselines.pdrop import PDropConfig
+
+    def by_hand(layers, keeps):
+        shares = [1.0] * num_layers
+        for layer, keep in zip(layers, keeps):
+            shares[layer:] = [keep] * (num_layers - layer)
+        return sum(shares) / num_layers
+
+    fastv = FastVConfig.at_budget(budget, num_layers=num_layers)
+    assert fastv.layer == min(2, max(1, math.ceil(num_layers * budget) - 1))
+    assert by_hand([fastv.layer], [fastv.keep]) == pytest.approx(budget, abs=1e-9)
+    pdrop = PDropConfig.at_budget(budget, num_layers=num_layers)
+    assert pdrop.layers == tuple(sorted({max(1, round(num_layers * f)) for f in (1 / 16, 1 / 4, 1 / 2)}))
+    ratio = pdrop.keep[0]
+    assert pdrop.keep == pytest.approx(tuple(ratio ** (i + 1) for i in range(len(pdrop.layers))))
+    assert by_hand(pdrop.layers, pdrop.keep) == pytest.approx(budget, abs=1e-6)
+    # without a depth, the share kept after the last stage
+    assert FastVConfig.at_budget(budget).keep == budget
+    assert PDropConfig.at_budget(budget).keep[-1] == pytest.approx(budget)
+
+
+# ----- configs of the in-LLM baselines ---------------------------------------------------------------------
+@pytest.mark.parametrize("build, message", [
+    (lambda: FastVConfig(layer=0), r"`layer` must be in [1, inf], got 0"),
+    (lambda: FastVConfig(layer=1.5), r"`layer` must be an int, got 1.5"),
+    (lambda: FastVConfig(keep=0), r"`keep` as a token count must be >= 1, got 0"),
+    (lambda: FastVConfig(query="all"), r"`query` must be one of ('last', 'text'), got 'all'"),
+    (lambda: FastVConfig.at_budget(0.0), r"`budget` must be in (0.0, 1.0], got 0.0"),
+    (lambda: FastVConfig.at_budget(1.5, num_layers=8), r"`budget` must be in (0.0, 1.0], got 1.5"),
+    (lambda: FastVConfig.at_budget(-0.5), r"`budget` must be in (0.0, 1.0], got -0.5"),
+    (lambda: FastVConfig.at_budget(0.25, num_layers=8, layer=2),
+     "fastv with `layer`=2 cannot average 25% of the visual tokens over 8 layers (the first 2 layers see all of "
+     "them); choose a smaller `layer` or a larger budget"),
+    (lambda: PDropConfig(layers=(), keep=()), "`layers` and `keep` must be non-empty and of equal length, got 0 and 0"),
+    (lambda: PDropConfig(layers=(1, 2), keep=(0.5,)), "`layers` and `keep` must be non-empty and of equal length, got 2 and 1"),
+    (lambda: PDropConfig(layers=(1,), keep=(0.0,)), r"`keep` must be in (0.0, 1.0], got 0.0"),
+    (lambda: PDropConfig(layers=(1,), keep=(1.5,)), r"`keep` must be in (0.0, 1.0], got 1.5"),
+    (lambda: PDropConfig(layers=(1, 2), keep=(0.2, 0.5)), "`keep` must be non-increasing, got (0.2, 0.5)"),
+    (lambda: PDropConfig(query="all"), r"`query` must be one of ('last', 'text'), got 'all'"),
+    (lambda: PDropConfig.at_budget(0.0), r"`budget` must be in (0.0, 1.0], got 0.0"),
+    (lambda: PDropConfig.at_budget(1.5), r"`budget` must be in (0.0, 1.0], got 1.5"),
+    # the floor of stages at 2/8/16 of 32 is 2/32 = 6.25 %, plus what the smallest ratio keeps
+    (lambda: PDropConfig.at_budget(0.0625 + 1e-9, num_layers=32),
+     "pdrop with stages at (2, 8, 16) cannot average 6% of the visual tokens over 32 layers"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_llm_config_errors_are_exact(build, message):
+    with pytest.raises(ValueError) as info:
+        build()
+    assert str(info.value) == message
+
+
+def test_llm_config_budgets_and_options():
+    """Options given to ``at_budget`` reach the config; the schedules' arithmetic, by hand."""
+    assert FastVConfig.at_budget(0.5, query="text").query == "text"
+    assert FastVConfig.at_budget(0.5, num_layers=8, query="text").query == "text"
+    assert FastVConfig.at_budget(0.5, num_layers=8, layer=3).layer == 3
+    # 8 layers at 20 %: K = max(1, ceil(1.6) - 1) = 1, and (1 + 7 * keep) / 8 = 0.2 gives keep = 0.6 / 7
+    config = FastVConfig.at_budget(0.2, num_layers=8)
+    assert (config.layer, config.keep) == (1, pytest.approx((1.6 - 1) / 7))
+    assert PDropConfig.at_budget(0.125).keep == pytest.approx((0.5, 0.25, 0.125))
+    assert PDropConfig.at_budget(0.125, query="text").query == "text"
+    assert PDropConfig.at_budget(0.3, num_layers=32, query="text").query == "text"
+    assert PDropConfig.at_budget(0.3, num_layers=24).layers == (2, 6, 12)  # 24/16 = 1.5 rounds to 2
+    just = PDropConfig.at_budget(0.0625 + 1e-6, num_layers=32)  # just above the floor: reachable
+    assert just.layers == (2, 8, 16) and just.keep[0] < 0.01
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("fastv", dict(layer=6), r"`layer` must be in [1, 5] for this model (6 decoder layers), got 6"),
+    ("pdrop", dict(layers=(1, 9), keep=(0.5, 0.25)), r"`layers` must be in [1, 5] for this model (6 decoder layers), got 9"),
+])
+def test_llm_config_layers_beyond_the_model(models, method, options, message):
+    eager, _ = models["llava"]
+    with pytest.raises(ValueError) as info:
+        tr.wrap(eager, method, **options)
+    assert str(info.value) == message
+    assert get_handle(eager) is None
+
+
+def test_llm_config_top_visual_ties_go_to_the_lower_column():
+    from tokenreduce.plugins.baselines._llm import top_visual
+
+    visual = [torch.tensor([2, 3, 4, 5, 6, 7]), torch.tensor([], dtype=torch.long)]
+    scores = torch.tensor([[0.0, 0.0, 0.5, 0.1, 0.5, 0.1, 0.5, 0.1], [0.0] * 8])
+    ctx = LLMContext(layer=1, hidden=None, attention_mask=None, visual=visual, visual_tokens=None, text=None,
+                     items=None, original_visual=[6, 0], capture=None)
+    kept = top_visual(ctx, scores, 4)
+    assert kept[0].tolist() == [0, 2, 4, 1] and kept[1].tolist() == []

@@ -5,9 +5,10 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.core.registry import get_method, method_specs
-from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model
+from tokenreduce.testing.tiny import FAMILIES, IMAGE_TOKEN, VIDEO_TOKEN, default_rows, tiny_batch, tiny_model
 
 from .reference import reduced_rows, reference_generate, reference_logits
+from .test_selection import reference_reducer
 
 # Methods that cannot run without trained weights (langdc's captioner) run these oracles in their own tests.
 NEEDS_TRAINED_WEIGHTS = {"langdc"}
@@ -16,6 +17,12 @@ PROJECTOR_METHODS = [s.name for s in method_specs() if s.stages == ("projector",
 
 def _config(name, budget=0.25):
     return get_method(name).config_cls.at_budget(budget)
+
+
+def _reference(name, config):
+    """The reduction the oracle compares with: the plain reference of ``test_selection.py`` where one is
+    written, else the method's own ``reduce`` (covered there by its own step-by-step references)."""
+    return reference_reducer(name, config) or get_method(name).method_cls(config)
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +43,16 @@ def test_forward_equals_reduced_reference_and_rows_alone(models, family, method)
         stats = tr.stats(model).last
     finally:
         tr.unwrap(model)
-    refs = reduced_rows(model, get_method(method).method_cls(config), batch)
+    refs = reduced_rows(model, _reference(method, config), batch)
     for r, (emb, pos, _) in enumerate(refs):
         ref = reference_logits(model, emb, pos)
         got = out[r, -ref.shape[0]:]
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=f"{family}/{method} row {r}")
-        # rows holding an item of the method's default modalities shrink; the others pass through
-        if any(it.modality in get_method(method).modalities for it in stats[r].items):
-            assert stats[r].visual_tokens_out < stats[r].visual_tokens_in
-        else:
-            assert stats[r].visual_tokens_out == stats[r].visual_tokens_in
+        # the stats count the reference's visual tokens, out of the row's placeholders
+        ids = batch["input_ids"][r]
+        placeholders = (ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)
+        assert stats[r].visual_tokens_in == int(placeholders.sum())
+        assert stats[r].visual_tokens_out == int(placeholders[refs[r][2]].sum())
     # rows of different lengths were left padded to the longest
     assert out.shape[1] == max(ref[0].shape[0] for ref in refs)
 
@@ -64,7 +71,7 @@ def test_generate_equals_reduced_reference(models, family, method):
         tr.unwrap(model)
     # the returned ids begin with the caller's original prompt
     assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
-    refs = reduced_rows(model, get_method(method).method_cls(config), batch)
+    refs = reduced_rows(model, _reference(method, config), batch)
     for r, (emb, pos, _) in enumerate(refs):
         expected = reference_generate(model, emb, pos, 8)
         assert out[r, -8:].tolist() == expected.tolist(), f"{family}/{method} row {r}"
@@ -80,7 +87,7 @@ def test_loss_equals_loss_of_reduced_sequence(models, family):
             out = model(**batch)
     finally:
         tr.unwrap(model)
-    method = get_method("pool").method_cls(_config("pool"))
+    method = _reference("pool", _config("pool"))
     losses, count = 0.0, 0
     for r, (emb, pos, cols) in enumerate(reduced_rows(model, method, batch)):
         labels = batch["labels"][r, cols]
@@ -113,7 +120,7 @@ def test_qwen_positions_are_original_rope_index_at_kept_tokens(models, family):
         batch["input_ids"], attention_mask=batch["attention_mask"], mm_token_type_ids=batch["mm_token_type_ids"],
         image_grid_thw=batch["image_grid_thw"], video_grid_thw=batch["video_grid_thw"],
     )
-    method = get_method("random").method_cls(get_method("random").config_cls(keep=0.3, seed=3))
+    method = _reference("random", get_method("random").config_cls(keep=0.3, seed=3))
     got = seen["position_ids"]
     assert got.shape[0] == 4
     for r, (_, _, cols) in enumerate(reduced_rows(model, method, batch)):
@@ -131,20 +138,21 @@ def test_renumber_positions_gives_consecutive_positions(models, family):
         seen["position_ids"] = kwargs["position_ids"]
 
     handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    tr.wrap(model, "pool", keep=0.25, renumber_positions=True)
+    config = get_method("pool").config_cls(keep=0.25, renumber_positions=True)
+    tr.wrap(model, config)
     try:
         with torch.no_grad():
-            out = model(**batch)
+            out = model(**batch).logits
     finally:
         tr.unwrap(model)
         handle.remove()
     pos = seen["position_ids"]
-    last = pos[-1] if pos.dim() == 3 else pos
-    mask = out.logits.new_ones(last.shape).bool()
-    for r in range(last.shape[0]):
-        valid = last[r][(last[r] > 0).cumsum(0) > 0]
-        assert torch.equal(valid, torch.arange(1, valid.numel() + 1)) or torch.equal(valid, torch.arange(valid.numel()))
-    assert mask.any()
+    rope = pos[1:] if pos.dim() == 3 else pos[None]  # Qwen: [text, t, h, w] axes; the M-RoPE ones
+    for r, (emb, ref_pos, _) in enumerate(reduced_rows(model, _reference("pool", config), batch)):
+        n = emb.shape[0]
+        # every kept token of the row reads its rank: 0 .. n-1 on every axis, and so do the logits
+        assert torch.equal(rope[:, r, -n:], torch.arange(n).expand(rope.shape[0], n))
+        torch.testing.assert_close(out[r, -n:], reference_logits(model, emb, ref_pos), atol=1e-4, rtol=1e-4)
 
 
 def test_modalities_option_reduces_only_videos(models):

@@ -10,6 +10,7 @@ import tokenreduce as tr
 from tokenreduce.adapters import get_adapter
 from tokenreduce.adapters.towers import find_tower
 from tokenreduce.core.api import get_handle
+from tokenreduce.core.reduction import Reduction
 from tokenreduce.core.registry import get_method
 from tokenreduce.plugins.baselines.divprune import max_min_diversity
 from tokenreduce.plugins.baselines.prumerge import PruMergeConfig, iqr_outliers, prumerge_group
@@ -294,3 +295,41 @@ def test_unsupported_family_is_explained():
         tr.wrap(tiny_model("qwen2_vl"), "visionzip")
     with pytest.raises(TypeError, match="does not support model family 'llava_next'"):
         tr.wrap(tiny_model("llava_next"), "tome", r=2)
+
+
+class _TopAttention:
+    """Reference reducer for :func:`reduced_rows`: per image, the ``k`` patches the tower's [CLS] token
+    attends to most at the feature layer (eager attention of the unwrapped tower), ties to the lower index."""
+
+    def __init__(self, attention, k, config):
+        self.attention, self.k, self.config = attention, k, config
+
+    def reduce(self, features, context):
+        scores = self.attention[context.item].tolist()
+        top = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: self.k]
+        return Reduction(sources=torch.tensor(sorted(top)))
+
+
+@pytest.mark.parametrize("dominant, k", [(0.4, 6), (5, 5), (0.3, 5)])  # of 16 patches: round(6.4), 5, round(4.8)
+def test_visionzip_dominant_tokens_are_the_towers_cls_top_k(dominant, k):
+    """VisionZip with no contextual tokens (``contextual=0.0``, a falsy value that must not fall back to the
+    family default) keeps the top-k [CLS]-attended patches: kept set and logits from the unwrapped tower."""
+    model = tiny_model("llava")
+    batch = tiny_batch(model, default_rows("llava"))
+    config = get_method("visionzip").config_cls(dominant=dominant, contextual=0.0)
+    tr.wrap(model, config)
+    try:
+        with torch.no_grad():
+            logits = model(**batch).logits
+        recorded = recorded_reductions(model)["image"]
+    finally:
+        tr.unwrap(model)
+    with torch.no_grad():
+        out = model.model.vision_tower(batch["pixel_values"], output_attentions=True)
+    attention = out.attentions[len(out.attentions) - 2][:, :, 0, 1:].mean(1)  # the feature layer's input
+    reference = _TopAttention(attention, k, config)
+    for i, red in enumerate(recorded):
+        assert sorted(red.sources.tolist()) == reference.reduce(None, type("C", (), {"item": i})).sources.tolist()
+    for r, (emb, pos, _) in enumerate(reduced_rows(model, reference, batch)):
+        ref = reference_logits(model, emb, pos)
+        torch.testing.assert_close(logits[r, -ref.shape[0]:], ref, atol=1e-4, rtol=1e-4)

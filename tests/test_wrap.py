@@ -8,7 +8,7 @@ import torch
 import tokenreduce as tr
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.registry import get_method, method_specs
-from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model
+from tokenreduce.testing.tiny import FAMILIES, VIDEO_FAMILIES, default_rows, tiny_batch, tiny_model
 
 REDUCING = [s.name for s in method_specs() if set(s.stages) & {"projector", "vision", "llm"}]
 # PruMerge merges neighbours into every kept token, so keeping every token is not the identity. VQToken
@@ -78,6 +78,76 @@ def test_unwrap_restores_everything(models, family):
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, reference)
         assert torch.equal(model.generate(**batch, max_new_tokens=4, do_sample=False), ref_gen)
+
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+              "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+              "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _full_snapshot(model):
+    """Everything wrapping may touch: classes, instance attributes and every hook dict of every submodule,
+    the global module hooks, the weights."""
+    import torch.nn.modules.module as module_globals
+
+    return {
+        "modules": {n: (type(m), sorted(m.__dict__)) for n, m in model.named_modules()},
+        "hooks": {(n, d): dict(getattr(m, d)) for n, m in model.named_modules() for d in HOOK_DICTS if hasattr(m, d)},
+        "global": [dict(getattr(module_globals, g)) for g in dir(module_globals) if g.startswith("_global_")
+                   and isinstance(getattr(module_globals, g), dict)],
+        "class": type(model), "dict": sorted(model.__dict__),
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+
+
+def _unwrap_case(spec):
+    """A family whose inputs the method reduces, and the batch rows (videos for video-only methods)."""
+    video = "image" not in spec.modalities
+    families = [f for f in (VIDEO_FAMILIES if video else FAMILIES) if spec.families is None or f in spec.families]
+    return families[0], video
+
+
+@pytest.mark.parametrize("name", [s.name for s in method_specs()])
+def test_unwrap_restores_everything_for_every_method(models, name, tmp_path):
+    """Each registered method, wrapped, run (forward and generate) and unwrapped, leaves the module tree, every
+    hook dict of every submodule, the weights and the outputs as they were."""
+    spec = get_method(name)
+    family, video = _unwrap_case(spec)
+    model = models[family]
+    batch = tiny_batch(model, default_rows(family, video=video))
+    before = _full_snapshot(model)
+    with torch.no_grad():
+        reference = model(**batch).logits
+        ref_gen = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    num_layers = model.config.get_text_config().num_hidden_layers
+    options = {}
+    if name == "langdc":
+        from tests.langdc.helpers import fit_tiny_captioner
+
+        fit_tiny_captioner(tmp_path / "captioner", family, model)
+        options["captioner"] = str(tmp_path / "captioner")
+    config = spec.config_cls.at_budget(1.0 if spec.stages == ("decode",) else 0.5, num_layers=num_layers, **options)
+    tr.wrap(model, config)
+    try:
+        during = _full_snapshot(model)  # the snapshot sees the wrapping
+        assert any(during[k] != before[k] for k in ("dict", "modules", "hooks"))
+        with torch.no_grad():
+            reduced = model(**batch).logits
+            model.generate(**batch, max_new_tokens=3, do_sample=False)
+        if spec.stages != ("decode",):  # the method reduced something: its hooks were live
+            assert tr.stats(model).samples[-1].visual_tokens_out < tr.stats(model).samples[-1].visual_tokens_in
+        assert reduced.shape[0] == reference.shape[0]
+    finally:
+        tr.unwrap(model)
+    after = _full_snapshot(model)
+    assert get_handle(model) is None
+    for key in ("class", "dict", "modules", "hooks", "global"):
+        assert after[key] == before[key], key
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reference)
+        assert torch.equal(model.generate(**batch, max_new_tokens=3, do_sample=False), ref_gen)
 
 
 def test_two_models_of_the_same_class_are_independent():

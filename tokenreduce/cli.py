@@ -141,11 +141,11 @@ def model_spec(entry: str | dict[str, Any], defaults: dict[str, Any] | None = No
 
     defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
     if isinstance(entry, dict):
-        entry = dict(entry)
+        given, entry = entry, dict(entry)
         path = entry.pop("path", None)
         name = entry.pop("name", None) or (path and _model_name(path))
         if path is None:
-            raise SystemExit(f"model entry {entry} has no `path`")
+            raise SystemExit(f"model entry {given} has no `path`")
         if str(path).startswith("tiny:"):
             return ModelSpec(name, factory=_tiny_factory(str(path)[5:]), **{**defaults, **entry})
         return ModelSpec(name, path=str(path), **{**defaults, **entry})

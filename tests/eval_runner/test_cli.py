@@ -111,3 +111,54 @@ def test_show_plots_the_entropy_of_an_ares_run(synthetic_models, tmp_path, capsy
     assert main(["show", str(run)]) == 0
     assert "2 entropy plot(s)" in capsys.readouterr().out
     assert len(list((run / "entropy").glob("*.png"))) == 2
+
+
+def test_eval_explicit_zeros_override_the_config_file(synthetic_models, tmp_path, monkeypatch):
+    """``--warmup 0``, ``--keep-maps 0`` and ``--limit 0`` replace the file's values (0 is not "unset")."""
+    from tokenreduce.eval import runner as runner_module
+
+    seen = []
+    original = runner_module.Runner.__init__
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module.Runner, "__init__", recording)
+    image = synthetic_models / "synthetic-llava-image"
+    config = tmp_path / "grid.yaml"
+    config.write_text(f"task: synthetic-image\nlimit: 2\nwarmup: 2\nkeep_maps: 3\nmodels: [{{name: t, path: '{image}'}}]\n"
+                      f"methods: [pool]\nbudgets: [0.5]\nout: {tmp_path}\n")
+    assert main(["eval", "--config", str(config), "--name", "zeros", "--warmup", "0", "--keep-maps", "0",
+                 "--no-plots", "--quiet"]) == 0
+    assert (seen[-1]["warmup"], seen[-1]["keep_maps"], seen[-1]["limit"]) == (0, 0, 2)
+    records = [json.loads(line) for line in (tmp_path / "zeros" / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and not any("kept" in r for r in records)
+
+    assert main(["eval", "--config", str(config), "--name", "none", "--limit", "0", "--no-plots", "--quiet"]) == 0
+    assert seen[-1]["limit"] == 0
+    assert not (tmp_path / "none" / "records.jsonl").exists() or not (tmp_path / "none" / "records.jsonl").read_text()
+
+
+def test_cli_argument_errors_name_the_flag(tmp_path):
+    with pytest.raises(SystemExit, match=r"^--threads must be >= 1, got 0$"):
+        main(["eval", "--task", "synthetic-image", "--threads", "0"])
+    with pytest.raises(SystemExit, match=r"^--task-opt must be KEY=VALUE, got 'seed'$"):
+        main(["eval", "--task", "synthetic-image", "--task-opt", "seed", "--model", "x", "--methods", "none"])
+    with pytest.raises(SystemExit, match=r"^tokenreduce demo: the demo needs the synthetic benchmark's tiny models"):
+        main(["demo", "--models", str(tmp_path / "empty"), "--quiet"])
+
+
+def test_cli_config_and_run_folder_errors(tmp_path):
+    with pytest.raises(SystemExit, match=r"^--config: no file .*missing\.yaml$"):
+        main(["eval", "--config", str(tmp_path / "missing.yaml")])
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(SystemExit, match=r"expected a mapping at the top level, got list$"):
+        main(["eval", "--config", str(listing)])
+    no_path = tmp_path / "nopath.yaml"
+    no_path.write_text("task: synthetic-image\nmethods: [none]\nmodels: [{name: t}]\n")
+    with pytest.raises(SystemExit, match=r"^model entry \{'name': 't'\} has no `path`$"):
+        main(["eval", "--config", str(no_path)])
+    with pytest.raises(SystemExit, match=r"is not a run folder \(no run\.json\)"):
+        main(["show", str(tmp_path)])

@@ -245,3 +245,45 @@ def test_anyres_llava_next_batches_pad_crops_and_overlays_render(tmp_path):
     assert kinds == ["base", "crop"] and pooled["kept"]["items"][0]["fit"] == "stretch"
     (picture,) = render_record(pooled, pages[0], side=64)
     assert picture.size[0] == 128  # base panel | canvas panel
+
+
+def test_generation_failure_is_recorded_and_the_run_goes_on(tiny_llava, tmp_path):
+    """A sample whose inputs encode but whose generation fails (one image placeholder more than its image
+    has features) gets a "generate" error record in every cell; the warm-up and the other samples go on."""
+    from tests.eval_runner.helpers import ShapesTask
+    from tokenreduce.eval.task import FunctionTask
+    from tokenreduce.testing.tiny import IMAGE_TOKEN
+
+    shapes = ShapesTask("image", n=3)
+
+    def encode(sample, processor, family):
+        inputs = shapes.encode(sample, processor, family)
+        if sample.id.endswith("-1"):
+            extra = torch.tensor([[IMAGE_TOKEN]], dtype=inputs["input_ids"].dtype)
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
+        return inputs
+
+    task = FunctionTask("broken", load=lambda split, limit: shapes.samples(split, limit), encode=encode,
+                        score=lambda pred, s: float(pred == s.answer), max_new_tokens=2)
+    summary = Runner(task, [_spec(tiny_llava)], ["none", "pool"], [0.5], name="gen", out_dir=tmp_path,
+                     batch_size=2, warmup=1, progress=False, plots=False).run()
+    records = list(read_records(tmp_path / "gen").values())
+    assert len(records) == 6
+    failed = [r for r in records if r["error"]]
+    assert sorted((r["method"], r["sample_id"]) for r in failed) == [("none", "shapes-image-1"), ("pool", "shapes-image-1")]
+    for r in failed:
+        assert r["error_stage"] == "generate" and r["prediction"] is None and r["score"] is None
+        assert r["error"].startswith("ValueError: ")
+    assert all(r["new_tokens"] == 2 and r["error"] is None for r in records if r not in failed)
+    # the sample batched with the failing one was retried alone: it ran in a batch of one
+    assert {r["sample_id"]: r["batch_size"] for r in records if r not in failed and r["method"] == "none"} == {
+        "shapes-image-0": 1, "shapes-image-2": 1}
+    assert [(c["method"], c["samples"], c["errors"]) for c in summary["cells"]] == [("none", 3, 1), ("pool", 3, 1)]
+
+
+def test_max_new_tokens_zero_is_refused_not_replaced(tiny_llava, vqa_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"^`max_new_tokens` must be an int >= 1 or None \(the task's\), got 0$"):
+        _runner(tiny_llava, vqa_dir, tmp_path, max_new_tokens=0)
+    assert _runner(tiny_llava, vqa_dir, tmp_path, max_new_tokens=1).max_new_tokens == 1
+    assert _runner(tiny_llava, vqa_dir, tmp_path).max_new_tokens == get_task("vqav2", path=str(vqa_dir)).max_new_tokens

@@ -98,6 +98,8 @@ class MethodConfig:
             if isinstance(self.modalities, str):
                 self.modalities = (self.modalities,)
             self.modalities = tuple(self.modalities)
+            if not self.modalities:  # an empty tuple would read as "unset" downstream
+                raise ValueError(f"`modalities` must name at least one of {MODALITIES} (or be None), got ()")
             for m in self.modalities:
                 check_choice("modalities", m, MODALITIES)
         if not isinstance(self.renumber_positions, bool):

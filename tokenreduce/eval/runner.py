@@ -466,6 +466,8 @@ class Runner:
             raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise ValueError(f"`limit` must be an int >= 0 or None, got {limit!r}")
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+            raise ValueError(f"`max_new_tokens` must be an int >= 1 or None (the task's), got {max_new_tokens!r}")
         if not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"`warmup` must be an int >= 0, got {warmup!r}")
         if not name or "/" in name:
@@ -474,7 +476,7 @@ class Runner:
         self.cells = make_cells(methods, budgets)
         self.name, self.run_dir = name, Path(out_dir) / name
         self.split, self.limit, self.batch_size = split, limit, batch_size
-        self.max_new_tokens = int(max_new_tokens or task.max_new_tokens)
+        self.max_new_tokens = int(task.max_new_tokens if max_new_tokens is None else max_new_tokens)
         self.warmup, self.keep_maps = warmup, keep_maps
         self.method_options = {k: dict(v) for k, v in (method_options or {}).items()}
         unknown = [m for m in self.method_options if m not in {c.method for c in self.cells}]

@@ -70,6 +70,8 @@ class ATPConfig(MethodConfig):
         self.spatial_rates = tuple(self.spatial_rates)
         if self.layers is not None:
             self.layers = check_increasing_layers("layers", self.layers)
+            if not self.layers:  # an empty tuple would read as "unset" (the default layers) downstream
+                raise ValueError("`layers` must hold at least one decoder layer (or be None for the defaults), got ()")
         for k in self.keep:
             check_range("keep", k, 0.0, 1.0, low_open=True)
         for r in self.spatial_rates:

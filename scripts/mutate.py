@@ -1,0 +1,183 @@
+"""Mutation testing of tokenreduce's logic with mutmut, one module (or group of modules) at a time.
+
+``python scripts/mutate.py`` runs every group of :data:`GROUPS` in turn; ``python scripts/mutate.py PATH``
+runs the group holding ``PATH`` (a file or a folder under ``tokenreduce/``, e.g.
+``tokenreduce/eval/metrics.py``) against only the tests that exercise it, in minutes. Run from the
+repository root (``make mutate [MODULE=PATH]``). Not part of ``make test``.
+
+mutmut copies the project into ``mutants/`` (git-ignored), writes every mutant of the selected files into
+it behind a switch, and runs the selected tests once per mutant with that mutant switched on. The summary
+printed at the end lists, per file, the mutants, how many the tests killed and the names of the survivors
+(``mutmut show NAME`` prints a survivor's diff). Triton JIT bodies are never mutated: mutants of a
+``@triton.jit`` kernel cannot run without a GPU, and each kernel's torch twin (``naive.py``) is the
+reference the tests compare it with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections import Counter
+from fnmatch import fnmatch
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (files to mutate, pytest arguments selecting the tests that exercise them). Globs are relative to the
+# repository root. The selections are the fast tests that matter for each group: every mutant runs them.
+LLM_TESTS = ["tests/test_llm_stage.py", "-k",
+             "((forward_equals_reference or generate_equals_reference) and B3 and llava_onevision) "
+             "or (forward_equals_reference and B3 and qwen2_5_vl and fastv) or (sdpa and qwen2_5_vl) "
+             "or budgets or renumbered or (loss_covers and llava) or scores_equal or out_of_range or averaged "
+             "or llm_config"]
+GROUPS: dict[str, tuple[list[str], list[str]]] = {
+    "metrics": (["tokenreduce/eval/metrics.py"], ["tests/metrics"]),
+    "llm-select": (
+        [
+            "tokenreduce/plugins/baselines/_llm.py",
+            "tokenreduce/plugins/baselines/fastv.py",
+            "tokenreduce/plugins/baselines/pdrop.py",
+        ],
+        LLM_TESTS,
+    ),
+    "llm-core": (["tokenreduce/core/llm.py"], LLM_TESTS),
+    "atp": (["tokenreduce/plugins/atp/method.py", "tokenreduce/plugins/atp/scores.py"], LLM_TESTS),
+    "sequence": (["tokenreduce/core/sequence.py"], ["tests/test_sequence.py", "tests/test_projector_stage.py",
+                                                    "-k", "sequence or column or gather or (llava_next_video and random)"]),
+    "pool": (["tokenreduce/plugins/baselines/pool.py"], ["tests/test_selection.py", "-k", "pool"]),
+    "divprune": (["tokenreduce/plugins/baselines/divprune.py"], ["tests/test_selection.py", "-k", "divprune"]),
+    "projector": (
+        ["tokenreduce/plugins/baselines/random.py", "tokenreduce/plugins/baselines/_vision.py"],
+        ["tests/test_selection.py", "tests/test_vision_stage.py"],
+    ),
+    "vision": (
+        [
+            "tokenreduce/plugins/baselines/tome.py",
+            "tokenreduce/plugins/baselines/visionzip.py",
+            "tokenreduce/plugins/baselines/prumerge.py",
+        ],
+        ["tests/test_vision_stage.py"],
+    ),
+    "core": (
+        [
+            "tokenreduce/core/api.py",
+            "tokenreduce/core/config.py",
+            "tokenreduce/core/flops.py",
+            "tokenreduce/core/handle.py",
+            "tokenreduce/core/layout.py",
+            "tokenreduce/core/lowrank.py",
+            "tokenreduce/core/reduction.py",
+            "tokenreduce/core/registry.py",
+            "tokenreduce/core/stats.py",
+            "tokenreduce/core/vision.py",
+        ],
+        ["tests/test_wrap.py", "tests/test_config.py", "tests/test_layout.py", "tests/test_projector_stage.py"],
+    ),
+    "kernels": (
+        ["tokenreduce/kernels/*/naive.py", "tokenreduce/kernels/*/__init__.py", "tokenreduce/kernels/_backend.py"],
+        ["tests/kernels"],
+    ),
+    "runner": (["tokenreduce/eval/runner.py"], ["tests/eval_runner/test_runner.py"]),
+    "cli": (["tokenreduce/cli.py"], ["tests/eval_runner/test_cli.py"]),
+}
+
+
+def group_for(path: str) -> tuple[str, list[str], list[str]]:
+    """The group named ``path``, or the group holding ``path`` narrowed to the files under it."""
+    if path in GROUPS:
+        return path, *GROUPS[path]
+    target = Path(path).resolve().relative_to(ROOT).as_posix().rstrip("/")
+    for name, (files, tests) in GROUPS.items():
+        matched = [f for f in files if fnmatch(target, f) or f == target]
+        if matched:
+            return name, [target], tests
+        inside = [f for f in files if f.startswith(target + "/")]
+        if inside:
+            return name, inside, tests
+    known = ", ".join(f for files, _ in GROUPS.values() for f in files)
+    raise SystemExit(f"MODULE {path!r} is in no mutation group; groups cover: {known}")
+
+
+def run_group(name: str, files: list[str], tests: list[str], max_children: int) -> None:
+    """Run mutmut over ``files`` against ``tests`` and print per-file counts and survivors."""
+    from mutmut import configuration
+    from mutmut.__main__ import _run
+    from mutmut.stats import status_by_exit_code
+
+    tests = [t for t in tests if t.startswith("-") or not t.startswith("tests/") or (ROOT / t).exists()]
+    # A file another group's run copied unmutated (newer than its source) would count as already mutated:
+    # start this group's files afresh.
+    for path in {p for f in files for p in ROOT.glob(f)}:
+        for stale in (ROOT / "mutants" / path.relative_to(ROOT), ROOT / "mutants" / f"{path.relative_to(ROOT)}.meta"):
+            stale.unlink(missing_ok=True)
+    # Which tests reach which function is recorded per run; a group with the same test selection as the
+    # last one would otherwise reuse a mapping taken while its files were not mutated (no test for any).
+    (ROOT / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+    configuration.reset_config()
+    config = configuration.config()
+    config.only_mutate = files
+    config.pytest_add_cli_args_test_selection = tests
+    print(f"== {name}: mutating {', '.join(files)} against {', '.join(tests)}", flush=True)
+    try:
+        _run((), max_children)
+    except SystemExit as e:  # mutmut exits when the clean run fails; report it and stop
+        if e.code not in (0, None):
+            raise
+    summarize(files, status_by_exit_code)
+
+
+def summarize(files: list[str], status_by_exit_code) -> None:
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    for path in sorted({p for f in files for p in ROOT.glob(f)}):
+        rel = path.relative_to(ROOT)
+        data = SourceFileMutationData(path=rel)
+        data.load()
+        counts = Counter(status_by_exit_code[v] for v in data.exit_code_by_key.values())
+        total = sum(counts.values())
+        killed = counts.get("killed", 0)
+        print(f"{rel}: {total} mutants, {killed} killed ({100 * killed / max(1, total):.1f} %); " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+        for key, code in sorted(data.exit_code_by_key.items()):
+            status = status_by_exit_code[code]
+            if status not in ("killed", "caught by type check"):
+                print(f"    {status}: {key}")
+                # the diff now: the next group's run rewrites mutants/ and `mutmut show` loses it
+                try:
+                    diff = get_diff_for_mutant(key, path=rel)
+                except FileNotFoundError:  # another group ran since: mutants/ holds this file unmutated
+                    continue
+                print("".join(f"        {line}\n" for line in diff.splitlines() if line[:1] in "+-"
+                              and not line.startswith(("+++", "---"))), end="")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("module", nargs="?", help="a group name, or a file or folder under tokenreduce/ (default: every group)")
+    parser.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (default 1)")
+    parser.add_argument("--report", action="store_true",
+                        help="only print the counts and survivors of the group's last run (an interrupted one too)")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    if args.report:
+        from mutmut.stats import status_by_exit_code
+
+        summarize(group_for(args.module)[1], status_by_exit_code)
+        return
+    # Subprocesses the tests start (the CLI's) import the mutated copy, not the worktree.
+    os.environ["PYTHONPATH"] = str(ROOT / "mutants")
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    if args.module:
+        run_group(*group_for(args.module), args.max_children)
+        return
+    # One process per group: mutmut keeps global state for the run.
+    for name in GROUPS:
+        done = subprocess.run([sys.executable, __file__, name, "--max-children", str(args.max_children)])
+        if done.returncode:
+            raise SystemExit(f"mutation run of group {name!r} failed (exit {done.returncode})")
+
+
+if __name__ == "__main__":
+    main()
