@@ -77,6 +77,7 @@ class VQAv2Task(HubTask):
     instruction = SHORT_ANSWER
     max_new_tokens = 16
     answer_field = "answers"
+    lmms_processing = "lmms"  # the metric's mode that reproduces lmms-eval's scorer of this benchmark
 
     def __init__(self, *args: Any, gt_processing: str = "official", **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -93,7 +94,8 @@ class VQAv2Task(HubTask):
 
     def score(self, prediction, sample):
         answers = sample.meta.get("answers") or []
-        return M.vqa_accuracy(str(prediction), answers, self.gt_processing) if answers else None
+        mode = self.lmms_processing if self.gt_processing == "lmms" else "official"
+        return M.vqa_accuracy(str(prediction), answers, mode) if answers else None
 
     def record_fields(self, sample):
         kind = sample.meta.get("answer_type")
@@ -104,6 +106,7 @@ class TextVQATask(VQAv2Task):
     """TextVQA: VQA accuracy over ten answers; OCR tokens optionally listed in the prompt."""
 
     name = "textvqa"
+    lmms_processing = "lmms_textvqa"
 
     def __init__(self, *args: Any, ocr_in_prompt: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
