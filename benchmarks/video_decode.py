@@ -5,7 +5,8 @@ frame differs and the encoder makes P/B frames; GOP 250, libx264's default), the
 backend of ``tokenreduce.eval.media.load_video``. Each measurement runs in a fresh child process: its
 peak resident memory (``VmHWM``, which counts native allocations of the decoders as well) and the wall
 time of the ``load_video`` call are what the child reports; the imports are done before the clock starts
-and their resident size is reported apart. ``--with-full-decode`` also measures the former approach
+and their resident size is reported apart (the media module is loaded from its file, without the
+package's torch import). ``--with-full-decode`` also measures the former approach
 (every frame converted to RGB, then 8 or 32 kept): slow and several GB.
 
     python benchmarks/video_decode.py
@@ -28,12 +29,18 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
+MEDIA = Path(__file__).resolve().parents[1] / "tokenreduce" / "eval" / "media.py"
 
 CHILD = r"""
-import json, sys, time
+import importlib.util, json, sys, time
 import numpy as np
-from tokenreduce.eval.media import load_video
 import av, decord  # both imported before measuring, whatever the backend
+
+# the module file alone: importing the tokenreduce package would load torch (~700 MB) first
+spec = importlib.util.spec_from_file_location("media", sys.argv[4])
+media = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(media)
+load_video, sample_indices = media.load_video, media.sample_indices
 
 def rss(field):
     for line in open("/proc/self/status"):
@@ -44,7 +51,6 @@ path, frames, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 before = rss("VmRSS:")
 start = time.perf_counter()
 if backend == "full-decode":
-    from tokenreduce.eval.media import sample_indices
     with av.open(path) as container:
         every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     out = np.stack([every[i] for i in sample_indices(len(every), frames)])
@@ -85,7 +91,7 @@ def write_clip(path: Path, seconds: int, width: int, height: int, fps: int) -> N
 def measure(path: Path, frames: int, backend: str) -> dict:
     """One load in a fresh interpreter; its own report of wall time and peak resident memory."""
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), str(frames), backend],
+        [sys.executable, "-c", CHILD, str(path), str(frames), backend, str(MEDIA)],
         capture_output=True, text=True, check=False,
     )
     if done.returncode != 0:
@@ -135,8 +141,8 @@ def main() -> None:
         f"`python benchmarks/video_decode.py{' --with-full-decode' if args.with_full_decode else ''}` on "
         f"{platform.processor() or platform.machine()}, {platform.python_version()}; each cell is a fresh process "
         f"(median wall time of {args.repeats} for the sampling backends, the highest VmHWM).",
-        "Peak memory is the whole process's peak resident set, imports of numpy, torch-free tokenreduce.eval.media, "
-        "PyAV and decord included (their size is the last column).",
+        "Peak memory is the whole process's peak resident set (VmHWM), imports of numpy, PyAV, decord and the "
+        "`tokenreduce/eval/media.py` module file included (their resident size is the last column).",
         "",
         "| backend | frames | seconds | peak MB | MB after imports |",
         "|---|---|---|---|---|",
