@@ -10,6 +10,7 @@ as ``@register_metric``, dropped) and executed in a namespace holding the standa
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import logging
 import math
@@ -32,8 +33,9 @@ def lmms_root() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+@functools.cache
 def lmms_functions(relpath: str, *names: str, **namespace: Any) -> dict[str, Any]:
-    """The top-level definitions ``names`` of ``lmms_eval/<relpath>``, executed from its source."""
+    """The top-level definitions ``names`` of ``lmms_eval/<relpath>``, executed from its source (once)."""
     path = lmms_root() / relpath
     tree = ast.parse(path.read_text(), filename=str(path))
     nodes = []

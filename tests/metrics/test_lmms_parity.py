@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.eval_runner.lmms_reference import lmms_functions
 from tokenreduce.eval import metrics as M
@@ -99,6 +101,43 @@ def test_anls_equals_lmms_anls():
     for pred, answers in cases:
         assert M.anls(pred, answers) == ref(answers, [pred])["anls"], (pred, answers)
     assert M.anls("  abd  ", ["abc"]) == pytest.approx(1 - 1 / 7)  # 0.857
+
+
+# Text from the whole of Unicode except NUL (numpy's fixed-width strings, which lmms-eval's exact_match
+# compares, drop trailing NULs), weighted towards the characters the scorers treat specially.
+TEXT = st.text(st.one_of(st.sampled_from(list("aAbB ß.,?!'-/:%0123456789\n\t")),
+                         st.characters(blacklist_characters="\x00")), max_size=12)
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True)
+
+
+@FUZZ
+@given(prediction=TEXT, answers=st.lists(TEXT, min_size=1, max_size=3))
+def test_anls_equals_lmms_anls_on_any_text(prediction, answers):
+    ref = lmms_functions("api/metrics.py", "anls", "levenshtein_distance")["anls"]
+    assert M.anls(prediction, answers) == ref(answers, [prediction])["anls"]
+
+
+@FUZZ
+@given(prediction=TEXT, target=TEXT)
+def test_relaxed_correctness_and_gqa_equal_lmms_on_any_text(prediction, target):
+    relaxed = lmms_functions("tasks/chartqa/utils.py", "relaxed_correctness")["relaxed_correctness"]
+    exact = lmms_functions("api/metrics.py", "exact_match_hf_evaluate")["exact_match_hf_evaluate"]
+    assert M.relaxed_correctness(prediction, target) == float(relaxed(prediction, target))
+    expected = exact(predictions=[prediction], references=[target], ignore_case=True, ignore_punctuation=True)
+    assert M.gqa_exact_match(prediction, target) == float(expected["exact_match"])
+
+
+@FUZZ
+@given(prediction=TEXT, answers=st.lists(TEXT, min_size=10, max_size=10))
+def test_vqa_lmms_modes_equal_lmms_on_any_text(prediction, answers):
+    evalai = lmms_functions("tasks/_task_utils/vqa_eval_metric.py", "EvalAIAnswerProcessor")["EvalAIAnswerProcessor"]
+    vqav2 = lmms_functions("tasks/vqav2/utils.py", "vqav2_process_results", EvalAIAnswerProcessor=evalai)
+    textvqa = lmms_functions("tasks/textvqa/utils.py", "textvqa_process_results", EvalAIAnswerProcessor=evalai)
+    doc = {"question_id": 1, "answers": [{"answer": a, "answer_id": i} for i, a in enumerate(answers)]}
+    expected = vqav2["vqav2_process_results"](doc, [prediction])["exact_match"]
+    assert M.vqa_accuracy(prediction, answers, "lmms") == pytest.approx(expected, abs=1e-12)
+    expected = textvqa["textvqa_process_results"]({"question_id": 1, "answers": list(answers)}, [prediction])
+    assert M.vqa_accuracy(prediction, answers, "lmms_textvqa") == pytest.approx(expected["exact_match"], abs=1e-12)
 
 
 def test_relaxed_correctness_equals_lmms_chartqa():
