@@ -78,7 +78,8 @@ def test_vqa_period_strip_keeps_the_official_typo():
 
 def test_gqa_exact_match():
     assert M.gqa_exact_match("Yes.", "yes") == 1.0
-    assert M.gqa_exact_match(" the  table ", "the table") == 1.0
+    assert M.gqa_exact_match("The table", "the table") == 1.0
+    assert M.gqa_exact_match(" the  table ", "the table") == 0.0  # whitespace counts, as in lmms-eval
     assert M.gqa_exact_match("the table", "table") == 0.0  # no article removal in GQA
     assert M.gqa_exact_match("left", "right") == 0.0
 
@@ -89,7 +90,8 @@ def test_gqa_exact_match():
 def test_anls_values_and_threshold():
     assert M.anls("abcf", ["abcd"]) == pytest.approx(0.75)  # 1 edit over 4
     assert M.anls(" Hello   World ", ["hello world"]) == 1.0  # case and spacing ignored
-    assert M.anls("ax", ["ab"]) == 0.0  # NL = 0.5 exactly: at tau scores 0 (lmms-eval keeps 0.5)
+    assert M.anls("ax", ["ab"]) == 0.5  # NL = 0.5 exactly: the official scorer keeps it
+    assert M.anls("axx", ["abc"]) == 0.0  # NL 0.67 > 0.5
     assert M.anls("abx", ["abc"]) == pytest.approx(1 - 1 / 3)  # NL 0.33 < 0.5 kept
     assert M.anls("abcd", ["wxyz", "abce"]) == pytest.approx(0.75)  # best of the answers
     assert M.anls("", [""]) == 1.0
@@ -111,7 +113,8 @@ def test_chartqa_relaxed_accuracy():
     assert M.relaxed_correctness("0", "0") == 1.0        # zero target: exact string match
     assert M.relaxed_correctness("0.0", "0") == 0.0
     assert M.relaxed_correctness("0.01", "0") == 0.0
-    assert M.relaxed_correctness(" Yes ", "yes") == 1.0
+    assert M.relaxed_correctness("Yes", "yes") == 1.0
+    assert M.relaxed_correctness(" Yes ", "yes") == 0.0  # whitespace counts (the runner strips outputs)
     assert M.relaxed_correctness("1,000", "1000") == 0.0  # not a float: string compare
 
 

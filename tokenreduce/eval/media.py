@@ -87,8 +87,21 @@ def sample_indices(total: int, num_frames: int) -> list[int]:
     return np.linspace(0, total - 1, num_frames).round().astype(int).tolist()
 
 
-def load_video(path: str | Path, num_frames: int = 8) -> np.ndarray:
-    """``[T, H, W, 3]`` uint8 frames sampled uniformly from a video file, ``.npy`` array or frame folder."""
+VIDEO_BACKENDS = ("decord", "av")
+
+
+def load_video(path: str | Path, num_frames: int = 8, backend: str | None = None) -> np.ndarray:
+    """``[T, H, W, 3]`` uint8 frames sampled uniformly from a video file, ``.npy`` array or frame folder.
+
+    Only the sampled frames are decoded and converted: a video file goes through decord when it is
+    installed (``backend=None``) and through PyAV seeking otherwise, or when decord fails on the file (decord
+    0.6.0 cannot copy frames whose RGB rows are not 64-byte aligned, e.g. 48 px wide);
+    ``backend`` forces one of :data:`VIDEO_BACKENDS`. A ``.npy`` array is memory-mapped and only its
+    sampled frames are copied. Every backend returns the frames :func:`sample_indices` names for the
+    video's frame count.
+    """
+    if backend is not None and backend not in VIDEO_BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a video backend; accepted: None, {', '.join(VIDEO_BACKENDS)}")
     path = Path(path)
     if not path.exists():
         raise MediaError(f"video not found: {path}")
@@ -98,25 +111,127 @@ def load_video(path: str | Path, num_frames: int = 8) -> np.ndarray:
         return np.stack([np.asarray(load_image(frames[i])) for i in idx])
     if path.suffix == ".npy":
         try:
-            array = np.load(path)
+            array = np.load(path, mmap_mode="r")
         except Exception as exc:
             raise MediaError(f"cannot read {path}: {exc}") from exc
         if array.ndim != 4 or array.shape[0] == 0 or array.shape[-1] != 3:
             raise MediaError(f"{path} holds an array of shape {array.shape}, not [T>0, H, W, 3] frames")
-        return array[sample_indices(array.shape[0], num_frames)].astype(np.uint8)
-    return _decode_with_av(path, num_frames)
+        return np.array(array[sample_indices(array.shape[0], num_frames)], dtype=np.uint8)
+    if backend == "av":
+        return _decode_with_av(path, num_frames)
+    if backend is None and not _has_decord():
+        return _decode_with_av(path, num_frames)
+    try:
+        return _decode_with_decord(path, num_frames)
+    except MediaError as decord_error:
+        if backend == "decord":
+            raise
+        try:
+            return _decode_with_av(path, num_frames)
+        except MediaError as av_error:
+            raise MediaError(f"{av_error} (decord: {decord_error})") from av_error
+
+
+def _has_decord() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("decord") is not None
+
+
+def _decode_with_decord(path: Path, num_frames: int) -> np.ndarray:
+    import decord
+
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=0)
+        idx = sample_indices(len(reader), num_frames)
+        frames = reader.get_batch(idx).asnumpy()
+    except MediaError:
+        raise
+    except Exception as exc:  # decord raises its own DECORDError and RuntimeError
+        raise MediaError(f"cannot decode video {path} with decord: {type(exc).__name__}: {exc}") from exc
+    return np.ascontiguousarray(frames, dtype=np.uint8)
 
 
 def _decode_with_av(path: Path, num_frames: int) -> np.ndarray:
+    """PyAV: index the packets (no decoding), then decode from the keyframe before each sampled frame.
+
+    Frames are counted from the demuxed packets, so the sampled indices match a full decode. Only the
+    sampled frames are converted to RGB. Without presentation timestamps the clip is decoded in one
+    forward pass instead, still converting only the sampled frames.
+    """
     import av
 
     try:
         with av.open(str(path)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    except Exception as exc:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            pts, keyframes = [], []
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the flush packet at the end
+                    continue
+                pts.append(packet.pts)
+                if packet.is_keyframe and packet.pts is not None:
+                    keyframes.append(packet.pts)
+            idx = sample_indices(len(pts), num_frames)
+            if keyframes and None not in pts:
+                order = sorted(pts)
+                frames = _seek_and_decode(container, stream, [order[i] for i in idx], sorted(keyframes))
+                if frames is not None:
+                    return np.stack(frames)
+            container.seek(0, stream=stream)
+            return np.stack(_decode_forward(container, stream, idx, len(pts)))
+    except MediaError:
+        raise
+    except Exception as exc:  # PyAV raises its own errors, IndexError for a file without video stream
         raise MediaError(f"cannot decode video {path}: {type(exc).__name__}: {exc}") from exc
-    idx = sample_indices(len(frames), num_frames)
-    return np.stack([frames[i] for i in idx])
+
+
+def _seek_and_decode(container, stream, targets: list[int], keyframes: list[int]) -> list[np.ndarray] | None:
+    """The frames with presentation times ``targets`` (ascending), or None when decoded frames carry none.
+
+    Seeks only when the keyframe before the next target lies beyond the last decoded frame; otherwise
+    decoding goes on from where it is.
+    """
+    from bisect import bisect_right
+
+    found: dict[int, np.ndarray] = {}
+    decoder = None
+    last = None
+    for target in targets:
+        if target in found:
+            continue
+        keyframe = keyframes[max(bisect_right(keyframes, target) - 1, 0)]
+        if decoder is None or last is None or keyframe > last or target <= last:
+            container.seek(keyframe, stream=stream, backward=True, any_frame=False)
+            decoder = container.decode(stream)
+        for frame in decoder:
+            if frame.pts is None:
+                return None
+            last = frame.pts
+            if frame.pts == target:
+                found[target] = frame.to_ndarray(format="rgb24")
+                break
+            if frame.pts > target:
+                raise MediaError(f"no frame has presentation time {target} (the next one has {frame.pts})")
+        else:
+            raise MediaError(f"the video ended before the frame at presentation time {target}")
+    return [found[t] for t in targets]
+
+
+def _decode_forward(container, stream, idx: list[int], total: int) -> list[np.ndarray]:
+    wanted = {}
+    for i, position in enumerate(idx):
+        wanted.setdefault(position, []).append(i)
+    out: list[Any] = [None] * len(idx)
+    count = 0
+    for count, frame in enumerate(container.decode(stream), start=1):
+        for slot in wanted.get(count - 1, ()):
+            out[slot] = frame.to_ndarray(format="rgb24")
+        if count > idx[-1]:
+            break
+    if any(f is None for f in out):
+        raise MediaError(f"the video decoded to {count} frames although it has {total} packets")
+    return out
 
 
 def check_video(video: Any) -> np.ndarray:

@@ -7,10 +7,15 @@ here and from lmms-eval can be told apart:
 * VQA accuracy (VQAv2, TextVQA): the EvalAI answer processor on the prediction always; on the ground truth
   only ``processPunctuation`` and only when the ten answers disagree (lmms-eval applies the full
   processor to the ground truth, and does so even when the answers agree). ``gt_processing="lmms"``
-  reproduces lmms-eval's variant.
-* ANLS (DocVQA, InfoVQA): an answer at normalised distance exactly ``tau`` scores 0 (the paper's
-  ``NL >= tau``); lmms-eval keeps ``1 - tau`` there.
-* POPE: ``yes_ratio`` is the share of *predicted* "yes" (lmms-eval divides ground-truth yes counts).
+  reproduces lmms-eval's VQAv2 scorer and ``"lmms_textvqa"`` its TextVQA scorer (which also lower-cases
+  and drops "," and "?" first).
+* ANLS (DocVQA, InfoVQA): the official scorer's code, which lmms-eval copies: the length that divides the
+  edit distance is taken from the answers before whitespace is collapsed, and an answer at ``NL == tau``
+  keeps ``1 - tau`` (the paper writes ``NL >= tau`` -> 0; the code zeroes ``NL > tau`` only).
+* POPE: the official parsing (first sentence, "no"/"not"/"No" words) and ``yes_ratio`` the share of
+  *predicted* "yes"; lmms-eval compares the raw lower-cased answer with "yes"/"no" and divides
+  ground-truth yes counts. ``parsing="lmms"`` reproduces lmms-eval.
+* MME: the official parser; ``mode="lmms"`` is lmms-eval's (periods dropped, "y"/"n" accepted).
 * Multiple choice (NExT-QA, MVBench): an answer that cannot be parsed is wrong and recorded as a parse
   failure; lmms-eval picks a random option instead.
 * MVBench overall: mean of the per-subtask accuracies (lmms-eval reports no overall and divides by the
@@ -73,19 +78,21 @@ VQA_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", 
 # not the lookbehind it was meant to be, so a period is dropped whenever no digit follows it.
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+# lmms-eval copies mmf's processor, whose comma rule also accepts runs of commas ("1,,2").
+_COMMA_STRIP_LMMS = re.compile(r"(?<=\d)(\,)+(?=\d)")
 # The official code calls ``periodStrip.sub("", text, re.UNICODE)``: the flag lands in the ``count``
 # argument, so at most 32 periods are removed. Kept for bit-exact agreement.
 _PERIOD_COUNT = int(re.UNICODE)
 
 
-def vqa_process_punctuation(text: str) -> str:
+def vqa_process_punctuation(text: str, comma_strip: re.Pattern = _COMMA_STRIP) -> str:
     """EvalAI ``processPunctuation``: drop or space out punctuation, strip periods not before a digit.
 
     A punctuation mark is deleted when it touches a space anywhere in the text (or the text holds a digit
     comma digit group), otherwise replaced by a space: ``"yes!"`` -> ``"yes "``, ``"10,000"`` -> ``"10000"``.
     """
     out = text
-    has_digit_comma = _COMMA_STRIP.search(text) is not None
+    has_digit_comma = comma_strip.search(text) is not None
     for p in VQA_PUNCTUATION:
         if (p + " " in text or " " + p in text) or has_digit_comma:
             out = out.replace(p, "")
@@ -106,8 +113,25 @@ def vqa_process_digit_article(text: str) -> str:
 
 def vqa_normalize(answer: str) -> str:
     """The full EvalAI processing applied to a predicted answer."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    answer = _vqa_clean(answer)
     return vqa_process_digit_article(vqa_process_punctuation(answer))
+
+
+VQA_GT_PROCESSING = ("official", "lmms", "lmms_textvqa")
+
+
+def _vqa_clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _vqa_lmms_normalize(text: str) -> str:
+    return vqa_process_digit_article(vqa_process_punctuation(_vqa_clean(text), _COMMA_STRIP_LMMS))
+
+
+def _vqa_lmms_textvqa_normalize(text: str) -> str:
+    # mmf's ``word_tokenize`` runs first in lmms-eval's TextVQA scorer
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return _vqa_lmms_normalize(text)
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str], gt_processing: str = "official") -> float:
@@ -119,22 +143,23 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], gt_processing: str = "
     ``gt_processing="official"`` follows the official scorer: the prediction is always fully normalised;
     the human answers get ``processPunctuation`` only, and only when they are not all identical (the
     official annotations are already normalised, so agreeing answers are used as they are).
-    ``"lmms"`` is lmms-eval's variant (human answers stripped; full processing of answers and prediction
-    when the answers disagree).
+    ``"lmms"`` is lmms-eval's ``vqav2_process_results``: the full processing (with mmf's comma rule) on
+    the prediction and on every human answer, whether they agree or not, so ``"2"`` matches ten ``"two"``.
+    ``"lmms_textvqa"`` is its ``textvqa_process_results``: the same after lower-casing, dropping "," and
+    "?" and spacing out "'s".
     """
-    if gt_processing not in ("official", "lmms"):
-        raise ValueError(f"`gt_processing` must be 'official' or 'lmms', got {gt_processing!r}")
+    if gt_processing not in VQA_GT_PROCESSING:
+        raise ValueError(f"`gt_processing` must be one of {VQA_GT_PROCESSING}, got {gt_processing!r}")
     answers = [str(a) for a in answers]
     if not answers:
         raise ValueError("`answers` is empty: VQA accuracy needs the human answers of the question")
-    pred = vqa_normalize(prediction)
     if gt_processing == "official":
-        gts = [vqa_process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
+        pred = vqa_normalize(prediction)
+        gts = [vqa_process_punctuation(a) for a in answers] if len(set(answers)) > 1 else answers
     else:
-        gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-        if len(set(gts)) > 1:
-            gts = [vqa_process_digit_article(vqa_process_punctuation(a)) for a in gts]
-            pred = vqa_process_digit_article(vqa_process_punctuation(pred))
+        normalize = _vqa_lmms_normalize if gt_processing == "lmms" else _vqa_lmms_textvqa_normalize
+        pred = normalize(prediction)
+        gts = [normalize(a) for a in answers]
     total = 0.0
     for i in range(len(gts)):
         others = gts[:i] + gts[i + 1 :]
@@ -150,12 +175,16 @@ _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 
 
 def gqa_normalize(text: str) -> str:
-    """Lower case, punctuation removed, whitespace collapsed."""
-    return " ".join(text.lower().translate(_PUNCT_TABLE).split())
+    """Lower case, ASCII punctuation removed (lmms-eval's ``exact_match`` with ``ignore_case`` and
+    ``ignore_punctuation``; whitespace is kept as it is)."""
+    return text.lower().translate(_PUNCT_TABLE)
 
 
 def gqa_exact_match(prediction: str, answer: str) -> float:
-    """1.0 when the normalised prediction equals the normalised answer (GQA's accuracy), else 0.0."""
+    """1.0 when the normalised prediction equals the normalised answer (GQA's accuracy), else 0.0.
+
+    Equal to lmms-eval's GQA metric; the official GQA script compares the strings unchanged.
+    """
     return float(gqa_normalize(prediction) == gqa_normalize(answer))
 
 
@@ -179,15 +208,25 @@ def normalized_levenshtein(a: str, b: str) -> float:
 def anls(prediction: str, answers: Sequence[str], tau: float = 0.5) -> float:
     """Average Normalized Levenshtein Similarity of one prediction against the accepted answers.
 
-    Both sides are lower-cased with whitespace collapsed; ``NL`` is the edit distance over the longer
-    length; the score is ``1 - min NL`` over the answers, or 0 when that ``NL >= tau`` (the DocVQA
-    definition; lmms-eval zeroes only ``NL > tau``).
+    As the official DocVQA / InfographicVQA scorer computes it (and lmms-eval, which copies it): the edit
+    distance is taken between the lower-cased, whitespace-collapsed strings, but divided by the longer
+    length of the strings *as given* (``"  abd  "`` vs ``"abc"``: 1 / 7, score 0.857); the score is
+    ``1 - min NL`` over the answers, set to 0 when it falls below ``1 - tau`` (so ``NL == tau`` keeps
+    ``1 - tau``, where the paper's formula writes ``NL >= tau`` -> 0).
     """
+    import Levenshtein
+
     if not answers:
         raise ValueError("`answers` is empty: ANLS needs at least one accepted answer")
     pred = _anls_normalize(prediction)
-    best = min(normalized_levenshtein(_anls_normalize(str(a)), pred) for a in answers)
-    return 0.0 if best >= tau else 1.0 - best
+    values = []
+    for answer in answers:
+        answer = str(answer)
+        length = max(len(answer.upper()), len(prediction.upper()))
+        dist = Levenshtein.distance(_anls_normalize(answer), pred)
+        values.append(0.0 if length == 0 else dist / length)
+    score = 1.0 - min(values)
+    return 0.0 if score < 1.0 - tau else score
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,9 +248,10 @@ def relaxed_correctness(prediction: str, target: str, max_relative_change: float
 
     When both parse as numbers (a trailing ``%`` divides by 100) and the target is non-zero, the answer is
     right within ``max_relative_change`` relative error; otherwise (text answers, and zero targets) it must
-    match case-insensitively. Surrounding whitespace is ignored.
+    match case-insensitively. Equal to lmms-eval's ``relaxed_correctness``; whitespace counts (the runner
+    strips generated text before scoring).
     """
-    prediction, target = prediction.strip(), str(target).strip()
+    target = str(target)
     pred_f, target_f = _to_float(prediction), _to_float(target)
     if pred_f is not None and target_f:
         return float(abs(pred_f - target_f) / abs(target_f) <= max_relative_change)
@@ -235,13 +275,24 @@ def pope_parse(text: str) -> str:
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
-def pope_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
+POPE_PARSING = ("official", "lmms")
+
+
+def pope_metrics(predictions: Sequence[str], answers: Sequence[str], parsing: str = "official") -> dict[str, float]:
     """Accuracy, precision, recall, F1 ("yes" positive) and yes-ratio of the parsed predictions.
 
-    ``predictions`` are raw model outputs (parsed with :func:`pope_parse`); ``answers`` are "yes"/"no".
+    ``predictions`` are raw model outputs; ``answers`` are "yes"/"no". ``parsing="official"`` reads them
+    with :func:`pope_parse` and reports the share of predicted "yes" as ``yes_ratio``.
+    ``parsing="lmms"`` reproduces lmms-eval's POPE scorer: the lower-cased, stripped output must equal
+    "yes" or "no" (anything else is wrong and left out of precision and recall) and ``yes_ratio`` is the
+    share of "yes" in the *ground truth*.
     """
+    if parsing not in POPE_PARSING:
+        raise ValueError(f"`parsing` must be one of {POPE_PARSING}, got {parsing!r}")
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers")
+    if parsing == "lmms":
+        return _pope_metrics_lmms(predictions, answers)
     tp = fp = tn = fn = 0
     for pred_text, answer in zip(predictions, answers):
         pred = pope_parse(pred_text) == "yes"
@@ -260,6 +311,26 @@ def pope_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[str
     }
 
 
+def _pope_metrics_lmms(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
+    preds = [str(p).lower().strip() for p in predictions]
+    golds = [str(a).lower().strip() for a in answers]
+    pairs = list(zip(preds, golds))
+    tp = sum(p == "yes" and g == "yes" for p, g in pairs)
+    fp = sum(p == "yes" and g == "no" for p, g in pairs)
+    fn = sum(p == "no" and g == "yes" for p, g in pairs)
+    tn = sum(p == "no" and g == "no" for p, g in pairs)
+    n = len(pairs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    gold_yes = sum(g == "yes" for g in golds)
+    gold_known = gold_yes + sum(g == "no" for g in golds)
+    return {
+        "accuracy": sum(p == g for p, g in pairs) / n if n else 0.0, "precision": precision, "recall": recall,
+        "f1": f1, "yes_ratio": gold_yes / gold_known if gold_known else 0.0, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------
 # MME
 # ----------------------------------------------------------------------------------------------------
@@ -269,10 +340,24 @@ MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebri
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
-def mme_parse(text: str) -> str:
+MME_PARSING = ("official", "lmms")
+
+
+def mme_parse(text: str, mode: str = "official") -> str:
     """MME's official parsing: ``yes`` / ``no`` exactly, else ``yes`` or ``no`` inside the first 4
-    characters, else ``other`` (lower-cased and stripped first)."""
+    characters, else ``other`` (lower-cased and stripped first).
+
+    ``mode="lmms"`` is lmms-eval's ``parse_pred_ans`` (from Otter): periods are removed first and a
+    one-character answer reads ``y`` as yes and ``n`` as no (``other`` for any other single character).
+    """
+    if mode not in MME_PARSING:
+        raise ValueError(f"`mode` must be one of {MME_PARSING}, got {mode!r}")
     text = text.strip().lower()
+    if mode == "lmms":
+        text = text.replace(".", "")
+        if len(text) == 1 and text not in ("y", "n"):
+            return "other"
+        text = {"y": "yes", "n": "no"}.get(text, text)
     if text in ("yes", "no"):
         return text
     head = text[:4]
@@ -283,18 +368,19 @@ def mme_parse(text: str) -> str:
     return "other"
 
 
-def mme_scores(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def mme_scores(records: Iterable[Mapping[str, Any]], parsing: str = "official") -> dict[str, Any]:
     """Per-category acc and acc+ (x100) and the perception / cognition sums of MME.
 
     Each record holds ``category``, ``image`` (the image both questions are asked about), ``prediction``
     (raw text) and ``answer`` ("Yes"/"No"). A category's score is acc + acc+ (max 200), acc+ counting an
     image right only when all its questions are; perception sums the 10 perception categories (max 2000),
     cognition the 4 cognition ones (max 800). Categories absent from the records count 0 in the sums.
+    ``parsing`` is the :func:`mme_parse` mode.
     """
     by_cat: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     other: dict[str, int] = defaultdict(int)
     for r in records:
-        pred = mme_parse(str(r["prediction"]))
+        pred = mme_parse(str(r["prediction"]), parsing)
         other[r["category"]] += pred == "other"
         by_cat[r["category"]][str(r["image"])].append(pred == str(r["answer"]).strip().lower())
     categories: dict[str, dict[str, float]] = {}
@@ -337,7 +423,7 @@ def _option_text(text: str) -> str:
 def parse_choice(text: str, choices: Sequence[str]) -> ChoiceParse:
     """Which option a free-form answer names, or ``index=None``; never a guess.
 
-    Rules, first match wins: a bare letter (``"B"``, ``"(B)"``, ``"B."``, ``"B)"``, ``"B:"`` at the start,
+    Rules, first match wins: a bare letter (``"B"``, ``"b"``, ``"(B)"``, ``"B."``, ``"B)"``, ``"B:"`` at the start,
     alone or followed by text); ``"answer is B"`` / ``"answer: (B)"``; the option's text itself
     (punctuation and case ignored); a single option text contained in the answer; a single ``"(X)"``
     anywhere. A leading letter followed by a plain space (``"A dog ..."``) only counts when the rest is that
@@ -349,9 +435,9 @@ def parse_choice(text: str, choices: Sequence[str]) -> ChoiceParse:
     valid = LETTERS[:n]
     t = text.strip()
     options = [_option_text(c) for c in choices]
-    m = re.match(r"^\(?([A-Z])\)?\s*$", t)
-    if m and m.group(1) in valid:
-        return ChoiceParse(valid.index(m.group(1)), "letter")
+    m = re.match(r"^\(?([A-Za-z])\)?\s*$", t)
+    if m and m.group(1).upper() in valid:
+        return ChoiceParse(valid.index(m.group(1).upper()), "letter")
     m = re.match(r"^(?:\(([A-Z])\)|([A-Z])[.:)])", t)
     if m:
         letter = m.group(1) or m.group(2)

@@ -36,6 +36,7 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.core.api import get_handle
+from tokenreduce.core.config import MethodConfig
 from tokenreduce.core.flops import Geometry
 from tokenreduce.core.registry import get_method
 from tokenreduce.core.stats import ItemStats, SampleStats
@@ -448,6 +449,9 @@ class Runner:
         task_options: how to rebuild the task later (``tokenreduce show``); saved in ``run.json``.
         plots: write the PNG plots at the end.
         progress: show a progress bar on rank 0.
+        chunk_samples: samples read and encoded at a time; every cell runs over a chunk's batches under one
+            wrap (a method's heavy parts, e.g. LangDC's captioner, load once per cell and chunk, not per
+            batch). Larger chunks wrap less often and hold more encoded inputs in memory.
     """
 
     def __init__(
@@ -455,7 +459,7 @@ class Runner:
         *, name: str, out_dir: str | Path = "runs", split: str | None = None, limit: int | None = None,
         batch_size: int = 4, max_new_tokens: int | None = None, warmup: int = 1, keep_maps: int = 4,
         method_options: Mapping[str, Mapping[str, Any]] | None = None, task_options: Mapping[str, Any] | None = None,
-        plots: bool = True, progress: bool = True, dist: Dist | None = None,
+        plots: bool = True, progress: bool = True, dist: Dist | None = None, chunk_samples: int = 64,
     ) -> None:
         if not models:
             raise ValueError("`models` is empty; give at least one ModelSpec")
@@ -468,6 +472,8 @@ class Runner:
             raise ValueError(f"`limit` must be an int >= 0 or None, got {limit!r}")
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
             raise ValueError(f"`max_new_tokens` must be an int >= 1 or None (the task's), got {max_new_tokens!r}")
+        if not isinstance(chunk_samples, int) or chunk_samples < 1:
+            raise ValueError(f"`chunk_samples` must be an int >= 1, got {chunk_samples!r}")
         if not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"`warmup` must be an int >= 0, got {warmup!r}")
         if not name or "/" in name:
@@ -490,6 +496,8 @@ class Runner:
             batch_size=batch_size, max_new_tokens=self.max_new_tokens, method_options=self.method_options,
         )
         self.skipped: dict[str, str] = {}
+        self.chunk_batches = max(1, chunk_samples // batch_size)
+        self._configs: dict[str, MethodConfig] = {}  # per model|cell label, checked by a trial wrap once
 
     # ----- files -------------------------------------------------------------------------------------
     @property
@@ -559,27 +567,34 @@ class Runner:
                              f"{spec.name}")
         try:
             seen: set[str] = set()
-            for batch in batched(samples, self.batch_size):
-                for s in batch:  # records are keyed by sample id: a repeated id would be skipped as done
-                    if s.id in seen:
-                        raise ValueError(f"task {self.task.name!r} yields sample id {s.id!r} twice; ids must be unique")
-                    seen.add(s.id)
-                pending = self._pending(spec.name, batch, done)
-                if bar is not None:
-                    bar.update(sum(len(batch) - len(pending.get(c, [])) for c in self.cells))
-                if not pending:
-                    continue
-                if model is None:
-                    model, processor = spec.load(self.dist.local_rank)
-                    family = model.config.model_type
-                    num_layers = model.config.get_text_config().num_hidden_layers
-                encoded, errors = self._encode(batch, processor, family)
-                for cell, idx in pending.items():
-                    n = self._run_cell(spec.name, model, processor, num_layers, cell, batch, idx, encoded, errors,
-                                       writer, done, warmed, kept_counts)
-                    written += n
+            # A chunk of batches is encoded once; then each cell runs over all of it, so the model is wrapped
+            # once per cell and chunk (``_run_cell`` leaves it wrapped for the next batch of the same cell).
+            for chunk in batched(batched(samples, self.batch_size), self.chunk_batches):
+                work = []
+                for batch in chunk:
+                    for s in batch:  # records are keyed by sample id: a repeated id would be skipped as done
+                        if s.id in seen:
+                            raise ValueError(f"task {self.task.name!r} yields sample id {s.id!r} twice; ids must be unique")
+                        seen.add(s.id)
+                    pending = self._pending(spec.name, batch, done)
                     if bar is not None:
-                        bar.update(len(idx))
+                        bar.update(sum(len(batch) - len(pending.get(c, [])) for c in self.cells))
+                    if not pending:
+                        continue
+                    if model is None:
+                        model, processor = spec.load(self.dist.local_rank)
+                        family = model.config.model_type
+                        num_layers = model.config.get_text_config().num_hidden_layers
+                    work.append((batch, pending, *self._encode(batch, processor, family)))
+                for cell in self.cells:
+                    for batch, pending, encoded, errors in work:
+                        if cell not in pending:
+                            continue
+                        n = self._run_cell(spec.name, model, processor, num_layers, cell, batch, pending[cell],
+                                           encoded, errors, writer, done, warmed, kept_counts)
+                        written += n
+                        if bar is not None:
+                            bar.update(len(pending[cell]))
         finally:
             if bar is not None:
                 bar.close()
@@ -607,13 +622,16 @@ class Runner:
         if label in self.skipped:
             return 0
         if cell.method != BASELINE:
-            try:  # a budget the method cannot reach, or options the model cannot take: skip the cell
-                config = method_config(cell, num_layers, self.method_options.get(cell.method))
-                tr.unwrap(tr.wrap(model, config))
-            except (ValueError, TypeError, NotImplementedError) as exc:
-                self.skipped[label] = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"skipping {cell.label} on {model_name}: {exc}", stacklevel=2)
-                return 0
+            config = self._configs.get(label)
+            if config is None:
+                try:  # a budget the method cannot reach, or options the model cannot take: skip the cell
+                    config = method_config(cell, num_layers, self.method_options.get(cell.method))
+                    self._wrap(model, config)
+                except (ValueError, TypeError, NotImplementedError) as exc:
+                    self.skipped[label] = f"{type(exc).__name__}: {exc}"
+                    warnings.warn(f"skipping {cell.label} on {model_name}: {exc}", stacklevel=2)
+                    return 0
+                self._configs[label] = config
         base = {"model": model_name, "method": cell.method, "budget": cell.budget, "task": self.task.name,
                 "rank": self.dist.rank, "config": None if config is None else config.to_dict()}
         written = 0
@@ -629,8 +647,7 @@ class Runner:
         runnable = [i for i in idx if i in encoded]
         if not runnable:
             return written
-        if config is not None:
-            tr.wrap(model, config)
+        self._wrap(model, config)
         try:
             if cell not in warmed:
                 self._warm_up(model, processor, [encoded[i] for i in runnable[: self.batch_size]])
@@ -665,10 +682,21 @@ class Runner:
                     writer.write(rec)
                     done.add(rec["key"])
                     written += 1
-        finally:
-            if config is not None:
-                tr.unwrap(model)
+        except BaseException:
+            self._wrap(model, None)
+            raise
         return written
+
+    @staticmethod
+    def _wrap(model, config: MethodConfig | None) -> None:
+        """Leave ``model`` wrapped with exactly ``config`` (unwrapped for None), re-wrapping only on a change."""
+        handle = get_handle(model)
+        if handle is not None and handle.config is config:
+            return
+        if handle is not None:
+            tr.unwrap(model)
+        if config is not None:
+            tr.wrap(model, config)
 
     @staticmethod
     def _pad_id(processor, model) -> int:

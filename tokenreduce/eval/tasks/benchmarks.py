@@ -33,13 +33,16 @@ class HubTask(Task):
         if source is not None and data_options:
             self.source = source.with_(**{k: v for k, v in data_options.items() if v is not None})
         self.loader = loader
+        self.streaming = False
 
     def rows(self, split: str | None = None, name: str | None = None) -> Iterator[dict[str, Any]]:
-        return iter_rows(self.source, self.loader, split=split, name=name)
+        """Rows of the split (streamed when the last :meth:`samples` call had a ``limit``)."""
+        return iter_rows(self.source, self.loader, split=split, name=name, streaming=self.streaming)
 
     def samples(self, split: str | None = None, limit: int | None = None) -> Iterator[Sample]:
         if limit is not None and limit < 0:
             raise ValueError(f"`limit` must be >= 0 or None, got {limit}")
+        self.streaming = limit is not None
         media_root = base_dir(self.source, split)
         rows = self.rows(split)
         for row in itertools.islice(rows, limit):
@@ -77,6 +80,7 @@ class VQAv2Task(HubTask):
     instruction = SHORT_ANSWER
     max_new_tokens = 16
     answer_field = "answers"
+    lmms_processing = "lmms"  # the metric's mode that reproduces lmms-eval's scorer of this benchmark
 
     def __init__(self, *args: Any, gt_processing: str = "official", **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -93,7 +97,8 @@ class VQAv2Task(HubTask):
 
     def score(self, prediction, sample):
         answers = sample.meta.get("answers") or []
-        return M.vqa_accuracy(str(prediction), answers, self.gt_processing) if answers else None
+        mode = self.lmms_processing if self.gt_processing == "lmms" else "official"
+        return M.vqa_accuracy(str(prediction), answers, mode) if answers else None
 
     def record_fields(self, sample):
         kind = sample.meta.get("answer_type")
@@ -104,6 +109,7 @@ class TextVQATask(VQAv2Task):
     """TextVQA: VQA accuracy over ten answers; OCR tokens optionally listed in the prompt."""
 
     name = "textvqa"
+    lmms_processing = "lmms_textvqa"
 
     def __init__(self, *args: Any, ocr_in_prompt: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -137,21 +143,31 @@ class GQATask(HubTask):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._images: dict[str, Any] | None = None
+        self._images: dict[str, Any] = {}
+        self._image_rows: Iterator[dict[str, Any]] | None = None
+        self._image_rows_opened = False
 
-    def _image_table(self) -> dict[str, Any]:
-        if self._images is None:
-            self._images = {}
-            if not self.source.is_local and self.source.images_name:
-                for row in self.rows(split=self.source.images_split or self.source.split, name=self.source.images_name):
-                    self._images[str(row["id"])] = row["image"]
-        return self._images
+    def _hub_image(self, image_id: str) -> Any:
+        """The undecoded image cell of ``image_id`` from the images config, read only as far as needed."""
+        if self.source.is_local or not self.source.images_name:
+            return None
+        if not self._image_rows_opened:
+            self._image_rows_opened = True
+            self._image_rows = self.rows(split=self.source.images_split or self.source.split,
+                                         name=self.source.images_name)
+        while image_id not in self._images and self._image_rows is not None:
+            row = next(self._image_rows, None)
+            if row is None:
+                self._image_rows = None
+                break
+            self._images[str(row["id"])] = row["image"]
+        return self._images.get(image_id)
 
     def to_sample(self, row, media_root):
         image_id = str(row["imageId"])
         value = row.get("image")
         if value is None:
-            value = self._image_table().get(image_id)
+            value = self._hub_image(image_id)
         if value is None and media_root is not None:
             folder = media_root / "images" if (media_root / "images").is_dir() else media_root
             found = [folder / f"{image_id}{ext}" for ext in (".jpg", ".jpeg", ".png")]
@@ -385,6 +401,7 @@ class MVBenchTask(_VideoMCTask):
     def samples(self, split=None, limit=None):
         if limit is not None and limit < 0:
             raise ValueError(f"`limit` must be >= 0 or None, got {limit}")
+        self.streaming = limit is not None
         media_root = self.source.media_dir and Path(self.source.media_dir).expanduser()
 
         def stream(sub: str):

@@ -7,8 +7,14 @@ name, config, split and revision, and the namespace per kind (image/text sets mo
 (``path=``, ``revision=``, ``split=``, ``name=``, ``media_dir=``, ``namespace=``).
 
 A local ``path`` is a ``.parquet`` / ``.jsonl`` file or a directory holding ``<split>.parquet`` /
-``<split>.jsonl`` (also ``<name>/<split>.*`` or ``<name>.*``) in the hub schema; media cells are inline
-``{"bytes", "path"}`` structs or paths relative to the data file (or ``media_dir``).
+``<split>.jsonl`` (also ``<name>/<split>.*`` or ``<name>.*``) in the hub schema, or a copy of the hub
+repository itself (sharded ``<split>-00000-of-0000N.parquet`` files, read by ``datasets``); media cells
+are inline ``{"bytes", "path"}`` structs or paths relative to the data file (or ``media_dir``).
+
+With ``streaming=True`` (the tasks ask for it when a ``limit`` is given) a hub dataset or a hub-layout
+folder is streamed, so only the rows taken are read, instead of downloading and preparing the whole
+split first; local files are always read batch by batch. Image cells come undecoded (``{"bytes",
+"path"}``): the task decodes each sample's own image when it builds the sample.
 """
 
 from __future__ import annotations
@@ -115,20 +121,51 @@ def _default_loader(*args: Any, **kwargs: Any) -> Any:
 
 
 def iter_rows(source: DataSource, loader: Loader | None = None, *, name: str | None = None,
-              split: str | None = None) -> Iterator[dict[str, Any]]:
+              split: str | None = None, streaming: bool = False) -> Iterator[dict[str, Any]]:
     """Rows of ``source`` as dicts; ``name`` / ``split`` override the source's (e.g. a second config).
 
-    Local paths are read directly; hub ids go through ``loader(path, name, split=, revision=)``
-    (``datasets.load_dataset`` unless another loader is injected).
+    Local files are read directly, batch by batch; hub ids and hub-layout folders go through
+    ``loader(path, name, split=, revision=)`` (``datasets.load_dataset`` unless another loader is
+    injected), with ``streaming=True`` added when asked, so that taking the first rows reads only those.
     """
     name = source.name if name is None else name
     split = source.split if split is None else split
+    kwargs: dict[str, Any] = {"split": split}
     if source.is_local:
-        yield from _iter_file(local_file(Path(source.path).expanduser(), split, name))
-        return
-    dataset = (loader or _default_loader)(source.path, name, split=split, revision=source.revision)
+        path = Path(source.path).expanduser()
+        try:
+            data_file = local_file(path, split, name)
+        except FileNotFoundError:
+            if not _is_hub_layout(path):
+                raise
+            data_file = None
+        if data_file is not None:
+            yield from _iter_file(data_file)
+            return
+        target = str(path)
+    else:
+        target = source.path
+        kwargs["revision"] = source.revision
+    if streaming:
+        kwargs["streaming"] = True
+    dataset = _undecoded((loader or _default_loader)(target, name, **kwargs))
     for row in dataset:
         yield dict(row)
+
+
+def _is_hub_layout(path: Path) -> bool:
+    return path.is_dir() and any(path.rglob("*.parquet"))
+
+
+def _undecoded(dataset: Any) -> Any:
+    """The dataset with image cells left as ``{"bytes", "path"}``: each is decoded when its sample is built."""
+    if hasattr(dataset, "decode") and hasattr(dataset, "n_shards"):  # a streamed datasets.IterableDataset
+        return dataset.decode(False)
+    features = getattr(dataset, "features", None) or {}
+    for column, feature in features.items():
+        if type(feature).__name__ == "Image" and getattr(feature, "decode", False):
+            dataset = dataset.cast_column(column, type(feature)(decode=False))
+    return dataset
 
 
 def base_dir(source: DataSource, split: str | None = None, name: str | None = None) -> Path | None:
@@ -136,7 +173,13 @@ def base_dir(source: DataSource, split: str | None = None, name: str | None = No
     if source.media_dir:
         return Path(source.media_dir).expanduser()
     if source.is_local:
-        return local_file(Path(source.path).expanduser(), split or source.split, source.name if name is None else name).parent
+        path = Path(source.path).expanduser()
+        try:
+            return local_file(path, split or source.split, source.name if name is None else name).parent
+        except FileNotFoundError:
+            if _is_hub_layout(path):
+                return path
+            raise
     return None
 
 

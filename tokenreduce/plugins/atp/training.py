@@ -41,7 +41,6 @@ import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -334,14 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from accelerate import Accelerator
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from tokenreduce.core.training import atomic_directory, training_accelerator
     from tokenreduce.eval.tasks import get_task
     from tokenreduce.eval.training_data import answer_batches
 
     torch.manual_seed(args.seed)
-    accelerator = Accelerator()
+    accelerator = training_accelerator()
     model = AutoModelForImageTextToText.from_pretrained(args.model, attn_implementation="eager")
     processor = AutoProcessor.from_pretrained(args.model)
     layers = len(get_adapter(model).decoder_layers)
@@ -368,12 +367,13 @@ def main(argv: list[str] | None = None) -> int:
                              accelerator=accelerator, log_every=args.log_every,
                              on_log=accelerator.print)
     if accelerator.is_main_process:
-        heads.save_pretrained(args.out)
-        record = {"args": vars(args), "config": config.to_dict(), "log": log}
-        (Path(args.out) / "atp_training.json").write_text(json.dumps(record, indent=2) + "\n")
-        if args.llm_lr > 0:
-            model.save_pretrained(args.out)
-            processor.save_pretrained(args.out)
+        with atomic_directory(args.out) as staging:  # each file complete or not there
+            heads.save_pretrained(staging)
+            record = {"args": vars(args), "config": config.to_dict(), "log": log}
+            (staging / "atp_training.json").write_text(json.dumps(record, indent=2) + "\n")
+            if args.llm_lr > 0:
+                model.save_pretrained(staging)
+                processor.save_pretrained(staging)
         print(f"heads saved to {args.out}")
     return 0
 

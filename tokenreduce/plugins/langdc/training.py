@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,12 +49,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import get_cosine_schedule_with_warmup
 
 import tokenreduce as tr
 from tokenreduce.adapters import get_adapter
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.lowrank import LLM_TARGETS, LowRankAdapters, llm_linear_layers
+from tokenreduce.core.training import (
+    TrainStep,
+    atomic_directory,
+    atomic_save,
+    atomic_write_text,
+    training_accelerator,
+)
 
 from .captioner import Captioner, CaptionerConfig, count_parameters, default_hidden_layer
 from .data import IGNORE, Question, VideoExample, build_examples
@@ -76,15 +83,6 @@ def group_inputs(examples: Sequence[VideoExample], layout: TokenLayout, config: 
     return torch.stack(out)
 
 
-def _sync_gradients(params: Sequence[nn.Parameter], accelerator) -> None:
-    """Average gradients over processes (modules are called outside DDP, so sync by hand)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            p.grad = accelerator.reduce(p.grad, reduction="mean")
-
-
 def _report(stage: str, entry: dict[str, float], accelerator) -> None:
     """Print a training log entry (main process only) as one JSON line."""
     if accelerator is None or accelerator.is_main_process:
@@ -92,11 +90,14 @@ def _report(stage: str, entry: dict[str, float], accelerator) -> None:
 
 
 def _warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over the first 5% of ``steps``, then cosine decay to zero."""
-    warmup = max(1, steps // 20)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
-    )
+    """Linear warm-up over the first 5% of ``steps``, then cosine decay to zero (transformers' schedule)."""
+    return get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+
+
+def _prepared(trainable: nn.Module | dict[str, nn.Module], step, optimizer, accelerator):
+    """The step module and optimizer, prepared by ``accelerator`` (DDP averages the gradients) when given."""
+    module = TrainStep(trainable, step)
+    return accelerator.prepare(module, optimizer) if accelerator is not None else (module, optimizer)
 
 
 def train_captioner(captioner: Captioner, inputs: torch.Tensor, captions: Sequence[Sequence[list[int]]], *,
@@ -109,6 +110,7 @@ def train_captioner(captioner: Captioner, inputs: torch.Tensor, captions: Sequen
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = _warmup_cosine(optimizer, steps)
+    step_module, optimizer = _prepared(captioner, captioner.teacher_force, optimizer, accelerator)
     gen = torch.Generator().manual_seed(seed)
     device = next(captioner.parameters()).device
     captioner.train()
@@ -117,11 +119,10 @@ def train_captioner(captioner: Captioner, inputs: torch.Tensor, captions: Sequen
         pick = torch.randint(len(segments), (batch_size,), generator=gen).tolist()
         visual = torch.stack([inputs[segments[i][0], segments[i][1]] for i in pick]).to(device)
         targets = [captions[segments[i][0]][segments[i][1]] for i in pick]
-        logits, labels, _ = captioner.teacher_force(visual, targets)
+        logits, labels, _ = step_module(visual, targets)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
         optimizer.zero_grad()
         (accelerator.backward(loss) if accelerator is not None else loss.backward())
-        _sync_gradients(params, accelerator)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -287,6 +288,13 @@ def train_alignment(model, method: LangDCMethod, pairs: Sequence[tuple[VideoExam
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = _warmup_cosine(optimizer, steps)
+
+    def forward(inputs: dict[str, torch.Tensor], captions_: list[list[list[int]]]) -> torch.Tensor:
+        with method.forced_captions(captions_):
+            return model(**inputs).logits
+
+    trainable = {"post_proj": captioner.post_proj, "vlm_adapters": captioner.vlm_adapters}
+    step_module, optimizer = _prepared(trainable, forward, optimizer, accelerator)
     gen = torch.Generator().manual_seed(seed)
     weights = torch.tensor([float((category_weights or {}).get(q.category, 1.0)) for _, q in pairs])
     device = next(model.parameters()).device
@@ -296,9 +304,8 @@ def train_alignment(model, method: LangDCMethod, pairs: Sequence[tuple[VideoExam
         chunk = [pairs[i] for i in pick]
         inputs = answer_batch(chunk, layout, pad_id, device)
         labels = inputs["labels"]
-        with method.forced_captions([captions[ex.sample_id] for ex, _ in chunk]):
-            out = model(**inputs)
-        student, targets = _label_logits(out.logits, labels)
+        logits = step_module(inputs, [captions[ex.sample_id] for ex, _ in chunk])
+        student, targets = _label_logits(logits, labels)
         ce = F.cross_entropy(student.float(), targets)
         loss = ce
         kl = torch.zeros((), device=device)
@@ -308,7 +315,6 @@ def train_alignment(model, method: LangDCMethod, pairs: Sequence[tuple[VideoExam
             loss = ce + distill * kl
         optimizer.zero_grad()
         (accelerator.backward(loss) if accelerator is not None else loss.backward())
-        _sync_gradients(params, accelerator)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -435,19 +441,24 @@ def _examples(args, model, processor, accelerator) -> tuple[list[VideoExample], 
     val, _ = build_examples(model, processor, "validation", 0, args.val_videos, seed=args.seed)
     if cache is not None and accelerator.is_main_process:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "train": train, "val": val, "layout": layout}, cache)
+        atomic_save({"key": key, "train": train, "val": val, "layout": layout}, cache)
     return train[rank::world], val, layout
+
+
+def _save(captioner: Captioner, out_dir: Path) -> None:
+    """Save the captioner into ``out_dir`` file by file through ``os.replace`` (never half-written)."""
+    with atomic_directory(out_dir) as staging:
+        captioner.save_pretrained(staging)
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised through the script and tests
     args = parse_args(argv)
-    from accelerate import Accelerator
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    accelerator = Accelerator()
+    accelerator = training_accelerator()
     device = accelerator.device
     started = time.time()
     timings: dict[str, float] = {}
@@ -502,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
                                accelerator=accelerator)
         timings["caption_train_s"] = time.time() - t
         if accelerator.is_main_process:
-            captioner.save_pretrained(out_dir)
+            _save(captioner, out_dir)
     else:
         captioner = Captioner.from_pretrained(out_dir).to(device)
         log1 = []
@@ -522,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     # ----- stage 2 -----
     if args.stage in ("all", "align"):
         add_vlm_adapters(captioner, get_adapter(model).language_model, args.vlm_rank, args.vlm_alpha)
-        captioner.save_pretrained(out_dir) if accelerator.is_main_process else None
+        _save(captioner, out_dir) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         method_config = LangDCConfig(captioner=str(out_dir), base=not args.no_base, base_keep=args.base_keep)
         pairs = [(ex, q) for ex in train for q in ex.questions]
@@ -554,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
         val_pairs = [(ex, q) for ex in val for q in ex.questions]
         results = {"full": answer_accuracy(model, val_pairs, layout, pad_id)}
         cfg = LangDCConfig(captioner=str(out_dir), base=not args.no_base, base_keep=args.base_keep)
-        captioner.save_pretrained(out_dir)
+        _save(captioner, out_dir)
         tr.wrap(model, cfg)
         try:
             get_handle(model).method.set_captioner(captioner)
@@ -585,8 +596,8 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
             "base_keep": args.base_keep, "base": not args.no_base,
             **({"continued_from": previous} if previous else {}),
         }
-        captioner.save_pretrained(out_dir)
-        (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        _save(captioner, out_dir)
+        atomic_write_text(out_dir / "training_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
         print(json.dumps({"stage": "answers", **results, "timings_s": timings}), flush=True)
     return 0
 

@@ -27,7 +27,8 @@ are read from. The teacher's answer logits (and hidden states) are cached the sa
         --rms-residual --moments --trajectory 8 --changes --blocks 1 --hidden-distill 1.0
 
 Several processes: ``accelerate launch -m tokenreduce.plugins.vqtoken.training ...``. Each process takes
-every ``world``-th batch, and gradients are averaged across processes before every step.
+every ``world``-th batch; the DDP wrapper accelerate puts around the trained module averages the gradients
+during ``backward``.
 
 Every run behind the shipped module, with what it measured: ``research/RESULTS.md`` (in a checkout).
 """
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import get_cosine_schedule_with_warmup
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokenreduce as tr
@@ -53,6 +54,7 @@ from tokenreduce.adapters import get_adapter
 from tokenreduce.adapters.base import PIXEL_KEYS
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.lowrank import LLM_TARGETS, llm_linear_layers
+from tokenreduce.core.training import TrainStep, atomic_directory, training_accelerator
 
 from .attention import VQAttention, VQAttentionConfig
 
@@ -192,13 +194,6 @@ def batch_loss(
     return loss, stats
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_attention(
     model: nn.Module,
     batches: Iterable[dict[str, Any]],
@@ -225,7 +220,8 @@ def train_attention(
 
     ``batches`` may be a generator: it is read once, and each batch is reduced to its cached features.
 
-    ``llm_lr``: learning rate of the module's LLM adapters (default ``lr``).
+    ``llm_lr``: learning rate of the module's LLM adapters (default ``lr``). Both follow ``warmup`` steps of
+    linear warm-up, then a cosine decay to 0 (transformers' ``get_cosine_schedule_with_warmup``).
     ``keep``: the fixed code count(s) to train at; with several, each step draws one, so the module serves
     several budgets. ``method_options``: further ``vqtoken`` options (``anchor``, ``codeword``...), the same
     ones inference must use. ``evaluate(module)``: called every ``eval_every`` steps and at the end; its
@@ -263,10 +259,15 @@ def train_attention(
     params = [p for p in module.parameters() if p.requires_grad]
     adapters = {id(p) for p in module.llm.parameters()}
     groups = [
-        {"params": [p for p in params if id(p) not in adapters], "lr": lr, "base_lr": lr},
-        {"params": [p for p in params if id(p) in adapters], "lr": llm_lr or lr, "base_lr": llm_lr or lr},
+        {"params": [p for p in params if id(p) not in adapters], "lr": lr},
+        {"params": [p for p in params if id(p) in adapters], "lr": llm_lr or lr},
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    # gradients are averaged over processes by the DDP wrapper accelerate puts around the step module
+    step_module = TrainStep(module, lambda batch: batch_loss(model, batch, distill, hidden_distill))
+    if accelerator is not None:
+        step_module, optimizer = accelerator.prepare(step_module, optimizer)
     options = {k: v for k, v in (method_options or {}).items() if k != "keep"}
     tr.wrap(model, "vqtoken", keep=keeps[0], **options)
     method = get_handle(model).method
@@ -281,29 +282,21 @@ def train_attention(
                 rng.shuffle(order)
             batch = cached[order.pop()]
             method.config.keep = keeps[rng.randrange(len(keeps))] if len(keeps) > 1 else keeps[0]
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * _lr_factor(step, steps, warmup)
+            current_lr = schedule.get_last_lr()[0]
             module.train()
-            loss, stats = batch_loss(model, batch, distill, hidden_distill)
+            loss, stats = step_module(batch)
             optimizer.zero_grad(set_to_none=True)
-            if accelerator is not None:
-                accelerator.backward(loss)
-                if world > 1:
-                    for p in params:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
-            else:
-                loss.backward()
+            (accelerator.backward(loss) if accelerator is not None else loss.backward())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            schedule.step()
             last = step == steps - 1
             if step % log_every == 0 or last:
                 row = {
                     "step": step,
                     "loss": float(loss.detach()),
                     **stats,
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "lr": current_lr,
                     "elapsed_s": round(time.perf_counter() - start, 1),
                 }
                 if evaluate is not None and eval_every and (step % eval_every == 0 or last) and step > 0:
@@ -455,14 +448,12 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
 
-    from accelerate import Accelerator
-
     from tokenreduce.eval.synthetic import load_model, load_synthetic
     from tokenreduce.eval.synthetic.benchmark import iter_synthetic
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    accelerator = Accelerator()
+    accelerator = training_accelerator()
     if args.model:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -522,21 +513,22 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
         log=(lambda row: print(row, flush=True)) if accelerator.is_main_process else None,
     )
     if accelerator.is_main_process:
-        module.save_pretrained(
-            args.out,
-            model=args.model or "synthetic-onevision-video",
-            keep=keeps,
-            method_options=options,
-            samples=args.samples,
-            steps=args.steps,
-            lr=args.lr,
-            llm_lr=args.llm_lr,
-            llm_rank=args.llm_rank,
-            distill=args.distill,
-            hidden_distill=args.hidden_distill,
-            seed=args.seed,
-            final=history[-1] if history else None,
-        )
+        with atomic_directory(args.out) as staging:
+            module.save_pretrained(
+                staging,
+                model=args.model or "synthetic-onevision-video",
+                keep=keeps,
+                method_options=options,
+                samples=args.samples,
+                steps=args.steps,
+                lr=args.lr,
+                llm_lr=args.llm_lr,
+                llm_rank=args.llm_rank,
+                distill=args.distill,
+                hidden_distill=args.hidden_distill,
+                seed=args.seed,
+                final=history[-1] if history else None,
+            )
         print(f"saved to {args.out}", flush=True)
     return 0
 
