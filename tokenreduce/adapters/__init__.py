@@ -29,9 +29,8 @@ TOWER_ADAPTERS = {"hf": "hf_vision_tower", "timm": "timm_vit", "open_clip": "ope
 
 
 def list_adapters() -> list[str]:
-    """Model families (in the order of the table above) and bare vision-tower kinds that can be wrapped,
-    spelled as methods' ``families`` spell them."""
-    return list(_ADAPTERS) + sorted(TOWER_ADAPTERS.values())
+    """Model families and bare vision-tower kinds that can be wrapped, spelled as methods' ``families``."""
+    return sorted(_ADAPTERS) + sorted(TOWER_ADAPTERS.values())
 
 
 def family_name(name: str) -> str:
