@@ -50,6 +50,8 @@ from tokenreduce.adapters import get_adapter
 from tokenreduce.core.handle import VisualItem
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.llm import AttentionCapture, LLMContext
+from tokenreduce.eval.tasks import get_task
+from tokenreduce.eval.training_data import answer_batches
 
 from .heads import ThresholdHeads
 from .method import ATPConfig, default_layers
@@ -336,9 +338,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from accelerate import Accelerator
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from tokenreduce.eval.tasks import get_task
-    from tokenreduce.eval.training_data import answer_batches
 
     torch.manual_seed(args.seed)
     accelerator = Accelerator()

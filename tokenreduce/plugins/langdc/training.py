@@ -56,6 +56,7 @@ from tokenreduce.adapters import get_adapter
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.lowrank import LLM_TARGETS, LowRankAdapters, llm_linear_layers
+from tokenreduce.eval.synthetic.videos import VIDEO_CATEGORIES
 
 from .captioner import Captioner, CaptionerConfig, count_parameters, default_hidden_layer
 from .data import IGNORE, Question, VideoExample, build_examples
@@ -406,8 +407,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _category_weights(items: Sequence[str]) -> dict[str, float]:
     """``["change=3"]`` -> ``{"change": 3.0}``, with clear errors."""
-    from tokenreduce.eval.synthetic.videos import VIDEO_CATEGORIES
-
     out = {}
     for item in items:
         name, _, value = item.partition("=")
