@@ -5,12 +5,9 @@ The graph is read from the source with ``ast`` (nothing is imported). Its nodes 
 imports, wherever the import statement stands:
 
 * at module level;
-* inside a function or method. Such imports are for optional extras (a module that needs ``triton``,
-  ``faiss``, ``trl``, ``datasets``... is imported where it is used, so ``import tokenreduce`` needs only
-  the core dependencies) and for start-up time (the CLI imports a subcommand's modules when the
-  subcommand runs). They are edges like the others: an import deferred into a function delays a cycle,
-  it does not remove it (the modules still need each other, and which one loads first decides what the
-  other sees), so a cycle through one fails the test as well;
+* inside a function or method. An import deferred into a function delays a cycle, it does not remove it
+  (the modules still need each other, and which one loads first decides what the other sees), so a cycle
+  through one fails the test as well;
 * ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to ``a.b``; ``import a.b`` and
   ``from . import c`` are resolved the same way;
 * importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py`` first, so it is an edge to those
@@ -20,6 +17,14 @@ imports, wherever the import statement stands:
   names the root explicitly (``import tokenreduce as tr``) has an edge to it like any other.
 
 Not edges: imports under ``if TYPE_CHECKING:`` (never run).
+
+The rule for imports of package modules inside functions: only where the module imported needs an optional
+extra (it, or a package module it imports at module level, imports a distribution that only
+``[project.optional-dependencies]`` require: ``faiss``, ``trl``, ``datasets``, ``triton``...), so that
+``import tokenreduce`` needs only the core dependencies; or where start-up time asks for it (the CLI,
+``START_UP``, loads a subcommand's modules when the subcommand runs). Every other one stands at module
+level or is listed in ``DEFERRED`` with its reason. Imports of other distributions inside functions are
+not checked (they are how the optional extras stay optional).
 
 Outside the package: no module may import a first-party name that is not part of the wheel, i.e. any
 top-level folder or ``.py`` file of the repository other than ``tokenreduce`` (``research``, ``tests``,
@@ -32,9 +37,10 @@ import ast
 import importlib.metadata
 import re
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "tokenreduce"
@@ -222,6 +228,10 @@ START_UP = {"tokenreduce.cli"}  # loads a subcommand's modules when the subcomma
 
 def _extra_import_names() -> set[str]:
     """Top-level import names of the installed distributions that only the optional extras require."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
     def names(requirements: list[str]) -> set[str]:
