@@ -177,7 +177,7 @@ def test_unsupported_model_names_families():
 
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1))
-    with pytest.raises(TypeError, match=r"unsupported model type 'llama'; supported families: llava, "):
+    with pytest.raises(TypeError, match=r"unsupported model type 'llama'; supported families: docowl, llava, "):
         tr.wrap(lm, "random")
     with pytest.raises(TypeError, match=r"no `config\.model_type`"):
         tr.wrap(torch.nn.Linear(2, 2), "random")
