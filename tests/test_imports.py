@@ -5,12 +5,9 @@ The graph is read from the source with ``ast`` (nothing is imported). Its nodes 
 imports, wherever the import statement stands:
 
 * at module level;
-* inside a function or method. Such imports are for optional extras (a module that needs ``triton``,
-  ``faiss``, ``trl``, ``datasets``... is imported where it is used, so ``import tokenreduce`` needs only
-  the core dependencies) and for start-up time (the CLI imports a subcommand's modules when the
-  subcommand runs). They are edges like the others: an import deferred into a function delays a cycle,
-  it does not remove it (the modules still need each other, and which one loads first decides what the
-  other sees), so a cycle through one fails the test as well;
+* inside a function or method. An import deferred into a function delays a cycle, it does not remove it
+  (the modules still need each other, and which one loads first decides what the other sees), so a cycle
+  through one fails the test as well;
 * ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to ``a.b``; ``import a.b`` and
   ``from . import c`` are resolved the same way;
 * importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py`` first, so it is an edge to those
@@ -21,6 +18,14 @@ imports, wherever the import statement stands:
 
 Not edges: imports under ``if TYPE_CHECKING:`` (never run).
 
+The rule for imports of package modules inside functions: only where the module imported needs an optional
+extra (it, or a package module it imports at module level, imports a distribution that only
+``[project.optional-dependencies]`` require: ``faiss``, ``trl``, ``datasets``, ``triton``...), so that
+``import tokenreduce`` needs only the core dependencies; or where start-up time asks for it (the CLI,
+``START_UP``, loads a subcommand's modules when the subcommand runs). Every other one stands at module
+level or is listed in ``DEFERRED`` with its reason. Imports of other distributions inside functions are
+not checked (they are how the optional extras stay optional).
+
 Outside the package: no module may import a first-party name that is not part of the wheel, i.e. any
 top-level folder or ``.py`` file of the repository other than ``tokenreduce`` (``research``, ``tests``,
 ``benchmarks``, ``scripts``...): the installed package has none of them.
@@ -29,7 +34,13 @@ top-level folder or ``.py`` file of the repository other than ``tokenreduce`` (`
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "tokenreduce"
@@ -54,18 +65,19 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def _imports(tree: ast.AST, module: str, is_package: bool) -> list[tuple[str, int]]:
-    """Every (absolute dotted target, line) the module imports, skipping ``if TYPE_CHECKING:`` blocks."""
-    found: list[tuple[str, int]] = []
+def _imports(tree: ast.AST, module: str, is_package: bool) -> list[tuple[str, int, bool]]:
+    """Every (absolute dotted target, line, inside a function) the module imports, skipping
+    ``if TYPE_CHECKING:`` blocks."""
+    found: list[tuple[str, int, bool]] = []
 
-    def visit(node: ast.AST) -> None:
+    def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and _is_type_checking(child):
                 for sub in child.orelse:
-                    visit(sub)
+                    visit(sub, in_function)
                 continue
             if isinstance(child, ast.Import):
-                found.extend((alias.name, child.lineno) for alias in child.names)
+                found.extend((alias.name, child.lineno, in_function) for alias in child.names)
             elif isinstance(child, ast.ImportFrom):
                 if child.level:
                     base = module.split(".") if is_package else module.split(".")[:-1]
@@ -73,40 +85,58 @@ def _imports(tree: ast.AST, module: str, is_package: bool) -> list[tuple[str, in
                     target = ".".join(base + ([child.module] if child.module else []))
                 else:
                     target = child.module or ""
-                found.extend((f"{target}.{alias.name}", child.lineno) for alias in child.names)
-            visit(child)
+                found.extend((f"{target}.{alias.name}", child.lineno, in_function) for alias in child.names)
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
-    visit(tree)
+    visit(tree, False)
     return found
 
 
-def import_graph() -> tuple[dict[str, set[str]], list[str]]:
-    """The package's edges and every import of a first-party name outside the package."""
+@dataclass
+class Graph:
+    """What :func:`import_graph` reads from the package's source."""
+
+    edges: dict[str, set[str]]  # every edge (module level and inside functions)
+    eager: dict[str, set[str]]  # module-level edges only
+    deferred: list[tuple[str, str, str]]  # (importer, package module, "file:line") inside functions
+    third_party: dict[str, set[str]]  # module -> top-level names of other distributions it imports at module level
+    outside: list[str]  # imports of first-party names the wheel does not ship
+
+
+def import_graph() -> Graph:
+    """The package's import graph (see the module docstring for what is an edge)."""
     modules = _modules()
     outside_names = {p.stem if p.suffix == ".py" else p.name for p in ROOT.iterdir()
                      if (p.is_dir() or p.suffix == ".py") and not p.name.startswith(".") and p.name != PACKAGE}
-    edges: dict[str, set[str]] = {m: set() for m in modules}
-    outside: list[str] = []
+    graph = Graph({m: set() for m in modules}, {m: set() for m in modules}, [], {m: set() for m in modules}, [])
     for module, (path, is_package) in modules.items():
-        for target, line in _imports(ast.parse(path.read_text(), str(path)), module, is_package):
+        for target, line, in_function in _imports(ast.parse(path.read_text(), str(path)), module, is_package):
             top = target.split(".")[0]
             where = f"{path.relative_to(ROOT)}:{line}"
             if top in outside_names:
-                outside.append(f"{where} imports {target}")
+                graph.outside.append(f"{where} imports {target}")
             if top != PACKAGE:
+                if not in_function and top not in sys.stdlib_module_names:
+                    graph.third_party[module].add(top)
                 continue
             # `from pkg import name`: the submodule when `name` is one, else the package itself.
             while target not in modules and "." in target:
                 target = target.rsplit(".", 1)[0]
             if target not in modules:
                 continue
-            if target != module:
-                edges[module].add(target)
             parts = target.split(".")
-            for node in (".".join(parts[:i]) for i in range(2, len(parts))):
-                if node != module and not module.startswith(node + "."):  # the importer's own packages run first
-                    edges[module].add(node)
-    return edges, sorted(set(outside))
+            implicit = {".".join(parts[:i]) for i in range(2, len(parts))}
+            # The importer's own packages are already running when it runs.
+            nodes = {target} | {p for p in implicit if not module.startswith(p + ".")}
+            nodes.discard(module)
+            graph.edges[module] |= nodes
+            if in_function:
+                if target != module:
+                    graph.deferred.append((module, target, where))
+            else:
+                graph.eager[module] |= nodes
+    graph.outside = sorted(set(graph.outside))
+    return graph
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -148,15 +178,14 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_cycle_between_package_modules():
-    edges, _ = import_graph()
-    found = cycles(edges)
+    found = cycles(import_graph().edges)
     assert not found, "import cycles (each line: modules that import each other):\n" + "\n".join(
         f"{len(c)}: {', '.join(c)}" for c in found
     )
 
 
 def test_no_package_module_imports_from_outside_the_package():
-    _, outside = import_graph()
+    outside = import_graph().outside
     assert not outside, "the wheel ships none of these:\n" + "\n".join(outside)
 
 
@@ -170,10 +199,12 @@ def test_the_graph_reader_sees_cycles_and_edges():
         "if TYPE_CHECKING:\n    from tokenreduce.never import x\n"
         "def f():\n    import tokenreduce.core.api\n"
     )
-    targets = [t for t, _ in _imports(tree, "tokenreduce.eval.runner", is_package=False)]
+    found = {t: deferred for t, _, deferred in _imports(tree, "tokenreduce.eval.runner", is_package=False)}
+    targets = list(found)
     assert "tokenreduce.eval.sibling.thing" in targets and "tokenreduce.core.api" in targets
     assert not any("never" in t for t in targets)
-    edges, _ = import_graph()
+    assert found["tokenreduce.core.api"] and not found["tokenreduce.eval.sibling.thing"]
+    edges = import_graph().edges
     assert "tokenreduce.core.registry" in edges["tokenreduce.core.api"]
     # Importing `tokenreduce.eval.tasks.synthetic` runs the `tokenreduce.eval.tasks` package first.
     assert {"tokenreduce.eval.tasks.synthetic", "tokenreduce.eval.tasks"} <= edges["tokenreduce.eval.demo"]
@@ -181,5 +212,54 @@ def test_the_graph_reader_sees_cycles_and_edges():
 
 def test_registry_is_a_leaf():
     """Methods import the registry to register; the registry imports no module of the package."""
-    edges, _ = import_graph()
+    edges = import_graph().edges
     assert edges["tokenreduce.core.registry"] == set(), sorted(edges["tokenreduce.core.registry"])
+
+
+# Imports inside functions kept for a reason other than an optional extra or the CLI's start-up.
+DEFERRED = {
+    ("tokenreduce.core.handle", "tokenreduce.adapters.llava"): "core/handle.py is being rewritten (sequence module)",
+    ("tokenreduce.core.handle", "tokenreduce.core.llm"): "core/handle.py is being rewritten (sequence module)",
+    ("tokenreduce.core.handle", "tokenreduce.core.vision"): "core/handle.py is being rewritten (sequence module)",
+    ("tokenreduce.core.llm", "tokenreduce.core.stats"): "core/llm.py is being rewritten (sequence module)",
+}
+START_UP = {"tokenreduce.cli"}  # loads a subcommand's modules when the subcommand runs
+
+
+def _extra_import_names() -> set[str]:
+    """Top-level import names of the installed distributions that only the optional extras require."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        found = (re.match(r"[A-Za-z0-9._-]+", r) for r in requirements)
+        return {re.sub(r"[-_.]+", "-", m.group(0)).lower() for m in found if m}
+
+    core = names(project["dependencies"]) | {"tokenreduce"}
+    extras = set().union(*(names(reqs) for extra, reqs in project["optional-dependencies"].items() if extra != "dev"))
+    extras -= core
+    return {top for top, dists in importlib.metadata.packages_distributions().items()
+            if any(re.sub(r"[-_.]+", "-", d).lower() in extras for d in dists)}
+
+
+def test_imports_inside_functions_are_for_extras_or_start_up():
+    """A package module imported inside a function must need an optional extra (itself or through its
+    module-level imports), or be imported by the CLI, or be listed in DEFERRED with its reason."""
+    graph = import_graph()
+    extras = _extra_import_names()
+    assert {"faiss", "trl", "datasets", "triton"} & extras, "the optional extras are not installed"
+    memo: dict[str, bool] = {}
+
+    def needs_extra(module: str) -> bool:
+        if module not in memo:
+            memo[module] = False  # the module-level graph has no cycle (the test above)
+            memo[module] = bool(graph.third_party[module] & extras) or any(needs_extra(m) for m in graph.eager[module])
+        return memo[module]
+
+    unjustified = [f"{where}: {importer} imports {target} inside a function"
+                   for importer, target, where in graph.deferred
+                   if importer not in START_UP and (importer, target) not in DEFERRED and not needs_extra(target)]
+    assert not unjustified, "import these at module level (or add the reason to DEFERRED):\n" + "\n".join(unjustified)

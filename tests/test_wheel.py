@@ -4,7 +4,8 @@ The wheel is built with the environment's hatchling (no build isolation: nothing
 installed with ``pip install --no-deps --target`` into a temporary folder, and ``tokenreduce demo`` runs
 from another temporary folder with only that folder on ``PYTHONPATH``: the repository is not on the path,
 so the shipped tiny models and trained modules must come from the package data (``tokenreduce/_assets``).
-The demo runs 2 samples per family at one budget (about 25 s of CPU).
+The demo runs 2 samples per family at one budget: about 25 s of CPU, 70 s of wall time on 2 shared cores
+(180 s inside the whole suite), hence ``slow``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def test_installed_package_finds_its_assets_outside_the_checkout(installed, tmp_
     assert Path(out[1]) == installed / "tokenreduce" / "_assets"
 
 
+@pytest.mark.slow
 def test_installed_wheel_runs_the_demo(installed, tmp_path):
     script = installed / "bin" / "tokenreduce"
     command = [sys.executable, str(script)] if script.is_file() else [sys.executable, "-m", "tokenreduce.cli"]

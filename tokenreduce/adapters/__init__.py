@@ -7,6 +7,7 @@ import importlib
 from torch import nn
 
 from .base import Adapter
+from .towers import find_tower
 
 # Family name -> (module, class, the `config.model_type` values it serves). The family name is the adapter's
 # `name`, the one method `families` lists use. Modules import only transformers, a core dependency.
@@ -123,8 +124,6 @@ def _refuse_inside_vlm(model: nn.Module) -> None:
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model``, or a TypeError naming the supported families (or, for a sub-module of a
     VLM such as its vision tower or language model, the model to wrap instead)."""
-    from .towers import find_tower
-
     tower = find_tower(model)
     if tower is not None:
         _refuse_inside_vlm(model)

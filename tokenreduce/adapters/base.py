@@ -18,6 +18,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenreduce.core.layout import TokenLayout
 
+from .towers import find_tower
+
 # Input keys that carry pixels, per modality (generate encodes and then drops them).
 PIXEL_KEYS = {"image": ("pixel_values",), "video": ("pixel_values_videos",)}
 
@@ -106,8 +108,6 @@ class Adapter:
     @property
     def tower(self):
         """The vision tower as a :class:`~tokenreduce.adapters.towers.Tower`, or None if unsupported."""
-        from .towers import find_tower
-
         module = getattr(self.inner, "vision_tower", None)
         return None if module is None else find_tower(module)
 

@@ -30,6 +30,9 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.core.config import build_config
+from tokenreduce.eval.measure import cache_bytes
+from tokenreduce.plugins.atp import ATPConfig, ThresholdHeads
+from tokenreduce.plugins.baselines.pdrop import PDropConfig
 
 RESULTS = Path("benchmarks") / "results"
 WARMUP = 2
@@ -98,8 +101,6 @@ def fresh(batch: dict) -> dict:
 
 def kv_bytes(cache) -> int:
     """Bytes of a cache's keys and values (all layers)."""
-    from tokenreduce.eval.measure import cache_bytes
-
     return cache_bytes(cache)
 
 
@@ -255,15 +256,11 @@ def run(args: argparse.Namespace, results_dir: Path | None = None) -> int:
 
 
 def _pdrop(layers: int) -> dict:
-    from tokenreduce.plugins.baselines.pdrop import PDropConfig
-
     cfg = PDropConfig.at_budget(0.25, num_layers=layers)
     return {"layers": cfg.layers, "keep": cfg.keep}
 
 
 def _atp(layers: int):
-    from tokenreduce.plugins.atp.method import ATPConfig
-
     return ATPConfig.at_budget(0.25, num_layers=layers)  # training-free: the scoring is the overhead
 
 
@@ -276,8 +273,6 @@ def _atp_heads(layers: int):
     that scoring cost; its kept share is its own, and its ideal speedup follows it."""
     import tempfile
     from dataclasses import replace
-
-    from tokenreduce.plugins.atp import ATPConfig, ThresholdHeads
 
     cfg = ATPConfig.at_budget(0.25, num_layers=layers)
     _HEADS_DIRS.append(tempfile.TemporaryDirectory(prefix="atp-heads-"))

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tokenreduce as tr
+from tokenreduce.adapters import family_name, get_adapter
+from tokenreduce.core.registry import method_specs
 from tokenreduce.eval.runner import BASELINE, Cell, ModelSpec, Runner, method_config
 from tokenreduce.eval.synthetic import KINDS, MODEL_NAMES, load_model, model_dir
 from tokenreduce.eval.tasks.synthetic import SyntheticTask
@@ -105,10 +108,6 @@ def select_methods(model: Any, modality: str, budgets: Sequence[float] = DEMO_BU
     for at least one of ``budgets``, with its ``options`` if any (a method needing a path to trained
     weights that are not shipped fails there). The model is left unwrapped.
     """
-    import tokenreduce as tr
-    from tokenreduce.adapters import family_name, get_adapter
-    from tokenreduce.core.registry import method_specs
-
     family = get_adapter(model).name
     num_layers = model.config.get_text_config().num_hidden_layers
     chosen: list[str] = []

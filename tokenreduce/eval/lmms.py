@@ -28,6 +28,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 import tokenreduce as tr
+from tokenreduce.core.config import build_config
 from tokenreduce.core.registry import get_method
 from tokenreduce.eval.media import load_video
 from tokenreduce.eval.task import build_prompt
@@ -122,8 +123,6 @@ class TokenReduceLMM(lmms):
             layers = self._model.config.get_text_config().num_hidden_layers
             config = spec.config_cls.at_budget(float(budget), num_layers=layers, **options)
         else:
-            from tokenreduce.core.config import build_config
-
             config = build_config(method, **options)
         tr.wrap(self._model, config)
         return config

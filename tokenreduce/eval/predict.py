@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from tokenreduce.eval.sample import Sample
+from tokenreduce.eval.synthetic.prompting import encode_batch
 
 
 def predict(
@@ -25,7 +26,7 @@ def predict(
     a batch holds one modality as long as consecutive samples share it.
     """
     if encode is None:
-        from tokenreduce.eval.synthetic.prompting import encode_batch as encode
+        encode = encode_batch
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id

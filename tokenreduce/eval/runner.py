@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 import tokenreduce as tr
+from tokenreduce.adapters import get_adapter
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.config import MethodConfig
 from tokenreduce.core.flops import Geometry
@@ -48,6 +49,7 @@ from tokenreduce.eval.measure import (
     peak_memory,
     reset_peak_memory,
 )
+from tokenreduce.eval.overlay import fit_for, layout_to_dict
 from tokenreduce.eval.records import read_records
 from tokenreduce.eval.report import write_reports
 from tokenreduce.eval.sample import Sample
@@ -272,8 +274,6 @@ def _to_device(inputs: dict[str, Any], device: torch.device, dtype: torch.dtype)
 
 def baseline_stats(model: Any, inputs: Mapping[str, Any]) -> list[SampleStats]:
     """The statistics a wrapped model would report, for the unwrapped model (nothing reduced)."""
-    from tokenreduce.adapters import get_adapter
-
     adapter = get_adapter(model)
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
@@ -330,8 +330,6 @@ class _ItemCapture:
 
     def kept_maps(self, rows: int) -> list[dict[str, Any] | None]:
         """Per row: its items' layouts, kept sources / merge assignment, and per-layer kept tokens."""
-        from tokenreduce.eval.overlay import layout_to_dict
-
         handle = get_handle(self.model)
         if self.items is None or handle is None:
             return [None] * rows
@@ -673,8 +671,6 @@ class Runner:
                 for row, i in enumerate(group):
                     rec = self._record(base, model_name, cell, batch[i], row, result, len(group), model)
                     if result.kept[row] is not None and kept_counts.get(cell, 0) < self.keep_maps:
-                        from tokenreduce.eval.overlay import fit_for
-
                         for item in result.kept[row]["items"]:
                             item["fit"] = fit_for(processor, model.config.model_type, item["modality"])
                         rec["kept"] = result.kept[row]

@@ -26,7 +26,9 @@ import torch
 
 from tokenreduce.eval.media import MediaError
 from tokenreduce.eval.sample import Sample
+from tokenreduce.eval.synthetic import SPLIT_SIZES, iter_synthetic
 from tokenreduce.eval.task import SEQUENCE_KEYS, Task, collate
+from tokenreduce.eval.tasks.synthetic import SyntheticTask
 
 IGNORE_INDEX = -100
 
@@ -115,11 +117,7 @@ def collate_with_labels(examples: Sequence[Mapping[str, Any]], pad_token_id: int
 
 
 def _samples(task: Task, split: str, start: int, limit: int) -> Iterator[Sample]:
-    from tokenreduce.eval.tasks.synthetic import SyntheticTask
-
     if isinstance(task, SyntheticTask):  # generated lazily: start where asked
-        from tokenreduce.eval.synthetic import SPLIT_SIZES, iter_synthetic
-
         if split not in SPLIT_SIZES:
             raise ValueError(f"`split` must be one of {tuple(SPLIT_SIZES)}, got {split!r}")
         stop = min(start + limit, SPLIT_SIZES[split])

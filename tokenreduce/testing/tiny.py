@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tokenreduce.core.api import get_handle
+
 VOCAB = 1000
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 999, 998, 997, 996
 PAD, BOS, EOS = 0, 1, 2
@@ -184,8 +186,6 @@ def _counts(model, modality: str, inputs: dict) -> list[int]:
     """Placeholder counts per item, from the model's own encoder (with any wrapping switched off)."""
     import inspect
     from contextlib import nullcontext
-
-    from tokenreduce.core.api import get_handle
 
     fn = getattr(model.model, f"get_{modality}_features")
     params = inspect.signature(fn).parameters

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from tokenreduce.eval.sample import Sample
+
 from .render import boxes_overlap, jittered_colour, paste, shape_coverage, to_uint8
 from .scenes import article, list_phrase
 from .vocab import COLOUR_NAMES, NUMBER_WORDS, SHAPES
@@ -260,8 +262,6 @@ def answer_glyph_indices(category: str, question: str, block: Block) -> list[int
 
 def generate_document(rng: np.random.Generator, category: str, sample_id: str):
     """One document sample; returns ``(Sample, block_map, glyph_map, blocks)``."""
-    from tokenreduce.eval.sample import Sample
-
     blocks, margin, question, answer = build_document(rng, category)
     pixels, block_map, glyph_map, parts = render_document(rng, blocks, margin)
     target = blocks[0]

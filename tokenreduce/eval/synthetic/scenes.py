@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from tokenreduce.eval.sample import Sample
+
 from .render import background, boxes_overlap, jittered_colour, paste, shape_coverage, to_uint8
 from .vocab import COLOUR_NAMES, PLURALS, SHAPES, TEXTURES
 
@@ -315,8 +317,6 @@ def generate_image(
     ``questions`` holds the sample's question first, then (with ``extra_questions``) more questions about the
     same layout, which training uses to get several questions per encoded image.
     """
-    from tokenreduce.eval.sample import Sample
-
     objects, question = build_layout(rng, category)
     texture = str(rng.choice(TEXTURES))
     pixels, object_map = render_scene(rng, objects, texture)

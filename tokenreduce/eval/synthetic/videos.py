@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tokenreduce.eval.sample import Sample
+
 from .render import background, boxes_overlap, jittered_colour, paste, shape_coverage, to_uint8
 from .scenes import article, list_phrase
 from .vocab import COLOUR_NAMES, DIRECTIONS, EVENTS, SHAPES, TEXTURES
@@ -213,8 +215,6 @@ def segment_captions(tracks: list[Track]) -> list[dict]:
 
 def generate_video(rng: np.random.Generator, category: str, sample_id: str):
     """One video sample; returns ``(Sample, object_maps, tracks, number of referents)``."""
-    from tokenreduce.eval.sample import Sample
-
     tracks, question, answer, referents = build_video(rng, category)
     texture = str(rng.choice(TEXTURES))
     frames, maps = render_video(rng, tracks, texture)

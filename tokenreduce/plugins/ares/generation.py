@@ -34,8 +34,11 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+from tokenreduce.core.api import get_handle
+from tokenreduce.core.api import stats as _stats
 from tokenreduce.core.reduction import Method
 from tokenreduce.core.registry import register_method
+from tokenreduce.core.stats import Stats
 from tokenreduce.kernels import token_entropy, window_entropy
 
 from .config import BUCKETS, AresConfig
@@ -222,8 +225,6 @@ def difficulty_labels(model: Any, labels: Sequence[str | None]) -> Iterator[Any]
         with difficulty_labels(model, ["easy", "hard"]):
             model.generate(**inputs)
     """
-    from tokenreduce.core.api import get_handle
-
     handle = get_handle(model)
     if handle is None or not isinstance(handle.method, AresMethod):
         raise ValueError("`difficulty_labels` needs a model wrapped with tokenreduce.wrap(model, 'ares', ...)")
@@ -434,9 +435,6 @@ class AresMethod(Method):
 
 def ares_records(model_or_stats: Any, last: bool = True) -> list[dict[str, Any]]:
     """The ``extra["ares"]`` records of a wrapped model's (or a ``Stats``'s) rows, of the last call by default."""
-    from tokenreduce.core.api import stats as _stats
-    from tokenreduce.core.stats import Stats
-
     record = model_or_stats if isinstance(model_or_stats, Stats) else _stats(model_or_stats)
     rows = record.last if last else record.samples
     return [r.extra["ares"] for r in rows if "ares" in r.extra]

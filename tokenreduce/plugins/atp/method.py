@@ -12,6 +12,7 @@ from tokenreduce.core.reduction import Method
 from tokenreduce.core.registry import register_method
 from tokenreduce.plugins.baselines._llm import average_keep, check_layers
 
+from .heads import ThresholdHeads
 from .scores import CROSS, SCORE_LAYERS, normal_quantile, redundancy_scores, spatial_sample
 
 # Layers {4, 14, 24} of 32 in the public reimplementation, as fractions of the depth.
@@ -146,8 +147,6 @@ class ATPMethod(Method):
         self.score_layer = self.config.score_layer
         layers = self.config.layers or default_layers(num_layers)
         if self.config.heads is not None:
-            from .heads import ThresholdHeads
-
             self.heads = ThresholdHeads.from_pretrained(self.config.heads)
             self.cross = self.heads.cross or self.cross
             if self.heads.self_weight is not None:

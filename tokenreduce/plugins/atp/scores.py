@@ -12,6 +12,7 @@ import math
 import torch
 
 from tokenreduce.core.llm import LLMContext
+from tokenreduce.core.sequence import column_index
 
 EPS = 1e-6
 
@@ -35,8 +36,6 @@ def redundancy_scores(
     the number of visual tokens so uniform attention scores 1. Returns the per-row scores and ``[B, 2]``
     features (mean log self / cross importance) for threshold heads.
     """
-    from tokenreduce.core.sequence import column_index
-
     device = ctx.hidden.device
     visual_cols = column_index(ctx.visual, device=device)
     self_attn = ctx.attention(visual_cols.clamp_min(0), visual_cols >= 0)

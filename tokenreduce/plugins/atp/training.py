@@ -49,6 +49,9 @@ from tokenreduce.adapters import get_adapter
 from tokenreduce.core.handle import VisualItem
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.llm import AttentionCapture, LLMContext
+from tokenreduce.core.training import atomic_directory, training_accelerator
+from tokenreduce.eval.tasks import get_task
+from tokenreduce.eval.training_data import answer_batches
 
 from .heads import ThresholdHeads
 from .method import ATPConfig, default_layers
@@ -334,10 +337,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from tokenreduce.core.training import atomic_directory, training_accelerator
-    from tokenreduce.eval.tasks import get_task
-    from tokenreduce.eval.training_data import answer_batches
 
     torch.manual_seed(args.seed)
     accelerator = training_accelerator()

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenreduce.core.flops import Geometry
 from tokenreduce.core.lowrank import LowRankAdapters, check_adapters
 
 CONFIG_NAME = "langdc_captioner.json"
@@ -351,8 +352,6 @@ class Captioner(nn.Module):
 
         Counted per segment as if it ran alone: a batched row that stopped early costs nothing here.
         """
-        from tokenreduce.core.flops import Geometry
-
         g = Geometry.from_config(self.lm.config)
         prefix = visual_tokens + len(self.config.prompt_ids)
         q_dim, kv_dim = g.heads * g.head_dim, g.kv_heads * g.head_dim

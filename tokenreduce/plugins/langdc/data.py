@@ -25,6 +25,10 @@ import torch
 
 from tokenreduce.adapters import get_adapter
 from tokenreduce.core.layout import TokenLayout
+from tokenreduce.eval.synthetic.benchmark import generate
+from tokenreduce.eval.synthetic.prompting import PROMPT_TEMPLATE, encode_batch
+from tokenreduce.eval.synthetic.videos import ask_more_video, segment_captions
+from tokenreduce.eval.synthetic.vocab import VIDEO_TOKEN
 
 IGNORE = -100
 
@@ -59,9 +63,6 @@ def happenings(caption: str) -> int:
 
 def prompt_ids(tokenizer, question: str, placeholder: int, count: int) -> list[int]:
     """Ids of ``"<question> <video> answer :"`` (BOS first) with the video token repeated ``count`` times."""
-    from tokenreduce.eval.synthetic.prompting import PROMPT_TEMPLATE
-    from tokenreduce.eval.synthetic.vocab import VIDEO_TOKEN
-
     ids = tokenizer(PROMPT_TEMPLATE.format(question=question, placeholder=VIDEO_TOKEN))["input_ids"]
     if ids.count(placeholder) != 1:
         raise ValueError(f"expected one video token (id {placeholder}) in the prompt, got {ids.count(placeholder)}")
@@ -72,10 +73,6 @@ def prompt_ids(tokenizer, question: str, placeholder: int, count: int) -> list[i
 def build_examples(model, processor, split: str, start: int, stop: int, *, extra_questions: bool = False,
                    batch_size: int = 8, seed: int = 0) -> tuple[list[VideoExample], TokenLayout]:
     """Examples of videos ``start..stop`` of ``split`` and the (shared) layout of their tokens."""
-    from tokenreduce.eval.synthetic.benchmark import generate
-    from tokenreduce.eval.synthetic.prompting import encode_batch
-    from tokenreduce.eval.synthetic.videos import ask_more_video, segment_captions
-
     adapter = get_adapter(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     placeholder = adapter.placeholder_id("video")

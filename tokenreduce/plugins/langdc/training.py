@@ -63,6 +63,7 @@ from tokenreduce.core.training import (
     atomic_write_text,
     training_accelerator,
 )
+from tokenreduce.eval.synthetic.videos import VIDEO_CATEGORIES
 
 from .captioner import Captioner, CaptionerConfig, count_parameters, default_hidden_layer
 from .data import IGNORE, Question, VideoExample, build_examples
@@ -412,8 +413,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _category_weights(items: Sequence[str]) -> dict[str, float]:
     """``["change=3"]`` -> ``{"change": 3.0}``, with clear errors."""
-    from tokenreduce.eval.synthetic.videos import VIDEO_CATEGORIES
-
     out = {}
     for item in items:
         name, _, value = item.partition("=")

@@ -55,6 +55,10 @@ from tokenreduce.adapters.base import PIXEL_KEYS
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.lowrank import LLM_TARGETS, llm_linear_layers
 from tokenreduce.core.training import TrainStep, atomic_directory, training_accelerator
+from tokenreduce.eval.predict import predict
+from tokenreduce.eval.synthetic import load_model, load_synthetic
+from tokenreduce.eval.synthetic.benchmark import iter_synthetic
+from tokenreduce.eval.synthetic.prompting import exact_match, prompt
 
 from .attention import VQAttention, VQAttentionConfig
 
@@ -322,8 +326,6 @@ def synthetic_answer_batches(processor, samples: Iterable[Any], batch_size: int)
 
     A generator over ``samples`` (itself possibly a generator), one batch of ``batch_size`` at a time.
     """
-    from tokenreduce.eval.synthetic.prompting import prompt
-
     tokenizer = processor.tokenizer
     eos = tokenizer.eos_token_id
     samples = iter(samples)
@@ -360,9 +362,6 @@ def synthetic_accuracy(
 ) -> dict[str, float]:
     """Exact-match accuracy of ``vqtoken`` (with ``module``) on ``samples`` (greedy generation):
     ``{"all": ..., <category>: ...}``, categories from ``sample.meta["category"]`` where present."""
-    from tokenreduce.eval.predict import predict
-    from tokenreduce.eval.synthetic.prompting import exact_match
-
     handle = get_handle(model)
     was_wrapped = handle is not None
     if was_wrapped:
@@ -448,8 +447,6 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
 
-    from tokenreduce.eval.synthetic import load_model, load_synthetic
-    from tokenreduce.eval.synthetic.benchmark import iter_synthetic
 
     if args.threads:
         torch.set_num_threads(args.threads)
