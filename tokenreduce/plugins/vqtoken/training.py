@@ -447,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
 
-
     if args.threads:
         torch.set_num_threads(args.threads)
     accelerator = training_accelerator()
