@@ -270,3 +270,11 @@ def test_budgets_follow_density_and_overlay_shows_them(model):
     page = ((inputs["images"][1:].permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).byte()
     sheet = render_item(record, image=torch.cat(list(page), dim=1).numpy(), side=112)
     assert sheet.width >= 2 * 112  # the global view and one panel holding both crops
+
+
+def test_docowl_sub_module_is_refused_naming_the_model_to_wrap():
+    """DocOwl's model type (`mplug_docowl`) is found as the VLM around its own language model."""
+    model = tiny_docowl()
+    sub = model.model
+    with pytest.raises(TypeError, match=rf"^cannot wrap {type(sub).__name__}: it is `model` inside {type(model).__name__}"):
+        tr.wrap(sub, "pool")

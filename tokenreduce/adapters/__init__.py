@@ -103,7 +103,7 @@ def enclosing_vlm(module: nn.Module, depth: int = 6) -> tuple[nn.Module, str] | 
         for parent, path in frontier:
             seen.add(id(parent))
             model_type = getattr(getattr(parent, "config", None), "model_type", None)
-            if model_type in _ADAPTERS and adapter_class(model_type).accepts(parent):
+            if model_type is not None and family_name(model_type) in _ADAPTERS and adapter_class(model_type).accepts(parent):
                 return parent, path
         if not frontier:
             return None
@@ -130,7 +130,7 @@ def get_adapter(model: nn.Module) -> Adapter:
         return TowerAdapter(model, tower)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in _ADAPTERS:
+    if model_type is None or family_name(model_type) not in _ADAPTERS:
         _refuse_inside_vlm(model)
     if model_type is None:
         raise TypeError(
