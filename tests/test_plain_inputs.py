@@ -166,3 +166,39 @@ def test_assisted_decoding_gives_the_tokens_of_plain_decoding(models, method, fa
         assert out.sequences.tolist() == plain.sequences.tolist()
         # the same logits, not only the same argmax: in-LLM methods choose from the prompt alone
         torch.testing.assert_close(torch.stack(out.logits), torch.stack(plain.logits), atol=1e-5, rtol=1e-5)
+
+
+def _continue(model, batch, new_tokens=3):
+    """Generate, then continue the conversation (two more words) from the returned cache, without pixels."""
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
+        rows, grown = out.sequences.shape[0], out.sequences.shape[1] - batch["input_ids"].shape[1] + 2
+        ids = torch.cat([out.sequences, torch.arange(5, 5 + 2 * rows).view(rows, 2)], 1)
+        extra = {"attention_mask": torch.cat([batch["attention_mask"], torch.ones(rows, grown, dtype=torch.long)], 1)}
+        if "mm_token_type_ids" in batch:
+            extra["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros(rows, grown, dtype=torch.long)], 1)
+        return model.generate(input_ids=ids, past_key_values=out.past_key_values, max_new_tokens=new_tokens,
+                              do_sample=False, **extra)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["pool", "fastv"])
+def test_continuing_from_returned_past_key_values(models, family, method):
+    """At keep-all a conversation continues from the returned cache as with the plain model; a cache that
+    holds a reduced prompt is refused with one line saying what to do instead (never misaligned)."""
+    model = _model(models, family)
+    batch = tiny_batch(model, default_rows(family, n=2))
+    plain = _continue(model, batch)
+    tr.wrap(model, method, keep=1.0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the continued prompt's placeholders come without pixels
+            assert torch.equal(_continue(model, batch), plain)
+    finally:
+        tr.unwrap(model)
+    tr.wrap(model, method, keep=0.25)
+    try:
+        with pytest.raises(ValueError, match=r"^`generate` cannot continue from `past_key_values` of a call tokenreduce reduced"):
+            _continue(model, batch)
+    finally:
+        tr.unwrap(model)

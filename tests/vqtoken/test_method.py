@@ -158,7 +158,9 @@ def test_images_pass_through_unless_asked(models):
     batch = tiny_batch(model, default_rows("llava_onevision", video=True))
     _, stats = _run(model, VQTokenConfig(keep=3), batch)
     images = [it for s in stats for it in s.items if it.modality == "image"]
-    assert images and all(it.tokens_out == it.tokens_in and not it.info for it in images)
+    # the rule for inputs a method cannot act on: passed through, with a note in the stats
+    assert images and all(it.tokens_out == it.tokens_in for it in images)
+    assert all(list(it.info) == ["notes"] and "does not reduce images" in it.info["notes"][0] for it in images)
     _, stats = _run(model, VQTokenConfig(keep=3, modalities=("image", "video")), batch)
     images = [it for s in stats for it in s.items if it.modality == "image"]
     assert all(it.tokens_out <= 3 and it.info["index_map"].numel() > 0 for it in images)

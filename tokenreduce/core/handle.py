@@ -258,6 +258,7 @@ class ModelHandle:
         if not self.enabled or self._in_generate:
             return self.original_forward(*args, **kwargs)
         inputs = _bind(self.original_forward, args, kwargs)
+        _refuse_reduced_cache(inputs, "forward")
         inputs = self.prepare(inputs)
         try:
             return self.original_forward(**inputs)
@@ -268,6 +269,7 @@ class ModelHandle:
         if not self.enabled:
             return self.original_generate(*args, **kwargs)
         inputs = _bind(self.original_generate, args, kwargs)
+        _refuse_reduced_cache(inputs, "generate")
         if inputs.get("input_ids") is None and torch.is_tensor(inputs.get("inputs")):
             inputs["input_ids"] = inputs.pop("inputs")
         original_ids = inputs.get("input_ids")
@@ -289,6 +291,9 @@ class ModelHandle:
             self.last_batch, self.current = self.current, None
         if "decode" in self.spec.stages:
             self.method.after_generate(self, inputs, out)
+        cache = None if torch.is_tensor(out) else getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        if cache is not None and any(s.visual_tokens_out < s.visual_tokens_in for s in self.stats.last):
+            cache._tokenreduce_reduced = True  # its prompt is shorter than the caller's: see _refuse_reduced_cache
         if original_ids is None or inputs["input_ids"] is original_ids:
             return out
         return _restore_prompt(out, original_ids, inputs["input_ids"].shape[1])
@@ -600,6 +605,18 @@ def _check_reduction(name: str, red: Reduction, n: int) -> None:
     if red.features is not None and red.features.shape[0] != red.sources.numel():
         raise RuntimeError(
             f"method {name!r} returned {red.features.shape[0]} features for {red.sources.numel()} sources"
+        )
+
+
+def _refuse_reduced_cache(inputs: dict[str, Any], entry: str) -> None:
+    """A cache a reducing call returned holds the reduced prompt while the caller's ``input_ids`` hold the
+    original one: continuing from it would feed the model misaligned tokens, so it is refused."""
+    cache = inputs.get("cache", inputs.get("past_key_values"))
+    if getattr(cache, "_tokenreduce_reduced", False):
+        raise ValueError(
+            f"`{entry}` cannot continue from `past_key_values` of a call tokenreduce reduced (the cache holds the "
+            "reduced prompt, `input_ids` the original one); pass the whole conversation with its pixel values "
+            "and no `past_key_values`, or wrap with a keep-all budget (keep=1.0) to reuse caches"
         )
 
 

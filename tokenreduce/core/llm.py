@@ -191,6 +191,7 @@ class LLMStage:
         self.prompt_length = 0
         self.original_mask: torch.Tensor | None = None
         self.call: _Call | None = None
+        self.stage_cache: Any = None
 
     # ----- installation -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -216,12 +217,13 @@ class LLMStage:
         if prefill and (info is None or not info.items):
             self.stages = []
             return None
-        if not prefill and not self.stages:
-            return None
+        if not prefill and (not self.stages or cache is not self.stage_cache):
+            return None  # decoding on a cache whose prefill this stage did not prune: nothing to substitute
         self.call = _Call(prefill=prefill, cache=cache, mask2d=kwargs.get("attention_mask"),
                           position_ids=kwargs.get("position_ids"))
         if prefill:
             self.stages = []
+            self.stage_cache = cache
         return None
 
     def _capture_hook(self, k: int):

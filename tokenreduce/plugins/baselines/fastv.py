@@ -28,6 +28,7 @@ class FastVConfig(MethodConfig):
 
     Attributes:
         layer: ``K``, the first decoder layer that sees the pruned sequence (scores come from layer K-1).
+            The default (2) becomes the last layer on a model of 2 decoder layers; a value given is kept.
         keep: visual tokens kept after layer K: a count or a fraction of the row's visual tokens.
         query: which tokens score the visual tokens: ``"last"`` (the paper's code) or ``"text"`` (all text
             tokens, the paper's description).
