@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 NOT_IMPORTED = {
     "pytest-xdist": "a pytest plugin: `pytest -n` (Makefile, CI)",
     "ruff": "the linter, run as a command (`make lint`)",
+    "mutmut": "mutation testing, run as a command (`make mutate`, scripts/mutate.py)",
+    "hatchling": "the build backend: tests/test_wheel.py builds the wheel with it",
 }
 
 
