@@ -7,8 +7,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import importlib.util
+
 import pytest
 import torch
+
+# tests/vllm run in their own environment (`make test-vllm`, .venv-vllm); elsewhere vLLM is absent.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
 
 # The tiny test models are fastest on one thread; `make test` runs one pytest worker per core.
 torch.set_num_threads(1)
