@@ -19,13 +19,18 @@ def image(height: int, width: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
-def video(frames: int, height: int, width: int, seed: int) -> np.ndarray:
+def video(frames: int, height: int, width: int, seed: int, fps: float = 2.0) -> tuple[np.ndarray, dict]:
+    """Decoded frames and the metadata vLLM and transformers read their timing from."""
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 255, (frames, height, width, 3), dtype=np.uint8)
+    metadata = {"total_num_frames": frames, "fps": fps, "duration": frames / fps, "width": width, "height": height,
+                "frames_indices": list(range(frames)), "video_backend": "opencv", "do_sample_frames": False}
+    return rng.integers(0, 255, (frames, height, width, 3), dtype=np.uint8), metadata
 
 
 def prompt(family: str, modality: str, words: str = "w5 w6") -> str:
-    token = "<image>" if modality == "image" else "<video>"
+    from tokenreduce.testing.tiny_vllm import PLACEHOLDERS
+
+    token = PLACEHOLDERS[family][0 if modality == "image" else 1]
     if family.startswith("qwen"):
         return f"<s> {words} <|vision_start|> {token} <|vision_end|> w7 w8 w9"
     return f"<s> {words} {token} w7 w8 w9"
@@ -93,7 +98,10 @@ def run_hf(path: str, requests: list[Request], reduction: dict | None = None) ->
         if r.images:
             kwargs["images"] = r.images
         if r.videos:
-            kwargs["videos"] = [r.videos[0]]
+            frames, metadata = r.videos[0]
+            kwargs["videos"] = [frames]
+            fields = {k: v for k, v in metadata.items() if k != "do_sample_frames"}
+            kwargs["video_metadata"] = [T.video_utils.VideoMetadata(**fields)]
             kwargs["do_sample_frames"] = False
         inputs = processor(**kwargs)
         with torch.no_grad():

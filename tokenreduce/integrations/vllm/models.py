@@ -70,6 +70,9 @@ def _reducing_processor(base_factory):
     def build(info, dummy_inputs, *args, **kwargs):
         processor = base_factory(info, dummy_inputs, *args, **kwargs)
         original = processor._get_prompt_updates
+        # Built in the front-end process before the engine core starts: a bad config fails here, with
+        # its own message, instead of as a failed engine core.
+        engine_reducer(info.get_hf_config(), _family_of(info.get_hf_config()))
 
         def get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
             updates = original(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -287,10 +290,11 @@ class Qwen2_5_VLReduced(_QwenReducing, Qwen2_5_VLForConditionalGeneration):
 
 
 # ----- LLaVA-1.5 ---------------------------------------------------------------------------------------
-# transformers 5.x saves a CLIP tower as ``vision_tower.embeddings.*``; vLLM reads ``vision_model.*``.
-_CLIP_NAMES = {
-    f"model.vision_tower.{part}": f"vision_tower.vision_model.{part}"
-    for part in ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
+# transformers 5.24 saves a CLIP / SigLIP tower as ``vision_tower.embeddings.*``; vLLM's towers read
+# ``vision_tower.vision_model.embeddings.*``.
+TOWER_NAMES = {
+    f"vision_tower.{part}.": f"vision_tower.vision_model.{part}."
+    for part in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm", "head")
 }
 
 
@@ -299,7 +303,7 @@ class LlavaReduced(_ReducingMixin, LlavaForConditionalGeneration):
 
     _tokenreduce_family = "llava"
     hf_to_vllm_mapper = WeightsMapper(
-        orig_to_new_prefix={**_CLIP_NAMES, **LlavaForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix}
+        orig_to_new_prefix={**TOWER_NAMES, **LlavaForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix}
     )
 
     def __init__(self, *, vllm_config, prefix: str = ""):

@@ -28,7 +28,7 @@ from tokenreduce.core.registry import get_method, list_methods
 SUPPORTED = ("divprune", "pool", "random", "tome_projector")
 # Why the others cannot run in vLLM, by the stage or property that rules them out.
 _WHY = {
-    "vision": "reads the vision tower's attention, which vLLM's own tower does not expose",
+    "vision": "acts inside the vision tower (attention signals or merging), which vLLM gives no hook for",
     "llm": "acts inside the language model, which vLLM gives no hook for",
     "decode": "acts on generation, not on the prompt's visual tokens",
 }
