@@ -23,10 +23,11 @@ def test_bad_entries_name_what_is_accepted():
         parse_reducer({"keep": 3}, "qwen2_vl")
     with pytest.raises(TypeError, match="unexpected option"):
         parse_reducer({"method": "pool", "kep": 3}, "qwen2_vl")
-    with pytest.raises(ValueError, match="`renumber_positions` must be True for llava"):
-        parse_reducer({"method": "pool", "renumber_positions": False}, "llava")
+    with pytest.raises(ValueError, match="`modalities` for llava_onevision in vLLM must be"):
+        parse_reducer({"method": "pool", "modalities": ["image", "video"]}, "llava_onevision")
     assert parse_reducer(None, "qwen2_vl") is None
-    assert parse_reducer({"method": "pool"}, "llava").renumber
+    assert not parse_reducer({"method": "pool"}, "llava").renumber
+    assert parse_reducer({"method": "pool"}, "llava_onevision").modalities == ("video",)
 
 
 @pytest.mark.parametrize(("method", "keep", "expected"), [("divprune", 10, 10), ("random", 0.25, 16), ("tome_projector", 9, 9)])

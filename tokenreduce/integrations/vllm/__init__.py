@@ -20,6 +20,7 @@ MODEL_CLASSES = {
     "Qwen2VLForConditionalGeneration": "tokenreduce.integrations.vllm.models:Qwen2VLReduced",
     "Qwen2_5_VLForConditionalGeneration": "tokenreduce.integrations.vllm.models:Qwen2_5_VLReduced",
     "LlavaForConditionalGeneration": "tokenreduce.integrations.vllm.models:LlavaReduced",
+    "LlavaOnevisionForConditionalGeneration": "tokenreduce.integrations.vllm.models:LlavaOnevisionReduced",
 }
 
 

@@ -32,6 +32,7 @@ from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokenreduce.adapters.llava import LlavaAdapter
+from tokenreduce.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenreduce.adapters.qwen2_vl import Qwen2VLAdapter
 from tokenreduce.core.layout import TokenLayout
 
@@ -72,7 +73,10 @@ def _reducing_processor(base_factory):
         original = processor._get_prompt_updates
         # Built in the front-end process before the engine core starts: a bad config fails here, with
         # its own message, instead of as a failed engine core.
-        engine_reducer(info.get_hf_config(), _family_of(info.get_hf_config()))
+        hf_config = info.get_hf_config()
+        engine_reducer(hf_config, _family_of(hf_config))
+        if _family_of(hf_config) in ("llava", "llava_onevision"):
+            enable_position_ids(hf_config)
 
         def get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
             updates = original(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -123,6 +127,11 @@ def item_layout(hf_config: Any, modality: str, item: Mapping[str, Any] | None, n
         return qwen_layouts(hf_config, modality, grid)[0]
     if family == "llava":
         return llava_layout(hf_config, num_tokens)
+    if family == "llava_onevision":
+        if modality != "video":
+            return TokenLayout.flat(modality, num_tokens)  # images pass through (the reducer acts on videos)
+        frames = _item_field(item, "pixel_values_videos")
+        return onevision_video_layout(hf_config, int(frames.shape[0]))
     raise ValueError(f"tokenreduce: no vLLM layout for family {family!r}")
 
 
@@ -136,6 +145,13 @@ def llava_layout(hf_config: Any, num_tokens: int) -> TokenLayout:
     shim = SimpleNamespace(config=hf_config)
     pixels = torch.empty(1, 3, side, side, device="meta")
     return LlavaAdapter.layouts(shim, "image", {"pixel_values": pixels}, [num_tokens])[0]
+
+
+def onevision_video_layout(hf_config: Any, frames: int) -> TokenLayout:
+    side = hf_config.vision_config.image_size
+    shim = SimpleNamespace(config=hf_config)
+    pixels = torch.empty(1, frames, 3, side, side, device="meta")
+    return LlavaOnevisionAdapter._video_layouts(shim, {"pixel_values_videos": pixels})[0]
 
 
 class _ReducingMixin:
@@ -153,34 +169,14 @@ class _ReducingMixin:
         return [self._tr.reduce(e, lay) for e, lay in zip(embeds, layouts)]
 
 
-# ----- Qwen2-VL / Qwen2.5-VL ---------------------------------------------------------------------------
-class _QwenReducing(_ReducingMixin):
-    def _qwen_items(self, kwargs: dict[str, Any]) -> list[tuple[TokenLayout, float]]:
-        """Every item's layout and temporal factor, in the order ``embed_multimodal`` returns them."""
-        parsed = self._parse_and_validate_multimodal_inputs(**kwargs)
-        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
-        out = []
-        for key, inp in parsed.items():
-            if inp is None:
-                continue
-            modality = "image" if key.startswith("image") else "video"
-            grid = inp[f"{modality}_grid_thw"]
-            layouts = qwen_layouts(self.config, modality, grid)
-            seconds = inp.get("second_per_grid_ts") if modality == "video" else None
-            if modality == "video" and seconds is None:
-                seconds = kwargs.get("second_per_grid_ts")
-            for i, lay in enumerate(layouts):
-                factor = 1.0
-                if modality == "video" and seconds is not None:
-                    factor = float(torch.as_tensor(seconds).flatten()[i]) * tokens_per_second
-                out.append((lay, factor))
-        return out
+class _PositionCarrying(_ReducingMixin):
+    """Kept tokens at their original positions: offsets ride in the embeddings from the encoder to ``forward``.
 
-    def embed_multimodal(self, **kwargs: object):
-        embeds = super().embed_multimodal(**kwargs)
-        if self._tr is None or len(embeds) == 0:
-            return embeds
-        items = self._qwen_items(kwargs)
+    Subclasses give every item's layout (``_items``), each token's offset from the item's origin
+    (``_offsets``) and the positions of the unreduced prompt (``_full_positions``).
+    """
+
+    def _with_offsets(self, embeds, items):
         reductions = self._reduce_items(embeds, [lay for lay, _ in items])
         out = []
         for e, (lay, factor), red in zip(embeds, items, reductions):
@@ -188,7 +184,7 @@ class _QwenReducing(_ReducingMixin):
             if self._tr.renumber:
                 offsets = torch.zeros(red.num_tokens, 3, dtype=torch.long)
             else:
-                offsets = grid_offsets(lay, factor)[red.sources.cpu()]
+                offsets = self._offsets(lay, factor)[red.sources.cpu()]
             out.append(torch.cat([feats, encode_positions(offsets, feats.dtype).to(feats.device)], dim=1))
         return tuple(out)
 
@@ -215,28 +211,19 @@ class _QwenReducing(_ReducingMixin):
             positions[:, mask] += offsets.t().to(positions)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
-    def get_mrope_input_positions(self, input_tokens, mm_features):
-        if self._tr is None:
-            return super().get_mrope_input_positions(input_tokens, mm_features)
-        length = len(input_tokens)
+    def _reduced_positions(self, length: int, mm_features, full_sizes: list[int]):
+        """Positions of the reduced prompt: text at its original positions, each placeholder at its item's
+        origin (``forward`` adds the kept token's offset); and the decode delta."""
         if self._tr.renumber:
             return torch.arange(length).expand(3, -1).clone(), 0
-        # The prompt as it was before reduction: each item's span back to its full size.
         features = sorted(mm_features, key=lambda f: f.mm_position.offset)
-        full_sizes = [
-            qwen_layouts(self.config, f.modality, torch.as_tensor(f.data[f"{f.modality}_grid_thw"].data).reshape(1, 3))[0].num_tokens
-            for f in features
-        ]
         shifted, shift, spans = [], 0, []
         for f, n in zip(features, full_sizes):
             start, m = f.mm_position.offset, f.mm_position.length
             spans.append((start, m, n))
             shifted.append(dataclasses.replace(f, mm_position=dataclasses.replace(f.mm_position, offset=start + shift, length=n)))
             shift += n - m
-        full, _ = super().get_mrope_input_positions([0] * (length + shift), shifted)
-        full = torch.as_tensor(full)
-        # Text keeps its original positions; every placeholder gets its item's origin (the kept token's
-        # t/h/w offset is added in ``forward``).
+        full = torch.as_tensor(self._full_positions(length + shift, shifted))
         original_column = torch.arange(length)
         for start, m, n in spans:
             original_column[start + m :] += n - m
@@ -244,8 +231,52 @@ class _QwenReducing(_ReducingMixin):
         for start, m, _ in spans:
             origin = int(original_column[start])
             positions[:, start : start + m] = full[:, origin : origin + 1]
-        delta = int(full.max()) + 1 - length
-        return positions, delta
+        return positions, int(full.max()) + 1 - length
+
+
+# ----- Qwen2-VL / Qwen2.5-VL ---------------------------------------------------------------------------
+class _QwenReducing(_PositionCarrying):
+    def _qwen_items(self, kwargs: dict[str, Any]) -> list[tuple[TokenLayout, float]]:
+        """Every item's layout and temporal factor, in the order ``embed_multimodal`` returns them."""
+        parsed = self._parse_and_validate_multimodal_inputs(**kwargs)
+        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        out = []
+        for key, inp in parsed.items():
+            if inp is None:
+                continue
+            modality = "image" if key.startswith("image") else "video"
+            grid = inp[f"{modality}_grid_thw"]
+            layouts = qwen_layouts(self.config, modality, grid)
+            seconds = inp.get("second_per_grid_ts") if modality == "video" else None
+            if modality == "video" and seconds is None:
+                seconds = kwargs.get("second_per_grid_ts")
+            for i, lay in enumerate(layouts):
+                factor = 1.0
+                if modality == "video" and seconds is not None:
+                    factor = float(torch.as_tensor(seconds).flatten()[i]) * tokens_per_second
+                out.append((lay, factor))
+        return out
+
+    def embed_multimodal(self, **kwargs: object):
+        embeds = super().embed_multimodal(**kwargs)
+        if self._tr is None or len(embeds) == 0:
+            return embeds
+        return self._with_offsets(embeds, self._qwen_items(kwargs))
+
+    def _offsets(self, layout: TokenLayout, factor: float) -> torch.Tensor:
+        return grid_offsets(layout, factor)
+
+    def _full_positions(self, length: int, features):
+        return super().get_mrope_input_positions([0] * length, features)[0]
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        if self._tr is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        sizes = [
+            qwen_layouts(self.config, f.modality, torch.as_tensor(f.data[f"{f.modality}_grid_thw"].data).reshape(1, 3))[0].num_tokens
+            for f in sorted(mm_features, key=lambda f: f.mm_position.offset)
+        ]
+        return self._reduced_positions(len(input_tokens), mm_features, sizes)
 
 
 def grid_offsets(layout: TokenLayout, t_factor: float = 1.0) -> torch.Tensor:
@@ -289,7 +320,45 @@ class Qwen2_5_VLReduced(_QwenReducing, Qwen2_5_VLForConditionalGeneration):
             )
 
 
-# ----- LLaVA-1.5 ---------------------------------------------------------------------------------------
+# ----- 1-D rotary families: LLaVA-1.5, LLaVA-OneVision ----------------------------------------------------
+def enable_position_ids(hf_config: Any) -> None:
+    """Let an engine with a reducer give a 1-D RoPE family arbitrary position ids.
+
+    vLLM numbers a 1-D family's prompt consecutively; its M-RoPE path takes positions from the model. An
+    M-RoPE section list in the text config routes the family through that path; the model gives the three
+    rows the same positions, which makes M-RoPE exactly the 1-D rotary embedding. Called in the front-end
+    (before the engine core starts) and again when the model is built; idempotent.
+    """
+    if getattr(hf_config, HF_CONFIG_KEY, None) is None:
+        return
+    text = hf_config.get_text_config()
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    if "mrope_section" in rope:
+        return
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    half = head_dim // 2
+    rope.setdefault("rope_type", "default")
+    rope["mrope_section"] = [half - 2 * (half // 4), half // 4, half // 4]
+    text.rope_parameters = rope
+
+
+class _OneDimPositions(_PositionCarrying):
+    """1-D families: the three M-RoPE rows all hold the token's 1-D position."""
+
+    supports_mrope = True
+
+    def _offsets(self, layout: TokenLayout, factor: float) -> torch.Tensor:
+        return torch.arange(layout.num_tokens)[:, None].expand(-1, 3)
+
+    def _full_positions(self, length: int, features):
+        return torch.arange(length).expand(3, -1)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        sizes = [self._full_size(f) for f in features]
+        return self._reduced_positions(len(input_tokens), features, sizes)
+
+
 # transformers 5.24 saves a CLIP / SigLIP tower as ``vision_tower.embeddings.*``; vLLM's towers read
 # ``vision_tower.vision_model.embeddings.*``.
 TOWER_NAMES = {
@@ -298,8 +367,8 @@ TOWER_NAMES = {
 }
 
 
-class LlavaReduced(_ReducingMixin, LlavaForConditionalGeneration):
-    """LLaVA-1.5 with tokenreduce's fixed-count methods; the reduced prompt is numbered consecutively."""
+class LlavaReduced(_OneDimPositions, LlavaForConditionalGeneration):
+    """LLaVA-1.5 with tokenreduce's fixed-count methods."""
 
     _tokenreduce_family = "llava"
     hf_to_vllm_mapper = WeightsMapper(
@@ -307,6 +376,7 @@ class LlavaReduced(_ReducingMixin, LlavaForConditionalGeneration):
     )
 
     def __init__(self, *, vllm_config, prefix: str = ""):
+        enable_position_ids(vllm_config.model_config.hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._init_reducer(vllm_config)
 
@@ -314,11 +384,59 @@ class LlavaReduced(_ReducingMixin, LlavaForConditionalGeneration):
         embeds = super().embed_multimodal(**kwargs)
         if self._tr is None or len(embeds) == 0:
             return embeds
-        layouts = [llava_layout(self.config, int(e.shape[0])) for e in embeds]
-        return [red.output_features(e) for e, red in zip(embeds, self._reduce_items(embeds, layouts))]
+        return self._with_offsets(embeds, [(llava_layout(self.config, int(e.shape[0])), 1.0) for e in embeds])
+
+    def _full_size(self, feature) -> int:
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side * side + int(self.config.vision_feature_select_strategy == "full")
+
+
+class LlavaOnevisionReduced(_OneDimPositions, LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision with tokenreduce's fixed-count methods on videos (images pass through)."""
+
+    _tokenreduce_family = "llava_onevision"
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_prefix={
+            **TOWER_NAMES, **LlavaOnevisionForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix,
+        }
+    )
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        enable_position_ids(vllm_config.model_config.hf_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_reducer(vllm_config)
+
+    def embed_multimodal(self, **kwargs: object):
+        embeds = super().embed_multimodal(**kwargs)
+        if self._tr is None or len(embeds) == 0:
+            return embeds
+        layouts = []
+        for modality, inp in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if modality == "video":
+                layouts += [onevision_video_layout(self.config, int(v.shape[0])) for v in inp["pixel_values_videos"]]
+            else:
+                count = len(layouts)
+                layouts += [TokenLayout.flat("image", int(e.shape[0])) for e in embeds[count : count + _num_items(inp)]]
+        return self._with_offsets(embeds, [(lay, 1.0) for lay in layouts])
+
+    def _full_size(self, feature) -> int:
+        if feature.modality != "video":
+            return feature.mm_position.length  # images are not reduced
+        frames = feature.data["pixel_values_videos"].data
+        return onevision_video_layout(self.config, int(frames.shape[0])).num_tokens
+
+
+def _num_items(inp: Any) -> int:
+    for key in ("pixel_values", "data", "image_embeds"):
+        value = inp.get(key) if hasattr(inp, "get") else None
+        if value is not None:
+            return len(value)
+    raise RuntimeError("tokenreduce: cannot count the images of a LLaVA-OneVision batch")
 
 
 Qwen2VLReduced = _register(Qwen2VLReduced, Qwen2VLForConditionalGeneration)
+LlavaOnevisionReduced = _register(LlavaOnevisionReduced, LlavaOnevisionForConditionalGeneration)
 Qwen2_5_VLReduced = _register(Qwen2_5_VLReduced, Qwen2_5_VLForConditionalGeneration)
 LlavaReduced = _register(LlavaReduced, LlavaForConditionalGeneration)
 
@@ -326,5 +444,5 @@ ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": Qwen2VLReduced,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLReduced,
     "LlavaForConditionalGeneration": LlavaReduced,
+    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionReduced,
 }
-_ = LlavaOnevisionForConditionalGeneration  # next family (anyres layouts) not wired yet

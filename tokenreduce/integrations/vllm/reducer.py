@@ -124,9 +124,8 @@ def parse_reducer(options: Any, family: str) -> EngineReducer | None:
     """The engine's reducer from ``hf_config.tokenreduce`` (None when absent), or a one-line error.
 
     ``options`` is ``{"method": name, **method options}``, e.g. ``{"method": "divprune", "keep": 64}``.
-    On families with 1-D rotary positions (LLaVA) vLLM numbers the reduced prompt consecutively, so
-    ``renumber_positions`` defaults to True there and False is refused; on Qwen2-VL / Qwen2.5-VL both
-    work and the default (False) keeps every kept token's original t/h/w M-RoPE ids.
+    As with ``tr.wrap``, kept tokens keep their original positions (Qwen: t/h/w M-RoPE ids) unless
+    ``renumber_positions`` is True.
     """
     if options is None:
         return None
@@ -146,14 +145,14 @@ def parse_reducer(options: Any, family: str) -> EngineReducer | None:
         stage = next((s for s in ("llm", "decode", "vision") if s in spec.stages), None)
         reason = _WHY.get(stage, "its number of output tokens depends on the data, not only on the image size")
         raise _refusal(name, reason)
-    one_d = family not in ("qwen2_vl", "qwen2_5_vl")
-    if one_d:
-        if options.get("renumber_positions", True) is not True:
-            raise ValueError(
-                f"tokenreduce: `renumber_positions` must be True for {family} in vLLM (its 1-D positions are "
-                f"numbered consecutively by the engine), got {options['renumber_positions']!r}"
-            )
-        options["renumber_positions"] = True
     config = build_config(name, **options)
     modalities = tuple(config.modalities or spec.modalities)
+    if family == "llava_onevision":
+        # Its anyres image layouts (unpadding, downsampling, newline slots) are not wired into vLLM yet.
+        if config.modalities is not None and "image" in config.modalities:
+            raise ValueError(
+                f"tokenreduce: `modalities` for llava_onevision in vLLM must be ('video',) (its images are not "
+                f"reduced there yet), got {config.modalities!r}"
+            )
+        modalities = ("video",)
     return EngineReducer(config=config, modalities=modalities)

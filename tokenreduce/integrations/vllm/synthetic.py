@@ -23,16 +23,20 @@ def vllm_answers(path: str, samples: Sequence[Sample], reduction: dict[str, Any]
     from vllm import LLM, SamplingParams
 
     options = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "max_num_seqs": 32, "seed": 0,
-               "limit_mm_per_prompt": {"image": 1}, **engine}
+               "limit_mm_per_prompt": {"image": 1, "video": 1}, **engine}
     llm = LLM(model=str(path), hf_overrides=None if reduction is None else {"tokenreduce": reduction}, **options)
     try:
-        inputs = [{"prompt": prompt(s), "multi_modal_data": {"image": s.images[0]}} for s in samples]
+        inputs = [{"prompt": prompt(s), "multi_modal_data": _media(s)} for s in samples]
         outs = llm.generate(inputs, SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0), use_tqdm=False)
         return [parse_answer(o.outputs[0].text) for o in outs]
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def _media(sample: Sample) -> dict[str, Any]:
+    return {"video": sample.video} if sample.video is not None else {"image": sample.images[0]}
 
 
 def hf_answers(path: str, samples: Sequence[Sample], reduction: dict[str, Any] | None = None,
