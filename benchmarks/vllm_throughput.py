@@ -1,6 +1,7 @@
 """Serving throughput of reduced prompts in vLLM, measured side by side in one run.
 
-A random-weight Qwen2-VL with a Qwen2-0.5B-shaped language model (24 layers x 896, head_dim 64) gets
+A random-weight Qwen2-VL with a Qwen2-0.5B-shaped language model (24 layers x 896, head_dim 64, MLP 4864;
+a 1000-word vocabulary) gets
 ``N`` prompts of one image each, every image different (no prefix or encoder cache hits):
 
 - ``full``: 672 x 672 images, 576 visual tokens per prompt;
@@ -44,7 +45,7 @@ def build_model(directory: Path, quick: bool) -> Path:
     if quick:
         return save_vllm_model("qwen2_vl", directory, max_pixels=pixels, num_layers=2, heads=2, head_dim=64)
     return save_vllm_model("qwen2_vl", directory, max_pixels=pixels, num_layers=24, heads=14, head_dim=64,
-                           vision_layers=VISION_LAYERS, vision_width=VISION_WIDTH)
+                           intermediate=4864, vision_layers=VISION_LAYERS, vision_width=VISION_WIDTH)
 
 
 def images(n: int, side: int, seed: int):
@@ -126,7 +127,7 @@ def main() -> None:
         config = T.AutoConfig.from_pretrained(path)
         params = sum(p.numel() for p in T.Qwen2VLForConditionalGeneration.from_pretrained(path).parameters())
     text, vis = config.text_config, config.vision_config
-    shape = (f"LM {text.num_hidden_layers} x {text.hidden_size}, head_dim {text.head_dim}; vision tower "
+    shape = (f"LM {text.num_hidden_layers} x {text.hidden_size}, head_dim {text.head_dim}, MLP {text.intermediate_size}; vision tower "
              f"{vis.depth} x {vis.embed_dim}")
 
     direct_s_per_req = runs["direct"]["seconds"] / n

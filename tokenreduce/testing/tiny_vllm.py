@@ -21,7 +21,7 @@ QWEN_MAX_PIXELS = 224 * 224
 
 
 def vllm_config(family: str, num_layers: int = 2, heads: int = 2, head_dim: int = 32, hidden: int | None = None,
-                vision_layers: int | None = None, vision_width: int | None = None):
+                vision_layers: int | None = None, vision_width: int | None = None, intermediate: int | None = None):
     """Config of a tiny ``family`` model whose LM attention vLLM's CPU backend runs; Qwen's vision tower
     can be made deeper (``vision_layers``) and wider (``vision_width``, heads of 64)."""
     cfg = tiny_config(family, attn_implementation="sdpa", num_layers=num_layers)
@@ -35,7 +35,7 @@ def vllm_config(family: str, num_layers: int = 2, heads: int = 2, head_dim: int 
     text.num_attention_heads = heads
     text.num_key_value_heads = max(1, heads // 2)
     text.head_dim = head_dim
-    text.intermediate_size = 2 * text.hidden_size
+    text.intermediate_size = intermediate or 2 * text.hidden_size
     rope = getattr(text, "rope_parameters", None)
     if rope and "mrope_section" in rope:
         half = head_dim // 2

@@ -74,14 +74,12 @@ def _reducing_processor(base_factory):
         # Built in the front-end process before the engine core starts: a bad config fails here, with
         # its own message, instead of as a failed engine core.
         hf_config = info.get_hf_config()
-        engine_reducer(hf_config, _family_of(hf_config))
+        reducer = engine_reducer(hf_config, _family_of(hf_config))
         if _family_of(hf_config) in ("llava", "llava_onevision"):
             enable_position_ids(hf_config)
 
         def get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
             updates = original(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-            hf_config = info.get_hf_config()
-            reducer = engine_reducer(hf_config, _family_of(hf_config))
             if reducer is None:
                 return updates
             return [_reduced_update(u, reducer, hf_config, out_mm_kwargs) for u in updates]
@@ -102,6 +100,8 @@ def _reduced_update(update, reducer: EngineReducer, hf_config, out_mm_kwargs):
 
     def replacement(item_idx: int):
         tokens = original(item_idx) if callable(original) else original
+        if not reducer.acts_on(modality):
+            return tokens
         full = getattr(tokens, "full", tokens)
         if not isinstance(full, list | tuple) or len(set(full)) != 1:
             raise RuntimeError(
