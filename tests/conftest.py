@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,9 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
+
+# tests/vllm run in their own environment (`make test-vllm`, .venv-vllm); elsewhere vLLM is absent.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
 
 # The tiny test models are fastest on one thread; `make test` runs one pytest worker per core.
 torch.set_num_threads(1)

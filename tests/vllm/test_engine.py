@@ -1,0 +1,66 @@
+"""vLLM with the tokenreduce plugin, run for real on the CPU, against the transformers path.
+
+Every case starts one engine (in this process) and sends a batch of prompts with different images
+(sizes, seeds) and a video; each prompt's greedy tokens and first-step log-probabilities must equal what
+``tr.wrap`` gives on the transformers model for that prompt alone. The references never touch vLLM.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .helpers import Request, assert_same, image, prompt, run_hf, run_vllm, video
+
+
+def requests(family: str, videos: bool = True) -> list[Request]:
+    out = [
+        Request(prompt(family, "image"), images=[image(112, 140, 0)]),
+        Request(prompt(family, "image", "w11 w12 w13"), images=[image(168, 112, 1)]),
+        Request(prompt(family, "image", "w20"), images=[image(224, 224, 4)]),
+    ]
+    if videos:
+        # 140 x 140: the video's time span stays within its spatial span, where vLLM and transformers
+        # 5.24 number Qwen2.5-VL's text after a video alike (they differ beyond, with or without reduction).
+        out.append(Request(prompt(family, "video"), videos=[video(4, 140, 140, 2)]))
+    return out
+
+
+CASES = [
+    ("qwen2_vl", {"method": "pool", "keep": 8}),
+    ("qwen2_vl", {"method": "divprune", "keep": 6}),
+    ("qwen2_vl", {"method": "random", "keep": 0.3, "seed": 5}),
+    ("qwen2_vl", {"method": "tome_projector", "keep": 7}),
+    ("qwen2_vl", {"method": "divprune", "keep": 0.25, "renumber_positions": True}),
+    ("qwen2_5_vl", {"method": "divprune", "keep": 6}),
+    ("qwen2_5_vl", {"method": "pool", "keep": 0.25}),
+    ("llava", {"method": "divprune", "keep": 5}),
+    ("llava", {"method": "pool", "keep": 0.25, "renumber_positions": True}),
+]
+
+
+@pytest.mark.parametrize(("family", "reduction"), CASES, ids=[f"{f}-{r['method']}-{i}" for i, (f, r) in enumerate(CASES)])
+def test_method_equals_transformers(model_dir, family, reduction):
+    path = model_dir(family)
+    reqs = requests(family, videos=family != "llava")
+    got = run_vllm(path, reqs, reduction)
+    want = run_hf(path, reqs, reduction)
+    assert_same(got, want)
+    full = run_hf(path, reqs[:1], None)
+    assert got[0].prompt_len < full[0].prompt_len  # the prompt really was reduced
+
+
+def test_keep_all_equals_plain_vllm(model_dir):
+    path = model_dir("qwen2_vl")
+    reqs = requests("qwen2_vl")
+    plain = run_vllm(path, reqs, None)
+    kept = run_vllm(path, reqs, {"method": "pool", "keep": 1.0})
+    assert_same(kept, plain, atol=1e-5)
+    assert_same(plain, run_hf(path, reqs, None))
+
+
+def test_refused_method_fails_at_engine_start(model_dir):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match=r"method 'fastv' cannot run in vLLM .*methods that can: divprune, pool"):
+        LLM(model=model_dir("qwen2_vl"), dtype="float32", enforce_eager=True, max_model_len=512,
+            distributed_executor_backend="uni", hf_overrides={"tokenreduce": {"method": "fastv"}})

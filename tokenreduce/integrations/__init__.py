@@ -1,0 +1,1 @@
+"""Integrations of tokenreduce's methods into other runtimes (serving engines)."""

@@ -1,0 +1,449 @@
+"""vLLM model classes that reduce visual tokens: vLLM's own classes plus two hooks.
+
+Each class subclasses vLLM's model of its family and is registered under the same architecture name,
+so an engine built with ``hf_overrides={"tokenreduce": {...}}`` loads it; without that entry it is the
+unchanged vLLM model.
+
+- The multimodal processor (the family's own, wrapped) writes the reduced number of placeholder tokens
+  for every image or video: the count the method leaves of the item's layout.
+- ``embed_multimodal`` runs the family's vision tower and projector, then the registered method's
+  ``reduce`` on each item's features: the same code the transformers path runs.
+- Kept tokens keep their original positions (unless ``renumber_positions``), Qwen's t/h/w M-RoPE ids
+  included: ``get_mrope_input_positions`` gives the prompt's text its original positions and every
+  placeholder the item's origin; ``embed_multimodal`` appends each kept token's offset (exact small
+  integers) to its embedding; ``embed_input_ids`` strips them and ``forward`` adds them to the
+  placeholders' positions of the same step. The 1-D families (LLaVA-1.5, LLaVA-OneVision) go through
+  vLLM's M-RoPE path with three identical rows (:func:`enable_position_ids`), which equals 1-D RoPE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
+from vllm.model_executor.models.utils import WeightsMapper
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from tokenreduce.adapters.llava import LlavaAdapter
+from tokenreduce.adapters.llava_onevision import LlavaOnevisionAdapter
+from tokenreduce.adapters.qwen2_vl import Qwen2VLAdapter
+from tokenreduce.core.layout import TokenLayout
+
+from .reducer import HF_CONFIG_KEY, EngineReducer, parse_reducer
+
+# Digits (base 256) per M-RoPE coordinate appended to an embedding: exact in fp32, fp16 and bf16.
+_DIGITS = 2
+_BASE = 256
+POSITION_CHANNELS = 3 * _DIGITS
+
+
+def engine_reducer(hf_config: Any, family: str) -> EngineReducer | None:
+    """The reducer configured on ``hf_config`` (``hf_overrides={"tokenreduce": ...}``), or None."""
+    return parse_reducer(getattr(hf_config, HF_CONFIG_KEY, None), family)
+
+
+def encode_positions(offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[M, 3]`` non-negative integer offsets as ``[M, 6]`` base-256 digits in ``dtype`` (exact)."""
+    limit = _BASE**_DIGITS
+    if offsets.numel() and (int(offsets.min()) < 0 or int(offsets.max()) >= limit):
+        raise ValueError(f"tokenreduce: M-RoPE offsets must be in [0, {limit}), got {offsets.min()}..{offsets.max()}")
+    digits = [(offsets // _BASE**d) % _BASE for d in range(_DIGITS)]
+    return torch.stack(digits, dim=-1).reshape(offsets.shape[0], POSITION_CHANNELS).to(dtype)
+
+
+def decode_positions(channels: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`encode_positions`: ``[M, 6]`` -> ``[M, 3]`` long."""
+    digits = channels.round().long().reshape(channels.shape[0], 3, _DIGITS)
+    scale = torch.tensor([_BASE**d for d in range(_DIGITS)], device=channels.device)
+    return (digits * scale).sum(-1)
+
+
+def _reducing_processor(base_factory):
+    """A processor factory building the family's own processor, with its prompt updates reduced."""
+
+    def build(info, dummy_inputs, *args, **kwargs):
+        processor = base_factory(info, dummy_inputs, *args, **kwargs)
+        original = processor._get_prompt_updates
+        # Built in the front-end process before the engine core starts: a bad config fails here, with
+        # its own message, instead of as a failed engine core.
+        hf_config = info.get_hf_config()
+        reducer = engine_reducer(hf_config, _family_of(hf_config))
+        if _family_of(hf_config) in ("llava", "llava_onevision"):
+            enable_position_ids(hf_config)
+
+        def get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+            updates = original(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+            if reducer is None:
+                return updates
+            return [_reduced_update(u, reducer, hf_config, out_mm_kwargs) for u in updates]
+
+        processor._get_prompt_updates = get_prompt_updates
+        return processor
+
+    return build
+
+
+def _family_of(hf_config: Any) -> str:
+    return str(getattr(hf_config, "model_type", ""))
+
+
+def _reduced_update(update, reducer: EngineReducer, hf_config, out_mm_kwargs):
+    original = update.replacement
+    modality = update.modality
+
+    def replacement(item_idx: int):
+        tokens = original(item_idx) if callable(original) else original
+        if not reducer.acts_on(modality):
+            return tokens
+        full = getattr(tokens, "full", tokens)
+        if not isinstance(full, list | tuple) or len(set(full)) != 1:
+            raise RuntimeError(
+                f"tokenreduce: cannot reduce the {modality} placeholders of {_family_of(hf_config)} in vLLM: "
+                "they are not one repeated token"
+            )
+        layout = item_layout(hf_config, modality, out_mm_kwargs[modality][item_idx], len(full))
+        return [full[0]] * reducer.count(layout)
+
+    return dataclasses.replace(update, replacement=replacement)
+
+
+def _item_field(item: Any, key: str) -> Any:
+    value = item.get(key)
+    return getattr(value, "data", value)
+
+
+def item_layout(hf_config: Any, modality: str, item: Mapping[str, Any] | None, num_tokens: int) -> TokenLayout:
+    """Layout of one processed item, from the same adapter code the transformers path uses."""
+    family = _family_of(hf_config)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        grid = torch.as_tensor(_item_field(item, f"{modality}_grid_thw")).reshape(1, 3)
+        return qwen_layouts(hf_config, modality, grid)[0]
+    if family == "llava":
+        return llava_layout(hf_config, num_tokens)
+    if family == "llava_onevision":
+        if modality != "video":
+            return TokenLayout.flat(modality, num_tokens)  # images pass through (the reducer acts on videos)
+        frames = _item_field(item, "pixel_values_videos")
+        return onevision_video_layout(hf_config, int(frames.shape[0]))
+    raise ValueError(f"tokenreduce: no vLLM layout for family {family!r}")
+
+
+def qwen_layouts(hf_config: Any, modality: str, grid_thw: torch.Tensor) -> list[TokenLayout]:
+    shim = SimpleNamespace(config=hf_config, _patch=hf_config.vision_config.patch_size, name=_family_of(hf_config))
+    return Qwen2VLAdapter.layouts(shim, modality, {f"{modality}_grid_thw": grid_thw})
+
+
+def llava_layout(hf_config: Any, num_tokens: int) -> TokenLayout:
+    side = hf_config.vision_config.image_size
+    shim = SimpleNamespace(config=hf_config)
+    pixels = torch.empty(1, 3, side, side, device="meta")
+    return LlavaAdapter.layouts(shim, "image", {"pixel_values": pixels}, [num_tokens])[0]
+
+
+def onevision_video_layout(hf_config: Any, frames: int) -> TokenLayout:
+    side = hf_config.vision_config.image_size
+    shim = SimpleNamespace(config=hf_config)
+    pixels = torch.empty(1, frames, 3, side, side, device="meta")
+    return LlavaOnevisionAdapter._video_layouts(shim, {"pixel_values_videos": pixels})[0]
+
+
+class _ReducingMixin:
+    """What every reducing model class shares: the reducer, built (and validated) at engine start."""
+
+    _tokenreduce_family = ""
+
+    def _init_reducer(self, vllm_config) -> None:
+        self._tr = engine_reducer(vllm_config.model_config.hf_config, self._tokenreduce_family)
+        self._tr_pending = None
+
+    def _reduce_items(self, embeds: Sequence[torch.Tensor], layouts: Sequence[TokenLayout]):
+        if len(embeds) != len(layouts):
+            raise RuntimeError(f"tokenreduce: {len(embeds)} encoder outputs for {len(layouts)} items")
+        return [self._tr.reduce(e, lay) for e, lay in zip(embeds, layouts)]
+
+
+class _PositionCarrying(_ReducingMixin):
+    """Kept tokens at their original positions: offsets ride in the embeddings from the encoder to ``forward``.
+
+    Subclasses give every item's layout (``_items``), each token's offset from the item's origin
+    (``_offsets``) and the positions of the unreduced prompt (``_full_positions``).
+    """
+
+    def _with_offsets(self, embeds, items):
+        reductions = self._reduce_items(embeds, [lay for lay, _ in items])
+        out = []
+        for e, (lay, factor), red in zip(embeds, items, reductions):
+            feats = red.output_features(e)
+            if self._tr.renumber:
+                offsets = torch.zeros(red.num_tokens, 3, dtype=torch.long)
+            else:
+                offsets = self._offsets(lay, factor)[red.sources.cpu()]
+            out.append(torch.cat([feats, encode_positions(offsets, feats.dtype).to(feats.device)], dim=1))
+        return tuple(out)
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
+        self._tr_pending = None
+        if self._tr is None or multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
+        feats = [e[:, :-POSITION_CHANNELS] for e in multimodal_embeddings]
+        offsets = torch.cat([decode_positions(e[:, -POSITION_CHANNELS:]) for e in multimodal_embeddings])
+        self._tr_pending = (is_multimodal, offsets)
+        return super().embed_input_ids(input_ids, feats, is_multimodal=is_multimodal, **kwargs)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        pending, self._tr_pending = self._tr_pending, None
+        if pending is not None and inputs_embeds is not None and positions.dim() == 2:
+            mask, offsets = pending
+            n = positions.shape[1]
+            mask = mask[:n].to(positions.device)
+            if int(mask.sum()) != offsets.shape[0]:
+                raise RuntimeError(
+                    f"tokenreduce: {offsets.shape[0]} visual tokens carry positions, the step holds {int(mask.sum())}"
+                )
+            positions = positions.clone()
+            positions[:, mask] += offsets.t().to(positions)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def _reduced_positions(self, length: int, mm_features, full_sizes: list[int]):
+        """Positions of the reduced prompt: text at its original positions, each placeholder at its item's
+        origin (``forward`` adds the kept token's offset); and the decode delta."""
+        if self._tr.renumber:
+            return torch.arange(length).expand(3, -1).clone(), 0
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        shifted, shift, spans = [], 0, []
+        for f, n in zip(features, full_sizes):
+            start, m = f.mm_position.offset, f.mm_position.length
+            spans.append((start, m, n))
+            shifted.append(dataclasses.replace(f, mm_position=dataclasses.replace(f.mm_position, offset=start + shift, length=n)))
+            shift += n - m
+        full = torch.as_tensor(self._full_positions(length + shift, shifted))
+        original_column = torch.arange(length)
+        for start, m, n in spans:
+            original_column[start + m :] += n - m
+        positions = full[:, original_column]
+        for start, m, _ in spans:
+            origin = int(original_column[start])
+            positions[:, start : start + m] = full[:, origin : origin + 1]
+        return positions, int(full.max()) + 1 - length
+
+
+# ----- Qwen2-VL / Qwen2.5-VL ---------------------------------------------------------------------------
+class _QwenReducing(_PositionCarrying):
+    def _qwen_items(self, kwargs: dict[str, Any]) -> list[tuple[TokenLayout, float]]:
+        """Every item's layout and temporal factor, in the order ``embed_multimodal`` returns them."""
+        parsed = self._parse_and_validate_multimodal_inputs(**kwargs)
+        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        out = []
+        for key, inp in parsed.items():
+            if inp is None:
+                continue
+            modality = "image" if key.startswith("image") else "video"
+            grid = inp[f"{modality}_grid_thw"]
+            layouts = qwen_layouts(self.config, modality, grid)
+            seconds = inp.get("second_per_grid_ts") if modality == "video" else None
+            if modality == "video" and seconds is None:
+                seconds = kwargs.get("second_per_grid_ts")
+            for i, lay in enumerate(layouts):
+                factor = 1.0
+                if modality == "video" and seconds is not None:
+                    factor = float(torch.as_tensor(seconds).flatten()[i]) * tokens_per_second
+                out.append((lay, factor))
+        return out
+
+    def embed_multimodal(self, **kwargs: object):
+        embeds = super().embed_multimodal(**kwargs)
+        if self._tr is None or len(embeds) == 0:
+            return embeds
+        return self._with_offsets(embeds, self._qwen_items(kwargs))
+
+    def _offsets(self, layout: TokenLayout, factor: float) -> torch.Tensor:
+        return grid_offsets(layout, factor)
+
+    def _full_positions(self, length: int, features):
+        return super().get_mrope_input_positions([0] * length, features)[0]
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        if self._tr is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        sizes = [
+            qwen_layouts(self.config, f.modality, torch.as_tensor(f.data[f"{f.modality}_grid_thw"].data).reshape(1, 3))[0].num_tokens
+            for f in sorted(mm_features, key=lambda f: f.mm_position.offset)
+        ]
+        return self._reduced_positions(len(input_tokens), mm_features, sizes)
+
+
+def grid_offsets(layout: TokenLayout, t_factor: float = 1.0) -> torch.Tensor:
+    """``[N, 3]`` t/h/w offset of every token of a Qwen item from its origin, as vLLM numbers them."""
+    t, h, w = len(layout.segments), layout.segments[0].rows, layout.segments[0].cols
+    grid = np.indices((t, h, w))
+    if t_factor != 1.0:
+        grid[0] = (grid[0] * t_factor).astype(np.int64)
+    return torch.from_numpy(grid.reshape(3, -1).T.copy()).long()
+
+
+def _register(cls, base):
+    factories = base._processor_factory
+    return MULTIMODAL_REGISTRY.register_processor(
+        _reducing_processor(factories.processor), info=factories.info, dummy_inputs=factories.dummy_inputs
+    )(cls)
+
+
+class Qwen2VLReduced(_QwenReducing, Qwen2VLForConditionalGeneration):
+    """Qwen2-VL with tokenreduce's fixed-count methods."""
+
+    _tokenreduce_family = "qwen2_vl"
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_reducer(vllm_config)
+
+
+class Qwen2_5_VLReduced(_QwenReducing, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL with tokenreduce's fixed-count methods (not together with vLLM's own EVS pruning)."""
+
+    _tokenreduce_family = "qwen2_5_vl"
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_reducer(vllm_config)
+        if self._tr is not None and self.is_multimodal_pruning_enabled:
+            raise ValueError(
+                "tokenreduce: `video_pruning_rate` (vLLM's EVS) cannot be combined with a tokenreduce method; "
+                "drop one of them"
+            )
+
+
+# ----- 1-D rotary families: LLaVA-1.5, LLaVA-OneVision ----------------------------------------------------
+def enable_position_ids(hf_config: Any) -> None:
+    """Let an engine with a reducer give a 1-D RoPE family arbitrary position ids.
+
+    vLLM numbers a 1-D family's prompt consecutively; its M-RoPE path takes positions from the model. An
+    M-RoPE section list in the text config routes the family through that path; the model gives the three
+    rows the same positions, which makes M-RoPE exactly the 1-D rotary embedding. Called in the front-end
+    (before the engine core starts) and again when the model is built; idempotent.
+    """
+    if getattr(hf_config, HF_CONFIG_KEY, None) is None:
+        return
+    text = hf_config.get_text_config()
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    if "mrope_section" in rope:
+        return
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    half = head_dim // 2
+    rope.setdefault("rope_type", "default")
+    rope["mrope_section"] = [half - 2 * (half // 4), half // 4, half // 4]
+    text.rope_parameters = rope
+
+
+class _OneDimPositions(_PositionCarrying):
+    """1-D families: the three M-RoPE rows all hold the token's 1-D position."""
+
+    supports_mrope = True
+
+    def _offsets(self, layout: TokenLayout, factor: float) -> torch.Tensor:
+        return torch.arange(layout.num_tokens)[:, None].expand(-1, 3)
+
+    def _full_positions(self, length: int, features):
+        return torch.arange(length).expand(3, -1)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        sizes = [self._full_size(f) for f in features]
+        return self._reduced_positions(len(input_tokens), features, sizes)
+
+
+# transformers 5.24 saves a CLIP / SigLIP tower as ``vision_tower.embeddings.*``; vLLM's towers read
+# ``vision_tower.vision_model.embeddings.*``.
+TOWER_NAMES = {
+    f"vision_tower.{part}.": f"vision_tower.vision_model.{part}."
+    for part in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm", "head")
+}
+
+
+class LlavaReduced(_OneDimPositions, LlavaForConditionalGeneration):
+    """LLaVA-1.5 with tokenreduce's fixed-count methods."""
+
+    _tokenreduce_family = "llava"
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_prefix={**TOWER_NAMES, **LlavaForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix}
+    )
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        enable_position_ids(vllm_config.model_config.hf_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_reducer(vllm_config)
+
+    def embed_multimodal(self, **kwargs: object):
+        embeds = super().embed_multimodal(**kwargs)
+        if self._tr is None or len(embeds) == 0:
+            return embeds
+        return self._with_offsets(embeds, [(llava_layout(self.config, int(e.shape[0])), 1.0) for e in embeds])
+
+    def _full_size(self, feature) -> int:
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side * side + int(self.config.vision_feature_select_strategy == "full")
+
+
+class LlavaOnevisionReduced(_OneDimPositions, LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision with tokenreduce's fixed-count methods on videos (images pass through)."""
+
+    _tokenreduce_family = "llava_onevision"
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_prefix={
+            **TOWER_NAMES, **LlavaOnevisionForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix,
+        }
+    )
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        enable_position_ids(vllm_config.model_config.hf_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_reducer(vllm_config)
+
+    def embed_multimodal(self, **kwargs: object):
+        embeds = super().embed_multimodal(**kwargs)
+        if self._tr is None or len(embeds) == 0:
+            return embeds
+        layouts = []
+        for modality, inp in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if modality == "video":
+                layouts += [onevision_video_layout(self.config, int(v.shape[0])) for v in inp["pixel_values_videos"]]
+            else:
+                count = len(layouts)
+                layouts += [TokenLayout.flat("image", int(e.shape[0])) for e in embeds[count : count + _num_items(inp)]]
+        return self._with_offsets(embeds, [(lay, 1.0) for lay in layouts])
+
+    def _full_size(self, feature) -> int:
+        if feature.modality != "video":
+            return feature.mm_position.length  # images are not reduced
+        frames = feature.data["pixel_values_videos"].data
+        return onevision_video_layout(self.config, int(frames.shape[0])).num_tokens
+
+
+def _num_items(inp: Any) -> int:
+    for key in ("pixel_values", "data", "image_embeds"):
+        value = inp.get(key) if hasattr(inp, "get") else None
+        if value is not None:
+            return len(value)
+    raise RuntimeError("tokenreduce: cannot count the images of a LLaVA-OneVision batch")
+
+
+Qwen2VLReduced = _register(Qwen2VLReduced, Qwen2VLForConditionalGeneration)
+LlavaOnevisionReduced = _register(LlavaOnevisionReduced, LlavaOnevisionForConditionalGeneration)
+Qwen2_5_VLReduced = _register(Qwen2_5_VLReduced, Qwen2_5_VLForConditionalGeneration)
+LlavaReduced = _register(LlavaReduced, LlavaForConditionalGeneration)
+
+ARCHITECTURES = {
+    "Qwen2VLForConditionalGeneration": Qwen2VLReduced,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLReduced,
+    "LlavaForConditionalGeneration": LlavaReduced,
+    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionReduced,
+}
