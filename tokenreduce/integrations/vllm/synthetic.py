@@ -11,6 +11,7 @@ import gc
 from collections.abc import Sequence
 from typing import Any
 
+import tokenreduce as tr
 from tokenreduce.eval.sample import Sample
 from tokenreduce.eval.synthetic.prompting import encode_batch, exact_match, parse_answer, prompt
 
@@ -44,8 +45,6 @@ def hf_answers(path: str, samples: Sequence[Sample], reduction: dict[str, Any] |
     """The parsed answer of every sample from the transformers model, wrapped with ``reduction``."""
     import torch
     import transformers as T
-
-    import tokenreduce as tr
 
     processor = T.AutoProcessor.from_pretrained(path)
     model = T.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
