@@ -31,7 +31,7 @@ LLM_TESTS = ["tests/test_llm_stage.py", "-k",
              "((forward_equals_reference or generate_equals_reference) and B3 and llava_onevision) "
              "or (forward_equals_reference and B3 and qwen2_5_vl and fastv) or (sdpa and qwen2_5_vl) "
              "or budgets or renumbered or (loss_covers and llava) or scores_equal or out_of_range or averaged "
-             "or llm_config"]
+             "or llm_config or text_only_row"]
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "metrics": (["tokenreduce/eval/metrics.py"], ["tests/metrics"]),
     "llm-select": (

@@ -210,7 +210,7 @@ def hide_columns(model, kept, prompt_len, record=None, renumber=False):
             h.remove()
 
 
-def llm_stage_reference(model, batch, layers, select, renumber=False):
+def llm_stage_reference(model, batch, layers, select, renumber=False, score_offset=1):
     """What an in-LLM pruning method's definition gives on the UNWRAPPED eager model ``model``.
 
     ``select(stage, attention, visual, text, row)`` returns, of the row's remaining ``visual`` columns, those
@@ -231,7 +231,7 @@ def llm_stage_reference(model, batch, layers, select, renumber=False):
     for stage, layer in enumerate(layers):
         with hide_columns(model, kept, prompt_len, renumber=renumber) if kept else nullcontext(), torch.no_grad():
             attentions = model(**batch, output_attentions=True).attentions
-        current = [torch.as_tensor(sorted(select(stage, attentions[layer - 1][r], current[r], text[r], r)),
+        current = [torch.as_tensor(sorted(select(stage, attentions[layer - score_offset][r], current[r], text[r], r)),
                                    dtype=torch.long) for r in range(ids.shape[0])]
         kept_visual[layer] = current
         kept[layer] = [torch.cat([text[r], current[r]]) for r in range(ids.shape[0])]

@@ -18,7 +18,15 @@ from tokenreduce.core.api import get_handle
 from tokenreduce.core.llm import LLMContext
 from tokenreduce.plugins.baselines.fastv import FastVConfig, FastVMethod
 from tokenreduce.plugins.baselines.pdrop import PDropConfig
-from tokenreduce.testing.tiny import FAMILIES, IMAGE_TOKEN, VIDEO_TOKEN, default_rows, tiny_batch, tiny_model
+from tokenreduce.testing.tiny import (
+    FAMILIES,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    RowSpec,
+    default_rows,
+    tiny_batch,
+    tiny_model,
+)
 
 from .reference import hide_columns, llm_stage_reference, visual_tokens
 
@@ -88,15 +96,19 @@ def _atp_select(options, grid):
     def select(stage, attention, visual, text, row):
         att = attention.double().mean(0)
         n = visual.numel()
+        if n == 0:  # a row without visual tokens keeps none
+            return []
         vis = visual.tolist()
         # self: mean over all visual queries, rescaled by how many of them see each key (causal)
         self_imp = att[visual][:, visual].mean(0) * n / torch.arange(n, 0, -1, dtype=torch.float64)
         self_imp = self_imp / self_imp.sum() * n
         cross = att[text][:, visual].mean(0)
         cross = cross / cross.sum() * n
-        scores = torch.log(0.5 * self_imp + 0.5 * cross).tolist()
+        weight = options.get("self_weight", 0.5)
+        scores = torch.log(weight * self_imp + (1 - weight) * cross).tolist()
         keep = options["keep"][stage]
-        threshold = statistics.fmean(scores) + NormalDist().inv_cdf(1 - keep) * statistics.stdev(scores)
+        spread = statistics.stdev(scores) if n > 1 else 0.0
+        threshold = statistics.fmean(scores) + NormalDist().inv_cdf(1 - keep) * spread
         rate = options["spatial_rates"][stage]
         stride = round(1 / math.sqrt(rate)) if rate > 0 else 0
         out = []
@@ -121,7 +133,9 @@ def reference_run(model, batch, method, options=None, renumber=False):
     else:
         select = _fastv_pdrop_select(options, n_input)
     layers = options["layers"] if "layers" in options else (options["layer"],)
-    return llm_stage_reference(model, batch, layers, select, renumber=renumber)
+    # ATP's score_layer="current" scores with layer K's own attention, the others with layer K-1's
+    offset = 0 if options.get("score_layer") == "current" else 1
+    return llm_stage_reference(model, batch, layers, select, renumber=renumber, score_offset=offset)
 
 
 @contextmanager
@@ -415,3 +429,27 @@ def test_llm_config_top_visual_ties_go_to_the_lower_column():
                      items=None, original_visual=[6, 0], capture=None)
     kept = top_visual(ctx, scores, 4)
     assert kept[0].tolist() == [0, 2, 4, 1] and kept[1].tolist() == []
+
+
+@pytest.mark.parametrize("method, options", [
+    ("fastv", dict(layer=2, keep=0.4)),
+    ("atp", dict(layers=(1, 3), keep=(0.5, 0.5), spatial_rates=(0.25, 0.0), score_layer="current")),
+    ("atp", dict(layers=(2, 4), keep=(0.4, 0.6), spatial_rates=(0.0, 0.0), self_weight=0.25)),
+], ids=["fastv-no-cache", "atp-current-layer", "atp-self-weight"])
+def test_without_cache_and_with_a_text_only_row(models, method, options):
+    """Scores from keys projected afresh (no cache to read them from, or layer K's own projections), a
+    batch row with no visual token at all: kept sets, counts and every logit equal the definition's."""
+    eager, _ = models["llava_onevision"]
+    rows = [*default_rows("llava_onevision", video=True), RowSpec(prefix=5, suffix=4, seed=9)]
+    batch = tiny_batch(eager, rows)
+    with wrapped(eager, method, **options):
+        logits = eager(**batch, use_cache=False).logits
+        columns, samples = _kept_columns(eager), tr.stats(eager).last
+    reference, kept = reference_run(eager, batch, method, options)
+    got = _visual_kept(columns, batch)
+    for layer in kept:
+        for r in range(len(rows)):
+            assert got[layer][r].tolist() == kept[layer][r].tolist(), f"stage {layer} row {r}"
+            assert samples[r].layers[layer] == kept[layer][r].numel()
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
