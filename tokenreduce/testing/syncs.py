@@ -16,8 +16,8 @@ Two interception layers: a ``TorchDispatchMode`` sees the aten ops (``_local_sca
 and a ``TorchFunctionMode`` sees the Python-level reads that dispatch nothing on a CPU tensor
 (``.tolist()``, ``.cpu()``, ``.numpy()``). Counts are strict: an op on a tensor that would stay on the
 host on a GPU counts too. Code that deliberately reads host-only tensors (layouts built from Python ints)
-marks the block with :func:`host_only`; the GPU check under ``set_sync_debug_mode`` is what confirms such a
-block touches no device tensor.
+marks the block with :func:`~tokenreduce.core.hostsync.host_only`; the GPU check under
+``set_sync_debug_mode`` is what confirms such a block touches no device tensor.
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ from __future__ import annotations
 import os
 import traceback
 from collections import Counter
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from tokenreduce.core.hostsync import HOST_ONLY, host_only
+
+__all__ = ["SyncCounter", "SyncEvent", "classify", "count_syncs", "host_only"]
 
 aten = torch.ops.aten
 
@@ -48,21 +50,6 @@ _UNIQUE_PREFIXES = ("unique", "_unique")
 _INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 _REPEAT = {aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor}
 _HOST_READS = {"tolist", "cpu", "numpy"}
-
-_host_only: ContextVar[bool] = ContextVar("tokenreduce_host_only", default=False)
-
-
-@contextmanager
-def host_only():
-    """Mark a block that reads host-resident tensors only (layout tables built from Python ints): the
-    :class:`SyncCounter` does not count what it does. On a GPU such reads are not syncs; the GPU check
-    (``benchmarks/gpu_check.sh``, ``set_sync_debug_mode``) verifies it."""
-    token = _host_only.set(True)
-    try:
-        yield
-    finally:
-        _host_only.reset(token)
-
 
 @dataclass
 class SyncEvent:
@@ -141,7 +128,7 @@ class SyncCounter:
     events: list[SyncEvent] = field(default_factory=list)
 
     def _record(self, op: str) -> None:
-        if _host_only.get():
+        if HOST_ONLY.get():
             return
         self.events.append(SyncEvent(op, _caller() if self.trace else ""))
 
