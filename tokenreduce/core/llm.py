@@ -49,14 +49,17 @@ class AttentionCapture:
     cos: torch.Tensor
     sin: torch.Tensor
     keys: torch.Tensor | None = None  # post-RoPE keys [B, Hkv, L, d] (from the cache when there is one)
+    projected: torch.Tensor | None = None  # the layer's own q_proj output [B, L, Hq * d], when captured
 
     def query_states(self, columns: torch.Tensor) -> torch.Tensor:
         """Post-RoPE queries ``[B, Hq, Q, d]`` of the tokens at ``columns: [B, Q]``."""
         attn = self.module
-        idx = columns[..., None].expand(-1, -1, self.hidden.shape[-1])
-        h = torch.gather(self.hidden, 1, idx)
+        if self.projected is not None:  # what the layer computed: no second projection
+            h = torch.gather(self.projected, 1, columns[..., None].expand(-1, -1, self.projected.shape[-1]))
+        else:
+            h = attn.q_proj(torch.gather(self.hidden, 1, columns[..., None].expand(-1, -1, self.hidden.shape[-1])))
         b, q, _ = h.shape
-        states = attn.q_proj(h).view(b, q, -1, attn.head_dim).transpose(1, 2)
+        states = h.view(b, q, -1, attn.head_dim).transpose(1, 2)
         if getattr(attn, "q_norm", None) is not None:
             states = attn.q_norm(states)
         cos = torch.gather(self.cos, 1, columns[..., None].expand(-1, -1, self.cos.shape[-1]))
@@ -176,6 +179,7 @@ class _Call:
     mask2d: torch.Tensor | None
     position_ids: torch.Tensor | None
     captures: dict[int, AttentionCapture] = field(default_factory=dict)
+    projected: dict[int, torch.Tensor] = field(default_factory=dict)  # layer K-1's q_proj output, by K
     kwargs_by_layer: dict[int, dict[str, Any]] = field(default_factory=dict)
     dropped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (orig cols [B,n], hidden)
 
@@ -202,6 +206,8 @@ class LLMStage:
         for k in self.prune_layers:
             attn = self.layers[k - 1].self_attn
             h.register_hook(attn.register_forward_hook(self._capture_hook(k), with_kwargs=True))
+            if isinstance(getattr(attn, "q_proj", None), nn.Module):
+                h.register_hook(attn.q_proj.register_forward_hook(self._query_hook(k)))
         first = self.prune_layers[0]
         for i in range(first, len(self.layers)):
             h.register_hook(self.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
@@ -239,7 +245,19 @@ class LLMStage:
                 keys = cache.layers[module.layer_idx].keys
                 if keys is not None and keys.shape[2] != hidden.shape[1]:
                     keys = None
-            call.captures[k] = AttentionCapture(module, hidden, cos, sin, keys)
+            projected = call.projected.pop(k, None)
+            if projected is not None and projected.shape[:2] != hidden.shape[:2]:
+                projected = None
+            call.captures[k] = AttentionCapture(module, hidden, cos, sin, keys, projected)
+            return None
+
+        return hook
+
+    def _query_hook(self, k: int):
+        def hook(module, args, output):
+            call = self.call
+            if call is not None and call.prefill:
+                call.projected[k] = output
             return None
 
         return hook
