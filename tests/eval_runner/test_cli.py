@@ -97,7 +97,9 @@ def test_bench_runs_the_shared_prefill_benchmark(tmp_path, monkeypatch, capsys):
     assert [r["method"] for r in report["rows"]] == ["full", "pool-64"]
     pool = report["rows"][1]
     assert pool["visual_tokens_layer_mean"] == 64 and pool["kv_cache_ratio"] < 0.5
-    assert "pool-64" in capsys.readouterr().out
+    assert pool["direct"]["visual_tokens"] == 64 and pool["direct"]["prefill_ms"] > 0 and pool["of_direct"] > 0
+    printed = capsys.readouterr().out
+    assert "pool-64" in printed and "direct 64" in printed
 
 
 def test_show_plots_the_entropy_of_an_ares_run(synthetic_models, tmp_path, capsys):

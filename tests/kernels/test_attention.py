@@ -148,3 +148,51 @@ def test_causal_query_positions_match_twin_and_loops(device, dtype):
             logits = torch.einsum("hd,hsd->hs", qf[b, :, i], kf[b]) / math.sqrt(D)
             expected += torch.softmax(logits.masked_fill(~allowed, -math.inf), -1).mean(0) / Q
         assert_close(want[b].cpu().double(), expected, 1e-3 if dtype == F16 else 1e-5, 1e-3, name=f"loops row {b}")
+
+
+def _full_matrix(q, k, scale, key_mask=None, query_mask=None, query_positions=None):
+    """The whole ``[B, Hq, Q, S]`` probability matrix at once, in float64: the reference the streaming
+    twin and the Triton kernel must match."""
+    B, Hq, Q, _ = q.shape
+    S = k.shape[2]
+    kf = k.double().cpu().repeat_interleave(Hq // k.shape[1], dim=1)
+    logits = torch.einsum("bhqd,bhsd->bhqs", q.double().cpu(), kf) * scale
+    allowed = torch.ones(B, Q, S, dtype=torch.bool)
+    if key_mask is not None:
+        allowed &= key_mask.cpu()[:, None, :]
+    if query_positions is not None:
+        allowed &= torch.arange(S)[None, None, :] <= query_positions.cpu()[:, :, None]
+    probs = torch.softmax(logits.masked_fill(~allowed[:, None], -math.inf), -1).nan_to_num(0.0)
+    weight = torch.ones(B, Q, dtype=torch.float64) if query_mask is None else query_mask.cpu().double()
+    weight = weight / weight.sum(1, keepdim=True).clamp_min(1.0)
+    return (probs * weight[:, None, :, None]).sum(2).mean(1)
+
+
+def _atp_case(B, Hq, Hkv, Q, S, D, dtype, device):
+    """Every visual token as a causal query against the whole sequence (ATP's self-modality score)."""
+    q = randn(B, Hq, Q, D, dtype=dtype, device=device, scale=2.0)
+    k = randn(B, Hkv, S, D, dtype=dtype, device=device, scale=2.0)
+    start = torch.tensor([5, 9][:B], device=device)
+    positions = start[:, None] + torch.arange(Q, device=device)[None]
+    key_mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    key_mask[1:, :4] = False  # left padding of the second row
+    query_mask = torch.ones(B, Q, dtype=torch.bool, device=device)
+    query_mask[1:, Q - 7 :] = False  # that row has fewer visual tokens
+    return q, k, dict(key_mask=key_mask, query_mask=query_mask, query_positions=positions)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["fp32", "fp16", "bf16"])
+def test_streaming_twin_matches_full_matrix(dtype):
+    q, k, masks = _atp_case(2, 8, 4, 150, 190, 32, dtype, "cpu")
+    want = _full_matrix(q, k, 32**-0.5, **masks)
+    for chunk in (8 * 190, 8 * 190 * 37, None):  # one query per chunk, ragged chunks, the default
+        got = naive.attention_importance(q, k, scale=32**-0.5, chunk_elements=chunk, **masks)
+        assert_close(got.double(), want, 1e-6, 1e-5, name=f"chunk {chunk}")
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
+def test_triton_streaming_matches_full_matrix(device, dtype):
+    q, k, masks = _atp_case(2, 4, 2, 100, 140, 32, dtype, device)
+    with use_backend("triton"):
+        got = attention_importance(q, k, **masks)
+    assert_close(got.cpu().double(), _full_matrix(q, k, 32**-0.5, **masks), 1e-6, 1e-4, name="triton vs full")

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.layout import Segment, TokenLayout
 
 from .base import Adapter
@@ -22,7 +23,16 @@ def anyres_layouts(adapter: Adapter, inputs: dict[str, Any], pack, num_patches: 
     """
     side = vision_grid_side(adapter.config.vision_config)
     image_sizes = inputs["image_sizes"]
-    sizes = [tuple(int(v) for v in image_sizes[i]) for i in range(len(num_patches))]
+    # One read of the sizes (the model's own anyres path reads them too); everything after runs on
+    # host tensors built here.
+    listed = host_sizes(adapter, image_sizes)
+    sizes = [tuple(int(v) for v in listed[i]) for i in range(len(num_patches))]
+    with host_only():
+        return _anyres_layouts(adapter, pack, num_patches, side, sizes, torch.tensor(listed))
+
+
+def _anyres_layouts(adapter: Adapter, pack, num_patches: list[int], side: int, sizes: list[tuple[int, int]],
+                    sizes_arg: torch.Tensor) -> list[TokenLayout]:
     fake = []
     for size, n in zip(sizes, num_patches):
         rr, cc = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
@@ -33,7 +43,6 @@ def anyres_layouts(adapter: Adapter, inputs: dict[str, Any], pack, num_patches: 
             offset_r, offset_c = (k // grid_w) * side, (k % grid_w) * side
             crops.append(torch.stack([torch.ones(side, side), rr + offset_r, cc + offset_c], dim=-1).view(side * side, 3))
         fake.append(torch.stack(crops).float())
-    sizes_arg = image_sizes.cpu() if torch.is_tensor(image_sizes) else image_sizes
     packed, _ = pack(fake, sizes_arg, torch.full((3,), -1.0))
     layouts = []
     for size, tokens, n_patches in zip(sizes, packed, num_patches):
@@ -78,9 +87,22 @@ def _crop_grid(adapter: Adapter, image_size: tuple[int, int]) -> tuple[int, int]
     )
 
 
+def host_sizes(adapter: Adapter, image_sizes) -> list[list[int]]:
+    """``image_sizes`` as Python lists, read from the device once per tensor (the layouts and the patch
+    counts both need them; the last tensor read is remembered on the adapter)."""
+    if not torch.is_tensor(image_sizes):
+        return [[int(v) for v in s] for s in image_sizes]
+    memo = getattr(adapter, "_host_sizes", None)
+    if memo is None or memo[0] is not image_sizes:
+        memo = (image_sizes, image_sizes.tolist())
+        adapter._host_sizes = memo
+    return memo[1]
+
+
 def num_anyres_patches(adapter: Adapter, image_sizes, need_patching: list[bool] | None = None) -> list[int]:
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+    image_sizes = host_sizes(adapter, image_sizes)
     need_patching = need_patching or [True] * len(image_sizes)
     return [
         image_size_to_num_patches(

@@ -26,10 +26,11 @@ from tokenreduce.adapters import get_adapter
 from tokenreduce.adapters.base import PIXEL_KEYS, Adapter
 from tokenreduce.core.config import MethodConfig
 from tokenreduce.core.flops import Geometry
+from tokenreduce.core.hostsync import require
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import MethodSpec, get_method
-from tokenreduce.core.sequence import column_index, gather_columns, padding_mask
+from tokenreduce.core.sequence import gather_columns
 from tokenreduce.core.stats import ItemStats, SampleStats, Stats, timer
 
 HANDLE_ATTR = "_tokenreduce_handle"
@@ -90,6 +91,8 @@ class ModelHandle:
         self._in_generate = False
         self._warned: set[str] = set()
         self._preparing_generate = False
+        # Text tokens per row of the current call when they had to be read (batched calls), else None.
+        self.text_counts: list[int] | None = None
         self._patched: list[tuple[Any, str, bool, Any]] = []
         self._hooks: list[Any] = []
         self.original_forward = model.forward
@@ -330,18 +333,22 @@ class ModelHandle:
                 )
             return inputs
         placeholders = {m: adapter.placeholder_id(m) for m in adapter.modalities}
-        counts = {m: int((input_ids == pid).sum()) for m, pid in placeholders.items()}
-        present = [m for m in adapter.modalities if counts[m] > 0]
-        missing = [m for m in present if not (adapter.has_pixels(m, inputs) or precomputed.get(m) is not None)]
-        if missing:
-            # The plain model embeds such placeholders as ordinary tokens: nothing to reduce, pass through.
-            for row, sample in enumerate(self.stats.new_call(input_ids.shape[0])):
-                for m in missing:
-                    n = int((input_ids[row] == placeholders[m]).sum())
-                    self.note(f"no_pixels:{m}", f"`input_ids` hold {m} placeholder tokens but no `{PIXEL_KEYS[m][0]}` "
-                              f"was given: nothing to reduce, the call passed through ({n} in row {row})",
-                              sample.extra)
-            return caller_inputs
+        present = [m for m in adapter.modalities if adapter.has_pixels(m, inputs) or precomputed.get(m) is not None]
+        absent = [m for m in adapter.modalities if m not in present]
+        if absent:
+            # Placeholders of a modality given no pixels: one read of their per-row counts (only when a
+            # modality the family has is absent from the call).
+            stray = torch.stack([(input_ids == placeholders[m]).sum(1) for m in absent]).tolist()
+            missing = [m for m, per_row in zip(absent, stray) if sum(per_row)]
+            if missing:
+                # The plain model embeds such placeholders as ordinary tokens: nothing to reduce, pass through.
+                for row, sample in enumerate(self.stats.new_call(input_ids.shape[0])):
+                    for m in missing:
+                        n = stray[absent.index(m)][row]
+                        self.note(f"no_pixels:{m}", f"`input_ids` hold {m} placeholder tokens but no "
+                                  f"`{PIXEL_KEYS[m][0]}` was given: nothing to reduce, the call passed through "
+                                  f"({n} in row {row})", sample.extra)
+                return caller_inputs
         if not present:
             return caller_inputs
 
@@ -351,13 +358,12 @@ class ModelHandle:
         samples = self.stats.new_call(input_ids.shape[0])
         geometry = Geometry.from_config(adapter.text_config)
         visual_per_row = sum((input_ids == pid).long() for pid in placeholders.values())
-        text_per_row = ((attention_mask != 0).long() - visual_per_row).sum(1).tolist()
-        for s, t in zip(samples, text_per_row):
-            s.geometry, s.text_tokens = geometry, int(t)
+        text_per_row = ((attention_mask != 0).long() - visual_per_row).sum(1)
+        for r, s in enumerate(samples):
+            s.geometry, s.text_tokens = geometry, text_per_row[r]  # read when the stats are
         reduce = self.reduces_before_llm and any(m in self.modalities for m in present)
 
-        features, items, reductions = {}, [], {}
-        coords = {m: (input_ids == placeholders[m]).nonzero() for m in present}
+        features, items, reductions, coords, found = {}, [], {}, {}, {}
         reduced_in_tower = getattr(self.method, "changes_encoder_output", False)
         for m in present:
             signals = None
@@ -369,7 +375,12 @@ class ModelHandle:
             layouts = self._layouts(m, inputs, n_items)
             if self.vision_stage is not None and m in features and precomputed.get(m) is None:
                 signals = self.vision_stage.signals(m, layouts)
-            items_m, reds = self._reduce_items(m, layouts, features.get(m), coords[m], inputs, samples, signals)
+            layouts, coords[m] = self._placeholders(m, layouts, features.get(m), input_ids == placeholders[m])
+            found[m] = (layouts, signals)
+        rows, self.text_counts = self._rows(coords, found, text_per_row)
+        for m in present:
+            layouts, signals = found[m]
+            items_m, reds = self._reduce_items(m, layouts, features.get(m), coords[m], inputs, samples, signals, rows[m])
             items.extend(items_m)
             reductions[m] = reds
 
@@ -381,9 +392,8 @@ class ModelHandle:
 
         with timer(input_ids.device) as t:
             inputs = self._rebuild(inputs, input_ids, attention_mask, items, coords, features, reductions, precomputed)
-        share = t["ms"] / max(1, len(samples))
         for s in samples:
-            s.extra["bookkeeping_ms"] = share
+            s.extra["bookkeeping_ms"] = t.share(len(samples))
         return inputs
 
     def _layouts(self, modality: str, inputs: dict[str, Any], counts: list[int] | None) -> list[TokenLayout]:
@@ -410,29 +420,55 @@ class ModelHandle:
         finally:
             stage.set_enabled(False)
 
-    def _reduce_items(self, modality, layouts, features, coords, inputs, samples, signals=None):
-        """Run the method on every item of one modality; ``columns`` hold placeholder offsets for now."""
+    def _placeholders(self, modality, layouts, features, is_placeholder):
+        """The item layouts (flat where the encoder's counts differ from the layout's) and the ``[T, 2]``
+        (row, column) of the modality's ``T`` placeholders, ``T`` known from the layouts or features:
+        found without the host reading the ids; the count check runs on the device."""
         total = sum(lay.num_tokens for lay in layouts)
+        count = is_placeholder.sum()
         if features is not None and not getattr(self.method, "changes_encoder_output", False):
             counts = [int(f.shape[0]) for f in features]
-            if sum(counts) != coords.shape[0]:
-                raise ValueError(
-                    f"{modality} features and {modality} placeholder tokens do not match: the encoder gave "
-                    f"{sum(counts)} tokens, `input_ids` hold {coords.shape[0]} placeholders"
-                )
+            require(count == sum(counts), lambda: (
+                f"{modality} features and {modality} placeholder tokens do not match: the encoder gave "
+                f"{sum(counts)} tokens, `input_ids` hold {int(count)} placeholders"))
             layouts = [
                 lay if lay.num_tokens == n else TokenLayout.flat(modality, n) for lay, n in zip(layouts, counts)
             ]
             total = sum(counts)
-        if total != coords.shape[0]:
-            raise ValueError(
-                f"{modality} layout expects {total} tokens but `input_ids` hold {coords.shape[0]} placeholders"
-            )
+        require(count == total, lambda: (
+            f"{modality} layout expects {total} tokens but `input_ids` hold {int(count)} placeholders"))
+        return layouts, torch.nonzero_static(is_placeholder, size=total)
+
+    def _rows(self, coords, found, text_per_row):
+        """Per modality, the batch row of each item, and per row its text tokens (padding excluded).
+
+        With one row, every item is in row 0 and the row's padding stays in the rebuilt sequence (its
+        text count is then not needed: nothing is read). With several, both are read from the device
+        in one transfer: the one host wait of a batched call, which the lengths of the rebuilt rows need.
+        """
+        if text_per_row.shape[0] == 1:
+            return {m: [0] * len(found[m][0]) for m in coords}, None
+        starts = {}
+        for m, (layouts, _) in found.items():
+            offsets = [0]
+            for lay in layouts[:-1]:
+                offsets.append(offsets[-1] + lay.num_tokens)
+            starts[m] = offsets
+        device = text_per_row.device
+        firsts = [coords[m][torch.tensor(starts[m], dtype=torch.long, device=device), 0] for m in coords]
+        values = torch.cat([*firsts, text_per_row]).tolist()
+        rows, at = {}, 0
+        for m in coords:
+            rows[m], at = values[at : at + len(starts[m])], at + len(starts[m])
+        return rows, values[at:]
+
+    def _reduce_items(self, modality, layouts, features, coords, inputs, samples, signals, rows):
+        """Run the method on every item of one modality; ``columns`` hold placeholder offsets for now."""
         act = features is not None and modality in self.modalities and self.reduces_before_llm
         items, reductions, offset = [], [], 0
         for i, layout in enumerate(layouts):
             n = layout.num_tokens
-            row = int(coords[offset, 0])
+            row = rows[i]
             offsets = torch.arange(offset, offset + n, device=coords.device)
             if act:
                 ctx = ReduceContext(
@@ -443,7 +479,7 @@ class ModelHandle:
                 with timer(features[i].device) as t:
                     red = self._reduce_one(features[i], ctx)
                 _check_reduction(self.spec.name, red, n)
-                ms = t["ms"]
+                ms = t
             else:
                 red = Reduction(sources=torch.arange(n, device=coords.device))
                 ms = 0.0
@@ -492,27 +528,35 @@ class ModelHandle:
 
     def _rebuild(self, inputs, input_ids, attention_mask, items, coords, features, reductions, precomputed):
         adapter = self.adapter
-        batch = input_ids.shape[0]
-        is_visual = torch.zeros_like(input_ids, dtype=torch.bool)
+        batch, length = input_ids.shape
+        device = input_ids.device
+        # How many times each original column appears in the new sequence: once for a text column, as
+        # often as the method kept it for a visual one. Every size is known on the host (row lengths from
+        # the reductions' shapes), so the index is built without reading the device.
+        keep_padding = self.text_counts is None
+        copies = torch.ones_like(input_ids, dtype=torch.long) if keep_padding else (attention_mask != 0).long()
+        lengths = [length] * batch if keep_padding else list(self.text_counts)
         for m in coords:
-            is_visual[coords[m][:, 0], coords[m][:, 1]] = True
-        keep_text = (attention_mask != 0) & ~is_visual
-        per_row: list[list[torch.Tensor]] = [[keep_text[r].nonzero().flatten()] for r in range(batch)]
+            copies[coords[m][:, 0], coords[m][:, 1]] = 0
+            if keep_padding:
+                lengths[0] -= coords[m].shape[0]
         for it in items:
             it.columns = coords[it.modality][it.columns, 1]
-            per_row[it.row].append(it.columns)
-        columns = [torch.sort(torch.cat(c), stable=True).values for c in per_row]
-        index = column_index(columns, device=input_ids.device)
-        new_mask = padding_mask(index).to(attention_mask.dtype)
+            copies[it.row].index_add_(0, it.columns, torch.ones_like(it.columns))
+            lengths[it.row] += it.columns.numel()
+        width = max(lengths)
+        index = torch.full((batch, width), -1, dtype=torch.long, device=device)
+        columns = torch.arange(length, device=device)
+        for r, n in enumerate(lengths):
+            index[r, width - n :] = torch.repeat_interleave(columns, copies[r], output_size=n)
+        new_mask = gather_columns(attention_mask, index, 0)
 
         # Where each item's tokens landed in the new sequence (an item's columns are sorted; a column
         # repeated by the method appears that many times, consecutively).
+        before = copies.cumsum(1) - copies
         for it in items:
-            row_index = index[it.row]
-            valid = row_index[row_index >= 0]
-            first = torch.searchsorted(valid, it.columns)
-            rank = torch.arange(it.columns.numel(), device=index.device) - torch.searchsorted(it.columns, it.columns)
-            it.columns = first + rank + (row_index.numel() - valid.numel())
+            rank = torch.arange(it.columns.numel(), device=device) - torch.searchsorted(it.columns, it.columns)
+            it.columns = before[it.row, it.columns] + rank + (width - lengths[it.row])
 
         if self.config.renumber_positions:
             positions = adapter.sequential_positions(new_mask)
@@ -600,8 +644,11 @@ def _load_wrapped(config: MethodConfig, enabled: bool, model: nn.Module, state: 
 
 
 def _check_reduction(name: str, red: Reduction, n: int) -> None:
-    if red.sources.dim() != 1 or (red.sources.numel() and (int(red.sources.min()) < 0 or int(red.sources.max()) >= n)):
+    if red.sources.dim() != 1:
         raise RuntimeError(f"method {name!r} returned source indices outside [0, {n})")
+    if red.sources.numel():
+        inside = ((red.sources >= 0) & (red.sources < n)).all()
+        require(inside, lambda: f"method {name!r} returned source indices outside [0, {n})", RuntimeError)
     if red.features is not None and red.features.shape[0] != red.sources.numel():
         raise RuntimeError(
             f"method {name!r} returned {red.features.shape[0]} features for {red.sources.numel()} sources"

@@ -49,14 +49,17 @@ class AttentionCapture:
     cos: torch.Tensor
     sin: torch.Tensor
     keys: torch.Tensor | None = None  # post-RoPE keys [B, Hkv, L, d] (from the cache when there is one)
+    projected: torch.Tensor | None = None  # the layer's own q_proj output [B, L, Hq * d], when captured
 
     def query_states(self, columns: torch.Tensor) -> torch.Tensor:
         """Post-RoPE queries ``[B, Hq, Q, d]`` of the tokens at ``columns: [B, Q]``."""
         attn = self.module
-        idx = columns[..., None].expand(-1, -1, self.hidden.shape[-1])
-        h = torch.gather(self.hidden, 1, idx)
+        if self.projected is not None:  # what the layer computed: no second projection
+            h = torch.gather(self.projected, 1, columns[..., None].expand(-1, -1, self.projected.shape[-1]))
+        else:
+            h = attn.q_proj(torch.gather(self.hidden, 1, columns[..., None].expand(-1, -1, self.hidden.shape[-1])))
         b, q, _ = h.shape
-        states = attn.q_proj(h).view(b, q, -1, attn.head_dim).transpose(1, 2)
+        states = h.view(b, q, -1, attn.head_dim).transpose(1, 2)
         if getattr(attn, "q_norm", None) is not None:
             states = attn.q_norm(states)
         cos = torch.gather(self.cos, 1, columns[..., None].expand(-1, -1, self.cos.shape[-1]))
@@ -85,7 +88,8 @@ class LLMContext:
         visual: per row, the columns of the row's visual tokens (ascending).
         visual_tokens: per row, ``[Nv, 2]``: (batch item index, token index inside that item's layout) of
             each visual column; ``items[i].layout`` gives rows/cols/frames for spatial methods.
-        text: per row, the columns of the row's text tokens.
+        text: per row, the columns of the row's text tokens (with one row, its padding columns too:
+            ``attention_mask`` tells them apart).
         original_visual: per row, the number of visual tokens the row had at the LLM input.
         layer_module: the decoder layer ``layer`` itself, for :meth:`at_current_layer`.
     """
@@ -145,7 +149,8 @@ class LLMContext:
     def text_attention(self, causal: bool = True) -> torch.Tensor:
         """Attention of each row's text tokens to every key, averaged over them, ``[B, L]``."""
         cols = column_index(self.text, device=self.hidden.device)
-        return self.attention(cols.clamp_min(0), cols >= 0, causal=causal)
+        real = torch.gather(self.attention_mask, 1, cols.clamp_min(0)) != 0  # text of one row may hold padding
+        return self.attention(cols.clamp_min(0), (cols >= 0) & real, causal=causal)
 
 
 @dataclass
@@ -174,6 +179,7 @@ class _Call:
     mask2d: torch.Tensor | None
     position_ids: torch.Tensor | None
     captures: dict[int, AttentionCapture] = field(default_factory=dict)
+    projected: dict[int, torch.Tensor] = field(default_factory=dict)  # layer K-1's q_proj output, by K
     kwargs_by_layer: dict[int, dict[str, Any]] = field(default_factory=dict)
     dropped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (orig cols [B,n], hidden)
 
@@ -201,6 +207,8 @@ class LLMStage:
         for k in self.prune_layers:
             attn = self.layers[k - 1].self_attn
             h.register_hook(attn.register_forward_hook(self._capture_hook(k), with_kwargs=True))
+            if isinstance(getattr(attn, "q_proj", None), nn.Module):
+                h.register_hook(attn.q_proj.register_forward_hook(self._query_hook(k)))
         first = self.prune_layers[0]
         for i in range(first, len(self.layers)):
             h.register_hook(self.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
@@ -239,7 +247,19 @@ class LLMStage:
                 keys = cache.layers[module.layer_idx].keys
                 if keys is not None and keys.shape[2] != hidden.shape[1]:
                     keys = None
-            call.captures[k] = AttentionCapture(module, hidden, cos, sin, keys)
+            projected = call.projected.pop(k, None)
+            if projected is not None and projected.shape[:2] != hidden.shape[:2]:
+                projected = None
+            call.captures[k] = AttentionCapture(module, hidden, cos, sin, keys, projected)
+            return None
+
+        return hook
+
+    def _query_hook(self, k: int):
+        def hook(module, args, output):
+            call = self.call
+            if call is not None and call.prefill:
+                call.projected[k] = output
             return None
 
         return hook
@@ -276,16 +296,19 @@ class LLMStage:
         last = self.stages[-1]
         hidden = output.last_hidden_state
         b, length = self.original_mask.shape
-        full = hidden.new_zeros(b, length, hidden.shape[-1])
-        valid = last.columns >= 0
-        full[torch.nonzero(valid, as_tuple=True)[0], last.columns[valid]] = hidden[valid]
+        # Scatters into one spare column (``length``) that takes every padding slot, then cut off: no
+        # boolean indexing, so the host does not wait for the device.
+        full = hidden.new_zeros(b, length + 1, hidden.shape[-1])
+
+        def put(cols: torch.Tensor, states: torch.Tensor) -> None:
+            target = torch.where(cols >= 0, cols, length)
+            full.scatter_(1, target[..., None].expand(-1, -1, states.shape[-1]), states)
+
         norm = getattr(module, "norm", None)
         for cols, states in call.dropped:
-            ok = cols >= 0
-            rows = torch.nonzero(ok, as_tuple=True)[0]
-            dropped = states[ok]
-            full[rows, cols[ok]] = norm(dropped) if norm is not None else dropped
-        output.last_hidden_state = full
+            put(cols, norm(states) if norm is not None else states)
+        put(last.columns, hidden)
+        output.last_hidden_state = full[:, :length]
         return output
 
     # ----- pruning -----------------------------------------------------------------------------------
@@ -319,12 +342,15 @@ class LLMStage:
                 position_ids = kwargs.get("position_ids")
                 if position_ids is not None:
                     position_ids = position_ids.expand(*position_ids.shape[:-2], hidden.shape[0], -1)
-                visual, visual_tokens, text = _split_columns(info, mask, factor)
+                visual, visual_tokens, text = _split_columns(info, mask, factor, handle.text_counts)
                 # Assisted decoding verifies candidate tokens in the prefill itself: they are kept, and the
                 # method chooses from the prompt alone, as it does without an assistant.
                 prompt = info.attention_mask.shape[1]
-                tail = [cols[cols >= prompt] for cols in text]
-                text = [cols[cols < prompt] for cols in text]
+                if mask.shape[1] > prompt:  # (sizes known on the host: no boolean indexing otherwise)
+                    tail = [cols[cols >= prompt] for cols in text]
+                    text = [cols[cols < prompt] for cols in text]
+                else:
+                    tail = [cols[:0] for cols in text]
             else:
                 mask, columns = previous.mask, previous.columns
                 cos, sin, position_ids = previous.cos, previous.sin, previous.position_ids
@@ -352,12 +378,16 @@ class LLMStage:
             safe = index.clamp_min(0)
             new_hidden = torch.gather(hidden, 1, safe[..., None].expand(-1, -1, hidden.shape[-1]))
             new_columns = torch.where(valid, torch.gather(columns, 1, safe), -1)
-            new_mask = valid.long()
-            # Record what is dropped (for restoring the length outside generate).
-            kept_flag = torch.zeros_like(mask, dtype=torch.bool)
-            kept_flag.scatter_(1, safe, valid)
-            dropped_pos = column_index([(~kept_flag[r]).nonzero().flatten() for r in range(mask.shape[0])],
-                                       device=hidden.device)
+            new_mask = torch.where(valid, torch.gather(mask, 1, safe), 0).long()  # text may hold padding
+            # Record what is dropped (for restoring the length outside generate): the visual columns not
+            # kept, first in a stable sort of the kept flags (their count is known: no nonzero).
+            dropped_rows = []
+            for r in range(mask.shape[0]):
+                kept_flag = torch.zeros(visual[r].numel(), dtype=torch.uint8, device=hidden.device)
+                kept_flag[keep[r].to(hidden.device).long()] = 1
+                order = torch.sort(kept_flag, stable=True).indices[: visual[r].numel() - keep[r].numel()]
+                dropped_rows.append(visual[r][order])
+            dropped_pos = column_index(dropped_rows, device=hidden.device)
             dsafe = dropped_pos.clamp_min(0)
             dropped_cols = torch.where(dropped_pos >= 0, torch.gather(columns, 1, dsafe), -1)
             call.dropped.append((dropped_cols, torch.gather(hidden, 1, dsafe[..., None].expand(-1, -1, hidden.shape[-1]))))
@@ -370,16 +400,17 @@ class LLMStage:
                 new_pos = None if position_ids is None else _gather_positions(position_ids, safe, valid)
             # Map visual/text columns into the new sequence.
             new_visual, new_text, new_tail = [], [], []
+            width = torch.arange(index.shape[1], device=hidden.device)
             for r in range(mask.shape[0]):
-                lookup = torch.full((mask.shape[1],), -1, dtype=torch.long, device=hidden.device)
-                lookup[index[r][valid[r]]] = torch.nonzero(valid[r]).flatten()
+                # padding slots all write to the spare last entry, never read
+                lookup = torch.full((mask.shape[1] + 1,), -1, dtype=torch.long, device=hidden.device)
+                lookup[torch.where(valid[r], index[r], mask.shape[1])] = width
                 vis = visual[r][keep[r].to(hidden.device).long().sort().values]
                 new_visual.append(lookup[vis])
                 new_text.append(lookup[text[r]])
                 new_tail.append(lookup[tail[r]])
         self.stages.append(Stage(k, new_columns, new_mask, cos, sin, new_pos, new_visual, new_visual_tok, new_text,
                                  new_tail))
-        share = t["ms"] / max(1, mask.shape[0])
         requested = handle.requested_keep(self.prune_layers.index(k))
         for r, sample in enumerate(info.samples):
             sample.layers[k] = int(new_visual[r * factor].numel())
@@ -387,7 +418,7 @@ class LLMStage:
             if requested is not None and requested > available:
                 handle.note("keep", f"`keep`={requested} is more than the {available} visual tokens row {r} holds at "
                             f"layer {k} (method {handle.spec.name!r}): all {available} kept", sample.extra)
-            sample.llm_reducer_ms += share
+            sample.llm_elapsed.append(t.share(len(info.samples)))
         return new_hidden
 
     def _rotary(self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None):
@@ -450,10 +481,13 @@ def _expansion(info, rows: int) -> int:
     return rows // batch
 
 
-def _split_columns(info, mask: torch.Tensor, factor: int = 1):
+def _split_columns(info, mask: torch.Tensor, factor: int = 1, text_counts: list[int] | None = None):
     """Per row: visual columns, their (item, token) ids, and text columns of the LLM-input sequence.
 
-    Row ``r`` of ``mask`` is the caller's row ``r // factor`` (``generate`` repeats rows for beams)."""
+    Row ``r`` of ``mask`` is the caller's row ``r // factor`` (``generate`` repeats rows for beams).
+    ``text_counts``: the caller's rows' text tokens, padding excluded (read by the handle in a batched
+    call); without them (one row) every non-visual column is text, padding included (``attention_mask``
+    tells it apart), so no count has to be read from the device."""
     visual, tokens, text = [], [], []
     for r in range(mask.shape[0]):
         cols, ids = [], []
@@ -466,7 +500,9 @@ def _split_columns(info, mask: torch.Tensor, factor: int = 1):
         order = vis.argsort()
         visual.append(vis[order])
         tokens.append(tok[order])
-        is_text = mask[r].bool().clone()
+        is_text = mask[r].bool() if text_counts is not None else torch.ones_like(mask[r], dtype=torch.bool)
+        is_text = is_text.clone()
         is_text[vis] = False
-        text.append(is_text.nonzero().flatten())
+        count = text_counts[r // factor] if text_counts is not None else mask.shape[1] - vis.numel()
+        text.append(torch.nonzero_static(is_text, size=count).flatten())
     return visual, tokens, text

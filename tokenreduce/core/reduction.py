@@ -44,8 +44,9 @@ class Reduction:
         return original.index_select(0, self.sources.to(original.device))
 
     def sorted(self) -> Reduction:
-        """The same reduction with output tokens in ascending source order (stable)."""
-        if self.sources.numel() < 2 or bool((self.sources[1:] >= self.sources[:-1]).all()):
+        """The same reduction with output tokens in ascending source order (stable). Always sorts (a
+        no-op order when already sorted): checking first would make the host wait for the device."""
+        if self.sources.numel() < 2:
             return self
         order = torch.sort(self.sources, stable=True).indices
         assignment = self.assignment

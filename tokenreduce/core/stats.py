@@ -12,15 +12,63 @@ import torch
 from tokenreduce.core.flops import Geometry
 
 
+class Elapsed:
+    """Milliseconds a timed block took, read when asked.
+
+    On CUDA the block is bracketed by two events; reading the value waits for the end event, so timing a
+    reducer never stalls the forward that runs it, only whoever reads the stats. ``share(k)`` is a
+    ``1/k`` share of it, as lazy.
+    """
+
+    __slots__ = ("_events", "_ms", "_parent", "_scale")
+
+    def __init__(self, ms: float = 0.0, events: tuple[Any, Any] | None = None,
+                 parent: Elapsed | None = None, scale: float = 1.0):
+        self._ms, self._events, self._parent, self._scale = ms, events, parent, scale
+
+    def __float__(self) -> float:
+        if self._parent is not None:
+            return float(self._parent) * self._scale
+        if self._events is not None:
+            start, end = self._events
+            end.synchronize()
+            self._ms, self._events = start.elapsed_time(end), None
+        return self._ms * self._scale
+
+    def share(self, parts: int) -> Elapsed:
+        return Elapsed(parent=self, scale=1.0 / max(1, parts))
+
+    def __repr__(self) -> str:
+        return f"Elapsed({float(self):.3f} ms)"
+
+    def __deepcopy__(self, memo: dict) -> Elapsed:
+        return Elapsed(float(self))
+
+    def __reduce__(self):
+        return Elapsed, (float(self),)
+
+
+def _ms(value: Any) -> float:
+    return float(value)
+
+
+def _lazy_int(value: Any) -> int:
+    return int(value) if torch.is_tensor(value) else value
+
+
 @dataclass
 class ItemStats:
-    """One image or video of one sample."""
+    """One image or video of one sample (``elapsed``: the reducer's time, ``reducer_ms`` once read)."""
 
     modality: str
     tokens_in: int
     tokens_out: int
-    reducer_ms: float
+    elapsed: float | Elapsed
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reducer_ms(self) -> float:
+        return _ms(self.elapsed)
 
 
 @dataclass
@@ -34,10 +82,25 @@ class SampleStats:
     layers: dict[int, int] = field(default_factory=dict)
     # Extra per-sample records (e.g. decode-stage entropy traces).
     extra: dict[str, Any] = field(default_factory=dict)
-    llm_reducer_ms: float = 0.0
-    # Text tokens of the row (everything but visual tokens) and the LLM's geometry, for FLOPs.
-    text_tokens: int = 0
+    # Time in the in-LLM reducer, one entry per pruning layer (read lazily, see Elapsed).
+    llm_elapsed: list[float | Elapsed] = field(default_factory=list)
+    # Text tokens of the row (everything but visual tokens; a 0-dim tensor until first read, so recording
+    # it never waits for the device) and the LLM's geometry, for FLOPs.
+    text_count: int | torch.Tensor = 0
     geometry: Geometry | None = None
+
+    @property
+    def text_tokens(self) -> int:
+        self.text_count = _lazy_int(self.text_count)
+        return self.text_count
+
+    @text_tokens.setter
+    def text_tokens(self, value: int | torch.Tensor) -> None:
+        self.text_count = value
+
+    @property
+    def llm_reducer_ms(self) -> float:
+        return sum(_ms(e) for e in self.llm_elapsed)
 
     @property
     def visual_tokens_in(self) -> int:
@@ -109,7 +172,8 @@ class SampleStats:
                  "reducer_ms": i.reducer_ms, **({"info": i.info} if i.info else {})}
                 for i in self.items
             ],
-            **({"extra": self.extra} if self.extra else {}),
+            **({"extra": {k: _ms(v) if isinstance(v, Elapsed) else v for k, v in self.extra.items()}}
+               if self.extra else {}),
         }
 
 
@@ -168,15 +232,20 @@ class Stats:
 
 @contextmanager
 def timer(device: torch.device | None = None):
-    """Wall time in milliseconds of the block, synchronising CUDA before reading the clock."""
-    box = {"ms": 0.0}
-    sync = device is not None and device.type == "cuda"
-    if sync:
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    """Time of the block as an :class:`Elapsed`: CUDA events on a CUDA device (nothing waits for the
+    device here), wall time on the host otherwise."""
+    if device is not None and device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        elapsed = Elapsed(events=(start, end))
+        start.record()
+        try:
+            yield elapsed
+        finally:
+            end.record()
+        return
+    elapsed = Elapsed()
+    begin = time.perf_counter()
     try:
-        yield box
+        yield elapsed
     finally:
-        if sync:
-            torch.cuda.synchronize(device)
-        box["ms"] = (time.perf_counter() - start) * 1e3
+        elapsed._ms = (time.perf_counter() - begin) * 1e3

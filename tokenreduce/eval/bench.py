@@ -19,6 +19,7 @@ full prefill. Absolute times on shared CPUs are noisy: read the ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -75,16 +76,20 @@ def build_model(size: str, dtype: torch.dtype, device: str):
     return model
 
 
-def inputs(model, device: str, dtype: torch.dtype, text_tokens: int = 40, batch: int = 1) -> dict:
-    """``batch`` prompts of 576 visual (precomputed features) and ``text_tokens`` text tokens each."""
+def inputs(model, device: str, dtype: torch.dtype, text_tokens: int = 40, batch: int = 1, visual: int = 576) -> dict:
+    """``batch`` prompts of ``visual`` visual (precomputed features) and ``text_tokens`` text tokens each.
+
+    The text is the same whatever ``visual`` is, so a prompt of fewer visual tokens is the "direct" input a
+    reduction would produce: what the unwrapped model costs on the reduced sequence.
+    """
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     g = torch.Generator().manual_seed(1)
     before = torch.randint(3, 32000, (batch, 5), generator=g)
     after = torch.randint(3, 32000, (batch, text_tokens - 5), generator=g)
-    ids = torch.cat([before, torch.full((batch, 576), IMAGE_TOKEN), after], dim=1).to(device)
+    ids = torch.cat([before, torch.full((batch, visual), IMAGE_TOKEN), after], dim=1).to(device)
     hidden = model.config.text_config.hidden_size
-    feats = [torch.randn(576, hidden, generator=g).to(device=device, dtype=dtype) for _ in range(batch)]
+    feats = [torch.randn(visual, hidden, generator=g).to(device=device, dtype=dtype) for _ in range(batch)]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
             "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=feats)}}
 
@@ -122,38 +127,63 @@ def median_ms(fn, repeats: int, warmup: int = 1, device: str = "cpu") -> float:
     return statistics.median(once_ms(fn, device) for _ in range(repeats))
 
 
-def measure_interleaved(model, batch, device: str, methods: list, repeats: int, decode_tokens: int) -> list[dict]:
+def visual_tokens_kept(model, batch, config) -> int:
+    """Visual tokens the method keeps, averaged over the LLM's layers and rounded: the size of the prompt
+    its "direct" row feeds the unwrapped model (the same FLOPs, without the reducer and the bookkeeping)."""
+    tr.wrap(model, config)
+    try:
+        with torch.no_grad():
+            tr.stats(model, reset=True)
+            model(**fresh(batch), use_cache=True, logits_to_keep=1)
+            samples = tr.stats(model).samples
+        return max(1, round(sum(s.visual_tokens_layer_mean for s in samples) / len(samples)))
+    finally:
+        tr.unwrap(model)
+
+
+def measure_interleaved(model, batch, device: str, methods: list, repeats: int, decode_tokens: int,
+                        direct: dict | None = None) -> list[dict]:
     """Time every method in rounds (one prefill and one decode measurement of each per round).
 
     On a shared machine load drifts over minutes; interleaving puts every method under the same load, and
-    each speedup is the median of per-round ratios against the full prefill of the same round.
+    each speedup is the median of per-round ratios against the full prefill of the same round. ``direct``
+    maps a method to the unwrapped model's inputs holding as many visual tokens as the method keeps; those
+    are timed in the same rounds, and the row's ``of_direct`` is the median per-round ratio of the direct
+    prefill time to the method's. ``decode_tokens=0`` skips the decode measurement.
     """
+    direct = direct or {}
 
-    def prefill():
-        return model(**fresh(batch), use_cache=True, logits_to_keep=1)
+    def prefill(b):
+        return model(**fresh(b), use_cache=True, logits_to_keep=1)
 
     def decode_ms():
+        if decode_tokens <= 0:
+            return float("nan")
         one = once_ms(lambda: model.generate(**fresh(batch), max_new_tokens=1, do_sample=False), device)
         many = once_ms(lambda: model.generate(**fresh(batch), max_new_tokens=1 + decode_tokens, do_sample=False),
                         device)
         return (many - one) / decode_tokens
 
-    times = {name: {"prefill": [], "decode": []} for name, _ in methods}
+    times = {name: {"prefill": [], "decode": [], "direct": []} for name, _ in methods}
     extra: dict[str, dict] = {}
     with torch.no_grad():
         for round_ in range(WARMUP + repeats):
             for name, config in methods:
+                if name in direct:
+                    d_ms = once_ms(functools.partial(prefill, direct[name]), device)
+                    if round_ >= WARMUP:
+                        times[name]["direct"].append(d_ms)
                 if config is not None:
                     tr.wrap(model, config)
                 try:
-                    p_ms = once_ms(prefill, device)
+                    p_ms = once_ms(lambda: prefill(batch), device)
                     d_ms = decode_ms()
                     if round_ >= WARMUP:
                         times[name]["prefill"].append(p_ms)
                         times[name]["decode"].append(d_ms)
                     if name not in extra:
                         tr.stats(model, reset=True) if config is not None else None
-                        out = prefill()
+                        out = prefill(batch)
                         extra[name] = {"kv_cache_bytes": kv_bytes(out.cache)}
                         if config is not None:
                             sample = tr.stats(model).samples[-1]
@@ -170,9 +200,14 @@ def measure_interleaved(model, batch, device: str, methods: list, repeats: int, 
     for name, _ in methods:
         t = times[name]
         row = {"method": name, "prefill_ms": statistics.median(t["prefill"]),
-               "decode_ms_per_token": statistics.median(t["decode"]), **extra[name],
+               "decode_ms_per_token": _median_or_none([d for d in t["decode"] if d == d]), **extra[name],
                "speedup": statistics.median(f / m for f, m in zip(full["prefill"], t["prefill"])),
                "decode_speedup": _median_or_none([f / m for f, m in zip(full["decode"], t["decode"]) if m > 0])}
+        if t["direct"]:
+            row["direct"] = {"visual_tokens": int(direct[name]["input_ids"].eq(IMAGE_TOKEN).sum(1)[0]),
+                             "prefill_ms": statistics.median(t["direct"]),
+                             "speedup": statistics.median(f / d for f, d in zip(full["prefill"], t["direct"]))}
+            row["of_direct"] = statistics.median(d / m for d, m in zip(t["direct"], t["prefill"]))
         rows.append(row)
     return rows
 
@@ -190,7 +225,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="auto: bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else "
                              "float32 (emulated bf16 matmuls are several times slower than fp32)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--decode-tokens", type=int, default=8)
+    parser.add_argument("--decode-tokens", type=int, default=8, help="0: no decode measurement")
+    parser.add_argument("--no-direct", action="store_true",
+                        help="skip the direct rows (the unwrapped model fed as many visual tokens as each method keeps)")
     parser.add_argument("--quick", action="store_true", help="small model for a smoke run")
     parser.add_argument("--batch", type=int, default=1, help="prompts per prefill (one image each)")
     parser.add_argument("--llm", default="0.4b", choices=["0.4b", "7b"],
@@ -225,7 +262,12 @@ def run(args: argparse.Namespace, results_dir: Path | None = None) -> int:
                "pdrop-25%": lambda: build_config("pdrop", **_pdrop(layers)),
                "atp-25%": lambda: _atp(layers), "atp-heads": lambda: _atp_heads(layers)}
     methods = [(name, configs[name]()) for name in METHODS if name == "full" or name in args.methods]
-    rows = measure_interleaved(model, batch, args.device, methods, args.repeats, args.decode_tokens)
+    direct = {}
+    if not args.no_direct:
+        for name, config in methods[1:]:
+            kept = visual_tokens_kept(model, batch, config)
+            direct[name] = inputs(model, args.device, dtype, batch=args.batch, visual=kept)
+    rows = measure_interleaved(model, batch, args.device, methods, args.repeats, args.decode_tokens, direct)
     full = rows[0]
     for row in rows[1:]:
         row["ideal_speedup"] = row["flops_full"] / row["flops"]
@@ -243,14 +285,20 @@ def run(args: argparse.Namespace, results_dir: Path | None = None) -> int:
     print(f"{device_name} ({args.device}, {args.dtype}, {torch.get_num_threads()} threads), {size} LM of {layers} layers, "
           f"batch {args.batch}, 576 visual + 40 text tokens per prompt")
     print(f"{'method':<14}{'vis/layer':>10}{'prefill ms':>12}{'speedup':>9}{'ideal':>8}{'of ideal':>10}"
-          f"{'reducer %':>11}{'decode ms/tok':>15}{'KV MiB':>9}")
+          f"{'of direct':>11}{'reducer %':>11}{'decode ms/tok':>15}{'KV MiB':>9}")
     for row in rows:
+        decode = row["decode_ms_per_token"]
         print(
             f"{row['method']:<14}{row.get('visual_tokens_layer_mean', 576):>10.1f}{row['prefill_ms']:>12.1f}"
             f"{row.get('speedup', 1.0):>9.2f}{row.get('ideal_speedup', 1.0):>8.2f}{row.get('of_ideal', 1.0):>10.1%}"
-            f"{row.get('reducer_share_of_full_prefill', 0.0):>11.2%}{row['decode_ms_per_token']:>15.1f}"
-            f"{row['kv_cache_bytes'] / 2**20:>9.1f}"
+            f"{row.get('of_direct', 1.0):>11.1%}{row.get('reducer_share_of_full_prefill', 0.0):>11.2%}"
+            f"{'-' if decode is None else f'{decode:.1f}':>15}{row['kv_cache_bytes'] / 2**20:>9.1f}"
         )
+        if "direct" in row:
+            d = row["direct"]
+            label = f"  direct {d['visual_tokens']}"
+            print(f"{label:<14}{d['visual_tokens']:>10.1f}{d['prefill_ms']:>12.1f}{d['speedup']:>9.2f}"
+                  f"{row['ideal_speedup']:>8.2f}{d['speedup'] / row['ideal_speedup']:>10.1%}")
     print(f"written to {out}")
     return 0
 

@@ -1,10 +1,19 @@
-"""Pure-torch query-key attention importance: the CPU fallback and the oracle for the Triton kernels."""
+"""Pure-torch query-key attention importance: the CPU fallback and the oracle for the Triton kernels.
+
+The twin streams over query chunks: each chunk's ``[B, Hq, c, S]`` probabilities are built, weighted and
+summed into the per-key result before the next chunk, so memory stays at ``CHUNK_ELEMENTS`` probabilities
+whatever the number of queries (ATP's self-modality score has every visual token as a query: a full
+``N x N`` matrix per head would not fit in cache at 576 tokens and grows quadratically with video).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from tokenreduce.kernels.similarity.naive import compute_dtype
+
+# Probabilities held at once per chunk (4 MiB of fp32): fits a CPU's L2 and keeps launches few on a GPU.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def query_weights(q: torch.Tensor, query_mask: torch.Tensor | None) -> torch.Tensor:
@@ -25,25 +34,37 @@ def attention_importance(
     query_mask: torch.Tensor | None = None,
     query_positions: torch.Tensor | None = None,
     per_head: bool = False,
+    chunk_elements: int | None = None,
 ) -> torch.Tensor:
     B, Hq, Q, D = q.shape
     _, Hkv, S, _ = k.shape
+    G = Hq // Hkv
     dtype = compute_dtype(q, k)
-    # Query head h reads kv head h // G: group the G query heads of a kv head along the query axis.
-    qg = q.to(dtype).reshape(B, Hkv, (Hq // Hkv) * Q, D)
-    logits = (qg @ k.to(dtype).transpose(-1, -2)).reshape(B, Hq, Q, S) * scale
-    allowed = None
-    if key_mask is not None:
-        allowed = key_mask[:, None, :].expand(B, Q, S)
-    if query_positions is not None:
-        causal = torch.arange(S, device=q.device)[None, None, :] <= query_positions[:, :, None]
-        allowed = causal if allowed is None else allowed & causal
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if allowed is not None:
-        # A query with no valid key is all -inf: softmax gives NaN; it gets zero probability instead.
-        probs = torch.where(allowed.any(-1)[:, None, :, None], probs, torch.zeros_like(probs))
-    w = query_weights(q, query_mask).to(dtype)[:, None, :, None]
-    heads = torch.where(w > 0, probs * w, torch.zeros_like(probs)).sum(2)
+    kt = k.to(dtype).transpose(-1, -2)  # [B, Hkv, D, S]
+    w = query_weights(q, query_mask).to(dtype)
+    heads = torch.zeros(B, Hq, S, device=q.device, dtype=dtype)
+    step = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, B * Hq * S))
+    keys = torch.arange(S, device=q.device)
+    for q0 in range(0, Q, step):
+        qc = q[:, :, q0 : q0 + step].to(dtype)
+        c = qc.shape[2]
+        # Query head h reads kv head h // G: group the G query heads of a kv head along the query axis.
+        logits = (qc.reshape(B, Hkv, G * c, D) @ kt).reshape(B, Hq, c, S).mul_(scale)
+        allowed = None
+        if key_mask is not None:
+            allowed = key_mask[:, None, :].expand(B, c, S)
+        if query_positions is not None:
+            causal = keys[None, None, :] <= query_positions[:, q0 : q0 + c, None]
+            allowed = causal if allowed is None else allowed & causal
+        if allowed is not None:
+            logits.masked_fill_(~allowed[:, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        wc = w[:, q0 : q0 + c]
+        use = wc > 0
+        if allowed is not None:
+            # A query with no valid key is all -inf: softmax gives NaN; it gets zero probability instead.
+            use = use & allowed.any(-1)
+        if query_mask is not None or allowed is not None:
+            probs = torch.where(use[:, None, :, None], probs, 0.0)
+        heads += (wc[:, None, None, :] @ probs).squeeze(2)
     return heads if per_head else heads.mean(1)

@@ -200,16 +200,24 @@ class ATPMethod(Method):
             ctx = ctx.at_current_layer()
         scores, features = redundancy_scores(ctx, self.self_weight, self.cross)
         theta_r, theta_s = self.thresholds(ctx, scores, features)
-        out = []
+        keeps = []
         for r, s in enumerate(scores):
-            if s.numel() == 0:
-                out.append(torch.zeros(0, dtype=torch.long, device=s.device))
-                continue
             keep = s > theta_r[r]
-            sampled = spatial_sample(ctx, r, rate)
-            spatial_score = 1.0 - rate * self.spatial_score_scale
-            keep |= sampled & (spatial_score > theta_s[r])
-            if not bool(keep.any()):
-                keep[s.argmax()] = True
-            out.append(keep.nonzero().flatten())
-        return out
+            if rate > 0:
+                sampled = spatial_sample(ctx, r, rate)
+                spatial_score = 1.0 - rate * self.spatial_score_scale
+                keep |= sampled & (spatial_score > theta_s[r])
+            if s.numel():  # nothing passed: the best-scored token stays
+                keep |= (torch.arange(s.numel(), device=s.device) == s.argmax()) & ~keep.any()
+            keeps.append(keep)
+        return _indices(keeps)
+
+
+def _indices(keeps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per row, the positions of the ``True`` entries, ascending. The counts are read from the device in one
+    transfer for all rows: the single host wait of the stage, the one that sizes what the next layers see."""
+    if not keeps:
+        return []
+    counts = torch.stack([k.sum() for k in keeps]).tolist()
+    # stable sort puts the kept positions first, in their original order
+    return [torch.sort((~k).to(torch.uint8), stable=True).indices[:n] for k, n in zip(keeps, counts)]

@@ -8,6 +8,7 @@ reconstructed is in the package docstring; every reconstructed constant is a con
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 
@@ -37,21 +38,28 @@ def redundancy_scores(
     features (mean log self / cross importance) for threshold heads.
     """
     device = ctx.hidden.device
-    visual_cols = column_index(ctx.visual, device=device)
-    self_attn = ctx.attention(visual_cols.clamp_min(0), visual_cols >= 0)
+    visual_cols = column_index([c.to(device) for c in ctx.visual], device=device)
+    valid = visual_cols >= 0
+    self_attn = ctx.attention(visual_cols.clamp_min(0), valid)
     cross_attn = ctx.text_attention(causal=cross == "text")
-    rows, features = [], []
-    for r, cols in enumerate(ctx.visual):
-        n = max(1, cols.numel())
-        seen_by = torch.arange(n, 0, -1, device=device, dtype=self_attn.dtype)  # visual queries at or after each key
-        s_self = self_attn[r, cols] * n / seen_by
-        s_self = s_self / s_self.sum().clamp_min(EPS) * n
-        s_cross = cross_attn[r, cols] / cross_attn[r, cols].sum().clamp_min(EPS) * n
-        combined = self_weight * s_self + (1.0 - self_weight) * s_cross
-        rows.append(torch.log(combined.clamp_min(EPS)))
-        features.append(torch.stack([torch.log(s_self.clamp_min(EPS)).mean(), torch.log(s_cross.clamp_min(EPS)).mean()])
-                        if cols.numel() else torch.zeros(2, device=device))
-    return rows, torch.stack(features) if features else torch.zeros(0, 2, device=device)
+    # All rows at once on the left-padded [B, Nmax] visual columns: no per-row host work.
+    counts = [int(c.numel()) for c in ctx.visual]  # shapes, known on the host
+    width = visual_cols.shape[1]
+    n = torch.tensor([max(1, c) for c in counts], device=device, dtype=self_attn.dtype)[:, None]
+    pad = torch.tensor([width - c for c in counts], device=device)[:, None]
+    rank = torch.arange(width, device=device)[None] - pad  # position among the row's visual tokens
+    seen_by = (n - rank).clamp_min(1)  # visual queries at or after each key
+    safe = visual_cols.clamp_min(0)
+    s_self = torch.gather(self_attn, 1, safe).masked_fill(~valid, 0.0) * n / seen_by
+    s_self = s_self / s_self.sum(1, keepdim=True).clamp_min(EPS) * n
+    s_cross = torch.gather(cross_attn, 1, safe).masked_fill(~valid, 0.0)
+    s_cross = s_cross / s_cross.sum(1, keepdim=True).clamp_min(EPS) * n
+    combined = torch.log((self_weight * s_self + (1.0 - self_weight) * s_cross).clamp_min(EPS))
+    vf = valid.to(combined.dtype)
+    mean_log = lambda x: (torch.log(x.clamp_min(EPS)) * vf).sum(1) / vf.sum(1).clamp_min(1.0)  # noqa: E731
+    features = torch.stack([mean_log(s_self), mean_log(s_cross)], dim=1)
+    rows = [combined[r, width - c :] for r, c in enumerate(counts)]
+    return rows, features
 
 
 def spatial_sample(ctx: LLMContext, row: int, rate: float) -> torch.Tensor:
@@ -61,20 +69,22 @@ def spatial_sample(ctx: LLMContext, row: int, rate: float) -> torch.Tensor:
     sampled. Returns a bool mask over ``ctx.visual[row]``.
     """
     tokens = ctx.visual_tokens[row]
-    out = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     if rate <= 0 or tokens.numel() == 0:
-        return out
+        return torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     stride = max(1, round(1.0 / math.sqrt(rate)))
-    for i in torch.unique(tokens[:, 0]).tolist():
-        layout = ctx.items[i].layout
-        here = tokens[:, 0] == i
-        idx = tokens[here, 1].cpu()
-        rows, cols = layout.rows[idx], layout.cols[idx]
-        content = layout.content_mask[idx]
-        out[here] = ((rows % stride == stride // 2) & (cols % stride == stride // 2) & content).to(out.device)
-    return out
+    # One host-built table of every item's grid (layouts are host tensors), read on the device by
+    # (item, token): no unique / boolean indexing on device tensors.
+    tables, offsets, total = [], [], 0
+    for item in ctx.items:
+        layout = item.layout
+        tables.append((layout.rows % stride == stride // 2) & (layout.cols % stride == stride // 2) & layout.content_mask)
+        offsets.append(total)
+        total += layout.num_tokens
+    table = torch.cat(tables).to(tokens.device, non_blocking=True)
+    start = torch.tensor(offsets, device=tokens.device)
+    return table[start[tokens[:, 0]] + tokens[:, 1]]
 
 
 def normal_quantile(p: float) -> float:
     """Inverse standard normal CDF (for mean + k·std thresholds that keep about ``1 - p``)."""
-    return math.sqrt(2.0) * torch.erfinv(torch.tensor(2.0 * p - 1.0)).item()
+    return statistics.NormalDist().inv_cdf(p)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from tokenreduce import kernels
+from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.reduction import ReduceContext, Reduction
 
@@ -68,9 +69,10 @@ def add_row_newlines(layout: TokenLayout, features: torch.Tensor, sources: torch
 
     Returns the extended ``(sources, outputs, assignment)``.
     """
+    with host_only():  # a layout table, built on the host
+        if not bool(layout.is_newline.any()):
+            return sources, outputs, assignment
     newline = layout.is_newline.to(sources.device)
-    if not bool(newline.any()):
-        return sources, outputs, assignment
     segment, rows = layout.segment_ids.to(sources.device), layout.rows.to(sources.device)
     kept_rows = {(int(s), int(r)) for s, r in zip(segment[sources].tolist(), rows[sources].tolist())}
     slots = [i for i in newline.nonzero().flatten().tolist() if (int(segment[i]), int(rows[i])) in kept_rows

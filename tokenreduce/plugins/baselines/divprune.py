@@ -14,6 +14,7 @@ import torch
 
 from tokenreduce import kernels
 from tokenreduce.core.config import MethodConfig, check_keep, resolve_keep
+from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
 
@@ -42,16 +43,16 @@ def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
     dist = 1.0 - kernels.pairwise_similarity(x[None].float())[0]
     eye = torch.eye(n, dtype=torch.bool, device=x.device)
     nearest = dist.masked_fill(eye, float("inf")).min(dim=0).values
-    chosen = [int(torch.argmax(nearest))]
-    closest = dist[chosen[0]].clone()
-    taken = torch.zeros(n, dtype=torch.bool, device=x.device)
-    taken[chosen[0]] = True
+    # Indices stay on the device (0-dim tensors): the loop never waits for it.
+    chosen = [torch.argmax(nearest).view(1)]
+    closest = dist.index_select(0, chosen[0])[0]
+    taken = torch.zeros(n, dtype=torch.bool, device=x.device).index_fill_(0, chosen[0], True)
     for _ in range(k - 1):
-        j = int(torch.argmax(closest.masked_fill(taken, float("-inf"))))
+        j = torch.argmax(closest.masked_fill(taken, float("-inf"))).view(1)
         chosen.append(j)
-        taken[j] = True
-        closest = torch.minimum(closest, dist[j])
-    return torch.tensor(chosen, device=x.device)
+        taken.index_fill_(0, j, True)
+        closest = torch.minimum(closest, dist.index_select(0, j)[0])
+    return torch.cat(chosen)
 
 
 @register_method("divprune", config_cls=DivPruneConfig, stages="projector")
@@ -59,7 +60,9 @@ class DivPruneMethod(Method):
     """Max-min diverse subset of the visual tokens (DivPrune)."""
 
     def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
-        content = context.layout.content_mask.nonzero().flatten().to(features.device)
+        with host_only():  # a layout table, built on the host
+            content = context.layout.content_mask.nonzero().flatten()
+        content = content.to(features.device)
         k = resolve_keep(self.config.keep, content.numel())
         kept = content[max_min_diversity(features[content], k)].sort().values
         assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
