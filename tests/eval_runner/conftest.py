@@ -42,3 +42,12 @@ def synthetic_models(tmp_path_factory):
     finally:
         torch.set_num_threads(previous)
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_llava():
+    """A tiny LLaVA (4 decoder layers) and its processor, shared by a test module."""
+    from tokenreduce.testing.tiny import tiny_model, tiny_processor
+
+    torch.manual_seed(0)
+    return tiny_model("llava", num_layers=4), tiny_processor("llava")

@@ -17,14 +17,6 @@ METHODS = ["none", "pool", "fastv"]
 
 
 @pytest.fixture(scope="module")
-def tiny_llava():
-    from tokenreduce.testing.tiny import tiny_model, tiny_processor
-
-    torch.manual_seed(0)
-    return tiny_model("llava", num_layers=4), tiny_processor("llava")
-
-
-@pytest.fixture(scope="module")
 def vqa_dir(tmp_path_factory):
     """Four VQAv2 rows in the hub schema: three images of different sizes and one corrupt image."""
     root = tmp_path_factory.mktemp("vqav2")

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import tokenreduce as tr
 from tests.eval_runner.helpers import png_bytes, write_parquet
 from tokenreduce.core.api import get_handle
 from tokenreduce.eval.runner import ModelSpec, Runner, read_records
 from tokenreduce.eval.tasks import get_task
-
-
-@pytest.fixture(scope="module")
-def tiny_llava():
-    from tokenreduce.testing.tiny import tiny_model, tiny_processor
-
-    torch.manual_seed(0)
-    return tiny_model("llava", num_layers=4), tiny_processor("llava")
 
 
 @pytest.fixture(scope="module")
