@@ -160,7 +160,8 @@ class _ReducingMixin:
 
     _tokenreduce_family = ""
 
-    def _init_reducer(self, vllm_config) -> None:
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._tr = engine_reducer(vllm_config.model_config.hf_config, self._tokenreduce_family)
         self._tr_pending = None
 
@@ -301,10 +302,6 @@ class Qwen2VLReduced(_QwenReducing, Qwen2VLForConditionalGeneration):
 
     _tokenreduce_family = "qwen2_vl"
 
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_reducer(vllm_config)
-
 
 class Qwen2_5_VLReduced(_QwenReducing, Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL with tokenreduce's fixed-count methods (not together with vLLM's own EVS pruning)."""
@@ -313,7 +310,6 @@ class Qwen2_5_VLReduced(_QwenReducing, Qwen2_5_VLForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_reducer(vllm_config)
         if self._tr is not None and self.is_multimodal_pruning_enabled:
             raise ValueError(
                 "tokenreduce: `video_pruning_rate` (vLLM's EVS) cannot be combined with a tokenreduce method; "
@@ -348,6 +344,10 @@ class _OneDimPositions(_PositionCarrying):
 
     supports_mrope = True
 
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        enable_position_ids(vllm_config.model_config.hf_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+
     def _offsets(self, layout: TokenLayout, factor: float) -> torch.Tensor:
         return torch.arange(layout.num_tokens)[:, None].expand(-1, 3)
 
@@ -376,11 +376,6 @@ class LlavaReduced(_OneDimPositions, LlavaForConditionalGeneration):
         orig_to_new_prefix={**TOWER_NAMES, **LlavaForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix}
     )
 
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        enable_position_ids(vllm_config.model_config.hf_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_reducer(vllm_config)
-
     def embed_multimodal(self, **kwargs: object):
         embeds = super().embed_multimodal(**kwargs)
         if self._tr is None or len(embeds) == 0:
@@ -402,11 +397,6 @@ class LlavaOnevisionReduced(_OneDimPositions, LlavaOnevisionForConditionalGenera
             **TOWER_NAMES, **LlavaOnevisionForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix,
         }
     )
-
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        enable_position_ids(vllm_config.model_config.hf_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_reducer(vllm_config)
 
     def embed_multimodal(self, **kwargs: object):
         embeds = super().embed_multimodal(**kwargs)
