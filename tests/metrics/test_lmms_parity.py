@@ -60,8 +60,12 @@ def test_textvqa_lmms_mode_equals_textvqa_process_results(evalai):
     reference = lmms_functions("tasks/textvqa/utils.py", "textvqa_process_results",
                                EvalAIAnswerProcessor=evalai)["textvqa_process_results"]
     rng = _rng("textvqa")
-    for _ in range(N_CASES):
-        prediction, answers = rng.choice(VQA_POOL), _ten_answers(rng)
+    # TextVQA's own tokenisation first (",", "?" dropped, "'s" split): where it and VQAv2's scorer differ
+    cases = [("the dog's bowl", ["the dog 's bowl"] * 10), ("Yes?", ["yes"] * 10), ("1,000", ["1000"] * 10),
+             ("Dog's", ["dog's"] * 10)]
+    cases += [(rng.choice(VQA_POOL), _ten_answers(rng)) for _ in range(N_CASES)]
+    assert any(M.vqa_accuracy(p, a, "lmms_textvqa") != M.vqa_accuracy(p, a, "lmms") for p, a in cases[:4])
+    for prediction, answers in cases:
         expected = reference({"question_id": 1, "answers": list(answers)}, [prediction])["exact_match"]
         got = M.vqa_accuracy(prediction, answers, gt_processing="lmms_textvqa")
         assert got == pytest.approx(expected, abs=1e-12), (prediction, answers)
@@ -179,6 +183,9 @@ def test_pope_lmms_parsing_equals_lmms_pope():
         rows = [ref["pope_process_results"]({"question_id": i, "answer": a}, [p])["pope_accuracy"]
                 for i, (p, a) in enumerate(zip(preds, answers))]
         ours = M.pope_metrics(preds, answers, parsing="lmms")
+        pairs = [(row["prediction"], row["ground_truth"]) for row in rows]
+        for key, (p, g) in {"tp": ("yes", "yes"), "fp": ("yes", "no"), "tn": ("no", "no"), "fn": ("no", "yes")}.items():
+            assert ours[key] == sum(pair == (p, g) for pair in pairs), (trial, key)
         for key, fn in [("accuracy", "pope_aggregate_accuracy"), ("precision", "pope_aggregate_precision"),
                         ("recall", "pope_aggregate_recall"), ("f1", "pope_aggregate_f1_score"),
                         ("yes_ratio", "pope_aggregate_yes_ratio")]:

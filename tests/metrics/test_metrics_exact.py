@@ -150,3 +150,17 @@ def test_parse_choice_takes_all_26_letters():
 
 def test_mean_over_groups_of_nothing():
     assert M.mean_over_groups([]) == {"overall": 0.0, "groups": {}, "counts": {}}
+
+
+def test_pope_lmms_mode_on_no_samples_and_no_known_answer_is_zero():
+    zeros = {"accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0,
+             "tp": 0, "fp": 0, "tn": 0, "fn": 0}
+    assert M.pope_metrics([], [], parsing="lmms") == zeros
+    assert M.pope_metrics(["yes"], ["maybe"], parsing="lmms") == zeros
+
+
+def test_parsing_mode_errors_are_exact():
+    with pytest.raises(ValueError, match=r"^`parsing` must be one of \('official', 'lmms'\), got 'x'$"):
+        M.pope_metrics(["yes"], ["yes"], parsing="x")
+    with pytest.raises(ValueError, match=r"^`mode` must be one of \('official', 'lmms'\), got 'x'$"):
+        M.mme_parse("yes", mode="x")

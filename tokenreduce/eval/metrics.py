@@ -197,14 +197,6 @@ def _anls_normalize(text: str) -> str:
     return " ".join(text.strip().lower().split())
 
 
-def normalized_levenshtein(a: str, b: str) -> float:
-    """Edit distance divided by the longer length (0 for two empty strings)."""
-    import Levenshtein
-
-    length = max(len(a), len(b))
-    return 0.0 if length == 0 else Levenshtein.distance(a, b) / length
-
-
 def anls(prediction: str, answers: Sequence[str], tau: float = 0.5) -> float:
     """Average Normalized Levenshtein Similarity of one prediction against the accepted answers.
 
