@@ -126,3 +126,18 @@ def test_batched_call_reads_the_device_once(method):
     finally:
         tr.unwrap(model)
     assert prefill - base_prefill <= 1
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_a_modality_left_out_of_the_call_costs_no_read(family):
+    """Image-only calls on families that also take videos: the absent modality is not read for stray
+    placeholders (only the layouts' one known read remains)."""
+    model = _model(family)
+    batch = _batch(family, video=False)
+    plain, _ = _unwrapped(family, False)
+    tr.wrap(model, "pool", keep=0.25)
+    try:
+        prefill, _ = _counts(model, batch)
+    finally:
+        tr.unwrap(model)
+    assert prefill - plain == 1

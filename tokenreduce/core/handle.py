@@ -334,22 +334,18 @@ class ModelHandle:
             return inputs
         placeholders = {m: adapter.placeholder_id(m) for m in adapter.modalities}
         present = [m for m in adapter.modalities if adapter.has_pixels(m, inputs) or precomputed.get(m) is not None]
-        absent = [m for m in adapter.modalities if m not in present]
-        if absent:
-            # Placeholders of a modality given no pixels: one read of their per-row counts (only when a
-            # modality the family has is absent from the call).
-            stray = torch.stack([(input_ids == placeholders[m]).sum(1) for m in absent]).tolist()
-            missing = [m for m, per_row in zip(absent, stray) if sum(per_row)]
+        if not present:
+            # No pixels at all: nothing to reduce. Placeholders without pixels are embedded as ordinary tokens
+            # by the plain model; say so (one read of their counts, off the reducing path).
+            stray = torch.stack([(input_ids == placeholders[m]).sum(1) for m in adapter.modalities]).tolist()
+            missing = [m for m, per_row in zip(adapter.modalities, stray) if sum(per_row)]
             if missing:
-                # The plain model embeds such placeholders as ordinary tokens: nothing to reduce, pass through.
                 for row, sample in enumerate(self.stats.new_call(input_ids.shape[0])):
                     for m in missing:
-                        n = stray[absent.index(m)][row]
+                        n = stray[adapter.modalities.index(m)][row]
                         self.note(f"no_pixels:{m}", f"`input_ids` hold {m} placeholder tokens but no "
                                   f"`{PIXEL_KEYS[m][0]}` was given: nothing to reduce, the call passed through "
                                   f"({n} in row {row})", sample.extra)
-                return caller_inputs
-        if not present:
             return caller_inputs
 
         attention_mask = inputs.get("attention_mask")
@@ -357,7 +353,8 @@ class ModelHandle:
             attention_mask = torch.ones_like(input_ids)
         samples = self.stats.new_call(input_ids.shape[0])
         geometry = Geometry.from_config(adapter.text_config)
-        visual_per_row = sum((input_ids == pid).long() for pid in placeholders.values())
+        # Placeholders of a modality given no pixels stay ordinary tokens, as in the plain model: text.
+        visual_per_row = sum((input_ids == placeholders[m]).long() for m in present)
         text_per_row = ((attention_mask != 0).long() - visual_per_row).sum(1)
         for r, s in enumerate(samples):
             s.geometry, s.text_tokens = geometry, text_per_row[r]  # read when the stats are
