@@ -39,6 +39,7 @@ from tokenreduce.adapters import get_adapter
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.config import MethodConfig
 from tokenreduce.core.flops import Geometry
+from tokenreduce.core.parts import reuse_loaded_parts
 from tokenreduce.core.registry import get_method
 from tokenreduce.core.stats import ItemStats, SampleStats
 from tokenreduce.eval.measure import (
@@ -530,8 +531,9 @@ class Runner:
         done = set(read_records(self.run_dir))
         writer = RecordWriter(self.records_path)
         written = 0
-        for spec in self.models:
-            written += self._run_model(spec, done, writer)
+        with reuse_loaded_parts():  # a method's trained parts load once per run, not once per cell and chunk
+            for spec in self.models:
+                written += self._run_model(spec, done, writer)
         self.dist.barrier()
         if not self.dist.is_main:
             return {"rank": self.dist.rank, "written": written}

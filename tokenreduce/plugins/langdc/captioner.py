@@ -39,6 +39,7 @@ from torch import nn
 
 from tokenreduce.core.flops import Geometry
 from tokenreduce.core.lowrank import LowRankAdapters, check_adapters
+from tokenreduce.core.parts import load_once
 
 CONFIG_NAME = "langdc_captioner.json"
 PROJECTORS_NAME = "langdc_projectors.safetensors"
@@ -220,7 +221,14 @@ class Captioner(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, revision: str | None = None) -> Captioner:
-        """Load a captioner folder from a local directory or a hub repo id (see the module docstring)."""
+        """Load a captioner folder from a local directory or a hub repo id (see the module docstring).
+
+        Inside :func:`tokenreduce.core.parts.reuse_loaded_parts` (the evaluation runner's whole run) a
+        folder loads once."""
+        return load_once("langdc.captioner", source, revision, lambda: cls._load(source, revision))
+
+    @classmethod
+    def _load(cls, source: str | os.PathLike, revision: str | None) -> Captioner:
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
