@@ -12,7 +12,7 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.core.config import MethodConfig
-from tokenreduce.core.reduction import Method, Reduction
+from tokenreduce.core.reduction import ProjectorMethod, Reduction
 from tokenreduce.core.registry import _METHODS, get_method, method_specs, register_method
 from tokenreduce.testing.tiny import default_rows, tiny_batch, tiny_model
 
@@ -60,7 +60,7 @@ class _StrictConfig(MethodConfig):
     refuse_size: int = -1
 
 
-class _StrictMethod(Method):
+class _StrictMethod(ProjectorMethod):
     """Keeps the first half of every item; raises on NaN features (as index-returning kernels do)."""
 
     def reduce(self, features, context):

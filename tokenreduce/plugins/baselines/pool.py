@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tokenreduce.core.config import MethodConfig, check_keep, resolve_keep
 from tokenreduce.core.layout import Segment
-from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
 
 
@@ -72,8 +72,8 @@ def pool_segment(x: torch.Tensor, seg: Segment, offset: int, target: int) -> tup
     return feats.reshape(-1, x.shape[-1]), src.reshape(-1)
 
 
-@register_method("pool", config_cls=PoolConfig, stages="projector")
-class PoolMethod(Method):
+@register_method("pool", config_cls=PoolConfig)
+class PoolMethod(ProjectorMethod):
     """Spatial average pooling per crop and per frame, keeping newline slots."""
 
     def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:

@@ -22,7 +22,7 @@ import torch
 
 from tokenreduce import kernels
 from tokenreduce.core.config import MethodConfig, check_range
-from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.reduction import ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
 
 from ._vision import attention_and_keys, reduce_per_crop
@@ -128,7 +128,7 @@ def prumerge_group(features, attention, keys, group, config: PruMergeConfig, plu
     return torch.cat(sources), torch.cat(outputs), slot
 
 
-class _PruMergeBase(Method):
+class _PruMergeBase(VisionMethod):
     plus = False
 
     @property
@@ -147,12 +147,12 @@ class _PruMergeBase(Method):
         )
 
 
-@register_method("prumerge", config_cls=PruMergeConfig, stages=("vision", "projector"), families=FAMILIES)
+@register_method("prumerge", config_cls=PruMergeConfig, families=FAMILIES)
 class PruMergeMethod(_PruMergeBase):
     """Adaptive count by IQR outliers of [CLS] attention, attention-weighted merging (PruMerge)."""
 
 
-@register_method("prumerge_plus", config_cls=PruMergePlusConfig, stages=("vision", "projector"), families=FAMILIES)
+@register_method("prumerge_plus", config_cls=PruMergePlusConfig, families=FAMILIES)
 class PruMergePlusMethod(_PruMergeBase):
     """PruMerge plus spatially uniform tokens (PruMerge+)."""
 
