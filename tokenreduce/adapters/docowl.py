@@ -87,6 +87,7 @@ class DocOwlAdapter(Adapter):
     name = "docowl"
     model_types = ("mplug_docowl",)
     modalities = ("image",)
+    stages = ("vision", "projector", "llm", "decode")
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:

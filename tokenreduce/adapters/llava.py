@@ -23,6 +23,7 @@ class LlavaAdapter(Adapter):
     name = "llava"
     model_types = ("llava",)
     modalities = ("image",)
+    stages = ("vision", "projector", "llm", "decode")
 
     def layouts(self, modality, inputs: dict[str, Any], counts=None) -> list[TokenLayout]:
         pixel_values = inputs.get("pixel_values")
