@@ -218,7 +218,6 @@ def test_registry_is_a_leaf():
 
 # Imports inside functions kept for a reason other than an optional extra or the CLI's start-up.
 DEFERRED = {
-    ("tokenreduce.core.handle", "tokenreduce.adapters.llava"): "core/handle.py is being rewritten (sequence module)",
     ("tokenreduce.core.handle", "tokenreduce.core.llm"): "core/handle.py is being rewritten (sequence module)",
     ("tokenreduce.core.handle", "tokenreduce.core.vision"): "core/handle.py is being rewritten (sequence module)",
     ("tokenreduce.core.llm", "tokenreduce.core.stats"): "core/llm.py is being rewritten (sequence module)",

@@ -398,12 +398,10 @@ class ModelHandle:
         the inputs the layout is read from (pixel values, image sizes, grids)."""
         if self.adapter.has_pixels(modality, inputs) or counts is None:
             return self.adapter.layouts(modality, inputs, counts)
-        from tokenreduce.adapters.llava import square_or_flat
-
         try:
             return self.adapter.layouts(modality, inputs, counts)
         except (KeyError, ValueError, TypeError):
-            return [square_or_flat(modality, n) for n in counts]
+            return [TokenLayout.square_or_flat(modality, n) for n in counts]
 
     def _encode(self, modality: str, inputs: dict[str, Any]) -> list[torch.Tensor]:
         """The encoder's per-item tokens, with the vision stage's capture on while the tower runs."""
