@@ -321,7 +321,7 @@ def test_layer_out_of_range_is_explained(models):
 
 
 def test_budget_averaged_over_depth():
-    from tokenreduce.plugins.baselines._llm import average_keep
+    from tokenreduce.ops.llm import average_keep
     from tokenreduce.plugins.baselines.fastv import FastVConfig
     from tokenreduce.plugins.baselines.pdrop import PDropConfig
 
@@ -421,7 +421,7 @@ def test_llm_config_layers_beyond_the_model(models, method, options, message):
 
 
 def test_llm_config_top_visual_ties_go_to_the_lower_column():
-    from tokenreduce.plugins.baselines._llm import top_visual
+    from tokenreduce.ops.llm import top_visual
 
     visual = [torch.tensor([2, 3, 4, 5, 6, 7]), torch.tensor([], dtype=torch.long)]
     scores = torch.tensor([[0.0, 0.0, 0.5, 0.1, 0.5, 0.1, 0.5, 0.1], [0.0] * 8])

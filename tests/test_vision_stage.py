@@ -12,8 +12,9 @@ from tokenreduce.adapters.towers import find_tower
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.reduction import Reduction
 from tokenreduce.core.registry import get_method
+from tokenreduce.ops.selection import iqr_outliers
 from tokenreduce.plugins.baselines.divprune import max_min_diversity
-from tokenreduce.plugins.baselines.prumerge import PruMergeConfig, iqr_outliers, prumerge_group
+from tokenreduce.plugins.baselines.prumerge import PruMergeConfig, prumerge_group
 from tokenreduce.plugins.baselines.tome import merge_schedule, merge_step, merge_tokens
 from tokenreduce.plugins.baselines.visionzip import visionzip_select
 from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model

@@ -10,7 +10,7 @@ from tokenreduce.core.config import MethodConfig, check_choice, check_increasing
 from tokenreduce.core.llm import LLMContext
 from tokenreduce.core.reduction import LLMMethod
 from tokenreduce.core.registry import register_method
-from tokenreduce.plugins.baselines._llm import average_keep, check_layers
+from tokenreduce.ops.llm import average_keep, check_layers
 
 from .heads import ThresholdHeads
 from .scores import CROSS, SCORE_LAYERS, normal_quantile, redundancy_scores, spatial_sample

@@ -17,8 +17,7 @@ from tokenreduce.core.config import MethodConfig, check_keep, resolve_keep
 from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
-
-from ._vision import add_row_newlines
+from tokenreduce.ops.vision import add_row_newlines
 
 
 @dataclass

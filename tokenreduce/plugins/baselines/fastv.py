@@ -18,8 +18,7 @@ from tokenreduce.core.config import MethodConfig, check_choice, check_keep, chec
 from tokenreduce.core.llm import LLMContext
 from tokenreduce.core.reduction import LLMMethod
 from tokenreduce.core.registry import register_method
-
-from ._llm import check_layers, scores_for, top_visual
+from tokenreduce.ops.llm import check_layers, scores_for, top_visual
 
 
 @dataclass

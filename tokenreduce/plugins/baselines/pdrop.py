@@ -15,8 +15,7 @@ from tokenreduce.core.config import MethodConfig, check_choice, check_increasing
 from tokenreduce.core.llm import LLMContext
 from tokenreduce.core.reduction import LLMMethod
 from tokenreduce.core.registry import register_method
-
-from ._llm import average_keep, check_layers, scores_for, top_visual
+from tokenreduce.ops.llm import average_keep, check_layers, scores_for, top_visual
 
 
 @dataclass

@@ -24,8 +24,8 @@ from tokenreduce import kernels
 from tokenreduce.core.config import MethodConfig, check_range
 from tokenreduce.core.reduction import ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
-
-from ._vision import attention_and_keys, reduce_per_crop
+from tokenreduce.ops.selection import iqr_outliers
+from tokenreduce.ops.vision import attention_and_keys, reduce_per_crop
 
 FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision")
 
@@ -62,12 +62,6 @@ class PruMergeConfig(MethodConfig):
 @dataclass
 class PruMergePlusConfig(PruMergeConfig):
     """Options of ``prumerge_plus`` (those of ``prumerge``)."""
-
-
-def iqr_outliers(scores: torch.Tensor, factor: float) -> torch.Tensor:
-    """Boolean mask of scores above ``Q3 + factor * IQR``."""
-    q1, q3 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device))
-    return scores > q3 + factor * (q3 - q1)
 
 
 def uniform_fill(kept: torch.Tensor, n: int, step: int | None = None, total: int | None = None) -> torch.Tensor:

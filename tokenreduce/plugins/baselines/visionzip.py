@@ -25,8 +25,7 @@ from tokenreduce import kernels
 from tokenreduce.core.config import MethodConfig, check_range
 from tokenreduce.core.reduction import ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
-
-from ._vision import attention_and_keys, count, reduce_per_crop
+from tokenreduce.ops.vision import attention_and_keys, count, reduce_per_crop
 
 FAMILY_DEFAULTS = {"llava": (54, 10), "llava_next": (27, 5), "llava_next_video": (27, 5), "llava_onevision": (27, 5)}
 

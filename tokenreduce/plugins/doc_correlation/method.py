@@ -36,7 +36,7 @@ import torch
 from tokenreduce.core.config import MethodConfig, check_choice, check_range
 from tokenreduce.core.reduction import ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
-from tokenreduce.plugins.baselines._vision import add_row_newlines, attention_and_keys, content_groups
+from tokenreduce.ops.vision import add_row_newlines, attention_and_keys, content_groups
 
 from .density import adaptive_budgets, distinctiveness, global_budgets, neighbor_counts, redundancy_of
 from .select import choose_tokens, merge_dropped, sampling_weights

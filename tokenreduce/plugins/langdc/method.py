@@ -42,7 +42,7 @@ from tokenreduce.core.config import MethodConfig, check_keep, check_range, resol
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
-from tokenreduce.plugins.baselines.pool import pool_segment, pooled_grid
+from tokenreduce.ops.pooling import pool_segment, pooled_grid
 
 from .captioner import INPUT_WIDTHS, Captioner
 
