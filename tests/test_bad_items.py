@@ -16,10 +16,10 @@ from tokenreduce.core.reduction import ProjectorMethod, Reduction
 from tokenreduce.core.registry import _METHODS, get_method, method_specs, register_method
 from tokenreduce.testing.tiny import default_rows, tiny_batch, tiny_model
 
-NEEDS_TRAINED_WEIGHTS = {"langdc"}
+from .tables import NEEDS_TRAINED_WEIGHTS, runs_on
+
 IMAGE_METHODS = [
-    s.name for s in method_specs()
-    if s.name not in NEEDS_TRAINED_WEIGHTS and "image" in s.modalities and (s.families is None or "llava" in s.families)
+    s.name for s in method_specs() if s.name not in NEEDS_TRAINED_WEIGHTS and "image" in s.modalities and runs_on(s, "llava")
 ]
 
 
