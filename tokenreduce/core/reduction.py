@@ -164,9 +164,7 @@ class VisionMethod(ProjectorMethod):
         super().__init_subclass__(**kwargs)
         cls.stages = ("vision",) if cls.changes_encoder_output else ("vision", "projector")
 
-    def tower_signals(
-        self, q: Any, k: Any, scale: float, num_prefix: int
-    ) -> dict[str, torch.Tensor]:
+    def tower_signals(self, q: Any, k: Any, scale: float, num_prefix: int) -> dict[str, torch.Tensor]:
         """Per-patch signals from the captured tower attention inputs.
 
         ``q, k``: ``[R, H, N, d]`` queries and keys of :attr:`vision_layer` for every tower row (a dict
