@@ -36,7 +36,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "metrics": (["tokenreduce/eval/metrics.py"], ["tests/metrics"]),
     "llm-select": (
         [
-            "tokenreduce/plugins/baselines/_llm.py",
+            "tokenreduce/ops/llm.py",
             "tokenreduce/plugins/baselines/fastv.py",
             "tokenreduce/plugins/baselines/pdrop.py",
         ],
@@ -46,10 +46,10 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "atp": (["tokenreduce/plugins/atp/method.py", "tokenreduce/plugins/atp/scores.py"], LLM_TESTS),
     "sequence": (["tokenreduce/core/sequence.py"], ["tests/test_sequence.py", "tests/test_projector_stage.py",
                                                     "-k", "sequence or column or gather or (llava_next_video and random)"]),
-    "pool": (["tokenreduce/plugins/baselines/pool.py"], ["tests/test_selection.py", "-k", "pool"]),
+    "pool": (["tokenreduce/plugins/baselines/pool.py", "tokenreduce/ops/pooling.py"], ["tests/test_selection.py", "-k", "pool"]),
     "divprune": (["tokenreduce/plugins/baselines/divprune.py"], ["tests/test_selection.py", "-k", "divprune"]),
     "projector": (
-        ["tokenreduce/plugins/baselines/random.py", "tokenreduce/plugins/baselines/_vision.py"],
+        ["tokenreduce/plugins/baselines/random.py", "tokenreduce/ops/vision.py"],
         ["tests/test_selection.py", "tests/test_vision_stage.py"],
     ),
     "vision": (
@@ -57,6 +57,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tokenreduce/plugins/baselines/tome.py",
             "tokenreduce/plugins/baselines/visionzip.py",
             "tokenreduce/plugins/baselines/prumerge.py",
+            "tokenreduce/ops/selection.py",
         ],
         ["tests/test_vision_stage.py"],
     ),

@@ -8,10 +8,10 @@ import tokenreduce as tr
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.llm import LLMContext
 from tokenreduce.core.sequence import column_index
+from tokenreduce.ops.llm import average_keep
 from tokenreduce.plugins.atp import ATPConfig, ATPMethod, ThresholdHeads
 from tokenreduce.plugins.atp.scores import normal_quantile, spatial_sample
 from tokenreduce.plugins.atp.training import SoftMaskATP, budget_loss, train_heads
-from tokenreduce.plugins.baselines._llm import average_keep
 from tokenreduce.testing.tiny import RowSpec, default_rows, tiny_batch, tiny_model
 
 

@@ -12,14 +12,14 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.core.config import MethodConfig
-from tokenreduce.core.reduction import Method, Reduction
+from tokenreduce.core.reduction import ProjectorMethod, Reduction
 from tokenreduce.core.registry import _METHODS, get_method, method_specs, register_method
 from tokenreduce.testing.tiny import default_rows, tiny_batch, tiny_model
 
-NEEDS_TRAINED_WEIGHTS = {"langdc"}
+from .tables import NEEDS_TRAINED_WEIGHTS, runs_on
+
 IMAGE_METHODS = [
-    s.name for s in method_specs()
-    if s.name not in NEEDS_TRAINED_WEIGHTS and "image" in s.modalities and (s.families is None or "llava" in s.families)
+    s.name for s in method_specs() if s.name not in NEEDS_TRAINED_WEIGHTS and "image" in s.modalities and runs_on(s, "llava")
 ]
 
 
@@ -60,7 +60,7 @@ class _StrictConfig(MethodConfig):
     refuse_size: int = -1
 
 
-class _StrictMethod(Method):
+class _StrictMethod(ProjectorMethod):
     """Keeps the first half of every item; raises on NaN features (as index-returning kernels do)."""
 
     def reduce(self, features, context):

@@ -16,10 +16,10 @@ from tokenreduce.core.api import get_handle
 from tokenreduce.core.registry import get_method, method_specs
 from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model
 
-NEEDS_TRAINED_WEIGHTS = {"langdc"}
+from .tables import NEEDS_TRAINED_WEIGHTS, runs_on
+
 # Every registered method on LLaVA (the family every method supports), two stages on every family.
-CASES = [(s.name, "llava") for s in method_specs() if s.name not in NEEDS_TRAINED_WEIGHTS
-         and (s.families is None or "llava" in s.families)]
+CASES = [(s.name, "llava") for s in method_specs() if s.name not in NEEDS_TRAINED_WEIGHTS and runs_on(s, "llava")]
 CASES += [(m, f) for f in FAMILIES if f != "llava" for m in ("pool", "fastv")]
 
 

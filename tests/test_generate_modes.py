@@ -15,8 +15,8 @@ from tokenreduce.core.api import get_handle
 from tokenreduce.core.registry import get_method, method_specs
 from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model
 
-# Methods that cannot run without trained weights (langdc's captioner) are tested in their own folders.
-NEEDS_TRAINED_WEIGHTS = {"langdc"}
+from .tables import NEEDS_TRAINED_WEIGHTS, runs_on
+
 # Modes a method refuses at call time, with the option its one-line message names.
 REFUSED = {("ares", "beams"): "num_beams", ("ares", "beams_return2"): "num_beams"}
 NUM_LAYERS = 4
@@ -27,7 +27,7 @@ CASES = [
     for spec in method_specs()
     if spec.name not in NEEDS_TRAINED_WEIGHTS
     for family in FAMILIES
-    if spec.families is None or family in spec.families
+    if runs_on(spec, family)
 ]
 
 MODES = {

@@ -26,6 +26,10 @@ extra (it, or a package module it imports at module level, imports a distributio
 level or is listed in ``DEFERRED`` with its reason. Imports of other distributions inside functions are
 not checked (they are how the optional extras stay optional).
 
+Between methods: a method (a folder of ``tokenreduce.plugins``, or a module of ``plugins/baselines``) imports
+another only through its public ``__init__``; what methods share lives in ``tokenreduce.ops``. The
+foundations (core, adapters, kernels, ops) import no method.
+
 Outside the package: no module may import a first-party name that is not part of the wheel, i.e. any
 top-level folder or ``.py`` file of the repository other than ``tokenreduce`` (``research``, ``tests``,
 ``benchmarks``, ``scripts``...): the installed package has none of them.
@@ -101,6 +105,7 @@ class Graph:
     deferred: list[tuple[str, str, str]]  # (importer, package module, "file:line") inside functions
     third_party: dict[str, set[str]]  # module -> top-level names of other distributions it imports at module level
     outside: list[str]  # imports of first-party names the wheel does not ship
+    direct: list[tuple[str, str, str]]  # (importer, package module it names, "file:line"), implicit parents left out
 
 
 def import_graph() -> Graph:
@@ -108,7 +113,7 @@ def import_graph() -> Graph:
     modules = _modules()
     outside_names = {p.stem if p.suffix == ".py" else p.name for p in ROOT.iterdir()
                      if (p.is_dir() or p.suffix == ".py") and not p.name.startswith(".") and p.name != PACKAGE}
-    graph = Graph({m: set() for m in modules}, {m: set() for m in modules}, [], {m: set() for m in modules}, [])
+    graph = Graph({m: set() for m in modules}, {m: set() for m in modules}, [], {m: set() for m in modules}, [], [])
     for module, (path, is_package) in modules.items():
         for target, line, in_function in _imports(ast.parse(path.read_text(), str(path)), module, is_package):
             top = target.split(".")[0]
@@ -124,6 +129,8 @@ def import_graph() -> Graph:
                 target = target.rsplit(".", 1)[0]
             if target not in modules:
                 continue
+            if target != module:
+                graph.direct.append((module, target, where))
             parts = target.split(".")
             implicit = {".".join(parts[:i]) for i in range(2, len(parts))}
             # The importer's own packages are already running when it runs.
@@ -216,9 +223,75 @@ def test_registry_is_a_leaf():
     assert edges["tokenreduce.core.registry"] == set(), sorted(edges["tokenreduce.core.registry"])
 
 
+METHODS = "tokenreduce.plugins"
+# Folders of METHODS holding one method per module; every other folder of METHODS is one method.
+ONE_METHOD_PER_MODULE = {"tokenreduce.plugins.baselines"}
+# What methods are built on: none of these imports a method.
+FOUNDATIONS = ("tokenreduce.core", "tokenreduce.adapters", "tokenreduce.kernels", "tokenreduce.ops")
+
+
+def method_of(module: str) -> str | None:
+    """The method a module belongs to: its folder under ``tokenreduce.plugins`` (a package), or its own
+    module inside a folder of one method per module; None outside methods (a folder's ``__init__`` that
+    only gathers its methods included)."""
+    parts = module.split(".")
+    if len(parts) < 3 or ".".join(parts[:2]) != METHODS:
+        return None
+    folder = ".".join(parts[:3])
+    if folder in ONE_METHOD_PER_MODULE:
+        return ".".join(parts[:4]) if len(parts) > 3 else None
+    return folder
+
+
+def cross_method_imports(direct: list[tuple[str, str, str]], packages: set[str]) -> list[str]:
+    """Imports by one method of another method's modules other than its public package ``__init__``
+    (a ``_``-prefixed module, a module of its folder, or a method that is a single module)."""
+    found = []
+    for importer, target, where in direct:
+        mine, theirs = method_of(importer), method_of(target)
+        if mine is None or theirs is None or mine == theirs:
+            continue
+        if target == theirs and target in packages:
+            continue  # the method's public __init__
+        found.append(f"{where}: {importer} imports {target}, a module of another method")
+    return sorted(set(found))
+
+
+def test_no_method_imports_another_methods_modules():
+    """Shared pieces live in ``tokenreduce.ops``; a method reaches another only through its public
+    ``__init__``."""
+    packages = {m for m, (_, is_package) in _modules().items() if is_package}
+    found = cross_method_imports(import_graph().direct, packages)
+    assert not found, "move what is shared to tokenreduce.ops:\n" + "\n".join(found)
+
+
+def test_foundations_import_no_method():
+    """The registry, the core, the adapters, the kernels and ops import no method: methods build on them."""
+    found = sorted({f"{where}: {importer} imports {target}" for importer, target, where in import_graph().direct
+                    if importer.startswith(FOUNDATIONS) and target.startswith(METHODS)})
+    assert not found, "\n".join(found)
+
+
+def test_the_cross_method_rule_can_fail():
+    """Each kind of import the rule refuses is found; what it allows is not."""
+    packages = {"tokenreduce.plugins.atp", "tokenreduce.plugins.baselines", "tokenreduce.plugins.langdc"}
+    direct = [
+        ("tokenreduce.plugins.atp.method", "tokenreduce.plugins.baselines._llm", "a.py:1"),  # private module
+        ("tokenreduce.plugins.langdc.method", "tokenreduce.plugins.baselines.pool", "b.py:2"),  # a single-module method
+        ("tokenreduce.plugins.langdc.method", "tokenreduce.plugins.atp.heads", "c.py:3"),  # a module of a method folder
+        ("tokenreduce.plugins.baselines.fastv", "tokenreduce.plugins.baselines._llm", "d.py:4"),  # a sibling's private
+        ("tokenreduce.plugins.langdc.method", "tokenreduce.plugins.atp", "ok.py:1"),  # a public __init__
+        ("tokenreduce.plugins.langdc.training", "tokenreduce.plugins.langdc.method", "ok.py:2"),  # its own folder
+        ("tokenreduce.plugins.baselines", "tokenreduce.plugins.baselines.pool", "ok.py:3"),  # the gathering __init__
+        ("tokenreduce.eval.bench", "tokenreduce.plugins.baselines.pdrop", "ok.py:4"),  # not a method
+        ("tokenreduce.plugins.atp.method", "tokenreduce.ops.llm", "ok.py:5"),  # ops
+    ]
+    found = cross_method_imports(direct, packages)
+    assert [f.split(":")[0] for f in found] == ["a.py", "b.py", "c.py", "d.py"], found
+
+
 # Imports inside functions kept for a reason other than an optional extra or the CLI's start-up.
 DEFERRED = {
-    ("tokenreduce.core.handle", "tokenreduce.adapters.llava"): "core/handle.py is being rewritten (sequence module)",
     ("tokenreduce.core.handle", "tokenreduce.core.llm"): "core/handle.py is being rewritten (sequence module)",
     ("tokenreduce.core.handle", "tokenreduce.core.vision"): "core/handle.py is being rewritten (sequence module)",
     ("tokenreduce.core.llm", "tokenreduce.core.stats"): "core/llm.py is being rewritten (sequence module)",

@@ -12,13 +12,14 @@ import tokenreduce as tr
 from tokenreduce.core.registry import method_specs
 from tokenreduce.testing.tiny import default_rows, tiny_batch, tiny_model
 
+from .tables import NEEDS_TRAINED_WEIGHTS, runs_on
+
 COUNT_CHANGING = {"vision", "projector", "llm"}
-NEEDS_TRAINED_WEIGHTS = {"langdc"}
 HUGE = 10**6
 
 
 def _on_llava(spec):
-    return spec.name not in NEEDS_TRAINED_WEIGHTS and (spec.families is None or "llava" in spec.families)
+    return spec.name not in NEEDS_TRAINED_WEIGHTS and runs_on(spec, "llava")
 
 
 # Methods that do not reduce images, on an image model.

@@ -6,7 +6,8 @@ import torch
 from tokenreduce.adapters import get_adapter
 from tokenreduce.core.layout import Segment, TokenLayout
 from tokenreduce.core.reduction import ReduceContext
-from tokenreduce.plugins.baselines.pool import PoolConfig, PoolMethod, pooled_grid
+from tokenreduce.ops.pooling import pooled_grid
+from tokenreduce.plugins.baselines.pool import PoolConfig, PoolMethod
 from tokenreduce.testing.tiny import FAMILIES, RowSpec, default_rows, tiny_batch, tiny_model
 
 from .reference import encoder_features

@@ -1,8 +1,10 @@
-"""Oracles of dropping visual tokens inside the LLM (fastv, pdrop) on every family.
+"""Oracles of dropping visual tokens inside the LLM, for every llm-stage method on every family that runs it.
 
 Reference: the UNWRAPPED eager model, with the same tokens hidden from layers >= K by explicit 4D masks
 (original positions, dropped tokens still present). Physical dropping must give the same logits at every
-kept position and the same greedy tokens.
+kept position and the same greedy tokens. Which tokens are hidden comes from the method's definition,
+written here independently (``CASES``); a method registered without one is checked on its own recorded
+choice (``reference_run``), so registering an llm-stage method puts it in the table.
 """
 
 import math
@@ -15,7 +17,9 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.core.api import get_handle
+from tokenreduce.core.config import build_config
 from tokenreduce.core.llm import LLMContext
+from tokenreduce.core.registry import get_method
 from tokenreduce.plugins.baselines.fastv import FastVConfig, FastVMethod
 from tokenreduce.plugins.baselines.pdrop import PDropConfig
 from tokenreduce.testing.tiny import (
@@ -29,8 +33,10 @@ from tokenreduce.testing.tiny import (
 )
 
 from .reference import hide_columns, llm_stage_reference, visual_tokens
+from .tables import cases
 
 NUM_LAYERS = 6
+# Options of the methods whose definitions are written below (``reference_run``).
 CASES = {
     "fastv": dict(layer=2, keep=0.3),
     "pdrop": dict(layers=(1, 3, 4), keep=(0.6, 0.4, 0.2)),
@@ -123,8 +129,31 @@ def _atp_select(options, grid):
     return select
 
 
-def reference_run(model, batch, method, options=None, renumber=False):
-    """Logits and kept visual columns per stage of ``method`` by its definition (see :func:`llm_stage_reference`)."""
+def _recorded_select(recorded):
+    """The choice a wrapped model made (``_visual_kept`` of its stages): the reference of a method whose
+    definition is not written here, so the oracle checks the core's dropping of whatever it chose."""
+    layers = sorted(recorded)
+
+    def select(stage, attention, visual, text, row):
+        return recorded[layers[stage]][row].tolist()
+
+    return select
+
+
+def _config(method, options=None):
+    """The config a table case wraps ``method`` with: ``options``, else its row of ``CASES``, else half the
+    visual tokens averaged over depth (a method whose definition is not written here)."""
+    options = options or CASES.get(method)
+    if options:
+        return build_config(method, **options)
+    return get_method(method).config_cls.at_budget(0.5, num_layers=NUM_LAYERS)
+
+
+def reference_run(model, batch, method, options=None, renumber=False, recorded=None):
+    """Logits and kept visual columns per stage of ``method`` by its definition (see :func:`llm_stage_reference`),
+    or, given ``recorded`` (per stage layer and row, the visual columns a wrapped run kept), of that choice."""
+    if recorded is not None:
+        return llm_stage_reference(model, batch, sorted(recorded), _recorded_select(recorded), renumber=renumber)
     options = CASES[method] if options is None else options
     ids = batch["input_ids"]
     n_input = [int(((ids[r] == IMAGE_TOKEN) | (ids[r] == VIDEO_TOKEN)).sum()) for r in range(ids.shape[0])]
@@ -162,7 +191,7 @@ def _recording_select(monkeypatch, seen, **reads):
 
 
 def _run_wrapped(model, batch, method, generate=False, **options):
-    with wrapped(model, method, **(options or CASES[method])):
+    with wrapped(model, _config(method, options)):
         out = model.generate(**batch, max_new_tokens=10, do_sample=False) if generate else model(**batch).logits
         return out, _kept_columns(model), tr.stats(model).last
 
@@ -179,8 +208,18 @@ def _visual_kept(columns, batch):
     return out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", list(CASES))
+LLM_CASES = cases("llm")
+LLM_IDS = [f"{m}-{f}" for m, f in LLM_CASES]
+
+
+def _reference_of(model, batch, method, columns):
+    """The definition's run where ``CASES`` writes one, else the wrapped run's own choice (``columns``)."""
+    if method in CASES:
+        return reference_run(model, batch, method)
+    return reference_run(model, batch, method, recorded=_visual_kept(columns, batch))
+
+
+@pytest.mark.parametrize("method, family", LLM_CASES, ids=LLM_IDS)
 @pytest.mark.parametrize("rows", [1, 3], ids=["B1", "B3"])
 def test_forward_equals_reference_of_the_definition(models, family, method, rows):
     """Which tokens each stage keeps, how many, and every output column (dropped ones included) equal the
@@ -188,7 +227,7 @@ def test_forward_equals_reference_of_the_definition(models, family, method, rows
     eager, _ = models[family]
     batch = tiny_batch(eager, default_rows(family, n=rows, video=True))
     logits, columns, samples = _run_wrapped(eager, batch, method)
-    reference, kept = reference_run(eager, batch, method)
+    reference, kept = _reference_of(eager, batch, method, columns)
     got = _visual_kept(columns, batch)
     assert sorted(got) == sorted(kept)
     for layer in kept:
@@ -199,14 +238,13 @@ def test_forward_equals_reference_of_the_definition(models, family, method, rows
     torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("method, family", LLM_CASES, ids=LLM_IDS)
 @pytest.mark.parametrize("rows", [1, 3], ids=["B1", "B3"])
 def test_generate_equals_reference_of_the_definition(models, family, method, rows):
     eager, _ = models[family]
     batch = tiny_batch(eager, default_rows(family, n=rows, video=True))
-    tokens, _, _ = _run_wrapped(eager, batch, method, generate=True)
-    _, kept = reference_run(eager, batch, method)
+    tokens, columns, _ = _run_wrapped(eager, batch, method, generate=True)
+    _, kept = _reference_of(eager, batch, method, columns)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     is_visual = (ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)
     prompt = {k: [torch.cat([(mask[r].bool() & ~is_visual[r]).nonzero().flatten(), v[r]]) for r in range(rows)]
@@ -215,6 +253,25 @@ def test_generate_equals_reference_of_the_definition(models, family, method, row
         reference = eager.generate(**batch, max_new_tokens=10, do_sample=False)
     assert torch.equal(tokens[:, : ids.shape[1]], ids)
     assert tokens.tolist() == reference.tolist()
+
+
+@pytest.mark.parametrize("method", sorted({m for m, _ in LLM_CASES}))
+def test_dropping_equals_masking_of_the_methods_own_choice(models, method):
+    """The oracle a method registered without a written definition gets (every method here, at its budget
+    config): the physical drop of what the wrapped model chose equals hiding the same tokens by masks."""
+    eager, _ = models["llava"]
+    batch = tiny_batch(eager, default_rows("llava", n=3))
+    with wrapped(eager, get_method(method).config_cls.at_budget(0.5, num_layers=NUM_LAYERS)):
+        logits = eager(**batch).logits
+        columns = _kept_columns(eager)
+    recorded = _visual_kept(columns, batch)
+    ids = batch["input_ids"]
+    n_visual = ((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)).sum(1).tolist()
+    last = recorded[max(recorded)]
+    assert any(last[r].numel() < n_visual[r] for r in range(3)), "nothing dropped: the comparison would be vacuous"
+    reference, _ = reference_run(eager, batch, method, recorded=recorded)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -321,7 +378,7 @@ def test_layer_out_of_range_is_explained(models):
 
 
 def test_budget_averaged_over_depth():
-    from tokenreduce.plugins.baselines._llm import average_keep
+    from tokenreduce.ops.llm import average_keep
     from tokenreduce.plugins.baselines.fastv import FastVConfig
     from tokenreduce.plugins.baselines.pdrop import PDropConfig
 
@@ -421,7 +478,7 @@ def test_llm_config_layers_beyond_the_model(models, method, options, message):
 
 
 def test_llm_config_top_visual_ties_go_to_the_lower_column():
-    from tokenreduce.plugins.baselines._llm import top_visual
+    from tokenreduce.ops.llm import top_visual
 
     visual = [torch.tensor([2, 3, 4, 5, 6, 7]), torch.tensor([], dtype=torch.long)]
     scores = torch.tensor([[0.0, 0.0, 0.5, 0.1, 0.5, 0.1, 0.5, 0.1], [0.0] * 8])

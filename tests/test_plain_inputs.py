@@ -14,11 +14,11 @@ from tokenreduce.core.registry import get_method, method_specs
 from tokenreduce.testing.tiny import FAMILIES, IMAGE_TOKEN, default_rows, tiny_batch, tiny_model
 
 from .reference import reduced_rows, reference_generate
+from .tables import NEEDS_TRAINED_WEIGHTS, runs_on
 
-NEEDS_TRAINED_WEIGHTS = {"langdc"}
 CASES = [pytest.param(s.name, f, id=f"{s.name}-{f}") for s in method_specs()
          if {"vision", "projector", "llm"} & set(s.stages) and s.name not in NEEDS_TRAINED_WEIGHTS
-         for f in FAMILIES if s.families is None or f in s.families]
+         for f in FAMILIES if runs_on(s, f)]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_fastv_default_layer_adapts_to_a_two_layer_model():
 # ARES traces one trajectory's entropy per row: it refuses assisted generation.
 REFUSES_ASSISTED = {"ares"}
 ASSISTED = [pytest.param(s.name, f, id=f"{s.name}-{f}") for s in method_specs() if s.name not in NEEDS_TRAINED_WEIGHTS
-            for f in ("llava", "qwen2_vl", "llava_onevision") if s.families is None or f in s.families]
+            for f in ("llava", "qwen2_vl", "llava_onevision") if runs_on(s, f)]
 
 
 @pytest.mark.parametrize("method,family", ASSISTED)

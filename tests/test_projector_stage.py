@@ -4,15 +4,15 @@ import pytest
 import torch
 
 import tokenreduce as tr
-from tokenreduce.core.registry import get_method, method_specs
+from tokenreduce.core.registry import get_method
 from tokenreduce.testing.tiny import FAMILIES, IMAGE_TOKEN, VIDEO_TOKEN, default_rows, tiny_batch, tiny_model
 
 from .reference import reduced_rows, reference_generate, reference_logits
+from .tables import cases
 from .test_selection import reference_reducer
 
-# Methods that cannot run without trained weights (langdc's captioner) run these oracles in their own tests.
-NEEDS_TRAINED_WEIGHTS = {"langdc"}
-PROJECTOR_METHODS = [s.name for s in method_specs() if s.stages == ("projector",) and s.name not in NEEDS_TRAINED_WEIGHTS]
+# Every projector-only method on every family that runs it (vision methods: test_vision_stage.py).
+CASES = cases("projector", only=True)
 
 
 def _config(name, budget=0.25):
@@ -30,8 +30,7 @@ def models():
     return {f: tiny_model(f) for f in FAMILIES}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", PROJECTOR_METHODS)
+@pytest.mark.parametrize("method, family", CASES, ids=[f"{m}-{f}" for m, f in CASES])
 def test_forward_equals_reduced_reference_and_rows_alone(models, family, method):
     model = models[family]
     batch = tiny_batch(model, default_rows(family, video=True))
@@ -57,8 +56,7 @@ def test_forward_equals_reduced_reference_and_rows_alone(models, family, method)
     assert out.shape[1] == max(ref[0].shape[0] for ref in refs)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", PROJECTOR_METHODS)
+@pytest.mark.parametrize("method, family", CASES, ids=[f"{m}-{f}" for m, f in CASES])
 def test_generate_equals_reduced_reference(models, family, method):
     model = models[family]
     batch = tiny_batch(model, default_rows(family, video=True))

@@ -26,7 +26,7 @@ import dataclasses
 import torch
 
 from tokenreduce.core.config import MethodConfig, check_keep, resolve_keep
-from tokenreduce.core.reduction import Method, Reduction
+from tokenreduce.core.reduction import ProjectorMethod, Reduction
 from tokenreduce.core.registry import register_method
 
 
@@ -39,7 +39,7 @@ class HeadConfig(MethodConfig):
 
 
 @register_method("{name}", config_cls=HeadConfig, stages="projector", description="first tokens")
-class HeadMethod(Method):
+class HeadMethod(ProjectorMethod):
     def reduce(self, features, context):
         return Reduction.keep(torch.arange(resolve_keep(self.config.keep, features.shape[0])))
 '''

@@ -250,7 +250,7 @@ def test_pool_keeps_the_feature_dtype(dtype):
 @pytest.mark.parametrize("value, n, expected", [(0.3, 7, 2), (0.45, 7, 3), (0.7, 9, 6), (0.99, 3, 3), (5, 3, 3), (2, 9, 2)])
 def test_per_group_count_of_the_tower_methods(value, n, expected):
     """VisionZip / PruMerge per-crop counts: a float is the nearest whole share of ``n``, an int is capped."""
-    from tokenreduce.plugins.baselines._vision import count
+    from tokenreduce.ops.vision import count
 
     assert count(value, n) == expected
 

@@ -1,5 +1,5 @@
 """Vision-tower stage: towers of every kind, tower signals, and the VisionZip / PruMerge / DivPrune / ToMe
-baselines against plain step-by-step references and the foundation's oracles."""
+baselines against plain step-by-step references; every vision-stage method through the foundation's oracles."""
 
 import copy
 
@@ -12,11 +12,12 @@ from tokenreduce.adapters.towers import find_tower
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.reduction import Reduction
 from tokenreduce.core.registry import get_method
+from tokenreduce.ops.selection import iqr_outliers
 from tokenreduce.plugins.baselines.divprune import max_min_diversity
-from tokenreduce.plugins.baselines.prumerge import PruMergeConfig, iqr_outliers, prumerge_group
+from tokenreduce.plugins.baselines.prumerge import PruMergeConfig, prumerge_group
 from tokenreduce.plugins.baselines.tome import merge_schedule, merge_step, merge_tokens
 from tokenreduce.plugins.baselines.visionzip import visionzip_select
-from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model
+from tokenreduce.testing.tiny import default_rows, tiny_batch, tiny_model
 
 from .reference import (
     encoder_features,
@@ -25,8 +26,7 @@ from .reference import (
     reference_generate,
     reference_logits,
 )
-
-TOWER_METHODS = ["visionzip", "prumerge", "prumerge_plus", "tome", "divprune"]
+from .tables import cases
 
 
 # ----- towers --------------------------------------------------------------------------------------------
@@ -255,9 +255,8 @@ def test_anyres_patch_source_points_at_the_crop_patch_of_each_token(family):
         torch.testing.assert_close(m[compare], f[compare], atol=1e-5, rtol=1e-5)
 
 
-# ----- baselines through forward and generate on every family whose tower they support --------------------
-CASES = [(m, f) for m in TOWER_METHODS for f in FAMILIES
-         if get_method(m).families is None or f in get_method(m).families]
+# ----- every vision-stage method through forward and generate on every family that runs it ---------------
+CASES = cases("vision")
 
 
 @pytest.mark.parametrize("method, family", CASES, ids=[f"{m}-{f}" for m, f in CASES])

@@ -333,7 +333,7 @@ def _show(args: argparse.Namespace) -> int:
 
     traced = [r for r in read_records(run_dir).values() if "ares" in (r.get("extra") or {})]
     if traced:  # runs of the decode-stage method: entropy over the generated tokens, HWE marked
-        from tokenreduce.plugins.ares.plot import save_entropy_plots
+        from tokenreduce.plugins.ares import save_entropy_plots
 
         out = Path(args.out) if args.out else run_dir / "entropy"
         paths = save_entropy_plots(traced if args.per_cell is None else traced[: args.per_cell], out)

@@ -13,7 +13,14 @@ def tiny_vlm(family: str = "qwen2_vl", vocab: int | None = None, sharpness: floa
     next-token distributions are peaked and their entropies vary from step to step."""
     import transformers as T
 
-    classes = {"llava": T.LlavaForConditionalGeneration, "qwen2_vl": T.Qwen2VLForConditionalGeneration}
+    classes = {
+        "llava": T.LlavaForConditionalGeneration,
+        "llava_next": T.LlavaNextForConditionalGeneration,
+        "llava_next_video": T.LlavaNextVideoForConditionalGeneration,
+        "llava_onevision": T.LlavaOnevisionForConditionalGeneration,
+        "qwen2_vl": T.Qwen2VLForConditionalGeneration,
+        "qwen2_5_vl": T.Qwen2_5_VLForConditionalGeneration,
+    }
     config = tiny_config(family)
     if vocab is not None:
         config.text_config.vocab_size = vocab

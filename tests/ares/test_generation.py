@@ -20,6 +20,7 @@ from tokenreduce.plugins.ares import (
 )
 from tokenreduce.testing.tiny import default_rows, tiny_batch, tiny_tokenizer
 
+from ..tables import cases
 from .helpers import direct_entropy, forward_windows, text_batch, tiny_vlm
 
 END = (7, 8)
@@ -110,10 +111,10 @@ def test_entropy_is_of_the_scores_after_the_callers_processors(qwen):
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", [f for m, f in cases("decode") if m == "ares"])  # every family running it
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
 def test_tracking_changes_no_token(family, sample, qwen, llava):
-    model = {"llava": llava, "qwen2_vl": qwen}[family]
+    model = {"llava": llava, "qwen2_vl": qwen}.get(family) or tiny_vlm(family)
     batch = tiny_batch(model, default_rows(family, 2))
     kwargs = dict(max_new_tokens=12, do_sample=sample, top_k=0, temperature=1.3 if sample else None)
     torch.manual_seed(11)

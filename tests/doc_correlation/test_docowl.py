@@ -18,6 +18,7 @@ from tokenreduce.eval.overlay import layout_from_dict, layout_to_dict, render_it
 from tokenreduce.plugins.doc_correlation.method import DocCorrelationConfig
 
 from ..reference import recorded_reductions
+from ..tables import methods
 from .docowl_tiny import CROP, docowl_batch, page_inputs, prompt_ids, save_remote_code_dir, tiny_docowl
 from .mplug_docowl.modeling_mplug_docowl import IMAGE_TOKEN_INDEX
 
@@ -163,7 +164,8 @@ def test_keep_all_equals_unwrapped_and_unwrap_restores(model):
 
 
 def test_in_llm_methods_are_refused(model):
-    with pytest.raises(TypeError, match="docowl adapter supports vision- and projector-stage methods only"):
+    with pytest.raises(TypeError, match="method 'fastv' acts in the llm stage, which model family 'docowl' does not "
+                                        "support; it supports: vision, projector, decode"):
         tr.wrap(model, "fastv", keep=0.5)
     assert get_handle(model) is None and "forward" not in model.__dict__
 
@@ -179,6 +181,26 @@ def test_projector_baselines_run_on_docowl(model):
         finally:
             tr.unwrap(model)
         assert all(s.visual_tokens_out < s.visual_tokens_in for s in stats)
+
+
+@pytest.mark.parametrize("method", methods("decode"))
+def test_decode_methods_run_on_docowl(model, method):
+    """The adapter declares the decode stage: a decode method's generate (greedy) equals the plain model's
+    generate given the method's own hooks, its prompt unchanged."""
+    batch = docowl_batch(PAGES[:2])
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    tr.wrap(model, method)
+    try:
+        with torch.no_grad():
+            wrapped = model.generate(**batch, **kwargs)
+        handle = get_handle(model)
+        with tr.disabled(model), torch.no_grad():
+            hooks = handle.method.generation_hooks(handle, dict(batch, **kwargs))
+            reference = model.generate(**batch, **kwargs, logits_processor=hooks.get("logits_processor", []))
+    finally:
+        tr.unwrap(model)
+    assert wrapped.tolist() == reference.tolist()
+    assert torch.equal(wrapped[:, : batch["input_ids"].shape[1]], batch["input_ids"])
 
 
 def test_crop_table_tells_images_apart():

@@ -53,6 +53,7 @@ class TowerAdapter(Adapter):
 
     is_vlm = False
     modalities = ("image",)
+    stages = ("vision",)  # no language model: only methods merging inside the tower
 
     def __init__(self, model: nn.Module, tower):
         self.model = model

@@ -30,6 +30,8 @@ class Adapter:
     name: str = ""
     model_types: tuple[str, ...] = ()
     modalities: tuple[str, ...] = ("image",)
+    # Stages (of tokenreduce.core.registry.STAGES) whose methods this family runs; wrap refuses the others.
+    stages: tuple[str, ...] = ()
     is_vlm = True
 
     def __init__(self, model: nn.Module):

@@ -32,7 +32,7 @@ The core's convention (one placeholder per visual token, precomputed features th
 An image is a global view plus its crops; images are told apart with ``patch_positions`` (a global view
 ``(A, A)`` starts an image, and so does a crop ``(0, 0)`` not preceded by a global view). Layout: one
 ``"base"`` segment (global view) or ``"crop"`` segment (``crop_index`` = its cell) of ``32 x 8`` tokens per
-crop, each followed by its ``vit_eos`` as a lone newline slot. Only vision- and projector-stage methods
+crop, each followed by its ``vit_eos`` as a lone newline slot. Vision-, projector- and decode-stage methods
 are supported (in-LLM methods need the LLM's attention internals, which DocOwl's multiway layers change).
 """
 
@@ -87,6 +87,8 @@ class DocOwlAdapter(Adapter):
     name = "docowl"
     model_types = ("mplug_docowl",)
     modalities = ("image",)
+    # No llm stage: in-LLM pruning would have to follow DocOwl's multiway LLaMA layers.
+    stages = ("vision", "projector", "decode")
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
@@ -258,9 +260,6 @@ class DocOwlAdapter(Adapter):
         return out
 
     def attach(self, handle: Any) -> None:
-        if "llm" in handle.spec.stages:
-            raise TypeError(f"method {handle.spec.name!r} prunes inside the LLM; the docowl adapter supports "
-                            "vision- and projector-stage methods only (DocOwl's multiway LLaMA layers)")
         model = self.model
         original = model.prepare_inputs_labels_for_multimodal
         names = list(inspect.signature(original).parameters)

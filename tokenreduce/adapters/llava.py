@@ -10,11 +10,6 @@ from tokenreduce.core.layout import Segment, TokenLayout
 from .base import Adapter
 
 
-def square_or_flat(modality: str, n: int) -> TokenLayout:
-    side = round(n**0.5)
-    return TokenLayout.grid(modality, side, side) if side * side == n else TokenLayout.flat(modality, n)
-
-
 def vision_grid_side(vision_config) -> int:
     return vision_config.image_size // vision_config.patch_size
 
@@ -23,11 +18,12 @@ class LlavaAdapter(Adapter):
     name = "llava"
     model_types = ("llava",)
     modalities = ("image",)
+    stages = ("vision", "projector", "llm", "decode")
 
     def layouts(self, modality, inputs: dict[str, Any], counts=None) -> list[TokenLayout]:
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None:  # precomputed features: infer square grids from the counts
-            return [square_or_flat(modality, n) for n in counts]
+            return [TokenLayout.square_or_flat(modality, n) for n in counts]
         patch = self.config.vision_config.patch_size
         rows, cols = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
         num_images = pixel_values.shape[0]

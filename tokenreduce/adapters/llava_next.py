@@ -120,6 +120,7 @@ class LlavaNextAdapter(Adapter):
     name = "llava_next"
     model_types = ("llava_next",)
     modalities = ("image",)
+    stages = ("vision", "projector", "llm", "decode")
 
     def _strategy(self, inputs):
         return inputs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy

@@ -18,6 +18,7 @@ class LlavaOnevisionAdapter(Adapter):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
     modalities = ("image", "video")
+    stages = ("vision", "projector", "llm", "decode")
 
     def layouts(self, modality, inputs, counts=None):
         if modality == "video":

@@ -15,6 +15,8 @@ class Qwen2VLAdapter(Adapter):
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
     modalities = ("image", "video")
+    # No vision stage: the Qwen vision transformer (windowed, merged patches) is not a supported tower.
+    stages = ("projector", "llm", "decode")
 
     def layouts(self, modality, inputs, counts=None):
         grid = inputs.get(f"{modality}_grid_thw")

@@ -66,6 +66,12 @@ def wrap(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mod
         raise TypeError(
             f"method {spec.name!r} does not support model family {adapter.name!r}; supported: {', '.join(spec.families)}"
         )
+    unsupported = [s for s in spec.stages if s not in adapter.stages]
+    if unsupported:
+        raise TypeError(
+            f"method {spec.name!r} acts in the {' and '.join(unsupported)} stage, which model family {adapter.name!r} "
+            f"does not support; it supports: {', '.join(adapter.stages)}"
+        )
     handle = ModelHandle(model, adapter, spec, config)
     handle.install()
     return model

@@ -139,7 +139,7 @@ class ModelHandle:
                     self.patch(model, "_expand_multimodal_outputs", expand_multimodal_outputs)
             self.patch(model, HANDLE_ATTR, self)
             self.adapter.attach(self)
-            layer = getattr(self.method, "vision_layer", None)
+            layer = self.method.vision_layer
             if layer is not None:
                 from tokenreduce.core.vision import VisionStage
 
@@ -361,7 +361,7 @@ class ModelHandle:
         reduce = self.reduces_before_llm and any(m in self.modalities for m in present)
 
         features, items, reductions, coords, found = {}, [], {}, {}, {}
-        reduced_in_tower = getattr(self.method, "changes_encoder_output", False)
+        reduced_in_tower = self.method.changes_encoder_output
         for m in present:
             signals = None
             if precomputed.get(m) is not None:
@@ -398,12 +398,10 @@ class ModelHandle:
         the inputs the layout is read from (pixel values, image sizes, grids)."""
         if self.adapter.has_pixels(modality, inputs) or counts is None:
             return self.adapter.layouts(modality, inputs, counts)
-        from tokenreduce.adapters.llava import square_or_flat
-
         try:
             return self.adapter.layouts(modality, inputs, counts)
         except (KeyError, ValueError, TypeError):
-            return [square_or_flat(modality, n) for n in counts]
+            return [TokenLayout.square_or_flat(modality, n) for n in counts]
 
     def _encode(self, modality: str, inputs: dict[str, Any]) -> list[torch.Tensor]:
         """The encoder's per-item tokens, with the vision stage's capture on while the tower runs."""
@@ -423,7 +421,7 @@ class ModelHandle:
         found without the host reading the ids; the count check runs on the device."""
         total = sum(lay.num_tokens for lay in layouts)
         count = is_placeholder.sum()
-        if features is not None and not getattr(self.method, "changes_encoder_output", False):
+        if features is not None and not self.method.changes_encoder_output:
             counts = [int(f.shape[0]) for f in features]
             require(count == sum(counts), lambda: (
                 f"{modality} features and {modality} placeholder tokens do not match: the encoder gave "
@@ -470,7 +468,7 @@ class ModelHandle:
             if act:
                 ctx = ReduceContext(
                     layout=layout, modality=modality, row=row, item=i,
-                    text_embeds=self._text_embeds(inputs, row) if getattr(self.method, "uses_text", False) else None,
+                    text_embeds=self._text_embeds(inputs, row) if self.method.uses_text else None,
                     generator=self._generator(), signals=signals[i] if signals else {},
                 )
                 with timer(features[i].device) as t:

@@ -126,3 +126,9 @@ class TokenLayout:
     def flat(modality: str, num_tokens: int) -> TokenLayout:
         """A layout with no known structure: one row of ``num_tokens`` tokens."""
         return TokenLayout(modality, (Segment("base", 1, num_tokens),))
+
+    @staticmethod
+    def square_or_flat(modality: str, num_tokens: int) -> TokenLayout:
+        """A square grid when ``num_tokens`` is a square, else a flat layout: what a count alone tells."""
+        side = round(num_tokens**0.5)
+        return TokenLayout.grid(modality, side, side) if side * side == num_tokens else TokenLayout.flat(modality, num_tokens)

@@ -1,4 +1,4 @@
-"""What a method returns, and the base class methods derive from.
+"""What a method returns, and the stage classes methods derive from.
 
 A method only scores, selects, merges or replaces tokens. It returns a :class:`Reduction` saying which
 original token each output token stands for; positions, masks, caches and labels follow from that in the
@@ -8,12 +8,15 @@ core, in one place, for every method.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from tokenreduce.core.config import MethodConfig
 from tokenreduce.core.layout import TokenLayout
+
+if TYPE_CHECKING:
+    from tokenreduce.core.llm import LLMContext
 
 
 @dataclass
@@ -93,33 +96,117 @@ class ReduceContext:
 
 
 class Method:
-    """Base class of every registered method.
+    """Base class of every method; a registered method derives from one stage class below.
 
-    ``stages`` and ``name`` are set by :func:`tokenreduce.core.registry.register_method`. A method that
-    acts at the projector (or after the vision tower) implements :meth:`reduce`; methods acting inside
-    the vision tower or the LLM override :meth:`attach` / :meth:`detach` to install their hooks through
-    the handle, which removes them on unwrap.
+    A method's stage is its class: :class:`ProjectorMethod` (reduces each item's visual tokens before the
+    LLM), :class:`VisionMethod` (reads or changes the vision tower, then reduces like a projector method),
+    :class:`LLMMethod` (drops visual tokens between decoder layers) or :class:`DecodeMethod` (acts on
+    generation). :func:`tokenreduce.core.registry.register_method` reads :attr:`stages` from the class.
+
+    The core asks every method the three questions below (class attributes; the defaults say "no"), and
+    calls the hooks of the method's stage class; everything else (positions, masks, caches, labels) it does
+    itself. ``attach`` / ``detach`` install and undo anything beyond the stage's own hooks, through the
+    handle, which removes what it tracks on unwrap.
     """
 
+    #: The stages the method acts in, set by its stage class; the registry records them.
+    stages: ClassVar[tuple[str, ...]] = ()
+    #: Set by the registry: the name the method is registered under.
     name: str = ""
+    #: Tower layer (or tuple of layers) whose queries and keys the core captures while the tower runs and
+    #: hands to :meth:`VisionMethod.tower_signals`; ``None``: nothing is captured.
+    vision_layer: int | tuple[int, ...] | None = None
+    #: Whether the encoder's output already holds fewer tokens than the layout (the method merged inside
+    #: the tower, as ToMe does): the core then takes the item sizes from the layout, not the features.
+    changes_encoder_output: bool = False
+    #: Whether :meth:`ProjectorMethod.reduce` reads the row's text (``ReduceContext.text_embeds``); the
+    #: core embeds it only then.
+    uses_text: bool = False
 
     def __init__(self, config: MethodConfig):
         self.config = config
 
-    def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
-        """Reduce one item's ``[N, D]`` visual tokens."""
-        raise NotImplementedError
-
-    def generation_hooks(self, handle: Any, inputs: dict[str, Any]) -> dict[str, list]:
-        """Decode-stage methods: ``{"logits_processor": [...], "stopping_criteria": [...]}`` for one
-        ``generate`` call, appended to the caller's own."""
-        return {}
-
-    def after_generate(self, handle: Any, inputs: dict[str, Any], output: Any) -> None:
-        """Decode-stage methods: record per-sample results (``handle.stats``) once ``generate`` returns."""
-
     def attach(self, handle: Any) -> None:
-        """Install hooks beyond the projector stage (the handle tracks and removes them)."""
+        """Install hooks beyond the stage's own (the handle tracks and removes them)."""
 
     def detach(self, handle: Any) -> None:
         """Undo anything :meth:`attach` did that the handle does not track."""
+
+
+class ProjectorMethod(Method):
+    """Reduces each item's visual tokens after the projector, before the LLM reads them.
+
+    The core encodes the pixels, calls :meth:`reduce` once per image / video item, and rebuilds the
+    sequence around the result.
+    """
+
+    stages: ClassVar[tuple[str, ...]] = ("projector",)
+
+    def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
+        """Reduce one item's ``[N, D]`` visual tokens; ``context`` holds its layout (and, for a vision
+        method, the tower signals mapped onto its tokens)."""
+        raise NotImplementedError(f"{type(self).__qualname__} must implement `reduce`")
+
+
+class VisionMethod(ProjectorMethod):
+    """Reads (or changes) the vision tower's internals, then reduces each item like a projector method.
+
+    With :attr:`vision_layer` set, the core captures that layer's queries and keys while the tower runs and
+    calls :meth:`tower_signals` on them; the signals, mapped onto the item's tokens by the family's own
+    spatial transforms, reach :meth:`reduce` as ``context.signals``. A method that merges inside the tower
+    (installing its own block hooks in :meth:`attach`) sets :attr:`changes_encoder_output`; it then acts in
+    the vision stage only, and its :meth:`reduce` says which original token each merged one stands for.
+    """
+
+    stages: ClassVar[tuple[str, ...]] = ("vision", "projector")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.stages = ("vision",) if cls.changes_encoder_output else ("vision", "projector")
+
+    def tower_signals(self, q: Any, k: Any, scale: float, num_prefix: int) -> dict[str, torch.Tensor]:
+        """Per-patch signals from the captured tower attention inputs.
+
+        ``q, k``: ``[R, H, N, d]`` queries and keys of :attr:`vision_layer` for every tower row (a dict
+        ``{layer: tensor}`` each when :attr:`vision_layer` is a tuple); ``scale`` the attention's scale;
+        ``num_prefix`` the leading non-patch tokens ([CLS]). Returns ``{name: [R, P, ...]}`` over the ``P``
+        patches; the core maps each onto the items' tokens.
+        """
+        raise NotImplementedError(f"{type(self).__qualname__} sets `vision_layer` but does not implement `tower_signals`")
+
+
+class LLMMethod(Method):
+    """Drops visual tokens between decoder layers: layers ``>= K`` see only the tokens kept at ``K``.
+
+    The core hooks the layers :meth:`llm_layers` names and, at each, asks :meth:`select` which visual tokens
+    survive; masks, positions and the cache follow in prefill and every decode step.
+    """
+
+    stages: ClassVar[tuple[str, ...]] = ("llm",)
+
+    def llm_layers(self, num_layers: int) -> list[int]:
+        """The decoder layers ``K`` (in ``[1, num_layers - 1]``) at which the method prunes."""
+        raise NotImplementedError(f"{type(self).__qualname__} must implement `llm_layers`")
+
+    def select(self, ctx: LLMContext) -> list[torch.Tensor]:
+        """Per row, indices into ``ctx.visual[row]`` of the visual tokens kept from layer ``ctx.layer`` on."""
+        raise NotImplementedError(f"{type(self).__qualname__} must implement `select`")
+
+
+class DecodeMethod(Method):
+    """Acts on generation (sampling, reasoning length); keeps every visual token."""
+
+    stages: ClassVar[tuple[str, ...]] = ("decode",)
+
+    def generation_hooks(self, handle: Any, inputs: dict[str, Any]) -> dict[str, list]:
+        """``{"logits_processor": [...], "stopping_criteria": [...]}`` for one ``generate`` call, appended
+        to the caller's own."""
+        return {}
+
+    def after_generate(self, handle: Any, inputs: dict[str, Any], output: Any) -> None:
+        """Record per-sample results (``handle.stats``) once ``generate`` returns."""
+
+
+STAGE_CLASSES: dict[str, type[Method]] = {
+    "vision": VisionMethod, "projector": ProjectorMethod, "llm": LLMMethod, "decode": DecodeMethod,
+}

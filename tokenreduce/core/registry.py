@@ -1,8 +1,9 @@
 """Registry of reduction methods: a leaf module that imports nothing else of the package.
 
-A method registers its name, its config dataclass, the stages it acts in and the class that implements
-it. Registration fails loudly on a bad or duplicate name, and everything registered is picked up by the
-shared test table, so a new method is tested by registering it.
+A method registers its name, its config dataclass and the class that implements it; the class's stage
+base (``VisionMethod``, ``ProjectorMethod``, ``LLMMethod``, ``DecodeMethod``) gives the stages it acts in.
+Registration fails loudly on a bad or duplicate name or a class of no stage, and everything registered is
+picked up by the shared test tables, so a new method is tested by registering it.
 
 Built-in methods register when ``import tokenreduce`` imports :mod:`tokenreduce.plugins`. Methods of other
 distributions register through the entry-point group ``tokenreduce.methods``, loaded once on the first
@@ -54,31 +55,45 @@ def register_method(
     name: str,
     *,
     config_cls: type,
-    stages: tuple[str, ...] | str,
+    stages: tuple[str, ...] | str | None = None,
     description: str = "",
     families: tuple[str, ...] | None = None,
     modalities: tuple[str, ...] = ("image", "video"),
 ) -> Callable[[type], type]:
     """Class decorator registering a reduction method under ``name``.
 
-    ``stages`` is one or more of ``vision``, ``projector``, ``llm``, ``decode``.
+    The method's stages are its class's: it derives from one stage class of
+    :mod:`tokenreduce.core.reduction` (``VisionMethod``, ``ProjectorMethod``, ``LLMMethod``,
+    ``DecodeMethod``), whose ``stages`` the registry records. ``stages`` (one or more of ``vision``,
+    ``projector``, ``llm``, ``decode``), when given, must say the same.
     """
     if isinstance(stages, str):
         stages = (stages,)
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"method name must match {_NAME.pattern!r}, got {name!r}")
-    bad = [s for s in stages if s not in STAGES]
-    if bad or not stages:
+    if stages is not None and (not stages or any(s not in STAGES for s in stages)):
         raise ValueError(f"`stages` must be a non-empty subset of {STAGES}, got {stages!r}")
 
     def decorator(method_cls: type) -> type:
         if name in _METHODS and _METHODS[name].method_cls is not method_cls:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].method_cls.__qualname__}")
+        # Read, not imported: the registry is a leaf (the stage classes live in tokenreduce.core.reduction).
+        declared = tuple(getattr(method_cls, "stages", ()) or ())
+        if not declared or any(s not in STAGES for s in declared):
+            raise TypeError(
+                f"method {name!r}: class {method_cls.__qualname__} must derive from a stage class of "
+                "tokenreduce.core.reduction (VisionMethod, ProjectorMethod, LLMMethod or DecodeMethod)"
+            )
+        if stages is not None and set(stages) != set(declared):
+            raise ValueError(
+                f"method {name!r}: `stages`={stages!r} differs from the stages of its class "
+                f"{method_cls.__qualname__}, {declared!r}; leave `stages` out (the class says it)"
+            )
         _METHODS[name] = MethodSpec(
             name=name,
             config_cls=config_cls,
             method_cls=method_cls,
-            stages=tuple(stages),
+            stages=declared,
             description=description or (method_cls.__doc__ or "").strip().splitlines()[0],
             families=families,
             modalities=modalities,

@@ -36,7 +36,7 @@ from transformers import LogitsProcessor, StoppingCriteria
 
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.api import stats as _stats
-from tokenreduce.core.reduction import Method
+from tokenreduce.core.reduction import DecodeMethod
 from tokenreduce.core.registry import register_method
 from tokenreduce.core.stats import Stats
 from tokenreduce.kernels import token_entropy, window_entropy
@@ -281,8 +281,8 @@ def _positions(mask: torch.Tensor) -> list[int]:
     return [int(i) for i in mask.nonzero().flatten().tolist()]
 
 
-@register_method("ares", config_cls=AresConfig, stages="decode", modalities=())
-class AresMethod(Method):
+@register_method("ares", config_cls=AresConfig, modalities=())
+class AresMethod(DecodeMethod):
     """Entropy-tracked decoding with an optional difficulty-aware reasoning budget (ARES signals)."""
 
     def __init__(self, config: AresConfig):

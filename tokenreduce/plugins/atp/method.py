@@ -8,9 +8,9 @@ import torch
 
 from tokenreduce.core.config import MethodConfig, check_choice, check_increasing_layers, check_range
 from tokenreduce.core.llm import LLMContext
-from tokenreduce.core.reduction import Method
+from tokenreduce.core.reduction import LLMMethod
 from tokenreduce.core.registry import register_method
-from tokenreduce.plugins.baselines._llm import average_keep, check_layers
+from tokenreduce.ops.llm import average_keep, check_layers
 
 from .heads import ThresholdHeads
 from .scores import CROSS, SCORE_LAYERS, normal_quantile, redundancy_scores, spatial_sample
@@ -135,8 +135,8 @@ class ATPConfig(MethodConfig):
         return cls(layers=layers, keep=(kappa,) * len(rates), spatial_rates=rates, **options)
 
 
-@register_method("atp", config_cls=ATPConfig, stages="llm")
-class ATPMethod(Method):
+@register_method("atp", config_cls=ATPConfig)
+class ATPMethod(LLMMethod):
     """Adaptive token pruning inside the LLM, per layer and per instance, with spatial augmented pruning."""
 
     def llm_layers(self, num_layers: int) -> list[int]:

@@ -15,10 +15,9 @@ import torch
 from tokenreduce import kernels
 from tokenreduce.core.config import MethodConfig, check_keep, resolve_keep
 from tokenreduce.core.hostsync import host_only
-from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
-
-from ._vision import add_row_newlines
+from tokenreduce.ops.vision import add_row_newlines
 
 
 @dataclass
@@ -55,8 +54,8 @@ def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat(chosen)
 
 
-@register_method("divprune", config_cls=DivPruneConfig, stages="projector")
-class DivPruneMethod(Method):
+@register_method("divprune", config_cls=DivPruneConfig)
+class DivPruneMethod(ProjectorMethod):
     """Max-min diverse subset of the visual tokens (DivPrune)."""
 
     def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:

@@ -16,10 +16,9 @@ import torch
 
 from tokenreduce.core.config import MethodConfig, check_choice, check_keep, check_range
 from tokenreduce.core.llm import LLMContext
-from tokenreduce.core.reduction import Method
+from tokenreduce.core.reduction import LLMMethod
 from tokenreduce.core.registry import register_method
-
-from ._llm import check_layers, scores_for, top_visual
+from tokenreduce.ops.llm import check_layers, scores_for, top_visual
 
 
 @dataclass
@@ -60,8 +59,8 @@ class FastVConfig(MethodConfig):
         return cls(layer=layer, keep=min(1.0, keep), **options)
 
 
-@register_method("fastv", config_cls=FastVConfig, stages="llm")
-class FastVMethod(Method):
+@register_method("fastv", config_cls=FastVConfig)
+class FastVMethod(LLMMethod):
     """Prune visual tokens after layer K by the last token's attention (FastV)."""
 
     def llm_layers(self, num_layers: int) -> list[int]:

@@ -13,10 +13,9 @@ import torch
 
 from tokenreduce.core.config import MethodConfig, check_choice, check_increasing_layers, check_range
 from tokenreduce.core.llm import LLMContext
-from tokenreduce.core.reduction import Method
+from tokenreduce.core.reduction import LLMMethod
 from tokenreduce.core.registry import register_method
-
-from ._llm import average_keep, check_layers, scores_for, top_visual
+from tokenreduce.ops.llm import average_keep, check_layers, scores_for, top_visual
 
 
 @dataclass
@@ -69,8 +68,8 @@ class PDropConfig(MethodConfig):
         return cls(layers=layers, keep=tuple(ratio ** (i + 1) for i in range(len(layers))), **options)
 
 
-@register_method("pdrop", config_cls=PDropConfig, stages="llm")
-class PDropMethod(Method):
+@register_method("pdrop", config_cls=PDropConfig)
+class PDropMethod(LLMMethod):
     """Multi-stage pruning inside the LLM by the last instruction token's attention (PyramidDrop)."""
 
     def llm_layers(self, num_layers: int) -> list[int]:

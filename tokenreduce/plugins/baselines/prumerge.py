@@ -22,10 +22,10 @@ import torch
 
 from tokenreduce import kernels
 from tokenreduce.core.config import MethodConfig, check_range
-from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.reduction import ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
-
-from ._vision import attention_and_keys, reduce_per_crop
+from tokenreduce.ops.selection import iqr_outliers
+from tokenreduce.ops.vision import attention_and_keys, reduce_per_crop
 
 FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision")
 
@@ -62,12 +62,6 @@ class PruMergeConfig(MethodConfig):
 @dataclass
 class PruMergePlusConfig(PruMergeConfig):
     """Options of ``prumerge_plus`` (those of ``prumerge``)."""
-
-
-def iqr_outliers(scores: torch.Tensor, factor: float) -> torch.Tensor:
-    """Boolean mask of scores above ``Q3 + factor * IQR``."""
-    q1, q3 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device))
-    return scores > q3 + factor * (q3 - q1)
 
 
 def uniform_fill(kept: torch.Tensor, n: int, step: int | None = None, total: int | None = None) -> torch.Tensor:
@@ -128,7 +122,7 @@ def prumerge_group(features, attention, keys, group, config: PruMergeConfig, plu
     return torch.cat(sources), torch.cat(outputs), slot
 
 
-class _PruMergeBase(Method):
+class _PruMergeBase(VisionMethod):
     plus = False
 
     @property
@@ -147,12 +141,12 @@ class _PruMergeBase(Method):
         )
 
 
-@register_method("prumerge", config_cls=PruMergeConfig, stages=("vision", "projector"), families=FAMILIES)
+@register_method("prumerge", config_cls=PruMergeConfig, families=FAMILIES)
 class PruMergeMethod(_PruMergeBase):
     """Adaptive count by IQR outliers of [CLS] attention, attention-weighted merging (PruMerge)."""
 
 
-@register_method("prumerge_plus", config_cls=PruMergePlusConfig, stages=("vision", "projector"), families=FAMILIES)
+@register_method("prumerge_plus", config_cls=PruMergePlusConfig, families=FAMILIES)
 class PruMergePlusMethod(_PruMergeBase):
     """PruMerge plus spatially uniform tokens (PruMerge+)."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenreduce.core.config import MethodConfig, check_keep, check_range, resolve_keep
-from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
 
 
@@ -34,8 +34,8 @@ class RandomConfig(MethodConfig):
         check_range("seed", self.seed, 0, integer=True)
 
 
-@register_method("random", config_cls=RandomConfig, stages="projector")
-class RandomMethod(Method):
+@register_method("random", config_cls=RandomConfig)
+class RandomMethod(ProjectorMethod):
     """Seeded uniform random sample of the visual tokens."""
 
     def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:

@@ -27,7 +27,7 @@ import torch
 from tokenreduce import kernels
 from tokenreduce.adapters.towers import merging_block_forward
 from tokenreduce.core.config import MethodConfig, check_keep, check_range, resolve_keep
-from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
 from tokenreduce.core.stats import ItemStats
 
@@ -111,10 +111,10 @@ class _State:
 
 
 @register_method(
-    "tome", config_cls=ToMeConfig, stages="vision",
+    "tome", config_cls=ToMeConfig,
     families=("llava", "hf_vision_tower", "timm_vit", "open_clip_vit"),
 )
-class ToMeMethod(Method):
+class ToMeMethod(VisionMethod):
     """Token Merging inside the vision tower's blocks, with proportional attention."""
 
     changes_encoder_output = True
@@ -231,8 +231,8 @@ def merge_tokens(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return merged[0].to(x.dtype), slot[0]
 
 
-@register_method("tome_projector", config_cls=ToMeProjectorConfig, stages="projector")
-class ToMeProjectorMethod(Method):
+@register_method("tome_projector", config_cls=ToMeProjectorConfig)
+class ToMeProjectorMethod(ProjectorMethod):
     """ToMe's bipartite soft matching on each item's projected tokens, down to ``keep`` tokens."""
 
     def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:

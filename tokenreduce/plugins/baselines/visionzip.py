@@ -23,10 +23,9 @@ import torch
 
 from tokenreduce import kernels
 from tokenreduce.core.config import MethodConfig, check_range
-from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.reduction import ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
-
-from ._vision import attention_and_keys, count, reduce_per_crop
+from tokenreduce.ops.vision import attention_and_keys, count, reduce_per_crop
 
 FAMILY_DEFAULTS = {"llava": (54, 10), "llava_next": (27, 5), "llava_next_video": (27, 5), "llava_onevision": (27, 5)}
 
@@ -99,9 +98,9 @@ def visionzip_select(features, attention, keys, group, dominant: int, contextual
     return torch.cat(sources), torch.cat(outputs), slot
 
 
-@register_method("visionzip", config_cls=VisionZipConfig, stages=("vision", "projector"),
+@register_method("visionzip", config_cls=VisionZipConfig,
                  families=tuple(FAMILY_DEFAULTS))
-class VisionZipMethod(Method):
+class VisionZipMethod(VisionMethod):
     """Dominant tokens by [CLS] attention plus similarity-merged contextual tokens (VisionZip)."""
 
     def attach(self, handle) -> None:

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 from tokenreduce.core.config import MethodConfig, check_choice, check_range
-from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.reduction import ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
-from tokenreduce.plugins.baselines._vision import add_row_newlines, attention_and_keys, content_groups
+from tokenreduce.ops.vision import add_row_newlines, attention_and_keys, content_groups
 
 from .density import adaptive_budgets, distinctiveness, global_budgets, neighbor_counts, redundancy_of
 from .select import choose_tokens, merge_dropped, sampling_weights
@@ -146,9 +146,9 @@ def tower_features(q: torch.Tensor, k: torch.Tensor, num_prefix: int, source: st
     return k.transpose(1, 2).reshape(r, n, h * d)[:, num_prefix:]
 
 
-@register_method("doc_correlation", config_cls=DocCorrelationConfig, stages=("vision", "projector"),
+@register_method("doc_correlation", config_cls=DocCorrelationConfig,
                  families=FAMILIES, modalities=("image",))
-class DocCorrelationMethod(Method):
+class DocCorrelationMethod(VisionMethod):
     """Per-crop budgets by information density; global ([CLS] IQR) plus sampled local tokens (TCC)."""
 
     def __init__(self, config: DocCorrelationConfig):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from tokenreduce import kernels
-from tokenreduce.plugins.baselines.prumerge import iqr_outliers
+from tokenreduce.ops.selection import iqr_outliers
 
 # Floor added to the sampling weights so that every token can be drawn (zero or NaN attention included).
 PROBABILITY_FLOOR = 1e-12

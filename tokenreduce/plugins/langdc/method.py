@@ -40,9 +40,9 @@ import torch.nn.functional as F
 
 from tokenreduce.core.config import MethodConfig, check_keep, check_range, resolve_keep
 from tokenreduce.core.layout import TokenLayout
-from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
-from tokenreduce.plugins.baselines.pool import pool_segment, pooled_grid
+from tokenreduce.ops.pooling import pool_segment, pooled_grid
 
 from .captioner import INPUT_WIDTHS, Captioner
 
@@ -185,11 +185,11 @@ def segment_groups(features: torch.Tensor, layout: TokenLayout, segment_frames: 
 
 
 @register_method(
-    "langdc", config_cls=LangDCConfig, stages="projector", modalities=("video",), families=VIDEO_FAMILIES,
+    "langdc", config_cls=LangDCConfig, modalities=("video",), families=VIDEO_FAMILIES,
     description="LangDC: a small LM captions each segment of frames; its soft caption tokens (as many as "
                 "the caption is long) plus a pooled base branch replace the video's tokens",
 )
-class LangDCMethod(Method):
+class LangDCMethod(ProjectorMethod):
     """LangDC: soft caption tokens of each segment (length set by the caption), plus pooled base tokens."""
 
     def __init__(self, config: LangDCConfig, captioner: Captioner | None = None):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from tokenreduce.core.config import MethodConfig, check_choice, check_keep, check_range, resolve_keep
-from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
 
 from .attention import VQAttention
@@ -125,8 +125,8 @@ class VQTokenConfig(MethodConfig):
         return cls(keep=float(budget), **options)
 
 
-@register_method("vqtoken", config_cls=VQTokenConfig, stages="projector", modalities=("video",))
-class VQTokenMethod(Method):
+@register_method("vqtoken", config_cls=VQTokenConfig, modalities=("video",))
+class VQTokenMethod(ProjectorMethod):
     """VQToken: a video becomes its k-means codebook (plus the token hash, and VQ-attention when trained)."""
 
     def __init__(self, config: VQTokenConfig):
@@ -265,7 +265,7 @@ class VQTokenCodebookConfig(VQTokenConfig):
 
 
 @register_method(
-    "vqtoken_codebook", config_cls=VQTokenCodebookConfig, stages="projector", modalities=("video",)
+    "vqtoken_codebook", config_cls=VQTokenCodebookConfig, modalities=("video",)
 )
 class VQTokenCodebookMethod(VQTokenMethod):
     """VQToken codebook only (the paper's ablation, the released code's inference path), for grids."""
