@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.model_executor.models.llava import LlavaForConditionalGeneration, _get_num_hidden_layers
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
@@ -61,7 +61,8 @@ def tower_shape(hf_config: Any, family: str) -> TowerShape | None:
     head_dim = int(vision.hidden_size) // heads
     side = int(vision.image_size) // int(vision.patch_size)
     prefix = int(getattr(vision, "model_type", "") == "clip_vision_model")
-    return TowerShape(heads=heads, head_dim=head_dim, num_prefix=prefix, patches=side * side, scale=head_dim**-0.5)
+    return TowerShape(heads=heads, head_dim=head_dim, num_prefix=prefix, patches=side * side, scale=head_dim**-0.5,
+                      num_layers=int(vision.num_hidden_layers), built_layers=_get_num_hidden_layers(hf_config))
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

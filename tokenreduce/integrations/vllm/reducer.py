@@ -70,6 +70,18 @@ class TowerShape:
     num_prefix: int
     patches: int
     scale: float
+    num_layers: int = 0  # the checkpoint's tower layers
+    built_layers: int = 0  # the layers vLLM builds (up to the feature layer LLaVA reads)
+
+    def check_layer(self, method: str, layer: int) -> None:
+        """A one-line error unless the tower layer ``layer`` (counted as transformers counts) is built."""
+        index = layer if layer >= 0 else self.num_layers + layer
+        if not 0 <= index < self.built_layers:
+            raise ValueError(
+                f"tokenreduce: tower layer {layer} of {method} is not built by vLLM, which runs the first "
+                f"{self.built_layers} of the tower's {self.num_layers} layers (up to the feature layer); "
+                f"accepted: 0..{self.built_layers - 1} or {-self.num_layers}..{self.built_layers - self.num_layers - 1}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +128,7 @@ class EngineReducer:
         """Run the method on one item's ``[N, D]`` features (with its tower ``signals``), as the
         transformers path does; the result's sources are sorted and its count is checked against
         :meth:`count`. ``vqtoken`` may feed fewer codes than ``keep`` (a code no token uses, or fewer
-        distinct tokens than codes); the missing slots then repeat its last code token (logged)."""
+        distinct tokens than codes); the missing slots then repeat its last output token (logged)."""
         n = features.shape[0]
         if n != layout.num_tokens:
             raise RuntimeError(
@@ -140,7 +152,7 @@ class EngineReducer:
 
 def _repeat_last(red: Reduction, features: torch.Tensor, expected: int) -> Reduction:
     missing = expected - red.num_tokens
-    logger.warning("tokenreduce: vqtoken used %d codes of %d; the last code token fills the other %d "
+    logger.warning("tokenreduce: vqtoken fed %d tokens for %d placeholders; its last token fills the other %d "
                    "placeholders", red.num_tokens, expected, missing)
     out = red.output_features(features)
     sources = torch.cat([red.sources, red.sources[-1:].expand(missing)])
@@ -268,8 +280,12 @@ def parse_reducer(options: Any, family: str, tower: TowerShape | None = None) ->
     if name == "vqtoken" and config.attention is not None:
         raise ValueError(f"tokenreduce: `attention` for vqtoken in vLLM must be None (trained VQ-attention adds "
                          f"adapters to the language model, which vLLM gives no hook for), got {config.attention!r}")
-    if reads_tower and tower is None:
-        raise ValueError(f"tokenreduce: method {name!r} needs the vision tower's shape of {family}; none was given")
+    if reads_tower:
+        if tower is None:
+            raise ValueError(f"tokenreduce: method {name!r} needs the vision tower's shape of {family}; none was given")
+        layers = spec.method_cls(config).vision_layer
+        for layer in (layers,) if isinstance(layers, int) else layers:
+            tower.check_layer(name, layer)
     modalities = tuple(config.modalities or spec.modalities)
     if family == "llava_onevision":
         # Its anyres image layouts (unpadding, downsampling, newline slots) are not wired into vLLM yet.
