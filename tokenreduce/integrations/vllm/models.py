@@ -7,7 +7,9 @@ unchanged vLLM model.
 - The multimodal processor (the family's own, wrapped) writes the reduced number of placeholder tokens
   for every image or video: the count the method leaves of the item's layout.
 - ``embed_multimodal`` runs the family's vision tower and projector, then the registered method's
-  ``reduce`` on each item's features: the same code the transformers path runs.
+  ``reduce`` on each item's features: the same code the transformers path runs. For methods that read
+  the tower (LLaVA-1.5), the core's :class:`~tokenreduce.core.vision.VisionStage` captures q and k of their
+  layers on vLLM's own tower (:class:`VllmTower`) while it runs, and hands the method its signals.
 - Kept tokens keep their original positions (unless ``renumber_positions``), Qwen's t/h/w M-RoPE ids
   included: ``get_mrope_input_positions`` gives the prompt's text its original positions and every
   placeholder the item's origin; ``embed_multimodal`` appends each kept token's offset (exact small
