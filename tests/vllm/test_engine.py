@@ -67,9 +67,13 @@ def test_keep_all_equals_plain_vllm(model_dir):
     assert_same(plain, run_hf(path, reqs, None))
 
 
-def test_refused_method_fails_at_engine_start(model_dir):
+@pytest.mark.parametrize(("family", "reduction", "message"), [
+    ("qwen2_vl", {"method": "fastv"}, r"method 'fastv' cannot run in vLLM .*methods that can: divprune, doc_correlation, pool"),
+    ("llava", {"method": "doc_correlation", "keep": 0.5}, "tower layer 1 of doc_correlation is not built by vLLM"),
+])
+def test_refused_method_fails_at_engine_start(model_dir, family, reduction, message):
     from vllm import LLM
 
-    with pytest.raises(ValueError, match=r"method 'fastv' cannot run in vLLM .*methods that can: divprune, pool"):
-        LLM(model=model_dir("qwen2_vl"), dtype="float32", enforce_eager=True, max_model_len=512,
-            distributed_executor_backend="uni", hf_overrides={"tokenreduce": {"method": "fastv"}})
+    with pytest.raises(ValueError, match=message):
+        LLM(model=model_dir(family), dtype="float32", enforce_eager=True, max_model_len=512,
+            distributed_executor_backend="uni", hf_overrides={"tokenreduce": reduction})
