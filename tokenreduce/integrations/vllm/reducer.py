@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from tokenreduce.adapters.base import Adapter
 from tokenreduce.core.config import MethodConfig, build_config, resolve_keep
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
@@ -227,8 +228,6 @@ def probe_signals(method: Method, tower: TowerShape, layout: TokenLayout, genera
         q = {layer: torch.randn(shape, generator=generator) for layer in layers}
         k = {layer: torch.randn(shape, generator=generator) for layer in layers}
     per_patch = method.tower_signals(q, k, scale=tower.scale, num_prefix=tower.num_prefix)
-    from tokenreduce.adapters.base import Adapter
-
     return {name: Adapter.token_signals(None, layout.modality, [layout], value)[0] for name, value in per_patch.items()}
 
 
