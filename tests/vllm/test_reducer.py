@@ -6,18 +6,68 @@ import pytest
 import torch
 
 from tokenreduce.core.layout import Segment, TokenLayout
+from tokenreduce.core.registry import get_method
 from tokenreduce.integrations.vllm import SUPPORTED, parse_reducer
 from tokenreduce.integrations.vllm.models import decode_positions, encode_positions, grid_offsets
+from tokenreduce.integrations.vllm.reducer import TowerShape
+
+# A CLIP tower of 2 layers (vLLM builds the first, LLaVA reading layer -2), 4 heads of 8, 4 x 4 patches.
+TOWER = TowerShape(heads=4, head_dim=8, num_prefix=1, patches=16, scale=8**-0.5, num_layers=2, built_layers=1)
 
 
-@pytest.mark.parametrize("name", ["fastv", "pdrop", "atp", "visionzip", "vqtoken", "doc_correlation", "ares"])
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "atp", "prumerge", "tome", "langdc", "ares"])
 def test_methods_vllm_cannot_run_are_refused_by_name(name):
     with pytest.raises(ValueError, match=rf"method '{name}' cannot run in vLLM .*methods that can: {', '.join(SUPPORTED)}"):
         parse_reducer({"method": name}, "qwen2_vl")
 
 
+@pytest.mark.parametrize(("options", "family", "message"), [
+    ({"method": "visionzip"}, "qwen2_vl", "method 'visionzip' cannot run in vLLM .*wired in vLLM for llava .*not qwen2_vl"),
+    ({"method": "doc_correlation", "keep": 0.5}, "llava_onevision", "method 'doc_correlation' cannot run in vLLM"),
+    ({"method": "doc_correlation"}, "llava", r"method 'doc_correlation' cannot run in vLLM \(with `keep` unset"),
+    ({"method": "vqtoken"}, "qwen2_vl", r"method 'vqtoken' cannot run in vLLM \(with `keep` unset"),
+    ({"method": "doc_correlation", "keep": 0.5, "similarity": "hidden"}, "llava", "`similarity` for doc_correlation"),
+    ({"method": "vqtoken", "keep": 4, "attention": "dir"}, "qwen2_vl", "`attention` for vqtoken in vLLM must be None"),
+    ({"method": "doc_correlation", "keep": 0.5}, "llava", "tower layer 1 of doc_correlation is not built by vLLM"),
+    ({"method": "visionzip", "layer": -1}, "llava", r"tower layer -1 of visionzip .*accepted: 0..0 or -2..-2"),
+])
+def test_conditions_that_make_counts_data_dependent_are_refused(options, family, message):
+    with pytest.raises(ValueError, match=message):
+        parse_reducer(options, family, TOWER)
+
+
+def test_tower_methods_count_what_they_leave_of_a_llava_image():
+    layout = TokenLayout("image", (Segment("base", 4, 4),))
+    zip_ = parse_reducer({"method": "visionzip", "dominant": 5, "contextual": 3}, "llava", TOWER)
+    assert zip_.count(layout) == 8
+    doc = parse_reducer({"method": "doc_correlation", "keep": 0.4, "shallow_layer": 0}, "llava", TOWER)
+    assert doc.count(layout) == round(0.4 * 16)
+    # the same count with the method's own code on other signals
+    signals = {"attention": torch.rand(16), "keys": torch.randn(16, 8)}
+    assert zip_.reduce(torch.randn(16, 32), layout, signals=signals).num_tokens == 8
+
+
+def test_vqtoken_count_and_fewer_codes_than_keep():
+    frames = tuple(Segment("frame", 2, 2, time=t) for t in range(3))
+    video = TokenLayout("video", (*frames, Segment("newline", 1, 0, newline=True, time=2)))
+    reducer = parse_reducer({"method": "vqtoken", "keep": 5, "kmeans": "torch", "keep_newline": True}, "llava_onevision")
+    assert reducer.count(video) == 5 + 1
+    # Three distinct tokens: k-means places three codes, the method feeds 3 + the newline
+    features = torch.randn(3, 16)[torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0])]
+    method = get_method("vqtoken").method_cls(reducer.config)
+    from tokenreduce.core.reduction import ReduceContext
+
+    own = method.reduce(features, ReduceContext(layout=video, modality="video", row=0, item=0)).sorted()
+    assert own.num_tokens == 4
+    red = reducer.reduce(features, video)
+    assert red.num_tokens == 6
+    out = red.output_features(features)
+    assert torch.equal(out[:4], own.output_features(features)) and torch.equal(out[4:], out[3:4].expand(2, -1))
+    assert red.sources[4:].tolist() == [own.sources[-1].item()] * 2
+
+
 def test_bad_entries_name_what_is_accepted():
-    with pytest.raises(ValueError, match="unknown method 'nope'; methods that can run in vLLM: divprune"):
+    with pytest.raises(ValueError, match="unknown method 'nope'; methods that can run in vLLM: divprune, doc_correlation"):
         parse_reducer({"method": "nope"}, "qwen2_vl")
     with pytest.raises(ValueError, match="must be a dict with a 'method' name"):
         parse_reducer({"keep": 3}, "qwen2_vl")

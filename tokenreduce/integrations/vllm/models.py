@@ -7,7 +7,9 @@ unchanged vLLM model.
 - The multimodal processor (the family's own, wrapped) writes the reduced number of placeholder tokens
   for every image or video: the count the method leaves of the item's layout.
 - ``embed_multimodal`` runs the family's vision tower and projector, then the registered method's
-  ``reduce`` on each item's features: the same code the transformers path runs.
+  ``reduce`` on each item's features: the same code the transformers path runs. For methods that read
+  the tower (LLaVA-1.5), the core's :class:`~tokenreduce.core.vision.VisionStage` captures q and k of their
+  layers on vLLM's own tower (:class:`VllmTower`) while it runs, and hands the method its signals.
 - Kept tokens keep their original positions (unless ``renumber_positions``), Qwen's t/h/w M-RoPE ids
   included: ``get_mrope_input_positions`` gives the prompt's text its original positions and every
   placeholder the item's origin; ``embed_multimodal`` appends each kept token's offset (exact small
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.model_executor.models.llava import LlavaForConditionalGeneration, _get_num_hidden_layers
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
@@ -35,9 +37,11 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from tokenreduce.adapters.llava import LlavaAdapter
 from tokenreduce.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenreduce.adapters.qwen2_vl import Qwen2VLAdapter
+from tokenreduce.adapters.towers import BlockParts, Tower
 from tokenreduce.core.layout import TokenLayout
+from tokenreduce.core.vision import VisionStage
 
-from .reducer import HF_CONFIG_KEY, EngineReducer, parse_reducer
+from .reducer import HF_CONFIG_KEY, TOWER_FAMILIES, EngineReducer, TowerShape, parse_reducer
 
 # Digits (base 256) per M-RoPE coordinate appended to an embedding: exact in fp32, fp16 and bf16.
 _DIGITS = 2
@@ -47,7 +51,97 @@ POSITION_CHANNELS = 3 * _DIGITS
 
 def engine_reducer(hf_config: Any, family: str) -> EngineReducer | None:
     """The reducer configured on ``hf_config`` (``hf_overrides={"tokenreduce": ...}``), or None."""
-    return parse_reducer(getattr(hf_config, HF_CONFIG_KEY, None), family)
+    return parse_reducer(getattr(hf_config, HF_CONFIG_KEY, None), family, tower_shape(hf_config, family))
+
+
+def tower_shape(hf_config: Any, family: str) -> TowerShape | None:
+    """The CLIP / SigLIP tower's shape of a :data:`TOWER_FAMILIES` config (what a count probe needs)."""
+    if family not in TOWER_FAMILIES:
+        return None
+    vision = hf_config.vision_config
+    heads = int(vision.num_attention_heads)
+    head_dim = int(vision.hidden_size) // heads
+    side = int(vision.image_size) // int(vision.patch_size)
+    prefix = int(getattr(vision, "model_type", "") == "clip_vision_model")
+    return TowerShape(heads=heads, head_dim=head_dim, num_prefix=prefix, patches=side * side, scale=head_dim**-0.5,
+                      num_layers=int(vision.num_hidden_layers), built_layers=_get_num_hidden_layers(hf_config))
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class VllmTower(Tower):
+    """vLLM's CLIP / SigLIP vision model as a :class:`~tokenreduce.adapters.towers.Tower`, for the core's
+    :class:`~tokenreduce.core.vision.VisionStage`: q and k are read from each layer's fused ``qkv_proj``.
+
+    vLLM builds the tower only up to the layer LLaVA reads its features from; a layer index counts from
+    the checkpoint's ``num_hidden_layers`` (as transformers does), and a layer vLLM does not build is an error.
+    """
+
+    kind = "vllm"
+
+    def __init__(self, module: torch.nn.Module, num_layers: int):
+        super().__init__(module)
+        self.num_layers = num_layers
+
+    @property
+    def blocks(self):
+        return list(self.module.vision_model.encoder.layers)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if hasattr(self.module.vision_model.embeddings, "class_embedding") else 0
+
+    def parts(self, block):
+        attn = block.self_attn
+        heads = attn.num_heads_per_partition
+
+        def split(x):
+            b, n, _ = x.shape
+            return x.view(b, n, heads, -1).transpose(1, 2)
+
+        def qkv(h):
+            q, k, v = attn.qkv_proj(h)[0].chunk(3, dim=-1)
+            return split(q), split(k), split(v)
+
+        def out(o):
+            return attn.out_proj(o)[0]
+
+        return BlockParts(block.layer_norm1, qkv, out, _identity, block.layer_norm2, block.mlp, _identity, attn.scale)
+
+    def attention_input_module(self, block):
+        return block.self_attn
+
+    def block_index(self, layer: int) -> int:
+        index = layer if layer >= 0 else self.num_layers + layer
+        built = len(self.blocks)
+        if not 0 <= index < built:
+            raise ValueError(
+                f"tokenreduce: tower layer {layer} (index {index} of {self.num_layers}) is not built by vLLM, which "
+                f"runs the tower's first {built} layers only (up to LLaVA's feature layer); choose a layer in "
+                f"[{-self.num_layers}, {built - self.num_layers - 1}] or [0, {built - 1}]"
+            )
+        return index
+
+
+class _HandleView:
+    """What the core's vision stage and a method's ``attach`` read of a tokenreduce handle."""
+
+    def __init__(self, adapter: Any, method: Any):
+        self.adapter, self.method, self.vision_stage, self.hooks = adapter, method, None, []
+
+    def register_hook(self, hook) -> None:
+        self.hooks.append(hook)
+
+
+def _adapter_view(cls: type, hf_config: Any, tower: Tower):
+    """An instance of the family's adapter class over a config and a tower, without a transformers model
+    (for its ``token_signals`` and ``name``)."""
+    view_cls = type(f"Vllm{cls.__name__}", (cls,), {"tower": None})
+    view = object.__new__(view_cls)
+    view.config, view.tower = hf_config, tower
+    return view
 
 
 def encode_positions(offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -164,11 +258,42 @@ class _ReducingMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._tr = engine_reducer(vllm_config.model_config.hf_config, self._tokenreduce_family)
         self._tr_pending = None
+        self._tr_method = self._tr_stage = None
+        if self._tr is not None and self._tr.reads_tower:
+            self._attach_tower_method()
+
+    def _attach_tower_method(self) -> None:
+        """This model's own method instance, attached to a vision stage on vLLM's tower (as ``tr.wrap``
+        attaches it to the transformers tower)."""
+        vision = self.config.vision_config
+        tower = VllmTower(self.vision_tower, int(vision.num_hidden_layers))
+        handle = _HandleView(_adapter_view(self._tokenreduce_adapter, self.config, tower), None)
+        handle.method = self._tr.new_method()
+        stage = VisionStage(handle, tower, handle.method.vision_layer)
+        handle.vision_stage = stage
+        stage.attach()
+        handle.method.attach(handle)
+        self._tr_method, self._tr_stage = handle.method, stage
+
+    def _encode(self, encode, kwargs):
+        """``encode(**kwargs)`` with the vision stage's capture on while the tower runs."""
+        stage = self._tr_stage
+        if stage is None:
+            return encode(**kwargs)
+        stage.discard()
+        stage.set_enabled(True)
+        try:
+            return encode(**kwargs)
+        finally:
+            stage.set_enabled(False)
 
     def _reduce_items(self, embeds: Sequence[torch.Tensor], layouts: Sequence[TokenLayout]):
         if len(embeds) != len(layouts):
             raise RuntimeError(f"tokenreduce: {len(embeds)} encoder outputs for {len(layouts)} items")
-        return [self._tr.reduce(e, lay) for e, lay in zip(embeds, layouts)]
+        signals = [None] * len(layouts)
+        if self._tr_stage is not None:
+            signals = self._tr_stage.signals(layouts[0].modality, list(layouts)) if layouts else []
+        return [self._tr.reduce(e, lay, self._tr_method, sig) for e, lay, sig in zip(embeds, layouts, signals)]
 
 
 class _PositionCarrying(_ReducingMixin):
@@ -217,6 +342,11 @@ class _PositionCarrying(_ReducingMixin):
         """Positions of the reduced prompt: text at its original positions, each placeholder at its item's
         origin (``forward`` adds the kept token's offset); and the decode delta."""
         if self._tr.renumber:
+            if not any(self._tr.acts_on(f.modality) for f in mm_features):
+                # Nothing in this prompt is reduced: it keeps the plain model's positions, as with tr.wrap
+                # (carried offsets are zero when renumbering).
+                positions, delta = self._full_positions(length, mm_features, with_delta=True)
+                return torch.as_tensor(positions), int(delta)
             return torch.arange(length).expand(3, -1).clone(), 0
         features = sorted(mm_features, key=lambda f: f.mm_position.offset)
         shifted, shift, spans = [], 0, []
@@ -268,8 +398,9 @@ class _QwenReducing(_PositionCarrying):
     def _offsets(self, layout: TokenLayout, factor: float) -> torch.Tensor:
         return grid_offsets(layout, factor)
 
-    def _full_positions(self, length: int, features):
-        return super().get_mrope_input_positions([0] * length, features)[0]
+    def _full_positions(self, length: int, features, with_delta: bool = False):
+        positions, delta = super().get_mrope_input_positions([0] * length, features)
+        return (positions, delta) if with_delta else positions
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
         if self._tr is None:
@@ -351,8 +482,9 @@ class _OneDimPositions(_PositionCarrying):
     def _offsets(self, layout: TokenLayout, factor: float) -> torch.Tensor:
         return torch.arange(layout.num_tokens)[:, None].expand(-1, 3)
 
-    def _full_positions(self, length: int, features):
-        return torch.arange(length).expand(3, -1)
+    def _full_positions(self, length: int, features, with_delta: bool = False):
+        positions = torch.arange(length).expand(3, -1)
+        return (positions, 0) if with_delta else positions
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
         features = sorted(mm_features, key=lambda f: f.mm_position.offset)
@@ -372,12 +504,13 @@ class LlavaReduced(_OneDimPositions, LlavaForConditionalGeneration):
     """LLaVA-1.5 with tokenreduce's fixed-count methods."""
 
     _tokenreduce_family = "llava"
+    _tokenreduce_adapter = LlavaAdapter
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_prefix={**TOWER_NAMES, **LlavaForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix}
     )
 
     def embed_multimodal(self, **kwargs: object):
-        embeds = super().embed_multimodal(**kwargs)
+        embeds = self._encode(super().embed_multimodal, kwargs)
         if self._tr is None or len(embeds) == 0:
             return embeds
         return self._with_offsets(embeds, [(llava_layout(self.config, int(e.shape[0])), 1.0) for e in embeds])
