@@ -29,13 +29,13 @@ QWEN = ("qwen2_vl", "qwen2_5_vl")
 KNOWN = {
     ("*", ANYRES): "the adapter reads image_sizes for the layouts (the model reads them again to encode)",
     ("*", QWEN): "the adapter reads image_grid_thw for the layouts (the model reads it again to encode)",
-    ("divprune", ANYRES): "a newline slot stays when its canvas row keeps a token: a data-dependent count",
-    ("tome_projector", FAMILIES): "merge_tokens indexes with boolean masks",
-    ("visionzip", FAMILIES): "per-crop groups and contextual merging use unique / boolean masks / bincount",
+    # Which canvas rows keep a token depends on the selection, and so does the number of newline slots that
+    # stay (add_row_newlines reads it once per item); a fixed count would change the outputs.
+    ("divprune", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
+    ("visionzip", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
+    ("prumerge_plus", ANYRES): "after the outlier counts, a second read: the newline slots of the canvas rows that keep a token",
     ("doc_correlation", FAMILIES): "density and sampling read scores on the host",
     ("vqtoken", FAMILIES): "k-means and hashing read the codebook on the host",
-    ("prumerge", FAMILIES): "the IQR outlier count and neighbour merging read the device per item",
-    ("prumerge_plus", FAMILIES): "the IQR outlier count and neighbour merging read the device per item",
 }
 CASES = [
     (m, f) for m in (*FIXED, *ADAPTIVE) for f in FAMILIES
