@@ -34,7 +34,9 @@ KNOWN = {
     ("divprune", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
     ("visionzip", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
     ("prumerge_plus", ANYRES): "after the outlier counts, a second read: the newline slots of the canvas rows that keep a token",
-    ("doc_correlation", FAMILIES): "density and sampling read scores on the host",
+    # The crops' budgets follow their densities (water-filling on the host) and the seeded sampler draws on
+    # the host generator: one read per item brings the counts and attentions over, the selection runs there.
+    ("doc_correlation", FAMILIES): "one read per item: per-crop budgets by density and the seeded draws",
     ("vqtoken", FAMILIES): "k-means and hashing read the codebook on the host",
 }
 CASES = [
