@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 from tokenreduce.core.config import MethodConfig, check_choice, check_range
+from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
-from tokenreduce.core.hostsync import host_only
 from tokenreduce.plugins.baselines._vision import attention_and_keys, content_groups, kept_newline_slots
 
 from .density import adaptive_budgets, distinctiveness, global_budgets, neighbor_counts, redundancy_of
