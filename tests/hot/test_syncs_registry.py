@@ -11,6 +11,7 @@ those cases are strict xfails, so fixing one turns its xfail into a failure to r
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -76,6 +77,15 @@ def _counts(model, batch) -> tuple[int, int]:
     return prefill, two - one
 
 
+def _own_prefill(model, batch) -> int:
+    """Sync points issued by tokenreduce's own code in one prefill. The wrapped call can spare the model
+    some of its own reads (Qwen's position ids, when the handle passes them), which would hide as many of
+    the wrapper's in the difference of totals: what the wrapper issues itself counts too."""
+    with SyncCounter(trace=True) as counter, torch.no_grad():
+        model(**batch)
+    return sum(e.where.startswith("tokenreduce" + os.sep) for e in counter.events)
+
+
 @functools.cache
 def _unwrapped(family: str, video: bool, rows: int = 1) -> tuple[int, int]:
     return _counts(_model(family), _batch(family, video, rows))
@@ -107,13 +117,13 @@ def test_added_sync_points(method, family, request):
     tr.wrap(model, config)
     try:
         prefill, decode = _counts(model, batch)
+        own = _own_prefill(model, batch)
     finally:
         tr.unwrap(model)
     allowed = 0 if method in FIXED else _stages(method, config)
+    added = max(prefill - base_prefill, own)
     assert decode - base_decode == 0, f"{method} adds {decode - base_decode} sync points per decode step"
-    assert prefill - base_prefill <= allowed, (
-        f"{method} adds {prefill - base_prefill} sync points per prefill on {family} (allowed {allowed})"
-    )
+    assert added <= allowed, f"{method} adds {added} sync points per prefill on {family} (allowed {allowed})"
 
 
 @pytest.mark.parametrize("method", ["pool", "fastv"])
