@@ -4,6 +4,8 @@
 #   bench_7b_b{1,4,16}.json    `tokenreduce bench --llm 7b` at batch 1, 4, 16 with direct rows (+ .txt tables)
 #   syncs.json                 sync points per prefill under torch.cuda.set_sync_debug_mode, wrapped - unwrapped
 #   codebook.json              VQToken's k-means with faiss-gpu (extra `vq-gpu`) against the torch k-means
+#                              (faiss-gpu is a CUDA 12 build: where the machine lacks libcudart.so.12 /
+#                              libcublas.so.12, the file records it as unavailable and times the torch k-means)
 #
 # The machine has its own torch / triton and no network: the pinned transformers (and what it needs beyond
 # the machine's packages) and faiss-gpu travel as wheels in .whl/ (git-ignored), fetched here once with
@@ -21,9 +23,14 @@ case "${1:-}" in
     echo /.whl/ >> .git/info/exclude 2>/dev/null || true
     mkdir -p .whl
     plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
-    for pkg in transformers==5.24.0 tokenizers==0.23.3 huggingface_hub==2.4.0 safetensors==0.8.0 faiss-gpu-cu12==1.14.1.post1; do
+    # the `vq-gpu` extra's distribution at the version constraints.txt pins (faiss-gpu-cu12: 48 MB, the
+    # newer `faiss-gpu` wheel is 135 MB, over the 64 MiB a call may carry)
+    vq_gpu=$(python3 -c 'import re, tomllib; print(re.split(r"[<>=!~ ;\[]", tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["vq-gpu"][0])[0])')
+    faiss_pin=$(grep -i "^$vq_gpu==" constraints.txt) || { echo "no pin for $vq_gpu in constraints.txt" >&2; exit 1; }
+    for pkg in transformers==5.24.0 tokenizers==0.23.3 huggingface_hub==2.4.0 safetensors==0.8.0 "$faiss_pin"; do
       python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat -d .whl "$pkg" || exit 1
     done
+    du -cb .whl/*.whl | tail -n 1 | awk '{ printf "wheels: %.1f MiB (a call carries 64 MiB with the work tree)\n", $1 / 1048576 }'
     exit 0 ;;
   "") ;;
   *) echo "usage: $0 [--cpu | --dry-run | --fetch-wheels]" >&2; exit 2 ;;

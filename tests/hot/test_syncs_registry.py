@@ -11,6 +11,7 @@ those cases are strict xfails, so fixing one turns its xfail into a failure to r
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -29,13 +30,15 @@ QWEN = ("qwen2_vl", "qwen2_5_vl")
 KNOWN = {
     ("*", ANYRES): "the adapter reads image_sizes for the layouts (the model reads them again to encode)",
     ("*", QWEN): "the adapter reads image_grid_thw for the layouts (the model reads it again to encode)",
-    ("divprune", ANYRES): "a newline slot stays when its canvas row keeps a token: a data-dependent count",
-    ("tome_projector", FAMILIES): "merge_tokens indexes with boolean masks",
-    ("visionzip", FAMILIES): "per-crop groups and contextual merging use unique / boolean masks / bincount",
-    ("doc_correlation", FAMILIES): "density and sampling read scores on the host",
+    # Which canvas rows keep a token depends on the selection, and so does the number of newline slots that
+    # stay (add_row_newlines reads it once per item); a fixed count would change the outputs.
+    ("divprune", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
+    ("visionzip", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
+    ("prumerge_plus", ANYRES): "after the outlier counts, a second read: the newline slots of the canvas rows that keep a token",
+    # The crops' budgets follow their densities (water-filling on the host) and the seeded sampler draws on
+    # the host generator: one read per item brings the counts and attentions over, the selection runs there.
+    ("doc_correlation", FAMILIES): "one read per item: per-crop budgets by density and the seeded draws",
     ("vqtoken", FAMILIES): "k-means and hashing read the codebook on the host",
-    ("prumerge", FAMILIES): "the IQR outlier count and neighbour merging read the device per item",
-    ("prumerge_plus", FAMILIES): "the IQR outlier count and neighbour merging read the device per item",
 }
 CASES = [
     (m, f) for m in (*FIXED, *ADAPTIVE) for f in FAMILIES
@@ -74,6 +77,15 @@ def _counts(model, batch) -> tuple[int, int]:
     return prefill, two - one
 
 
+def _own_prefill(model, batch) -> int:
+    """Sync points issued by tokenreduce's own code in one prefill. The wrapped call can spare the model
+    some of its own reads (Qwen's position ids, when the handle passes them), which would hide as many of
+    the wrapper's in the difference of totals: what the wrapper issues itself counts too."""
+    with SyncCounter(trace=True) as counter, torch.no_grad():
+        model(**batch)
+    return sum(e.where.startswith("tokenreduce" + os.sep) for e in counter.events)
+
+
 @functools.cache
 def _unwrapped(family: str, video: bool, rows: int = 1) -> tuple[int, int]:
     return _counts(_model(family), _batch(family, video, rows))
@@ -105,13 +117,13 @@ def test_added_sync_points(method, family, request):
     tr.wrap(model, config)
     try:
         prefill, decode = _counts(model, batch)
+        own = _own_prefill(model, batch)
     finally:
         tr.unwrap(model)
     allowed = 0 if method in FIXED else _stages(method, config)
+    added = max(prefill - base_prefill, own)
     assert decode - base_decode == 0, f"{method} adds {decode - base_decode} sync points per decode step"
-    assert prefill - base_prefill <= allowed, (
-        f"{method} adds {prefill - base_prefill} sync points per prefill on {family} (allowed {allowed})"
-    )
+    assert added <= allowed, f"{method} adds {added} sync points per prefill on {family} (allowed {allowed})"
 
 
 @pytest.mark.parametrize("method", ["pool", "fastv"])

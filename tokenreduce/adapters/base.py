@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.layout import TokenLayout
 
 from .towers import find_tower
@@ -131,7 +132,7 @@ class Adapter:
             source = source.to(per_patch.device)
             valid = (source[:, 0] >= 0) & (source[:, 1] < maps.shape[1])
             values = maps[source[:, 0].clamp_min(0), source[:, 1].clamp(0, maps.shape[1] - 1)].float()
-            values[~valid] = float("nan")
+            values = values.masked_fill(~valid.view(-1, *(1,) * (values.dim() - 1)), float("nan"))
             out.append(values)
             row += rows
         return out
@@ -176,13 +177,14 @@ class Adapter:
 
 def default_patch_source(layout: TokenLayout) -> torch.Tensor:
     """Tower row 0's patches in order for content tokens; ``-1`` for newline slots and CLS segments."""
-    source = torch.full((layout.num_tokens, 2), -1, dtype=torch.long)
-    content = layout.content_mask.clone()
-    for seg, sl in zip(layout.segments, layout.segment_slices()):
-        if seg.kind == "cls":
-            content[sl] = False
-    source[content, 0] = 0
-    source[content, 1] = torch.arange(int(content.sum()))
+    with host_only():  # a table built from the layout, on the host
+        source = torch.full((layout.num_tokens, 2), -1, dtype=torch.long)
+        content = layout.content_mask.clone()
+        for seg, sl in zip(layout.segments, layout.segment_slices()):
+            if seg.kind == "cls":
+                content[sl] = False
+        source[content, 0] = 0
+        source[content, 1] = torch.arange(int(content.sum()))
     return source
 
 

@@ -39,21 +39,23 @@ def attention_and_keys(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefi
 def content_groups(layout: TokenLayout, per_crop: bool) -> list[torch.Tensor]:
     """Token indices of the groups a method works in: one per tower crop / frame, or one per item.
 
-    Newline slots (and CLS segments) belong to no group.
+    Newline slots (and CLS segments) belong to no group. Read from the layout's host tables only.
     """
-    source = layout.extra.get("patch_source")
-    content = layout.content_mask.clone()
-    for seg, sl in zip(layout.segments, layout.segment_slices()):
-        if seg.kind == "cls":
-            content[sl] = False
-    if not per_crop:
-        return [content.nonzero().flatten()]
-    if source is not None:
-        keys = source[:, 0]
-    else:
-        keys = layout.segment_ids if any(s.kind == "frame" for s in layout.segments) else torch.zeros_like(layout.segment_ids)
-    keys = torch.where(content, keys, -1)
-    return [(keys == g).nonzero().flatten() for g in torch.unique(keys[keys >= 0]).tolist()]
+    with host_only():
+        source = layout.extra.get("patch_source")
+        content = layout.content_mask.clone()
+        for seg, sl in zip(layout.segments, layout.segment_slices()):
+            if seg.kind == "cls":
+                content[sl] = False
+        if not per_crop:
+            return [content.nonzero().flatten()]
+        if source is not None:
+            keys = source[:, 0]
+        else:
+            frames = any(s.kind == "frame" for s in layout.segments)
+            keys = layout.segment_ids if frames else torch.zeros_like(layout.segment_ids)
+        keys = torch.where(content, keys, -1)
+        return [(keys == g).nonzero().flatten() for g in torch.unique(keys[keys >= 0]).tolist()]
 
 
 def count(value: int | float, n: int) -> int:
@@ -63,26 +65,40 @@ def count(value: int | float, n: int) -> int:
     return min(n, value)
 
 
+def kept_newline_slots(layout: TokenLayout, sources: torch.Tensor) -> torch.Tensor:
+    """Newline slots (ascending, on ``sources``' device) of the canvas rows that keep one of ``sources``,
+    and every lone newline segment.
+
+    Which rows keep a token depends on the selection, so the number of slots is read from the device once
+    (not at all when the layout has no newline slot).
+    """
+    with host_only():  # layout tables, built on the host
+        newline = layout.is_newline.nonzero().flatten()
+        if newline.numel() == 0:
+            return newline.to(sources.device)
+        width = max(s.rows for s in layout.segments)
+        canvas_row = layout.segment_ids * width + layout.rows  # one id per (segment, row)
+        lone = torch.tensor([s.cols == 0 for s in layout.segments])[layout.segment_ids[newline]]
+    device = sources.device
+    canvas_row, newline, lone = canvas_row.to(device), newline.to(device), lone.to(device)
+    kept_row = torch.zeros(len(layout.segments) * width, dtype=torch.bool, device=device)
+    kept_row = kept_row.index_fill(0, canvas_row[sources], True)
+    return newline[kept_row[canvas_row[newline]] | lone]  # the one read: how many slots stay
+
+
 def add_row_newlines(layout: TokenLayout, features: torch.Tensor, sources: torch.Tensor, outputs: torch.Tensor,
                      assignment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep the newline slot of every canvas row that still has a kept token, so rows stay delimited.
+    """Keep the newline slot of every canvas row that still has a kept token, so rows stay delimited
+    (:func:`kept_newline_slots`: one read of the device when the layout has newline slots).
 
     Returns the extended ``(sources, outputs, assignment)``.
     """
-    with host_only():  # a layout table, built on the host
-        if not bool(layout.is_newline.any()):
-            return sources, outputs, assignment
-    newline = layout.is_newline.to(sources.device)
-    segment, rows = layout.segment_ids.to(sources.device), layout.rows.to(sources.device)
-    kept_rows = {(int(s), int(r)) for s, r in zip(segment[sources].tolist(), rows[sources].tolist())}
-    slots = [i for i in newline.nonzero().flatten().tolist() if (int(segment[i]), int(rows[i])) in kept_rows
-             or layout.segments[int(segment[i])].cols == 0]
-    if not slots:
+    slots = kept_newline_slots(layout, sources)
+    if slots.numel() == 0:
         return sources, outputs, assignment
-    slots_t = torch.tensor(slots, device=sources.device)
     assignment = assignment.clone()
-    assignment[slots_t] = outputs.shape[0] + torch.arange(len(slots), device=sources.device)
-    return torch.cat([sources, slots_t]), torch.cat([outputs, features[slots_t]]), assignment
+    assignment[slots] = outputs.shape[0] + torch.arange(slots.numel(), device=sources.device)
+    return torch.cat([sources, slots]), torch.cat([outputs, features[slots]]), assignment
 
 
 def reduce_per_crop(features: torch.Tensor, context: ReduceContext, select: GroupSelect) -> Reduction:

@@ -41,12 +41,19 @@ def attention_importance(
     G = Hq // Hkv
     dtype = compute_dtype(q, k)
     kt = k.to(dtype).transpose(-1, -2)  # [B, Hkv, D, S]
+    if key_mask is not None:
+        # masked keys score 0 before their -inf bias: a NaN or inf there cannot reach a valid key's softmax
+        kt = kt.masked_fill(~key_mask[:, None, None, :], 0.0)
     w = query_weights(q, query_mask).to(dtype)
     heads = torch.zeros(B, Hq, S, device=q.device, dtype=dtype)
     step = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, B * Hq * S))
     keys = torch.arange(S, device=q.device)
     for q0 in range(0, Q, step):
+        wc = w[:, q0 : q0 + step]
+        # a query that adds nothing (masked, weight 0) is zeroed, so a NaN in it cannot reach the sum
         qc = q[:, :, q0 : q0 + step].to(dtype)
+        if query_mask is not None:
+            qc = qc.masked_fill((wc == 0)[:, None, :, None], 0.0)
         c = qc.shape[2]
         # Query head h reads kv head h // G: group the G query heads of a kv head along the query axis.
         logits = (qc.reshape(B, Hkv, G * c, D) @ kt).reshape(B, Hq, c, S).mul_(scale)
@@ -57,14 +64,13 @@ def attention_importance(
             causal = keys[None, None, :] <= query_positions[:, q0 : q0 + c, None]
             allowed = causal if allowed is None else allowed & causal
         if allowed is not None:
-            logits.masked_fill_(~allowed[:, None], float("-inf"))
+            # A query with no valid key would be all -inf (NaN softmax): it sees every key instead and
+            # adds nothing (weight 0). The mask is added as a 0 / -inf bias, shared by the heads: an
+            # in-place add is many times cheaper than a broadcast masked_fill on the CPU, and x + 0 == x.
+            sees = allowed.any(-1)
+            wc = wc * sees.to(dtype)
+            bias = torch.where(allowed | ~sees[..., None], 0.0, float("-inf")).to(dtype)
+            logits.add_(bias[:, None])
         probs = torch.softmax(logits, dim=-1)
-        wc = w[:, q0 : q0 + c]
-        use = wc > 0
-        if allowed is not None:
-            # A query with no valid key is all -inf: softmax gives NaN; it gets zero probability instead.
-            use = use & allowed.any(-1)
-        if query_mask is not None or allowed is not None:
-            probs = torch.where(use[:, None, :, None], probs, 0.0)
         heads += (wc[:, None, None, :] @ probs).squeeze(2)
     return heads if per_head else heads.mean(1)

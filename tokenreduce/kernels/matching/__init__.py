@@ -9,7 +9,11 @@ from tokenreduce.kernels.matching import naive
 
 
 def bipartite_matching(
-    metric: torch.Tensor, *, protect_first: bool = False, protect: torch.Tensor | None = None
+    metric: torch.Tensor,
+    *,
+    protect_first: bool = False,
+    protect: torch.Tensor | None = None,
+    assume_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For every A token, its most similar B token and their cosine similarity.
 
@@ -26,19 +30,22 @@ def bipartite_matching(
         metric: ``[B, N, D]`` per-token metric (ToMe uses the attention keys, mean over heads).
         protect_first: protect token 0 (the CLS token, ToMe's ``class_token=True``).
         protect: ``[B, N]`` bool, further protected tokens (e.g. a distillation token, or padding).
+        assume_finite: skip the NaN/inf check (and its host sync); for callers that already replaced
+            non-finite values, e.g. on the hot path.
 
     Returns:
         ``(best_index, best_score)``, both ``[B, Na]``: int64 index into B (original token
         ``2 * best_index + 1``; ties go to the lower index) and float32 cosine score.
 
     Raises:
-        ValueError: on NaN/inf in ``metric`` (costs one host sync).
+        ValueError: on NaN/inf in ``metric`` (costs one host sync) unless ``assume_finite``.
     """
     op = "bipartite_matching"
     check_tensor(op, "metric", metric, 3)
     B, N, _ = metric.shape
     check_mask(op, "protect", protect, (B, N), metric.device)
-    check_finite(op, "metric", metric)
+    if not assume_finite:
+        check_finite(op, "metric", metric)
     if protect_first and N > 0:
         protect = torch.zeros(B, N, dtype=torch.bool, device=metric.device) if protect is None else protect.clone()
         protect[:, 0] = True

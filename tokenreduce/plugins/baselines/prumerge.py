@@ -25,7 +25,7 @@ from tokenreduce.core.config import MethodConfig, check_range
 from tokenreduce.core.reduction import ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
 from tokenreduce.ops.selection import iqr_outliers
-from tokenreduce.ops.vision import attention_and_keys, reduce_per_crop
+from tokenreduce.ops.vision import attention_and_keys, content_groups, reduce_per_crop
 
 FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision")
 
@@ -64,33 +64,66 @@ class PruMergePlusConfig(PruMergeConfig):
     """Options of ``prumerge_plus`` (those of ``prumerge``)."""
 
 
-def uniform_fill(kept: torch.Tensor, n: int, step: int | None = None, total: int | None = None) -> torch.Tensor:
-    """Positions in ``[0, n)`` at a uniform stride (or ``total - len(kept)`` evenly spread) not in ``kept``."""
-    free = torch.ones(n, dtype=torch.bool, device=kept.device)
-    free[kept] = False
+def first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the first ``count`` True entries of the 1-d ``mask``, ascending, for a ``count`` the
+    caller knows (a stable sort puts them first): no host read, unlike ``mask.nonzero()``."""
+    return torch.sort((~mask).to(torch.uint8), stable=True).indices[:count]
+
+
+def uniform_fill(kept: torch.Tensor, n: int, step: int | None = None, total: int | None = None,
+                 count: int | None = None) -> torch.Tensor:
+    """Positions in ``[0, n)`` at a uniform stride (or ``total - len(kept)`` evenly spread) not in ``kept``.
+
+    With ``step``, how many stride positions ``kept`` leaves free depends on the data: ``count`` gives it
+    (read by the caller); without it, it is read here.
+    """
+    free = torch.ones(n, dtype=torch.bool, device=kept.device).index_fill(0, kept, False)
     if step is not None:
         candidates = torch.arange(0, n, step, device=kept.device)
-        return candidates[free[candidates]]
+        if count is None:
+            count = int(free[candidates].sum())
+        return candidates[first_true(free[candidates], count)]
     need = max(0, (total or 0) - kept.numel())
-    pool = free.nonzero().flatten()
-    if need == 0 or pool.numel() == 0:
+    size = n - kept.numel()  # kept holds distinct positions
+    pool = first_true(free, size)
+    if need == 0 or size == 0:
         return pool[:0]
-    picks = torch.linspace(0, pool.numel() - 1, min(need, pool.numel()), device=kept.device).round().long()
-    return pool[picks.unique()]
+    # at most `size` picks at a stride >= 1: the rounded positions are distinct and ascending
+    return pool[torch.linspace(0, size - 1, min(need, size), device=kept.device).round().long()]
 
 
-def prumerge_group(features, attention, keys, group, config: PruMergeConfig, plus: bool):
-    """PruMerge(+) on one group of tokens: ``(sources, outputs, slot)`` as in :func:`visionzip_select`."""
+def group_counts(attention: torch.Tensor, n: int, config: PruMergeConfig, plus: bool) -> torch.Tensor:
+    """The data-dependent counts of one group, on the device: ``[outliers, stride positions PruMerge+ adds]``
+    (the second is 0 unless ``plus`` with the adaptive count)."""
+    a = attention.float()
+    n_out = iqr_outliers(a, config.iqr_factor).sum().clamp_min(1)
+    if not (plus and config.keep is None):
+        return torch.stack([n_out, torch.zeros_like(n_out)])
+    order = torch.sort(a, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=a.device))
+    step = (torch.div(n, n_out, rounding_mode="floor") // 3).clamp_min(1)
+    stride = torch.arange(n, device=a.device) % step == 0
+    return torch.stack([n_out, (stride & (rank >= n_out)).sum()])
+
+
+def prumerge_group(features, attention, keys, group, config: PruMergeConfig, plus: bool,
+                   counts: tuple[int, int] | None = None):
+    """PruMerge(+) on one group of tokens: ``(sources, outputs, slot)`` as in :func:`visionzip_select`.
+
+    ``counts``: the group's :func:`group_counts`, read by the caller (batched over groups); read here when
+    not given and the configuration needs them.
+    """
     n = group.numel()
     a = attention[group].float()
-    outliers = iqr_outliers(a, config.iqr_factor)
-    n_out = max(1, int(outliers.sum()))
+    if counts is None and (config.keep is None or plus):
+        counts = tuple(group_counts(a, n, config, plus).tolist())
+    n_out, n_fill = counts if counts is not None else (1, 0)
     order = torch.sort(a, descending=True, stable=True).indices
     if config.keep is None:
         kept = order[:n_out]
         if plus:
             step = max(1, math.floor(math.floor(n / n_out) / 3))
-            kept = torch.cat([kept, uniform_fill(kept, n, step=step)])
+            kept = torch.cat([kept, uniform_fill(kept, n, step=step, count=n_fill)])
     else:
         total = max(1, round(config.keep * n))
         if total < n:  # the extra token of pruned tokens counts within the budget
@@ -99,13 +132,12 @@ def prumerge_group(features, attention, keys, group, config: PruMergeConfig, plu
         if plus:
             kept = torch.cat([kept, uniform_fill(kept, n, total=total)])
     kept = kept.sort().values
-    pruned = torch.ones(n, dtype=torch.bool, device=group.device)
-    pruned[kept] = False
+    pruned = torch.ones(n, dtype=torch.bool, device=group.device).index_fill(0, kept, False)
     x = features[group]
     out = x[kept].clone()
     if config.neighbors > 0 and n > 1:
         sim = kernels.pairwise_similarity(keys[group][kept][None], keys[group][None])[0]
-        sim[torch.arange(kept.numel()), kept] = float("-inf")  # not itself
+        sim[torch.arange(kept.numel(), device=sim.device), kept] = float("-inf")  # not itself
         k = min(config.neighbors, n - 1)
         neighbor = sim.topk(k, dim=1).indices  # [K, k]
         weights = a[neighbor].to(x.dtype)
@@ -113,10 +145,10 @@ def prumerge_group(features, attention, keys, group, config: PruMergeConfig, plu
     slot = torch.full((n,), -1, dtype=torch.long, device=group.device)
     slot[kept] = torch.arange(kept.numel(), device=group.device)
     sources, outputs = [group[kept]], [out]
-    if bool(pruned.any()):
-        idx = pruned.nonzero().flatten()
+    if kept.numel() < n:
+        idx = first_true(pruned, n - kept.numel())
         extra = (a[idx].to(x.dtype)[:, None] * x[idx]).sum(0, keepdim=True)
-        sources.append(group[idx[a[idx].argmax()]][None])
+        sources.append(group[idx[a[idx].argmax().view(1)]])
         outputs.append(extra)
         slot[idx] = kept.numel()
     return torch.cat(sources), torch.cat(outputs), slot
@@ -135,9 +167,20 @@ class _PruMergeBase(VisionMethod):
     def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
         attention = context.signals["attention"].to(features.device)
         keys = context.signals["keys"].to(features.device)
+        counts: list | None = None
+        if self.config.keep is None or self.plus:
+            # the one read of the stage: every group's data-dependent counts at once
+            groups = content_groups(context.layout, per_crop=True)
+            stacked = torch.stack([
+                group_counts(attention[g.to(features.device)], g.numel(), self.config, self.plus) for g in groups
+            ])
+            counts = iter(stacked.tolist())
         return reduce_per_crop(
             features, context,
-            lambda group: prumerge_group(features, attention, keys, group, self.config, self.plus),
+            lambda group: prumerge_group(
+                features, attention, keys, group, self.config, self.plus,
+                None if counts is None else tuple(next(counts)),
+            ),
         )
 
 

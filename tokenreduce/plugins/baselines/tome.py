@@ -87,7 +87,7 @@ def merge_step(x, size, metric, slot, r: int, prefix: int):
     # A row of NaN / inf (a corrupt image) must not fail its batch: it is matched on zeros, its merged tokens
     # stay NaN as the unwrapped model's would, and finite rows are untouched.
     metric = torch.nan_to_num(metric, nan=0.0, posinf=0.0, neginf=0.0)
-    best, score = kernels.bipartite_matching(metric, protect=protect)
+    best, score = kernels.bipartite_matching(metric, protect=protect, assume_finite=True)
     order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :r]  # A positions merged
     src = 2 * order
     dst = 2 * torch.gather(best, 1, order) + 1
@@ -96,9 +96,12 @@ def merge_step(x, size, metric, slot, r: int, prefix: int):
     sizes = size.scatter_add(1, dst, torch.gather(size, 1, src))
     keep = torch.ones(b, n, dtype=torch.bool, device=x.device).scatter(1, src, False)
     new_index = keep.long().cumsum(1) - 1  # new position of every kept token
+    # the n - r kept positions in order (a stable sort puts kept before merged): sizes known, no host read
+    kept = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, : n - r]
     new_index = new_index.scatter(1, src, torch.gather(new_index, 1, dst))  # merged tokens follow their target
-    merged = (summed / sizes[..., None].to(summed.dtype))[keep].view(b, n - r, d).to(x.dtype)
-    return merged, sizes[keep].view(b, n - r), torch.gather(new_index, 1, slot)
+    means = summed / sizes[..., None].to(summed.dtype)
+    merged = torch.gather(means, 1, kept[..., None].expand(-1, -1, d)).to(x.dtype)
+    return merged, torch.gather(sizes, 1, kept), torch.gather(new_index, 1, slot)
 
 
 class _State:

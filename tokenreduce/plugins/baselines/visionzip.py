@@ -73,24 +73,28 @@ def visionzip_select(features, attention, keys, group, dominant: int, contextual
     order = torch.sort(attention[group], descending=True, stable=True).indices
     dom_pos = order[:dominant].sort().values
     rest_pos = order[dominant:].sort().values
-    slot = torch.empty(group.numel(), dtype=torch.long, device=group.device)
-    slot[dom_pos] = torch.arange(dom_pos.numel(), device=group.device)
+    device = group.device
+    slot = torch.empty(group.numel(), dtype=torch.long, device=device)
+    slot[dom_pos] = torch.arange(dom_pos.numel(), device=device)
     sources, outputs = [group[dom_pos]], [features[group[dom_pos]]]
-    contextual = min(contextual, rest_pos.numel())
+    rest = rest_pos.numel()
+    contextual = min(contextual, rest)
     if contextual > 0:
-        step = max(1, rest_pos.numel() // contextual)
-        is_target = torch.zeros(rest_pos.numel(), dtype=torch.bool, device=group.device)
-        is_target[torch.arange(0, rest_pos.numel(), step, device=group.device)[:contextual]] = True
-        targets, others = group[rest_pos[is_target]], group[rest_pos[~is_target]]
+        step = max(1, rest // contextual)
+        target_pos = torch.arange(0, rest, step, device=device)[:contextual]  # every step-th of the rest
+        is_target = torch.zeros(rest, dtype=torch.bool, device=device).index_fill(0, target_pos, True)
+        # the rest - contextual others in order (a stable sort puts them first): counts known, no host read
+        other_pos = torch.sort(is_target.to(torch.uint8), stable=True).indices[: rest - contextual]
+        targets, others = group[rest_pos[target_pos]], group[rest_pos[other_pos]]
         merged = features[targets].clone()
-        slot[rest_pos[is_target]] = dom_pos.numel() + torch.arange(targets.numel(), device=group.device)
+        slot[rest_pos[target_pos]] = dom_pos.numel() + torch.arange(contextual, device=device)
         if others.numel():
             sim = kernels.pairwise_similarity(keys[others][None], keys[targets][None])[0]
             assign = sim.argmax(dim=1)
             sums = torch.zeros_like(merged).index_add_(0, assign, features[others])
-            counts = torch.bincount(assign, minlength=targets.numel()).clamp_min(1).to(merged.dtype)
-            merged = merged + sums / counts[:, None]
-            slot[rest_pos[~is_target]] = dom_pos.numel() + assign
+            counts = torch.zeros(contextual, dtype=torch.long, device=device).index_add_(0, assign, torch.ones_like(assign))
+            merged = merged + sums / counts.clamp_min(1).to(merged.dtype)[:, None]
+            slot[rest_pos[other_pos]] = dom_pos.numel() + assign
         sources.append(targets)
         outputs.append(merged)
     else:

@@ -35,10 +35,10 @@ def neighbor_counts(features: torch.Tensor, threshold: float, metric: str = "cos
     Tokens whose features hold NaN (slots with no tower patch) count -1 and are nobody's neighbour.
     """
     valid = ~torch.isnan(features).any(dim=-1)
-    counts = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
-    if bool(valid.any()):
-        counts[valid] = kernels.neighbor_count(features[valid].float()[None], threshold, metric=metric)[0].long()
-    return counts
+    # NaN rows zeroed and masked out (they count nobody and nobody counts them): no host read of `valid`
+    x = torch.nan_to_num(features.float(), nan=0.0)
+    counts = kernels.neighbor_count(x[None], threshold, mask=valid[None], metric=metric)[0].long()
+    return torch.where(valid, counts, -1)
 
 
 def redundancy(features: torch.Tensor, threshold: float, max_neighbors: int | float,

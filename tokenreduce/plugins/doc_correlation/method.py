@@ -34,9 +34,10 @@ from typing import Any
 import torch
 
 from tokenreduce.core.config import MethodConfig, check_choice, check_range
+from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.reduction import ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
-from tokenreduce.ops.vision import add_row_newlines, attention_and_keys, content_groups
+from tokenreduce.ops.vision import attention_and_keys, content_groups, kept_newline_slots
 
 from .density import adaptive_budgets, distinctiveness, global_budgets, neighbor_counts, redundancy_of
 from .select import choose_tokens, merge_dropped, sampling_weights
@@ -219,50 +220,72 @@ class DocCorrelationMethod(VisionMethod):
         similarity = signals["similarity"].to(device)
         shallow = signals["shallow_attention"].to(device)
         deep = signals["deep_attention"].to(device)
-        groups = [g.to(device) for g in content_groups(layout, per_crop=True)]
+        host_groups = content_groups(layout, per_crop=True)
+        groups = [g.to(device) for g in host_groups]
+        sizes = [int(g.numel()) for g in host_groups]
+        # On the device: each crop's neighbour counts. Then the one read of the item: counts and both
+        # attentions of every crop, since the budgets follow the densities (water-filling) and the seeded
+        # sampler draws on the host generator; the selection runs on the host and its indices go back.
+        counts_dev = [neighbor_counts(similarity[g], cfg.threshold, cfg.metric) for g in groups]
+        packed = torch.cat([torch.cat([c.double(), shallow[g].double(), deep[g].double()])
+                            for c, g in zip(counts_dev, groups)]) if groups else None
+        host = packed.cpu() if packed is not None else torch.zeros(0, dtype=torch.float64)
+        with host_only():  # host copies from here on
+            src, kept_per_group, info = self._select(layout, host, host_groups, sizes, context.generator)
+        src = src.to(device)
+        if not cfg.merge:
+            return Reduction(sources=src, info=info)  # nothing merged: the kept tokens say it all
+        outputs = []
+        assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=device)
+        base = 0
+        for group, kept in zip(groups, kept_per_group):
+            kept = kept.to(device)
+            weights = (sampling_weights(shallow[group]) if cfg.merge_weights == "attention"
+                       else torch.ones(group.numel(), device=device))
+            out, slot = merge_dropped(features[group], similarity[group], kept, weights, cfg.metric)
+            assignment[group] = torch.where(slot >= 0, slot + base, -1)
+            base += kept.numel()
+            outputs.append(out)
+        slots = src[base:]  # the newline slots _select kept, after every crop's tokens
+        if slots.numel():
+            assignment[slots] = base + torch.arange(slots.numel(), device=device)
+            outputs.append(features[slots])
+        outs = torch.cat(outputs) if outputs else features[:0]
+        return Reduction(sources=src, features=outs, assignment=assignment, info=info)
+
+    def _select(self, layout, host: torch.Tensor, groups: list[torch.Tensor], sizes: list[int],
+                generator) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+        """The kept tokens of every crop from host copies of its counts and attentions (``host``: per crop,
+        ``[counts, shallow, deep]`` concatenated), the kept newline slots after them, and the info."""
+        cfg = self.config
+        parts = host.split([3 * n for n in sizes])
+        counts = [p[:n].long() for p, n in zip(parts, sizes)]
+        shallow = [p[n : 2 * n].float() for p, n in zip(parts, sizes)]
+        deep = [p[2 * n :].float() for p, n in zip(parts, sizes)]
         crop_ids, kinds = _crop_ids(layout, groups)
-        sizes = [int(g.numel()) for g in groups]
-        counts = [neighbor_counts(similarity[g], cfg.threshold, cfg.metric) for g in groups]
         densities = [float(1.0 - redundancy_of(c, cfg.max_neighbors)) for c in counts]
         distinct = cfg.local_score == "distinct" or (cfg.local_score == "auto" and not self._has_cls)
         sampling = ("topk" if distinct else "sample") if cfg.sampling == "auto" else cfg.sampling
         slots = int(layout.is_newline.sum()) if cfg.count_newlines else 0
         budgets = self._budgets(densities, sizes, kinds, slots)
 
-        sources, outputs, crops_info = [], [], []
-        assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=device)
-        token_crop = torch.full((features.shape[0],), -1, dtype=torch.long)
-        for group, count, crop, kind, density, budget in zip(groups, counts, crop_ids, kinds, densities, budgets):
-            local = local_scores(count, shallow[group]) if distinct else shallow[group]
+        sources, kept_per_group, crops_info = [], [], []
+        token_crop = torch.full((layout.num_tokens,), -1, dtype=torch.long)
+        for i, group in enumerate(groups):
+            local = local_scores(counts[i], shallow[i]) if distinct else shallow[i]
             kept, n_global = choose_tokens(
-                deep[group], local, budget, global_tokens=cfg.global_tokens, iqr_factor=cfg.iqr_factor,
-                sampling=sampling, generator=context.generator,
+                deep[i], local, budgets[i], global_tokens=cfg.global_tokens, iqr_factor=cfg.iqr_factor,
+                sampling=sampling, generator=generator,
             )
-            if cfg.merge:
-                weights = (sampling_weights(shallow[group]) if cfg.merge_weights == "attention"
-                           else torch.ones(group.numel(), device=device))
-                out, slot = merge_dropped(features[group], similarity[group], kept, weights, cfg.metric)
-            else:
-                out = features[group[kept]]
-                slot = torch.full((group.numel(),), -1, dtype=torch.long, device=device)
-                slot[kept] = torch.arange(kept.numel(), device=device)
-            base = sum(s.numel() for s in sources)
-            assignment[group] = torch.where(slot >= 0, slot + base, -1)
-            token_crop[group.cpu()] = crop
+            token_crop[group] = crop_ids[i]
             sources.append(group[kept])
-            outputs.append(out)
-            crops_info.append({"crop": crop, "kind": kind, "tokens": sizes[len(crops_info)],
-                               "density": round(density, 4), "budget": int(budget), "kept": int(kept.numel()),
-                               "global": n_global})
-        if sources:
-            src, outs = torch.cat(sources), torch.cat(outputs)
-        else:
-            src, outs = torch.zeros(0, dtype=torch.long, device=device), features[:0]
-        src, outs, assignment = add_row_newlines(layout, features, src, outs, assignment)
-        info = {"crops": crops_info, "token_crop": token_crop.tolist()}
-        if cfg.merge:
-            return Reduction(sources=src, features=outs, assignment=assignment, info=info)
-        return Reduction(sources=src, info=info)  # nothing merged: the kept tokens say it all
+            kept_per_group.append(kept)
+            crops_info.append({"crop": crop_ids[i], "kind": kinds[i], "tokens": sizes[i],
+                               "density": round(densities[i], 4), "budget": int(budgets[i]),
+                               "kept": int(kept.numel()), "global": n_global})
+        src = torch.cat(sources) if sources else torch.zeros(0, dtype=torch.long)
+        src = torch.cat([src, kept_newline_slots(layout, src)])
+        return src, kept_per_group, {"crops": crops_info, "token_crop": token_crop.tolist()}
 
     def _budgets(self, densities: list[float], sizes: list[int], kinds: list[str], slots: int = 0) -> list[int]:
         """Per-crop budgets; ``slots`` newline slots are paid out of a global budget first."""

@@ -92,9 +92,10 @@ def merge_dropped(x: torch.Tensor, similarity: torch.Tensor, kept: torch.Tensor,
     slot[kept] = torch.arange(kept.numel(), device=x.device)
     if kept.numel() == 0:
         return x[:0], slot
-    dropped = (slot < 0).nonzero().flatten()
-    if dropped.numel() == 0:
+    if kept.numel() == n:
         return x[kept], slot
+    # the n - m dropped positions in order (a stable sort puts them first): no host read
+    dropped = torch.sort((slot >= 0).to(torch.uint8), stable=True).indices[: n - kept.numel()]
     sim = kernels.pairwise_similarity(similarity[dropped].float()[None], similarity[kept].float()[None],
                                       metric=metric)[0]
     target = torch.nan_to_num(sim, nan=float("-inf")).argmax(dim=1)

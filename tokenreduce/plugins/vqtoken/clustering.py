@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from tokenreduce import kernels
+from tokenreduce.core.hostsync import host_only
 
 ADAPTIVE = ("elbow", "silhouette")
 KMEANS = ("auto", "faiss", "torch")
@@ -113,19 +114,23 @@ def kmeans_pp_seeds(
     trials = 2 + int(math.log(k)) if trials is None else int(trials)
     if trials < 1:
         raise ValueError(f"`trials` must be >= 1, got {trials}")
-    first = int(torch.randint(n, (1,), generator=generator))
+    with host_only():  # drawn from the host generator: a host tensor
+        first = int(torch.randint(n, (1,), generator=generator))
     chosen = [first]
     nearest = x @ x[first]  # best cosine similarity to the seeds so far
     for _ in range(k - 1):
-        weights = (2.0 - 2.0 * nearest).clamp_min(0.0).double()
-        if float(weights.sum()) <= 0.0:
-            weights = torch.ones_like(weights)
-        # drawn on the host from the host generator: the same seeds whichever device holds ``x``
-        candidates = torch.multinomial(weights.cpu(), trials, replacement=True, generator=generator)
+        # drawn on the host from the host generator: the same seeds whichever device holds ``x``. The
+        # weights come over once per seed (the draw needs them); their sum is then taken on the host.
+        weights = (2.0 - 2.0 * nearest).clamp_min(0.0).double().cpu()
+        with host_only():
+            if float(weights.sum()) <= 0.0:
+                weights = torch.ones_like(weights)
+        candidates = torch.multinomial(weights, trials, replacement=True, generator=generator)
         updated = torch.maximum(nearest[None], x[candidates.to(x.device)] @ x.T)  # [trials, N]
         potential = (2.0 - 2.0 * updated.double()).clamp_min(0.0).sum(1)
         best = int(torch.argmin(potential))  # ties: the first candidate drawn
-        chosen.append(int(candidates[best]))
+        with host_only():  # the candidates were drawn on the host
+            chosen.append(int(candidates[best]))
         nearest = updated[best]
     return torch.tensor(chosen, dtype=torch.long)
 

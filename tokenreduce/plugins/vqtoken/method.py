@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from tokenreduce.core.config import MethodConfig, check_choice, check_keep, check_range, resolve_keep
+from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
 
@@ -178,7 +179,8 @@ class VQTokenMethod(ProjectorMethod):
         if context.modality not in (cfg.modalities or ("video",)):
             return Reduction(sources=torch.arange(n, device=device))
         layout = context.layout
-        content = layout.content_mask.nonzero().flatten()
+        with host_only():  # a layout table, built on the host
+            content = layout.content_mask.nonzero().flatten()
         if content.numel() == 0:
             return Reduction(sources=torch.arange(n, device=device))
         tokens = features[content.to(device)]
@@ -209,7 +211,8 @@ class VQTokenMethod(ProjectorMethod):
         sums = torch.zeros(m, tokens.shape[1], dtype=members.dtype, device=device).index_add(
             0, codes, members
         )
-        counts = torch.bincount(codes, minlength=m).clamp_min(1).to(members.dtype)
+        counts = torch.zeros(m, dtype=torch.long, device=device).index_add_(0, codes, torch.ones_like(codes))
+        counts = counts.clamp_min(1).to(members.dtype)
         outputs = sums / counts[:, None]
         if self.attention is not None:
             coords = grid_coordinates(layout, content).to(device)
