@@ -24,11 +24,8 @@ LAYERS = 8
 FIXED = ("random", "pool", "divprune", "tome_projector", "visionzip", "fastv", "pdrop", "doc_correlation", "vqtoken")
 ADAPTIVE = ("atp", "prumerge", "prumerge_plus")
 ANYRES = ("llava_next", "llava_next_video", "llava_onevision")
-QWEN = ("qwen2_vl", "qwen2_5_vl")
 # Still over budget: (method or "*", families) -> reason.
 KNOWN = {
-    ("*", ANYRES): "the adapter reads image_sizes for the layouts (the model reads them again to encode)",
-    ("*", QWEN): "the adapter reads image_grid_thw for the layouts (the model reads it again to encode)",
     ("divprune", ANYRES): "a newline slot stays when its canvas row keeps a token: a data-dependent count",
     ("tome_projector", FAMILIES): "merge_tokens indexes with boolean masks",
     ("visionzip", FAMILIES): "per-crop groups and contextual merging use unique / boolean masks / bincount",
@@ -131,7 +128,7 @@ def test_batched_call_reads_the_device_once(method):
 @pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
 def test_a_modality_left_out_of_the_call_costs_no_read(family):
     """Image-only calls on families that also take videos: the absent modality is not read for stray
-    placeholders (only the layouts' one known read remains)."""
+    placeholders (the layouts' one read of the sizes replaces the model's own reads)."""
     model = _model(family)
     batch = _batch(family, video=False)
     plain, _ = _unwrapped(family, False)
@@ -140,4 +137,4 @@ def test_a_modality_left_out_of_the_call_costs_no_read(family):
         prefill, _ = _counts(model, batch)
     finally:
         tr.unwrap(model)
-    assert prefill - plain == 1
+    assert prefill - plain <= 0
