@@ -106,6 +106,7 @@ class ModelHandle:
         self._signatures: dict[str, inspect.Signature] = {}
         self._placeholder_ids: dict[str, int] | None = None
         self._geometry: Geometry | None = None
+        self._pad_id: int | None = None
         self._reduces_before_llm = any(s in COUNT_CHANGING_STAGES for s in spec.stages) and bool(self.modalities)
         self._changes_encoder_output = bool(getattr(self.method, "changes_encoder_output", False))
         self._uses_text = bool(getattr(self.method, "uses_text", False))
@@ -586,8 +587,10 @@ class ModelHandle:
                     original = adapter.position_ids(input_ids, attention_mask, inputs)
             positions = gather(original, index, 0)
         out = dict(inputs)
-        pad_id = self.adapter.text_config.pad_token_id
-        out["input_ids"] = gather(input_ids, index, 0 if pad_id is None else int(pad_id))
+        if self._pad_id is None:
+            pad_id = self.adapter.text_config.pad_token_id
+            self._pad_id = 0 if pad_id is None else int(pad_id)
+        out["input_ids"] = gather(input_ids, index, self._pad_id)
         out["attention_mask"] = new_mask
         out["position_ids"] = adapter.format_positions(positions, new_mask)
         if inputs.get("labels") is not None:
