@@ -25,11 +25,8 @@ LAYERS = 8
 FIXED = ("random", "pool", "divprune", "tome_projector", "visionzip", "fastv", "pdrop", "doc_correlation", "vqtoken")
 ADAPTIVE = ("atp", "prumerge", "prumerge_plus")
 ANYRES = ("llava_next", "llava_next_video", "llava_onevision")
-QWEN = ("qwen2_vl", "qwen2_5_vl")
 # Still over budget: (method or "*", families) -> reason.
 KNOWN = {
-    ("*", ANYRES): "the adapter reads image_sizes for the layouts (the model reads them again to encode)",
-    ("*", QWEN): "the adapter reads image_grid_thw for the layouts (the model reads it again to encode)",
     # Which canvas rows keep a token depends on the selection, and so does the number of newline slots that
     # stay (add_row_newlines reads it once per item); a fixed count would change the outputs.
     ("divprune", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
@@ -143,7 +140,7 @@ def test_batched_call_reads_the_device_once(method):
 @pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
 def test_a_modality_left_out_of_the_call_costs_no_read(family):
     """Image-only calls on families that also take videos: the absent modality is not read for stray
-    placeholders (only the layouts' one known read remains)."""
+    placeholders (the layouts' one read of the sizes replaces the model's own reads)."""
     model = _model(family)
     batch = _batch(family, video=False)
     plain, _ = _unwrapped(family, False)
@@ -152,4 +149,4 @@ def test_a_modality_left_out_of_the_call_costs_no_read(family):
         prefill, _ = _counts(model, batch)
     finally:
         tr.unwrap(model)
-    assert prefill - plain == 1
+    assert prefill - plain <= 0

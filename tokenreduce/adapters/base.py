@@ -34,6 +34,9 @@ class Adapter:
     # Stages (of tokenreduce.core.registry.STAGES) whose methods this family runs; wrap refuses the others.
     stages: tuple[str, ...] = ()
     is_vlm = True
+    # Modalities whose layouts read a size tensor that the encoder reads again (anyres ``image_sizes``): the
+    # core encodes them itself, with the host copy, even when it reduces nothing before the LLM.
+    host_read_modalities: frozenset[str] = frozenset()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -76,10 +79,18 @@ class Adapter:
     def encoder_fn(self, modality: str):
         return getattr(self.inner, f"get_{modality}_features")
 
-    def encoder_keys(self, modality: str) -> set[str]:
-        """Input names the encoder of ``modality`` consumes (dropped once features are precomputed)."""
-        params = inspect.signature(self.encoder_fn(modality)).parameters
-        return {k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    def encoder_keys(self, modality: str) -> frozenset[str]:
+        """Input names the encoder of ``modality`` consumes (dropped once features are precomputed); read
+        from its signature once per encoder function."""
+        fn = self.encoder_fn(modality)
+        key = (modality, getattr(fn, "__func__", fn))
+        cache = self.__dict__.setdefault("_encoder_keys", {})
+        keys = cache.get(key)
+        if keys is None:
+            params = inspect.signature(fn).parameters
+            keys = frozenset(k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+            cache[key] = keys
+        return keys
 
     def has_pixels(self, modality: str, inputs: dict[str, Any]) -> bool:
         return any(inputs.get(k) is not None for k in PIXEL_KEYS[modality])
@@ -87,9 +98,15 @@ class Adapter:
     def encode(self, modality: str, inputs: dict[str, Any]) -> list[torch.Tensor]:
         """Per-item ``[N_i, D]`` visual tokens, exactly as the unwrapped model computes them."""
         fn = self.encoder_fn(modality)
-        kwargs = {k: inputs[k] for k in self.encoder_keys(modality) if k in inputs}
+        kwargs = self.encoder_kwargs(modality, {k: inputs[k] for k in self.encoder_keys(modality) if k in inputs})
         out = fn(**kwargs, return_dict=True)
         return self.unpack(modality, out.pooler_output)
+
+    def encoder_kwargs(self, modality: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The encoder's arguments as the encoder is called with them; families whose encoder reads a size
+        tensor on the host hand it the host copy the layouts read (one read of the device instead of two).
+        Default: as given."""
+        return kwargs
 
     def unpack(self, modality: str, pooler_output: Any) -> list[torch.Tensor]:
         """Normalise an encoder's ``pooler_output`` (list or batched tensor) to a list of ``[N_i, D]``."""

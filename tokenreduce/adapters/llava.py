@@ -27,10 +27,7 @@ class LlavaAdapter(Adapter):
         patch = self.config.vision_config.patch_size
         rows, cols = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
         num_images = pixel_values.shape[0]
-        grid = TokenLayout("image", (Segment("base", rows, cols),), image_size=tuple(pixel_values.shape[-2:]))
-        with_cls = TokenLayout(
-            "image", (Segment("cls", 1, 1), Segment("base", rows, cols)), image_size=tuple(pixel_values.shape[-2:])
-        )
+        grid, with_cls = self._grids(rows, cols, tuple(pixel_values.shape[-2:]))
         out = []
         for i in range(num_images):
             n = None if counts is None else counts[i]
@@ -46,3 +43,17 @@ class LlavaAdapter(Adapter):
                 )
                 out.append(TokenLayout.flat("image", n))
         return out
+
+    def _grids(self, rows: int, cols: int, size: tuple[int, int]) -> tuple[TokenLayout, TokenLayout]:
+        """The grid layout of an image of ``size`` pixels, without and with a CLS token: built once per size
+        (layouts are immutable; their index tensors are then built once too)."""
+        memo = self.__dict__.setdefault("_grid_layouts", {})
+        key = (rows, cols, size)
+        if key not in memo:
+            if len(memo) >= 16:
+                memo.pop(next(iter(memo)))
+            memo[key] = (
+                TokenLayout("image", (Segment("base", rows, cols),), image_size=size),
+                TokenLayout("image", (Segment("cls", 1, 1), Segment("base", rows, cols)), image_size=size),
+            )
+        return memo[key]

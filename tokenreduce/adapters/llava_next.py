@@ -99,6 +99,15 @@ def host_sizes(adapter: Adapter, image_sizes) -> list[list[int]]:
     return memo[1]
 
 
+def host_image_sizes(adapter: Adapter, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Encoder arguments with ``image_sizes`` as the host lists :func:`host_sizes` read: the model's anyres
+    path reads every image's size again (patch counts, crop grid, unpadding), from Python values then."""
+    sizes = kwargs.get("image_sizes")
+    if torch.is_tensor(sizes):
+        kwargs = {**kwargs, "image_sizes": host_sizes(adapter, sizes)}
+    return kwargs
+
+
 def num_anyres_patches(adapter: Adapter, image_sizes, need_patching: list[bool] | None = None) -> list[int]:
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -124,6 +133,11 @@ class LlavaNextAdapter(Adapter):
 
     def _strategy(self, inputs):
         return inputs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+
+    host_read_modalities = frozenset({"image"})
+
+    def encoder_kwargs(self, modality, kwargs):
+        return host_image_sizes(self, kwargs) if modality == "image" else kwargs
 
     def layouts(self, modality, inputs, counts=None):
         if modality == "video":

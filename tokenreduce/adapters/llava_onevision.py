@@ -11,7 +11,7 @@ from tokenreduce.core.layout import Segment, TokenLayout
 
 from .base import Adapter
 from .llava import vision_grid_side
-from .llava_next import anyres_layouts, num_anyres_patches, pooled_frame_signals
+from .llava_next import anyres_layouts, host_image_sizes, num_anyres_patches, pooled_frame_signals
 
 
 class LlavaOnevisionAdapter(Adapter):
@@ -19,6 +19,11 @@ class LlavaOnevisionAdapter(Adapter):
     model_types = ("llava_onevision",)
     modalities = ("image", "video")
     stages = ("vision", "projector", "llm", "decode")
+
+    host_read_modalities = frozenset({"image"})
+
+    def encoder_kwargs(self, modality, kwargs):
+        return host_image_sizes(self, kwargs) if modality == "image" else kwargs
 
     def layouts(self, modality, inputs, counts=None):
         if modality == "video":

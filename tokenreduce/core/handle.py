@@ -31,7 +31,7 @@ from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import MethodSpec, get_method
 from tokenreduce.core.sequence import gather_columns
-from tokenreduce.core.stats import ItemStats, SampleStats, Stats, timer
+from tokenreduce.core.stats import ItemStats, LazyCount, SampleStats, Stats, timer
 
 HANDLE_ATTR = "_tokenreduce_handle"
 COUNT_CHANGING_STAGES = ("vision", "projector")
@@ -61,9 +61,12 @@ class BatchInfo:
     features: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
-def _bind(fn, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """All arguments of a call as keywords (``**kwargs`` catch-alls flattened)."""
-    sig = inspect.signature(fn)
+def _bind(fn, args: tuple, kwargs: dict, sig: inspect.Signature | None = None) -> dict[str, Any]:
+    """All arguments of a call as keywords (``**kwargs`` catch-alls flattened); ``sig``: ``fn``'s signature
+    when the caller has it already."""
+    if not args:  # keywords only: binding would give back the same names and values
+        return dict(kwargs)
+    sig = sig if sig is not None else inspect.signature(fn)
     bound = sig.bind_partial(*args, **kwargs)
     out: dict[str, Any] = {}
     for name, value in bound.arguments.items():
@@ -99,6 +102,14 @@ class ModelHandle:
         self.original_generate = getattr(model, "generate", None)
         modalities = config.modalities or spec.modalities
         self.modalities = tuple(m for m in modalities if m in adapter.modalities)
+        # Read once: what every call would otherwise re-derive from the configs and signatures.
+        self._signatures: dict[str, inspect.Signature] = {}
+        self._placeholder_ids: dict[str, int] | None = None
+        self._geometry: Geometry | None = None
+        self._pad_id: int | None = None
+        self._reduces_before_llm = any(s in COUNT_CHANGING_STAGES for s in spec.stages) and bool(self.modalities)
+        self._changes_encoder_output = self.method.changes_encoder_output
+        self._uses_text = self.method.uses_text
 
     # ----- reversible injection -----------------------------------------------------------------------
     def patch(self, obj: Any, name: str, value: Any) -> None:
@@ -254,13 +265,19 @@ class ModelHandle:
 
     @property
     def reduces_before_llm(self) -> bool:
-        return any(s in COUNT_CHANGING_STAGES for s in self.spec.stages) and bool(self.modalities)
+        return self._reduces_before_llm
+
+    def _signature(self, name: str, fn) -> inspect.Signature:
+        sig = self._signatures.get(name)
+        if sig is None:
+            sig = self._signatures[name] = inspect.signature(fn)
+        return sig
 
     # ----- entry points -------------------------------------------------------------------------------
     def _forward(self, args: tuple, kwargs: dict):
         if not self.enabled or self._in_generate:
             return self.original_forward(*args, **kwargs)
-        inputs = _bind(self.original_forward, args, kwargs)
+        inputs = _bind(self.original_forward, args, kwargs, args and self._signature("forward", self.original_forward))
         _refuse_reduced_cache(inputs, "forward")
         inputs = self.prepare(inputs)
         try:
@@ -332,7 +349,9 @@ class ModelHandle:
                     "only. Pass the processor's `input_ids` instead."
                 )
             return inputs
-        placeholders = {m: adapter.placeholder_id(m) for m in adapter.modalities}
+        if self._placeholder_ids is None:
+            self._placeholder_ids = {m: adapter.placeholder_id(m) for m in adapter.modalities}
+        placeholders = self._placeholder_ids
         present = [m for m in adapter.modalities if adapter.has_pixels(m, inputs) or precomputed.get(m) is not None]
         if not present:
             # No pixels at all: nothing to reduce. Placeholders without pixels are embedded as ordinary tokens
@@ -348,32 +367,45 @@ class ModelHandle:
                                   f"({n} in row {row})", sample.extra)
             return caller_inputs
 
-        attention_mask = inputs.get("attention_mask")
+        caller_mask = attention_mask = inputs.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         samples = self.stats.new_call(input_ids.shape[0])
-        geometry = Geometry.from_config(adapter.text_config)
+        if self._geometry is None:
+            self._geometry = Geometry.from_config(adapter.text_config)
         # Placeholders of a modality given no pixels stay ordinary tokens, as in the plain model: text.
-        visual_per_row = sum((input_ids == placeholders[m]).long() for m in present)
-        text_per_row = ((attention_mask != 0).long() - visual_per_row).sum(1)
-        for r, s in enumerate(samples):
-            s.geometry, s.text_tokens = geometry, text_per_row[r]  # read when the stats are
+        is_placeholder = {m: input_ids == placeholders[m] for m in present}
+        if len(samples) > 1:  # the rebuilt rows' lengths need them (read in _rows)
+            visual_per_row = sum(is_placeholder[m].long() for m in present)
+            text_per_row = ((attention_mask != 0).long() - visual_per_row).sum(1)
+            for r, s in enumerate(samples):
+                s.geometry, s.text_tokens = self._geometry, text_per_row[r]  # read when the stats are
+        else:
+            text_per_row = None
+            samples[0].geometry = self._geometry
         reduce = self.reduces_before_llm and any(m in self.modalities for m in present)
+        # Encoded here, and handed to the model, also when a layout reads a size the encoder reads again.
+        encode = reduce or any(m in adapter.host_read_modalities for m in present)
 
         features, items, reductions, coords, found = {}, [], {}, {}, {}
-        reduced_in_tower = self.method.changes_encoder_output
+        reduced_in_tower = self._changes_encoder_output
         for m in present:
             signals = None
             if precomputed.get(m) is not None:
                 features[m] = adapter.unpack(m, precomputed[m].pooler_output)
-            elif reduce:
+            elif encode:
                 features[m] = self._encode(m, inputs)
             n_items = None if m not in features or reduced_in_tower else [int(f.shape[0]) for f in features[m]]
             layouts = self._layouts(m, inputs, n_items)
             if self.vision_stage is not None and m in features and precomputed.get(m) is None:
                 signals = self.vision_stage.signals(m, layouts)
-            layouts, coords[m] = self._placeholders(m, layouts, features.get(m), input_ids == placeholders[m])
+            layouts, coords[m] = self._placeholders(m, layouts, features.get(m), is_placeholder[m])
             found[m] = (layouts, signals)
+        if text_per_row is None:
+            # One row: its text tokens are its real tokens but the placeholders (their count is known here).
+            visual = sum(int(c.shape[0]) for c in coords.values())
+            samples[0].text_tokens = (input_ids.shape[1] - visual if caller_mask is None
+                                      else LazyCount(caller_mask, -visual))
         rows, self.text_counts = self._rows(coords, found, text_per_row)
         for m in present:
             layouts, signals = found[m]
@@ -384,8 +416,19 @@ class ModelHandle:
         if not reduce:
             for it in items:
                 it.columns = coords[it.modality][it.columns, 1]
-            self.current = BatchInfo(items=items, attention_mask=attention_mask, samples=samples)
-            return caller_inputs  # nothing reduced: the model reads the caller's own inputs
+            encoded = [m for m in features if precomputed.get(m) is None]
+            handed = {m: features[m] for m in encoded}
+            self.current = BatchInfo(items=items, attention_mask=attention_mask, samples=samples, features=handed)
+            if not encoded:
+                return caller_inputs  # nothing reduced: the model reads the caller's own inputs
+            # Encoded here with the sizes the layouts read (see Adapter.host_read_modalities): the model gets
+            # those features, unchanged, instead of encoding (and reading the sizes) again.
+            out = dict(caller_inputs)
+            out["mm_encoder_outputs"] = {**precomputed, **{m: adapter.pack(m, handed[m]) for m in encoded}}
+            for m in encoded:
+                for key in adapter.encoder_keys(m) | set(PIXEL_KEYS[m]):
+                    out.pop(key, None)
+            return out
 
         with timer(input_ids.device) as t:
             inputs = self._rebuild(inputs, input_ids, attention_mask, items, coords, features, reductions, precomputed)
@@ -419,19 +462,20 @@ class ModelHandle:
         """The item layouts (flat where the encoder's counts differ from the layout's) and the ``[T, 2]``
         (row, column) of the modality's ``T`` placeholders, ``T`` known from the layouts or features:
         found without the host reading the ids; the count check runs on the device."""
-        total = sum(lay.num_tokens for lay in layouts)
         count = is_placeholder.sum()
-        if features is not None and not self.method.changes_encoder_output:
+        if features is not None and not self._changes_encoder_output:
             counts = [int(f.shape[0]) for f in features]
-            require(count == sum(counts), lambda: (
+            total = sum(counts)
+            require(count == total, lambda: (
                 f"{modality} features and {modality} placeholder tokens do not match: the encoder gave "
-                f"{sum(counts)} tokens, `input_ids` hold {int(count)} placeholders"))
+                f"{total} tokens, `input_ids` hold {int(count)} placeholders"))
             layouts = [
                 lay if lay.num_tokens == n else TokenLayout.flat(modality, n) for lay, n in zip(layouts, counts)
             ]
-            total = sum(counts)
-        require(count == total, lambda: (
-            f"{modality} layout expects {total} tokens but `input_ids` hold {int(count)} placeholders"))
+        else:
+            total = sum(lay.num_tokens for lay in layouts)
+            require(count == total, lambda: (
+                f"{modality} layout expects {total} tokens but `input_ids` hold {int(count)} placeholders"))
         return layouts, torch.nonzero_static(is_placeholder, size=total)
 
     def _rows(self, coords, found, text_per_row):
@@ -441,7 +485,7 @@ class ModelHandle:
         text count is then not needed: nothing is read). With several, both are read from the device
         in one transfer: the one host wait of a batched call, which the lengths of the rebuilt rows need.
         """
-        if text_per_row.shape[0] == 1:
+        if text_per_row is None:
             return {m: [0] * len(found[m][0]) for m in coords}, None
         starts = {}
         for m, (layouts, _) in found.items():
@@ -464,11 +508,10 @@ class ModelHandle:
         for i, layout in enumerate(layouts):
             n = layout.num_tokens
             row = rows[i]
-            offsets = torch.arange(offset, offset + n, device=coords.device)
             if act:
                 ctx = ReduceContext(
                     layout=layout, modality=modality, row=row, item=i,
-                    text_embeds=self._text_embeds(inputs, row) if self.method.uses_text else None,
+                    text_embeds=self._text_embeds(inputs, row) if self._uses_text else None,
                     generator=self._generator(), signals=signals[i] if signals else {},
                 )
                 with timer(features[i].device) as t:
@@ -481,7 +524,8 @@ class ModelHandle:
             sources = red.sources.to(coords.device)
             self._note_unreduced(modality, i, row, n, act, red)
             samples[row].items.append(ItemStats(modality, n, red.num_tokens, ms, red.info))
-            items.append(VisualItem(modality, row, layout, offsets[sources], sources, red))
+            # placeholder offsets of the kept tokens (the modality's placeholders are the items' in order)
+            items.append(VisualItem(modality, row, layout, sources + offset if offset else sources, sources, red))
             reductions.append(red)
             offset += n
         return items, reductions
@@ -523,6 +567,76 @@ class ModelHandle:
 
     def _rebuild(self, inputs, input_ids, attention_mask, items, coords, features, reductions, precomputed):
         adapter = self.adapter
+        if self.text_counts is None:
+            index, gather = self._one_row_index(input_ids, items, coords), _select_columns
+        else:
+            index, gather = self._row_index(input_ids, attention_mask, items, coords), gather_columns
+        new_mask = gather(attention_mask, index, 0)
+
+        if self.config.renumber_positions:
+            positions = adapter.sequential_positions(new_mask)
+        else:
+            original = inputs.get("position_ids")
+            if original is None or (original.dim() == 3 and original.shape[0] == 4):
+                if self._preparing_generate and adapter.text_positions_in_generate(inputs):
+                    # what the plain model's generate uses then (e.g. Qwen without `mm_token_type_ids`)
+                    original = adapter.sequential_positions(attention_mask)
+                else:
+                    original = adapter.position_ids(input_ids, attention_mask, inputs)
+            positions = gather(original, index, 0)
+        out = dict(inputs)
+        if self._pad_id is None:
+            pad_id = self.adapter.text_config.pad_token_id
+            self._pad_id = 0 if pad_id is None else int(pad_id)
+        out["input_ids"] = gather(input_ids, index, self._pad_id)
+        out["attention_mask"] = new_mask
+        out["position_ids"] = adapter.format_positions(positions, new_mask)
+        if inputs.get("labels") is not None:
+            out["labels"] = gather(inputs["labels"], index, -100)
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if inputs.get(key) is not None:
+                out[key] = gather(inputs[key], index, 0)
+        packed, handed = dict(precomputed), {}
+        for m in coords:
+            feats = [red.output_features(f) for red, f in zip(reductions[m], features[m])]
+            handed[m] = feats
+            packed[m] = adapter.pack(m, feats)
+            for key in adapter.encoder_keys(m) | set(PIXEL_KEYS[m]):
+                out.pop(key, None)
+        out["mm_encoder_outputs"] = packed
+        self.current = BatchInfo(items=items, attention_mask=new_mask, samples=self.stats.last, features=handed)
+        return adapter.finalize_inputs(out, self.current)
+
+    def _one_row_index(self, input_ids, items, coords) -> torch.Tensor:
+        """The ``[L']`` original column of each column of the rebuilt row, one row (its padding kept): the text
+        columns and the kept visual ones, in order; sets each item's ``columns`` to where its tokens land.
+
+        One stable sort of (text columns, kept columns): a column the method repeats lands that many times,
+        consecutively; the sort's inverse places every kept token. All sizes come from shapes."""
+        length = input_ids.shape[1]
+        placeholder = None
+        for c in coords.values():
+            flags = torch.zeros(length, dtype=torch.bool, device=input_ids.device).index_fill_(0, c[:, 1], True)
+            placeholder = flags if placeholder is None else placeholder | flags
+        n_text = length - sum(int(c.shape[0]) for c in coords.values())
+        text = torch.nonzero_static(~placeholder, size=n_text).view(-1)
+        cols = {m: c[:, 1] for m, c in coords.items()}
+        for it in items:
+            it.columns = cols[it.modality][it.columns]
+        joined = torch.cat([text, *(it.columns for it in items)])
+        index, order = torch.sort(joined, stable=True)
+        where = torch.empty_like(order).index_put_((order,), torch.arange(order.numel(), device=order.device))
+        at = n_text
+        for it in items:
+            n = it.columns.numel()
+            it.columns = where[at : at + n]
+            at += n
+        return index
+
+    def _row_index(self, input_ids, attention_mask, items, coords) -> torch.Tensor:
+        """``[B, L']`` original column of each column of the rebuilt rows (``-1``: left padding); sets each
+        item's ``columns`` to where its tokens land. Row lengths are known on the host (``text_counts``
+        and the reductions' shapes), so the index is built without reading the device."""
         batch, length = input_ids.shape
         device = input_ids.device
         # How many times each original column appears in the new sequence: once for a text column, as
@@ -544,7 +658,6 @@ class ModelHandle:
         columns = torch.arange(length, device=device)
         for r, n in enumerate(lengths):
             index[r, width - n :] = torch.repeat_interleave(columns, copies[r], output_size=n)
-        new_mask = gather_columns(attention_mask, index, 0)
 
         # Where each item's tokens landed in the new sequence (an item's columns are sorted; a column
         # repeated by the method appears that many times, consecutively).
@@ -552,38 +665,7 @@ class ModelHandle:
         for it in items:
             rank = torch.arange(it.columns.numel(), device=device) - torch.searchsorted(it.columns, it.columns)
             it.columns = before[it.row, it.columns] + rank + (width - lengths[it.row])
-
-        if self.config.renumber_positions:
-            positions = adapter.sequential_positions(new_mask)
-        else:
-            original = inputs.get("position_ids")
-            if original is None or (original.dim() == 3 and original.shape[0] == 4):
-                if self._preparing_generate and adapter.text_positions_in_generate(inputs):
-                    # what the plain model's generate uses then (e.g. Qwen without `mm_token_type_ids`)
-                    original = adapter.sequential_positions(attention_mask)
-                else:
-                    original = adapter.position_ids(input_ids, attention_mask, inputs)
-            positions = gather_columns(original, index, 0)
-        out = dict(inputs)
-        pad_id = self.adapter.text_config.pad_token_id
-        out["input_ids"] = gather_columns(input_ids, index, 0 if pad_id is None else int(pad_id))
-        out["attention_mask"] = new_mask
-        out["position_ids"] = adapter.format_positions(positions, new_mask)
-        if inputs.get("labels") is not None:
-            out["labels"] = gather_columns(inputs["labels"], index, -100)
-        for key in ("mm_token_type_ids", "token_type_ids"):
-            if inputs.get(key) is not None:
-                out[key] = gather_columns(inputs[key], index, 0)
-        packed, handed = dict(precomputed), {}
-        for m in coords:
-            feats = [red.output_features(f) for red, f in zip(reductions[m], features[m])]
-            handed[m] = feats
-            packed[m] = adapter.pack(m, feats)
-            for key in adapter.encoder_keys(m) | set(PIXEL_KEYS[m]):
-                out.pop(key, None)
-        out["mm_encoder_outputs"] = packed
-        self.current = BatchInfo(items=items, attention_mask=new_mask, samples=self.stats.last, features=handed)
-        return adapter.finalize_inputs(out, self.current)
+        return index
 
     def _text_embeds(self, inputs, row: int) -> torch.Tensor:
         ids = inputs["input_ids"][row]
@@ -636,6 +718,11 @@ def _load_wrapped(config: MethodConfig, enabled: bool, model: nn.Module, state: 
     """Unpickling of a wrapped model: restore the unwrapped model's state, then wrap it again."""
     model.__setstate__(state)
     _install(model, config, enabled)
+
+
+def _select_columns(tensor: torch.Tensor, index: torch.Tensor, fill: int = 0) -> torch.Tensor:
+    """``tensor[..., index]`` for a one-row rebuild (``index`` ``[L']``, no padding: ``fill`` is unused)."""
+    return tensor.index_select(-1, index if index.device == tensor.device else index.to(tensor.device))
 
 
 def _check_reduction(name: str, red: Reduction, n: int) -> None:

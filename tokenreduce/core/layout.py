@@ -54,7 +54,7 @@ class TokenLayout:
     image_size: tuple[int, int] | None = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
-    @property
+    @cached_property
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.segments)
 

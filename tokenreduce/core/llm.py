@@ -168,6 +168,14 @@ class Stage:
     text: list[torch.Tensor]
     # Per row, columns after the prompt that rode along its prefill (assisted decoding's candidates).
     tail: list[torch.Tensor] = field(default_factory=list)
+    # One row whose prefill came without an attention mask: ``mask`` is all ones (known on the host), so
+    # the layers' masks are built as the plain model builds them then, from no 2-D mask.
+    unmasked: bool = False
+    # One row, prefill: the kept columns' index into the previous sequence, and the 4-D mask this stage's
+    # layers got (``mask4d_set`` once built), from which the next stage's is gathered.
+    gather: torch.Tensor | None = None
+    mask4d: Any = None
+    mask4d_set: bool = False
 
 
 @dataclass
@@ -181,7 +189,8 @@ class _Call:
     captures: dict[int, AttentionCapture] = field(default_factory=dict)
     projected: dict[int, torch.Tensor] = field(default_factory=dict)  # layer K-1's q_proj output, by K
     kwargs_by_layer: dict[int, dict[str, Any]] = field(default_factory=dict)
-    dropped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (orig cols [B,n], hidden)
+    # Per stage, its input: (original column of each column [B, L] (-1: padding), hidden states [B, L, D]).
+    dropped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class LLMStage:
@@ -198,6 +207,7 @@ class LLMStage:
         self.original_mask: torch.Tensor | None = None
         self.call: _Call | None = None
         self.stage_cache: Any = None
+        self._mask_cache: dict[tuple, Any] = {}
 
     # ----- installation -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -305,7 +315,7 @@ class LLMStage:
             full.scatter_(1, target[..., None].expand(-1, -1, states.shape[-1]), states)
 
         norm = getattr(module, "norm", None)
-        for cols, states in call.dropped:
+        for cols, states in call.dropped:  # every stage's input, in order: a dropped column keeps its last
             put(cols, norm(states) if norm is not None else states)
         put(last.columns, hidden)
         output.last_hidden_state = full[:, :length]
@@ -368,49 +378,43 @@ class LLMStage:
                 ], capture=call.captures[k], layer_module=self.layers[k],
             )
             keep = self.method.select(ctx)
-            rows_keep, new_visual_tok = [], []
+            rows_keep, kept_visual, new_visual_tok = [], [], []
             for r in range(mask.shape[0]):
                 kv = keep[r].to(hidden.device).long().sort().values
-                rows_keep.append(torch.cat([text[r], visual[r][kv], tail[r]]).sort().values)
+                kept_visual.append(visual[r][kv])
+                parts = [text[r], kept_visual[r], tail[r]] if tail[r].numel() else [text[r], kept_visual[r]]
+                rows_keep.append(torch.cat(parts).sort().values)
                 new_visual_tok.append(visual_tokens[r][kv.to(visual_tokens[r].device)])
-            index = column_index(rows_keep, device=hidden.device)  # into the current sequence
-            valid = index >= 0
-            safe = index.clamp_min(0)
+            # Into the current sequence; one row needs no padding (its length is its own), so no masking.
+            index = column_index(rows_keep, device=hidden.device)
+            valid = (index >= 0) if mask.shape[0] > 1 else None
+            safe = index.clamp_min(0) if valid is not None else index
             new_hidden = torch.gather(hidden, 1, safe[..., None].expand(-1, -1, hidden.shape[-1]))
-            new_columns = torch.where(valid, torch.gather(columns, 1, safe), -1)
-            new_mask = torch.where(valid, torch.gather(mask, 1, safe), 0).long()  # text may hold padding
-            # Record what is dropped (for restoring the length outside generate): the visual columns not
-            # kept, first in a stable sort of the kept flags (their count is known: no nonzero).
-            dropped_rows = []
-            for r in range(mask.shape[0]):
-                kept_flag = torch.zeros(visual[r].numel(), dtype=torch.uint8, device=hidden.device)
-                kept_flag[keep[r].to(hidden.device).long()] = 1
-                order = torch.sort(kept_flag, stable=True).indices[: visual[r].numel() - keep[r].numel()]
-                dropped_rows.append(visual[r][order])
-            dropped_pos = column_index(dropped_rows, device=hidden.device)
-            dsafe = dropped_pos.clamp_min(0)
-            dropped_cols = torch.where(dropped_pos >= 0, torch.gather(columns, 1, dsafe), -1)
-            call.dropped.append((dropped_cols, torch.gather(hidden, 1, dsafe[..., None].expand(-1, -1, hidden.shape[-1]))))
+            new_columns = torch.gather(columns, 1, safe)
+            new_mask = torch.gather(mask, 1, safe).long()  # text may hold padding
+            if valid is not None:
+                new_columns = torch.where(valid, new_columns, -1)
+                new_mask = torch.where(valid, new_mask, 0)
+            # What every column held entering this layer: outside generate, a token dropped here keeps that
+            # state (later stages and the final states overwrite the columns they still hold).
+            call.dropped.append((columns, hidden))
             if handle.config.renumber_positions:
                 cos, sin = self._rotary(new_hidden, new_mask, position_ids)
-                new_pos = None if position_ids is None else _gather_positions(position_ids, safe, valid)
             else:
                 cos = torch.gather(cos, 1, safe[..., None].expand(-1, -1, cos.shape[-1]))
                 sin = torch.gather(sin, 1, safe[..., None].expand(-1, -1, sin.shape[-1]))
-                new_pos = None if position_ids is None else _gather_positions(position_ids, safe, valid)
-            # Map visual/text columns into the new sequence.
+            new_pos = None if position_ids is None else _gather_positions(position_ids, safe, valid)
+            # Map visual/text columns into the new sequence: each row of the index is ascending (left
+            # padding -1 first), so a kept column's new place is where it sorts in.
             new_visual, new_text, new_tail = [], [], []
-            width = torch.arange(index.shape[1], device=hidden.device)
             for r in range(mask.shape[0]):
-                # padding slots all write to the spare last entry, never read
-                lookup = torch.full((mask.shape[1] + 1,), -1, dtype=torch.long, device=hidden.device)
-                lookup[torch.where(valid[r], index[r], mask.shape[1])] = width
-                vis = visual[r][keep[r].to(hidden.device).long().sort().values]
-                new_visual.append(lookup[vis])
-                new_text.append(lookup[text[r]])
-                new_tail.append(lookup[tail[r]])
+                row = index[r]
+                new_visual.append(torch.searchsorted(row, kept_visual[r]))
+                new_text.append(torch.searchsorted(row, text[r]))
+                new_tail.append(torch.searchsorted(row, tail[r]) if tail[r].numel() else tail[r])
+        unmasked = (previous.unmasked if previous is not None else call.mask2d is None) and mask.shape[0] == 1
         self.stages.append(Stage(k, new_columns, new_mask, cos, sin, new_pos, new_visual, new_visual_tok, new_text,
-                                 new_tail))
+                                 new_tail, unmasked, gather=safe[0] if valid is None else None))
         requested = handle.requested_keep(self.prune_layers.index(k))
         for r, sample in enumerate(info.samples):
             sample.layers[k] = int(new_visual[r * factor].numel())
@@ -433,21 +437,26 @@ class LLMStage:
 
         call = self.call
         cache = call.cache
+        renumber = self.handle.config.renumber_positions
+        # All ones, known on the host: built from no 2-D mask, as the plain model builds it then.
+        unmasked = stage.unmasked and (call.prefill or call.mask2d is None)
+        mask2d = None
         if call.prefill:
-            mask2d = stage.mask
+            mask2d = None if unmasked else stage.mask
             cos, sin, position_ids = stage.cos, stage.sin, stage.position_ids
         else:
             q = hidden.shape[1]
-            kv = (cache.get_seq_length(stage.layer) if cache is not None else 0) + q
-            extra = kv - stage.mask.shape[1]
-            if call.mask2d is not None and call.mask2d.dim() == 2:
-                tail = call.mask2d[:, self.prompt_length:][:, :extra]
-            else:
-                tail = stage.mask.new_ones(stage.mask.shape[0], extra)
-            mask2d = torch.cat([stage.mask, tail.to(stage.mask)], dim=1)
+            if not unmasked or renumber:
+                kv = (cache.get_seq_length(stage.layer) if cache is not None else 0) + q
+                extra = kv - stage.mask.shape[1]
+                if call.mask2d is not None and call.mask2d.dim() == 2:
+                    tail = call.mask2d[:, self.prompt_length:][:, :extra]
+                else:
+                    tail = stage.mask.new_ones(stage.mask.shape[0], extra)
+                mask2d = torch.cat([stage.mask, tail.to(stage.mask)], dim=1)
             cos, sin = kwargs["position_embeddings"]
             position_ids = kwargs.get("position_ids")
-            if self.handle.config.renumber_positions:
+            if renumber:
                 positions = (mask2d.long().cumsum(-1) - 1)[:, -q:]
                 if call.position_ids is not None and call.position_ids.dim() == 3:
                     positions = positions[None].expand(3, -1, -1)
@@ -456,11 +465,57 @@ class LLMStage:
         builder = create_causal_mask
         if layer_type is not None and layer_type[stage.layer] == "sliding_attention":
             builder = create_sliding_window_causal_mask
+        key = None
+        if call.prefill:
+            gathered = self._gathered_mask(stage, kwargs)
+            if gathered is not None:
+                stage.mask4d, stage.mask4d_set = gathered[0], True
+                return {"attention_mask": gathered[0], "position_embeddings": (cos, sin), "position_ids": position_ids}
+        if unmasked and call.prefill and not getattr(cache, "is_compileable", False):
+            # A prefill mask without padding depends on the length alone (the layer's cache is empty, or
+            # sized by the query): built once per length, dtype and attention kernel.
+            key = (builder, hidden.shape[1], hidden.dtype, hidden.device, self.lm.config._attn_implementation)
+            if key in self._mask_cache:
+                return {"attention_mask": self._mask_cache[key], "position_embeddings": (cos, sin),
+                        "position_ids": position_ids}
         mask = builder(
             config=self.lm.config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache,
             position_ids=None, layer_idx=stage.layer,
         )
+        if call.prefill:
+            stage.mask4d, stage.mask4d_set = mask, True
+        if key is not None:
+            if len(self._mask_cache) >= 8:
+                self._mask_cache.pop(next(iter(self._mask_cache)))
+            self._mask_cache[key] = mask
         return {"attention_mask": mask, "position_embeddings": (cos, sin), "position_ids": position_ids}
+
+
+    def _full_causal(self, layer: int) -> bool:
+        types = getattr(self.lm.config, "layer_types", None)
+        return types is None or types[layer] == "full_attention"
+
+    def _gathered_mask(self, stage: Stage, kwargs: dict) -> tuple[Any] | None:
+        """The prefill mask of ``stage``'s layers taken from the previous sequence's, one row: a full causal
+        mask is ``causal(q, k) and not padding(k)`` entry by entry, and kept columns keep their order, so
+        gathering its rows and columns at the kept columns is the mask the builder makes (two index ops
+        instead of building it). None when that does not hold (several rows, windows, 2-D / block masks)."""
+        g = stage.gather
+        if g is None or not self._full_causal(stage.layer) or getattr(self.call.cache, "is_compileable", False):
+            return None
+        at = self.stages.index(stage)
+        if at == 0:
+            prior, length = kwargs.get("attention_mask"), self.original_mask.shape[1]
+        else:
+            before = self.stages[at - 1]
+            if not before.mask4d_set or not self._full_causal(before.layer):
+                return None
+            prior, length = before.mask4d, before.mask.shape[1]
+        if prior is None:  # no padding, causal: the builder skips the mask too
+            return (None,)
+        if not torch.is_tensor(prior) or prior.dim() != 4 or prior.shape[-2:] != (length, length):
+            return None
+        return (prior.index_select(-2, g).index_select(-1, g),)
 
 
 def _batched(embeddings: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -468,9 +523,10 @@ def _batched(embeddings: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple
     return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
 
 
-def _gather_positions(position_ids: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _gather_positions(position_ids: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     idx = safe.expand(*position_ids.shape[:-2], *safe.shape)
-    return torch.gather(position_ids, -1, idx).masked_fill(~valid.expand_as(idx), 0)
+    out = torch.gather(position_ids, -1, idx)
+    return out if valid is None else out.masked_fill(~valid.expand_as(idx), 0)
 
 
 def _expansion(info, rows: int) -> int:
@@ -495,11 +551,15 @@ def _split_columns(info, mask: torch.Tensor, factor: int = 1, text_counts: list[
             if it.row == r // factor:
                 cols.append(it.columns.to(mask.device))
                 ids.append(torch.stack([torch.full_like(it.sources, i), it.sources], dim=1).to(mask.device))
-        vis = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long, device=mask.device)
-        tok = torch.cat(ids) if ids else torch.zeros(0, 2, dtype=torch.long, device=mask.device)
-        order = vis.argsort()
-        visual.append(vis[order])
-        tokens.append(tok[order])
+        if len(cols) == 1:  # one item: its columns are ascending already
+            vis, tok = cols[0], ids[0]
+        else:
+            vis = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long, device=mask.device)
+            tok = torch.cat(ids) if ids else torch.zeros(0, 2, dtype=torch.long, device=mask.device)
+            order = vis.argsort()
+            vis, tok = vis[order], tok[order]
+        visual.append(vis)
+        tokens.append(tok)
         is_text = mask[r].bool() if text_counts is not None else torch.ones_like(mask[r], dtype=torch.bool)
         is_text = is_text.clone()
         is_text[vis] = False

@@ -52,8 +52,21 @@ def _ms(value: Any) -> float:
     return float(value)
 
 
+class LazyCount:
+    """The real tokens (non-zero entries) of a one-row attention mask plus ``offset``, counted when read:
+    recording it queues no op and waits for no device."""
+
+    __slots__ = ("mask", "offset")
+
+    def __init__(self, mask: torch.Tensor, offset: int = 0):
+        self.mask, self.offset = mask, offset
+
+    def __int__(self) -> int:
+        return int((self.mask != 0).sum()) + self.offset
+
+
 def _lazy_int(value: Any) -> int:
-    return int(value) if torch.is_tensor(value) else value
+    return int(value) if torch.is_tensor(value) or isinstance(value, LazyCount) else value
 
 
 @dataclass
@@ -86,7 +99,7 @@ class SampleStats:
     llm_elapsed: list[float | Elapsed] = field(default_factory=list)
     # Text tokens of the row (everything but visual tokens; a 0-dim tensor until first read, so recording
     # it never waits for the device) and the LLM's geometry, for FLOPs.
-    text_count: int | torch.Tensor = 0
+    text_count: int | torch.Tensor | LazyCount = 0
     geometry: Geometry | None = None
 
     @property
@@ -95,7 +108,7 @@ class SampleStats:
         return self.text_count
 
     @text_tokens.setter
-    def text_tokens(self, value: int | torch.Tensor) -> None:
+    def text_tokens(self, value: int | torch.Tensor | LazyCount) -> None:
         self.text_count = value
 
     @property
@@ -183,20 +196,26 @@ class Stats:
     def __init__(self) -> None:
         self.samples: list[SampleStats] = []
         self.calls = 0
+        self._last: list[SampleStats] = []
 
     def new_call(self, batch_size: int) -> list[SampleStats]:
         self.calls += 1
         rows = [SampleStats(call=self.calls, row=r) for r in range(batch_size)]
         self.samples.extend(rows)
+        self._last = rows
         return rows
 
     def reset(self) -> None:
         self.samples.clear()
         self.calls = 0
+        self._last = []
 
     @property
     def last(self) -> list[SampleStats]:
-        """Rows of the most recent call."""
+        """Rows of the most recent call (kept aside: no scan of every sample so far)."""
+        last = self.__dict__.get("_last")
+        if last and last[0].call == self.calls and self.samples and self.samples[-1] is last[-1]:
+            return list(last)
         return [s for s in self.samples if s.call == self.calls]
 
     def summary(self) -> dict[str, float]:
