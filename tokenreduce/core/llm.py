@@ -24,6 +24,13 @@ import torch
 from torch import nn
 
 from tokenreduce import kernels
+from tokenreduce.core.inputs import (
+    decode_key_length,
+    decode_positions,
+    is_empty_cache,
+    padding_mask_2d,
+    prefill_padding_mask,
+)
 from tokenreduce.core.sequence import column_index
 
 if TYPE_CHECKING:
@@ -198,6 +205,7 @@ class LLMStage:
         self.original_mask: torch.Tensor | None = None
         self.call: _Call | None = None
         self.stage_cache: Any = None
+        self.prepared: Any = None  # the handle's BatchInfo the last text-model call belonged to
 
     # ----- installation -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -219,9 +227,11 @@ class LLMStage:
         if not self.handle.enabled:
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        first = self.prune_layers[0]
-        prefill = cache is None or cache.get_seq_length(first) == 0
         info = self.handle.current
+        # The first text-model call of a prepared call may be a prefill; the decode steps after it are not
+        # (no cache read there: generate may compile them).
+        prefill = info is not self.prepared and is_empty_cache(cache, self.prune_layers[0])
+        self.prepared = info
         if prefill and (info is None or not info.items):
             self.stages = []
             return None
@@ -331,7 +341,7 @@ class LLMStage:
         factor = _expansion(info, hidden.shape[0])
         with timer(hidden.device) as t:
             if previous is None:
-                mask = call.mask2d if call.mask2d is not None and call.mask2d.dim() == 2 else None
+                mask = prefill_padding_mask(call.mask2d, info.attention_mask, *hidden.shape[:2])
                 if mask is None:
                     mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
                 self.original_mask = mask
@@ -438,17 +448,17 @@ class LLMStage:
             cos, sin, position_ids = stage.cos, stage.sin, stage.position_ids
         else:
             q = hidden.shape[1]
-            kv = (cache.get_seq_length(stage.layer) if cache is not None else 0) + q
-            extra = kv - stage.mask.shape[1]
-            if call.mask2d is not None and call.mask2d.dim() == 2:
-                tail = call.mask2d[:, self.prompt_length:][:, :extra]
+            extra = decode_key_length(cache, q, stage.layer) - stage.mask.shape[1]
+            given = padding_mask_2d(call.mask2d)
+            if given is not None:
+                tail = given[:, self.prompt_length:][:, :extra]
             else:
                 tail = stage.mask.new_ones(stage.mask.shape[0], extra)
             mask2d = torch.cat([stage.mask, tail.to(stage.mask)], dim=1)
             cos, sin = kwargs["position_embeddings"]
             position_ids = kwargs.get("position_ids")
             if self.handle.config.renumber_positions:
-                positions = (mask2d.long().cumsum(-1) - 1)[:, -q:]
+                positions = decode_positions(mask2d, cache, q, stage.layer)
                 if call.position_ids is not None and call.position_ids.dim() == 3:
                     positions = positions[None].expand(3, -1, -1)
                 cos, sin = self.lm.rotary_emb(hidden, positions)
