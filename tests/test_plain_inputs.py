@@ -1,7 +1,8 @@
 """Inputs the plain model takes pass through a wrapped model, at keep-all and with a real reduction.
 
 Placeholders without pixels, caller-given 2-D position ids on Qwen2-VL, ``generate`` without
-``mm_token_type_ids``, and FastV's default layer on a model shallower than it.
+``mm_token_type_ids``, FastV's default layer on a model shallower than it, assisted decoding, continuing
+from returned ``past_key_values``, and ``inputs_embeds`` with pixels (``forward`` and ``generate``).
 """
 
 import warnings
@@ -288,3 +289,20 @@ def test_generate_from_inputs_embeds_with_pixels(models, method, family):
             tr.unwrap(model)
     assert torch.equal(kept, plain)
     assert reduced.tolist() == reference[:, -4:].tolist()
+
+
+def test_inputs_embeds_with_pixels_on_docowl_is_refused():
+    """DocOwl's one placeholder per crop stands for many visual tokens: embeddings cannot say where each
+    goes, so the call is refused in one line naming what to pass instead."""
+    from .doc_correlation.docowl_tiny import docowl_batch, tiny_docowl
+
+    model = tiny_docowl().eval()
+    batch = docowl_batch([((1, 2), 1)])
+    ids = batch.pop("input_ids")
+    embeds = model.get_input_embeddings()(ids.clamp_min(0))
+    tr.wrap(model, "pool", keep=0.5)
+    try:
+        with pytest.raises(ValueError, match=r"^`inputs_embeds` with pixels is not supported for docowl .*; pass `input_ids`$"):
+            model(inputs_embeds=embeds, **batch)
+    finally:
+        tr.unwrap(model)
