@@ -121,11 +121,14 @@ def is_empty_cache(cache: Any, layer: int) -> bool:
 
 
 def decode_key_length(cache: Any, query: int, layer: int) -> int:
-    """Columns of the 2-D mask for a decode step at ``layer``: the layer's keys (a static cache: its fixed
-    length, so that shapes do not depend on the step)."""
+    """Columns of the 2-D mask for a decode step at ``layer``: the layer's keys after the step; for a static
+    cache (its counter lives on the device) its fixed length, so that no shape depends on the step."""
     if cache is None:
         return query
-    return int(cache.get_mask_sizes(query, layer)[0])
+    length = cache.get_seq_length(layer)
+    if torch.is_tensor(length):
+        return int(cache.get_mask_sizes(query, layer)[0])
+    return length + query
 
 
 def decode_positions(mask2d: torch.Tensor, cache: Any, query: int, layer: int) -> torch.Tensor:
