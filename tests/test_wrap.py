@@ -301,18 +301,6 @@ def test_called_without_images(models):
     assert torch.equal(got, plain)
 
 
-def test_inputs_embeds_with_pixels_is_refused(models):
-    model = models["llava"]
-    batch = tiny_batch(model, default_rows("llava"))
-    embeds = model.model.get_input_embeddings()(batch.pop("input_ids"))
-    tr.wrap(model, "pool")
-    try:
-        with pytest.raises(ValueError, match="needs `input_ids`"):
-            model(inputs_embeds=embeds, **batch)
-    finally:
-        tr.unwrap(model)
-
-
 def test_wrap_with_config_object_and_extra_options(models):
     with pytest.raises(TypeError, match="set them on the config instead"):
         tr.wrap(models["llava"], tr.PoolConfig(keep=0.5), keep=0.2)

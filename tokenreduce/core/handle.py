@@ -27,6 +27,7 @@ from tokenreduce.adapters.base import PIXEL_KEYS, Adapter
 from tokenreduce.core.config import MethodConfig
 from tokenreduce.core.flops import Geometry
 from tokenreduce.core.hostsync import require
+from tokenreduce.core.inputs import ids_from_embeds, plain_embeds_positions, rebuilt_embeds
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import MethodSpec, get_method
@@ -94,6 +95,8 @@ class ModelHandle:
         self._in_generate = False
         self._warned: set[str] = set()
         self._preparing_generate = False
+        # The call gave `inputs_embeds` and no ids: the ids the core works on were found from the embeddings.
+        self._ids_from_embeds = False
         # Text tokens per row of the current call when they had to be read (batched calls), else None.
         self.text_counts: list[int] | None = None
         self._patched: list[tuple[Any, str, bool, Any]] = []
@@ -342,11 +345,15 @@ class ModelHandle:
         input_ids = inputs.get("input_ids")
         precomputed = dict(inputs.get("mm_encoder_outputs") or {})
         present_pixels = [m for m in adapter.modalities if adapter.has_pixels(m, inputs) or m in precomputed]
-        if input_ids is None:
+        self._ids_from_embeds = input_ids is None and present_pixels and inputs.get("inputs_embeds") is not None
+        if self._ids_from_embeds:
+            input_ids = ids_from_embeds(adapter, inputs)
+            inputs = {**inputs, "input_ids": input_ids}
+        elif input_ids is None:
             if present_pixels:
                 raise ValueError(
-                    "tokenreduce needs `input_ids` to find the visual placeholder tokens; got `inputs_embeds` "
-                    "only. Pass the processor's `input_ids` instead."
+                    "tokenreduce needs `input_ids` or `inputs_embeds` to find the visual placeholder tokens; got "
+                    "neither. Pass the processor's `input_ids`."
                 )
             return inputs
         if self._placeholder_ids is None:
@@ -578,7 +585,10 @@ class ModelHandle:
         else:
             original = inputs.get("position_ids")
             if original is None or (original.dim() == 3 and original.shape[0] == 4):
-                if self._preparing_generate and adapter.text_positions_in_generate(inputs):
+                embeds = plain_embeds_positions(adapter, inputs, self._preparing_generate) if self._ids_from_embeds else None
+                if embeds is not None:
+                    original = embeds
+                elif self._preparing_generate and adapter.text_positions_in_generate(inputs):
                     # what the plain model's generate uses then (e.g. Qwen without `mm_token_type_ids`)
                     original = adapter.sequential_positions(attention_mask)
                 else:
@@ -589,6 +599,8 @@ class ModelHandle:
             pad_id = self.adapter.text_config.pad_token_id
             self._pad_id = 0 if pad_id is None else int(pad_id)
         out["input_ids"] = gather(input_ids, index, self._pad_id)
+        out = rebuilt_embeds(out, inputs, index if index.dim() == 2 else index[None], adapter.embed, self._pad_id,
+                             given_ids=not self._ids_from_embeds)
         out["attention_mask"] = new_mask
         out["position_ids"] = adapter.format_positions(positions, new_mask)
         if inputs.get("labels") is not None:
@@ -674,7 +686,8 @@ class ModelHandle:
         for m in self.adapter.modalities:
             keep &= ids != self.adapter.placeholder_id(m)
         with torch.no_grad():
-            return self.adapter.embed(ids[keep])
+            embeds = inputs.get("inputs_embeds")  # what the model reads when the caller gave it
+            return self.adapter.embed(ids[keep]) if embeds is None else embeds[row][keep.to(embeds.device)]
 
     def _generator(self) -> torch.Generator | None:
         seed = getattr(self.config, "seed", None)

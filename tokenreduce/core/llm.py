@@ -24,6 +24,13 @@ import torch
 from torch import nn
 
 from tokenreduce import kernels
+from tokenreduce.core.inputs import (
+    decode_key_length,
+    decode_positions,
+    is_empty_cache,
+    padding_mask_2d,
+    prefill_padding_mask,
+)
 from tokenreduce.core.sequence import column_index
 
 if TYPE_CHECKING:
@@ -208,6 +215,7 @@ class LLMStage:
         self.call: _Call | None = None
         self.stage_cache: Any = None
         self._mask_cache: dict[tuple, Any] = {}
+        self.prepared: Any = None  # the handle's BatchInfo the last text-model call belonged to
 
     # ----- installation -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -229,9 +237,11 @@ class LLMStage:
         if not self.handle.enabled:
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        first = self.prune_layers[0]
-        prefill = cache is None or cache.get_seq_length(first) == 0
         info = self.handle.current
+        # The first text-model call of a prepared call may be a prefill; the decode steps after it are not
+        # (no cache read there: generate may compile them).
+        prefill = info is not self.prepared and is_empty_cache(cache, self.prune_layers[0])
+        self.prepared = info
         if prefill and (info is None or not info.items):
             self.stages = []
             return None
@@ -341,7 +351,7 @@ class LLMStage:
         factor = _expansion(info, hidden.shape[0])
         with timer(hidden.device) as t:
             if previous is None:
-                mask = call.mask2d if call.mask2d is not None and call.mask2d.dim() == 2 else None
+                mask = prefill_padding_mask(call.mask2d, info.attention_mask, *hidden.shape[:2])
                 if mask is None:
                     mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
                 self.original_mask = mask
@@ -458,6 +468,17 @@ class LLMStage:
             position_ids = kwargs.get("position_ids")
             if renumber:
                 positions = (mask2d.long().cumsum(-1) - 1)[:, -q:]
+            extra = decode_key_length(cache, q, stage.layer) - stage.mask.shape[1]
+            given = padding_mask_2d(call.mask2d)
+            if given is not None:
+                tail = given[:, self.prompt_length:][:, :extra]
+            else:
+                tail = stage.mask.new_ones(stage.mask.shape[0], extra)
+            mask2d = torch.cat([stage.mask, tail.to(stage.mask)], dim=1)
+            cos, sin = kwargs["position_embeddings"]
+            position_ids = kwargs.get("position_ids")
+            if self.handle.config.renumber_positions:
+                positions = decode_positions(mask2d, cache, q, stage.layer)
                 if call.position_ids is not None and call.position_ids.dim() == 3:
                     positions = positions[None].expand(3, -1, -1)
                 cos, sin = self.lm.rotary_emb(hidden, positions)

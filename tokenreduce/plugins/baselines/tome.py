@@ -111,6 +111,7 @@ class _State:
         self.slot = None
         self.schedule: list[int] = []
         self.block = 0
+        self.merged = False  # whether a block merged tokens yet
 
 
 @register_method(
@@ -165,6 +166,13 @@ class ToMeMethod(VisionMethod):
                 state.slot = torch.arange(n, device=h.device).expand(b, -1).contiguous()
                 state.schedule = merge_schedule(n - state.prefix, tome.merge_blocks, tome.config.r, tome.config.keep)
             r = state.schedule[index]
+            if r == 0 and not state.merged:
+                # Nothing merged so far: the block itself, as the plain model runs it (attention weights too).
+                out = original(x, *args, **kwargs)
+                if index == tome.merge_blocks - 1:
+                    tome.records.append(state.slot.clone())
+                return out
+            state.merged = True
 
             def merge(y, metric):
                 y, state.size, state.slot = merge_step(y, state.size, metric, state.slot, r, state.prefix)

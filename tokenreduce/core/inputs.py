@@ -1,0 +1,139 @@
+"""Entry points of the plain model that need more than ``input_ids``: ``inputs_embeds`` with pixels.
+
+transformers finds the visual positions of a call given ``inputs_embeds`` (and no ``input_ids``) by
+comparing every embedding with the embedding of the placeholder token id (``get_placeholder_mask``).
+The core works on ids: :func:`placeholder_ids` makes ids that hold the placeholder id exactly where
+transformers would see a placeholder (and ``fill`` elsewhere); the rebuilt sequence then gathers the
+caller's embeddings with the same column index as the ids (:func:`gather_embeds`), so a reduction of
+``inputs_embeds`` is the reduction of the same call made with ``input_ids``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+
+def placeholder_ids(
+    inputs_embeds: torch.Tensor, embed: Any, placeholders: dict[str, int], fill: int
+) -> torch.Tensor:
+    """``[B, L]`` ids: a modality's placeholder id where ``inputs_embeds`` equals its embedding on every
+    channel (transformers' test), ``fill`` elsewhere. ``embed`` maps ids to embeddings."""
+    batch, length = inputs_embeds.shape[:2]
+    ids = torch.full((batch, length), fill, dtype=torch.long, device=inputs_embeds.device)
+    for token in placeholders.values():
+        reference = embed(torch.full((), token, dtype=torch.long, device=inputs_embeds.device))
+        ids = torch.where((inputs_embeds == reference.to(inputs_embeds)).all(-1), token, ids)
+    return ids
+
+
+def ids_from_embeds(adapter: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """The ids the core works on for a call given ``inputs_embeds`` and no ``input_ids``: the family's
+    placeholder ids where transformers would find placeholders, ``-1`` (no token) elsewhere."""
+    from tokenreduce.adapters.base import Adapter
+
+    if type(adapter).expand_inputs is not Adapter.expand_inputs:  # placeholders that stand for many tokens
+        raise ValueError(f"`inputs_embeds` with pixels is not supported for {adapter.describe()}: its placeholder "
+                         "stands for several visual tokens; pass `input_ids`")
+    placeholders = {m: adapter.placeholder_id(m) for m in adapter.modalities}
+    with torch.no_grad():
+        return placeholder_ids(inputs["inputs_embeds"], adapter.embed, placeholders, fill=-1)
+
+
+def gather_embeds(inputs_embeds: torch.Tensor, index: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """``inputs_embeds`` at the columns of ``index: [B, L']`` (``-1``: padding, given ``pad``'s embedding,
+    as a padded ``input_ids`` row would be embedded)."""
+    safe = index.clamp_min(0).to(inputs_embeds.device)
+    out = torch.gather(inputs_embeds, 1, safe[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
+    return torch.where((index < 0).to(out.device)[..., None], pad.to(out), out)
+
+
+def rebuilt_embeds(out: dict[str, Any], inputs: dict[str, Any], index: torch.Tensor, embed: Any, pad_id: int,
+                   given_ids: bool) -> dict[str, Any]:
+    """The rebuilt call when the caller gave ``inputs_embeds``: the embeddings gathered like the ids, and the
+    ids dropped when the caller gave none (they were :func:`placeholder_ids`, not the caller's)."""
+    embeds = inputs.get("inputs_embeds")
+    if embeds is None:
+        return out
+    pad = embed(torch.full((), pad_id, dtype=torch.long, device=embeds.device))
+    out["inputs_embeds"] = gather_embeds(embeds, index, pad)
+    if not given_ids:
+        out.pop("input_ids", None)
+    return out
+
+
+def plain_embeds_positions(adapter: Any, inputs: dict[str, Any], generating: bool) -> torch.Tensor | None:
+    """The M-RoPE positions (``[3, B, L]``) the plain model gives a call with ``inputs_embeds`` and no
+    ``input_ids``, or None for families whose positions do not depend on the ids (the usual path then).
+
+    Without ids, Qwen's ``forward`` cannot compute the image positions: it uses the cached ``rope_deltas``
+    of an earlier call, or consecutive positions; its ``generate`` uses the mask's text positions. A
+    keep-all call must read the same, and a reduction keeps each kept token's position among them.
+    """
+    from tokenreduce.adapters.base import text_positions
+
+    compute = getattr(adapter.inner, "compute_3d_position_ids", None)
+    if compute is None:
+        return None
+    embeds = inputs["inputs_embeds"]
+    batch, length = embeds.shape[:2]
+    mask = inputs.get("attention_mask")
+    if generating:
+        mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device) if mask is None else mask
+        return text_positions(mask)[None].expand(3, -1, -1)
+    cache = inputs.get("cache", inputs.get("past_key_values"))
+    params = inspect.signature(compute).parameters
+    skip = ("input_ids", "inputs_embeds", "attention_mask", "cache")
+    kwargs = {k: inputs[k] for k in params if k in inputs and k not in skip}
+    positions = compute(input_ids=None, inputs_embeds=embeds, attention_mask=mask, cache=cache, **kwargs)
+    if positions is None:  # what the text model then uses
+        past = 0 if cache is None else cache.get_seq_length()
+        positions = torch.arange(past, past + length, device=embeds.device).view(1, 1, -1).expand(3, batch, -1)
+    return positions
+
+
+# ----- the llm stage under any cache and under torch.compile ---------------------------------------------
+def padding_mask_2d(mask: Any) -> torch.Tensor | None:
+    """The text model's ``attention_mask`` when it is a 2-D padding mask; None for a prepared 4-D mask or a
+    per-layer-type dict (what ``generate`` builds up front for a static cache), or no mask."""
+    return mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+
+def prefill_padding_mask(given: Any, prepared: torch.Tensor | None, rows: int, length: int) -> torch.Tensor | None:
+    """The 2-D padding mask of a prefill of ``rows x length`` tokens: the text model's own when it got one,
+    else the one the handle prepared (the caller's rows, repeated for ``generate``'s beams; columns past it,
+    assisted decoding's candidates, are real tokens), else None (every token real)."""
+    mask = padding_mask_2d(given)
+    if mask is not None or prepared is None or rows % prepared.shape[0]:
+        return mask
+    mask = prepared.repeat_interleave(rows // prepared.shape[0], dim=0)
+    if mask.shape[1] < length:
+        mask = torch.cat([mask, mask.new_ones(rows, length - mask.shape[1])], dim=1)
+    return mask[:, :length]
+
+
+def is_empty_cache(cache: Any, layer: int) -> bool:
+    """Whether ``cache`` holds nothing yet at ``layer`` (a prefill). Reads a static cache's counter from the
+    device: called once per prepared call, never in the decode steps ``generate`` may compile."""
+    return cache is None or bool(cache.get_seq_length(layer) == 0)
+
+
+def decode_key_length(cache: Any, query: int, layer: int) -> int:
+    """Columns of the 2-D mask for a decode step at ``layer``: the layer's keys after the step; for a static
+    cache (its counter lives on the device) its fixed length, so that no shape depends on the step."""
+    if cache is None:
+        return query
+    length = cache.get_seq_length(layer)
+    if torch.is_tensor(length):
+        return int(cache.get_mask_sizes(query, layer)[0])
+    return length + query
+
+
+def decode_positions(mask2d: torch.Tensor, cache: Any, query: int, layer: int) -> torch.Tensor:
+    """Consecutive positions (padding not counted) of a decode step's ``query`` tokens at ``layer``: the
+    count of real tokens before each, read at the layer's offset (a tensor in a static cache: no host read)."""
+    offset = 0 if cache is None else cache.get_seq_length(layer)
+    columns = torch.arange(query, device=mask2d.device) + offset
+    return (mask2d.long().cumsum(-1) - 1).index_select(1, columns)
