@@ -453,3 +453,26 @@ def test_without_cache_and_with_a_text_only_row(models, method, options):
             assert samples[r].layers[layer] == kept[layer][r].numel()
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config, num_layers, expected", [
+    (FastVConfig(), 3, [2]),  # deep enough: the paper's K = 2
+    (FastVConfig(), 2, [1]),  # K = 2 has no layer after it: the deepest layer with one before it
+    (FastVConfig(), 1, r"`layer` must be in [1, 0] for this model (1 decoder layers), got 2"),
+    (FastVConfig(layer=1), 2, [1]),
+    (FastVConfig(layer=3), 3, r"`layer` must be in [1, 2] for this model (3 decoder layers), got 3"),
+    (PDropConfig(layers=(1, 2), keep=(0.5, 0.25)), 3, [1, 2]),
+    (PDropConfig(layers=(1, 3), keep=(0.5, 0.25)), 3, r"`layers` must be in [1, 2] for this model (3 decoder layers), got 3"),
+], ids=["fastv-K2-of-3", "fastv-K2-of-2", "fastv-of-1", "fastv-K1-of-2", "fastv-K3-of-3", "pdrop-fits", "pdrop-beyond"])
+def test_llm_config_layers_on_shallow_models(config, num_layers, expected):
+    """A stage at layer K needs layer K-1 to score it and must leave a layer to see the pruned sequence:
+    K in [1, num_layers - 1]; only fastv's default K = 2 moves down on a 2-layer model."""
+    from tokenreduce.plugins.baselines.pdrop import PDropMethod
+
+    method = (FastVMethod if isinstance(config, FastVConfig) else PDropMethod)(config)
+    if isinstance(expected, list):
+        assert method.llm_layers(num_layers) == expected
+        return
+    with pytest.raises(ValueError) as info:
+        method.llm_layers(num_layers)
+    assert str(info.value) == expected
