@@ -278,10 +278,12 @@ def test_counts_at_budgets_that_do_not_divide(models, method, options):
     torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
 
 
-def test_renumbered_positions_equal_reference(models):
-    """With ``renumber_positions`` the kept tokens read their ranks as positions from layer K on."""
-    eager, _ = models["llava"]
-    batch = tiny_batch(eager, default_rows("llava"))
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_renumbered_positions_equal_reference(models, family):
+    """With ``renumber_positions`` the kept tokens read their ranks as positions from layer K on (on every
+    M-RoPE axis alike for Qwen), in prefill and in every decode step."""
+    eager, _ = models[family]
+    batch = tiny_batch(eager, default_rows(family))
     options = dict(layer=2, keep=0.25)
     with wrapped(eager, "fastv", renumber_positions=True, **options):
         generated = eager.generate(**batch, max_new_tokens=6, do_sample=False)
@@ -290,8 +292,9 @@ def test_renumbered_positions_equal_reference(models):
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    prompt = {2: [torch.cat([(mask[r].bool() & (ids[r] != IMAGE_TOKEN)).nonzero().flatten(), kept[2][r]])
-                  for r in range(3)]}
+    is_visual = (ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)
+    prompt = {2: [torch.cat([(mask[r].bool() & ~is_visual[r]).nonzero().flatten(), kept[2][r]])
+                  for r in range(ids.shape[0])]}
     with hide_columns(eager, prompt, ids.shape[1], renumber=True), torch.no_grad():
         expected = eager.generate(**batch, max_new_tokens=6, do_sample=False)
     assert generated.tolist() == expected.tolist()
