@@ -479,3 +479,36 @@ def test_llm_config_layers_on_shallow_models(config, num_layers, expected):
     with pytest.raises(ValueError) as info:
         method.llm_layers(num_layers)
     assert str(info.value) == expected
+
+
+def test_bookkeeping_disabled_text_only_and_a_cache_the_stage_did_not_prune(models):
+    """Around a reduced prefill that leaves its stages behind: a forward under ``tr.disabled``, a text-only
+    forward, and a decode step on the disabled prefill's cache are each the plain model's, bit for bit; the
+    text-only call leaves no stage behind."""
+    eager, _ = models["llava"]
+    batch = tiny_batch(eager, default_rows("llava"))
+    text = {"input_ids": batch["input_ids"][:, -4:], "attention_mask": batch["attention_mask"][:, -4:]}
+
+    def prefill_and_step():
+        out = eager(**batch)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], dim=1)
+        step = eager(input_ids=nxt, attention_mask=mask, cache=out.past_key_values)
+        return out.logits, step.logits
+
+    with torch.no_grad():
+        plain, plain_step = prefill_and_step()
+        plain_text = eager(**text).logits
+    with wrapped(eager, "fastv", layer=2, keep=0.25):
+        reduced = eager(**batch).logits
+        assert get_handle(eager).llm_stage.stages  # the reduced prefill's stages stay behind
+        with tr.disabled(eager):
+            out = eager(**batch)
+        assert torch.equal(out.logits, plain)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], dim=1)
+        step = eager(input_ids=nxt, attention_mask=mask, cache=out.past_key_values).logits
+        assert torch.equal(step, plain_step)
+        assert torch.equal(eager(**text).logits, plain_text)
+        assert get_handle(eager).llm_stage.stages == []  # nothing for the text-only call's decode to substitute
+    assert not torch.equal(reduced, plain)
