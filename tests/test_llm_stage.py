@@ -512,3 +512,26 @@ def test_bookkeeping_disabled_text_only_and_a_cache_the_stage_did_not_prune(mode
         assert torch.equal(eager(**text).logits, plain_text)
         assert get_handle(eager).llm_stage.stages == []  # nothing for the text-only call's decode to substitute
     assert not torch.equal(reduced, plain)
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_bookkeeping_a_visual_token_at_column_0(models, method):
+    """A prompt that opens with its image (no BOS): column 0 is a visual token, kept or dropped, and its
+    logits are the definition's like every other column's (the longest row has no padding before it)."""
+    eager, _ = models["llava"]
+    rows = [RowSpec(images=[(56, 56)], prefix=0, suffix=6, seed=3), RowSpec(images=[(56, 56)], prefix=2, suffix=2, seed=4)]
+    batch = tiny_batch(eager, rows)
+    # drop the BOS column: row 0 then opens with its image, row 1 loses a padding column
+    assert batch["attention_mask"][1, 0] == 0
+    batch.update(input_ids=batch["input_ids"][:, 1:], attention_mask=batch["attention_mask"][:, 1:])
+    assert batch["input_ids"][0, 0] == IMAGE_TOKEN
+    with wrapped(eager, method, **CASES[method]):
+        logits = eager(**batch).logits
+        columns = _kept_columns(eager)
+    reference, kept = reference_run(eager, batch, method)
+    got = _visual_kept(columns, batch)
+    for layer in kept:
+        for r in range(len(rows)):
+            assert got[layer][r].tolist() == kept[layer][r].tolist(), f"stage {layer} row {r}"
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
