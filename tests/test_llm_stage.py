@@ -502,6 +502,10 @@ def test_bookkeeping_disabled_text_only_and_a_cache_the_stage_did_not_prune(mode
     with wrapped(eager, "fastv", layer=2, keep=0.25):
         reduced = eager(**batch).logits
         assert get_handle(eager).llm_stage.stages  # the reduced prefill's stages stay behind
+        # the one stage's time, shared evenly by the three rows
+        shares = [float(e) for sample in tr.stats(eager).last for e in sample.llm_elapsed]
+        assert len(shares) == 3 and shares[0] > 0 and shares == [shares[0]] * 3
+        assert [sample.llm_reducer_ms for sample in tr.stats(eager).last] == shares
         with tr.disabled(eager):
             out = eager(**batch)
         assert torch.equal(out.logits, plain)
