@@ -436,9 +436,10 @@ def test_llm_config_top_visual_ties_go_to_the_lower_column():
 
 @pytest.mark.parametrize("method, options", [
     ("fastv", dict(layer=2, keep=0.4)),
+    ("fastv", dict(layer=2, keep=0.4, query="text")),
     ("atp", dict(layers=(1, 3), keep=(0.5, 0.5), spatial_rates=(0.25, 0.0), score_layer="current")),
     ("atp", dict(layers=(2, 4), keep=(0.4, 0.6), spatial_rates=(0.0, 0.0), self_weight=0.25)),
-], ids=["fastv-no-cache", "atp-current-layer", "atp-self-weight"])
+], ids=["fastv-no-cache", "fastv-text-query", "atp-current-layer", "atp-self-weight"])
 def test_without_cache_and_with_a_text_only_row(models, method, options):
     """Scores from keys projected afresh (no cache to read them from, or layer K's own projections), a
     batch row with no visual token at all: kept sets, counts and every logit equal the definition's."""
@@ -518,21 +519,25 @@ def test_bookkeeping_disabled_text_only_and_a_cache_the_stage_did_not_prune(mode
     assert not torch.equal(reduced, plain)
 
 
-@pytest.mark.parametrize("method", ["fastv", "pdrop"])
-def test_bookkeeping_a_visual_token_at_column_0(models, method):
-    """A prompt that opens with its image (no BOS): column 0 is a visual token, kept or dropped, and its
-    logits are the definition's like every other column's (the longest row has no padding before it)."""
+@pytest.mark.parametrize("method, options", [
+    ("fastv", CASES["fastv"]), ("pdrop", CASES["pdrop"]), ("fastv", dict(layer=2, keep=2, query="text")),
+], ids=["fastv", "pdrop", "fastv-text-query"])
+def test_bookkeeping_a_visual_token_at_column_0(models, method, options):
+    """A prompt that opens with its images (no BOS): column 0 is a visual token, kept or dropped, and its
+    logits are the definition's like every other column's (the longest row has no padding before it). Row
+    0 holds fewer text tokens than row 1: with ``query="text"`` its padded query slots must not score."""
     eager, _ = models["llava"]
-    rows = [RowSpec(images=[(56, 56)], prefix=0, suffix=6, seed=3), RowSpec(images=[(56, 56)], prefix=2, suffix=2, seed=4)]
+    rows = [RowSpec(images=[(56, 56), (56, 56)], prefix=0, suffix=3, seed=3),
+            RowSpec(images=[(56, 56)], prefix=2, suffix=6, seed=4)]
     batch = tiny_batch(eager, rows)
     # drop the BOS column: row 0 then opens with its image, row 1 loses a padding column
     assert batch["attention_mask"][1, 0] == 0
     batch.update(input_ids=batch["input_ids"][:, 1:], attention_mask=batch["attention_mask"][:, 1:])
     assert batch["input_ids"][0, 0] == IMAGE_TOKEN
-    with wrapped(eager, method, **CASES[method]):
+    with wrapped(eager, method, **options):
         logits = eager(**batch).logits
         columns = _kept_columns(eager)
-    reference, kept = reference_run(eager, batch, method)
+    reference, kept = reference_run(eager, batch, method, options)
     got = _visual_kept(columns, batch)
     for layer in kept:
         for r in range(len(rows)):
