@@ -285,8 +285,9 @@ def test_renumbered_positions_equal_reference(models, family):
     eager, _ = models[family]
     batch = tiny_batch(eager, default_rows(family))
     options = dict(layer=2, keep=0.25)
+    decode = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with wrapped(eager, "fastv", renumber_positions=True, **options):
-        generated = eager.generate(**batch, max_new_tokens=6, do_sample=False)
+        generated = eager.generate(**batch, **decode)
         logits = eager(**batch).logits
     reference, kept = reference_run(eager, batch, "fastv", options, renumber=True)
     valid = batch["attention_mask"].bool()
@@ -296,8 +297,10 @@ def test_renumbered_positions_equal_reference(models, family):
     prompt = {2: [torch.cat([(mask[r].bool() & ~is_visual[r]).nonzero().flatten(), kept[2][r]])
                   for r in range(ids.shape[0])]}
     with hide_columns(eager, prompt, ids.shape[1], renumber=True), torch.no_grad():
-        expected = eager.generate(**batch, max_new_tokens=6, do_sample=False)
-    assert generated.tolist() == expected.tolist()
+        expected = eager.generate(**batch, **decode)
+    assert generated.sequences.tolist() == expected.sequences.tolist()
+    # every decode step's logits: the prompt's keys and the new queries read positions on one scale
+    torch.testing.assert_close(torch.stack(generated.logits), torch.stack(expected.logits), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
