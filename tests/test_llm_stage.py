@@ -547,3 +547,20 @@ def test_bookkeeping_a_visual_token_at_column_0(models, method, options):
             assert got[layer][r].tolist() == kept[layer][r].tolist(), f"stage {layer} row {r}"
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_bookkeeping_a_call_without_attention_mask(models, method):
+    """One row without ``attention_mask``: every column is real, as with a mask of ones, and the kept sets
+    are the definition's."""
+    eager, _ = models["llava"]
+    batch = tiny_batch(eager, default_rows("llava", n=1))
+    assert bool(batch["attention_mask"].all())
+    with wrapped(eager, method, **CASES[method]):
+        logits = eager(**{k: v for k, v in batch.items() if k != "attention_mask"}).logits
+        columns = _kept_columns(eager)
+    reference, kept = reference_run(eager, batch, method)
+    got = _visual_kept(columns, batch)
+    assert {layer: [c.tolist() for c in rows] for layer, rows in got.items()} == \
+        {layer: [c.tolist() for c in rows] for layer, rows in kept.items()}
+    torch.testing.assert_close(logits[0], reference[0], atol=1e-4, rtol=1e-4)
