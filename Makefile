@@ -61,10 +61,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Mutation testing (mutmut, one worker): every group of scripts/mutate.py, or MODULE=<path> alone.
-# Slow (one test run per mutant); not part of `make test`.
+# Mutation testing (mutmut, one worker): every group of scripts/mutate.py, or MODULE=<path> alone;
+# MUTATE_ARGS="--survivors" or "--functions NAME..." splits a slow group. Not part of `make test`.
 mutate: $(STAMP)
-	$(BIN)/python scripts/mutate.py $(MODULE) --max-children $(or $(MUTATE_WORKERS),1)
+	$(BIN)/python scripts/mutate.py $(MODULE) $(MUTATE_ARGS) --max-children $(or $(MUTATE_WORKERS),1)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prefill.py

@@ -31,7 +31,11 @@ LLM_TESTS = ["tests/test_llm_stage.py", "-k",
              "((forward_equals_reference or generate_equals_reference) and B3 and llava_onevision) "
              "or (forward_equals_reference and B3 and qwen2_5_vl and fastv) or (sdpa and qwen2_5_vl) "
              "or budgets or renumbered or (loss_covers and llava) or scores_equal or out_of_range or averaged "
-             "or llm_config or text_only_row"]
+             "or llm_config or text_only_row or bookkeeping"]
+HANDLE_TESTS = ["tests/test_projector_stage.py", "tests/test_input_rule.py", "-k",
+                "(forward_equals and pool) or (generate_equals and pool and (llava_onevision or qwen2_5_vl)) "
+                "or loss_equals or qwen_positions or renumber_positions or modalities_option "
+                "or pass_through or keep_above or keep_within"]
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "metrics": (["tokenreduce/eval/metrics.py"], ["tests/metrics"]),
     "llm-select": (
@@ -61,12 +65,14 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ],
         ["tests/test_vision_stage.py"],
     ),
+    # The handle's input rule, placeholders, rows and rebuilt sequences: the projector-stage oracles (two
+    # families, image / video / anyres, batches with padding) plus the pass-through and refusal paths.
+    "handle": (["tokenreduce/core/handle.py"], HANDLE_TESTS),
     "core": (
         [
             "tokenreduce/core/api.py",
             "tokenreduce/core/config.py",
             "tokenreduce/core/flops.py",
-            "tokenreduce/core/handle.py",
             "tokenreduce/core/layout.py",
             "tokenreduce/core/lowrank.py",
             "tokenreduce/core/reduction.py",
@@ -101,18 +107,64 @@ def group_for(path: str) -> tuple[str, list[str], list[str]]:
     raise SystemExit(f"MODULE {path!r} is in no mutation group; groups cover: {known}")
 
 
-def run_group(name: str, files: list[str], tests: list[str], max_children: int) -> None:
-    """Run mutmut over ``files`` against ``tests`` and print per-file counts and survivors."""
+def mutant_patterns(functions: list[str]) -> list[str]:
+    """mutmut name patterns of every mutant of the named functions or methods (``_prune``, ``top_visual``)."""
+    return [p for f in functions for p in (f"*ǁ{f}__mutmut_*", f"*.x_{f}__mutmut_*")]
+
+
+def is_mutated(path: Path) -> bool:
+    """Whether ``mutants/`` holds this source file's mutants (not a plain copy another group's run left)."""
+    copy = ROOT / "mutants" / path.relative_to(ROOT)
+    return copy.exists() and copy.stat().st_mtime > path.stat().st_mtime and "__mutmut_" in copy.read_text()
+
+
+def unresolved(files: list[str]) -> list[str]:
+    """Names of the mutants of ``files`` the last run left alive, timed out or did not check."""
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.stats import status_by_exit_code
+
+    names = []
+    for path in sorted({p for f in files for p in ROOT.glob(f)}):
+        rel = path.relative_to(ROOT)
+        if not is_mutated(path):
+            raise SystemExit(f"--survivors: {rel} has no mutated copy newer than it in mutants/ (another group ran "
+                             f"since, or the file changed): run the group in full")
+        data = SourceFileMutationData(path=rel)
+        data.load()
+        names += [k for k, v in data.exit_code_by_key.items()
+                  if status_by_exit_code[v] not in ("killed", "caught by type check")]
+    return names
+
+
+def run_group(name: str, files: list[str], tests: list[str], max_children: int,
+              functions: list[str] | None = None, survivors: bool = False) -> None:
+    """Run mutmut over ``files`` against ``tests`` and print per-file counts and survivors.
+
+    ``functions``: only the mutants of these functions (their earlier results kept for the rest).
+    ``survivors``: only the mutants the group's last run did not kill, the others' results kept: the rerun
+    after adding tests.
+    """
     from mutmut import configuration
     from mutmut.__main__ import _run
     from mutmut.stats import status_by_exit_code
 
-    tests = [t for t in tests if t.startswith("-") or not t.startswith("tests/") or (ROOT / t).exists()]
-    # A file another group's run copied unmutated (newer than its source) would count as already mutated:
-    # start this group's files afresh.
-    for path in {p for f in files for p in ROOT.glob(f)}:
-        for stale in (ROOT / "mutants" / path.relative_to(ROOT), ROOT / "mutants" / f"{path.relative_to(ROOT)}.meta"):
-            stale.unlink(missing_ok=True)
+    tests = [t for t in tests if t.startswith("-") or not t.startswith("tests/") or (ROOT / t.split("::")[0]).exists()]
+    names = mutant_patterns(functions or [])
+    if survivors:
+        names = unresolved(files)
+        if not names:
+            print(f"== {name}: no survivor left to rerun")
+            summarize(files, status_by_exit_code)
+            return
+    else:
+        # A file another group's run copied unmutated (newer than its source) would count as already
+        # mutated: start this group's files afresh (a run of some functions keeps a valid earlier run's
+        # results for the others).
+        for path in {p for f in files for p in ROOT.glob(f)}:
+            if functions and is_mutated(path):
+                continue
+            for stale in (ROOT / "mutants" / path.relative_to(ROOT), ROOT / "mutants" / f"{path.relative_to(ROOT)}.meta"):
+                stale.unlink(missing_ok=True)
     # Which tests reach which function is recorded per run; a group with the same test selection as the
     # last one would otherwise reuse a mapping taken while its files were not mutated (no test for any).
     (ROOT / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
@@ -122,14 +174,15 @@ def run_group(name: str, files: list[str], tests: list[str], max_children: int) 
     config.pytest_add_cli_args_test_selection = tests
     print(f"== {name}: mutating {', '.join(files)} against {', '.join(tests)}", flush=True)
     try:
-        _run((), max_children)
+        _run(names, max_children)
     except SystemExit as e:  # mutmut exits when the clean run fails; report it and stop
         if e.code not in (0, None):
             raise
-    summarize(files, status_by_exit_code)
+    summarize(files, status_by_exit_code, names if functions else None)
 
 
-def summarize(files: list[str], status_by_exit_code) -> None:
+def summarize(files: list[str], status_by_exit_code, only: list[str] | None = None) -> None:
+    """Per file: mutants, killed, and each survivor's diff (``only``: the mutants matching these patterns)."""
     from mutmut.mutation.data import SourceFileMutationData
     from mutmut.mutation.diff_apply import get_diff_for_mutant
 
@@ -137,11 +190,12 @@ def summarize(files: list[str], status_by_exit_code) -> None:
         rel = path.relative_to(ROOT)
         data = SourceFileMutationData(path=rel)
         data.load()
-        counts = Counter(status_by_exit_code[v] for v in data.exit_code_by_key.values())
+        codes = {k: v for k, v in data.exit_code_by_key.items() if only is None or any(fnmatch(k, p) for p in only)}
+        counts = Counter(status_by_exit_code[v] for v in codes.values())
         total = sum(counts.values())
         killed = counts.get("killed", 0)
         print(f"{rel}: {total} mutants, {killed} killed ({100 * killed / max(1, total):.1f} %); " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-        for key, code in sorted(data.exit_code_by_key.items()):
+        for key, code in sorted(codes.items()):
             status = status_by_exit_code[code]
             if status not in ("killed", "caught by type check"):
                 print(f"    {status}: {key}")
@@ -160,19 +214,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (default 1)")
     parser.add_argument("--report", action="store_true",
                         help="only print the counts and survivors of the group's last run (an interrupted one too)")
+    parser.add_argument("--functions", nargs="+", metavar="NAME",
+                        help="only the mutants of these functions or methods (a slow group split by function)")
+    parser.add_argument("--survivors", action="store_true",
+                        help="rerun only the mutants the group's last run left alive (after adding tests)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     if args.report:
         from mutmut.stats import status_by_exit_code
 
-        summarize(group_for(args.module)[1], status_by_exit_code)
+        summarize(group_for(args.module)[1], status_by_exit_code, mutant_patterns(args.functions) if args.functions else None)
         return
     # Subprocesses the tests start (the CLI's) import the mutated copy, not the worktree.
     os.environ["PYTHONPATH"] = str(ROOT / "mutants")
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
     if args.module:
-        run_group(*group_for(args.module), args.max_children)
+        run_group(*group_for(args.module), args.max_children, args.functions, args.survivors)
         return
+    if args.functions or args.survivors:
+        raise SystemExit("--functions and --survivors need a MODULE (a group, file or folder)")
     # One process per group: mutmut keeps global state for the run.
     for name in GROUPS:
         done = subprocess.run([sys.executable, __file__, name, "--max-children", str(args.max_children)])

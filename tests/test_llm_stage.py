@@ -335,23 +335,29 @@ def test_counts_at_budgets_that_do_not_divide(models, method, options):
     torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
 
 
-def test_renumbered_positions_equal_reference(models):
-    """With ``renumber_positions`` the kept tokens read their ranks as positions from layer K on."""
-    eager, _ = models["llava"]
-    batch = tiny_batch(eager, default_rows("llava"))
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_renumbered_positions_equal_reference(models, family):
+    """With ``renumber_positions`` the kept tokens read their ranks as positions from layer K on (on every
+    M-RoPE axis alike for Qwen), in prefill and in every decode step."""
+    eager, _ = models[family]
+    batch = tiny_batch(eager, default_rows(family))
     options = dict(layer=2, keep=0.25)
+    decode = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with wrapped(eager, "fastv", renumber_positions=True, **options):
-        generated = eager.generate(**batch, max_new_tokens=6, do_sample=False)
+        generated = eager.generate(**batch, **decode)
         logits = eager(**batch).logits
     reference, kept = reference_run(eager, batch, "fastv", options, renumber=True)
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    prompt = {2: [torch.cat([(mask[r].bool() & (ids[r] != IMAGE_TOKEN)).nonzero().flatten(), kept[2][r]])
-                  for r in range(3)]}
+    is_visual = (ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)
+    prompt = {2: [torch.cat([(mask[r].bool() & ~is_visual[r]).nonzero().flatten(), kept[2][r]])
+                  for r in range(ids.shape[0])]}
     with hide_columns(eager, prompt, ids.shape[1], renumber=True), torch.no_grad():
-        expected = eager.generate(**batch, max_new_tokens=6, do_sample=False)
-    assert generated.tolist() == expected.tolist()
+        expected = eager.generate(**batch, **decode)
+    assert generated.sequences.tolist() == expected.sequences.tolist()
+    # every decode step's logits: the prompt's keys and the new queries read positions on one scale
+    torch.testing.assert_close(torch.stack(generated.logits), torch.stack(expected.logits), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -490,9 +496,10 @@ def test_llm_config_top_visual_ties_go_to_the_lower_column():
 
 @pytest.mark.parametrize("method, options", [
     ("fastv", dict(layer=2, keep=0.4)),
+    ("fastv", dict(layer=2, keep=0.4, query="text")),
     ("atp", dict(layers=(1, 3), keep=(0.5, 0.5), spatial_rates=(0.25, 0.0), score_layer="current")),
     ("atp", dict(layers=(2, 4), keep=(0.4, 0.6), spatial_rates=(0.0, 0.0), self_weight=0.25)),
-], ids=["fastv-no-cache", "atp-current-layer", "atp-self-weight"])
+], ids=["fastv-no-cache", "fastv-text-query", "atp-current-layer", "atp-self-weight"])
 def test_without_cache_and_with_a_text_only_row(models, method, options):
     """Scores from keys projected afresh (no cache to read them from, or layer K's own projections), a
     batch row with no visual token at all: kept sets, counts and every logit equal the definition's."""
@@ -510,3 +517,107 @@ def test_without_cache_and_with_a_text_only_row(models, method, options):
             assert samples[r].layers[layer] == kept[layer][r].numel()
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config, num_layers, expected", [
+    (FastVConfig(), 3, [2]),  # deep enough: the paper's K = 2
+    (FastVConfig(), 2, [1]),  # K = 2 has no layer after it: the deepest layer with one before it
+    (FastVConfig(), 1, r"`layer` must be in [1, 0] for this model (1 decoder layers), got 2"),
+    (FastVConfig(layer=1), 2, [1]),
+    (FastVConfig(layer=3), 3, r"`layer` must be in [1, 2] for this model (3 decoder layers), got 3"),
+    (PDropConfig(layers=(1, 2), keep=(0.5, 0.25)), 3, [1, 2]),
+    (PDropConfig(layers=(1, 3), keep=(0.5, 0.25)), 3, r"`layers` must be in [1, 2] for this model (3 decoder layers), got 3"),
+], ids=["fastv-K2-of-3", "fastv-K2-of-2", "fastv-of-1", "fastv-K1-of-2", "fastv-K3-of-3", "pdrop-fits", "pdrop-beyond"])
+def test_llm_config_layers_on_shallow_models(config, num_layers, expected):
+    """A stage at layer K needs layer K-1 to score it and must leave a layer to see the pruned sequence:
+    K in [1, num_layers - 1]; only fastv's default K = 2 moves down on a 2-layer model."""
+    from tokenreduce.plugins.baselines.pdrop import PDropMethod
+
+    method = (FastVMethod if isinstance(config, FastVConfig) else PDropMethod)(config)
+    if isinstance(expected, list):
+        assert method.llm_layers(num_layers) == expected
+        return
+    with pytest.raises(ValueError) as info:
+        method.llm_layers(num_layers)
+    assert str(info.value) == expected
+
+
+def test_bookkeeping_disabled_text_only_and_a_cache_the_stage_did_not_prune(models):
+    """Around a reduced prefill that leaves its stages behind: a forward under ``tr.disabled``, a text-only
+    forward, and a decode step on the disabled prefill's cache are each the plain model's, bit for bit; the
+    text-only call leaves no stage behind."""
+    eager, _ = models["llava"]
+    batch = tiny_batch(eager, default_rows("llava"))
+    text = {"input_ids": batch["input_ids"][:, -4:], "attention_mask": batch["attention_mask"][:, -4:]}
+
+    def prefill_and_step():
+        out = eager(**batch)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], dim=1)
+        step = eager(input_ids=nxt, attention_mask=mask, cache=out.past_key_values)
+        return out.logits, step.logits
+
+    with torch.no_grad():
+        plain, plain_step = prefill_and_step()
+        plain_text = eager(**text).logits
+    with wrapped(eager, "fastv", layer=2, keep=0.25):
+        reduced = eager(**batch).logits
+        assert get_handle(eager).llm_stage.stages  # the reduced prefill's stages stay behind
+        # the one stage's time, shared evenly by the three rows
+        shares = [float(e) for sample in tr.stats(eager).last for e in sample.llm_elapsed]
+        assert len(shares) == 3 and shares[0] > 0 and shares == [shares[0]] * 3
+        assert [sample.llm_reducer_ms for sample in tr.stats(eager).last] == shares
+        with tr.disabled(eager):
+            out = eager(**batch)
+        assert torch.equal(out.logits, plain)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], dim=1)
+        step = eager(input_ids=nxt, attention_mask=mask, cache=out.past_key_values).logits
+        assert torch.equal(step, plain_step)
+        assert torch.equal(eager(**text).logits, plain_text)
+        assert get_handle(eager).llm_stage.stages == []  # nothing for the text-only call's decode to substitute
+    assert not torch.equal(reduced, plain)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("fastv", CASES["fastv"]), ("pdrop", CASES["pdrop"]), ("fastv", dict(layer=2, keep=2, query="text")),
+], ids=["fastv", "pdrop", "fastv-text-query"])
+def test_bookkeeping_a_visual_token_at_column_0(models, method, options):
+    """A prompt that opens with its images (no BOS): column 0 is a visual token, kept or dropped, and its
+    logits are the definition's like every other column's (the longest row has no padding before it). Row
+    0 holds fewer text tokens than row 1: with ``query="text"`` its padded query slots must not score."""
+    eager, _ = models["llava"]
+    rows = [RowSpec(images=[(56, 56), (56, 56)], prefix=0, suffix=3, seed=3),
+            RowSpec(images=[(56, 56)], prefix=2, suffix=6, seed=4)]
+    batch = tiny_batch(eager, rows)
+    # drop the BOS column: row 0 then opens with its image, row 1 loses a padding column
+    assert batch["attention_mask"][1, 0] == 0
+    batch.update(input_ids=batch["input_ids"][:, 1:], attention_mask=batch["attention_mask"][:, 1:])
+    assert batch["input_ids"][0, 0] == IMAGE_TOKEN
+    with wrapped(eager, method, **options):
+        logits = eager(**batch).logits
+        columns = _kept_columns(eager)
+    reference, kept = reference_run(eager, batch, method, options)
+    got = _visual_kept(columns, batch)
+    for layer in kept:
+        for r in range(len(rows)):
+            assert got[layer][r].tolist() == kept[layer][r].tolist(), f"stage {layer} row {r}"
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_bookkeeping_a_call_without_attention_mask(models, method):
+    """One row without ``attention_mask``: every column is real, as with a mask of ones, and the kept sets
+    are the definition's."""
+    eager, _ = models["llava"]
+    batch = tiny_batch(eager, default_rows("llava", n=1))
+    assert bool(batch["attention_mask"].all())
+    with wrapped(eager, method, **CASES[method]):
+        logits = eager(**{k: v for k, v in batch.items() if k != "attention_mask"}).logits
+        columns = _kept_columns(eager)
+    reference, kept = reference_run(eager, batch, method)
+    got = _visual_kept(columns, batch)
+    assert {layer: [c.tolist() for c in rows] for layer, rows in got.items()} == \
+        {layer: [c.tolist() for c in rows] for layer, rows in kept.items()}
+    torch.testing.assert_close(logits[0], reference[0], atol=1e-4, rtol=1e-4)
