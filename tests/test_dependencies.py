@@ -24,6 +24,7 @@ NOT_IMPORTED = {
     "ruff": "the linter, run as a command (`make lint`)",
     "mutmut": "mutation testing, run as a command (`make mutate`, scripts/mutate.py)",
     "hatchling": "the build backend: tests/test_wheel.py builds the wheel with it",
+    "parameterized": "imported by transformers' own test files that tests/transformers_suite runs (fetched at set-up)",
 }
 # Extras installed in an environment of their own (`make vllm-setup`): pinned in their own constraints file,
 # and the modules they provide named here, since the distribution is absent from this environment.

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from tokenreduce.adapters.base import Adapter, text_positions
+
 
 def placeholder_ids(
     inputs_embeds: torch.Tensor, embed: Any, placeholders: dict[str, int], fill: int
@@ -32,8 +34,6 @@ def placeholder_ids(
 def ids_from_embeds(adapter: Any, inputs: dict[str, Any]) -> torch.Tensor:
     """The ids the core works on for a call given ``inputs_embeds`` and no ``input_ids``: the family's
     placeholder ids where transformers would find placeholders, ``-1`` (no token) elsewhere."""
-    from tokenreduce.adapters.base import Adapter
-
     if type(adapter).expand_inputs is not Adapter.expand_inputs:  # placeholders that stand for many tokens
         raise ValueError(f"`inputs_embeds` with pixels is not supported for {adapter.describe()}: its placeholder "
                          "stands for several visual tokens; pass `input_ids`")
@@ -72,8 +72,6 @@ def plain_embeds_positions(adapter: Any, inputs: dict[str, Any], generating: boo
     of an earlier call, or consecutive positions; its ``generate`` uses the mask's text positions. A
     keep-all call must read the same, and a reduction keeps each kept token's position among them.
     """
-    from tokenreduce.adapters.base import text_positions
-
     compute = getattr(adapter.inner, "compute_3d_position_ids", None)
     if compute is None:
         return None

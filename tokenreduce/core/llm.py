@@ -240,7 +240,8 @@ class LLMStage:
         info = self.handle.current
         # The first text-model call of a prepared call may be a prefill; the decode steps after it are not
         # (no cache read there: generate may compile them).
-        prefill = info is not self.prepared and is_empty_cache(cache, self.prune_layers[0])
+        # (A call the handle prepared nothing for, info None, is checked every time.)
+        prefill = (info is None or info is not self.prepared) and is_empty_cache(cache, self.prune_layers[0])
         self.prepared = info
         if prefill and (info is None or not info.items):
             self.stages = []
@@ -457,27 +458,16 @@ class LLMStage:
         else:
             q = hidden.shape[1]
             if not unmasked or renumber:
-                kv = (cache.get_seq_length(stage.layer) if cache is not None else 0) + q
-                extra = kv - stage.mask.shape[1]
-                if call.mask2d is not None and call.mask2d.dim() == 2:
-                    tail = call.mask2d[:, self.prompt_length:][:, :extra]
+                extra = decode_key_length(cache, q, stage.layer) - stage.mask.shape[1]
+                given = padding_mask_2d(call.mask2d)
+                if given is not None:
+                    tail = given[:, self.prompt_length:][:, :extra]
                 else:
                     tail = stage.mask.new_ones(stage.mask.shape[0], extra)
                 mask2d = torch.cat([stage.mask, tail.to(stage.mask)], dim=1)
             cos, sin = kwargs["position_embeddings"]
             position_ids = kwargs.get("position_ids")
             if renumber:
-                positions = (mask2d.long().cumsum(-1) - 1)[:, -q:]
-            extra = decode_key_length(cache, q, stage.layer) - stage.mask.shape[1]
-            given = padding_mask_2d(call.mask2d)
-            if given is not None:
-                tail = given[:, self.prompt_length:][:, :extra]
-            else:
-                tail = stage.mask.new_ones(stage.mask.shape[0], extra)
-            mask2d = torch.cat([stage.mask, tail.to(stage.mask)], dim=1)
-            cos, sin = kwargs["position_embeddings"]
-            position_ids = kwargs.get("position_ids")
-            if self.handle.config.renumber_positions:
                 positions = decode_positions(mask2d, cache, q, stage.layer)
                 if call.position_ids is not None and call.position_ids.dim() == 3:
                     positions = positions[None].expand(3, -1, -1)
