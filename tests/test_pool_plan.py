@@ -28,6 +28,8 @@ def _check(reduction, x, layout, keep, dtype=torch.float32):
     feats, sources = _per_segment(x, layout, keep)
     assert torch.equal(reduction.features, feats) and torch.equal(reduction.sources, sources)
     assert reduction.features.dtype == dtype
+    # a fresh, contiguous tensor: writing to it must not touch the encoder's output
+    assert reduction.features.is_contiguous() and reduction.features.data_ptr() != x.data_ptr()
     order = reduction.sources.argsort(stable=True)
     ref_src, ref = _sorted_reference(*reference_pool(x.float(), layout, keep))
     assert reduction.sources[order].tolist() == ref_src
