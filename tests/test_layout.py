@@ -22,6 +22,9 @@ def test_layout_counts_and_newline_slots(family):
         feats = encoder_features(model, modality, batch)
         layouts = adapter.layouts(modality, batch, [f.shape[0] for f in feats])
         assert [lay.num_tokens for lay in layouts] == [f.shape[0] for f in feats]
+        if family in ("llava", "qwen2_vl", "qwen2_5_vl"):  # layouts read from the config alone (anyres: the model)
+            from_config = type(adapter).from_config(model.config)  # as serving engines build it
+            assert from_config.layouts(modality, batch, [f.shape[0] for f in feats]) == layouts
         newline = getattr(model.model, "image_newline", None)
         for f, lay in zip(feats, layouts):
             if newline is not None and lay.is_newline.any():

@@ -44,6 +44,16 @@ class Adapter:
         self.config = model.config
 
     @classmethod
+    def from_config(cls, config: Any) -> Adapter:
+        """An adapter of this family with no model behind it: what reads only the config works (placeholder
+        ids, the layouts of LLaVA, Qwen and OneVision videos); what needs the model does not (anyres image
+        packing). Serving engines (the vLLM plugin) use it."""
+        adapter = cls.__new__(cls)
+        adapter.model = adapter.inner = None
+        adapter.config = config
+        return adapter
+
+    @classmethod
     def accepts(cls, model: nn.Module) -> bool:
         """Whether ``model`` is the generation model of the family (what ``wrap`` must be given)."""
         inner = getattr(model, "model", None)

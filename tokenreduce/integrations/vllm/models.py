@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -36,7 +35,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokenreduce.adapters.llava import LlavaAdapter
 from tokenreduce.adapters.llava_onevision import LlavaOnevisionAdapter
-from tokenreduce.adapters.qwen2_vl import Qwen2VLAdapter
+from tokenreduce.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from tokenreduce.adapters.towers import BlockParts, Tower
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.vision import VisionStage
@@ -231,22 +230,20 @@ def item_layout(hf_config: Any, modality: str, item: Mapping[str, Any] | None, n
 
 
 def qwen_layouts(hf_config: Any, modality: str, grid_thw: torch.Tensor) -> list[TokenLayout]:
-    shim = SimpleNamespace(config=hf_config, _patch=hf_config.vision_config.patch_size, name=_family_of(hf_config))
-    return Qwen2VLAdapter.layouts(shim, modality, {f"{modality}_grid_thw": grid_thw})
+    adapter = (Qwen2_5_VLAdapter if _family_of(hf_config) == "qwen2_5_vl" else Qwen2VLAdapter).from_config(hf_config)
+    return adapter.layouts(modality, {f"{modality}_grid_thw": grid_thw})
 
 
 def llava_layout(hf_config: Any, num_tokens: int) -> TokenLayout:
     side = hf_config.vision_config.image_size
-    shim = SimpleNamespace(config=hf_config)
     pixels = torch.empty(1, 3, side, side, device="meta")
-    return LlavaAdapter.layouts(shim, "image", {"pixel_values": pixels}, [num_tokens])[0]
+    return LlavaAdapter.from_config(hf_config).layouts("image", {"pixel_values": pixels}, [num_tokens])[0]
 
 
 def onevision_video_layout(hf_config: Any, frames: int) -> TokenLayout:
     side = hf_config.vision_config.image_size
-    shim = SimpleNamespace(config=hf_config)
     pixels = torch.empty(1, frames, 3, side, side, device="meta")
-    return LlavaOnevisionAdapter._video_layouts(shim, {"pixel_values_videos": pixels})[0]
+    return LlavaOnevisionAdapter.from_config(hf_config)._video_layouts({"pixel_values_videos": pixels})[0]
 
 
 class _ReducingMixin:
