@@ -5,27 +5,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokenreduce.testing.tiny import tiny_config
+from tokenreduce.testing.tiny import model_class, tiny_config
 
 
 def tiny_vlm(family: str = "qwen2_vl", vocab: int | None = None, sharpness: float = 25.0, seed: int = 0):
     """A tiny random VLM of ``family`` (optionally with ``vocab`` ids) whose output layer is scaled so
     next-token distributions are peaked and their entropies vary from step to step."""
-    import transformers as T
-
-    classes = {
-        "llava": T.LlavaForConditionalGeneration,
-        "llava_next": T.LlavaNextForConditionalGeneration,
-        "llava_next_video": T.LlavaNextVideoForConditionalGeneration,
-        "llava_onevision": T.LlavaOnevisionForConditionalGeneration,
-        "qwen2_vl": T.Qwen2VLForConditionalGeneration,
-        "qwen2_5_vl": T.Qwen2_5_VLForConditionalGeneration,
-    }
     config = tiny_config(family)
     if vocab is not None:
         config.text_config.vocab_size = vocab
     torch.manual_seed(seed)
-    model = classes[family](config)
+    model = model_class(family)(config)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1 and p.abs().max() == 0 and p.numel() > 1:

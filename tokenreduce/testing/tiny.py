@@ -89,20 +89,24 @@ def tiny_config(family: str, attn_implementation: str = "eager", num_layers: int
     return cfg
 
 
-def tiny_model(family: str, seed: int = 0, attn_implementation: str = "eager", num_layers: int = 4) -> nn.Module:
-    """A tiny random-weight generation model of ``family``, fp32, in eval mode."""
+def model_class(family: str) -> type:
+    """The transformers generation class of ``family``."""
     import transformers as T
 
-    classes = {
+    return {
         "llava": T.LlavaForConditionalGeneration,
         "llava_next": T.LlavaNextForConditionalGeneration,
         "llava_next_video": T.LlavaNextVideoForConditionalGeneration,
         "llava_onevision": T.LlavaOnevisionForConditionalGeneration,
         "qwen2_vl": T.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": T.Qwen2_5_VLForConditionalGeneration,
-    }
+    }[family]
+
+
+def tiny_model(family: str, seed: int = 0, attn_implementation: str = "eager", num_layers: int = 4) -> nn.Module:
+    """A tiny random-weight generation model of ``family``, fp32, in eval mode."""
     torch.manual_seed(seed)
-    model = classes[family](tiny_config(family, attn_implementation, num_layers))
+    model = model_class(family)(tiny_config(family, attn_implementation, num_layers))
     # Random init leaves the image newline / embeddings tiny; make visual tokens matter in the logits.
     with torch.no_grad():
         for p in model.parameters():
