@@ -37,6 +37,7 @@ from tokenreduce.adapters.llava import LlavaAdapter
 from tokenreduce.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenreduce.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from tokenreduce.adapters.towers import BlockParts, Tower
+from tokenreduce.core.hostsync import require
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.vision import VisionStage
 
@@ -327,12 +328,12 @@ class _PositionCarrying(_ReducingMixin):
             mask, offsets = pending
             n = positions.shape[1]
             mask = mask[:n].to(positions.device)
-            if int(mask.sum()) != offsets.shape[0]:
-                raise RuntimeError(
-                    f"tokenreduce: {offsets.shape[0]} visual tokens carry positions, the step holds {int(mask.sum())}"
-                )
+            count = offsets.shape[0]
+            require(mask.sum() == count, lambda: (
+                f"tokenreduce: {count} visual tokens carry positions, the step holds {int(mask.sum())}"), RuntimeError)
+            index = torch.nonzero_static(mask, size=count).view(-1)  # the count is known: no host wait
             positions = positions.clone()
-            positions[:, mask] += offsets.t().to(positions)
+            positions[:, index] += offsets.t().to(positions)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def _reduced_positions(self, length: int, mm_features, full_sizes: list[int]):
