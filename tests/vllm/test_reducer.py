@@ -30,6 +30,9 @@ def test_methods_vllm_cannot_run_are_refused_by_name(name):
     ({"method": "vqtoken", "keep": 4, "attention": "dir"}, "qwen2_vl", "`attention` for vqtoken in vLLM must be None"),
     ({"method": "doc_correlation", "keep": 0.5}, "llava", "tower layer 1 of doc_correlation is not built by vLLM"),
     ({"method": "visionzip", "layer": -1}, "llava", r"tower layer -1 of visionzip .*accepted: 0..0 or -2..-2"),
+    ({"method": "divprune", "modalities": ["image"]}, "llava_onevision",
+     r"method 'divprune' cannot run in vLLM \(on llava_onevision's anyres images .* depends on the data; `modalities"),
+    ({"method": "divprune"}, "llava_next", r"method 'divprune' cannot run in vLLM \(on llava_next's anyres images"),
 ])
 def test_conditions_that_make_counts_data_dependent_are_refused(options, family, message):
     with pytest.raises(ValueError, match=message):
@@ -73,11 +76,12 @@ def test_bad_entries_name_what_is_accepted():
         parse_reducer({"keep": 3}, "qwen2_vl")
     with pytest.raises(TypeError, match="unexpected option"):
         parse_reducer({"method": "pool", "kep": 3}, "qwen2_vl")
-    with pytest.raises(ValueError, match="`modalities` for llava_onevision in vLLM must be"):
-        parse_reducer({"method": "pool", "modalities": ["image", "video"]}, "llava_onevision")
     assert parse_reducer(None, "qwen2_vl") is None
     assert not parse_reducer({"method": "pool"}, "llava").renumber
-    assert parse_reducer({"method": "pool"}, "llava_onevision").modalities == ("video",)
+    assert parse_reducer({"method": "pool"}, "llava_onevision").modalities == ("image", "video")
+    assert parse_reducer({"method": "pool", "modalities": ["video"]}, "llava_onevision").modalities == ("video",)
+    # divprune's count on anyres images follows the data: unset `modalities` narrows to the videos
+    assert parse_reducer({"method": "divprune", "keep": 8}, "llava_onevision").modalities == ("video",)
 
 
 @pytest.mark.parametrize(("method", "keep", "expected"), [("divprune", 10, 10), ("random", 0.25, 16), ("tome_projector", 9, 9)])

@@ -21,11 +21,13 @@ unchanged vLLM model.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration, _get_num_hidden_layers
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -204,6 +206,11 @@ def _reduced_update(update, reducer: EngineReducer, hf_config, out_mm_kwargs):
                 "they are not one repeated token"
             )
         layout = item_layout(hf_config, modality, out_mm_kwargs[modality][item_idx], len(full))
+        if layout.num_tokens != len(full):
+            raise RuntimeError(
+                f"tokenreduce: the {modality} layout of {_family_of(hf_config)} has {layout.num_tokens} tokens, "
+                f"vLLM's prompt {len(full)} placeholders; this checkpoint's packing is not supported"
+            )
         return [full[0]] * reducer.count(layout)
 
     return dataclasses.replace(update, replacement=replacement)
@@ -223,8 +230,12 @@ def item_layout(hf_config: Any, modality: str, item: Mapping[str, Any] | None, n
     if family == "llava":
         return llava_layout(hf_config, num_tokens)
     if family == "llava_onevision":
-        if modality != "video":
-            return TokenLayout.flat(modality, num_tokens)  # images pass through (the reducer acts on videos)
+        if modality == "image":
+            sizes = _item_field(item, "image_sizes")
+            if sizes is None:
+                raise ValueError("tokenreduce: LLaVA-OneVision images given as embeddings (`image_embeds`) cannot "
+                                 "be reduced in vLLM (their anyres layout is unknown); pass the images")
+            return onevision_image_layout(hf_config, sizes)
         frames = _item_field(item, "pixel_values_videos")
         return onevision_video_layout(hf_config, int(frames.shape[0]))
     raise ValueError(f"tokenreduce: no vLLM layout for family {family!r}")
@@ -239,6 +250,40 @@ def llava_layout(hf_config: Any, num_tokens: int) -> TokenLayout:
     side = hf_config.vision_config.image_size
     pixels = torch.empty(1, 3, side, side, device="meta")
     return LlavaAdapter.from_config(hf_config).layouts("image", {"pixel_values": pixels}, [num_tokens])[0]
+
+
+class _OnevisionPacking:
+    """transformers' LLaVA-OneVision packing (unpadding, anyres_max downsampling, newline slots) on a config
+    alone: ``pack_image_features`` reads nothing else of the model. The adapter's anyres layouts run it."""
+
+    pack_image_features = LlavaOnevisionModel.pack_image_features
+
+    def __init__(self, config: Any):
+        self.config = config
+
+
+# vLLM packs OneVision images with its merge function's default ``vision_aspect_ratio`` (anyres_max_9),
+# whatever the config says; the layouts follow what vLLM feeds.
+ONEVISION_ASPECT_RATIO = inspect.signature(
+    LlavaOnevisionForConditionalGeneration._merge_image_patch_embeddings
+).parameters["vision_aspect_ratio"].default
+_ONEVISION_ADAPTERS: dict[int, tuple[Any, LlavaOnevisionAdapter, dict]] = {}
+
+
+def onevision_image_layout(hf_config: Any, image_size: Any) -> TokenLayout:
+    """Layout of one anyres image of ``image_size`` (height, width) as vLLM packs it: the transformers
+    adapter's own anyres layout (every image patched, as vLLM does even with several per prompt)."""
+    size = tuple(int(v) for v in torch.as_tensor(image_size).flatten().tolist())
+    entry = _ONEVISION_ADAPTERS.get(id(hf_config))
+    if entry is None or entry[0] is not hf_config:
+        adapter = LlavaOnevisionAdapter.from_config(hf_config)
+        adapter.inner = _OnevisionPacking(hf_config)
+        entry = _ONEVISION_ADAPTERS[id(hf_config)] = (hf_config, adapter, {})
+    _, adapter, memo = entry
+    if size not in memo:
+        inputs = {"image_sizes": torch.tensor([size]), "vision_aspect_ratio": ONEVISION_ASPECT_RATIO}
+        memo[size] = adapter.layouts("image", inputs)[0]
+    return memo[size]
 
 
 def onevision_video_layout(hf_config: Any, frames: int) -> TokenLayout:
@@ -520,7 +565,7 @@ class LlavaReduced(_OneDimPositions, LlavaForConditionalGeneration):
 
 
 class LlavaOnevisionReduced(_OneDimPositions, LlavaOnevisionForConditionalGeneration):
-    """LLaVA-OneVision with tokenreduce's fixed-count methods on videos (images pass through)."""
+    """LLaVA-OneVision with tokenreduce's fixed-count methods: anyres images and videos."""
 
     _tokenreduce_family = "llava_onevision"
     hf_to_vllm_mapper = WeightsMapper(
@@ -537,24 +582,27 @@ class LlavaOnevisionReduced(_OneDimPositions, LlavaOnevisionForConditionalGenera
         for modality, inp in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if modality == "video":
                 layouts += [onevision_video_layout(self.config, int(v.shape[0])) for v in inp["pixel_values_videos"]]
+            elif inp.get("type") == "image_embeds":
+                raise ValueError("tokenreduce: LLaVA-OneVision images given as embeddings (`image_embeds`) cannot "
+                                 "be reduced in vLLM (their anyres layout is unknown); pass the images")
             else:
-                count = len(layouts)
-                layouts += [TokenLayout.flat("image", int(e.shape[0])) for e in embeds[count : count + _num_items(inp)]]
+                layouts += [onevision_image_layout(self.config, size) for size in self._image_sizes(inp)]
         return self._with_offsets(embeds, [(lay, 1.0) for lay in layouts])
 
+    def _image_sizes(self, inp: Any) -> list:
+        sizes = inp.get("image_sizes")
+        if sizes is None:  # as vLLM's own default: the tower's input size
+            side = self.config.vision_config.image_size
+            return [(side, side)] * len(inp["pixel_values"])
+        return list(sizes)
+
     def _full_size(self, feature) -> int:
-        if feature.modality != "video":
-            return feature.mm_position.length  # images are not reduced
+        if not self._tr.acts_on(feature.modality):
+            return feature.mm_position.length
+        if feature.modality == "image":
+            return onevision_image_layout(self.config, feature.data["image_sizes"].data).num_tokens
         frames = feature.data["pixel_values_videos"].data
         return onevision_video_layout(self.config, int(frames.shape[0])).num_tokens
-
-
-def _num_items(inp: Any) -> int:
-    for key in ("pixel_values", "data", "image_embeds"):
-        value = inp.get(key) if hasattr(inp, "get") else None
-        if value is not None:
-            return len(value)
-    raise RuntimeError("tokenreduce: cannot count the images of a LLaVA-OneVision batch")
 
 
 Qwen2VLReduced = _register(Qwen2VLReduced, Qwen2VLForConditionalGeneration)

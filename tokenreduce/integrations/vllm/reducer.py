@@ -45,6 +45,11 @@ FIXED_COUNT = {
 # Tower-reading methods run where vLLM's tower is a CLIP / SigLIP ViT and the item is one tower grid
 # (LLaVA-1.5 images): their counts on anyres crops depend on which rows keep a token (newline slots).
 TOWER_FAMILIES = ("llava",)
+# Families whose images are anyres canvases with a newline slot ending every row.
+ANYRES_FAMILIES = ("llava_next", "llava_onevision")
+# Methods that keep the newline slot of each canvas row still holding a token: on anyres images their count
+# depends on which rows keep one (the data). With `modalities` unset they reduce the family's videos only.
+ROW_NEWLINE_METHODS = ("divprune",)
 # Why the others cannot run in vLLM, by the stage or property that rules them out.
 _WHY = {
     "vision": "acts inside the vision tower (merging or data-dependent counts), which vLLM's fixed "
@@ -286,12 +291,12 @@ def parse_reducer(options: Any, family: str, tower: TowerShape | None = None) ->
         for layer in (layers,) if isinstance(layers, int) else layers:
             tower.check_layer(name, layer)
     modalities = tuple(config.modalities or spec.modalities)
-    if family == "llava_onevision":
-        # Its anyres image layouts (unpadding, downsampling, newline slots) are not wired into vLLM yet.
-        if config.modalities is not None and "image" in config.modalities:
-            raise ValueError(
-                f"tokenreduce: `modalities` for llava_onevision in vLLM must be ('video',) (its images are not "
-                f"reduced there yet), got {config.modalities!r}"
-            )
-        modalities = ("video",)
+    if name in ROW_NEWLINE_METHODS and family in ANYRES_FAMILIES and "image" in modalities:
+        why = (f"on {family}'s anyres images it keeps the newline slot of every row that keeps a token, so its "
+               "count depends on the data")
+        if config.modalities is not None or family != "llava_onevision":
+            raise _refusal(name, why + ("; `modalities: [\"video\"]` reduces the videos only"
+                                        if family == "llava_onevision" else ""))
+        logger.warning("tokenreduce: %s reduces %s's videos only (%s); its images pass through", name, family, why)
+        modalities = tuple(m for m in modalities if m != "image")
     return EngineReducer(config=config, modalities=modalities, family=family, tower=tower if reads_tower else None)
