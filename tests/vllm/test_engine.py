@@ -18,8 +18,9 @@ def requests(family: str, videos: bool = True) -> list[Request]:
         Request(prompt(family, "image", "w11 w12 w13"), images=[image(168, 112, 1)]),
         Request(prompt(family, "image", "w20"), images=[image(224, 224, 4)]),
     ]
-    if family == "llava_onevision":
-        # anyres: 2 x 3 and 3 x 2 crops, 4 x 4 crops whose canvas exceeds anyres_max_9 (downsampled), one crop
+    if family in ("llava_next", "llava_onevision"):
+        # anyres: 2 x 3 and 3 x 2 crops, a square image (OneVision: 4 x 4 crops whose canvas exceeds
+        # anyres_max_9, downsampled; NeXT: 2 x 2), one crop
         out.append(Request(prompt(family, "image", "w21 w22"), images=[image(56, 56, 5)]))
     if videos:
         # 140 x 140: the video's time span stays within its spatial span, where vLLM and transformers
@@ -50,6 +51,10 @@ CASES = [
     # divprune keeps the newline slot of each row that keeps a token (a data-dependent count on anyres
     # images): served on the videos only.
     ("llava_onevision", {"method": "divprune", "keep": 12, "modalities": ["video"]}),
+    # LLaVA-NeXT: anyres images (unpadded canvas, newline slots, no downsampling).
+    ("llava_next", {"method": "pool", "keep": 0.25}),
+    ("llava_next", {"method": "random", "keep": 0.4, "seed": 3}),
+    ("llava_next", {"method": "tome_projector", "keep": 11}),
     ("qwen2_vl", {"method": "vqtoken", "keep": 6, "kmeans": "torch"}),
     ("qwen2_5_vl", {"method": "vqtoken", "keep": 0.2, "kmeans": "torch", "renumber_positions": False}),
 ]
@@ -62,7 +67,7 @@ def video_only(family: str, reduction: dict) -> bool:
 @pytest.mark.parametrize(("family", "reduction"), CASES, ids=[f"{f}-{r['method']}-{i}" for i, (f, r) in enumerate(CASES)])
 def test_method_equals_transformers(model_dir, family, reduction):
     path = model_dir(family)
-    reqs = requests(family, videos=family != "llava")
+    reqs = requests(family, videos=family not in ("llava", "llava_next"))
     got = run_vllm(path, reqs, reduction)
     want = run_hf(path, reqs, reduction)
     assert_same(got, want)

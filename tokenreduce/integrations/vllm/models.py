@@ -27,8 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration, _get_num_hidden_layers
+from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
@@ -36,6 +38,7 @@ from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokenreduce.adapters.llava import LlavaAdapter
+from tokenreduce.adapters.llava_next import LlavaNextAdapter
 from tokenreduce.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenreduce.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from tokenreduce.adapters.towers import BlockParts, Tower
@@ -172,7 +175,7 @@ def _reducing_processor(base_factory):
         # its own message, instead of as a failed engine core.
         hf_config = info.get_hf_config()
         reducer = engine_reducer(hf_config, _family_of(hf_config))
-        if _family_of(hf_config) in ("llava", "llava_onevision"):
+        if _family_of(hf_config) in ONE_DIM_FAMILIES:
             enable_position_ids(hf_config)
 
         def get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
@@ -229,13 +232,12 @@ def item_layout(hf_config: Any, modality: str, item: Mapping[str, Any] | None, n
         return qwen_layouts(hf_config, modality, grid)[0]
     if family == "llava":
         return llava_layout(hf_config, num_tokens)
+    if family in ANYRES_ADAPTERS and modality == "image":
+        sizes = _item_field(item, "image_sizes")
+        if sizes is None:
+            raise _embeds_error(family)
+        return anyres_image_layout(hf_config, sizes)
     if family == "llava_onevision":
-        if modality == "image":
-            sizes = _item_field(item, "image_sizes")
-            if sizes is None:
-                raise ValueError("tokenreduce: LLaVA-OneVision images given as embeddings (`image_embeds`) cannot "
-                                 "be reduced in vLLM (their anyres layout is unknown); pass the images")
-            return onevision_image_layout(hf_config, sizes)
         frames = _item_field(item, "pixel_values_videos")
         return onevision_video_layout(hf_config, int(frames.shape[0]))
     raise ValueError(f"tokenreduce: no vLLM layout for family {family!r}")
@@ -252,38 +254,52 @@ def llava_layout(hf_config: Any, num_tokens: int) -> TokenLayout:
     return LlavaAdapter.from_config(hf_config).layouts("image", {"pixel_values": pixels}, [num_tokens])[0]
 
 
-class _OnevisionPacking:
-    """transformers' LLaVA-OneVision packing (unpadding, anyres_max downsampling, newline slots) on a config
-    alone: ``pack_image_features`` reads nothing else of the model. The adapter's anyres layouts run it."""
+class _Packing:
+    """A transformers model's anyres packing (unpadding, OneVision's anyres_max downsampling, newline slots)
+    on a config alone: ``pack_image_features`` reads nothing else of the model. The adapters' anyres layouts
+    run it."""
 
-    pack_image_features = LlavaOnevisionModel.pack_image_features
+    def __init__(self, config: Any, pack):
+        self.config, self._pack = config, pack
 
-    def __init__(self, config: Any):
-        self.config = config
+    def pack_image_features(self, *args, **kwargs):
+        return self._pack(self, *args, **kwargs)
 
 
+# Family -> its adapter and the transformers model whose packing the layouts read.
+ANYRES_ADAPTERS = {
+    "llava_next": (LlavaNextAdapter, LlavaNextModel),
+    "llava_onevision": (LlavaOnevisionAdapter, LlavaOnevisionModel),
+}
 # vLLM packs OneVision images with its merge function's default ``vision_aspect_ratio`` (anyres_max_9),
 # whatever the config says; the layouts follow what vLLM feeds.
 ONEVISION_ASPECT_RATIO = inspect.signature(
     LlavaOnevisionForConditionalGeneration._merge_image_patch_embeddings
 ).parameters["vision_aspect_ratio"].default
-_ONEVISION_ADAPTERS: dict[int, tuple[Any, LlavaOnevisionAdapter, dict]] = {}
+_ANYRES: dict[int, tuple[Any, Any, dict]] = {}
 
 
-def onevision_image_layout(hf_config: Any, image_size: Any) -> TokenLayout:
-    """Layout of one anyres image of ``image_size`` (height, width) as vLLM packs it: the transformers
-    adapter's own anyres layout (every image patched, as vLLM does even with several per prompt)."""
+def anyres_image_layout(hf_config: Any, image_size: Any) -> TokenLayout:
+    """Layout of one anyres image (LLaVA-NeXT, LLaVA-OneVision) of ``image_size`` (height, width) as vLLM
+    packs it: the transformers adapter's own anyres layout (every image patched, as vLLM does even with
+    several images per prompt)."""
     size = tuple(int(v) for v in torch.as_tensor(image_size).flatten().tolist())
-    entry = _ONEVISION_ADAPTERS.get(id(hf_config))
+    entry = _ANYRES.get(id(hf_config))
     if entry is None or entry[0] is not hf_config:
-        adapter = LlavaOnevisionAdapter.from_config(hf_config)
-        adapter.inner = _OnevisionPacking(hf_config)
-        entry = _ONEVISION_ADAPTERS[id(hf_config)] = (hf_config, adapter, {})
+        adapter_cls, model_cls = ANYRES_ADAPTERS[_family_of(hf_config)]
+        adapter = adapter_cls.from_config(hf_config)
+        adapter.inner = _Packing(hf_config, model_cls.pack_image_features)
+        entry = _ANYRES[id(hf_config)] = (hf_config, adapter, {})
     _, adapter, memo = entry
     if size not in memo:
         inputs = {"image_sizes": torch.tensor([size]), "vision_aspect_ratio": ONEVISION_ASPECT_RATIO}
         memo[size] = adapter.layouts("image", inputs)[0]
     return memo[size]
+
+
+def _embeds_error(family: str) -> ValueError:
+    return ValueError(f"tokenreduce: {family} images given as embeddings (`image_embeds`) cannot be reduced in "
+                      "vLLM (their anyres layout is unknown); pass the images")
 
 
 def onevision_video_layout(hf_config: Any, frames: int) -> TokenLayout:
@@ -491,7 +507,10 @@ class Qwen2_5_VLReduced(_QwenReducing, Qwen2_5_VLForConditionalGeneration):
             )
 
 
-# ----- 1-D rotary families: LLaVA-1.5, LLaVA-OneVision ----------------------------------------------------
+# ----- 1-D rotary families: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision -------------------------------------------
+ONE_DIM_FAMILIES = ("llava", "llava_next", "llava_onevision")
+
+
 def enable_position_ids(hf_config: Any) -> None:
     """Let an engine with a reducer give a 1-D RoPE family arbitrary position ids.
 
@@ -582,37 +601,59 @@ class LlavaOnevisionReduced(_OneDimPositions, LlavaOnevisionForConditionalGenera
         for modality, inp in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if modality == "video":
                 layouts += [onevision_video_layout(self.config, int(v.shape[0])) for v in inp["pixel_values_videos"]]
-            elif inp.get("type") == "image_embeds":
-                raise ValueError("tokenreduce: LLaVA-OneVision images given as embeddings (`image_embeds`) cannot "
-                                 "be reduced in vLLM (their anyres layout is unknown); pass the images")
             else:
-                layouts += [onevision_image_layout(self.config, size) for size in self._image_sizes(inp)]
+                layouts += _anyres_layouts(self.config, inp)
         return self._with_offsets(embeds, [(lay, 1.0) for lay in layouts])
-
-    def _image_sizes(self, inp: Any) -> list:
-        sizes = inp.get("image_sizes")
-        if sizes is None:  # as vLLM's own default: the tower's input size
-            side = self.config.vision_config.image_size
-            return [(side, side)] * len(inp["pixel_values"])
-        return list(sizes)
 
     def _full_size(self, feature) -> int:
         if not self._tr.acts_on(feature.modality):
             return feature.mm_position.length
         if feature.modality == "image":
-            return onevision_image_layout(self.config, feature.data["image_sizes"].data).num_tokens
+            return anyres_image_layout(self.config, feature.data["image_sizes"].data).num_tokens
         frames = feature.data["pixel_values_videos"].data
         return onevision_video_layout(self.config, int(frames.shape[0])).num_tokens
+
+
+class LlavaNextReduced(_OneDimPositions, LlavaNextForConditionalGeneration):
+    """LLaVA-NeXT with tokenreduce's fixed-count methods (anyres images)."""
+
+    _tokenreduce_family = "llava_next"
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_prefix={**TOWER_NAMES, **LlavaNextForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix}
+    )
+
+    def embed_multimodal(self, **kwargs: object):
+        embeds = super().embed_multimodal(**kwargs)
+        if self._tr is None or len(embeds) == 0:
+            return embeds
+        layouts = _anyres_layouts(self.config, self._parse_and_validate_image_input(**kwargs))
+        return self._with_offsets(embeds, [(lay, 1.0) for lay in layouts])
+
+    def _full_size(self, feature) -> int:
+        return anyres_image_layout(self.config, feature.data["image_sizes"].data).num_tokens
+
+
+def _anyres_layouts(hf_config: Any, inp: Any) -> list[TokenLayout]:
+    """The layouts of a batch's anyres images (vLLM's parsed image input), in order."""
+    if inp.get("type") == "image_embeds":
+        raise _embeds_error(_family_of(hf_config))
+    sizes = inp.get("image_sizes")
+    if sizes is None:  # as vLLM's own default: the tower's input size
+        side = hf_config.vision_config.image_size
+        sizes = [(side, side)] * len(inp["pixel_values"])
+    return [anyres_image_layout(hf_config, size) for size in sizes]
 
 
 Qwen2VLReduced = _register(Qwen2VLReduced, Qwen2VLForConditionalGeneration)
 LlavaOnevisionReduced = _register(LlavaOnevisionReduced, LlavaOnevisionForConditionalGeneration)
 Qwen2_5_VLReduced = _register(Qwen2_5_VLReduced, Qwen2_5_VLForConditionalGeneration)
 LlavaReduced = _register(LlavaReduced, LlavaForConditionalGeneration)
+LlavaNextReduced = _register(LlavaNextReduced, LlavaNextForConditionalGeneration)
 
 ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": Qwen2VLReduced,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLReduced,
     "LlavaForConditionalGeneration": LlavaReduced,
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionReduced,
+    "LlavaNextForConditionalGeneration": LlavaNextReduced,
 }
