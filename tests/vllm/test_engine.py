@@ -51,6 +51,9 @@ CASES = [
     # divprune keeps the newline slot of each row that keeps a token (a data-dependent count on anyres
     # images): served on the videos only.
     ("llava_onevision", {"method": "divprune", "keep": 12, "modalities": ["video"]}),
+    # visionzip on OneVision's videos (per frame: 2 dominant + 1 contextual of 2 x 2 pooled tokens), its
+    # signals from vLLM's own SigLIP tower, pooled as the frames are.
+    ("llava_onevision", {"method": "visionzip", "dominant": 2, "contextual": 1, "modalities": ["video"]}),
     # LLaVA-NeXT: anyres images (unpadded canvas, newline slots, no downsampling).
     ("llava_next", {"method": "pool", "keep": 0.25}),
     ("llava_next", {"method": "random", "keep": 0.4, "seed": 3}),

@@ -22,7 +22,7 @@ def test_methods_vllm_cannot_run_are_refused_by_name(name):
 
 
 @pytest.mark.parametrize(("options", "family", "message"), [
-    ({"method": "visionzip"}, "qwen2_vl", "method 'visionzip' cannot run in vLLM .*wired in vLLM for llava .*not qwen2_vl"),
+    ({"method": "visionzip"}, "qwen2_vl", "method 'visionzip' cannot run in vLLM .*wired in vLLM for llava \\(images\\) .*not qwen2_vl"),
     ({"method": "doc_correlation", "keep": 0.5}, "llava_onevision", "method 'doc_correlation' cannot run in vLLM"),
     ({"method": "doc_correlation"}, "llava", r"method 'doc_correlation' cannot run in vLLM \(with `keep` unset"),
     ({"method": "vqtoken"}, "qwen2_vl", r"method 'vqtoken' cannot run in vLLM \(with `keep` unset"),
@@ -48,6 +48,18 @@ def test_tower_methods_count_what_they_leave_of_a_llava_image():
     # the same count with the method's own code on other signals
     signals = {"attention": torch.rand(16), "keys": torch.randn(16, 8)}
     assert zip_.reduce(torch.randn(16, 32), layout, signals=signals).num_tokens == 8
+
+
+def test_visionzip_counts_what_it_leaves_of_a_onevision_video():
+    # SigLIP (no [CLS]), 4 x 4 patches per frame pooled to 2 x 2 tokens, then a lone newline
+    siglip = TowerShape(heads=4, head_dim=8, num_prefix=0, patches=16, scale=8**-0.5, num_layers=2, built_layers=2)
+    reducer = parse_reducer({"method": "visionzip", "dominant": 2, "contextual": 1}, "llava_onevision", siglip)
+    assert reducer.modalities == ("video",)  # anyres images: a data-dependent count
+    frames = tuple(Segment("frame", 2, 2, time=t) for t in range(3))
+    video = TokenLayout("video", (*frames, Segment("newline", 1, 0, newline=True, time=2)))
+    assert reducer.count(video) == 3 * 3 + 1
+    with pytest.raises(ValueError, match="on llava_onevision's anyres images"):
+        parse_reducer({"method": "visionzip", "modalities": ["image", "video"]}, "llava_onevision", siglip)
 
 
 def test_vqtoken_count_and_fewer_codes_than_keep():

@@ -8,13 +8,13 @@ unchanged vLLM model.
   for every image or video: the count the method leaves of the item's layout.
 - ``embed_multimodal`` runs the family's vision tower and projector, then the registered method's
   ``reduce`` on each item's features: the same code the transformers path runs. For methods that read
-  the tower (LLaVA-1.5), the core's :class:`~tokenreduce.core.vision.VisionStage` captures q and k of their
+  the tower (LLaVA-1.5 images, LLaVA-OneVision videos), the core's :class:`~tokenreduce.core.vision.VisionStage` captures q and k of their
   layers on vLLM's own tower (:class:`VllmTower`) while it runs, and hands the method its signals.
 - Kept tokens keep their original positions (unless ``renumber_positions``), Qwen's t/h/w M-RoPE ids
   included: ``get_mrope_input_positions`` gives the prompt's text its original positions and every
   placeholder the item's origin; ``embed_multimodal`` appends each kept token's offset (exact small
   integers) to its embedding; ``embed_input_ids`` strips them and ``forward`` adds them to the
-  placeholders' positions of the same step. The 1-D families (LLaVA-1.5, LLaVA-OneVision) go through
+  placeholders' positions of the same step. The 1-D families (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision) go through
   vLLM's M-RoPE path with three identical rows (:func:`enable_position_ids`), which equals 1-D RoPE.
 """
 
@@ -587,6 +587,7 @@ class LlavaOnevisionReduced(_OneDimPositions, LlavaOnevisionForConditionalGenera
     """LLaVA-OneVision with tokenreduce's fixed-count methods: anyres images and videos."""
 
     _tokenreduce_family = "llava_onevision"
+    _tokenreduce_adapter = LlavaOnevisionAdapter
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_prefix={
             **TOWER_NAMES, **LlavaOnevisionForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix,
@@ -594,16 +595,20 @@ class LlavaOnevisionReduced(_OneDimPositions, LlavaOnevisionForConditionalGenera
     )
 
     def embed_multimodal(self, **kwargs: object):
-        embeds = super().embed_multimodal(**kwargs)
-        if self._tr is None or len(embeds) == 0:
-            return embeds
-        layouts = []
+        if self._tr is None:
+            return super().embed_multimodal(**kwargs)
+        # vLLM's own loop over the modalities, in the order of the inputs; a tower-reading method's vision
+        # stage captures the videos' tower pass only (the images pass through).
+        out = ()
         for modality, inp in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if modality == "video":
-                layouts += [onevision_video_layout(self.config, int(v.shape[0])) for v in inp["pixel_values_videos"]]
+                embeds = self._encode(self._process_video_pixels, {"inputs": inp})
+                layouts = [onevision_video_layout(self.config, int(v.shape[0])) for v in inp["pixel_values_videos"]]
             else:
-                layouts += _anyres_layouts(self.config, inp)
-        return self._with_offsets(embeds, [(lay, 1.0) for lay in layouts])
+                embeds = self._process_image_input(inp)
+                layouts = _anyres_layouts(self.config, inp)
+            out += self._with_offsets(tuple(embeds), [(lay, 1.0) for lay in layouts])
+        return out
 
     def _full_size(self, feature) -> int:
         if not self._tr.acts_on(feature.modality):
