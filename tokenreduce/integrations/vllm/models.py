@@ -8,14 +8,17 @@ unchanged vLLM model.
   for every image or video: the count the method leaves of the item's layout.
 - ``embed_multimodal`` runs the family's vision tower and projector, then the registered method's
   ``reduce`` on each item's features: the same code the transformers path runs. For methods that read
-  the tower (LLaVA-1.5 images, LLaVA-OneVision videos), the core's :class:`~tokenreduce.core.vision.VisionStage` captures q and k of their
-  layers on vLLM's own tower (:class:`VllmTower`) while it runs, and hands the method its signals.
+  the tower (LLaVA-1.5 images, LLaVA-OneVision videos), the core's
+  :class:`~tokenreduce.core.vision.VisionStage` captures q and k of their layers on vLLM's own tower
+  (:class:`VllmTower`) while it runs, and hands the method its signals.
+- Anyres images (LLaVA-NeXT, LLaVA-OneVision) get their layouts from the family adapter's own anyres
+  code, run on transformers' ``pack_image_features`` with the config alone (:func:`anyres_image_layout`).
 - Kept tokens keep their original positions (unless ``renumber_positions``), Qwen's t/h/w M-RoPE ids
   included: ``get_mrope_input_positions`` gives the prompt's text its original positions and every
   placeholder the item's origin; ``embed_multimodal`` appends each kept token's offset (exact small
   integers) to its embedding; ``embed_input_ids`` strips them and ``forward`` adds them to the
-  placeholders' positions of the same step. The 1-D families (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision) go through
-  vLLM's M-RoPE path with three identical rows (:func:`enable_position_ids`), which equals 1-D RoPE.
+  placeholders' positions of the same step. The 1-D families (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision) go
+  through vLLM's M-RoPE path with three identical rows (:func:`enable_position_ids`), which equals 1-D RoPE.
 """
 
 from __future__ import annotations
