@@ -280,6 +280,7 @@ ONEVISION_ASPECT_RATIO = inspect.signature(
     LlavaOnevisionForConditionalGeneration._merge_image_patch_embeddings
 ).parameters["vision_aspect_ratio"].default
 _ANYRES: dict[int, tuple[Any, Any, dict]] = {}
+_ANYRES_MEMO = 1024  # layouts remembered per config (image sizes), oldest dropped first
 
 
 def anyres_image_layout(hf_config: Any, image_size: Any) -> TokenLayout:
@@ -295,6 +296,8 @@ def anyres_image_layout(hf_config: Any, image_size: Any) -> TokenLayout:
         entry = _ANYRES[id(hf_config)] = (hf_config, adapter, {})
     _, adapter, memo = entry
     if size not in memo:
+        if len(memo) >= _ANYRES_MEMO:
+            memo.pop(next(iter(memo)))
         inputs = {"image_sizes": torch.tensor([size]), "vision_aspect_ratio": ONEVISION_ASPECT_RATIO}
         memo[size] = adapter.layouts("image", inputs)[0]
     return memo[size]
@@ -638,6 +641,8 @@ class LlavaNextReduced(_OneDimPositions, LlavaNextForConditionalGeneration):
         return self._with_offsets(embeds, [(lay, 1.0) for lay in layouts])
 
     def _full_size(self, feature) -> int:
+        if not self._tr.acts_on(feature.modality):
+            return feature.mm_position.length
         return anyres_image_layout(self.config, feature.data["image_sizes"].data).num_tokens
 
 
