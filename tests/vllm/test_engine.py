@@ -18,6 +18,10 @@ def requests(family: str, videos: bool = True) -> list[Request]:
         Request(prompt(family, "image", "w11 w12 w13"), images=[image(168, 112, 1)]),
         Request(prompt(family, "image", "w20"), images=[image(224, 224, 4)]),
     ]
+    if family in ("llava_next", "llava_onevision"):
+        # anyres: 2 x 3 and 3 x 2 crops, a square image (OneVision: 4 x 4 crops whose canvas exceeds
+        # anyres_max_9, downsampled; NeXT: 2 x 2), one crop
+        out.append(Request(prompt(family, "image", "w21 w22"), images=[image(56, 56, 5)]))
     if videos:
         # 140 x 140: the video's time span stays within its spatial span, where vLLM and transformers
         # 5.24 number Qwen2.5-VL's text after a video alike (they differ beyond, with or without reduction).
@@ -40,27 +44,45 @@ CASES = [
     ("llava", {"method": "visionzip", "dominant": 5, "contextual": 3}),
     ("llava", {"method": "doc_correlation", "keep": 0.4, "shallow_layer": 0}),
     # Videos only (the images of the batch pass through); torch k-means: no FAISS in .venv-vllm.
+    # LLaVA-OneVision: anyres images (base grid + unpadded canvas with newline slots) and a video.
+    ("llava_onevision", {"method": "pool", "keep": 0.25}),
+    ("llava_onevision", {"method": "random", "keep": 0.3, "seed": 5}),
+    ("llava_onevision", {"method": "tome_projector", "keep": 9}),
+    # divprune keeps the newline slot of each row that keeps a token (a data-dependent count on anyres
+    # images): served on the videos only.
+    ("llava_onevision", {"method": "divprune", "keep": 12, "modalities": ["video"]}),
+    # visionzip on OneVision's videos (per frame: 2 dominant + 1 contextual of 2 x 2 pooled tokens), its
+    # signals from vLLM's own SigLIP tower, pooled as the frames are.
+    ("llava_onevision", {"method": "visionzip", "dominant": 2, "contextual": 1, "modalities": ["video"]}),
+    # LLaVA-NeXT: anyres images (unpadded canvas, newline slots, no downsampling).
+    ("llava_next", {"method": "pool", "keep": 0.25}),
+    ("llava_next", {"method": "random", "keep": 0.4, "seed": 3}),
+    ("llava_next", {"method": "tome_projector", "keep": 11}),
     ("qwen2_vl", {"method": "vqtoken", "keep": 6, "kmeans": "torch"}),
     ("qwen2_5_vl", {"method": "vqtoken", "keep": 0.2, "kmeans": "torch", "renumber_positions": False}),
 ]
-VIDEO_ONLY = {"vqtoken"}
+
+
+def video_only(family: str, reduction: dict) -> bool:
+    return reduction["method"] == "vqtoken" or reduction.get("modalities") == ["video"]
 
 
 @pytest.mark.parametrize(("family", "reduction"), CASES, ids=[f"{f}-{r['method']}-{i}" for i, (f, r) in enumerate(CASES)])
 def test_method_equals_transformers(model_dir, family, reduction):
     path = model_dir(family)
-    reqs = requests(family, videos=family != "llava")
+    reqs = requests(family, videos=family not in ("llava", "llava_next"))
     got = run_vllm(path, reqs, reduction)
     want = run_hf(path, reqs, reduction)
     assert_same(got, want)
-    first = len(reqs) - 1 if reduction["method"] in VIDEO_ONLY else 0
+    first = len(reqs) - 1 if video_only(family, reduction) else 0
     full = run_hf(path, reqs[first : first + 1], None)
     assert got[first].prompt_len < full[0].prompt_len  # the prompt really was reduced
 
 
-def test_keep_all_equals_plain_vllm(model_dir):
-    path = model_dir("qwen2_vl")
-    reqs = requests("qwen2_vl")
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_keep_all_equals_plain_vllm(model_dir, family):
+    path = model_dir(family)
+    reqs = requests(family)
     plain = run_vllm(path, reqs, None)
     kept = run_vllm(path, reqs, {"method": "pool", "keep": 1.0})
     assert_same(kept, plain, atol=1e-5)
@@ -70,6 +92,7 @@ def test_keep_all_equals_plain_vllm(model_dir):
 @pytest.mark.parametrize(("family", "reduction", "message"), [
     ("qwen2_vl", {"method": "fastv"}, r"method 'fastv' cannot run in vLLM .*methods that can: divprune, doc_correlation, pool"),
     ("llava", {"method": "doc_correlation", "keep": 0.5}, "tower layer 1 of doc_correlation is not built by vLLM"),
+    ("llava_onevision", {"method": "divprune", "modalities": ["image"]}, "on llava_onevision's anyres images"),
 ])
 def test_refused_method_fails_at_engine_start(model_dir, family, reduction, message):
     from vllm import LLM

@@ -22,7 +22,7 @@ def test_methods_vllm_cannot_run_are_refused_by_name(name):
 
 
 @pytest.mark.parametrize(("options", "family", "message"), [
-    ({"method": "visionzip"}, "qwen2_vl", "method 'visionzip' cannot run in vLLM .*wired in vLLM for llava .*not qwen2_vl"),
+    ({"method": "visionzip"}, "qwen2_vl", "method 'visionzip' cannot run in vLLM .*wired in vLLM for llava \\(images\\) .*not qwen2_vl"),
     ({"method": "doc_correlation", "keep": 0.5}, "llava_onevision", "method 'doc_correlation' cannot run in vLLM"),
     ({"method": "doc_correlation"}, "llava", r"method 'doc_correlation' cannot run in vLLM \(with `keep` unset"),
     ({"method": "vqtoken"}, "qwen2_vl", r"method 'vqtoken' cannot run in vLLM \(with `keep` unset"),
@@ -30,6 +30,9 @@ def test_methods_vllm_cannot_run_are_refused_by_name(name):
     ({"method": "vqtoken", "keep": 4, "attention": "dir"}, "qwen2_vl", "`attention` for vqtoken in vLLM must be None"),
     ({"method": "doc_correlation", "keep": 0.5}, "llava", "tower layer 1 of doc_correlation is not built by vLLM"),
     ({"method": "visionzip", "layer": -1}, "llava", r"tower layer -1 of visionzip .*accepted: 0..0 or -2..-2"),
+    ({"method": "divprune", "modalities": ["image"]}, "llava_onevision",
+     r"method 'divprune' cannot run in vLLM \(on llava_onevision's anyres images .* depends on the data; `modalities"),
+    ({"method": "divprune"}, "llava_next", r"method 'divprune' cannot run in vLLM \(on llava_next's anyres images"),
 ])
 def test_conditions_that_make_counts_data_dependent_are_refused(options, family, message):
     with pytest.raises(ValueError, match=message):
@@ -45,6 +48,18 @@ def test_tower_methods_count_what_they_leave_of_a_llava_image():
     # the same count with the method's own code on other signals
     signals = {"attention": torch.rand(16), "keys": torch.randn(16, 8)}
     assert zip_.reduce(torch.randn(16, 32), layout, signals=signals).num_tokens == 8
+
+
+def test_visionzip_counts_what_it_leaves_of_a_onevision_video():
+    # SigLIP (no [CLS]), 4 x 4 patches per frame pooled to 2 x 2 tokens, then a lone newline
+    siglip = TowerShape(heads=4, head_dim=8, num_prefix=0, patches=16, scale=8**-0.5, num_layers=2, built_layers=2)
+    reducer = parse_reducer({"method": "visionzip", "dominant": 2, "contextual": 1}, "llava_onevision", siglip)
+    assert reducer.modalities == ("video",)  # anyres images: a data-dependent count
+    frames = tuple(Segment("frame", 2, 2, time=t) for t in range(3))
+    video = TokenLayout("video", (*frames, Segment("newline", 1, 0, newline=True, time=2)))
+    assert reducer.count(video) == 3 * 3 + 1
+    with pytest.raises(ValueError, match="on llava_onevision's anyres images"):
+        parse_reducer({"method": "visionzip", "modalities": ["image", "video"]}, "llava_onevision", siglip)
 
 
 def test_vqtoken_count_and_fewer_codes_than_keep():
@@ -73,11 +88,12 @@ def test_bad_entries_name_what_is_accepted():
         parse_reducer({"keep": 3}, "qwen2_vl")
     with pytest.raises(TypeError, match="unexpected option"):
         parse_reducer({"method": "pool", "kep": 3}, "qwen2_vl")
-    with pytest.raises(ValueError, match="`modalities` for llava_onevision in vLLM must be"):
-        parse_reducer({"method": "pool", "modalities": ["image", "video"]}, "llava_onevision")
     assert parse_reducer(None, "qwen2_vl") is None
     assert not parse_reducer({"method": "pool"}, "llava").renumber
-    assert parse_reducer({"method": "pool"}, "llava_onevision").modalities == ("video",)
+    assert parse_reducer({"method": "pool"}, "llava_onevision").modalities == ("image", "video")
+    assert parse_reducer({"method": "pool", "modalities": ["video"]}, "llava_onevision").modalities == ("video",)
+    # divprune's count on anyres images follows the data: unset `modalities` narrows to the videos
+    assert parse_reducer({"method": "divprune", "keep": 8}, "llava_onevision").modalities == ("video",)
 
 
 @pytest.mark.parametrize(("method", "keep", "expected"), [("divprune", 10, 10), ("random", 0.25, 16), ("tome_projector", 9, 9)])

@@ -15,6 +15,8 @@ MODELS = Path(__file__).resolve().parents[2] / "assets" / "models"
 @pytest.mark.parametrize(("kind", "model", "reduction"), [
     ("image", "synthetic-llava-image", {"method": "divprune", "keep": 0.25}),
     ("video", "synthetic-onevision-video", {"method": "pool", "keep": 0.25}),
+    # anyres document pages (a base grid and up to 2 x 2 crops of 168 pixels, newline slots)
+    ("document", "synthetic-onevision-document", {"method": "pool", "keep": 0.25}),
     # 32 codes: the synthetic videos' flat backgrounds leave 72 or more distinct tokens, so every video
     # uses all 32 (below that, vLLM's fixed placeholder count differs from what tr.wrap feeds).
     ("video", "synthetic-onevision-video", {"method": "vqtoken", "keep": 32, "kmeans": "torch"}),

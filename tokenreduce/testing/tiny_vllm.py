@@ -13,9 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokenreduce.testing.tiny import IMAGE_TOKEN, tiny_config, tiny_processor
+from tokenreduce.testing.tiny import IMAGE_TOKEN, tiny_config, tiny_processor, tiny_tokenizer
 
-VLLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
+VLLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision")
+# LLaVA-OneVision's crop resolutions: up to 4 x 4 crops of 56 pixels, so a large image's canvas (16 x 16
+# patches) exceeds anyres_max_9 and is downsampled (vLLM packs with anyres_max_9 whatever the config says).
+ONEVISION_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112], [112, 168], [168, 112], [224, 224]]
+# LLaVA-NeXT's: up to 2 x 3 crops of 56 pixels (its canvas is unpadded, never downsampled).
+NEXT_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112], [112, 168], [168, 112]]
 # Qwen processors resize images to at most this many pixels (16 x 16 patches of 14: 64 merged tokens).
 QWEN_MAX_PIXELS = 224 * 224
 
@@ -41,6 +46,12 @@ def vllm_config(family: str, num_layers: int = 2, heads: int = 2, head_dim: int 
         half = head_dim // 2
         t = half // 4
         rope["mrope_section"] = [t, (half - t) // 2, half - t - (half - t) // 2]
+    if family == "llava_next":
+        cfg.vision_config.image_size = 56
+        cfg.image_grid_pinpoints = NEXT_PINPOINTS
+    if family == "llava_onevision":
+        cfg.image_grid_pinpoints = ONEVISION_PINPOINTS
+        cfg.vision_aspect_ratio = "anyres_max_9"
     if family == "qwen2_vl":
         cfg.vision_config.hidden_size = text.hidden_size
     elif family == "qwen2_5_vl":
@@ -61,6 +72,8 @@ def build_vllm_model(family: str, seed: int = 0, **config_options) -> nn.Module:
         "llava": T.LlavaForConditionalGeneration,
         "qwen2_vl": T.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": T.Qwen2_5_VLForConditionalGeneration,
+        "llava_onevision": T.LlavaOnevisionForConditionalGeneration,
+        "llava_next": T.LlavaNextForConditionalGeneration,
     }
     if family not in classes:
         raise ValueError(f"`family` must be one of {tuple(classes)}, got {family!r}")
@@ -80,6 +93,8 @@ PLACEHOLDERS = {
     "qwen2_vl": ("<|image_pad|>", "<|video_pad|>"),
     "qwen2_5_vl": ("<|image_pad|>", "<|video_pad|>"),
     "llava": ("<image>", "<video>"),
+    "llava_onevision": ("<image>", "<video>"),
+    "llava_next": ("<image>", "<video>"),
 }
 # A chat template that writes each message's content as is (vLLM puts the placeholders in the text).
 CHAT_TEMPLATE = "<s>{% for m in messages %} {{ m['content'] }}{% endfor %}"
@@ -87,7 +102,8 @@ CHAT_TEMPLATE = "<s>{% for m in messages %} {{ m['content'] }}{% endfor %}"
 
 def vllm_processor(family: str, max_pixels: int = QWEN_MAX_PIXELS):
     """The tiny processor of ``family`` with a chat template; Qwen's keeps up to ``max_pixels`` per image."""
-    processor = tiny_processor(family)
+    builders = {"llava_onevision": _onevision_processor, "llava_next": _next_processor}
+    processor = builders[family]() if family in builders else tiny_processor(family)
     image, video = PLACEHOLDERS[family]
     tok = processor.tokenizer
     if image != "<image>":
@@ -104,6 +120,29 @@ def vllm_processor(family: str, max_pixels: int = QWEN_MAX_PIXELS):
         processor.image_processor.size = size
         processor.video_processor.size = size
     return processor
+
+
+def _onevision_processor():
+    """LLaVA-OneVision's processor for the tiny config: 56-pixel crops at :data:`ONEVISION_PINPOINTS`."""
+    import transformers as T
+
+    side = {"height": 56, "width": 56}
+    return T.LlavaOnevisionProcessor(
+        image_processor=T.LlavaOnevisionImageProcessor(size=side, image_grid_pinpoints=ONEVISION_PINPOINTS),
+        video_processor=T.LlavaOnevisionVideoProcessor(size=side, do_sample_frames=False),
+        tokenizer=tiny_tokenizer(), num_image_tokens=16, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+
+
+def _next_processor():
+    """LLaVA-NeXT's processor for the tiny config: 56-pixel crops at :data:`NEXT_PINPOINTS`."""
+    import transformers as T
+
+    image_processor = T.LlavaNextImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                                image_grid_pinpoints=NEXT_PINPOINTS)
+    return T.LlavaNextProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(), patch_size=14,
+                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
 def _renamed_tokenizer(tok, renames: dict[str, str]):

@@ -21,6 +21,7 @@ MODEL_CLASSES = {
     "Qwen2_5_VLForConditionalGeneration": "tokenreduce.integrations.vllm.models:Qwen2_5_VLReduced",
     "LlavaForConditionalGeneration": "tokenreduce.integrations.vllm.models:LlavaReduced",
     "LlavaOnevisionForConditionalGeneration": "tokenreduce.integrations.vllm.models:LlavaOnevisionReduced",
+    "LlavaNextForConditionalGeneration": "tokenreduce.integrations.vllm.models:LlavaNextReduced",
 }
 
 

@@ -8,25 +8,32 @@ unchanged vLLM model.
   for every image or video: the count the method leaves of the item's layout.
 - ``embed_multimodal`` runs the family's vision tower and projector, then the registered method's
   ``reduce`` on each item's features: the same code the transformers path runs. For methods that read
-  the tower (LLaVA-1.5), the core's :class:`~tokenreduce.core.vision.VisionStage` captures q and k of their
-  layers on vLLM's own tower (:class:`VllmTower`) while it runs, and hands the method its signals.
+  the tower (LLaVA-1.5 images, LLaVA-OneVision videos), the core's
+  :class:`~tokenreduce.core.vision.VisionStage` captures q and k of their layers on vLLM's own tower
+  (:class:`VllmTower`) while it runs, and hands the method its signals.
+- Anyres images (LLaVA-NeXT, LLaVA-OneVision) get their layouts from the family adapter's own anyres
+  code, run on transformers' ``pack_image_features`` with the config alone (:func:`anyres_image_layout`).
 - Kept tokens keep their original positions (unless ``renumber_positions``), Qwen's t/h/w M-RoPE ids
   included: ``get_mrope_input_positions`` gives the prompt's text its original positions and every
   placeholder the item's origin; ``embed_multimodal`` appends each kept token's offset (exact small
   integers) to its embedding; ``embed_input_ids`` strips them and ``forward`` adds them to the
-  placeholders' positions of the same step. The 1-D families (LLaVA-1.5, LLaVA-OneVision) go through
-  vLLM's M-RoPE path with three identical rows (:func:`enable_position_ids`), which equals 1-D RoPE.
+  placeholders' positions of the same step. The 1-D families (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision) go
+  through vLLM's M-RoPE path with three identical rows (:func:`enable_position_ids`), which equals 1-D RoPE.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration, _get_num_hidden_layers
+from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
@@ -34,6 +41,7 @@ from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokenreduce.adapters.llava import LlavaAdapter
+from tokenreduce.adapters.llava_next import LlavaNextAdapter
 from tokenreduce.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenreduce.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from tokenreduce.adapters.towers import BlockParts, Tower
@@ -170,7 +178,7 @@ def _reducing_processor(base_factory):
         # its own message, instead of as a failed engine core.
         hf_config = info.get_hf_config()
         reducer = engine_reducer(hf_config, _family_of(hf_config))
-        if _family_of(hf_config) in ("llava", "llava_onevision"):
+        if _family_of(hf_config) in ONE_DIM_FAMILIES:
             enable_position_ids(hf_config)
 
         def get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
@@ -204,6 +212,11 @@ def _reduced_update(update, reducer: EngineReducer, hf_config, out_mm_kwargs):
                 "they are not one repeated token"
             )
         layout = item_layout(hf_config, modality, out_mm_kwargs[modality][item_idx], len(full))
+        if layout.num_tokens != len(full):
+            raise RuntimeError(
+                f"tokenreduce: the {modality} layout of {_family_of(hf_config)} has {layout.num_tokens} tokens, "
+                f"vLLM's prompt {len(full)} placeholders; this checkpoint's packing is not supported"
+            )
         return [full[0]] * reducer.count(layout)
 
     return dataclasses.replace(update, replacement=replacement)
@@ -222,9 +235,12 @@ def item_layout(hf_config: Any, modality: str, item: Mapping[str, Any] | None, n
         return qwen_layouts(hf_config, modality, grid)[0]
     if family == "llava":
         return llava_layout(hf_config, num_tokens)
+    if family in ANYRES_ADAPTERS and modality == "image":
+        sizes = _item_field(item, "image_sizes")
+        if sizes is None:
+            raise _embeds_error(family)
+        return anyres_image_layout(hf_config, sizes)
     if family == "llava_onevision":
-        if modality != "video":
-            return TokenLayout.flat(modality, num_tokens)  # images pass through (the reducer acts on videos)
         frames = _item_field(item, "pixel_values_videos")
         return onevision_video_layout(hf_config, int(frames.shape[0]))
     raise ValueError(f"tokenreduce: no vLLM layout for family {family!r}")
@@ -239,6 +255,57 @@ def llava_layout(hf_config: Any, num_tokens: int) -> TokenLayout:
     side = hf_config.vision_config.image_size
     pixels = torch.empty(1, 3, side, side, device="meta")
     return LlavaAdapter.from_config(hf_config).layouts("image", {"pixel_values": pixels}, [num_tokens])[0]
+
+
+class _Packing:
+    """A transformers model's anyres packing (unpadding, OneVision's anyres_max downsampling, newline slots)
+    on a config alone: ``pack_image_features`` reads nothing else of the model. The adapters' anyres layouts
+    run it."""
+
+    def __init__(self, config: Any, pack):
+        self.config, self._pack = config, pack
+
+    def pack_image_features(self, *args, **kwargs):
+        return self._pack(self, *args, **kwargs)
+
+
+# Family -> its adapter and the transformers model whose packing the layouts read.
+ANYRES_ADAPTERS = {
+    "llava_next": (LlavaNextAdapter, LlavaNextModel),
+    "llava_onevision": (LlavaOnevisionAdapter, LlavaOnevisionModel),
+}
+# vLLM packs OneVision images with its merge function's default ``vision_aspect_ratio`` (anyres_max_9),
+# whatever the config says; the layouts follow what vLLM feeds.
+ONEVISION_ASPECT_RATIO = inspect.signature(
+    LlavaOnevisionForConditionalGeneration._merge_image_patch_embeddings
+).parameters["vision_aspect_ratio"].default
+_ANYRES: dict[int, tuple[Any, Any, dict]] = {}
+_ANYRES_MEMO = 1024  # layouts remembered per config (image sizes), oldest dropped first
+
+
+def anyres_image_layout(hf_config: Any, image_size: Any) -> TokenLayout:
+    """Layout of one anyres image (LLaVA-NeXT, LLaVA-OneVision) of ``image_size`` (height, width) as vLLM
+    packs it: the transformers adapter's own anyres layout (every image patched, as vLLM does even with
+    several images per prompt)."""
+    size = tuple(int(v) for v in torch.as_tensor(image_size).flatten().tolist())
+    entry = _ANYRES.get(id(hf_config))
+    if entry is None or entry[0] is not hf_config:
+        adapter_cls, model_cls = ANYRES_ADAPTERS[_family_of(hf_config)]
+        adapter = adapter_cls.from_config(hf_config)
+        adapter.inner = _Packing(hf_config, model_cls.pack_image_features)
+        entry = _ANYRES[id(hf_config)] = (hf_config, adapter, {})
+    _, adapter, memo = entry
+    if size not in memo:
+        if len(memo) >= _ANYRES_MEMO:
+            memo.pop(next(iter(memo)))
+        inputs = {"image_sizes": torch.tensor([size]), "vision_aspect_ratio": ONEVISION_ASPECT_RATIO}
+        memo[size] = adapter.layouts("image", inputs)[0]
+    return memo[size]
+
+
+def _embeds_error(family: str) -> ValueError:
+    return ValueError(f"tokenreduce: {family} images given as embeddings (`image_embeds`) cannot be reduced in "
+                      "vLLM (their anyres layout is unknown); pass the images")
 
 
 def onevision_video_layout(hf_config: Any, frames: int) -> TokenLayout:
@@ -446,7 +513,10 @@ class Qwen2_5_VLReduced(_QwenReducing, Qwen2_5_VLForConditionalGeneration):
             )
 
 
-# ----- 1-D rotary families: LLaVA-1.5, LLaVA-OneVision ----------------------------------------------------
+# ----- 1-D rotary families: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision -------------------------------------------
+ONE_DIM_FAMILIES = ("llava", "llava_next", "llava_onevision")
+
+
 def enable_position_ids(hf_config: Any) -> None:
     """Let an engine with a reducer give a 1-D RoPE family arbitrary position ids.
 
@@ -520,9 +590,10 @@ class LlavaReduced(_OneDimPositions, LlavaForConditionalGeneration):
 
 
 class LlavaOnevisionReduced(_OneDimPositions, LlavaOnevisionForConditionalGeneration):
-    """LLaVA-OneVision with tokenreduce's fixed-count methods on videos (images pass through)."""
+    """LLaVA-OneVision with tokenreduce's fixed-count methods: anyres images and videos."""
 
     _tokenreduce_family = "llava_onevision"
+    _tokenreduce_adapter = LlavaOnevisionAdapter
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_prefix={
             **TOWER_NAMES, **LlavaOnevisionForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix,
@@ -530,41 +601,72 @@ class LlavaOnevisionReduced(_OneDimPositions, LlavaOnevisionForConditionalGenera
     )
 
     def embed_multimodal(self, **kwargs: object):
-        embeds = super().embed_multimodal(**kwargs)
-        if self._tr is None or len(embeds) == 0:
-            return embeds
-        layouts = []
+        if self._tr is None:
+            return super().embed_multimodal(**kwargs)
+        # vLLM's own loop over the modalities, in the order of the inputs; a tower-reading method's vision
+        # stage captures the videos' tower pass only (the images pass through).
+        out = ()
         for modality, inp in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if modality == "video":
-                layouts += [onevision_video_layout(self.config, int(v.shape[0])) for v in inp["pixel_values_videos"]]
+                embeds = self._encode(self._process_video_pixels, {"inputs": inp})
+                layouts = [onevision_video_layout(self.config, int(v.shape[0])) for v in inp["pixel_values_videos"]]
             else:
-                count = len(layouts)
-                layouts += [TokenLayout.flat("image", int(e.shape[0])) for e in embeds[count : count + _num_items(inp)]]
-        return self._with_offsets(embeds, [(lay, 1.0) for lay in layouts])
+                embeds = self._process_image_input(inp)
+                layouts = _anyres_layouts(self.config, inp)
+            out += self._with_offsets(tuple(embeds), [(lay, 1.0) for lay in layouts])
+        return out
 
     def _full_size(self, feature) -> int:
-        if feature.modality != "video":
-            return feature.mm_position.length  # images are not reduced
+        if not self._tr.acts_on(feature.modality):
+            return feature.mm_position.length
+        if feature.modality == "image":
+            return anyres_image_layout(self.config, feature.data["image_sizes"].data).num_tokens
         frames = feature.data["pixel_values_videos"].data
         return onevision_video_layout(self.config, int(frames.shape[0])).num_tokens
 
 
-def _num_items(inp: Any) -> int:
-    for key in ("pixel_values", "data", "image_embeds"):
-        value = inp.get(key) if hasattr(inp, "get") else None
-        if value is not None:
-            return len(value)
-    raise RuntimeError("tokenreduce: cannot count the images of a LLaVA-OneVision batch")
+class LlavaNextReduced(_OneDimPositions, LlavaNextForConditionalGeneration):
+    """LLaVA-NeXT with tokenreduce's fixed-count methods (anyres images)."""
+
+    _tokenreduce_family = "llava_next"
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_prefix={**TOWER_NAMES, **LlavaNextForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix}
+    )
+
+    def embed_multimodal(self, **kwargs: object):
+        embeds = super().embed_multimodal(**kwargs)
+        if self._tr is None or len(embeds) == 0:
+            return embeds
+        layouts = _anyres_layouts(self.config, self._parse_and_validate_image_input(**kwargs))
+        return self._with_offsets(embeds, [(lay, 1.0) for lay in layouts])
+
+    def _full_size(self, feature) -> int:
+        if not self._tr.acts_on(feature.modality):
+            return feature.mm_position.length
+        return anyres_image_layout(self.config, feature.data["image_sizes"].data).num_tokens
+
+
+def _anyres_layouts(hf_config: Any, inp: Any) -> list[TokenLayout]:
+    """The layouts of a batch's anyres images (vLLM's parsed image input), in order."""
+    if inp.get("type") == "image_embeds":
+        raise _embeds_error(_family_of(hf_config))
+    sizes = inp.get("image_sizes")
+    if sizes is None:  # as vLLM's own default: the tower's input size
+        side = hf_config.vision_config.image_size
+        sizes = [(side, side)] * len(inp["pixel_values"])
+    return [anyres_image_layout(hf_config, size) for size in sizes]
 
 
 Qwen2VLReduced = _register(Qwen2VLReduced, Qwen2VLForConditionalGeneration)
 LlavaOnevisionReduced = _register(LlavaOnevisionReduced, LlavaOnevisionForConditionalGeneration)
 Qwen2_5_VLReduced = _register(Qwen2_5_VLReduced, Qwen2_5_VLForConditionalGeneration)
 LlavaReduced = _register(LlavaReduced, LlavaForConditionalGeneration)
+LlavaNextReduced = _register(LlavaNextReduced, LlavaNextForConditionalGeneration)
 
 ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": Qwen2VLReduced,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLReduced,
     "LlavaForConditionalGeneration": LlavaReduced,
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionReduced,
+    "LlavaNextForConditionalGeneration": LlavaNextReduced,
 }

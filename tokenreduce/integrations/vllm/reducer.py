@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from tokenreduce.adapters.base import Adapter
+from tokenreduce.adapters import adapter_class
 from tokenreduce.core.config import MethodConfig, build_config, resolve_keep
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
@@ -42,9 +42,15 @@ FIXED_COUNT = {
                                 "`keep` (a fraction of each image's tokens)"),
     "vqtoken": ("keep", "with `keep` unset each video picks its own K; set `keep` (codes per video)"),
 }
-# Tower-reading methods run where vLLM's tower is a CLIP / SigLIP ViT and the item is one tower grid
-# (LLaVA-1.5 images): their counts on anyres crops depend on which rows keep a token (newline slots).
-TOWER_FAMILIES = ("llava",)
+# Tower-reading methods run where vLLM's tower is a CLIP / SigLIP ViT whose rows the layouts map: LLaVA-1.5
+# images (one tower grid) and LLaVA-OneVision videos (one grid per frame); on anyres images their counts
+# depend on which rows keep a token (see ROW_NEWLINE_METHODS).
+TOWER_FAMILIES = ("llava", "llava_onevision")
+# Families whose images are anyres canvases with a newline slot ending every row.
+ANYRES_FAMILIES = ("llava_next", "llava_onevision")
+# Methods that keep the newline slot of each canvas row still holding a token: on anyres images their count
+# depends on which rows keep one (the data). With `modalities` unset they reduce the family's videos only.
+ROW_NEWLINE_METHODS = ("divprune", "doc_correlation", "visionzip")
 # Why the others cannot run in vLLM, by the stage or property that rules them out.
 _WHY = {
     "vision": "acts inside the vision tower (merging or data-dependent counts), which vLLM's fixed "
@@ -206,7 +212,7 @@ def _probe_count_for(config_json: str, family: str, tower: TowerShape | None, la
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(layout.num_tokens, 16, generator=generator)
     method = _method(reducer)
-    signals = probe_signals(method, tower, layout, generator) if reducer.reads_tower else {}
+    signals = probe_signals(method, tower, layout, generator, family) if reducer.reads_tower else {}
     return _run(method, probe, layout, signals).num_tokens
 
 
@@ -217,18 +223,21 @@ def _vqtoken_count(config: MethodConfig, layout: TokenLayout) -> int:
     return resolve_keep(config.keep, int(layout.content_mask.sum())) + lone
 
 
-def probe_signals(method: Method, tower: TowerShape, layout: TokenLayout, generator: torch.Generator) -> dict:
+def probe_signals(method: Method, tower: TowerShape, layout: TokenLayout, generator: torch.Generator,
+                  family: str = "llava") -> dict:
     """Per-token signals of one item from random queries and keys, through the method's ``tower_signals``
-    (one tower row per item: the :data:`TOWER_FAMILIES` layouts)."""
+    and the family adapter's ``token_signals`` (one tower row per image, one per video frame)."""
     layers = method.vision_layer
-    shape = (1, tower.heads, tower.num_prefix + tower.patches, tower.head_dim)
+    rows = sum(1 for s in layout.segments if s.kind == "frame") if layout.modality == "video" else 1
+    shape = (rows, tower.heads, tower.num_prefix + tower.patches, tower.head_dim)
     if isinstance(layers, int):
         q, k = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
     else:
         q = {layer: torch.randn(shape, generator=generator) for layer in layers}
         k = {layer: torch.randn(shape, generator=generator) for layer in layers}
     per_patch = method.tower_signals(q, k, scale=tower.scale, num_prefix=tower.num_prefix)
-    return {name: Adapter.token_signals(None, layout.modality, [layout], value)[0] for name, value in per_patch.items()}
+    adapter = adapter_class(family).from_config(None)  # token_signals reads the layouts only
+    return {name: adapter.token_signals(layout.modality, [layout], value)[0] for name, value in per_patch.items()}
 
 
 def _loads(text: str) -> dict[str, Any]:
@@ -265,8 +274,8 @@ def parse_reducer(options: Any, family: str, tower: TowerShape | None = None) ->
         raise _refusal(name, reason)
     reads_tower = "vision" in spec.stages
     if reads_tower and family not in TOWER_FAMILIES:
-        raise _refusal(name, f"it reads the vision tower's attention, wired in vLLM for {', '.join(TOWER_FAMILIES)} "
-                             f"(one tower grid per image), not {family}")
+        raise _refusal(name, f"it reads the vision tower's attention, wired in vLLM for llava (images) and "
+                             f"llava_onevision (videos), not {family}")
     if spec.families is not None and family not in spec.families:
         raise _refusal(name, f"it does not support {family}; its families: {', '.join(spec.families)}")
     config = build_config(name, **options)
@@ -279,19 +288,19 @@ def parse_reducer(options: Any, family: str, tower: TowerShape | None = None) ->
     if name == "vqtoken" and config.attention is not None:
         raise ValueError(f"tokenreduce: `attention` for vqtoken in vLLM must be None (trained VQ-attention adds "
                          f"adapters to the language model, which vLLM gives no hook for), got {config.attention!r}")
+    modalities = tuple(config.modalities or spec.modalities)
+    if name in ROW_NEWLINE_METHODS and family in ANYRES_FAMILIES and "image" in modalities:
+        why = (f"on {family}'s anyres images it keeps the newline slot of every row that keeps a token, so its "
+               "count depends on the data")
+        videos = family == "llava_onevision" and "video" in spec.modalities
+        if config.modalities is not None or not videos:
+            raise _refusal(name, why + ("; `modalities: [\"video\"]` reduces the videos only" if videos else ""))
+        logger.warning("tokenreduce: %s reduces %s's videos only (%s); its images pass through", name, family, why)
+        modalities = tuple(m for m in modalities if m != "image")
     if reads_tower:
         if tower is None:
             raise ValueError(f"tokenreduce: method {name!r} needs the vision tower's shape of {family}; none was given")
         layers = spec.method_cls(config).vision_layer
         for layer in (layers,) if isinstance(layers, int) else layers:
             tower.check_layer(name, layer)
-    modalities = tuple(config.modalities or spec.modalities)
-    if family == "llava_onevision":
-        # Its anyres image layouts (unpadding, downsampling, newline slots) are not wired into vLLM yet.
-        if config.modalities is not None and "image" in config.modalities:
-            raise ValueError(
-                f"tokenreduce: `modalities` for llava_onevision in vLLM must be ('video',) (its images are not "
-                f"reduced there yet), got {config.modalities!r}"
-            )
-        modalities = ("video",)
     return EngineReducer(config=config, modalities=modalities, family=family, tower=tower if reads_tower else None)
