@@ -211,3 +211,40 @@ def test_a_cached_text_prefix_before_the_image_lines_up():
     finally:
         tr.unwrap(model)
     assert after.tolist() == alone.tolist()
+
+
+def _representatives():
+    """The first reducing method (registry order) of each set of stages: they share the core's paths."""
+    first = {}
+    for s in method_specs():
+        if {"vision", "projector", "llm"} & set(s.stages) and s.name not in NEEDS_TRAINED_WEIGHTS:
+            first.setdefault(s.stages, s.name)
+    return sorted(first.values())
+
+
+STATIC = [pytest.param(m, f, id=f"{m}-{f}") for m in _representatives() for f in ("llava", "qwen2_vl")
+          if runs_on(get_method(m), f)]
+
+
+@pytest.mark.parametrize("method,family", STATIC)
+def test_continuing_on_a_static_cache_gives_the_dynamic_caches_tokens(models, method, family):
+    """A conversation on a caller-made ``StaticCache`` (long enough for every turn) continues as on the
+    dynamic cache (whose turns the oracle above checks): the same tokens and logits."""
+    from transformers import StaticCache
+
+    model = _model(models, family)
+    batch = tiny_batch(model, default_rows(family, n=2))
+    tr.wrap(model, get_method(method).config_cls.at_budget(0.4, num_layers=NUM_LAYERS))
+    try:
+        with torch.no_grad():
+            outs = []
+            for cache in (None, StaticCache(config=model.config.get_text_config(), max_cache_len=96)):
+                first = model.generate(**batch, past_key_values=cache, max_new_tokens=NEW, do_sample=False,
+                                       return_dict_in_generate=True)
+                ids, mask = _grow(first.sequences, batch["attention_mask"], 0)
+                outs.append(_turn(model, batch, ids, mask, first.past_key_values))
+    finally:
+        tr.unwrap(model)
+    dynamic, static = outs
+    assert static.sequences.tolist() == dynamic.sequences.tolist()
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-4, rtol=1e-4)
