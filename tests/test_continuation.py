@@ -248,3 +248,35 @@ def test_continuing_on_a_static_cache_gives_the_dynamic_caches_tokens(models, me
     dynamic, static = outs
     assert static.sequences.tolist() == dynamic.sequences.tolist()
     torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["pool", "fastv"])
+def test_a_reset_cache_begins_a_new_conversation(models, method):
+    """A caller's cache emptied (``reset()``) and given to a new conversation forgets the old one: the new
+    conversation continues as it does on a fresh cache, whether it holds an image or only text."""
+    from transformers import StaticCache
+
+    model = _model(models, "llava")
+    batch = tiny_batch(model, default_rows("llava", n=2))
+    other = tiny_batch(model, default_rows("llava", n=3))
+    other = {k: v[1:] if torch.is_tensor(v) else v for k, v in other.items()}  # different rows
+    text = {"input_ids": batch["input_ids"][:, -4:], "attention_mask": batch["attention_mask"][:, -4:]}
+
+    def conversation(inputs, cache):
+        first = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, do_sample=False,
+                               return_dict_in_generate=True)
+        ids, mask = _grow(first.sequences, inputs["attention_mask"], 0)
+        return _turn(model, inputs, ids, mask, first.past_key_values).sequences
+
+    config = get_method(method).config_cls.at_budget(0.4, num_layers=NUM_LAYERS)
+    tr.wrap(model, config)
+    try:
+        with torch.no_grad():
+            reused = StaticCache(config=model.config.get_text_config(), max_cache_len=96)
+            conversation(batch, reused)
+            for inputs in (other, text):
+                reused.reset()
+                fresh = conversation(inputs, StaticCache(config=model.config.get_text_config(), max_cache_len=96))
+                assert conversation(inputs, reused).tolist() == fresh.tolist()
+    finally:
+        tr.unwrap(model)

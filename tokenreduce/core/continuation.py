@@ -65,13 +65,19 @@ def remember(cache: Any, original_ids: torch.Tensor | None, llm_inputs: dict[str
              rope_deltas: torch.Tensor | None) -> None:
     """Leave on ``cache`` what a continuation needs (see :class:`ReducedPrompt`); ``llm_inputs`` are the
     inputs the model's ``generate`` got, ``rebuilt`` whether they differ from the caller's."""
-    if cache is None or getattr(cache, PROMPT_ATTR, None) is not None:
-        return  # a continued conversation's cache keeps the prompt it was begun with
+    if cache is None:
+        return
     prefix = None
     if rebuilt:
         prefix = {k: llm_inputs[k] for k in COLUMN_KEYS if torch.is_tensor(llm_inputs.get(k))}
     deltas = rope_deltas.clone() if torch.is_tensor(rope_deltas) else None
     setattr(cache, PROMPT_ATTR, ReducedPrompt(original_ids, prefix, deltas))
+
+
+def forget(cache: Any) -> None:
+    """Drop the record of a cache a new conversation begins on (a reused, emptied cache)."""
+    if cache is not None and getattr(cache, PROMPT_ATTR, None) is not None:
+        delattr(cache, PROMPT_ATTR)
 
 
 def refuse_foreign(inputs: dict[str, Any], has_pixels: bool, entry: str, placeholders: tuple[int, ...]) -> None:

@@ -29,6 +29,7 @@ from tokenreduce.core.continuation import (
     ReducedPrompt,
     cache_of,
     continued_inputs,
+    forget,
     is_empty,
     prompt_of,
     refuse_foreign,
@@ -307,8 +308,10 @@ class ModelHandle:
             inputs["input_ids"] = inputs.pop("inputs")
         cache = cache_of(inputs)
         record = prompt_of(cache)
-        if record is not None and not is_empty(cache):
-            return self._continue(inputs, record)
+        if record is not None:
+            if not is_empty(cache):
+                return self._continue(inputs, record)
+            forget(cache)  # an emptied cache begins a new conversation
         if self.reduces_before_llm:
             refuse_foreign(inputs, self._has_pixels(inputs), "generate", self._placeholder_tokens())
         original_ids = inputs.get("input_ids")

@@ -246,6 +246,8 @@ class LLMStage:
         # (A call the handle prepared nothing for, info None, is checked every time.)
         prefill = (info is None or info is not self.prepared) and is_empty_cache(cache, self.prune_layers[0])
         self.prepared = info
+        if prefill and cache is not None and getattr(cache, STAGES_ATTR, None) is not None:
+            delattr(cache, STAGES_ATTR)  # a cache reused for a new conversation: its old stages are void
         if prefill and (info is None or not info.items):
             self.stages = []
             return None
