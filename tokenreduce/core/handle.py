@@ -25,6 +25,16 @@ from torch import nn
 from tokenreduce.adapters import get_adapter
 from tokenreduce.adapters.base import PIXEL_KEYS, Adapter
 from tokenreduce.core.config import MethodConfig
+from tokenreduce.core.continuation import (
+    ReducedPrompt,
+    cache_of,
+    continued_inputs,
+    forget,
+    is_empty,
+    prompt_of,
+    refuse_foreign,
+    remember,
+)
 from tokenreduce.core.flops import Geometry
 from tokenreduce.core.hostsync import require
 from tokenreduce.core.inputs import ids_from_embeds, plain_embeds_positions, rebuilt_embeds
@@ -282,6 +292,8 @@ class ModelHandle:
             return self.original_forward(*args, **kwargs)
         inputs = _bind(self.original_forward, args, kwargs, args and self._signature("forward", self.original_forward))
         _refuse_reduced_cache(inputs, "forward")
+        if self.reduces_before_llm:
+            refuse_foreign(inputs, self._has_pixels(inputs), "forward", ())
         inputs = self.prepare(inputs)
         try:
             return self.original_forward(**inputs)
@@ -292,9 +304,16 @@ class ModelHandle:
         if not self.enabled:
             return self.original_generate(*args, **kwargs)
         inputs = _bind(self.original_generate, args, kwargs)
-        _refuse_reduced_cache(inputs, "generate")
         if inputs.get("input_ids") is None and torch.is_tensor(inputs.get("inputs")):
             inputs["input_ids"] = inputs.pop("inputs")
+        cache = cache_of(inputs)
+        record = prompt_of(cache)
+        if record is not None:
+            if not is_empty(cache):
+                return self._continue(inputs, record)
+            forget(cache)  # an emptied cache begins a new conversation
+        if self.reduces_before_llm:
+            refuse_foreign(inputs, self._has_pixels(inputs), "generate", self._placeholder_tokens())
         original_ids = inputs.get("input_ids")
         self._preparing_generate = True
         try:
@@ -315,11 +334,42 @@ class ModelHandle:
         if "decode" in self.spec.stages:
             self.method.after_generate(self, inputs, out)
         cache = None if torch.is_tensor(out) else getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-        if cache is not None and any(s.visual_tokens_out < s.visual_tokens_in for s in self.stats.last):
-            cache._tokenreduce_reduced = True  # its prompt is shorter than the caller's: see _refuse_reduced_cache
+        if self.last_batch is not None and (self.reduces_before_llm or self.llm_stage is not None):
+            rebuilt = inputs.get("input_ids") is not original_ids
+            remember(cache, original_ids, inputs, rebuilt, getattr(self.adapter.inner, "rope_deltas", None))
         if original_ids is None or inputs["input_ids"] is original_ids:
             return out
         return _restore_prompt(out, original_ids, inputs["input_ids"].shape[1])
+
+    def _placeholder_tokens(self) -> tuple[int, ...]:
+        return tuple(self.adapter.placeholder_id(m) for m in self.adapter.modalities)
+
+    def _has_pixels(self, inputs: dict[str, Any]) -> bool:
+        return any(self.adapter.has_pixels(m, inputs) for m in self.adapter.modalities)
+
+    def _continue(self, inputs: dict[str, Any], record: ReducedPrompt):
+        """``generate`` continuing from the cache a wrapped ``generate`` returned (see
+        :mod:`tokenreduce.core.continuation`): the caller's ids mapped onto the cached prompt, nothing reduced
+        again (the visual tokens are in the cache)."""
+        if type(self.adapter).expand_inputs is not Adapter.expand_inputs:
+            raise ValueError(
+                f"`generate` cannot continue from `past_key_values` on {self.adapter.describe()}: its placeholders "
+                "stand for several visual tokens; pass the whole conversation with its pixel values and no "
+                "`past_key_values`"
+            )
+        keys = tuple(k for m in self.adapter.modalities for k in PIXEL_KEYS[m])
+        mapped = continued_inputs(inputs, record, keys)
+        if record.prefix is None and record.rope_deltas is not None:
+            # the positions the model computes for the new tokens count on from this conversation's prompt
+            self.adapter.inner.rope_deltas = record.rope_deltas
+        self._in_generate = True
+        try:
+            out = self.original_generate(**mapped)
+        finally:
+            self._in_generate = False
+        if mapped["input_ids"] is inputs["input_ids"]:
+            return out
+        return _restore_prompt(out, inputs["input_ids"], mapped["input_ids"].shape[1])
 
     def _expand_multimodal_outputs(self, original, input_ids, mm_encoder_output, expand_size, kwargs):
         """``generate``'s repetition of the features for beams / returned sequences, for features the core
@@ -751,14 +801,16 @@ def _check_reduction(name: str, red: Reduction, n: int) -> None:
 
 
 def _refuse_reduced_cache(inputs: dict[str, Any], entry: str) -> None:
-    """A cache a reducing call returned holds the reduced prompt while the caller's ``input_ids`` hold the
-    original one: continuing from it would feed the model misaligned tokens, so it is refused."""
-    cache = inputs.get("cache", inputs.get("past_key_values"))
-    if getattr(cache, "_tokenreduce_reduced", False):
+    """A cache whose prompt the core rebuilt holds ``L'`` columns for the caller's ``L``: ``forward`` (one step
+    of the caller's own decoding, its ids and mask in the caller's columns) is refused; ``generate`` maps a
+    continuation onto it (:mod:`tokenreduce.core.continuation`)."""
+    record = prompt_of(cache_of(inputs))
+    if record is not None and record.prefix is not None:
         raise ValueError(
-            f"`{entry}` cannot continue from `past_key_values` of a call tokenreduce reduced (the cache holds the "
-            "reduced prompt, `input_ids` the original one); pass the whole conversation with its pixel values "
-            "and no `past_key_values`, or wrap with a keep-all budget (keep=1.0) to reuse caches"
+            f"`{entry}` cannot continue from `past_key_values` whose prompt tokenreduce reduced before the LLM (the "
+            "cache holds the reduced prompt, the caller's ids and mask the original one); continue with "
+            "`generate(input_ids=<the conversation>, past_key_values=...)`, or pass the whole conversation with its "
+            "pixel values and no `past_key_values`"
         )
 
 

@@ -84,7 +84,8 @@ def plain_embeds_positions(adapter: Any, inputs: dict[str, Any], generating: boo
     cache = inputs.get("cache", inputs.get("past_key_values"))
     params = inspect.signature(compute).parameters
     skip = ("input_ids", "inputs_embeds", "attention_mask", "cache")
-    kwargs = {k: inputs[k] for k in params if k in inputs and k not in skip}
+    # every parameter named (Qwen2.5-VL's grids have no default), None where the call has none
+    kwargs = {k: inputs.get(k) for k in params if k not in skip}
     positions = compute(input_ids=None, inputs_embeds=embeds, attention_mask=mask, cache=cache, **kwargs)
     if positions is None:  # what the text model then uses
         past = 0 if cache is None else cache.get_seq_length()

@@ -33,6 +33,9 @@ from tokenreduce.core.inputs import (
 )
 from tokenreduce.core.sequence import column_index
 
+# The attribute of a cache that holds the stages of the prefill that filled it.
+STAGES_ATTR = "_tokenreduce_stages"
+
 if TYPE_CHECKING:
     from tokenreduce.core.handle import ModelHandle, VisualItem
 
@@ -243,9 +246,15 @@ class LLMStage:
         # (A call the handle prepared nothing for, info None, is checked every time.)
         prefill = (info is None or info is not self.prepared) and is_empty_cache(cache, self.prune_layers[0])
         self.prepared = info
+        if prefill and cache is not None and getattr(cache, STAGES_ATTR, None) is not None:
+            delattr(cache, STAGES_ATTR)  # a cache reused for a new conversation: its old stages are void
         if prefill and (info is None or not info.items):
             self.stages = []
             return None
+        if not prefill and cache is not self.stage_cache and getattr(cache, STAGES_ATTR, None) is not None:
+            # a conversation continued from a cache this stage pruned (not the last one it pruned)
+            self.stages, self.prompt_length = getattr(cache, STAGES_ATTR)
+            self.stage_cache = cache
         if not prefill and (not self.stages or cache is not self.stage_cache):
             return None  # decoding on a cache whose prefill this stage did not prune: nothing to substitute
         self.call = _Call(prefill=prefill, cache=cache, mask2d=kwargs.get("attention_mask"),
@@ -311,6 +320,9 @@ class LLMStage:
 
     def _after_lm(self, module, args, kwargs, output):
         call, self.call = self.call, None
+        if call is not None and call.prefill and self.stages and call.cache is not None:
+            # what every decode step on this cache needs, kept with it: a conversation continues from it later
+            setattr(call.cache, STAGES_ATTR, (self.stages, self.prompt_length))
         if call is None or not call.prefill or not self.stages or self.handle._in_generate:
             return None
         # Outside generate: put every dropped token back at its column, with the state it was dropped in.
