@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.layout import TokenLayout
+from tokenreduce.core.sequence import text_positions
 
 from .towers import find_tower
 
@@ -213,9 +214,3 @@ def default_patch_source(layout: TokenLayout) -> torch.Tensor:
         source[content, 0] = 0
         source[content, 1] = torch.arange(int(content.sum()))
     return source
-
-
-def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``cumsum(mask) - 1`` with padding at 0, as ``generate`` computes position ids."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from tokenreduce.core.layout import Segment, TokenLayout
+from tokenreduce.core.sequence import cache_length
 
 from .base import Adapter
 from .towers import BlockParts, Tower, _identity
@@ -303,7 +304,7 @@ class DocOwlAdapter(Adapter):
             if tokens is None:
                 return None
             length = tokens.shape[1]
-            past = _cache_length(kwargs.get("cache", kwargs.get("past_key_values")))
+            past = cache_length(kwargs.get("cache", kwargs.get("past_key_values")))
             positions = st["positions"].to(tokens.device)
             if past == 0 and length == positions.shape[-1]:
                 kwargs["position_ids"] = positions
@@ -322,18 +323,6 @@ class DocOwlAdapter(Adapter):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.inner.get_input_embeddings()(input_ids)
-
-
-def _cache_length(cache: Any) -> int:
-    """Tokens held by a transformers ``Cache`` or legacy ``((k, v), ...)`` tuples (0 when empty / None)."""
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    try:
-        return int(cache[0][0].shape[2])
-    except (IndexError, TypeError, AttributeError):
-        return 0
 
 
 def crops_from_page(num_rows: int, num_cols: int, with_global: bool = True, anchor_max: int = 9) -> torch.Tensor:

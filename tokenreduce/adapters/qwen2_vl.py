@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from tokenreduce.core.layout import Segment, TokenLayout
+from tokenreduce.core.sequence import text_positions
 
-from .base import Adapter, text_positions
+from .base import Adapter
 
 
 class Qwen2VLAdapter(Adapter):

@@ -31,7 +31,7 @@ from tokenreduce.core.inputs import ids_from_embeds, plain_embeds_positions, reb
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import MethodSpec, get_method
-from tokenreduce.core.sequence import gather_columns
+from tokenreduce.core.sequence import gather_columns, select_columns
 from tokenreduce.core.stats import ItemStats, LazyCount, SampleStats, Stats, timer
 
 HANDLE_ATTR = "_tokenreduce_handle"
@@ -575,7 +575,7 @@ class ModelHandle:
     def _rebuild(self, inputs, input_ids, attention_mask, items, coords, features, reductions, precomputed):
         adapter = self.adapter
         if self.text_counts is None:
-            index, gather = self._one_row_index(input_ids, items, coords), _select_columns
+            index, gather = self._one_row_index(input_ids, items, coords), select_columns
         else:
             index, gather = self._row_index(input_ids, attention_mask, items, coords), gather_columns
         new_mask = gather(attention_mask, index, 0)
@@ -731,11 +731,6 @@ def _load_wrapped(config: MethodConfig, enabled: bool, model: nn.Module, state: 
     """Unpickling of a wrapped model: restore the unwrapped model's state, then wrap it again."""
     model.__setstate__(state)
     _install(model, config, enabled)
-
-
-def _select_columns(tensor: torch.Tensor, index: torch.Tensor, fill: int = 0) -> torch.Tensor:
-    """``tensor[..., index]`` for a one-row rebuild (``index`` ``[L']``, no padding: ``fill`` is unused)."""
-    return tensor.index_select(-1, index if index.device == tensor.device else index.to(tensor.device))
 
 
 def _check_reduction(name: str, red: Reduction, n: int) -> None:

@@ -24,14 +24,14 @@ import torch
 from torch import nn
 
 from tokenreduce import kernels
-from tokenreduce.core.inputs import (
+from tokenreduce.core.sequence import (
+    column_index,
     decode_key_length,
     decode_positions,
     is_empty_cache,
     padding_mask_2d,
     prefill_padding_mask,
 )
-from tokenreduce.core.sequence import column_index
 
 if TYPE_CHECKING:
     from tokenreduce.core.handle import ModelHandle, VisualItem
