@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tokenreduce.adapters.base import Adapter
-from tokenreduce.core.sequence import text_positions
+from tokenreduce.core.sequence import gather_tokens
 
 
 def placeholder_ids(
@@ -46,8 +46,7 @@ def ids_from_embeds(adapter: Any, inputs: dict[str, Any]) -> torch.Tensor:
 def gather_embeds(inputs_embeds: torch.Tensor, index: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     """``inputs_embeds`` at the columns of ``index: [B, L']`` (``-1``: padding, given ``pad``'s embedding,
     as a padded ``input_ids`` row would be embedded)."""
-    safe = index.clamp_min(0).to(inputs_embeds.device)
-    out = torch.gather(inputs_embeds, 1, safe[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
+    out = gather_tokens(inputs_embeds, index.clamp_min(0).to(inputs_embeds.device))
     return torch.where((index < 0).to(out.device)[..., None], pad.to(out), out)
 
 
@@ -81,7 +80,7 @@ def plain_embeds_positions(adapter: Any, inputs: dict[str, Any], generating: boo
     mask = inputs.get("attention_mask")
     if generating:
         mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device) if mask is None else mask
-        return text_positions(mask)[None].expand(3, -1, -1)
+        return adapter.sequential_positions(mask)
     cache = inputs.get("cache", inputs.get("past_key_values"))
     params = inspect.signature(compute).parameters
     skip = ("input_ids", "inputs_embeds", "attention_mask", "cache")
