@@ -29,10 +29,12 @@ from tokenreduce.core.flops import Geometry
 from tokenreduce.core.hostsync import require
 from tokenreduce.core.inputs import ids_from_embeds, plain_embeds_positions, rebuilt_embeds
 from tokenreduce.core.layout import TokenLayout
+from tokenreduce.core.llm import LLMStage
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import MethodSpec, get_method
 from tokenreduce.core.sequence import gather_inputs, one_row_index, row_index, take_columns
 from tokenreduce.core.stats import ItemStats, LazyCount, SampleStats, Stats, timer
+from tokenreduce.core.vision import VisionStage
 
 HANDLE_ATTR = "_tokenreduce_handle"
 COUNT_CHANGING_STAGES = ("vision", "projector")
@@ -155,8 +157,6 @@ class ModelHandle:
             self.adapter.attach(self)
             layer = self.method.vision_layer
             if layer is not None:
-                from tokenreduce.core.vision import VisionStage
-
                 tower = self.adapter.tower
                 if tower is None:
                     raise TypeError(
@@ -166,8 +166,6 @@ class ModelHandle:
                 self.vision_stage = VisionStage(self, tower, layer)
                 self.vision_stage.attach()
             if "llm" in self.spec.stages:
-                from tokenreduce.core.llm import LLMStage
-
                 self.llm_stage = LLMStage(self)
                 self.llm_stage.attach()
             self.method.attach(self)
