@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tokenreduce.adapters.base import Adapter
-from tokenreduce.core.sequence import gather_tokens
+from tokenreduce.core.sequence import gather_tokens, rope_positions
 
 
 def placeholder_ids(
@@ -88,5 +88,6 @@ def plain_embeds_positions(adapter: Any, inputs: dict[str, Any], generating: boo
     positions = compute(input_ids=None, inputs_embeds=embeds, attention_mask=mask, cache=cache, **kwargs)
     if positions is None:  # what the text model then uses
         past = 0 if cache is None else cache.get_seq_length()
-        positions = torch.arange(past, past + length, device=embeds.device).view(1, 1, -1).expand(3, batch, -1)
+        consecutive = torch.arange(past, past + length, device=embeds.device).expand(batch, -1)
+        positions = rope_positions(consecutive, adapter.position_axes)
     return positions
