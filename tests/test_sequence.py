@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, Qwen2Config, StaticCache
+from transformers import DynamicCache, LlamaConfig, PretrainedConfig, Qwen2Config, StaticCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from tokenreduce.core.sequence import (
@@ -64,7 +64,8 @@ def test_column_index_left_pads_with_minus_one(rows):
 
 
 def test_column_index_of_no_rows():
-    assert column_index([]).shape == (0, 0)
+    index = column_index([])
+    assert index.shape == (0, 0) and index.dtype == torch.long
 
 
 @pytest.mark.parametrize("fill", [0, -100, 7.5])
@@ -112,7 +113,8 @@ def test_select_and_take_columns_of_one_row():
     assert select_columns(tensor, index).tolist() == [[13, 11, 11]]
     assert take_columns(tensor, index, fill=-1).tolist() == [[13, 11, 11]]  # one row: no padding, fill unused
     assert take_columns(mrope, index).tolist() == [[[13, 11, 11]], [[113, 111, 111]], [[213, 211, 211]]]
-    # a [B, L'] index goes through gather_columns, padding filled
+    # a [B, L'] index goes through gather_columns, padding filled (0 unless told)
+    assert take_columns(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[-1, 1], [0, 1]])).tolist() == [[0, 2], [3, 4]]
     assert take_columns(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[-1, 1], [0, 1]]), fill=-9).tolist() == [
         [-9, 2], [3, 4]]
 
@@ -133,10 +135,10 @@ def _repeat_reference(copies):
     return _reference_index(rows)
 
 
-@pytest.mark.parametrize("copies", [[[1, 0, 3, 1], [2, 1, 0, 0]], [[0, 0, 0]], [[1, 1], [0, 0]]],
-                         ids=["uneven", "empty", "empty-row"])
+@pytest.mark.parametrize("copies", [[[1, 0, 3, 1], [2, 1, 0, 0]], [[0, 0, 0]], [[1, 1], [0, 0]], []],
+                         ids=["uneven", "empty", "empty-row", "no-rows"])
 def test_repeat_index_against_lists(copies):
-    tensor = torch.tensor(copies)
+    tensor = torch.tensor(copies, dtype=torch.long).reshape(len(copies), -1 if copies else 0)
     assert repeat_index(tensor).tolist() == _repeat_reference(copies)
     assert repeat_index(tensor, [sum(r) for r in copies]).tolist() == _repeat_reference(copies)
 
@@ -216,6 +218,8 @@ def test_scatter_tokens_later_pieces_win_and_padding_is_dropped():
     assert got.tolist() == [[[1.0, 1.0], [2.0, 2.5], [1.0, 1.0], [3.0, 3.5]]]
     only = scatter_tokens(3, [(torch.tensor([[2, -1]]), torch.tensor([[[5.0], [6.0]]]))])
     assert only.tolist() == [[[0.0], [0.0], [5.0]]]
+    rows = scatter_tokens(2, [(torch.tensor([[1, -1], [0, 1]]), torch.tensor([[[1.0], [2.0]], [[3.0], [4.0]]]))])
+    assert rows.tolist() == [[[0.0], [1.0]], [[3.0], [4.0]]]
 
 
 # ----- positions ---------------------------------------------------------------------------------------
@@ -313,6 +317,8 @@ def test_decode_mask_appends_the_tokens_after_the_prompt():
     for no_2d in (None, torch.zeros(2, 1, 1, 7)):
         got = decode_mask(kept, no_2d, 4, 5)
         assert got.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]] and got.dtype == kept.dtype
+    as_bool = decode_mask(kept, given.bool(), 4, 5)  # the tail takes the stage mask's dtype
+    assert as_bool.dtype == kept.dtype and as_bool.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
 
 
 def test_causal_mask_builder_and_full_causal_by_layer_type():
@@ -323,6 +329,9 @@ def test_causal_mask_builder_and_full_causal_by_layer_type():
     plain = LlamaConfig(num_hidden_layers=2)
     plain.layer_types = None
     assert full_causal(plain, 1) and causal_mask_builder(plain, 1) is create_causal_mask
+    bare = PretrainedConfig()  # a config with no layer types at all
+    assert not hasattr(bare, "layer_types")
+    assert full_causal(bare, 0) and causal_mask_builder(bare, 0) is create_causal_mask
 
 
 def test_gathered_causal_mask_against_lists():
