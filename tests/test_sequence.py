@@ -140,6 +140,7 @@ def _repeat_reference(copies):
 def test_repeat_index_against_lists(copies):
     tensor = torch.tensor(copies, dtype=torch.long).reshape(len(copies), -1 if copies else 0)
     assert repeat_index(tensor).tolist() == _repeat_reference(copies)
+    assert repeat_index(tensor).shape == (len(copies), max((sum(r) for r in copies), default=0))
     assert repeat_index(tensor, [sum(r) for r in copies]).tolist() == _repeat_reference(copies)
 
 
