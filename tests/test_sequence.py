@@ -3,8 +3,6 @@ the rebuilt rows of one or several rows, gathers with padding fill, labels, posi
 M-RoPE axes, a prompt's continuation, decode steps under dynamic and static caches), decode and gathered
 causal masks, DocOwl's placeholder expansion; rows of different lengths, empty rows."""
 
-import math
-
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, PretrainedConfig, Qwen2Config, StaticCache
@@ -12,6 +10,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from tokenreduce.core.sequence import (
     IGNORE_INDEX,
+    Columns,
     cache_length,
     causal_mask_builder,
     column_index,
@@ -25,7 +24,6 @@ from tokenreduce.core.sequence import (
     gather_tokens,
     gathered_causal_mask,
     is_empty_cache,
-    left_pad,
     next_positions,
     one_row_index,
     padding_mask,
@@ -36,7 +34,6 @@ from tokenreduce.core.sequence import (
     rope_positions,
     row_index,
     scatter_tokens,
-    select_columns,
     take_columns,
     text_positions,
 )
@@ -92,25 +89,18 @@ def test_gather_columns_default_fill_is_zero():
 
 
 # ----- columns: left padding, selects, token gathers, index builders -----------------------------------
-def test_left_pad_stacks_rows_with_fill_and_keeps_dtype():
-    rows = [torch.tensor([1.5, 2.5]), torch.tensor([]), torch.tensor([3.0, 4.0, 5.0])]
-    got = left_pad(rows, -7)
-    assert got.dtype == torch.float32
-    assert got.tolist() == [[-7, 1.5, 2.5], [-7, -7, -7], [3.0, 4.0, 5.0]]
-    assert left_pad([torch.tensor([9])], 0).tolist() == [[9]]
-
-
-def test_column_index_casts_to_long_and_lands_on_the_device_asked():
-    index = column_index([torch.tensor([2, 0], dtype=torch.int32)], device=torch.device("cpu"))
+def test_column_index_is_long_and_lands_on_the_device_asked():
+    index = column_index([torch.tensor([2, 0], dtype=torch.int32), torch.tensor([], dtype=torch.int32)],
+                         device=torch.device("cpu"))
     assert index.dtype == torch.long and index.device.type == "cpu"
-    assert index.tolist() == [[2, 0]]
+    assert index.tolist() == [[2, 0], [-1, -1]]
 
 
-def test_select_and_take_columns_of_one_row():
+def test_take_columns_of_one_row_and_of_several():
     tensor = torch.tensor([[10, 11, 12, 13]])
     mrope = torch.stack([tensor, tensor + 100, tensor + 200])
     index = torch.tensor([3, 1, 1])
-    assert select_columns(tensor, index).tolist() == [[13, 11, 11]]
+    assert take_columns(tensor, index).tolist() == [[13, 11, 11]]
     assert take_columns(tensor, index, fill=-1).tolist() == [[13, 11, 11]]  # one row: no padding, fill unused
     assert take_columns(mrope, index).tolist() == [[[13, 11, 11]], [[113, 111, 111]], [[213, 211, 211]]]
     # a [B, L'] index goes through gather_columns, padding filled (0 unless told)
@@ -119,12 +109,26 @@ def test_select_and_take_columns_of_one_row():
         [-9, 2], [3, 4]]
 
 
-@pytest.mark.parametrize("trailing", [(), (3,), (2, 3)], ids=["BL", "BLD", "BLHD"])
-def test_gather_tokens_against_lists(trailing):
-    states = torch.arange(2 * 5 * math.prod(trailing)).reshape(2, 5, *trailing)
+def test_columns_gather_many_tensors_through_one_index():
+    rows = [[2, 0], [1]]
+    columns = Columns(column_index([torch.tensor(r) for r in rows]))
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    assert columns.take(mask).tolist() == [[1, 1], [0, 1]]
+    assert columns.take(mask * 7, fill=-3).tolist() == [[7, 7], [-3, 7]]
+    states = torch.arange(2 * 3 * 2).reshape(2, 3, 2)
+    # padding reads column 0 (its mask hides it)
+    assert columns.tokens(states).tolist() == [[states[0, 2].tolist(), states[0, 0].tolist()],
+                                               [states[1, 0].tolist(), states[1, 1].tolist()]]
+    one = Columns(torch.tensor([2, 2, 0]))
+    assert one.pad is None and one.take(torch.tensor([[4, 5, 6]]), fill=-1).tolist() == [[6, 6, 4]]
+    assert one.tokens(states[:1]).tolist() == [[states[0, 2].tolist(), states[0, 2].tolist(), states[0, 0].tolist()]]
+
+
+def test_gather_tokens_against_lists():
+    states = torch.arange(2 * 5 * 3).reshape(2, 5, 3)
     index = torch.tensor([[4, 0, 2], [1, 1, 3]])
     got = gather_tokens(states, index)
-    assert got.shape == (2, 3, *trailing)
+    assert got.shape == (2, 3, 3)
     assert got.tolist() == [[states[b, c].tolist() for c in row] for b, row in enumerate(index.tolist())]
     one = gather_tokens(states, torch.tensor([3, 3, 0]))
     assert one.tolist() == [[states[b, c].tolist() for c in (3, 3, 0)] for b in range(2)]
@@ -200,14 +204,14 @@ def test_gather_inputs_fills_each_key_and_leaves_the_rest():
               "mm_token_type_ids": torch.tensor([[0, 1, 1]]), "token_type_ids": torch.tensor([[4, 4, 5]]),
               "pixel_values": "kept", "attention_mask": torch.tensor([[1, 1, 1]])}
     index = torch.tensor([[-1, 2, 0]])
-    out = gather_inputs(inputs, index, pad_id=99)
+    out = gather_inputs(inputs, Columns(index), pad_id=99)
     assert out["input_ids"].tolist() == [[99, 7, 5]]
     assert out["labels"].tolist() == [[IGNORE_INDEX, 3, 1]] and IGNORE_INDEX == -100
     assert out["mm_token_type_ids"].tolist() == [[0, 1, 0]]
     assert out["token_type_ids"].tolist() == [[0, 5, 4]]
     assert out["pixel_values"] == "kept" and out["attention_mask"] is inputs["attention_mask"]
-    assert "labels" not in gather_inputs({"input_ids": inputs["input_ids"]}, index, 0)
-    one = gather_inputs({"input_ids": inputs["input_ids"], "labels": None}, torch.tensor([1, 1]), 0)
+    assert "labels" not in gather_inputs({"input_ids": inputs["input_ids"]}, Columns(index), 0)
+    one = gather_inputs({"input_ids": inputs["input_ids"], "labels": None}, Columns(torch.tensor([1, 1])), 0)
     assert one["input_ids"].tolist() == [[6, 6]] and one["labels"] is None
 
 

@@ -32,7 +32,7 @@ from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.llm import LLMStage
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import MethodSpec, get_method
-from tokenreduce.core.sequence import gather_inputs, one_row_index, row_index, take_columns
+from tokenreduce.core.sequence import Columns, gather_inputs, one_row_index, row_index
 from tokenreduce.core.stats import ItemStats, LazyCount, SampleStats, Stats, timer
 from tokenreduce.core.vision import VisionStage
 
@@ -578,7 +578,8 @@ class ModelHandle:
     def _rebuild(self, inputs, input_ids, attention_mask, items, coords, features, reductions, precomputed):
         adapter = self.adapter
         index = self._column_index(input_ids, attention_mask, items, coords)
-        new_mask = take_columns(attention_mask, index, 0)
+        columns = Columns(index)
+        new_mask = columns.take(attention_mask, 0)
 
         if self.config.renumber_positions:
             positions = adapter.sequential_positions(new_mask)
@@ -593,11 +594,11 @@ class ModelHandle:
                     original = adapter.sequential_positions(attention_mask)
                 else:
                     original = adapter.position_ids(input_ids, attention_mask, inputs)
-            positions = take_columns(original, index, 0)
+            positions = columns.take(original, 0)
         if self._pad_id is None:
             pad_id = self.adapter.text_config.pad_token_id
             self._pad_id = 0 if pad_id is None else int(pad_id)
-        out = gather_inputs(inputs, index, self._pad_id)
+        out = gather_inputs(inputs, columns, self._pad_id)
         out = rebuilt_embeds(out, inputs, index if index.dim() == 2 else index[None], adapter.embed, self._pad_id,
                              given_ids=not self._ids_from_embeds)
         out["attention_mask"] = new_mask

@@ -25,6 +25,7 @@ from torch import nn
 
 from tokenreduce import kernels
 from tokenreduce.core.sequence import (
+    Columns,
     causal_mask_builder,
     column_index,
     decode_key_length,
@@ -39,7 +40,6 @@ from tokenreduce.core.sequence import (
     renumbered_positions,
     rope_positions,
     scatter_tokens,
-    take_columns,
 )
 from tokenreduce.core.stats import timer
 
@@ -394,19 +394,18 @@ class LLMStage:
             # Into the current sequence; one row needs no padding (its length is its own): a plain select.
             index = column_index(rows_keep, device=hidden.device)
             one_row = mask.shape[0] == 1
-            take = index[0] if one_row else index
-            safe = take if one_row else index.clamp_min(0)
-            new_hidden = gather_tokens(hidden, safe)
-            new_columns = take_columns(columns, take, -1)
-            new_mask = take_columns(mask, take, 0).long()  # text may hold padding
+            take = Columns(index[0] if one_row else index)
+            new_hidden = take.tokens(hidden)
+            new_columns = take.take(columns, -1)
+            new_mask = take.take(mask, 0).long()  # text may hold padding
             # What every column held entering this layer: outside generate, a token dropped here keeps that
             # state (later stages and the final states overwrite the columns they still hold).
             call.dropped.append((columns, hidden))
             if handle.config.renumber_positions:
                 cos, sin = self._rotary(new_hidden, renumbered_positions(new_mask))
             else:
-                cos, sin = gather_tokens(cos, safe), gather_tokens(sin, safe)
-            new_pos = None if position_ids is None else take_columns(position_ids, take, 0)
+                cos, sin = take.tokens(cos), take.tokens(sin)
+            new_pos = None if position_ids is None else take.take(position_ids, 0)
             # Map visual/text columns into the new sequence: each row of the index is ascending (left
             # padding -1 first), so a kept column's new place is where it sorts in.
             new_visual, new_text, new_tail = [], [], []
@@ -417,7 +416,7 @@ class LLMStage:
                 new_tail.append(torch.searchsorted(row, tail[r]) if tail[r].numel() else tail[r])
         unmasked = (previous.unmasked if previous is not None else call.mask2d is None) and mask.shape[0] == 1
         self.stages.append(Stage(k, new_columns, new_mask, cos, sin, new_pos, new_visual, new_visual_tok, new_text,
-                                 new_tail, unmasked, gather=take if one_row else None))
+                                 new_tail, unmasked, gather=take.index if one_row else None))
         requested = handle.requested_keep(self.prune_layers.index(k))
         for r, sample in enumerate(info.samples):
             sample.layers[k] = int(new_visual[r * factor].numel())

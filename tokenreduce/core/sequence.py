@@ -7,7 +7,7 @@ Every count-changing reduction ends here, whichever stage makes it:
   index with ``-1`` for padding (:func:`column_index`, :func:`row_index`, :func:`one_row_index`,
   :func:`repeat_index`), and every per-token tensor gathered through it (:func:`gather_columns` for
   ``[..., B, L]`` ids, masks, labels and positions, :func:`gather_tokens` for ``[B, L, D]`` states and
-  rotary tables); the projector stage rebuilds the caller's inputs (:func:`gather_inputs`), the LLM stage
+  rotary tables, :class:`Columns` for many tensors through one index); the projector stage rebuilds the caller's inputs (:func:`gather_inputs`), the LLM stage
   the sequence between decoder layers, DocOwl its one-placeholder-per-crop prompts;
 * **positions**: plain text positions, renumbered ones, a decode step's, and a prompt's continuation
   (:func:`continued_positions`); M-RoPE families take the same positions on each of their rotary axes,
@@ -32,53 +32,64 @@ IGNORE_INDEX = -100
 
 
 # ----- columns -------------------------------------------------------------------------------------------
-def left_pad(rows: Sequence[torch.Tensor], fill: int | float, device: torch.device | None = None) -> torch.Tensor:
-    """Stack 1-D ``rows`` into ``[B, L]`` (``L`` the longest), shorter rows left-padded with ``fill``."""
-    length = max((int(r.numel()) for r in rows), default=0)
-    like = rows[0] if rows else torch.zeros(0, dtype=torch.long)
-    out = like.new_full((len(rows), length), fill, device=device if device is not None else like.device)
-    for row, values in enumerate(rows):
-        if values.numel():
-            out[row, length - values.numel() :] = values.to(out.device)
-    return out
-
-
 def column_index(columns: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
     """Left-padded ``[B, L']`` index of original columns (``-1`` marks padding)."""
-    return left_pad([c.long() for c in columns], -1, device if device is not None else torch.get_default_device())
+    length = max((int(c.numel()) for c in columns), default=0)
+    index = torch.full((len(columns), length), -1, dtype=torch.long, device=device)
+    for row, cols in enumerate(columns):
+        if cols.numel():
+            index[row, length - cols.numel() :] = cols.to(index.device)
+    return index
+
+
+class Columns:
+    """A column index to gather through, with its clamped form and its padding worked out once: one row's
+    ``[L']`` (no padding: plain selects) or several rows' left-padded ``[B, L']`` (``-1``: padding). A
+    rebuild gathers many tensors through one index."""
+
+    __slots__ = ("index", "pad", "safe")
+
+    def __init__(self, index: torch.Tensor):
+        self.index = index
+        if index.dim() == 1:
+            self.safe, self.pad = index, None
+        else:
+            self.safe, self.pad = index.clamp_min(0), index < 0
+
+    def take(self, tensor: torch.Tensor, fill: int | float = 0) -> torch.Tensor:
+        """``tensor`` (``[B, L]``, or ``[..., B, L]``: M-RoPE positions are ``[3, B, L]``) at the columns,
+        ``fill`` at padding."""
+        safe = self.safe if self.safe.device == tensor.device else self.safe.to(tensor.device)
+        if self.pad is None:
+            return tensor.index_select(-1, safe)
+        out = torch.gather(tensor, -1, safe.expand(*tensor.shape[:-2], *safe.shape))
+        return out.masked_fill(self.pad.to(tensor.device).expand_as(out), fill)
+
+    def tokens(self, states: torch.Tensor) -> torch.Tensor:
+        """Per-token states ``[B, L, D]`` at the columns (padding reads column 0, which its mask hides)."""
+        return gather_tokens(states, self.safe)
 
 
 def gather_columns(tensor: torch.Tensor, index: torch.Tensor, fill: int | float = 0) -> torch.Tensor:
-    """Gather ``tensor[..., b, index[b]]`` along the last dim; ``-1`` entries become ``fill``.
-
-    ``tensor`` is ``[B, L]`` or ``[..., B, L]`` (M-RoPE positions are ``[3, B, L]``).
-    """
-    safe = index.clamp_min(0).to(tensor.device)
-    expanded = safe.expand(*tensor.shape[:-2], *safe.shape)
-    out = torch.gather(tensor, -1, expanded)
-    pad = (index < 0).to(tensor.device).expand_as(out)
-    return out.masked_fill(pad, fill)
-
-
-def select_columns(tensor: torch.Tensor, index: torch.Tensor, fill: int | float = 0) -> torch.Tensor:
-    """``tensor[..., index]`` for one row (``index`` ``[L']``, no padding: ``fill`` is unused)."""
-    return tensor.index_select(-1, index if index.device == tensor.device else index.to(tensor.device))
+    """Gather ``tensor[..., b, index[b]]`` along the last dim through a ``[B, L']`` index; ``-1`` entries
+    become ``fill``. ``tensor`` is ``[B, L]`` or ``[..., B, L]`` (M-RoPE positions are ``[3, B, L]``)."""
+    return Columns(index).take(tensor, fill)
 
 
 def take_columns(tensor: torch.Tensor, index: torch.Tensor, fill: int | float = 0) -> torch.Tensor:
-    """:func:`select_columns` for a one-row index ``[L']``, :func:`gather_columns` for a ``[B, L']`` one."""
-    return select_columns(tensor, index) if index.dim() == 1 else gather_columns(tensor, index, fill)
+    """``tensor[..., index]`` for a one-row index ``[L']`` (no padding: ``fill`` is unused), else
+    :func:`gather_columns` for a left-padded ``[B, L']`` one."""
+    return Columns(index).take(tensor, fill)
 
 
 def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``states[b, index[b]]`` of per-token states ``[B, L, *]`` (hidden states, rotary tables): ``[B, L', *]``.
+    """``states[b, index[b]]`` of per-token states ``[B, L, D]`` (hidden states, rotary tables): ``[B, L', D]``.
 
     ``index`` is ``[B, L']`` with no ``-1`` (clamp a padded index first: padding then reads column 0, which
     its mask hides), or ``[L']`` for every row alike."""
     if index.dim() == 1:
         return states.index_select(1, index)
-    return torch.gather(states, 1, index.view(*index.shape, *(1,) * (states.dim() - 2)).expand(
-        *index.shape, *states.shape[2:]))
+    return torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))
 
 
 def padding_mask(index: torch.Tensor) -> torch.Tensor:
@@ -154,18 +165,18 @@ def row_index(
     return index, landed
 
 
-def gather_inputs(inputs: dict[str, Any], index: torch.Tensor, pad_id: int) -> dict[str, Any]:
-    """The per-token inputs of a call other than masks and positions, at the columns of ``index`` (``[L']``
-    for one row, ``[B, L']`` left-padded): ``input_ids`` (padding ``pad_id``), ``labels`` (padding
-    :data:`IGNORE_INDEX`), ``mm_token_type_ids`` / ``token_type_ids`` (padding 0); the rest as given."""
+def gather_inputs(inputs: dict[str, Any], columns: Columns, pad_id: int) -> dict[str, Any]:
+    """The per-token inputs of a call other than masks and positions, at ``columns``: ``input_ids`` (padding
+    ``pad_id``), ``labels`` (padding :data:`IGNORE_INDEX`), ``mm_token_type_ids`` / ``token_type_ids``
+    (padding 0); the rest as given."""
     out = dict(inputs)
     if inputs.get("input_ids") is not None:
-        out["input_ids"] = take_columns(inputs["input_ids"], index, pad_id)
+        out["input_ids"] = columns.take(inputs["input_ids"], pad_id)
     if inputs.get("labels") is not None:
-        out["labels"] = take_columns(inputs["labels"], index, IGNORE_INDEX)
+        out["labels"] = columns.take(inputs["labels"], IGNORE_INDEX)
     for key in ("mm_token_type_ids", "token_type_ids"):
         if inputs.get(key) is not None:
-            out[key] = take_columns(inputs[key], index, 0)
+            out[key] = columns.take(inputs[key], 0)
     return out
 
 
