@@ -111,7 +111,9 @@ def test_take_columns_of_one_row_and_of_several():
 
 def test_columns_gather_many_tensors_through_one_index():
     rows = [[2, 0], [1]]
-    columns = Columns(column_index([torch.tensor(r) for r in rows]))
+    index = column_index([torch.tensor(r) for r in rows])
+    columns = Columns(index)
+    assert columns.index is index  # what a stage keeps of it
     mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
     assert columns.take(mask).tolist() == [[1, 1], [0, 1]]
     assert columns.take(mask * 7, fill=-3).tolist() == [[7, 7], [-3, 7]]
