@@ -48,8 +48,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "llm-core": (["tokenreduce/core/llm.py"], LLM_TESTS),
     "atp": (["tokenreduce/plugins/atp/method.py", "tokenreduce/plugins/atp/scores.py"], LLM_TESTS),
-    "sequence": (["tokenreduce/core/sequence.py"], ["tests/test_sequence.py", "tests/test_projector_stage.py",
-                                                    "-k", "sequence or column or gather or (llava_next_video and random)"]),
+    "sequence": (["tokenreduce/core/sequence.py"], ["tests/test_sequence.py"]),
     "pool": (["tokenreduce/plugins/baselines/pool.py", "tokenreduce/ops/pooling.py"], ["tests/test_selection.py", "-k", "pool"]),
     "divprune": (["tokenreduce/plugins/baselines/divprune.py"], ["tests/test_selection.py", "-k", "divprune"]),
     "projector": (

@@ -291,11 +291,7 @@ def test_the_cross_method_rule_can_fail():
 
 
 # Imports inside functions kept for a reason other than an optional extra or the CLI's start-up.
-DEFERRED = {
-    ("tokenreduce.core.handle", "tokenreduce.core.llm"): "core/handle.py is being rewritten (sequence module)",
-    ("tokenreduce.core.handle", "tokenreduce.core.vision"): "core/handle.py is being rewritten (sequence module)",
-    ("tokenreduce.core.llm", "tokenreduce.core.stats"): "core/llm.py is being rewritten (sequence module)",
-}
+DEFERRED: dict[tuple[str, str], str] = {}
 START_UP = {"tokenreduce.cli"}  # loads a subcommand's modules when the subcommand runs
 
 

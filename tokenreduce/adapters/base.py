@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.layout import TokenLayout
+from tokenreduce.core.sequence import rope_positions, text_positions
 
 from .towers import find_tower
 
@@ -34,6 +35,9 @@ class Adapter:
     # Stages (of tokenreduce.core.registry.STAGES) whose methods this family runs; wrap refuses the others.
     stages: tuple[str, ...] = ()
     is_vlm = True
+    # Rotary axes of the text model's position ids: 1 (``[B, L]``), or 3 for M-RoPE (``[3, B, L]``: t/h/w).
+    # The sequence edits (tokenreduce.core.sequence.rope_positions) give new positions to every axis.
+    position_axes: int = 1
     # Modalities whose layouts read a size tensor that the encoder reads again (anyres ``image_sizes``): the
     # core encodes them itself, with the host copy, even when it reduces nothing before the LLM.
     host_read_modalities: frozenset[str] = frozenset()
@@ -180,7 +184,7 @@ class Adapter:
 
     def sequential_positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Consecutive positions for a (reduced) sequence, in the layout of :meth:`position_ids`."""
-        return text_positions(attention_mask)
+        return rope_positions(text_positions(attention_mask), self.position_axes)
 
     # ----- language model ----------------------------------------------------------------------------
     @property
@@ -213,9 +217,3 @@ def default_patch_source(layout: TokenLayout) -> torch.Tensor:
         source[content, 0] = 0
         source[content, 1] = torch.arange(int(content.sum()))
     return source
-
-
-def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``cumsum(mask) - 1`` with padding at 0, as ``generate`` computes position ids."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)

@@ -45,12 +45,19 @@ import torch
 from torch import nn
 
 from tokenreduce.core.layout import Segment, TokenLayout
+from tokenreduce.core.sequence import (
+    IGNORE_INDEX,
+    cache_length,
+    continued_positions,
+    gather_columns,
+    next_positions,
+    repeat_index,
+)
 
 from .base import Adapter
 from .towers import BlockParts, Tower, _identity
 
 IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
 
 
 class MplugOwlTower(Tower):
@@ -226,23 +233,14 @@ class DocOwlAdapter(Adapter):
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         labels = inputs.get("labels")
-        repeat = torch.where(ids == IMAGE_TOKEN_INDEX, self.tokens_per_crop, 1)
+        placeholder = ids == IMAGE_TOKEN_INDEX
+        index = repeat_index(torch.where(placeholder, self.tokens_per_crop, 1))
         pad = self.text_config.pad_token_id
-        pad = 0 if pad is None else int(pad)
-        rows = [(ids[r].repeat_interleave(repeat[r]), mask[r].repeat_interleave(repeat[r]),
-                 None if labels is None else
-                 torch.where(ids[r] == IMAGE_TOKEN_INDEX, IGNORE_INDEX, labels[r]).repeat_interleave(repeat[r]))
-                for r in range(ids.shape[0])]
-        length = max(r[0].numel() for r in rows)
-
-        def left(t, value):
-            return torch.cat([t.new_full((length - t.numel(),), value), t])
-
         out = dict(inputs)
-        out["input_ids"] = torch.stack([left(r[0], pad) for r in rows])
-        out["attention_mask"] = torch.stack([left(r[1], 0) for r in rows])
+        out["input_ids"] = gather_columns(ids, index, 0 if pad is None else int(pad))
+        out["attention_mask"] = gather_columns(mask, index, 0)
         if labels is not None:
-            out["labels"] = torch.stack([left(r[2], IGNORE_INDEX) for r in rows])
+            out["labels"] = gather_columns(torch.where(placeholder, IGNORE_INDEX, labels), index, IGNORE_INDEX)
         return out
 
     def finalize_inputs(self, inputs: dict[str, Any], batch: Any) -> dict[str, Any]:
@@ -253,7 +251,7 @@ class DocOwlAdapter(Adapter):
         self._call = (batch, {
             "features": torch.cat(list(features)) if len(features) else None,
             "positions": positions,
-            "next": positions.max(dim=-1).values + 1,
+            "next": next_positions(positions),
             "prefill": positions.shape[-1],
             "spliced": False,
         })
@@ -303,14 +301,12 @@ class DocOwlAdapter(Adapter):
             if tokens is None:
                 return None
             length = tokens.shape[1]
-            past = _cache_length(kwargs.get("cache", kwargs.get("past_key_values")))
+            past = cache_length(kwargs.get("cache", kwargs.get("past_key_values")))
             positions = st["positions"].to(tokens.device)
             if past == 0 and length == positions.shape[-1]:
                 kwargs["position_ids"] = positions
             else:
-                step = past - st["prefill"]
-                nxt = st["next"].to(tokens.device)
-                kwargs["position_ids"] = nxt[:, None] + step + torch.arange(length, device=tokens.device)[None]
+                kwargs["position_ids"] = continued_positions(st["next"].to(tokens.device), past - st["prefill"], length)
             return args, kwargs
 
         handle.register_hook(self.inner.register_forward_pre_hook(positions_hook, with_kwargs=True))
@@ -322,18 +318,6 @@ class DocOwlAdapter(Adapter):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.inner.get_input_embeddings()(input_ids)
-
-
-def _cache_length(cache: Any) -> int:
-    """Tokens held by a transformers ``Cache`` or legacy ``((k, v), ...)`` tuples (0 when empty / None)."""
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    try:
-        return int(cache[0][0].shape[2])
-    except (IndexError, TypeError, AttributeError):
-        return 0
 
 
 def crops_from_page(num_rows: int, num_cols: int, with_global: bool = True, anchor_max: int = 9) -> torch.Tensor:

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from tokenreduce.core.layout import Segment, TokenLayout
+from tokenreduce.core.sequence import rope_positions, text_positions
 
-from .base import Adapter, text_positions
+from .base import Adapter
 
 
 class Qwen2VLAdapter(Adapter):
@@ -19,6 +20,7 @@ class Qwen2VLAdapter(Adapter):
     modalities = ("image", "video")
     # No vision stage: the Qwen vision transformer (windowed, merged patches) is not a supported tower.
     stages = ("projector", "llm", "decode")
+    position_axes = 3  # M-RoPE: temporal, height, width
     _rope_params: tuple[str, ...] | None = None
 
     def layouts(self, modality, inputs, counts=None):
@@ -89,13 +91,10 @@ class Qwen2VLAdapter(Adapter):
         return inputs.get("mm_token_type_ids") is None
 
     def format_positions(self, positions, attention_mask):
-        if positions.dim() == 2:  # 2-D ids given by the caller: the model uses them on every M-RoPE axis
-            positions = positions[None].expand(3, -1, -1)
+        # 2-D ids given by the caller: the model uses them on every M-RoPE axis
+        positions = rope_positions(positions, self.position_axes)
         # Row 0 holds plain text positions (used for masks only), rows 1-3 the t/h/w rotary ids.
         return torch.cat([text_positions(attention_mask)[None].to(positions), positions], dim=0)
-
-    def sequential_positions(self, attention_mask):
-        return text_positions(attention_mask)[None].expand(3, -1, -1)
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):

@@ -39,10 +39,12 @@ from tokenreduce.core.flops import Geometry
 from tokenreduce.core.hostsync import require
 from tokenreduce.core.inputs import ids_from_embeds, plain_embeds_positions, rebuilt_embeds
 from tokenreduce.core.layout import TokenLayout
+from tokenreduce.core.llm import LLMStage
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import MethodSpec, get_method
-from tokenreduce.core.sequence import gather_columns
+from tokenreduce.core.sequence import Columns, gather_inputs, one_row_index, row_index
 from tokenreduce.core.stats import ItemStats, LazyCount, SampleStats, Stats, timer
+from tokenreduce.core.vision import VisionStage
 
 HANDLE_ATTR = "_tokenreduce_handle"
 COUNT_CHANGING_STAGES = ("vision", "projector")
@@ -165,8 +167,6 @@ class ModelHandle:
             self.adapter.attach(self)
             layer = self.method.vision_layer
             if layer is not None:
-                from tokenreduce.core.vision import VisionStage
-
                 tower = self.adapter.tower
                 if tower is None:
                     raise TypeError(
@@ -176,8 +176,6 @@ class ModelHandle:
                 self.vision_stage = VisionStage(self, tower, layer)
                 self.vision_stage.attach()
             if "llm" in self.spec.stages:
-                from tokenreduce.core.llm import LLMStage
-
                 self.llm_stage = LLMStage(self)
                 self.llm_stage.attach()
             self.method.attach(self)
@@ -279,6 +277,11 @@ class ModelHandle:
     @property
     def reduces_before_llm(self) -> bool:
         return self._reduces_before_llm
+
+    @property
+    def in_generate(self) -> bool:
+        """Whether the model's ``generate`` is running (its forwards pass through: ``generate`` was prepared)."""
+        return self._in_generate
 
     def _signature(self, name: str, fn) -> inspect.Signature:
         sig = self._signatures.get(name)
@@ -624,11 +627,9 @@ class ModelHandle:
 
     def _rebuild(self, inputs, input_ids, attention_mask, items, coords, features, reductions, precomputed):
         adapter = self.adapter
-        if self.text_counts is None:
-            index, gather = self._one_row_index(input_ids, items, coords), _select_columns
-        else:
-            index, gather = self._row_index(input_ids, attention_mask, items, coords), gather_columns
-        new_mask = gather(attention_mask, index, 0)
+        index = self._column_index(input_ids, attention_mask, items, coords)
+        columns = Columns(index)
+        new_mask = columns.take(attention_mask, 0)
 
         if self.config.renumber_positions:
             positions = adapter.sequential_positions(new_mask)
@@ -643,21 +644,15 @@ class ModelHandle:
                     original = adapter.sequential_positions(attention_mask)
                 else:
                     original = adapter.position_ids(input_ids, attention_mask, inputs)
-            positions = gather(original, index, 0)
-        out = dict(inputs)
+            positions = columns.take(original, 0)
         if self._pad_id is None:
             pad_id = self.adapter.text_config.pad_token_id
             self._pad_id = 0 if pad_id is None else int(pad_id)
-        out["input_ids"] = gather(input_ids, index, self._pad_id)
+        out = gather_inputs(inputs, columns, self._pad_id)
         out = rebuilt_embeds(out, inputs, index if index.dim() == 2 else index[None], adapter.embed, self._pad_id,
                              given_ids=not self._ids_from_embeds)
         out["attention_mask"] = new_mask
         out["position_ids"] = adapter.format_positions(positions, new_mask)
-        if inputs.get("labels") is not None:
-            out["labels"] = gather(inputs["labels"], index, -100)
-        for key in ("mm_token_type_ids", "token_type_ids"):
-            if inputs.get(key) is not None:
-                out[key] = gather(inputs[key], index, 0)
         packed, handed = dict(precomputed), {}
         for m in coords:
             feats = [red.output_features(f) for red, f in zip(reductions[m], features[m])]
@@ -669,64 +664,19 @@ class ModelHandle:
         self.current = BatchInfo(items=items, attention_mask=new_mask, samples=self.stats.last, features=handed)
         return adapter.finalize_inputs(out, self.current)
 
-    def _one_row_index(self, input_ids, items, coords) -> torch.Tensor:
-        """The ``[L']`` original column of each column of the rebuilt row, one row (its padding kept): the text
-        columns and the kept visual ones, in order; sets each item's ``columns`` to where its tokens land.
-
-        One stable sort of (text columns, kept columns): a column the method repeats lands that many times,
-        consecutively; the sort's inverse places every kept token. All sizes come from shapes."""
-        length = input_ids.shape[1]
-        placeholder = None
-        for c in coords.values():
-            flags = torch.zeros(length, dtype=torch.bool, device=input_ids.device).index_fill_(0, c[:, 1], True)
-            placeholder = flags if placeholder is None else placeholder | flags
-        n_text = length - sum(int(c.shape[0]) for c in coords.values())
-        text = torch.nonzero_static(~placeholder, size=n_text).view(-1)
-        cols = {m: c[:, 1] for m, c in coords.items()}
-        for it in items:
-            it.columns = cols[it.modality][it.columns]
-        joined = torch.cat([text, *(it.columns for it in items)])
-        index, order = torch.sort(joined, stable=True)
-        where = torch.empty_like(order).index_put_((order,), torch.arange(order.numel(), device=order.device))
-        at = n_text
-        for it in items:
-            n = it.columns.numel()
-            it.columns = where[at : at + n]
-            at += n
-        return index
-
-    def _row_index(self, input_ids, attention_mask, items, coords) -> torch.Tensor:
-        """``[B, L']`` original column of each column of the rebuilt rows (``-1``: left padding); sets each
-        item's ``columns`` to where its tokens land. Row lengths are known on the host (``text_counts``
-        and the reductions' shapes), so the index is built without reading the device."""
-        batch, length = input_ids.shape
-        device = input_ids.device
-        # How many times each original column appears in the new sequence: once for a text column, as
-        # often as the method kept it for a visual one. Every size is known on the host (row lengths from
-        # the reductions' shapes), so the index is built without reading the device.
-        keep_padding = self.text_counts is None
-        copies = torch.ones_like(input_ids, dtype=torch.long) if keep_padding else (attention_mask != 0).long()
-        lengths = [length] * batch if keep_padding else list(self.text_counts)
-        for m in coords:
-            copies[coords[m][:, 0], coords[m][:, 1]] = 0
-            if keep_padding:
-                lengths[0] -= coords[m].shape[0]
-        for it in items:
-            it.columns = coords[it.modality][it.columns, 1]
-            copies[it.row].index_add_(0, it.columns, torch.ones_like(it.columns))
-            lengths[it.row] += it.columns.numel()
-        width = max(lengths)
-        index = torch.full((batch, width), -1, dtype=torch.long, device=device)
-        columns = torch.arange(length, device=device)
-        for r, n in enumerate(lengths):
-            index[r, width - n :] = torch.repeat_interleave(columns, copies[r], output_size=n)
-
-        # Where each item's tokens landed in the new sequence (an item's columns are sorted; a column
-        # repeated by the method appears that many times, consecutively).
-        before = copies.cumsum(1) - copies
-        for it in items:
-            rank = torch.arange(it.columns.numel(), device=device) - torch.searchsorted(it.columns, it.columns)
-            it.columns = before[it.row, it.columns] + rank + (width - lengths[it.row])
+    def _column_index(self, input_ids, attention_mask, items, coords) -> torch.Tensor:
+        """The original column of each column of the rebuilt sequence: ``[L']`` for one row (its padding
+        kept), ``[B, L']`` left-padded for several (``text_counts`` known); sets each item's ``columns`` to
+        where its tokens land."""
+        if self.text_counts is None:
+            cols = {m: c[:, 1] for m, c in coords.items()}
+            kept = [cols[it.modality][it.columns] for it in items]
+            index, landed = one_row_index(input_ids.shape[1], list(cols.values()), kept, input_ids.device)
+        else:
+            kept = [(it.row, coords[it.modality][it.columns, 1]) for it in items]
+            index, landed = row_index(attention_mask, list(coords.values()), kept, self.text_counts)
+        for it, columns in zip(items, landed):
+            it.columns = columns
         return index
 
     def _text_embeds(self, inputs, row: int) -> torch.Tensor:
@@ -781,11 +731,6 @@ def _load_wrapped(config: MethodConfig, enabled: bool, model: nn.Module, state: 
     """Unpickling of a wrapped model: restore the unwrapped model's state, then wrap it again."""
     model.__setstate__(state)
     _install(model, config, enabled)
-
-
-def _select_columns(tensor: torch.Tensor, index: torch.Tensor, fill: int = 0) -> torch.Tensor:
-    """``tensor[..., index]`` for a one-row rebuild (``index`` ``[L']``, no padding: ``fill`` is unused)."""
-    return tensor.index_select(-1, index if index.device == tensor.device else index.to(tensor.device))
 
 
 def _check_reduction(name: str, red: Reduction, n: int) -> None:

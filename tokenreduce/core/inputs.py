@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from tokenreduce.adapters.base import Adapter, text_positions
+from tokenreduce.adapters.base import Adapter
+from tokenreduce.core.sequence import gather_tokens, rope_positions
 
 
 def placeholder_ids(
@@ -45,8 +46,7 @@ def ids_from_embeds(adapter: Any, inputs: dict[str, Any]) -> torch.Tensor:
 def gather_embeds(inputs_embeds: torch.Tensor, index: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     """``inputs_embeds`` at the columns of ``index: [B, L']`` (``-1``: padding, given ``pad``'s embedding,
     as a padded ``input_ids`` row would be embedded)."""
-    safe = index.clamp_min(0).to(inputs_embeds.device)
-    out = torch.gather(inputs_embeds, 1, safe[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
+    out = gather_tokens(inputs_embeds, index.clamp_min(0).to(inputs_embeds.device))
     return torch.where((index < 0).to(out.device)[..., None], pad.to(out), out)
 
 
@@ -80,7 +80,7 @@ def plain_embeds_positions(adapter: Any, inputs: dict[str, Any], generating: boo
     mask = inputs.get("attention_mask")
     if generating:
         mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device) if mask is None else mask
-        return text_positions(mask)[None].expand(3, -1, -1)
+        return adapter.sequential_positions(mask)
     cache = inputs.get("cache", inputs.get("past_key_values"))
     params = inspect.signature(compute).parameters
     skip = ("input_ids", "inputs_embeds", "attention_mask", "cache")
@@ -89,50 +89,6 @@ def plain_embeds_positions(adapter: Any, inputs: dict[str, Any], generating: boo
     positions = compute(input_ids=None, inputs_embeds=embeds, attention_mask=mask, cache=cache, **kwargs)
     if positions is None:  # what the text model then uses
         past = 0 if cache is None else cache.get_seq_length()
-        positions = torch.arange(past, past + length, device=embeds.device).view(1, 1, -1).expand(3, batch, -1)
+        consecutive = torch.arange(past, past + length, device=embeds.device).expand(batch, -1)
+        positions = rope_positions(consecutive, adapter.position_axes)
     return positions
-
-
-# ----- the llm stage under any cache and under torch.compile ---------------------------------------------
-def padding_mask_2d(mask: Any) -> torch.Tensor | None:
-    """The text model's ``attention_mask`` when it is a 2-D padding mask; None for a prepared 4-D mask or a
-    per-layer-type dict (what ``generate`` builds up front for a static cache), or no mask."""
-    return mask if torch.is_tensor(mask) and mask.dim() == 2 else None
-
-
-def prefill_padding_mask(given: Any, prepared: torch.Tensor | None, rows: int, length: int) -> torch.Tensor | None:
-    """The 2-D padding mask of a prefill of ``rows x length`` tokens: the text model's own when it got one,
-    else the one the handle prepared (the caller's rows, repeated for ``generate``'s beams; columns past it,
-    assisted decoding's candidates, are real tokens), else None (every token real)."""
-    mask = padding_mask_2d(given)
-    if mask is not None or prepared is None or rows % prepared.shape[0]:
-        return mask
-    mask = prepared.repeat_interleave(rows // prepared.shape[0], dim=0)
-    if mask.shape[1] < length:
-        mask = torch.cat([mask, mask.new_ones(rows, length - mask.shape[1])], dim=1)
-    return mask[:, :length]
-
-
-def is_empty_cache(cache: Any, layer: int) -> bool:
-    """Whether ``cache`` holds nothing yet at ``layer`` (a prefill). Reads a static cache's counter from the
-    device: called once per prepared call, never in the decode steps ``generate`` may compile."""
-    return cache is None or bool(cache.get_seq_length(layer) == 0)
-
-
-def decode_key_length(cache: Any, query: int, layer: int) -> int:
-    """Columns of the 2-D mask for a decode step at ``layer``: the layer's keys after the step; for a static
-    cache (its counter lives on the device) its fixed length, so that no shape depends on the step."""
-    if cache is None:
-        return query
-    length = cache.get_seq_length(layer)
-    if torch.is_tensor(length):
-        return int(cache.get_mask_sizes(query, layer)[0])
-    return length + query
-
-
-def decode_positions(mask2d: torch.Tensor, cache: Any, query: int, layer: int) -> torch.Tensor:
-    """Consecutive positions (padding not counted) of a decode step's ``query`` tokens at ``layer``: the
-    count of real tokens before each, read at the layer's offset (a tensor in a static cache: no host read)."""
-    offset = 0 if cache is None else cache.get_seq_length(layer)
-    columns = torch.arange(query, device=mask2d.device) + offset
-    return (mask2d.long().cumsum(-1) - 1).index_select(1, columns)

@@ -24,14 +24,24 @@ import torch
 from torch import nn
 
 from tokenreduce import kernels
-from tokenreduce.core.inputs import (
+from tokenreduce.core.sequence import (
+    Columns,
+    causal_mask_builder,
+    column_index,
     decode_key_length,
+    decode_mask,
     decode_positions,
+    full_causal,
+    gather_columns,
+    gather_tokens,
+    gathered_causal_mask,
     is_empty_cache,
-    padding_mask_2d,
     prefill_padding_mask,
+    renumbered_positions,
+    rope_positions,
+    scatter_tokens,
 )
-from tokenreduce.core.sequence import column_index
+from tokenreduce.core.stats import timer
 
 # The attribute of a cache that holds the stages of the prefill that filled it.
 STAGES_ATTR = "_tokenreduce_stages"
@@ -65,16 +75,14 @@ class AttentionCapture:
         """Post-RoPE queries ``[B, Hq, Q, d]`` of the tokens at ``columns: [B, Q]``."""
         attn = self.module
         if self.projected is not None:  # what the layer computed: no second projection
-            h = torch.gather(self.projected, 1, columns[..., None].expand(-1, -1, self.projected.shape[-1]))
+            h = gather_tokens(self.projected, columns)
         else:
-            h = attn.q_proj(torch.gather(self.hidden, 1, columns[..., None].expand(-1, -1, self.hidden.shape[-1])))
+            h = attn.q_proj(gather_tokens(self.hidden, columns))
         b, q, _ = h.shape
         states = h.view(b, q, -1, attn.head_dim).transpose(1, 2)
         if getattr(attn, "q_norm", None) is not None:
             states = attn.q_norm(states)
-        cos = torch.gather(self.cos, 1, columns[..., None].expand(-1, -1, self.cos.shape[-1]))
-        sin = torch.gather(self.sin, 1, columns[..., None].expand(-1, -1, self.sin.shape[-1]))
-        return apply_rope(states, cos, sin)
+        return apply_rope(states, gather_tokens(self.cos, columns), gather_tokens(self.sin, columns))
 
     def key_states(self) -> torch.Tensor:
         if self.keys is None:
@@ -159,8 +167,8 @@ class LLMContext:
     def text_attention(self, causal: bool = True) -> torch.Tensor:
         """Attention of each row's text tokens to every key, averaged over them, ``[B, L]``."""
         cols = column_index(self.text, device=self.hidden.device)
-        real = torch.gather(self.attention_mask, 1, cols.clamp_min(0)) != 0  # text of one row may hold padding
-        return self.attention(cols.clamp_min(0), (cols >= 0) & real, causal=causal)
+        real = gather_columns(self.attention_mask, cols, 0) != 0  # text of one row may hold padding
+        return self.attention(cols.clamp_min(0), real, causal=causal)
 
 
 @dataclass
@@ -323,25 +331,14 @@ class LLMStage:
         if call is not None and call.prefill and self.stages and call.cache is not None:
             # what every decode step on this cache needs, kept with it: a conversation continues from it later
             setattr(call.cache, STAGES_ATTR, (self.stages, self.prompt_length))
-        if call is None or not call.prefill or not self.stages or self.handle._in_generate:
+        if call is None or not call.prefill or not self.stages or self.handle.in_generate:
             return None
         # Outside generate: put every dropped token back at its column, with the state it was dropped in.
-        last = self.stages[-1]
-        hidden = output.last_hidden_state
-        b, length = self.original_mask.shape
-        # Scatters into one spare column (``length``) that takes every padding slot, then cut off: no
-        # boolean indexing, so the host does not wait for the device.
-        full = hidden.new_zeros(b, length + 1, hidden.shape[-1])
-
-        def put(cols: torch.Tensor, states: torch.Tensor) -> None:
-            target = torch.where(cols >= 0, cols, length)
-            full.scatter_(1, target[..., None].expand(-1, -1, states.shape[-1]), states)
-
         norm = getattr(module, "norm", None)
-        for cols, states in call.dropped:  # every stage's input, in order: a dropped column keeps its last
-            put(cols, norm(states) if norm is not None else states)
-        put(last.columns, hidden)
-        output.last_hidden_state = full[:, :length]
+        # every stage's input, in order (a dropped column keeps its last), then the final states
+        pieces = [(cols, norm(states) if norm is not None else states) for cols, states in call.dropped]
+        pieces.append((self.stages[-1].columns, output.last_hidden_state))
+        output.last_hidden_state = scatter_tokens(self.original_mask.shape[1], pieces)
         return output
 
     # ----- pruning -----------------------------------------------------------------------------------
@@ -353,8 +350,6 @@ class LLMStage:
         return current
 
     def _prune(self, k: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        from tokenreduce.core.stats import timer
-
         call = self.call
         handle = self.handle
         info = handle.current
@@ -408,25 +403,21 @@ class LLMStage:
                 parts = [text[r], kept_visual[r], tail[r]] if tail[r].numel() else [text[r], kept_visual[r]]
                 rows_keep.append(torch.cat(parts).sort().values)
                 new_visual_tok.append(visual_tokens[r][kv.to(visual_tokens[r].device)])
-            # Into the current sequence; one row needs no padding (its length is its own), so no masking.
+            # Into the current sequence; one row needs no padding (its length is its own): a plain select.
             index = column_index(rows_keep, device=hidden.device)
-            valid = (index >= 0) if mask.shape[0] > 1 else None
-            safe = index.clamp_min(0) if valid is not None else index
-            new_hidden = torch.gather(hidden, 1, safe[..., None].expand(-1, -1, hidden.shape[-1]))
-            new_columns = torch.gather(columns, 1, safe)
-            new_mask = torch.gather(mask, 1, safe).long()  # text may hold padding
-            if valid is not None:
-                new_columns = torch.where(valid, new_columns, -1)
-                new_mask = torch.where(valid, new_mask, 0)
+            one_row = mask.shape[0] == 1
+            take = Columns(index[0] if one_row else index)
+            new_hidden = take.tokens(hidden)
+            new_columns = take.take(columns, -1)
+            new_mask = take.take(mask, 0).long()  # text may hold padding
             # What every column held entering this layer: outside generate, a token dropped here keeps that
             # state (later stages and the final states overwrite the columns they still hold).
             call.dropped.append((columns, hidden))
             if handle.config.renumber_positions:
-                cos, sin = self._rotary(new_hidden, new_mask, position_ids)
+                cos, sin = self._rotary(new_hidden, renumbered_positions(new_mask))
             else:
-                cos = torch.gather(cos, 1, safe[..., None].expand(-1, -1, cos.shape[-1]))
-                sin = torch.gather(sin, 1, safe[..., None].expand(-1, -1, sin.shape[-1]))
-            new_pos = None if position_ids is None else _gather_positions(position_ids, safe, valid)
+                cos, sin = take.tokens(cos), take.tokens(sin)
+            new_pos = None if position_ids is None else take.take(position_ids, 0)
             # Map visual/text columns into the new sequence: each row of the index is ascending (left
             # padding -1 first), so a kept column's new place is where it sorts in.
             new_visual, new_text, new_tail = [], [], []
@@ -437,7 +428,7 @@ class LLMStage:
                 new_tail.append(torch.searchsorted(row, tail[r]) if tail[r].numel() else tail[r])
         unmasked = (previous.unmasked if previous is not None else call.mask2d is None) and mask.shape[0] == 1
         self.stages.append(Stage(k, new_columns, new_mask, cos, sin, new_pos, new_visual, new_visual_tok, new_text,
-                                 new_tail, unmasked, gather=safe[0] if valid is None else None))
+                                 new_tail, unmasked, gather=take.index if one_row else None))
         requested = handle.requested_keep(self.prune_layers.index(k))
         for r, sample in enumerate(info.samples):
             sample.layers[k] = int(new_visual[r * factor].numel())
@@ -448,16 +439,11 @@ class LLMStage:
             sample.llm_elapsed.append(t.share(len(info.samples)))
         return new_hidden
 
-    def _rotary(self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None):
-        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        if position_ids is not None and position_ids.dim() == 3:
-            positions = positions[None].expand(3, -1, -1)
-        return self.lm.rotary_emb(hidden, positions)
+    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
+        """The rotary tables of ``[B, L]`` positions, on each of the family's rotary axes (M-RoPE)."""
+        return self.lm.rotary_emb(hidden, rope_positions(positions, self.handle.adapter.position_axes))
 
     def _layer_kwargs(self, stage: Stage, kwargs: dict, hidden: torch.Tensor) -> dict[str, Any]:
-        # Imported here: masking_utils pulls in torch._dynamo, seconds at `import tokenreduce` time.
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
         call = self.call
         cache = call.cache
         renumber = self.handle.config.renumber_positions
@@ -470,24 +456,13 @@ class LLMStage:
         else:
             q = hidden.shape[1]
             if not unmasked or renumber:
-                extra = decode_key_length(cache, q, stage.layer) - stage.mask.shape[1]
-                given = padding_mask_2d(call.mask2d)
-                if given is not None:
-                    tail = given[:, self.prompt_length:][:, :extra]
-                else:
-                    tail = stage.mask.new_ones(stage.mask.shape[0], extra)
-                mask2d = torch.cat([stage.mask, tail.to(stage.mask)], dim=1)
+                mask2d = decode_mask(stage.mask, call.mask2d, self.prompt_length,
+                                     decode_key_length(cache, q, stage.layer))
             cos, sin = kwargs["position_embeddings"]
             position_ids = kwargs.get("position_ids")
             if renumber:
-                positions = decode_positions(mask2d, cache, q, stage.layer)
-                if call.position_ids is not None and call.position_ids.dim() == 3:
-                    positions = positions[None].expand(3, -1, -1)
-                cos, sin = self.lm.rotary_emb(hidden, positions)
-        layer_type = getattr(self.lm.config, "layer_types", None)
-        builder = create_causal_mask
-        if layer_type is not None and layer_type[stage.layer] == "sliding_attention":
-            builder = create_sliding_window_causal_mask
+                cos, sin = self._rotary(hidden, decode_positions(mask2d, cache, q, stage.layer))
+        builder = causal_mask_builder(self.lm.config, stage.layer)
         key = None
         if call.prefill:
             gathered = self._gathered_mask(stage, kwargs)
@@ -514,42 +489,27 @@ class LLMStage:
         return {"attention_mask": mask, "position_embeddings": (cos, sin), "position_ids": position_ids}
 
 
-    def _full_causal(self, layer: int) -> bool:
-        types = getattr(self.lm.config, "layer_types", None)
-        return types is None or types[layer] == "full_attention"
-
     def _gathered_mask(self, stage: Stage, kwargs: dict) -> tuple[Any] | None:
-        """The prefill mask of ``stage``'s layers taken from the previous sequence's, one row: a full causal
-        mask is ``causal(q, k) and not padding(k)`` entry by entry, and kept columns keep their order, so
-        gathering its rows and columns at the kept columns is the mask the builder makes (two index ops
-        instead of building it). None when that does not hold (several rows, windows, 2-D / block masks)."""
+        """The prefill mask of ``stage``'s layers taken from the previous sequence's (one row, full causal
+        layers, a dynamic cache: :func:`~tokenreduce.core.sequence.gathered_causal_mask`); None otherwise."""
         g = stage.gather
-        if g is None or not self._full_causal(stage.layer) or getattr(self.call.cache, "is_compileable", False):
+        config = self.lm.config
+        if g is None or not full_causal(config, stage.layer) or getattr(self.call.cache, "is_compileable", False):
             return None
         at = self.stages.index(stage)
         if at == 0:
             prior, length = kwargs.get("attention_mask"), self.original_mask.shape[1]
         else:
             before = self.stages[at - 1]
-            if not before.mask4d_set or not self._full_causal(before.layer):
+            if not before.mask4d_set or not full_causal(config, before.layer):
                 return None
             prior, length = before.mask4d, before.mask.shape[1]
-        if prior is None:  # no padding, causal: the builder skips the mask too
-            return (None,)
-        if not torch.is_tensor(prior) or prior.dim() != 4 or prior.shape[-2:] != (length, length):
-            return None
-        return (prior.index_select(-2, g).index_select(-1, g),)
+        return gathered_causal_mask(prior, length, g)
 
 
 def _batched(embeddings: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = embeddings
     return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-
-
-def _gather_positions(position_ids: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    idx = safe.expand(*position_ids.shape[:-2], *safe.shape)
-    out = torch.gather(position_ids, -1, idx)
-    return out if valid is None else out.masked_fill(~valid.expand_as(idx), 0)
 
 
 def _expansion(info, rows: int) -> int:
