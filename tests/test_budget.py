@@ -137,3 +137,11 @@ def test_tables_and_demo_flag_missed_budgets():
     assert [line for line in lines if line.startswith("MISS")] == [
         "MISS  m: tome@0.1 averages 50.0% of the visual tokens over the layers (budget 10%, off by more than 10%)"
     ]
+
+
+def test_langdc_budget_is_its_at_budget():
+    """langdc needs a trained captioner to wrap a model; its config takes the budget the same way."""
+    from tokenreduce.core.config import config_at_budget
+
+    spec = get_method("langdc")
+    assert config_at_budget("langdc", 0.4, LAYERS) == spec.config_cls.at_budget(0.4, num_layers=LAYERS)

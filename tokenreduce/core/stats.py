@@ -258,7 +258,7 @@ class Stats:
                 f" MISSED by more than {100 * self.BUDGET_TOLERANCE:.0f}%, " if s["budget_missed"] else ", ")
         return (
             f"Stats(samples={s['samples']}, visual tokens {s['visual_tokens_in']:.1f} -> "
-            f"{s['visual_tokens_out']:.1f} at the deepest layer ({100 * s['keep_ratio']:.1f}%), {budget}"
+            f"{s['visual_tokens_out']:.1f} ({100 * s['keep_ratio']:.1f}%) at the deepest layer, {budget}"
             f"layer mean {100 * s['layer_mean_keep_ratio']:.1f}%, prefill FLOPs ratio {s['prefill_flops_ratio']:.3f}, "
             f"reducer {s['reducer_ms']:.2f} ms/sample)"
         )
