@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from tokenreduce.adapters import family_name, get_adapter
-from tokenreduce.core.config import CONFIG_NAME, MethodConfig, build_config
+from tokenreduce.core.config import CONFIG_NAME, MethodConfig, build_config, config_at_budget
 from tokenreduce.core.handle import HANDLE_ATTR, ModelHandle
 from tokenreduce.core.registry import get_method, method_specs
 from tokenreduce.core.stats import Stats
@@ -38,11 +38,17 @@ def wrap(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mod
 
     ``method`` is a registered name (see :func:`list_methods`) with its options as keywords, or a config
     object. Call sites stay the same: ``model(**inputs)``, ``model.generate(**inputs)``.
+
+    Every method also accepts ``budget=`` (a name only): the share of the full visual-token x layer work
+    (in-LLM methods average over the decoder layers), set through the method's ``at_budget``; its native
+    options may come alongside. ``tr.stats`` then reports the achieved share against it.
     """
     if get_handle(model) is not None:
         raise ValueError(
             f"model is already wrapped with method {get_handle(model).spec.name!r}; call tokenreduce.unwrap(model) first"
         )
+    adapter = get_adapter(model)
+    budget = None
     if isinstance(method, MethodConfig):
         if options:
             raise TypeError(
@@ -52,10 +58,14 @@ def wrap(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mod
         spec = get_method(config.method)
     elif isinstance(method, str):
         spec = get_method(method)
-        config = build_config(method, **options)
+        budget = options.pop("budget", None)
+        if budget is None:
+            config = build_config(method, **options)
+        else:
+            text = adapter.text_config if adapter.is_vlm else None
+            config = config_at_budget(method, budget, getattr(text, "num_hidden_layers", None), **options)
     else:
         raise TypeError(f"`method` must be a method name or a MethodConfig, got {type(method).__name__}")
-    adapter = get_adapter(model)
     if not adapter.is_vlm and not _supports(spec.families, adapter.name):
         usable = [s.name for s in method_specs() if s.families and _supports(s.families, adapter.name)]
         raise TypeError(
@@ -74,6 +84,8 @@ def wrap(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mod
         )
     handle = ModelHandle(model, adapter, spec, config)
     handle.install()
+    if budget is not None:
+        handle.stats.budget = float(budget)
     return model
 
 
@@ -99,7 +111,7 @@ def stats(model: nn.Module, reset: bool = False) -> Stats:
     record = handle.stats
     if reset:
         snapshot = Stats()
-        snapshot.samples, snapshot.calls = list(record.samples), record.calls
+        snapshot.samples, snapshot.calls, snapshot.budget = list(record.samples), record.calls, record.budget
         record.reset()
         return snapshot
     return record

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -178,14 +179,37 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-def build_config(method: str, **options: Any) -> MethodConfig:
-    """Config of ``method`` from keyword options; unknown options raise a TypeError listing accepted ones."""
+BUDGET_MEANING = "the share of the full visual-token x layer work, in (0, 1]; in-LLM methods average over layers"
+
+
+def _checked_options(method: str, options: dict[str, Any]) -> tuple[type[MethodConfig], dict[str, Any]]:
     config_cls = get_method(method).config_cls
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
     unknown = sorted(set(options) - set(fields))
     if unknown:
         raise TypeError(
             f"method {method!r} got unexpected option(s) {', '.join(map(repr, unknown))}; "
-            f"accepted options: {', '.join(sorted(fields))}"
+            f"accepted options: {', '.join(sorted(fields))}, or `budget` ({BUDGET_MEANING})"
         )
-    return config_cls(**{k: _coerce(fields[k], v) for k, v in options.items()})
+    return config_cls, {k: _coerce(fields[k], v) for k, v in options.items()}
+
+
+def build_config(method: str, **options: Any) -> MethodConfig:
+    """Config of ``method`` from keyword options; unknown options raise a TypeError listing accepted ones."""
+    config_cls, options = _checked_options(method, options)
+    return config_cls(**options)
+
+
+def config_at_budget(method: str, budget: float, num_layers: int | None = None, **options: Any) -> MethodConfig:
+    """Config of ``method`` at ``budget`` (:data:`BUDGET_MEANING`) through its ``at_budget``, with its native
+    options alongside; an option the budget itself sets (``keep``, say) is refused in one line."""
+    config_cls, options = _checked_options(method, options)
+    try:
+        return config_cls.at_budget(budget, num_layers=num_layers, **options)
+    except TypeError as err:
+        clash = re.search(r"multiple values for keyword argument '(\w+)'", str(err))
+        if clash is None:
+            raise
+        raise TypeError(
+            f"`budget` sets `{clash.group(1)}` of method {method!r}; give `budget` or `{clash.group(1)}`, not both"
+        ) from None

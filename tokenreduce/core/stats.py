@@ -193,10 +193,15 @@ class SampleStats:
 class Stats:
     """What a wrapped model has done since it was wrapped (or last reset)."""
 
+    #: A run misses its budget when the achieved layer-mean share is off by more than this share of it.
+    BUDGET_TOLERANCE = 0.10
+
     def __init__(self) -> None:
         self.samples: list[SampleStats] = []
         self.calls = 0
         self._last: list[SampleStats] = []
+        #: The budget the model was wrapped with (``tr.wrap(..., budget=)``), or None.
+        self.budget: float | None = None
 
     def new_call(self, batch_size: int) -> list[SampleStats]:
         self.calls += 1
@@ -226,7 +231,7 @@ class Stats:
         tout = sum(s.visual_tokens_out for s in self.samples)
         flops = sum(s.prefill_flops for s in self.samples)
         flops_full = sum(s.prefill_flops_full for s in self.samples)
-        return {
+        out = {
             "samples": n,
             "visual_tokens_in": tin / n,
             "visual_tokens_out": tout / n,
@@ -235,6 +240,10 @@ class Stats:
             "reducer_ms": sum(s.reducer_ms for s in self.samples) / n,
             "prefill_flops_ratio": flops / flops_full if flops_full else 1.0,
         }
+        if self.budget is not None:
+            out["budget"] = self.budget
+            out["budget_missed"] = budget_missed(self.budget, out["layer_mean_keep_ratio"])
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"summary": self.summary(), "samples": [s.to_dict() for s in self.samples]}
@@ -243,10 +252,21 @@ class Stats:
         s = self.summary()
         if not s["samples"]:
             return "Stats(no samples)"
+        budget = ""
+        if "budget" in s:
+            budget = f"budget {100 * s['budget']:.1f}%" + (
+                f" MISSED by more than {100 * self.BUDGET_TOLERANCE:.0f}%, " if s["budget_missed"] else ", ")
         return (
             f"Stats(samples={s['samples']}, visual tokens {s['visual_tokens_in']:.1f} -> "
-            f"{s['visual_tokens_out']:.1f} ({100 * s['keep_ratio']:.1f}%), reducer {s['reducer_ms']:.2f} ms/sample)"
+            f"{s['visual_tokens_out']:.1f} ({100 * s['keep_ratio']:.1f}%) at the deepest layer, {budget}"
+            f"layer mean {100 * s['layer_mean_keep_ratio']:.1f}%, prefill FLOPs ratio {s['prefill_flops_ratio']:.3f}, "
+            f"reducer {s['reducer_ms']:.2f} ms/sample)"
         )
+
+
+def budget_missed(budget: float, achieved: float, tolerance: float = Stats.BUDGET_TOLERANCE) -> bool:
+    """Whether the achieved layer-mean share misses ``budget`` by more than ``tolerance`` of it."""
+    return abs(achieved - budget) > tolerance * budget
 
 
 @contextmanager

@@ -185,7 +185,9 @@ def clear_run(run_dir: str | Path, task_name: str) -> None:
 def benchmark_checks(summary: Mapping[str, Any]) -> list[str]:
     """PASS / FAIL lines for the benchmark's two properties, per model of a run's summary.
 
-    Full-token accuracy >= 90 %, and ``random`` at 10 % of the visual tokens losing >= 15 points.
+    Full-token accuracy >= 90 %, and ``random`` at 10 % of the visual tokens losing >= 15 points;
+    then a MISS line for every cell whose layer-mean share of the visual tokens is off its budget by more than
+    10 %.
     """
     by_model: dict[str, dict[tuple[str, float | None], float | None]] = {}
     samples: dict[str, int] = {}
@@ -193,7 +195,12 @@ def benchmark_checks(summary: Mapping[str, Any]) -> list[str]:
         by_model.setdefault(c["model"], {})[(c["method"], c["budget"])] = c.get("primary")
         if c["method"] == BASELINE:
             samples[c["model"]] = int(c.get("samples") or 0)
-    lines = []
+    lines, misses = [], []
+    for c in summary.get("cells", []):
+        if c.get("budget_missed"):
+            misses.append(f"MISS  {c['model']}: {c['method']}@{c['budget']:g} averages "
+                         f"{100 * c['layer_mean_share']:.1f}% of the visual tokens over the layers "
+                         f"(budget {100 * c['budget']:g}%, off by more than 10%)")
     for model, cells in by_model.items():
         full = cells.get((BASELINE, None))
         if full is None:
@@ -213,4 +220,4 @@ def benchmark_checks(summary: Mapping[str, Any]) -> list[str]:
             verdict = "PASS" if drop >= RANDOM_DROP_GOAL else "FAIL"
             lines.append(f"{verdict}  {model}: random@{RANDOM_BUDGET:g} loses {drop:.1f} points "
                          f"({100 * full:.1f}% -> {100 * reduced:.1f}%; goal >= {RANDOM_DROP_GOAL:g})")
-    return lines
+    return lines + misses

@@ -6,9 +6,10 @@
 
 lmms-eval discovers the model through the entry point group ``lmms_eval.models`` (declared in
 ``pyproject.toml``; the payload is :func:`manifest`). ``--model_args`` takes ``pretrained`` (hub id or
-local directory), ``method`` (a registered method, or ``none``), either ``budget`` (a fraction, through
-the method's ``at_budget(budget, num_layers=...)``) or the method's own options (``keep=64,layer=2``; a
-list as ``layers=[8,16,24]`` or ``layers=8:16:24``), and loading options (``revision``, ``dtype``,
+local directory), ``method`` (a registered method, or ``none``), ``budget`` (as ``tr.wrap``'s ``budget=``:
+the share of the full visual-token x layer work, through the method's ``at_budget(budget, num_layers=...)``)
+and / or the method's own options (``keep=64,layer=2``; a list as ``layers=[8,16,24]`` or
+``layers=8:16:24``), and loading options (``revision``, ``dtype``,
 ``device``, ``device_map``, ``attn_implementation``, ``batch_size``, ``max_frames_num``).
 
 ``generate_until`` batches requests with left padding and returns only the new text;
@@ -28,8 +29,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 import tokenreduce as tr
-from tokenreduce.core.config import build_config
-from tokenreduce.core.registry import get_method
+from tokenreduce.core.api import get_handle
 from tokenreduce.eval.media import load_video
 from tokenreduce.eval.task import build_prompt
 
@@ -118,14 +118,9 @@ class TokenReduceLMM(lmms):
             if budget is not None or options:
                 raise ValueError(f"method 'none' takes no budget or options, got budget={budget!r}, options={sorted(options)}")
             return None
-        spec = get_method(method)
-        if budget is not None:
-            layers = self._model.config.get_text_config().num_hidden_layers
-            config = spec.config_cls.at_budget(float(budget), num_layers=layers, **options)
-        else:
-            config = build_config(method, **options)
-        tr.wrap(self._model, config)
-        return config
+        # one path with tr.wrap's `budget=`: the same config, and tr.stats reports the budget
+        tr.wrap(self._model, method, **({"budget": float(budget)} if budget is not None else {}), **options)
+        return get_handle(self._model).config
 
     # ----- lmms-eval properties ----------------------------------------------------------------------
     @property

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenreduce.core.stats import budget_missed
 from tokenreduce.eval.records import read_records
 from tokenreduce.eval.task import Task
 
@@ -67,6 +68,9 @@ def summarize(records: Sequence[Mapping[str, Any]], task: Task, skipped: Mapping
         flops = _mean(r.get("prefill_flops") for r in ok)
         flops_full = _mean(r.get("prefill_flops_full") for r in ok)
         llm_input = _mean(r.get("visual_tokens_llm_input") for r in ok)
+        tokens_in = _mean(r.get("visual_tokens_in") for r in ok)
+        layer_mean = _mean(r.get("visual_tokens_layer_mean") for r in ok)
+        share = layer_mean / tokens_in if layer_mean is not None and tokens_in else None
         rows.append({
             "model": model, "method": method, "budget": budget, "samples": len(recs), "errors": len(errors),
             "error_examples": sorted({str(r["error"])[:200] for r in errors})[:3],
@@ -76,7 +80,9 @@ def summarize(records: Sequence[Mapping[str, Any]], task: Task, skipped: Mapping
             "visual_tokens_llm_input": llm_input,
             "tokdense": tokdense(metrics.get(task.primary_metric), llm_input),
             "visual_tokens_out": _mean(r.get("visual_tokens_out") for r in ok),
-            "visual_tokens_layer_mean": _mean(r.get("visual_tokens_layer_mean") for r in ok),
+            "visual_tokens_layer_mean": layer_mean,
+            "layer_mean_share": share,
+            "budget_missed": None if budget is None or share is None else budget_missed(budget, share),
             "prefill_flops": flops, "prefill_flops_full": flops_full,
             "prefill_flops_ratio": flops / flops_full if flops and flops_full else None,
             "reducer_ms_median": _median(r.get("reducer_ms") for r in ok),
@@ -99,6 +105,14 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
+def _budget_cell(cell: Mapping[str, Any]) -> str:
+    """The cell's budget, flagged with the achieved layer-mean share when it misses by more than 10 %."""
+    text = _fmt(cell["budget"], "g")
+    if cell.get("budget_missed"):
+        text += f" MISSED ({100 * cell['layer_mean_share']:.1f}% over layers)"
+    return text
+
+
 def markdown_table(summary: Mapping[str, Any]) -> str:
     """One row per cell, primary metric first, then tokens, FLOPs, time, memory."""
     metric = summary["primary_metric"]
@@ -108,7 +122,7 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for c in summary["cells"]:
         lines.append(
-            f"| {c['model']} | {c['method']} | {_fmt(c['budget'], 'g')} | {_fmt(c['primary'], '.4g')} | "
+            f"| {c['model']} | {c['method']} | {_budget_cell(c)} | {_fmt(c['primary'], '.4g')} | "
             f"{_fmt(c['agreement_with_none'], '.3f')} | {_fmt(c['visual_tokens_in'], '.1f')} | "
             f"{_fmt(c.get('visual_tokens_llm_input'), '.1f')} | {_fmt(c.get('tokdense'), '.3g')} | "
             f"{_fmt(c['visual_tokens_out'], '.1f')} | {_fmt(c['visual_tokens_layer_mean'], '.1f')} | "

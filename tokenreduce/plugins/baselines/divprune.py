@@ -4,6 +4,11 @@ On the projected visual tokens (the LLM's input), with distance ``1 - cosine``: 
 nearest other token is farthest, then repeatedly the token farthest from everything chosen so far, until
 the budget. Kept tokens keep their order and original positions. Newline slots are not candidates; a newline
 slot stays when its row keeps a token.
+
+``variant="reference"`` reproduces the official code (vbdi/divprune): a fraction ``keep`` keeps
+``int(round(keep * N))`` tokens (Python's rounding, half to even) where the default keeps ``ceil(keep * N)``
+as every method of the project does, and the reduced sequence gets consecutive positions. The default keeps
+the ceiling so that one ``keep`` means the same token count for every method (docs/departures.md).
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from tokenreduce import kernels
-from tokenreduce.core.config import MethodConfig, check_keep, resolve_keep
+from tokenreduce.core.config import MethodConfig, check_choice, check_keep, resolve_keep
 from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
 from tokenreduce.ops.vision import add_row_newlines
+
+VARIANTS = ("default", "reference")
 
 
 @dataclass
@@ -26,12 +33,27 @@ class DivPruneConfig(MethodConfig):
 
     Attributes:
         keep: content tokens kept per item: a count (int >= 1) or a fraction (float in (0, 1]).
+        variant: ``"default"`` (the project's conventions) or ``"reference"`` (the official code's count
+            ``int(round(keep * N))`` and consecutive positions; sets ``renumber_positions``).
     """
 
     keep: int | float = 0.25
+    variant: str = "default"
 
     def validate(self) -> None:
         check_keep("keep", self.keep)
+        check_choice("variant", self.variant, VARIANTS)
+        if self.variant == "reference":
+            self.renumber_positions = True
+
+
+def reference_count(keep: int | float, total: int) -> int:
+    """Tokens the official code keeps out of ``total``: ``round(keep * total)`` for a fraction (at least
+    one, where the official would keep none), a count as given (at most ``total``)."""
+    if total <= 0:
+        return 0
+    count = keep if isinstance(keep, int) else round(keep * total)
+    return max(1, min(total, count))
 
 
 def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -62,7 +84,8 @@ class DivPruneMethod(ProjectorMethod):
         with host_only():  # a layout table, built on the host
             content = context.layout.content_mask.nonzero().flatten()
         content = content.to(features.device)
-        k = resolve_keep(self.config.keep, content.numel())
+        count = reference_count if self.config.variant == "reference" else resolve_keep
+        k = count(self.config.keep, content.numel())
         kept = content[max_min_diversity(features[content], k)].sort().values
         assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
         assignment[kept] = torch.arange(kept.numel(), device=features.device)

@@ -3,6 +3,12 @@
 At each layer of ``layers`` the visual tokens are ranked by the attention the last prompt token paid them
 in the layer before, and the share ``keep[i]`` (of the row's LLM-input visual tokens) survives. The paper
 uses 4 stages split at layers 8/16/24 of 32 with ratio 0.5 per stage.
+
+``variant="reference"`` reproduces the official code (Cooperx521/PyramidDrop, ``pdrop_rank_drop``): the
+tokens are scored with layer ``K``'s own input norm and query / key projections applied to the hidden
+states entering it (the default reuses layer ``K-1``'s attention inputs, already computed: no extra
+projection of the keys), ``int(keep * N)`` tokens are kept (the default: ``ceil``, as every method of the
+project), and the shortened sequence gets consecutive positions (the default keeps the original ones).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from tokenreduce.core.reduction import LLMMethod
 from tokenreduce.core.registry import register_method
 from tokenreduce.ops.llm import average_keep, check_layers, scores_for, top_visual
 
+VARIANTS = ("default", "reference")
+
 
 @dataclass
 class PDropConfig(MethodConfig):
@@ -26,11 +34,14 @@ class PDropConfig(MethodConfig):
         layers: the layers starting each stage, increasing.
         keep: fraction of the row's visual tokens kept from each of those layers on, non-increasing.
         query: ``"last"`` instruction token (the paper) or all ``"text"`` tokens.
+        variant: ``"default"`` or ``"reference"`` (the official code's scoring layer, ``int(keep * N)``
+            counts and consecutive positions; sets ``renumber_positions``).
     """
 
     layers: tuple[int, ...] = (8, 16, 24)
     keep: tuple[float, ...] = (0.5, 0.25, 0.125)
     query: str = "last"
+    variant: str = "default"
 
     def validate(self) -> None:
         self.layers, self.keep = tuple(self.layers), tuple(self.keep)
@@ -44,6 +55,9 @@ class PDropConfig(MethodConfig):
         if list(self.keep) != sorted(self.keep, reverse=True):
             raise ValueError(f"`keep` must be non-increasing, got {self.keep}")
         check_choice("query", self.query, ("last", "text"))
+        check_choice("variant", self.variant, VARIANTS)
+        if self.variant == "reference":
+            self.renumber_positions = True
 
     @classmethod
     def at_budget(cls, budget: float, num_layers: int | None = None, **options) -> PDropConfig:
@@ -77,4 +91,12 @@ class PDropMethod(LLMMethod):
 
     def select(self, ctx: LLMContext) -> list[torch.Tensor]:
         stage = list(self.config.layers).index(ctx.layer)
-        return top_visual(ctx, scores_for(ctx, self.config.query), self.config.keep[stage])
+        keep = self.config.keep[stage]
+        if self.config.variant != "reference":
+            return top_visual(ctx, scores_for(ctx, self.config.query), keep)
+        scores = scores_for(ctx.at_current_layer(), self.config.query)
+        out = []
+        for r, cols in enumerate(ctx.visual):
+            k = min(cols.numel(), max(1, int(ctx.original_visual[r] * keep))) if cols.numel() else 0
+            out.append(torch.sort(scores[r, cols], descending=True, stable=True).indices[:k])
+        return out

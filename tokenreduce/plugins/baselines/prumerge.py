@@ -1,7 +1,8 @@
 """``prumerge`` / ``prumerge_plus``: adaptive token count by IQR outliers of [CLS] attention, then merging.
 
-LLaVA-PruMerge (Shang et al.) reads the tower's penultimate layer: the [CLS] token's attention over the
-patches (the reference code uses the full-width dot product, no head split: so do we). Patches whose
+LLaVA-PruMerge (Shang et al.) reads the tower's last layer (the official code hooks
+``layers[23].self_attn.{q,k}_proj`` of CLIP-L's 24): the [CLS] token's attention over the patches (the
+reference code uses the full-width dot product, no head split: so do we). Patches whose
 attention is an outlier (above Q3 + 1.5 IQR) are kept, so the count adapts to the image (~32 of 576 on
 average). Each kept token then absorbs its ``neighbors`` most key-similar tokens weighted by their
 attention (``x_i + sum_j a_j x_j``), and one extra token carries the attention-weighted sum of all pruned
@@ -11,6 +12,13 @@ With ``keep`` set, the count is fixed instead (for comparisons at equal budgets)
 attention (PruMerge+: the IQR outliers, filled up to ``keep`` with uniformly spaced tokens). As with
 VisionZip, the merge acts on the projected tokens and works per crop / frame on anyres and video inputs;
 a newline slot stays when its row keeps a token.
+
+``variant="reference"`` reproduces the official code (42Shawn/LLaVA-PruMerge, LLaVA-1.5 only): the merge
+acts on the tower's hidden states of the projected layer, which are then projected; the adaptive count is
+``int(N * ratio)``; PruMerge+ adds ``arange(0, N - 1, int(int(1 / ratio) / 3))`` (the official ``575`` for
+576 patches: the last patch is never a uniform token, where the default strides over all ``N``); the
+tokens reach the LLM in the official order (kept tokens by decreasing attention, PruMerge+'s uniform ones
+after them, the extra token last) under consecutive positions (sets ``renumber_positions``).
 """
 
 from __future__ import annotations
@@ -21,13 +29,15 @@ from dataclasses import dataclass
 import torch
 
 from tokenreduce import kernels
-from tokenreduce.core.config import MethodConfig, check_range
+from tokenreduce.core.config import MethodConfig, check_choice, check_range
 from tokenreduce.core.reduction import ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
 from tokenreduce.ops.selection import iqr_outliers
+from tokenreduce.ops.tower_space import TowerFeatures, padded_sources
 from tokenreduce.ops.vision import attention_and_keys, content_groups, reduce_per_crop
 
 FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision")
+VARIANTS = ("default", "reference")
 
 
 @dataclass
@@ -38,13 +48,16 @@ class PruMergeConfig(MethodConfig):
         keep: ``None`` for the paper's adaptive count, or a fixed fraction of each crop's tokens.
         iqr_factor: outliers lie above ``Q3 + iqr_factor * IQR``.
         neighbors: tokens each kept token absorbs (by key cosine similarity).
-        layer: tower layer whose attention and keys are read.
+        layer: tower layer whose attention and keys are read (the official: the last, ``-1``).
+        variant: ``"default"`` or ``"reference"`` (the official LLaVA-1.5 code: merging in tower space,
+            its counts, uniform stride and token order, consecutive positions; adaptive count only).
     """
 
     keep: float | None = None
     iqr_factor: float = 1.5
     neighbors: int = 32
-    layer: int = -2
+    layer: int = -1
+    variant: str = "default"
 
     def validate(self) -> None:
         if self.keep is not None:
@@ -52,6 +65,13 @@ class PruMergeConfig(MethodConfig):
         check_range("iqr_factor", self.iqr_factor, 0.0)
         check_range("neighbors", self.neighbors, 0, integer=True)
         check_range("layer", self.layer, integer=True)
+        check_choice("variant", self.variant, VARIANTS)
+        if self.variant == "reference":
+            if self.keep is not None:
+                raise ValueError(
+                    f"`keep` must be None with variant='reference' (the official count is adaptive), got {self.keep!r}"
+                )
+            self.renumber_positions = True
 
     @classmethod
     def at_budget(cls, budget: float, num_layers: int | None = None, **options) -> PruMergeConfig:
@@ -154,8 +174,44 @@ def prumerge_group(features, attention, keys, group, config: PruMergeConfig, plu
     return torch.cat(sources), torch.cat(outputs), slot
 
 
+def prumerge_reference(hidden: torch.Tensor, attention: torch.Tensor, keys: torch.Tensor, config: PruMergeConfig,
+                       plus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PruMerge(+) as the official code computes it, on one image's tower-space patches ``hidden: [N, C]``.
+
+    ``attention: [N]`` the [CLS] attention over the patches, ``keys: [N, C]`` their keys. Returns
+    ``(kept, outputs, assignment)``: the patches kept in the official order (by decreasing attention,
+    PruMerge+'s uniform ones after them), the ``[len(kept) + 1, C]`` tower-space outputs in that order (the
+    extra token of the pruned patches last) and every patch's output slot. The count is read on the host.
+    """
+    n = hidden.shape[0]
+    a = attention.float()
+    outliers = max(1, int(iqr_outliers(a, config.iqr_factor).sum()))  # the official keeps none (or fails) at 0
+    ratio = outliers / n
+    kept = torch.topk(a, int(n * ratio)).indices
+    if plus:
+        step = max(1, int(int(1 / ratio) / 3))  # the official fails on a step of 0
+        uniform = torch.arange(0, n - 1, step, device=kept.device)
+        kept = torch.cat([kept, uniform[~torch.isin(uniform, kept)]])
+    pruned = torch.ones(n, dtype=torch.bool, device=kept.device).index_fill(0, kept, False)
+    rest = pruned.nonzero().flatten()
+    x = hidden[kept]
+    if config.neighbors > 0 and n > 1:
+        unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+        sim = unit[kept] @ unit.T
+        sim[torch.arange(kept.numel(), device=sim.device), kept] = float("-inf")  # not itself
+        neighbor = sim.topk(min(config.neighbors, n - 1), dim=1).indices
+        x = x + (a[neighbor].to(hidden.dtype)[..., None] * hidden[neighbor]).sum(1)
+    extra = (a[rest].to(hidden.dtype)[:, None] * hidden[rest]).sum(0, keepdim=True)
+    assignment = torch.full((n,), kept.numel(), dtype=torch.long, device=kept.device)
+    assignment[kept] = torch.arange(kept.numel(), device=kept.device)
+    return kept, torch.cat([x, extra]), assignment
+
+
 class _PruMergeBase(VisionMethod):
     plus = False
+
+    def attach(self, handle) -> None:
+        self.tower_features = TowerFeatures(handle, self.name) if self.config.variant == "reference" else None
 
     @property
     def vision_layer(self) -> int:
@@ -167,6 +223,8 @@ class _PruMergeBase(VisionMethod):
     def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
         attention = context.signals["attention"].to(features.device)
         keys = context.signals["keys"].to(features.device)
+        if self.config.variant == "reference":
+            return self._reduce_reference(features, attention, keys, context)
         counts: list | None = None
         if self.config.keep is None or self.plus:
             # the one read of the stage: every group's data-dependent counts at once
@@ -182,6 +240,21 @@ class _PruMergeBase(VisionMethod):
                 None if counts is None else tuple(next(counts)),
             ),
         )
+
+
+    def _reduce_reference(self, features, attention, keys, context: ReduceContext) -> Reduction:
+        if self.tower_features is None:
+            raise RuntimeError(f"{self.name!r} with variant='reference' runs only inside a model wrapped by tr.wrap")
+        (group,) = content_groups(context.layout, per_crop=False)
+        group = group.to(features.device)
+        row = self.tower_features.row(context.item, self.name).to(features.device)
+        hidden = row[self.tower_features.num_prefix:][: group.numel()]
+        kept, outputs, slot = prumerge_reference(hidden, attention[group], keys[group], self.config, self.plus)
+        projected = self.tower_features.project(outputs).to(features.dtype)
+        assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
+        assignment[group] = slot
+        sources = padded_sources(group[kept], projected.shape[0])
+        return Reduction(sources=sources, features=projected, assignment=assignment, info={"order": "reference"})
 
 
 @register_method("prumerge", config_cls=PruMergeConfig, families=FAMILIES)

@@ -4,7 +4,8 @@ In every block, between attention and MLP, the tokens split alternately into set
 finds its most similar B token by the attention keys (head mean, cosine); the ``r`` best-matched A tokens
 are merged into their matches by a size-weighted average. Token sizes are tracked and attention is
 proportional (``log(size)`` added to the logits) so a merged token weighs as much as its members. Prefix
-tokens (CLS, registers) are never merged. Kept tokens stay in spatial order.
+tokens (CLS, registers) are never merged. Kept tokens stay in spatial order (``variant="reference"``: in the
+official code's order, ``cat([unmerged, dst])`` after each merge).
 
 Works on a bare timm / open_clip / HF CLIP-SigLIP ViT (``tr.wrap(vit, "tome", r=8)``) and on LLaVA-1.5,
 whose single-grid tower output can shrink; there, merging runs in the blocks up to the feature layer and
@@ -26,10 +27,13 @@ import torch
 
 from tokenreduce import kernels
 from tokenreduce.adapters.towers import merging_block_forward
-from tokenreduce.core.config import MethodConfig, check_keep, check_range, resolve_keep
+from tokenreduce.core.config import MethodConfig, check_choice, check_keep, check_range, resolve_keep
 from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
 from tokenreduce.core.stats import ItemStats
+
+VARIANTS = ("default", "reference")
+ORDERS = {"default": "spatial", "reference": "reference"}
 
 
 @dataclass
@@ -41,11 +45,15 @@ class ToMeConfig(MethodConfig):
         keep: alternatively, the fraction of patch tokens left at the tower output; ``r`` per block is then
             spread evenly over the merging blocks.
         proportional_attention: add ``log(size)`` to attention logits (the paper's default).
+        variant: ``"default"`` keeps the tokens in spatial order after every merge; ``"reference"``
+            orders them as the official code does (``cat([unmerged, dst])``), which changes which tokens
+            the next block's alternating split pairs.
     """
 
     r: int | None = None
     keep: float | None = None
     proportional_attention: bool = True
+    variant: str = "default"
 
     def validate(self) -> None:
         if self.r is not None and self.keep is not None:
@@ -56,6 +64,7 @@ class ToMeConfig(MethodConfig):
             check_range("r", self.r, 0, integer=True)
         if self.keep is not None:
             check_range("keep", self.keep, 0.0, 1.0, low_open=True)
+        check_choice("variant", self.variant, VARIANTS)
 
 
 def merge_schedule(num_patches: int, blocks: int, r: int | None, keep: float | None) -> list[int]:
@@ -73,11 +82,15 @@ def merge_schedule(num_patches: int, blocks: int, r: int | None, keep: float | N
     return schedule
 
 
-def merge_step(x, size, metric, slot, r: int, prefix: int):
+def merge_step(x, size, metric, slot, r: int, prefix: int, order: str = "spatial"):
     """Merge ``r`` tokens of ``x: [B, N, D]`` by bipartite soft matching on ``metric: [B, N, d]``.
 
     ``size: [B, N]`` patches per token; ``slot: [B, N0]`` current index of every original token (updated).
-    Returns the merged ``x``, ``size`` and ``slot``; token order is preserved.
+    Returns the merged ``x``, ``size`` and ``slot``. ``order="spatial"`` keeps the tokens in their order;
+    ``order="reference"`` returns them as the official ToMe does, ``cat([unmerged A, all of B])``: the
+    unmerged A tokens (even positions) ascending when a prefix token is protected, else by decreasing
+    match score, then every B token (odd positions) in order; with two prefix tokens (class and
+    distillation) those two lead (see :func:`reference_permutation`).
     """
     b, n, d = x.shape
     if r <= 0:
@@ -88,20 +101,45 @@ def merge_step(x, size, metric, slot, r: int, prefix: int):
     # stay NaN as the unwrapped model's would, and finite rows are untouched.
     metric = torch.nan_to_num(metric, nan=0.0, posinf=0.0, neginf=0.0)
     best, score = kernels.bipartite_matching(metric, protect=protect, assume_finite=True)
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :r]  # A positions merged
-    src = 2 * order
-    dst = 2 * torch.gather(best, 1, order) + 1
+    ranked = torch.sort(score, dim=1, descending=True, stable=True).indices
+    order_a = ranked[:, :r]  # A positions merged
+    src = 2 * order_a
+    dst = 2 * torch.gather(best, 1, order_a) + 1
     weighted = x * size[..., None]
     summed = weighted.scatter_add(1, dst[..., None].expand(-1, -1, d), torch.gather(weighted, 1, src[..., None].expand(-1, -1, d)))
     sizes = size.scatter_add(1, dst, torch.gather(size, 1, src))
     keep = torch.ones(b, n, dtype=torch.bool, device=x.device).scatter(1, src, False)
-    new_index = keep.long().cumsum(1) - 1  # new position of every kept token
-    # the n - r kept positions in order (a stable sort puts kept before merged): sizes known, no host read
-    kept = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, : n - r]
+    if order == "reference":
+        kept = reference_permutation(ranked, r, n, prefix)
+        rank = torch.arange(n - r, device=x.device).expand(b, -1)
+        new_index = torch.zeros(b, n, dtype=torch.long, device=x.device).scatter(1, kept, rank)
+    else:
+        new_index = keep.long().cumsum(1) - 1  # new position of every kept token
+        # the n - r kept positions in order (a stable sort puts kept before merged): sizes known, no host read
+        kept = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, : n - r]
     new_index = new_index.scatter(1, src, torch.gather(new_index, 1, dst))  # merged tokens follow their target
     means = summed / sizes[..., None].to(summed.dtype)
     merged = torch.gather(means, 1, kept[..., None].expand(-1, -1, d)).to(x.dtype)
     return merged, torch.gather(sizes, 1, kept), torch.gather(new_index, 1, slot)
+
+
+def reference_permutation(ranked: torch.Tensor, r: int, n: int, prefix: int) -> torch.Tensor:
+    """``[B, n - r]`` old position of each token after a merge, in the official ToMe's order.
+
+    ``ranked``: A indices by decreasing match score (protected A tokens last). The official returns
+    ``cat([unm, dst])``: the unmerged A tokens (sorted ascending when there is a class token, which
+    keeps it first; in score order otherwise), then all B tokens; with a class and a distillation token,
+    ``[unm[:1], dst[:1], unm[1:], dst[1:]]``.
+    """
+    b = ranked.shape[0]
+    unmerged = ranked[:, r:]
+    if prefix > 0:
+        unmerged = unmerged.sort(dim=1).values
+    unmerged = 2 * unmerged
+    odd = torch.arange(1, n, 2, device=ranked.device).expand(b, -1)
+    if prefix >= 2:
+        return torch.cat([unmerged[:, :1], odd[:, :1], unmerged[:, 1:], odd[:, 1:]], dim=1)
+    return torch.cat([unmerged, odd], dim=1)
 
 
 class _State:
@@ -175,7 +213,8 @@ class ToMeMethod(VisionMethod):
             state.merged = True
 
             def merge(y, metric):
-                y, state.size, state.slot = merge_step(y, state.size, metric, state.slot, r, state.prefix)
+                y, state.size, state.slot = merge_step(y, state.size, metric, state.slot, r, state.prefix,
+                                                       ORDERS[tome.config.variant])
                 return y, state.size
 
             size = state.size if tome.config.proportional_attention else None
@@ -218,15 +257,19 @@ class ToMeProjectorConfig(MethodConfig):
 
     Attributes:
         keep: tokens left per item: a count (int >= 1) or a fraction of its tokens (float in (0, 1]).
+        variant: ``"default"`` (spatial order after each round) or ``"reference"`` (each round orders
+            the tokens as the official ToMe's merge does; no [CLS] here, so unmerged ones by match score).
     """
 
     keep: int | float = 0.25
+    variant: str = "default"
 
     def validate(self) -> None:
         check_keep("keep", self.keep)
+        check_choice("variant", self.variant, VARIANTS)
 
 
-def merge_tokens(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_tokens(x: torch.Tensor, k: int, order: str = "spatial") -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``x: [N, D]`` down to ``k`` tokens by rounds of bipartite soft matching on ``x`` itself.
 
     Returns the merged ``[k, D]`` tokens (size-weighted means, in the order the rounds keep) and the
@@ -238,7 +281,7 @@ def merge_tokens(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     slot = torch.arange(n, device=x.device)[None]
     while merged.shape[1] > k:
         r = min(merged.shape[1] // 2, merged.shape[1] - k)
-        merged, size, slot = merge_step(merged, size, merged, slot, r, 0)
+        merged, size, slot = merge_step(merged, size, merged, slot, r, 0, order)
     return merged[0].to(x.dtype), slot[0]
 
 
@@ -248,7 +291,7 @@ class ToMeProjectorMethod(ProjectorMethod):
 
     def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
         n = features.shape[0]
-        merged, slot = merge_tokens(features, resolve_keep(self.config.keep, n))
+        merged, slot = merge_tokens(features, resolve_keep(self.config.keep, n), ORDERS[self.config.variant])
         # each merged token stands at its first member
         first = torch.full((merged.shape[0],), n, dtype=torch.long, device=features.device)
         first.scatter_reduce_(0, slot, torch.arange(n, device=features.device), reduce="amin")
