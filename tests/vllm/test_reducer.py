@@ -29,6 +29,7 @@ def test_methods_vllm_cannot_run_are_refused_by_name(name):
     ({"method": "doc_correlation", "keep": 0.5, "similarity": "hidden"}, "llava", "`similarity` for doc_correlation"),
     ({"method": "vqtoken", "keep": 4, "attention": "dir"}, "qwen2_vl", "`attention` for vqtoken in vLLM must be None"),
     ({"method": "doc_correlation", "keep": 0.5}, "llava", "tower layer 1 of doc_correlation is not built by vLLM"),
+    ({"method": "visionzip", "variant": "reference"}, "llava", "`variant` for visionzip in vLLM must be 'default'"),
     ({"method": "visionzip", "layer": -1}, "llava", r"tower layer -1 of visionzip .*accepted: 0..0 or -2..-2"),
     ({"method": "divprune", "modalities": ["image"]}, "llava_onevision",
      r"method 'divprune' cannot run in vLLM \(on llava_onevision's anyres images .* depends on the data; `modalities"),

@@ -282,6 +282,9 @@ def parse_reducer(options: Any, family: str, tower: TowerShape | None = None) ->
     option, why = FIXED_COUNT.get(name, (None, ""))
     if option is not None and getattr(config, option) is None:
         raise _refusal(name, why)
+    if name == "visionzip" and config.variant == "reference":
+        raise ValueError("tokenreduce: `variant` for visionzip in vLLM must be 'default' (the reference variant "
+                         "feeds the tower's [CLS] token, for which vLLM's LLaVA prompt has no slot), got 'reference'")
     if name == "doc_correlation" and config.similarity == "hidden":
         raise ValueError("tokenreduce: `similarity` for doc_correlation in vLLM must be 'keys' or 'keys_mean' "
                          "(the tower's hidden states are not captured there), got 'hidden'")
