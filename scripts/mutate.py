@@ -50,7 +50,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "atp": (["tokenreduce/plugins/atp/method.py", "tokenreduce/plugins/atp/scores.py"], LLM_TESTS),
     "sequence": (["tokenreduce/core/sequence.py"], ["tests/test_sequence.py", "tests/test_projector_stage.py",
                                                     "-k", "sequence or column or gather or (llava_next_video and random)"]),
-    "pool": (["tokenreduce/plugins/baselines/pool.py", "tokenreduce/ops/pooling.py"], ["tests/test_selection.py", "-k", "pool"]),
+    "pool": (["tokenreduce/plugins/baselines/pool.py", "tokenreduce/ops/pooling.py"], ["tests/test_pool_plan.py", "tests/test_selection.py", "-k", "pool or plan"]),
     "divprune": (["tokenreduce/plugins/baselines/divprune.py"], ["tests/test_selection.py", "-k", "divprune"]),
     "projector": (
         ["tokenreduce/plugins/baselines/random.py", "tokenreduce/ops/vision.py"],
