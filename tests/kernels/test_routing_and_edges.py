@@ -134,3 +134,26 @@ def test_threshold_select_of_no_rows_or_no_columns():
     assert empty_rows.indices.shape == (0, 0) and empty_rows.keep.shape == (0, 5)
     empty_cols = K.threshold_select(torch.zeros(3, 0), 0.0)
     assert empty_cols.indices.shape == (3, 0) and empty_cols.keep.shape == (3, 0)
+
+
+def test_cls_attention_passes_scale_and_key_mask_on():
+    q = torch.randn(2, 2, 4, generator=_gen())
+    k = torch.randn(2, 2, 5, 4, generator=_gen(1))
+    key_mask = torch.tensor([[True, True, False, True, True], [True, True, True, True, False]])
+    got = K.cls_attention(q, k, scale=0.3, key_mask=key_mask)
+    logits = torch.einsum("bhd,bhnd->bhn", q, k) * 0.3
+    probs = logits.masked_fill(~key_mask[:, None], float("-inf")).softmax(-1).mean(1)
+    torch.testing.assert_close(got, probs[:, 1:])
+    assert (got[0, 1] == 0) and (got[1, 3] == 0)
+
+
+def test_pairwise_similarity_of_two_sets_with_their_masks():
+    x = torch.randn(1, 3, 4, generator=_gen())
+    y = torch.randn(1, 2, 4, generator=_gen(1))
+    y_mask = torch.tensor([[True, False]])
+    got = K.pairwise_similarity(x, y, y_mask=y_mask)
+    want = torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(y, dim=-1).transpose(1, 2)
+    torch.testing.assert_close(got[..., 0], want[..., 0])
+    assert (got[..., 1] == float("-inf")).all()
+    with pytest.raises(ValueError, match="`y_mask` must have shape"):
+        K.pairwise_similarity(x, y, y_mask=torch.ones(1, 3, dtype=torch.bool))
