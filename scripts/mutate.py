@@ -127,8 +127,14 @@ def unresolved(files: list[str]) -> list[str]:
     for path in sorted({p for f in files for p in ROOT.glob(f)}):
         rel = path.relative_to(ROOT)
         if not is_mutated(path):
-            raise SystemExit(f"--survivors: {rel} has no mutated copy newer than it in mutants/ (another group ran "
-                             f"since, or the file changed): run the group in full")
+            # changed since its run (or never run): every mutant of it runs again, the copy made afresh
+            print(f"--survivors: {rel} changed since its last run (or another group ran since): all its mutants rerun")
+            for stale in (ROOT / "mutants" / rel, ROOT / "mutants" / f"{rel}.meta"):
+                stale.unlink(missing_ok=True)
+            module = ".".join(rel.with_suffix("").parts)
+            module = module.removesuffix(".__init__")
+            names += [f"{module}.x_*", f"{module}.xǁ*"]
+            continue
         data = SourceFileMutationData(path=rel)
         data.load()
         names += [k for k, v in data.exit_code_by_key.items()
