@@ -157,3 +157,32 @@ def test_pairwise_similarity_of_two_sets_with_their_masks():
     assert (got[..., 1] == float("-inf")).all()
     with pytest.raises(ValueError, match="`y_mask` must have shape"):
         K.pairwise_similarity(x, y, y_mask=torch.ones(1, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("float64", ["x", "codebook"])
+def test_codebook_assign_of_mixed_dtypes_computes_in_float64(metric, float64):
+    x = torch.randn(5, 3, generator=_gen(), dtype=torch.float64)
+    codebook = torch.randn(4, 3, generator=_gen(1), dtype=torch.float64)
+    if metric == "l2":
+        want_value, want_index = torch.cdist(x, codebook).pow(2).min(1)
+    else:
+        sim = torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(codebook, dim=-1).T
+        want_value, want_index = sim.max(1)
+    if float64 == "x":
+        codebook = codebook.float()
+    else:
+        x = x.float()
+    with K.use_backend("torch"):
+        index, value = K.codebook_assign(x, codebook, metric)
+    assert value.dtype == torch.float64 and index.tolist() == want_index.tolist()
+    torch.testing.assert_close(value, want_value, atol=1e-6, rtol=1e-6)
+
+
+def test_codebook_assign_takes_one_vector_and_refuses_what_is_not_a_float_tensor():
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    index, value = K.codebook_assign(torch.tensor([0.9, 0.8]), codebook)
+    assert index.shape == () and index.item() == 1 and value.item() == pytest.approx(0.05)
+    for bad in (torch.tensor([[1, 2]]), [[1.0, 2.0]]):
+        with pytest.raises(ValueError, match="`x` must be a float tensor"):
+            K.codebook_assign(bad, codebook)
