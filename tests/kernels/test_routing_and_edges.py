@@ -117,6 +117,8 @@ def test_masks_of_the_wrong_shape_are_refused_naming_the_argument():
         K.window_entropy(torch.randn(2, 4), 2, mask=torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="`mask` must be a bool tensor"):
         K.topk_select(torch.randn(2, 4), 1, mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="`mask` must have shape"):
+        K.neighbor_count(torch.randn(1, 4, 3), 0.5, mask=torch.ones(1, 5, dtype=torch.bool))
 
 
 def test_threshold_select_compares_float64_scores_in_float64():
