@@ -11,7 +11,13 @@ import torch
 
 from tokenreduce.core.layout import Segment, TokenLayout
 from tokenreduce.core.reduction import ReduceContext
-from tokenreduce.ops.vision import content_groups, count, reduce_per_crop
+from tokenreduce.ops.vision import (
+    attention_and_keys,
+    content_groups,
+    count,
+    kept_newline_slots,
+    reduce_per_crop,
+)
 
 
 def _groups(layout, per_crop):
@@ -79,3 +85,43 @@ def test_reduce_per_crop_keeps_dropped_tokens_out_of_every_slot():
     assert red.sources.tolist() == [1, 4]
     assert red.assignment.tolist() == [-1, 0, -1, -1, 1, -1] and red.assignment.dtype == torch.long
     assert torch.equal(red.features, features[[1, 4]])
+
+
+def _softmax_attention(q, k, scale):
+    """``[r, h, nq, nk]`` softmax attention, written out."""
+    return (torch.einsum("rhqd,rhkd->rhqk", q, k) * scale).softmax(-1)
+
+
+def test_attention_and_keys_with_cls_without_cls_and_single_head():
+    gen = torch.Generator().manual_seed(0)
+    r, h, n, d = 2, 3, 5, 4
+    q, k = torch.randn(r, h, n, d, generator=gen), torch.randn(r, h, n, d, generator=gen)
+    # CLS tower: the CLS query's attention over all keys, head mean, read at the patches
+    got = attention_and_keys(q, k, scale=0.7, num_prefix=1)
+    want = _softmax_attention(q[:, :, :1], k, 0.7)[:, :, 0].mean(1)[:, 1:]
+    torch.testing.assert_close(got["attention"], want)
+    torch.testing.assert_close(got["keys"], k.mean(1)[:, 1:])
+    # no CLS (SigLIP): the attention each patch receives, averaged over every query and head
+    got = attention_and_keys(q, k, scale=0.7, num_prefix=0)
+    torch.testing.assert_close(got["attention"], _softmax_attention(q, k, 0.7).mean((1, 2)))
+    torch.testing.assert_close(got["keys"], k.mean(1))
+    # single head: the heads' dims side by side, one dot product scaled by (h * d) ** -0.5
+    flat_q = q.permute(0, 2, 1, 3).reshape(r, 1, n, h * d)
+    flat_k = k.permute(0, 2, 1, 3).reshape(r, 1, n, h * d)
+    got = attention_and_keys(q, k, scale=0.7, num_prefix=1, single_head=True)
+    want = _softmax_attention(flat_q[:, :, :1], flat_k, (h * d) ** -0.5)[:, 0, 0, 1:]
+    torch.testing.assert_close(got["attention"], want)
+    torch.testing.assert_close(got["keys"], flat_k[:, 0, 1:])
+
+
+def test_kept_newline_slots_of_rows_that_keep_a_token():
+    # crop A 2x2 + newline (slots 2, 5), crop B 3x1 + newline (slots 7, 9, 11), base 1x2 (no slot)
+    layout = TokenLayout("image", (Segment("crop", 2, 2, newline=True), Segment("crop", 3, 1, newline=True),
+                                   Segment("base", 1, 2)))
+    assert kept_newline_slots(layout, torch.tensor([0, 12])).tolist() == [2]
+    assert kept_newline_slots(layout, torch.tensor([3, 8, 10])).tolist() == [5, 9, 11]
+    assert kept_newline_slots(layout, torch.tensor([12, 13])).tolist() == []
+    # one newline slot in the whole layout: kept only when its row keeps a token
+    one = TokenLayout("image", (Segment("base", 2, 2), Segment("crop", 1, 3, newline=True)))
+    assert kept_newline_slots(one, torch.tensor([0, 1])).tolist() == []
+    assert kept_newline_slots(one, torch.tensor([0, 5])).tolist() == [7]
