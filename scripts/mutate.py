@@ -63,7 +63,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tokenreduce/plugins/baselines/prumerge.py",
             "tokenreduce/ops/selection.py",
         ],
-        ["tests/test_vision_stage.py"],
+        ["tests/test_vision_stage.py", "tests/test_ops_selection.py"],
     ),
     # The handle's input rule, placeholders, rows and rebuilt sequences: the projector-stage oracles (two
     # families, image / video / anyres, batches with padding) plus the pass-through and refusal paths.
