@@ -188,3 +188,30 @@ def test_codebook_assign_takes_one_vector_and_refuses_what_is_not_a_float_tensor
     for bad in (torch.tensor([[1, 2]]), [[1.0, 2.0]]):
         with pytest.raises(ValueError, match="`x` must be a float tensor"):
             K.codebook_assign(bad, codebook)
+
+
+def test_window_entropy_is_float32_or_float64_for_float64():
+    with K.use_backend("torch"):
+        half = K.window_entropy(torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float16), 2)
+    assert half.dtype == torch.float32
+    e = torch.tensor([[0.1, 0.2, 0.3 + 1e-12, 0.4]], dtype=torch.float64)
+    with K.use_backend("torch"):
+        out = K.window_entropy(e, 2)
+    assert out.dtype == torch.float64
+    assert out[0, :3].tolist() == [(0.1 + 0.2) / 2, (0.2 + (0.3 + 1e-12)) / 2, ((0.3 + 1e-12) + 0.4) / 2]
+
+
+def test_neighbor_count_is_strictly_above_the_threshold():
+    # two identical unit vectors: cosine exactly 1.0, not above a threshold of 1.0
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    assert K.neighbor_count(x, 1.0).tolist() == [[0, 0, 0]]
+    assert K.neighbor_count(x, 0.5).tolist() == [[1, 1, 0]]
+
+
+def test_attention_importance_of_one_valid_query_sums_to_one():
+    q = torch.randn(1, 2, 3, 4, generator=_gen())
+    k = torch.randn(1, 2, 5, 4, generator=_gen(1))
+    query_mask = torch.tensor([[False, True, False]])
+    got = K.attention_importance(q, k, query_mask=query_mask)
+    want = (torch.einsum("bhd,bhsd->bhs", q[:, :, 1], k) * 4**-0.5).softmax(-1).mean(1)
+    torch.testing.assert_close(got, want)
