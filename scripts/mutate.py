@@ -49,11 +49,11 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "llm-core": (["tokenreduce/core/llm.py"], LLM_TESTS),
     "atp": (["tokenreduce/plugins/atp/method.py", "tokenreduce/plugins/atp/scores.py"], LLM_TESTS),
     "sequence": (["tokenreduce/core/sequence.py"], ["tests/test_sequence.py"]),
-    "pool": (["tokenreduce/plugins/baselines/pool.py", "tokenreduce/ops/pooling.py"], ["tests/test_selection.py", "-k", "pool"]),
+    "pool": (["tokenreduce/plugins/baselines/pool.py", "tokenreduce/ops/pooling.py"], ["tests/test_pool_plan.py", "tests/test_selection.py", "-k", "pool or plan"]),
     "divprune": (["tokenreduce/plugins/baselines/divprune.py"], ["tests/test_selection.py", "-k", "divprune"]),
     "projector": (
         ["tokenreduce/plugins/baselines/random.py", "tokenreduce/ops/vision.py"],
-        ["tests/test_selection.py", "tests/test_vision_stage.py"],
+        ["tests/test_selection.py", "tests/test_vision_stage.py", "tests/test_ops_vision.py"],
     ),
     "vision": (
         [
@@ -62,7 +62,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tokenreduce/plugins/baselines/prumerge.py",
             "tokenreduce/ops/selection.py",
         ],
-        ["tests/test_vision_stage.py"],
+        ["tests/test_vision_stage.py", "tests/test_ops_selection.py"],
     ),
     # The handle's input rule, placeholders, rows and rebuilt sequences: the projector-stage oracles (two
     # families, image / video / anyres, batches with padding) plus the pass-through and refusal paths.
@@ -126,8 +126,14 @@ def unresolved(files: list[str]) -> list[str]:
     for path in sorted({p for f in files for p in ROOT.glob(f)}):
         rel = path.relative_to(ROOT)
         if not is_mutated(path):
-            raise SystemExit(f"--survivors: {rel} has no mutated copy newer than it in mutants/ (another group ran "
-                             f"since, or the file changed): run the group in full")
+            # changed since its run (or never run): every mutant of it runs again, the copy made afresh
+            print(f"--survivors: {rel} changed since its last run (or another group ran since): all its mutants rerun")
+            for stale in (ROOT / "mutants" / rel, ROOT / "mutants" / f"{rel}.meta"):
+                stale.unlink(missing_ok=True)
+            module = ".".join(rel.with_suffix("").parts)
+            module = module.removesuffix(".__init__")
+            names += [f"{module}.x_*", f"{module}.xǁ*"]
+            continue
         data = SourceFileMutationData(path=rel)
         data.load()
         names += [k for k, v in data.exit_code_by_key.items()

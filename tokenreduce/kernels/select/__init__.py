@@ -29,7 +29,9 @@ class Selection(NamedTuple):
 
 def _per_row(value: torch.Tensor | float | int, B: int, device: torch.device, dtype: torch.dtype,
              name: str, op: str) -> torch.Tensor:
-    t = torch.as_tensor(value, device=device)
+    # a Python number is made a tensor of ``dtype`` directly: through float32 first, a float64 threshold
+    # would lose its low bits
+    t = torch.as_tensor(value, device=device, dtype=None if torch.is_tensor(value) else dtype)
     if t.dim() == 0:
         t = t.expand(B)
     if tuple(t.shape) != (B,):
