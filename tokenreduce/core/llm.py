@@ -139,14 +139,15 @@ class LLMContext:
 
         Softmax over keys with padding masked, and causality unless ``causal=False`` (then a query scores
         keys after it too, which the model itself never does), averaged over heads and valid queries:
-        ``[B, L]``.
+        ``[B, L]``. ``queries`` ascend along each row (left padding at column 0 allowed): the kernel skips
+        the keys a causal chunk of them cannot see.
         """
         q = self.capture.query_states(queries)
         k = self.capture.key_states()
         scale = getattr(self.capture.module, "scaling", q.shape[-1] ** -0.5)
         return kernels.attention_importance(
             q, k, scale=scale, key_mask=self.attention_mask.bool(), query_mask=query_mask,
-            query_positions=queries if causal else None,
+            query_positions=queries if causal else None, ascending=causal,
         )
 
     def last_token_attention(self) -> torch.Tensor:
