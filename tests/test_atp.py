@@ -153,6 +153,48 @@ def test_current_layer_scores_are_that_layers_own_attention(model, monkeypatch):
         ATPConfig(score_layer="next")
 
 
+def test_current_layer_hands_its_projections_to_the_layer_it_scored_for(model, monkeypatch):
+    # score_layer="current" projects every token's query and key at layer K to score them; layer K then
+    # reads the kept tokens' projections (its q_proj / k_proj run on no rows) and computes what it computes
+    # when it projects them itself.
+    from tokenreduce.core.llm import LLMStage
+
+    batch = tiny_batch(model, default_rows("llava", n=2))
+    rows = {}
+
+    def counting(name):  # rows the projection computed (the input after every pre-hook)
+        def hook(module, args, output):
+            rows.setdefault(name, []).append(args[0].shape[-2])
+        return hook
+
+    attn = model.model.language_model.layers[2].self_attn
+    hooks = [attn.q_proj.register_forward_hook(counting("q"), prepend=True),
+             attn.k_proj.register_forward_hook(counting("k"), prepend=True),
+             attn.v_proj.register_forward_hook(counting("v"), prepend=True)]
+    outputs = {}
+    try:
+        for reuse in (True, False):
+            if not reuse:
+                monkeypatch.setattr(LLMStage, "_reuse_projections", lambda self, *args: None)
+            rows.clear()
+            tr.wrap(model, "atp", layers=(2, 4, 6), spatial_rates=(0.0, 0.0, 0.0), score_layer="current")
+            try:
+                with torch.no_grad():
+                    outputs[reuse] = model(**batch)
+            finally:
+                tr.unwrap(model)
+            kept = rows["v"][-1]  # the layer's own value projection: the kept length
+            length = batch["input_ids"].shape[1]
+            assert rows["q"] == ([length, 0] if reuse else [length, kept]) and kept < length
+            assert rows["k"] == rows["q"]
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(outputs[True].logits, outputs[False].logits, atol=0, rtol=0)
+    for a, b in zip(outputs[True].past_key_values.layers, outputs[False].past_key_values.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=0, rtol=0)
+
+
 def test_at_budget_averages_over_depth():
     cfg = ATPConfig.at_budget(0.25, num_layers=32)
     assert cfg.layers == (4, 14, 24)

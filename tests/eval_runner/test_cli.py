@@ -102,6 +102,30 @@ def test_bench_runs_the_shared_prefill_benchmark(tmp_path, monkeypatch, capsys):
     assert "pool-64" in printed and "direct 64" in printed
 
 
+def test_bench_direct_row_of_an_in_llm_method_follows_its_layers():
+    # fastv at layer 2 keeping 64: the first two layers see all 576 visual tokens, the other two 64, so the
+    # direct row times the unwrapped model at 576 and at 64 tokens, half the layers each (not at the mean).
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from tokenreduce.core.config import build_config
+    from tokenreduce.eval import bench
+
+    text = dict(model_type="llama", vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, image_size=336, patch_size=14)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                      image_token_index=bench.IMAGE_TOKEN)).eval()
+    model.generation_config.pad_token_id = 0
+    batch = bench.inputs(model, "cpu", torch.float32)
+    per_layer = bench.visual_tokens_per_layer(model, batch, build_config("fastv", layer=2, keep=64))
+    assert per_layer == [576, 576, 64, 64]
+    assert bench.direct_mix(per_layer) == {576: 0.5, 64: 0.5}
+    assert bench.direct_mix([7, 37, 37, 209]) == {7: 0.25, 37: 0.5, 209: 0.25}
+
+
 def test_show_plots_the_entropy_of_an_ares_run(synthetic_models, tmp_path, capsys):
     image = synthetic_models / "synthetic-llava-image"
     args = ["eval", "--task", "synthetic-image", "--limit", "2", "--model", f"tiny={image}", "--methods", "ares",

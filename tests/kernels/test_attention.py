@@ -196,3 +196,23 @@ def test_triton_streaming_matches_full_matrix(device, dtype):
     with use_backend("triton"):
         got = attention_importance(q, k, **masks)
     assert_close(got.cpu().double(), _full_matrix(q, k, 32**-0.5, **masks), 1e-6, 1e-4, name="triton vs full")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_ascending_twin_skips_unseen_keys_with_the_same_scores(dtype):
+    # ATP's case, and the tightest one the promise allows: the queries are the last Q columns (query i at
+    # S - Q + i), the second row's first queries left padding at position 0 (masked).
+    q, k, masks = _atp_case(2, 8, 4, 150, 190, 32, dtype, "cpu")
+    tight = torch.arange(40, 190)[None].repeat(2, 1)
+    tight[1, :6] = 0
+    tight_mask = torch.ones(2, 150, dtype=torch.bool)
+    tight_mask[1, :6] = False
+    cases = [masks, dict(key_mask=masks["key_mask"], query_mask=tight_mask, query_positions=tight)]
+    for case in cases:
+        want = _full_matrix(q, k, 32**-0.5, **case)
+        for chunk in (8 * 190, 8 * 190 * 37, None):
+            got = naive.attention_importance(q, k, scale=32**-0.5, chunk_elements=chunk, ascending=True, **case)
+            assert_close(got.double(), want, 1e-6, 1e-5, name=f"ascending, chunk {chunk}")
+    # Through the dispatcher too (the Triton kernel takes no promise: it scores every key).
+    got = attention_importance(q, k, ascending=True, **cases[1])
+    assert_close(got.double(), _full_matrix(q, k, 32**-0.5, **cases[1]), 1e-6, 1e-5, name="dispatched")

@@ -70,6 +70,10 @@ class AttentionCapture:
     sin: torch.Tensor
     keys: torch.Tensor | None = None  # post-RoPE keys [B, Hkv, L, d] (from the cache when there is one)
     projected: torch.Tensor | None = None  # the layer's own q_proj output [B, L, Hq * d], when captured
+    projected_keys: torch.Tensor | None = None  # k_proj output [B, L, Hkv * d], when computed for scoring
+    # The capture of the next layer (K) that :meth:`LLMContext.at_current_layer` derived from this one: its
+    # projections of every token, which layer K then reads for the tokens it keeps instead of projecting.
+    current: AttentionCapture | None = None
 
     def query_states(self, columns: torch.Tensor) -> torch.Tensor:
         """Post-RoPE queries ``[B, Hq, Q, d]`` of the tokens at ``columns: [B, Q]``."""
@@ -88,7 +92,8 @@ class AttentionCapture:
         if self.keys is None:
             attn = self.module
             b, length, _ = self.hidden.shape
-            keys = attn.k_proj(self.hidden).view(b, length, -1, attn.head_dim).transpose(1, 2)
+            projected = self.projected_keys if self.projected_keys is not None else attn.k_proj(self.hidden)
+            keys = projected.view(b, length, -1, attn.head_dim).transpose(1, 2)
             if getattr(attn, "k_norm", None) is not None:
                 keys = attn.k_norm(keys)
             self.keys = apply_rope(keys, self.cos, self.sin)
@@ -127,12 +132,18 @@ class LLMContext:
     def at_current_layer(self) -> LLMContext:
         """This context with layer ``K``'s own attention in place of layer ``K-1``'s: layer ``K``'s input norm
         and query / key projections applied to ``hidden``. Every query has then read one more layer (text
-        after the image has read the question, for one), at the cost of projecting the keys once more."""
+        after the image has read the question, for one), at the cost of projecting the keys once more.
+
+        Queries and keys of every token are projected once (scores read most of them); in prefill layer K
+        then takes the kept tokens' projections from these instead of projecting them again."""
         if self.layer_module is None:
             raise ValueError(f"the context of layer {self.layer} carries no decoder layer to score with")
         norm = getattr(self.layer_module, "input_layernorm", None)
         normed = norm(self.hidden) if norm is not None else self.hidden
-        capture = AttentionCapture(self.layer_module.self_attn, normed, self.capture.cos, self.capture.sin)
+        attn = self.layer_module.self_attn
+        capture = AttentionCapture(attn, normed, self.capture.cos, self.capture.sin,
+                                   projected=attn.q_proj(normed), projected_keys=attn.k_proj(normed))
+        self.capture.current = capture
         return replace(self, capture=capture)
 
     @property
@@ -150,14 +161,15 @@ class LLMContext:
 
         Softmax over keys with padding masked, and causality unless ``causal=False`` (then a query scores
         keys after it too, which the model itself never does), averaged over heads and valid queries:
-        ``[B, L]``.
+        ``[B, L]``. ``queries`` ascend along each row (left padding at column 0 allowed): the kernel skips
+        the keys a causal chunk of them cannot see.
         """
         q = self.capture.query_states(queries)
         k = self.capture.key_states()
         scale = getattr(self.capture.module, "scaling", q.shape[-1] ** -0.5)
         return kernels.attention_importance(
             q, k, scale=scale, key_mask=self.attention_mask.bool(), query_mask=query_mask,
-            query_positions=queries if causal else None,
+            query_positions=queries if causal else None, ascending=causal,
         )
 
     def last_token_attention(self) -> torch.Tensor:
@@ -226,6 +238,7 @@ class LLMStage:
         self.call: _Call | None = None
         self.stage_cache: Any = None
         self._mask_cache: dict[tuple, Any] = {}
+        self._reused: list[Any] = []  # one-shot hooks handing layer K its kept tokens' projections
         self.prepared: Any = None  # the handle's BatchInfo the last text-model call belonged to
 
     # ----- installation -------------------------------------------------------------------------------
@@ -245,6 +258,7 @@ class LLMStage:
     # ----- hooks -------------------------------------------------------------------------------------
     def _before_lm(self, module, args, kwargs):
         self.call = None
+        self._drop_reuse()
         if not self.handle.enabled:
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -331,6 +345,7 @@ class LLMStage:
         if call is not None and call.prefill and self.stages and call.cache is not None:
             # what every decode step on this cache needs, kept with it: a conversation continues from it later
             setattr(call.cache, STAGES_ATTR, (self.stages, self.prompt_length))
+        self._drop_reuse()
         if call is None or not call.prefill or not self.stages or self.handle.in_generate:
             return None
         # Outside generate: put every dropped token back at its column, with the state it was dropped in.
@@ -429,6 +444,9 @@ class LLMStage:
         unmasked = (previous.unmasked if previous is not None else call.mask2d is None) and mask.shape[0] == 1
         self.stages.append(Stage(k, new_columns, new_mask, cos, sin, new_pos, new_visual, new_visual_tok, new_text,
                                  new_tail, unmasked, gather=take.index if one_row else None))
+        current = call.captures[k].current
+        if current is not None and current.module is self.layers[k].self_attn:
+            self._reuse_projections(current, take, mask.shape[0])
         requested = handle.requested_keep(self.prune_layers.index(k))
         for r, sample in enumerate(info.samples):
             sample.layers[k] = int(new_visual[r * factor].numel())
@@ -438,6 +456,38 @@ class LLMStage:
                             f"layer {k} (method {handle.spec.name!r}): all {available} kept", sample.extra)
             sample.llm_elapsed.append(t.share(len(info.samples)))
         return new_hidden
+
+    def _reuse_projections(self, capture: AttentionCapture, take: Columns, rows: int) -> None:
+        """Hand layer K's ``q_proj`` / ``k_proj`` the scoring's projections of the tokens it keeps (rows of a
+        linear map of row-wise normed states: gathering them is projecting the gathered rows). The
+        projection then runs on an empty input; both hooks go after one call, or at the end of the call."""
+        attn = capture.module
+        for name, full in (("q_proj", capture.projected), ("k_proj", capture.projected_keys)):
+            linear = getattr(attn, name, None)
+            if full is None or type(linear) is not nn.Linear or full.shape[:2] != (rows, capture.hidden.shape[1]):
+                continue
+            kept = take.tokens(full)
+            handles: list[Any] = []
+
+            def before(module, args, kept=kept, handles=handles):
+                if args[0].shape[:-1] != kept.shape[:-1]:  # not the call this was prepared for
+                    for h in handles:
+                        h.remove()
+                    return None
+                return (args[0][..., :0, :],)
+
+            def after(module, args, output, kept=kept, handles=handles):
+                for h in handles:
+                    h.remove()
+                return kept
+
+            handles += [linear.register_forward_pre_hook(before), linear.register_forward_hook(after)]
+            self._reused += handles
+
+    def _drop_reuse(self) -> None:
+        for h in self._reused:
+            h.remove()
+        self._reused.clear()
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
         """The rotary tables of ``[B, L]`` positions, on each of the family's rotary axes (M-RoPE)."""

@@ -7,8 +7,10 @@ ViT-L/14@336) plus ~40 text tokens. On a GPU the 0.4B LM's prefill is bound by k
 it measures the methods' overhead; the 7B LM shows the speedup a served model gets. Visual features are computed once and passed
 as ``mm_encoder_outputs`` so every timing covers what token reduction changes: the reducer and the LLM
 prefill. For each method it prints the measured speedup over the full prefill, the ideal speedup from
-analytic FLOPs, and their ratio; decode ms/token and KV-cache bytes; and the reducer's own share of a
-full prefill. Absolute times on shared CPUs are noisy: read the ratios.
+analytic FLOPs, and their ratio; decode ms/token and KV-cache bytes; the reducer's own share of a
+full prefill; and a "direct" row: the unwrapped model fed, layer by layer, as many visual tokens as the
+method's layers see (its prefill at each of those lengths, weighted by the share of layers at it), the cost
+of the same sequence without the reducer and the bookkeeping. Absolute times on shared CPUs are noisy: read the ratios.
 
     tokenreduce bench                 # CPU (bf16 where the CPU has it natively, else fp32)
     tokenreduce bench --device cuda   # on a GPU
@@ -39,6 +41,7 @@ RESULTS = Path("benchmarks") / "results"
 WARMUP = 2
 METHODS = ("full", "pool-64", "fastv-K2-64", "fastv-K2-50%", "pdrop-25%", "atp-25%", "atp-heads")
 IMAGE_TOKEN = 32000
+FULL_VISUAL = 576  # visual tokens per prompt (24 x 24, CLIP ViT-L/14@336)
 
 
 def _cpu_has_bf16() -> bool:
@@ -80,7 +83,8 @@ def inputs(model, device: str, dtype: torch.dtype, text_tokens: int = 40, batch:
     """``batch`` prompts of ``visual`` visual (precomputed features) and ``text_tokens`` text tokens each.
 
     The text is the same whatever ``visual`` is, so a prompt of fewer visual tokens is the "direct" input a
-    reduction would produce: what the unwrapped model costs on the reduced sequence.
+    reduction would produce: what the unwrapped model costs on the reduced sequence (per layer, for
+    methods that prune inside the LLM: :func:`direct_mix`).
     """
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -127,31 +131,50 @@ def median_ms(fn, repeats: int, warmup: int = 1, device: str = "cpu") -> float:
     return statistics.median(once_ms(fn, device) for _ in range(repeats))
 
 
-def visual_tokens_kept(model, batch, config) -> int:
-    """Visual tokens the method keeps, averaged over the LLM's layers and rounded: the size of the prompt
-    its "direct" row feeds the unwrapped model (the same FLOPs, without the reducer and the bookkeeping)."""
+def visual_tokens_per_layer(model, batch, config) -> list[int]:
+    """Visual tokens each decoder layer of the wrapped model sees in prefill (rounded mean over the batch's
+    rows): the lengths its "direct" row feeds the unwrapped model."""
     tr.wrap(model, config)
     try:
         with torch.no_grad():
             tr.stats(model, reset=True)
             model(**fresh(batch), use_cache=True, logits_to_keep=1)
             samples = tr.stats(model).samples
-        return max(1, round(sum(s.visual_tokens_layer_mean for s in samples) / len(samples)))
+        per_row = [[n - s.text_tokens for n in s.tokens_per_layer()] for s in samples]
+        return [max(1, round(sum(col) / len(col))) for col in zip(*per_row)]
     finally:
         tr.unwrap(model)
 
 
+def direct_mix(per_layer: list[int]) -> dict[int, float]:
+    """``{visual tokens: share of the layers that see that many}`` of a method's per-layer counts.
+
+    The direct row of a method is the unwrapped model's prefill at each of these lengths, weighted by its
+    share: what the method's layers would cost if nothing but their lengths changed. A prompt of the mean
+    length instead is cheaper than the method's own layers (attention grows with the square of the length,
+    and short sequences use the hardware less well), so it would charge an in-LLM method for both.
+    """
+    mix: dict[int, float] = {}
+    for n in per_layer:
+        mix[n] = mix.get(n, 0.0) + 1.0 / len(per_layer)
+    return mix
+
+
 def measure_interleaved(model, batch, device: str, methods: list, repeats: int, decode_tokens: int,
-                        direct: dict | None = None) -> list[dict]:
+                        direct: dict | None = None, direct_inputs: dict | None = None) -> list[dict]:
     """Time every method in rounds (one prefill and one decode measurement of each per round).
 
     On a shared machine load drifts over minutes; interleaving puts every method under the same load, and
     each speedup is the median of per-round ratios against the full prefill of the same round. ``direct``
-    maps a method to the unwrapped model's inputs holding as many visual tokens as the method keeps; those
-    are timed in the same rounds, and the row's ``of_direct`` is the median per-round ratio of the direct
-    prefill time to the method's. ``decode_tokens=0`` skips the decode measurement.
+    maps a method to its :func:`direct_mix` (visual tokens -> share of the layers), ``direct_inputs`` a
+    visual-token count to the unwrapped model's prompt of that many; each length is timed once per round
+    (the full length is the full row's own prefill), a method's direct time is the mix's weighted sum of
+    its round, and the row's ``of_direct`` is the median per-round ratio of that time to the method's
+    prefill. ``decode_tokens=0`` skips the decode measurement.
     """
     direct = direct or {}
+    direct_inputs = direct_inputs or {}
+    full_visual = int(batch["input_ids"].eq(IMAGE_TOKEN).sum(1)[0])
 
     def prefill(b):
         return model(**fresh(b), use_cache=True, logits_to_keep=1)
@@ -168,19 +191,23 @@ def measure_interleaved(model, batch, device: str, methods: list, repeats: int, 
     extra: dict[str, dict] = {}
     with torch.no_grad():
         for round_ in range(WARMUP + repeats):
+            lengths: dict[int, float] = {}  # this round's unwrapped prefill ms per visual-token count
             for name, config in methods:
-                if name in direct:
-                    d_ms = once_ms(functools.partial(prefill, direct[name]), device)
-                    if round_ >= WARMUP:
-                        times[name]["direct"].append(d_ms)
+                for n in direct.get(name, {}):
+                    if n not in lengths:  # (the full length: the full row, timed first, holds it)
+                        lengths[n] = once_ms(functools.partial(prefill, direct_inputs[n]), device)
                 if config is not None:
                     tr.wrap(model, config)
                 try:
                     p_ms = once_ms(lambda: prefill(batch), device)
                     d_ms = decode_ms()
+                    if config is None:
+                        lengths[full_visual] = p_ms
                     if round_ >= WARMUP:
                         times[name]["prefill"].append(p_ms)
                         times[name]["decode"].append(d_ms)
+                        if name in direct:
+                            times[name]["direct"].append(sum(w * lengths[n] for n, w in direct[name].items()))
                     if name not in extra:
                         tr.stats(model, reset=True) if config is not None else None
                         out = prefill(batch)
@@ -204,12 +231,18 @@ def measure_interleaved(model, batch, device: str, methods: list, repeats: int, 
                "speedup": statistics.median(f / m for f, m in zip(full["prefill"], t["prefill"])),
                "decode_speedup": _median_or_none([f / m for f, m in zip(full["decode"], t["decode"]) if m > 0])}
         if t["direct"]:
-            row["direct"] = {"visual_tokens": int(direct[name]["input_ids"].eq(IMAGE_TOKEN).sum(1)[0]),
+            mix = direct[name]
+            row["direct"] = {"visual_tokens": round(sum(n * w for n, w in mix.items())),
+                             "layers_at": {str(n): round(w * _layers(model)) for n, w in sorted(mix.items(), reverse=True)},
                              "prefill_ms": statistics.median(t["direct"]),
                              "speedup": statistics.median(f / d for f, d in zip(full["prefill"], t["direct"]))}
             row["of_direct"] = statistics.median(d / m for d, m in zip(t["direct"], t["prefill"]))
         rows.append(row)
     return rows
+
+
+def _layers(model) -> int:
+    return model.config.text_config.num_hidden_layers
 
 
 def _median_or_none(values: list[float]) -> float | None:
@@ -227,7 +260,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-tokens", type=int, default=8, help="0: no decode measurement")
     parser.add_argument("--no-direct", action="store_true",
-                        help="skip the direct rows (the unwrapped model fed as many visual tokens as each method keeps)")
+                        help="skip the direct rows (the unwrapped model fed, layer by layer, as many visual tokens as "
+                             "each method's layers see)")
     parser.add_argument("--quick", action="store_true", help="small model for a smoke run")
     parser.add_argument("--batch", type=int, default=1, help="prompts per prefill (one image each)")
     parser.add_argument("--llm", default="0.4b", choices=["0.4b", "7b"],
@@ -262,12 +296,15 @@ def run(args: argparse.Namespace, results_dir: Path | None = None) -> int:
                "pdrop-25%": lambda: build_config("pdrop", **_pdrop(layers)),
                "atp-25%": lambda: _atp(layers), "atp-heads": lambda: _atp_heads(layers)}
     methods = [(name, configs[name]()) for name in METHODS if name == "full" or name in args.methods]
-    direct = {}
+    direct, direct_inputs = {}, {}
     if not args.no_direct:
         for name, config in methods[1:]:
-            kept = visual_tokens_kept(model, batch, config)
-            direct[name] = inputs(model, args.device, dtype, batch=args.batch, visual=kept)
-    rows = measure_interleaved(model, batch, args.device, methods, args.repeats, args.decode_tokens, direct)
+            direct[name] = direct_mix(visual_tokens_per_layer(model, batch, config))
+            for n in direct[name]:
+                if n != FULL_VISUAL and n not in direct_inputs:
+                    direct_inputs[n] = inputs(model, args.device, dtype, batch=args.batch, visual=n)
+    rows = measure_interleaved(model, batch, args.device, methods, args.repeats, args.decode_tokens, direct,
+                               direct_inputs)
     full = rows[0]
     for row in rows[1:]:
         row["ideal_speedup"] = row["flops_full"] / row["flops"]
@@ -297,8 +334,10 @@ def run(args: argparse.Namespace, results_dir: Path | None = None) -> int:
         if "direct" in row:
             d = row["direct"]
             label = f"  direct {d['visual_tokens']}"
+            mix = " + ".join(f"{n}x{count}" for n, count in d["layers_at"].items()) if len(d["layers_at"]) > 1 else ""
             print(f"{label:<14}{d['visual_tokens']:>10.1f}{d['prefill_ms']:>12.1f}{d['speedup']:>9.2f}"
-                  f"{row['ideal_speedup']:>8.2f}{d['speedup'] / row['ideal_speedup']:>10.1%}")
+                  f"{row['ideal_speedup']:>8.2f}{d['speedup'] / row['ideal_speedup']:>10.1%}"
+                  + (f"   visual tokens x layers: {mix}" if mix else ""))
     print(f"written to {out}")
     return 0
 

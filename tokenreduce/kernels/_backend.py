@@ -91,6 +91,8 @@ def select_backend(
         return "torch"
     present = [t for t in tensors if t is not None]
     on_gpu = all(t.is_cuda for t in present)
+    if requested == "auto" and not on_gpu:  # the common CPU call: nothing else to look at
+        return "torch"
     dtype_ok = all(t.dtype in dtypes for t in present if t.is_floating_point())
     needs_grad = (
         not differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in present)

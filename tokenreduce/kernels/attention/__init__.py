@@ -23,6 +23,7 @@ def attention_importance(
     query_mask: torch.Tensor | None = None,
     query_positions: torch.Tensor | None = None,
     per_head: bool = False,
+    ascending: bool = False,
 ) -> torch.Tensor:
     """Mean softmax attention of the queries ``q`` over the keys ``k``, one score per key.
 
@@ -43,6 +44,11 @@ def attention_importance(
             (the columns of the queries in a decoder's sequence). A query that sees no valid key adds 0.
         per_head: return ``[B, Hq, S]`` (mean over queries only) instead of ``[B, S]``. Same cost: the
             head mean is taken from it.
+        ascending: a promise about ``query_positions``: query ``i``'s position is at most ``S - Q + i``
+            (true when the positions strictly increase and stay below ``S``, as the columns of distinct
+            tokens of one sequence do, left padding at 0 included). The torch path then skips the keys no
+            query of a chunk can see (half the logits of every visual token scoring every other). A broken
+            promise drops keys the queries would see; ignored without ``query_positions``.
 
     Returns:
         ``[B, S]`` (or ``[B, Hq, S]``) float32 (float64 for float64 inputs on the torch path).
@@ -65,12 +71,15 @@ def attention_importance(
                          f"{query_positions.dtype} {tuple(query_positions.shape)}")
     scale = D**-0.5 if scale is None else float(scale)
     if select_backend(op, q, k) == "triton":
-        from tokenreduce.kernels.attention import triton as impl
-    else:
-        impl = naive
-    return impl.attention_importance(
+        from tokenreduce.kernels.attention import triton
+
+        return triton.attention_importance(
+            q, k, scale=scale, key_mask=key_mask, query_mask=query_mask, query_positions=query_positions,
+            per_head=per_head,
+        )
+    return naive.attention_importance(
         q, k, scale=scale, key_mask=key_mask, query_mask=query_mask, query_positions=query_positions,
-        per_head=per_head,
+        per_head=per_head, ascending=ascending,
     )
 
 

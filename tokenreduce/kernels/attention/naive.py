@@ -34,6 +34,7 @@ def attention_importance(
     query_mask: torch.Tensor | None = None,
     query_positions: torch.Tensor | None = None,
     per_head: bool = False,
+    ascending: bool = False,
     chunk_elements: int | None = None,
 ) -> torch.Tensor:
     B, Hq, Q, D = q.shape
@@ -55,13 +56,16 @@ def attention_importance(
         if query_mask is not None:
             qc = qc.masked_fill((wc == 0)[:, None, :, None], 0.0)
         c = qc.shape[2]
+        # Ascending causal queries: query i sits at most at S - Q + i, so this chunk's queries see no key
+        # past S - Q + q0 + c; the keys after it would only be masked (about half of a self-score's logits).
+        width = max(1, min(S, S - Q + q0 + c)) if ascending and query_positions is not None else S
         # Query head h reads kv head h // G: group the G query heads of a kv head along the query axis.
-        logits = (qc.reshape(B, Hkv, G * c, D) @ kt).reshape(B, Hq, c, S).mul_(scale)
+        logits = (qc.reshape(B, Hkv, G * c, D) @ kt[..., :width]).reshape(B, Hq, c, width).mul_(scale)
         allowed = None
         if key_mask is not None:
-            allowed = key_mask[:, None, :].expand(B, c, S)
+            allowed = key_mask[:, None, :width].expand(B, c, width)
         if query_positions is not None:
-            causal = keys[None, None, :] <= query_positions[:, q0 : q0 + c, None]
+            causal = keys[None, None, :width] <= query_positions[:, q0 : q0 + c, None]
             allowed = causal if allowed is None else allowed & causal
         if allowed is not None:
             # A query with no valid key would be all -inf (NaN softmax): it sees every key instead and
@@ -72,5 +76,5 @@ def attention_importance(
             bias = torch.where(allowed | ~sees[..., None], 0.0, float("-inf")).to(dtype)
             logits.add_(bias[:, None])
         probs = torch.softmax(logits, dim=-1)
-        heads += (wc[:, None, None, :] @ probs).squeeze(2)
+        heads[..., :width] += (wc[:, None, None, :] @ probs).squeeze(2)
     return heads if per_head else heads.mean(1)

@@ -72,17 +72,36 @@ def spatial_sample(ctx: LLMContext, row: int, rate: float) -> torch.Tensor:
     if rate <= 0 or tokens.numel() == 0:
         return torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     stride = max(1, round(1.0 / math.sqrt(rate)))
-    # One host-built table of every item's grid (layouts are host tensors), read on the device by
-    # (item, token): no unique / boolean indexing on device tensors.
+    table, start = _grid_table(ctx.items, stride, tokens.device)
+    return table[start[tokens[:, 0]] + tokens[:, 1]]
+
+
+# Grid tables by (stride, device, the items' layout objects): layouts are built once per image geometry and
+# reused across calls, so a call's table is usually built already. Entries hold their layouts (an id is
+# only trusted while its object is alive and the same).
+_GRIDS: dict[tuple, tuple[list, torch.Tensor, torch.Tensor]] = {}
+_GRIDS_MAX = 32
+
+
+def _grid_table(items, stride: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One host-built table of every item's grid (layouts are host tensors) and each item's offset in it,
+    on ``device``: read there by (item, token), no unique / boolean indexing on device tensors."""
+    layouts = [item.layout for item in items]
+    key = (stride, device, tuple(id(layout) for layout in layouts))
+    hit = _GRIDS.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], layouts)):
+        return hit[1], hit[2]
     tables, offsets, total = [], [], 0
-    for item in ctx.items:
-        layout = item.layout
+    for layout in layouts:
         tables.append((layout.rows % stride == stride // 2) & (layout.cols % stride == stride // 2) & layout.content_mask)
         offsets.append(total)
         total += layout.num_tokens
-    table = torch.cat(tables).to(tokens.device, non_blocking=True)
-    start = torch.tensor(offsets, device=tokens.device)
-    return table[start[tokens[:, 0]] + tokens[:, 1]]
+    table = torch.cat(tables).to(device, non_blocking=True)
+    start = torch.tensor(offsets, device=device)
+    if len(_GRIDS) >= _GRIDS_MAX:
+        _GRIDS.pop(next(iter(_GRIDS)))
+    _GRIDS[key] = (layouts, table, start)
+    return table, start
 
 
 def normal_quantile(p: float) -> float:
