@@ -15,6 +15,7 @@ rank 0 writes the summary.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import warnings
@@ -23,12 +24,28 @@ from pathlib import Path
 from typing import Any
 
 
+class UsageError(SystemExit):
+    """A bad command line: :func:`main` prints the message as one line on stderr and the process exits with
+    code 2 (argparse's code for usage errors), before any model loads or cell runs."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 2
+
+
+def did_you_mean(what: str, name: str, known: Sequence[str]) -> UsageError:
+    """``unknown <what> 'name'; did you mean 'closest'? (known: ...)`` as a :class:`UsageError`."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
+    return UsageError(f"unknown {what} {name!r}{hint} known: {', '.join(known)}")
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         import torch
 
         if threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {threads}")
+            raise UsageError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
 
 
@@ -44,7 +61,7 @@ def _parse_pairs(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs or ():
         if "=" not in pair:
-            raise SystemExit(f"{what} must be KEY=VALUE, got {pair!r}")
+            raise UsageError(f"{what} must be KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
         out[key.strip()] = _parse_value(value)
     return out
@@ -73,7 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
         runs = demo_runs(n=args.samples, models=args.models, budgets=args.budgets or DEMO_BUDGETS,
                          check=args.check_samples)
     except (MissingModelsError, ValueError) as exc:
-        raise SystemExit(f"tokenreduce demo: {exc}") from None
+        raise UsageError(f"tokenreduce demo: {exc}") from None
     if missing:
         print("tokenreduce demo: no model for these families, left out:\n" + "\n".join(missing))
     for run in runs:
@@ -120,7 +137,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     """A run configuration from YAML or JSON, checked for unknown keys."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"--config: no file {path}")
+        raise UsageError(f"--config: no file {path}")
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
@@ -128,10 +145,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
     else:
         data = json.loads(path.read_text())
     if not isinstance(data, dict):
-        raise SystemExit(f"--config {path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise UsageError(f"--config {path}: expected a mapping at the top level, got {type(data).__name__}")
     unknown = sorted(set(data) - set(EVAL_KEYS))
     if unknown:
-        raise SystemExit(f"--config {path}: unknown key(s) {unknown}; accepted: {', '.join(EVAL_KEYS)}")
+        raise UsageError(f"--config {path}: unknown key(s) {unknown}; accepted: {', '.join(EVAL_KEYS)}")
     return data
 
 
@@ -145,7 +162,7 @@ def model_spec(entry: str | dict[str, Any], defaults: dict[str, Any] | None = No
         path = entry.pop("path", None)
         name = entry.pop("name", None) or (path and _model_name(path))
         if path is None:
-            raise SystemExit(f"model entry {given} has no `path`")
+            raise UsageError(f"model entry {given} has no `path`")
         if str(path).startswith("tiny:"):
             return ModelSpec(name, factory=_tiny_factory(str(path)[5:]), **{**defaults, **entry})
         return ModelSpec(name, path=str(path), **{**defaults, **entry})
@@ -164,7 +181,7 @@ def _tiny_factory(family: str):
     from tokenreduce.testing.tiny import FAMILIES
 
     if family not in ("llava", "qwen2_vl", "qwen2_5_vl"):
-        raise SystemExit(f"tiny:<family> needs a family with a tiny processor (llava, qwen2_vl, qwen2_5_vl); "
+        raise UsageError(f"tiny:<family> needs a family with a tiny processor (llava, qwen2_vl, qwen2_5_vl); "
                          f"got {family!r} (families: {', '.join(FAMILIES)})")
 
     def factory():
@@ -196,27 +213,71 @@ def _eval(args: argparse.Namespace) -> int:
     for key, value in _parse_pairs(args.method_opt, "--method-opt").items():
         method, _, option = key.partition(".")
         if not option:
-            raise SystemExit(f"--method-opt must be METHOD.OPTION=VALUE, got {key!r}")
+            raise UsageError(f"--method-opt must be METHOD.OPTION=VALUE, got {key!r}")
         method_options.setdefault(method, {})[option] = value
     defaults = {"dtype": args.dtype, "device": args.device, "device_map": args.device_map}
     models = [model_spec(m, defaults) for m in (args.model or cfg.get("models") or [])]
     missing = [k for k, v in (("--task", cfg.get("task")), ("--model", models), ("--methods", cfg.get("methods"))) if not v]
     if missing:
-        raise SystemExit(f"tokenreduce eval: missing {', '.join(missing)} (on the command line or in --config)")
-    task = get_task(cfg["task"], **task_options)
+        raise UsageError(f"tokenreduce eval: missing {', '.join(missing)} (on the command line or in --config)")
+    check_names(cfg["task"], cfg["methods"], method_options, cfg.get("budgets") or [0.25])
     name = cfg.get("name") or f"{cfg['task']}-{models[0].name}"
-    runner = Runner(
-        task, models, cfg["methods"], cfg.get("budgets") or [0.25], name=name, out_dir=cfg.get("out", "runs"),
-        split=cfg.get("split"), limit=cfg.get("limit"), batch_size=cfg.get("batch_size", 4),
-        max_new_tokens=cfg.get("max_new_tokens"), warmup=cfg.get("warmup", 1), keep_maps=cfg.get("keep_maps", 4),
-        method_options=method_options, task_options=task_options, plots=cfg.get("plots", True),
-        progress=not args.quiet,
-    )
+    try:  # bad task options and runner arguments: one line before anything loads
+        task = get_task(cfg["task"], **task_options)
+        runner = Runner(
+            task, models, cfg["methods"], cfg.get("budgets") or [0.25], name=name, out_dir=cfg.get("out", "runs"),
+            split=cfg.get("split"), limit=cfg.get("limit"), batch_size=cfg.get("batch_size", 4),
+            max_new_tokens=cfg.get("max_new_tokens"), warmup=cfg.get("warmup", 1), keep_maps=cfg.get("keep_maps", 4),
+            method_options=method_options, task_options=task_options, plots=cfg.get("plots", True),
+            progress=not args.quiet,
+        )
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"tokenreduce eval: {exc}") from None
     summary = runner.run()
     if "cells" in summary:
         print((runner.run_dir / "table.md").read_text())
         print(f"records, summary, table and plots in {runner.run_dir}")
+    cells = len(models) * len(runner.cells)
+    if runner.skipped and len(runner.skipped) == cells:
+        print(f"tokenreduce eval: nothing evaluated: all {cells} cell(s) were skipped (reasons above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def check_names(task: str, methods: Sequence[str], method_options: dict[str, dict[str, Any]],
+                budgets: Sequence[float] = (0.25,)) -> None:
+    """Raise a one-line :class:`UsageError` with a "did you mean" for an unknown task, method or method option,
+    or for an option that clashes with what the budget sets.
+
+    Checked here, before any model loads, so a typo does not cost a model load nor turn into a skipped cell.
+    """
+    import dataclasses
+
+    from tokenreduce.core.registry import get_method, list_methods
+    from tokenreduce.eval.tasks import list_tasks
+
+    if task not in list_tasks():
+        raise did_you_mean("task", task, list_tasks())
+    known = ["none", *list_methods()]
+    for method in [*methods, *method_options]:
+        if method not in known:
+            raise did_you_mean("method", method, known)
+    for method, options in method_options.items():
+        if method not in methods:
+            raise UsageError(f"--method-opt names method {method!r}, which is not in --methods {' '.join(methods)}")
+        if method == "none":
+            raise UsageError("--method-opt: 'none' (the unreduced model) takes no options")
+        fields = [f.name for f in dataclasses.fields(get_method(method).config_cls) if f.init]
+        for option in options:
+            if option not in fields:
+                raise did_you_mean(f"{method} option", option, fields)
+        for budget in budgets:
+            try:  # an option the budget sets (``pool.keep``) clashes on every model
+                get_method(method).config_cls.at_budget(budget, num_layers=None, **options)
+            except TypeError as exc:
+                raise UsageError(f"--method-opt {method}: {exc}") from None
+            except (ValueError, NotImplementedError):  # may depend on the model (its depth): the cell decides
+                pass
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,7 +369,7 @@ def caption_lines(records, cells: Sequence[str] = (), sample_ids: Sequence[str] 
 def _show(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not (run_dir / "run.json").is_file():
-        raise SystemExit(f"{run_dir} is not a run folder (no run.json); runs live under runs/<name>")
+        raise UsageError(f"{run_dir} is not a run folder (no run.json); runs live under runs/<name>")
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file() or args.refresh:
         from tokenreduce.eval.report import write_reports
@@ -433,7 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        message = str(exc)
+        print(message if message.startswith("tokenreduce") else f"tokenreduce {args.command}: {message}",
+              file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":
