@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import shlex
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -194,6 +196,7 @@ def _tiny_factory(family: str):
 
 def _eval(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
+    from tokenreduce.eval.records import read_records
     from tokenreduce.eval.runner import Runner
     from tokenreduce.eval.tasks import get_task
 
@@ -233,7 +236,25 @@ def _eval(args: argparse.Namespace) -> int:
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(f"tokenreduce eval: {exc}") from None
-    summary = runner.run()
+    previous = runner.run_dir / "run.json"
+    if previous.is_file() and args.overwrite:
+        shutil.rmtree(runner.run_dir)
+    elif previous.is_file():
+        changed = changed_settings(json.loads(previous.read_text()), runner.spec)
+        if changed:
+            raise UsageError(f"tokenreduce eval: {runner.run_dir} holds a run with other settings "
+                             f"({'; '.join(changed)}); give another --name, or --overwrite to start it afresh")
+        found = len(read_records(runner.run_dir))
+        print(f"tokenreduce eval: resuming {runner.run_dir}: {found} record(s) found, those are not run again",
+              file=sys.stderr)
+    try:
+        summary = runner.run()
+    except KeyboardInterrupt:
+        saved = len(read_records(runner.run_dir))
+        argv = [a for a in args.argv if a != "--overwrite"]
+        print(f"\ntokenreduce eval: interrupted; {saved} record(s) saved in {runner.run_dir}; resume with: "
+              f"{shlex.join(['tokenreduce', *argv])}", file=sys.stderr)
+        return 130
     if "cells" in summary:
         print((runner.run_dir / "table.md").read_text())
         print(f"records, summary, table and plots in {runner.run_dir}")
@@ -242,6 +263,31 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"tokenreduce eval: nothing evaluated: all {cells} cell(s) were skipped (reasons above)", file=sys.stderr)
         return 1
     return 0
+
+
+# What makes the rows of a run: a rerun under the same name that changes one of these would mix rows that
+# mean different things in one table. Methods, budgets and models may be added (new rows).
+_ROW_SETTINGS = ("task", "task_options", "split", "limit", "max_new_tokens")
+
+
+def changed_settings(old: dict[str, Any], spec: Any) -> list[str]:
+    """``"limit 20 -> 10"`` for each setting of a saved ``run.json`` that ``spec`` (a RunSpec) changes."""
+    from tokenreduce.eval.runner import _json_default
+
+    new = json.loads(json.dumps(spec.__dict__, default=_json_default))
+    out = [f"{key} {old.get(key)!r} -> {new[key]!r}" for key in _ROW_SETTINGS if old.get(key) != new[key]]
+    old_options = old.get("method_options") or {}
+    for method, options in new["method_options"].items():  # options of methods the rerun runs
+        if method in old.get("methods", ()) and old_options.get(method, {}) != options:
+            out.append(f"{method} options {old_options.get(method, {})!r} -> {options!r}")
+    for method, options in old_options.items():
+        if method in new["methods"] and method not in new["method_options"] and options:
+            out.append(f"{method} options {options!r} -> {{}}")
+    old_models = {m["name"]: m for m in old.get("models", [])}
+    for model in new["models"]:
+        if model["name"] in old_models and old_models[model["name"]] != model:
+            out.append(f"model {model['name']} {old_models[model['name']]} -> {model}")
+    return out
 
 
 def check_names(task: str, methods: Sequence[str], method_options: dict[str, dict[str, Any]],
@@ -468,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="e.g. cuda:0 or cpu (default: this process's GPU, else CPU)")
     ev.add_argument("--device-map", default=None, help="'auto' to spread a large model over the GPUs")
     ev.add_argument("--no-plots", action="store_true")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="start afresh when <out>/<name> holds a run with other settings (default: refuse; "
+                         "with the same settings, a rerun resumes)")
     ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_eval)
@@ -494,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the command that resumes an interrupted run
     try:
         return args.func(args)
     except UsageError as exc:

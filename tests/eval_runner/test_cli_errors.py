@@ -3,9 +3,14 @@ resume, path checks before transformers or datasets see a path."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +55,52 @@ def test_a_run_whose_every_cell_is_skipped_exits_non_zero(synthetic_models, tmp_
     assert result.returncode == 1, result.stderr
     assert "nothing evaluated: all 1 cell(s) were skipped" in result.stderr
     assert "`layer` must be in [1, 5]" in result.stdout
+
+
+def _keys(path: Path) -> set[str]:
+    keys = set()
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError, KeyError):  # a line cut short by the interrupt
+            keys.add(json.loads(line)["key"])
+    return keys
+
+
+def test_ctrl_c_saves_and_names_the_resume_command_then_a_changed_rerun_is_refused(synthetic_models, tmp_path):
+    model = synthetic_models / "synthetic-llava-image"
+    args = ["eval", "--task", "synthetic-image", "--model", f"tiny={model}", "--limit", "12", "--methods", "none",
+            "pool", "--budgets", "0.5", "--batch-size", "1", "--out", str(tmp_path), "--name", "ctrl-c", "--quiet",
+            "--no-plots", "--threads", "1"]
+    records = tmp_path / "ctrl-c" / "records.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "tokenreduce.cli", *args], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 240
+    while not (records.exists() and len(_keys(records)) >= 2) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    saved = _keys(records)
+    assert 2 <= len(saved) < 24 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("tokenreduce")]
+    assert len(lines) == 1 and lines[0] == (
+        f"tokenreduce eval: interrupted; {len(saved)} record(s) saved in {tmp_path / 'ctrl-c'}; resume with: "
+        f"{shlex.join(['tokenreduce', *args])}")
+
+    resume = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert resume[0] == "tokenreduce"
+    result = tokenreduce(*resume[1:], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"tokenreduce eval: resuming {tmp_path / 'ctrl-c'}: {len(saved)} record(s) found" in result.stderr
+    assert len(_keys(records)) == 24 and saved <= _keys(records)
+
+    changed = [*args[:6], "2", *args[7:]]  # --limit 2: rows would mean n=2 beside n=12
+    result = tokenreduce(*changed, cwd=tmp_path)
+    assert result.returncode == 2
+    assert one_line(result) == (f"tokenreduce eval: {tmp_path / 'ctrl-c'} holds a run with other settings (limit 12 -> 2); "
+                                "give another --name, or --overwrite to start it afresh")
+    assert len(_keys(records)) == 24  # untouched
+    result = tokenreduce(*changed, "--overwrite", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(_keys(records)) == 4 and json.loads((tmp_path / "ctrl-c" / "run.json").read_text())["limit"] == 2
