@@ -224,6 +224,14 @@ def _eval(args: argparse.Namespace) -> int:
     if missing:
         raise UsageError(f"tokenreduce eval: missing {', '.join(missing)} (on the command line or in --config)")
     check_names(cfg["task"], cfg["methods"], method_options, cfg.get("budgets") or [0.25])
+    from tokenreduce.sources import check_model_source
+
+    for spec in models:
+        if spec.path is not None:
+            try:
+                check_model_source(spec.path, "--model")
+            except OSError as exc:
+                raise UsageError(f"tokenreduce eval: {exc}") from None
     name = cfg.get("name") or f"{cfg['task']}-{models[0].name}"
     try:  # bad task options and runner arguments: one line before anything loads
         task = get_task(cfg["task"], **task_options)
@@ -236,6 +244,15 @@ def _eval(args: argparse.Namespace) -> int:
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(f"tokenreduce eval: {exc}") from None
+    source = getattr(task, "source", None)
+    if isinstance(getattr(source, "path", None), str) and getattr(task, "loader", None) is None:
+        from tokenreduce.sources import check_dataset_source
+
+        try:  # before datasets retries an unreachable hub for most of a minute
+            check_dataset_source(source.path, f"task {task.name!r}" if "path" not in task_options else "--task-opt path",
+                                 "--task-opt path=DIR (a local parquet/jsonl folder or a copy of the hub repository)")
+        except OSError as exc:
+            raise UsageError(f"tokenreduce eval: {exc}") from None
     previous = runner.run_dir / "run.json"
     if previous.is_file() and args.overwrite:
         shutil.rmtree(runner.run_dir)

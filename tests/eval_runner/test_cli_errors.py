@@ -104,3 +104,57 @@ def test_ctrl_c_saves_and_names_the_resume_command_then_a_changed_rerun_is_refus
     result = tokenreduce(*changed, "--overwrite", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(_keys(records)) == 4 and json.loads((tmp_path / "ctrl-c" / "run.json").read_text())["limit"] == 2
+
+
+def test_a_missing_local_model_path_is_named_before_transformers_sees_it(synthetic_models, tmp_path):
+    code = "import tokenreduce as tr; tr.from_pretrained('assets/models/does-not-exist', 'pool')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1 and "Repo id" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"FileNotFoundError: model_id_or_dir 'assets/models/does-not-exist': local path "
+        f"{tmp_path / 'assets/models/does-not-exist'} does not exist")
+
+    result = tokenreduce("eval", "--task", "synthetic-image", "--model", "./missing", "--methods", "none",
+                         "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert one_line(result) == f"tokenreduce eval: --model './missing': local path {tmp_path / 'missing'} does not exist"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, "127.0.0.1 cannot be reached (ConnectionRefusedError)"),
+], ids=["offline", "unreachable"])
+def test_without_a_network_a_hub_id_fails_at_once_naming_the_local_alternative(synthetic_models, tmp_path, env, reason):
+    env = {**env, "HF_HOME": str(tmp_path / "hf-home")}  # an empty cache: nothing was fetched before
+    result = tokenreduce("eval", "--task", "synthetic-image", "--model", "llava-hf/llava-1.5-7b-hf", "--methods",
+                         "none", "--out", str(tmp_path / "runs"), cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert one_line(result) == (
+        f"tokenreduce eval: --model 'llava-hf/llava-1.5-7b-hf' is not in the local Hugging Face cache and the hub "
+        f"cannot be used ({reason}); give a local directory holding the model instead "
+        "(e.g. `hf download llava-hf/llava-1.5-7b-hf --local-dir DIR` on a connected machine)")
+
+    model = synthetic_models / "synthetic-llava-image"
+    result = tokenreduce("eval", "--task", "docvqa", "--model", str(model), "--methods", "none", "--limit", "1",
+                         "--out", str(tmp_path / "runs"), cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    line = one_line(result)
+    assert line.startswith("tokenreduce eval: task 'docvqa': dataset ") and f"({reason})" in line
+    assert line.endswith("give a local copy with --task-opt path=DIR (a local parquet/jsonl folder or a copy of "
+                         "the hub repository)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_hub_check_gives_up_within_seconds(monkeypatch):
+    from huggingface_hub import constants
+
+    from tokenreduce.sources import check_model_source
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(OSError, match=r"^model 'org/never-fetched' is not in the local Hugging Face cache"):
+        check_model_source("org/never-fetched")
+    assert time.monotonic() - start < 10
