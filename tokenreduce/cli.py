@@ -478,7 +478,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenreduce", description=__doc__,
+    parser = argparse.ArgumentParser(prog="tokenreduce", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "accuracy, random@10%%); default: "
                            + ", ".join(f"{n} {kind}" for kind, n in CHECK_SAMPLES.items())
                            + "; 0: on the grid's samples")
-    demo.add_argument("--batch-size", type=int, default=4)
+    demo.add_argument("--batch-size", type=int, default=4, help="samples per generate call (default 4)")
     demo.add_argument("--out", default="runs", help="folder of the runs (default runs/: runs/demo-<family>)")
     demo.add_argument("--resume", action="store_true",
                       help="keep the records of a previous demo run (default: start afresh)")
@@ -508,9 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
+    from tokenreduce.eval.tasks import list_tasks
+
     ev = sub.add_parser("eval", help="run a model x method x budget grid on a task")
     ev.add_argument("--config", help="YAML or JSON file with the run's settings (command-line flags override it)")
-    ev.add_argument("--task", help="task name (see tokenreduce.eval.tasks.list_tasks())")
+    ev.add_argument("--task", help=f"task name: {', '.join(list_tasks())}")
     ev.add_argument("--task-opt", action="append", metavar="KEY=VALUE",
                     help="task / data option, e.g. path=/data/docvqa, revision=<sha>, media_dir=..., num_frames=16")
     ev.add_argument("--model", action="append", metavar="[NAME=]PATH",
@@ -521,16 +523,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extra method option, e.g. fastv.query=text")
     ev.add_argument("--name", help="run name: results go to <out>/<name> (default <task>-<model>)")
     ev.add_argument("--out", default=None, help="folder of the runs (default runs/)")
-    ev.add_argument("--split", default=None)
+    ev.add_argument("--split", default=None,
+                    help="dataset split to evaluate, e.g. validation or test (default: the task's own)")
     ev.add_argument("--limit", type=int, default=None, help="first N samples only")
-    ev.add_argument("--batch-size", type=int, default=None)
-    ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=None, help="samples per generate call (default 4)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="generated tokens per answer (default: the task's)")
     ev.add_argument("--warmup", type=int, default=None, help="untimed generate calls per cell (default 1)")
     ev.add_argument("--keep-maps", type=int, default=None, help="samples per cell that store kept-token maps (default 4)")
     ev.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 or auto")
     ev.add_argument("--device", default=None, help="e.g. cuda:0 or cpu (default: this process's GPU, else CPU)")
     ev.add_argument("--device-map", default=None, help="'auto' to spread a large model over the GPUs")
-    ev.add_argument("--no-plots", action="store_true")
+    ev.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     ev.add_argument("--overwrite", action="store_true",
                     help="start afresh when <out>/<name> holds a run with other settings (default: refuse; "
                          "with the same settings, a rerun resumes)")

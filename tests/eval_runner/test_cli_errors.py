@@ -158,3 +158,24 @@ def test_the_hub_check_gives_up_within_seconds(monkeypatch):
     with pytest.raises(OSError, match=r"^model 'org/never-fetched' is not in the local Hugging Face cache"):
         check_model_source("org/never-fetched")
     assert time.monotonic() - start < 10
+
+
+def test_help_lists_the_tasks_explains_every_option_and_shows_no_rst_markup(tmp_path):
+    import argparse
+
+    from tokenreduce.cli import build_parser
+    from tokenreduce.eval.tasks import list_tasks
+
+    top = tokenreduce("--help", cwd=tmp_path)
+    evaluate = tokenreduce("eval", "--help", cwd=tmp_path, env={"COLUMNS": "1000"})  # argparse wraps no line
+    assert top.returncode == evaluate.returncode == 0
+    assert "tokenreduce eval --task docvqa" in top.stdout
+    assert "``" not in top.stdout and "``" not in evaluate.stdout
+    flat = " ".join(evaluate.stdout.split())
+    assert all(name in flat for name in list_tasks()) and "synthetic-video" in flat
+    assert "--split SPLIT dataset split to evaluate" in flat
+    assert "--batch-size BATCH_SIZE samples per generate call" in flat
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command, parser in sub.choices.items():
+        bare = [a.option_strings or a.dest for a in parser._actions if not a.help]
+        assert not bare, f"`tokenreduce {command}` options without help: {bare}"
