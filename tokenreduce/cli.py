@@ -15,7 +15,10 @@ rank 0 writes the summary.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import shlex
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -23,12 +26,28 @@ from pathlib import Path
 from typing import Any
 
 
+class UsageError(SystemExit):
+    """A bad command line: :func:`main` prints the message as one line on stderr and the process exits with
+    code 2 (argparse's code for usage errors), before any model loads or cell runs."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 2
+
+
+def did_you_mean(what: str, name: str, known: Sequence[str]) -> UsageError:
+    """``unknown <what> 'name'; did you mean 'closest'? (known: ...)`` as a :class:`UsageError`."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
+    return UsageError(f"unknown {what} {name!r}{hint} known: {', '.join(known)}")
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         import torch
 
         if threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {threads}")
+            raise UsageError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
 
 
@@ -44,7 +63,7 @@ def _parse_pairs(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs or ():
         if "=" not in pair:
-            raise SystemExit(f"{what} must be KEY=VALUE, got {pair!r}")
+            raise UsageError(f"{what} must be KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
         out[key.strip()] = _parse_value(value)
     return out
@@ -73,7 +92,7 @@ def _demo(args: argparse.Namespace) -> int:
         runs = demo_runs(n=args.samples, models=args.models, budgets=args.budgets or DEMO_BUDGETS,
                          check=args.check_samples)
     except (MissingModelsError, ValueError) as exc:
-        raise SystemExit(f"tokenreduce demo: {exc}") from None
+        raise UsageError(f"tokenreduce demo: {exc}") from None
     if missing:
         print("tokenreduce demo: no model for these families, left out:\n" + "\n".join(missing))
     for run in runs:
@@ -120,7 +139,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     """A run configuration from YAML or JSON, checked for unknown keys."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"--config: no file {path}")
+        raise UsageError(f"--config: no file {path}")
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
@@ -128,10 +147,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
     else:
         data = json.loads(path.read_text())
     if not isinstance(data, dict):
-        raise SystemExit(f"--config {path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise UsageError(f"--config {path}: expected a mapping at the top level, got {type(data).__name__}")
     unknown = sorted(set(data) - set(EVAL_KEYS))
     if unknown:
-        raise SystemExit(f"--config {path}: unknown key(s) {unknown}; accepted: {', '.join(EVAL_KEYS)}")
+        raise UsageError(f"--config {path}: unknown key(s) {unknown}; accepted: {', '.join(EVAL_KEYS)}")
     return data
 
 
@@ -145,7 +164,7 @@ def model_spec(entry: str | dict[str, Any], defaults: dict[str, Any] | None = No
         path = entry.pop("path", None)
         name = entry.pop("name", None) or (path and _model_name(path))
         if path is None:
-            raise SystemExit(f"model entry {given} has no `path`")
+            raise UsageError(f"model entry {given} has no `path`")
         if str(path).startswith("tiny:"):
             return ModelSpec(name, factory=_tiny_factory(str(path)[5:]), **{**defaults, **entry})
         return ModelSpec(name, path=str(path), **{**defaults, **entry})
@@ -164,7 +183,7 @@ def _tiny_factory(family: str):
     from tokenreduce.testing.tiny import FAMILIES
 
     if family not in ("llava", "qwen2_vl", "qwen2_5_vl"):
-        raise SystemExit(f"tiny:<family> needs a family with a tiny processor (llava, qwen2_vl, qwen2_5_vl); "
+        raise UsageError(f"tiny:<family> needs a family with a tiny processor (llava, qwen2_vl, qwen2_5_vl); "
                          f"got {family!r} (families: {', '.join(FAMILIES)})")
 
     def factory():
@@ -177,6 +196,7 @@ def _tiny_factory(family: str):
 
 def _eval(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
+    from tokenreduce.eval.records import read_records
     from tokenreduce.eval.runner import Runner
     from tokenreduce.eval.tasks import get_task
 
@@ -196,27 +216,131 @@ def _eval(args: argparse.Namespace) -> int:
     for key, value in _parse_pairs(args.method_opt, "--method-opt").items():
         method, _, option = key.partition(".")
         if not option:
-            raise SystemExit(f"--method-opt must be METHOD.OPTION=VALUE, got {key!r}")
+            raise UsageError(f"--method-opt must be METHOD.OPTION=VALUE, got {key!r}")
         method_options.setdefault(method, {})[option] = value
     defaults = {"dtype": args.dtype, "device": args.device, "device_map": args.device_map}
     models = [model_spec(m, defaults) for m in (args.model or cfg.get("models") or [])]
     missing = [k for k, v in (("--task", cfg.get("task")), ("--model", models), ("--methods", cfg.get("methods"))) if not v]
     if missing:
-        raise SystemExit(f"tokenreduce eval: missing {', '.join(missing)} (on the command line or in --config)")
-    task = get_task(cfg["task"], **task_options)
+        raise UsageError(f"tokenreduce eval: missing {', '.join(missing)} (on the command line or in --config)")
+    check_names(cfg["task"], cfg["methods"], method_options, cfg.get("budgets") or [0.25])
+    from tokenreduce.sources import check_model_source
+
+    for spec in models:
+        if spec.path is not None:
+            try:
+                check_model_source(spec.path, "--model")
+            except OSError as exc:
+                raise UsageError(f"tokenreduce eval: {exc}") from None
     name = cfg.get("name") or f"{cfg['task']}-{models[0].name}"
-    runner = Runner(
-        task, models, cfg["methods"], cfg.get("budgets") or [0.25], name=name, out_dir=cfg.get("out", "runs"),
-        split=cfg.get("split"), limit=cfg.get("limit"), batch_size=cfg.get("batch_size", 4),
-        max_new_tokens=cfg.get("max_new_tokens"), warmup=cfg.get("warmup", 1), keep_maps=cfg.get("keep_maps", 4),
-        method_options=method_options, task_options=task_options, plots=cfg.get("plots", True),
-        progress=not args.quiet,
-    )
-    summary = runner.run()
+    try:  # bad task options and runner arguments: one line before anything loads
+        task = get_task(cfg["task"], **task_options)
+        runner = Runner(
+            task, models, cfg["methods"], cfg.get("budgets") or [0.25], name=name, out_dir=cfg.get("out", "runs"),
+            split=cfg.get("split"), limit=cfg.get("limit"), batch_size=cfg.get("batch_size", 4),
+            max_new_tokens=cfg.get("max_new_tokens"), warmup=cfg.get("warmup", 1), keep_maps=cfg.get("keep_maps", 4),
+            method_options=method_options, task_options=task_options, plots=cfg.get("plots", True),
+            progress=not args.quiet,
+        )
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"tokenreduce eval: {exc}") from None
+    source = getattr(task, "source", None)
+    if isinstance(getattr(source, "path", None), str) and getattr(task, "loader", None) is None:
+        from tokenreduce.sources import check_dataset_source
+
+        try:  # before datasets retries an unreachable hub for most of a minute
+            check_dataset_source(source.path, f"task {task.name!r}" if "path" not in task_options else "--task-opt path",
+                                 "--task-opt path=DIR (a local parquet/jsonl folder or a copy of the hub repository)")
+        except OSError as exc:
+            raise UsageError(f"tokenreduce eval: {exc}") from None
+    previous = runner.run_dir / "run.json"
+    if previous.is_file() and args.overwrite:
+        shutil.rmtree(runner.run_dir)
+    elif previous.is_file():
+        changed = changed_settings(json.loads(previous.read_text()), runner.spec)
+        if changed:
+            raise UsageError(f"tokenreduce eval: {runner.run_dir} holds a run with other settings "
+                             f"({'; '.join(changed)}); give another --name, or --overwrite to start it afresh")
+        found = len(read_records(runner.run_dir))
+        print(f"tokenreduce eval: resuming {runner.run_dir}: {found} record(s) found, those are not run again",
+              file=sys.stderr)
+    try:
+        summary = runner.run()
+    except KeyboardInterrupt:
+        saved = len(read_records(runner.run_dir))
+        argv = [a for a in args.argv if a != "--overwrite"]
+        print(f"\ntokenreduce eval: interrupted; {saved} record(s) saved in {runner.run_dir}; resume with: "
+              f"{shlex.join(['tokenreduce', *argv])}", file=sys.stderr)
+        return 130
     if "cells" in summary:
         print((runner.run_dir / "table.md").read_text())
         print(f"records, summary, table and plots in {runner.run_dir}")
+    cells = len(models) * len(runner.cells)
+    if runner.skipped and len(runner.skipped) == cells:
+        print(f"tokenreduce eval: nothing evaluated: all {cells} cell(s) were skipped (reasons above)", file=sys.stderr)
+        return 1
     return 0
+
+
+# What makes the rows of a run: a rerun under the same name that changes one of these would mix rows that
+# mean different things in one table. Methods, budgets and models may be added (new rows).
+_ROW_SETTINGS = ("task", "task_options", "split", "limit", "max_new_tokens")
+
+
+def changed_settings(old: dict[str, Any], spec: Any) -> list[str]:
+    """``"limit 20 -> 10"`` for each setting of a saved ``run.json`` that ``spec`` (a RunSpec) changes."""
+    from tokenreduce.eval.runner import _json_default
+
+    new = json.loads(json.dumps(spec.__dict__, default=_json_default))
+    out = [f"{key} {old.get(key)!r} -> {new[key]!r}" for key in _ROW_SETTINGS if old.get(key) != new[key]]
+    old_options = old.get("method_options") or {}
+    for method, options in new["method_options"].items():  # options of methods the rerun runs
+        if method in old.get("methods", ()) and old_options.get(method, {}) != options:
+            out.append(f"{method} options {old_options.get(method, {})!r} -> {options!r}")
+    for method, options in old_options.items():
+        if method in new["methods"] and method not in new["method_options"] and options:
+            out.append(f"{method} options {options!r} -> {{}}")
+    old_models = {m["name"]: m for m in old.get("models", [])}
+    for model in new["models"]:
+        if model["name"] in old_models and old_models[model["name"]] != model:
+            out.append(f"model {model['name']} {old_models[model['name']]} -> {model}")
+    return out
+
+
+def check_names(task: str, methods: Sequence[str], method_options: dict[str, dict[str, Any]],
+                budgets: Sequence[float] = (0.25,)) -> None:
+    """Raise a one-line :class:`UsageError` with a "did you mean" for an unknown task, method or method option,
+    or for an option that clashes with what the budget sets.
+
+    Checked here, before any model loads, so a typo does not cost a model load nor turn into a skipped cell.
+    """
+    import dataclasses
+
+    from tokenreduce.core.registry import get_method, list_methods
+    from tokenreduce.eval.tasks import list_tasks
+
+    if task not in list_tasks():
+        raise did_you_mean("task", task, list_tasks())
+    known = ["none", *list_methods()]
+    for method in [*methods, *method_options]:
+        if method not in known:
+            raise did_you_mean("method", method, known)
+    for method, options in method_options.items():
+        if method not in methods:
+            raise UsageError(f"--method-opt names method {method!r}, which is not in --methods {' '.join(methods)}")
+        if method == "none":
+            raise UsageError("--method-opt: 'none' (the unreduced model) takes no options")
+        fields = [f.name for f in dataclasses.fields(get_method(method).config_cls) if f.init]
+        for option in options:
+            if option not in fields:
+                raise did_you_mean(f"{method} option", option, fields)
+        for budget in budgets:
+            try:  # an option the budget sets (``pool.keep``) clashes on every model
+                get_method(method).config_cls.at_budget(budget, num_layers=None, **options)
+            except TypeError as exc:
+                raise UsageError(f"--method-opt {method}: {exc}") from None
+            except (ValueError, NotImplementedError):  # may depend on the model (its depth): the cell decides
+                pass
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,7 +432,7 @@ def caption_lines(records, cells: Sequence[str] = (), sample_ids: Sequence[str] 
 def _show(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not (run_dir / "run.json").is_file():
-        raise SystemExit(f"{run_dir} is not a run folder (no run.json); runs live under runs/<name>")
+        raise UsageError(f"{run_dir} is not a run folder (no run.json); runs live under runs/<name>")
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file() or args.refresh:
         from tokenreduce.eval.report import write_reports
@@ -354,7 +478,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenreduce", description=__doc__,
+    parser = argparse.ArgumentParser(prog="tokenreduce", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -375,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "accuracy, random@10%%); default: "
                            + ", ".join(f"{n} {kind}" for kind, n in CHECK_SAMPLES.items())
                            + "; 0: on the grid's samples")
-    demo.add_argument("--batch-size", type=int, default=4)
+    demo.add_argument("--batch-size", type=int, default=4, help="samples per generate call (default 4)")
     demo.add_argument("--out", default="runs", help="folder of the runs (default runs/: runs/demo-<family>)")
     demo.add_argument("--resume", action="store_true",
                       help="keep the records of a previous demo run (default: start afresh)")
@@ -384,9 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
+    from tokenreduce.eval.tasks import list_tasks
+
     ev = sub.add_parser("eval", help="run a model x method x budget grid on a task")
     ev.add_argument("--config", help="YAML or JSON file with the run's settings (command-line flags override it)")
-    ev.add_argument("--task", help="task name (see tokenreduce.eval.tasks.list_tasks())")
+    ev.add_argument("--task", help=f"task name: {', '.join(list_tasks())}")
     ev.add_argument("--task-opt", action="append", metavar="KEY=VALUE",
                     help="task / data option, e.g. path=/data/docvqa, revision=<sha>, media_dir=..., num_frames=16")
     ev.add_argument("--model", action="append", metavar="[NAME=]PATH",
@@ -397,16 +523,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extra method option, e.g. fastv.query=text")
     ev.add_argument("--name", help="run name: results go to <out>/<name> (default <task>-<model>)")
     ev.add_argument("--out", default=None, help="folder of the runs (default runs/)")
-    ev.add_argument("--split", default=None)
+    ev.add_argument("--split", default=None,
+                    help="dataset split to evaluate, e.g. validation or test (default: the task's own)")
     ev.add_argument("--limit", type=int, default=None, help="first N samples only")
-    ev.add_argument("--batch-size", type=int, default=None)
-    ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=None, help="samples per generate call (default 4)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="generated tokens per answer (default: the task's)")
     ev.add_argument("--warmup", type=int, default=None, help="untimed generate calls per cell (default 1)")
     ev.add_argument("--keep-maps", type=int, default=None, help="samples per cell that store kept-token maps (default 4)")
     ev.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 or auto")
     ev.add_argument("--device", default=None, help="e.g. cuda:0 or cpu (default: this process's GPU, else CPU)")
     ev.add_argument("--device-map", default=None, help="'auto' to spread a large model over the GPUs")
-    ev.add_argument("--no-plots", action="store_true")
+    ev.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="start afresh when <out>/<name> holds a run with other settings (default: refuse; "
+                         "with the same settings, a rerun resumes)")
     ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_eval)
@@ -433,7 +563,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the command that resumes an interrupted run
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        message = str(exc)
+        print(message if message.startswith("tokenreduce") else f"tokenreduce {args.command}: {message}",
+              file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

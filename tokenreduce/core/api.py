@@ -132,7 +132,10 @@ def from_pretrained(
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from tokenreduce.sources import check_model_source
+
     source = str(model_id_or_dir)
+    check_model_source(source, "model_id_or_dir")
     if method is None:
         config_file = Path(source) / CONFIG_NAME
         if not config_file.is_file():

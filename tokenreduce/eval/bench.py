@@ -253,11 +253,12 @@ def _median_or_none(values: list[float]) -> float | None:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The benchmark's options (added to ``parser`` when given: the CLI's ``bench`` subcommand)."""
     parser = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs (default cuda when there is a GPU, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="auto: bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else "
                              "float32 (emulated bf16 matmuls are several times slower than fp32)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per row; medians over the rounds (default 5)")
     parser.add_argument("--decode-tokens", type=int, default=8, help="0: no decode measurement")
     parser.add_argument("--no-direct", action="store_true",
                         help="skip the direct rows (the unwrapped model fed, layer by layer, as many visual tokens as "

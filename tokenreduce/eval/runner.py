@@ -97,6 +97,9 @@ class ModelSpec:
         else:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
+            from tokenreduce.sources import check_model_source
+
+            check_model_source(self.path, f"model {self.name!r}: path")
             kwargs = dict(self.model_kwargs)
             if self.dtype:
                 kwargs["dtype"] = "auto" if self.dtype == "auto" else getattr(torch, self.dtype)
