@@ -1,4 +1,4 @@
-"""One rule for inputs a method cannot act on, for every registered method (README, "Inputs a method cannot
+"""One rule for inputs a method cannot act on, for every registered method (docs/usage.md, "Inputs a method cannot
 act on"): the input passes through (or the budget is clamped to what there is), ``tr.stats`` says so under
 ``"notes"``, and one warning per kind is given per wrapped model.
 """
