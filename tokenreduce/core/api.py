@@ -14,6 +14,7 @@ from tokenreduce.core.config import CONFIG_NAME, MethodConfig, build_config, con
 from tokenreduce.core.handle import HANDLE_ATTR, ModelHandle
 from tokenreduce.core.registry import get_method, method_specs
 from tokenreduce.core.stats import Stats
+from tokenreduce.sources import check_model_source
 
 
 def get_handle(model: nn.Module) -> ModelHandle | None:
@@ -131,8 +132,6 @@ def from_pretrained(
     ``MethodConfig.save_pretrained``. Returns ``(model, processor)``.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from tokenreduce.sources import check_model_source
 
     source = str(model_id_or_dir)
     check_model_source(source, "model_id_or_dir")

@@ -55,6 +55,7 @@ from tokenreduce.eval.records import read_records
 from tokenreduce.eval.report import write_reports
 from tokenreduce.eval.sample import Sample
 from tokenreduce.eval.task import Task, collate
+from tokenreduce.sources import check_model_source
 
 BASELINE = "none"
 RECORDS = "records.jsonl"
@@ -96,8 +97,6 @@ class ModelSpec:
                 model.to(getattr(torch, self.dtype))
         else:
             from transformers import AutoModelForImageTextToText, AutoProcessor
-
-            from tokenreduce.sources import check_model_source
 
             check_model_source(self.path, f"model {self.name!r}: path")
             kwargs = dict(self.model_kwargs)
