@@ -48,6 +48,21 @@ def recorded_reductions(model):
     return out
 
 
+def wrapped_call(model, batch, method, **options):
+    """The logits of one forward of ``model`` wrapped with ``method`` and the reductions it applied (image
+    items); the model is unwrapped again."""
+    import tokenreduce as tr
+
+    tr.wrap(model, method, **options)
+    try:
+        with torch.no_grad():
+            logits = model(**batch).logits
+        recorded = recorded_reductions(model)["image"]
+    finally:
+        tr.unwrap(model)
+    return logits, recorded
+
+
 def reduced_rows(model, method, batch, modalities=("image", "video"), recorded=None):
     """Per row: (embeddings [L', D], positions [.., L'], kept original columns) of the reduced sequence.
 

@@ -6,9 +6,11 @@ method's ``families`` (None: every family) and the family's adapter runs every s
 
 from __future__ import annotations
 
+import pytest
+
 from tokenreduce.adapters import adapter_class, family_name
 from tokenreduce.core.registry import MethodSpec, get_method, method_specs
-from tokenreduce.testing.tiny import FAMILIES
+from tokenreduce.testing.tiny import FAMILIES, tiny_model
 
 # Methods that cannot run without trained weights (langdc's captioner) run the oracles in their own tests.
 NEEDS_TRAINED_WEIGHTS = {"langdc"}
@@ -31,3 +33,18 @@ def cases(stage: str, *, only: bool = False, families: tuple[str, ...] = FAMILIE
     """(method, family) for every method of :func:`methods` and every family of ``families`` it runs on."""
     return [(m, f) for m in methods(stage, only=only) for f in families if runs_on(get_method(m), f)]
 
+
+
+def token_cases() -> list:
+    """A ``pytest.param`` (method, family) for every method that changes the tokens (vision, projector or LLM
+    stage) on every family it runs on."""
+    return [pytest.param(s.name, f, id=f"{s.name}-{f}") for s in method_specs()
+            if {"vision", "projector", "llm"} & set(s.stages) and s.name not in NEEDS_TRAINED_WEIGHTS
+            for f in FAMILIES if runs_on(s, f)]
+
+
+def cached_model(models: dict, family: str, **options):
+    """The tiny model of ``family`` kept in ``models`` (a module-scoped fixture's dict), built on first use."""
+    if family not in models:
+        models[family] = tiny_model(family, **options)
+    return models[family]

@@ -15,16 +15,14 @@ import torch
 import tokenreduce as tr
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.registry import get_method, method_specs
-from tokenreduce.testing.tiny import FAMILIES, IMAGE_TOKEN, VIDEO_TOKEN, default_rows, tiny_batch, tiny_model
+from tokenreduce.testing.tiny import IMAGE_TOKEN, VIDEO_TOKEN, default_rows, tiny_batch, tiny_model
 
 from .reference import hide_columns, recorded_reductions, reduced_rows
-from .tables import NEEDS_TRAINED_WEIGHTS, runs_on
+from .tables import NEEDS_TRAINED_WEIGHTS, cached_model, runs_on, token_cases
 
 NUM_LAYERS = 4
 NEW = 3  # tokens generated per turn
-CASES = [pytest.param(s.name, f, id=f"{s.name}-{f}") for s in method_specs()
-         if {"vision", "projector", "llm"} & set(s.stages) and s.name not in NEEDS_TRAINED_WEIGHTS
-         for f in FAMILIES if runs_on(s, f)]
+CASES = token_cases()
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +31,7 @@ def models():
 
 
 def _model(models, family):
-    if family not in models:
-        models[family] = tiny_model(family, num_layers=NUM_LAYERS)
-    return models[family]
+    return cached_model(models, family, num_layers=NUM_LAYERS)
 
 
 def _turn(model, batch, ids, mask, cache):

@@ -25,7 +25,7 @@ from tokenreduce.plugins.baselines.prumerge import PruMergeConfig, prumerge_grou
 from tokenreduce.plugins.baselines.tome import merge_step
 from tokenreduce.testing.tiny import IMAGE_TOKEN, RowSpec, model_class, tiny_batch, tiny_config
 
-from .reference import encoder_features, recorded_reductions, reference_logits
+from .reference import encoder_features, reference_logits, wrapped_call
 
 SIDE = 112  # 8 x 8 = 64 patches per image
 
@@ -82,17 +82,6 @@ def _official_sequence(model, batch, outputs_per_image):
             c += 1
     emb = torch.stack(list(rows))
     return emb, torch.arange(emb.shape[0])
-
-
-def _wrapped(model, batch, method, **options):
-    tr.wrap(model, method, **options)
-    try:
-        with torch.no_grad():
-            logits = model(**batch).logits
-        recorded = recorded_reductions(model)["image"]
-    finally:
-        tr.unwrap(model)
-    return logits, recorded
 
 
 def _kept_in_order(assignment: torch.Tensor, count: int) -> list[int]:
@@ -156,7 +145,7 @@ def test_prumerge_reference_equals_the_official_pipeline(method, seed):
     model = _peaked(_llava(seed))
     batch = _batch(model, seed=seed)
     reference = official_prumerge(model, batch, plus=method == "prumerge_plus")
-    logits, recorded = _wrapped(model, batch, method, variant="reference")
+    logits, recorded = wrapped_call(model, batch, method, variant="reference")
     for (kept, outputs), red in zip(reference, recorded):
         assert _kept_in_order(red.assignment, len(kept)) == kept
         torch.testing.assert_close(red.features, outputs, atol=1e-5, rtol=1e-5)
@@ -229,7 +218,7 @@ def test_visionzip_reference_equals_the_official_pipeline(seed):
     model = _llava(seed)
     batch = _batch(model, seed=seed)
     reference = official_visionzip(model, batch, dominant=9, contextual=4)
-    logits, recorded = _wrapped(model, batch, "visionzip", variant="reference", dominant=9, contextual=4)
+    logits, recorded = wrapped_call(model, batch, "visionzip", variant="reference", dominant=9, contextual=4)
     for (dominant, targets, outputs), red in zip(reference, recorded):
         assert red.features.shape[0] == 1 + len(dominant) + len(targets) == 13  # [CLS] + 8 patches + 4
         # output 0 is [CLS]; outputs 1..8 the dominant patches, ascending; then the contextual targets

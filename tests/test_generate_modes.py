@@ -13,9 +13,9 @@ import torch
 import tokenreduce as tr
 from tokenreduce.core.api import get_handle
 from tokenreduce.core.registry import get_method, method_specs
-from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch, tiny_model
+from tokenreduce.testing.tiny import FAMILIES, default_rows, tiny_batch
 
-from .tables import NEEDS_TRAINED_WEIGHTS, runs_on
+from .tables import NEEDS_TRAINED_WEIGHTS, cached_model, runs_on
 
 # Modes a method refuses at call time, with the option its one-line message names.
 REFUSED = {("ares", "beams"): "num_beams", ("ares", "beams_return2"): "num_beams"}
@@ -45,9 +45,7 @@ def models():
 
 
 def _model(models, family):
-    if family not in models:
-        models[family] = tiny_model(family, num_layers=NUM_LAYERS)
-    return models[family]
+    return cached_model(models, family, num_layers=NUM_LAYERS)
 
 
 def _config(name):

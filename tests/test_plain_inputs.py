@@ -15,12 +15,10 @@ from tokenreduce.core.registry import get_method, method_specs
 from tokenreduce.testing.tiny import FAMILIES, IMAGE_TOKEN, default_rows, tiny_batch, tiny_model
 
 from .reference import QWEN, reduced_rows, reference_generate
-from .tables import NEEDS_TRAINED_WEIGHTS, runs_on
+from .tables import NEEDS_TRAINED_WEIGHTS, cached_model, runs_on, token_cases
 from .test_wrap import NOT_IDENTITY_AT_FULL_BUDGET
 
-CASES = [pytest.param(s.name, f, id=f"{s.name}-{f}") for s in method_specs()
-         if {"vision", "projector", "llm"} & set(s.stages) and s.name not in NEEDS_TRAINED_WEIGHTS
-         for f in FAMILIES if runs_on(s, f)]
+CASES = token_cases()
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +27,7 @@ def models():
 
 
 def _model(models, family):
-    if family not in models:
-        models[family] = tiny_model(family)
-    return models[family]
+    return cached_model(models, family)
 
 
 @pytest.mark.parametrize("method,family", CASES)

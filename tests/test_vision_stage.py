@@ -25,6 +25,7 @@ from .reference import (
     reduced_rows,
     reference_generate,
     reference_logits,
+    wrapped_call,
 )
 from .tables import cases
 
@@ -316,13 +317,7 @@ def test_visionzip_dominant_tokens_are_the_towers_cls_top_k(dominant, k):
     model = tiny_model("llava")
     batch = tiny_batch(model, default_rows("llava"))
     config = get_method("visionzip").config_cls(dominant=dominant, contextual=0.0)
-    tr.wrap(model, config)
-    try:
-        with torch.no_grad():
-            logits = model(**batch).logits
-        recorded = recorded_reductions(model)["image"]
-    finally:
-        tr.unwrap(model)
+    logits, recorded = wrapped_call(model, batch, config)
     with torch.no_grad():
         out = model.model.vision_tower(batch["pixel_values"], output_attentions=True)
     attention = out.attentions[len(out.attentions) - 2][:, :, 0, 1:].mean(1)  # the feature layer's input
