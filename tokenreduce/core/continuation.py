@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from tokenreduce.core.sequence import is_empty_cache
+
 PROMPT_ATTR = "_tokenreduce_prompt"
 # Per-column inputs of the LLM that a continuation extends with the caller's columns after the prompt.
 COLUMN_KEYS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "token_type_ids")
@@ -54,7 +56,7 @@ def is_empty(cache: Any) -> bool:
     """Whether ``cache`` is absent or holds nothing (a static cache's counter is read from the device)."""
     if cache is None or not hasattr(cache, "get_seq_length"):
         return cache is None
-    return bool(cache.get_seq_length() == 0)
+    return is_empty_cache(cache, 0)
 
 
 def prompt_of(cache: Any) -> ReducedPrompt | None:
