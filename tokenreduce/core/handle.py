@@ -336,7 +336,7 @@ class ModelHandle:
             self.last_batch, self.current = self.current, None
         if "decode" in self.spec.stages:
             self.method.after_generate(self, inputs, out)
-        cache = None if torch.is_tensor(out) else getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        cache = None if torch.is_tensor(out) else getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if self.last_batch is not None and (self.reduces_before_llm or self.llm_stage is not None):
             rebuilt = inputs.get("input_ids") is not original_ids
             remember(cache, original_ids, inputs, rebuilt, getattr(self.adapter.inner, "rope_deltas", None))
