@@ -22,7 +22,7 @@ from tokenreduce.testing.syncs import SyncCounter
 from tokenreduce.testing.tiny import FAMILIES, VIDEO_FAMILIES, default_rows, tiny_batch, tiny_model
 
 LAYERS = 8
-FIXED = ("random", "pool", "divprune", "tome_projector", "visionzip", "fastv", "pdrop", "doc_correlation", "vqtoken")
+FIXED = ("random", "pool", "divprune", "tome_projector", "visionzip", "fastv", "pdrop", "dart", "doc_correlation", "vqtoken")
 ADAPTIVE = ("atp", "prumerge", "prumerge_plus")
 ANYRES = ("llava_next", "llava_next_video", "llava_onevision")
 # Still over budget: (method or "*", families) -> reason.

@@ -1,3 +1,13 @@
 """Baseline methods the field compares against."""
 
-from tokenreduce.plugins.baselines import divprune, fastv, pdrop, pool, prumerge, random, tome, visionzip  # noqa: F401
+from tokenreduce.plugins.baselines import (  # noqa: F401
+    dart,
+    divprune,
+    fastv,
+    pdrop,
+    pool,
+    prumerge,
+    random,
+    tome,
+    visionzip,
+)
