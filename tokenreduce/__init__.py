@@ -14,6 +14,7 @@ from tokenreduce.core.config import MethodConfig
 from tokenreduce.core.registry import list_methods
 from tokenreduce.plugins.ares.config import AresConfig
 from tokenreduce.plugins.atp import ATPConfig
+from tokenreduce.plugins.baselines.dart import DARTConfig
 from tokenreduce.plugins.baselines.divprune import DivPruneConfig
 from tokenreduce.plugins.baselines.fastv import FastVConfig
 from tokenreduce.plugins.baselines.pdrop import PDropConfig
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ATPConfig",
     "AresConfig",
+    "DARTConfig",
     "DivPruneConfig",
     "DocCorrelationConfig",
     "FastVConfig",
