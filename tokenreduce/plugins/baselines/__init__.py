@@ -1,6 +1,7 @@
 """Baseline methods the field compares against."""
 
 from tokenreduce.plugins.baselines import (  # noqa: F401
+    cdpruner,
     dart,
     divprune,
     fastv,
