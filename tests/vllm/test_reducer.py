@@ -23,6 +23,7 @@ def test_methods_vllm_cannot_run_are_refused_by_name(name):
 
 @pytest.mark.parametrize(("options", "family", "message"), [
     ({"method": "visionzip"}, "qwen2_vl", "method 'visionzip' cannot run in vLLM .*wired in vLLM for llava \\(images\\) .*not qwen2_vl"),
+    ({"method": "cdpruner"}, "llava", "method 'cdpruner' cannot run in vLLM .*it reads the prompt's text"),
     ({"method": "doc_correlation", "keep": 0.5}, "llava_onevision", "method 'doc_correlation' cannot run in vLLM"),
     ({"method": "doc_correlation"}, "llava", r"method 'doc_correlation' cannot run in vLLM \(with `keep` unset"),
     ({"method": "vqtoken"}, "qwen2_vl", r"method 'vqtoken' cannot run in vLLM \(with `keep` unset"),
