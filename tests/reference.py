@@ -95,7 +95,12 @@ def reduced_rows(model, method, batch, modalities=("image", "video"), recorded=N
             elif modality in modalities:
                 seed = getattr(method.config, "seed", None)
                 gen = None if seed is None else torch.Generator().manual_seed(seed)
-                ctx = ReduceContext(layout=layout, modality=modality, row=row, item=i, generator=gen)
+                text = {}
+                if getattr(method, "uses_text", False):
+                    # the row's input embeddings and its text columns: real, not a visual placeholder
+                    is_text = mask[row].bool() & (ids[row] != IMAGE_TOKEN) & (ids[row] != VIDEO_TOKEN)
+                    text = dict(text_embeds=embeds[row], text_mask=is_text)
+                ctx = ReduceContext(layout=layout, modality=modality, row=row, item=i, generator=gen, **text)
                 red = method.reduce(f, ctx).sorted()
                 out = red.output_features(f)
                 sources = red.sources.tolist()

@@ -3,7 +3,8 @@
 Each reference here is re-derived step by step from the paper and the official code's semantics (read, not
 copied; repositories and commits in docs/departures.md), with plain loops and torch on the UNWRAPPED tiny
 models: PruMerge / PruMerge+ (42Shawn/LLaVA-PruMerge), VisionZip (dvlab-research/VisionZip), PyramidDrop
-(Cooperx521/PyramidDrop), ToMe's merge (facebookresearch/ToMe) and DivPrune (vbdi/divprune). The wrapped
+(Cooperx521/PyramidDrop), ToMe's merge (facebookresearch/ToMe), DivPrune (vbdi/divprune) and DART
+(ZichenWen1/DART). The wrapped
 model must keep the same tokens, emit the same (merged) values within 1e-5 in the official order, and, where
 the whole LLaVA-1.5 pipeline is re-derived, give the same logits.
 """
@@ -428,9 +429,85 @@ def test_divprune_reference_count_and_selection():
     assert spec.config_cls(variant="reference").renumber_positions
 
 
+def official_dart(model, batch, layer, keep, pivot_image, pivot_text):
+    """DART step by step as the official ``get_retained_image_token`` on LLaVA-1.5 (one unpadded row, one
+    image block): layer K-1's post-RoPE keys flattened over heads give the L1 norms; ``pivot_image`` image
+    and ``pivot_text`` later tokens by ``topk``; a Python set of their positions; for each of its items in
+    the set's order, ``keep // pivots`` of the remaining image tokens by ``topk`` of the negated cosine
+    similarity of the final-normed states entering layer K; the text pivots left out. Layers >= K run on the
+    kept columns at their original positions with a causal mask. Returns (kept image columns, logits,
+    columns)."""
+    lm = model.model.language_model
+    ids = batch["input_ids"][0]
+    emb = model.model.get_input_embeddings()(ids).detach().clone()
+    emb[ids == IMAGE_TOKEN] = torch.cat(encoder_features(model, "image", batch))
+    image = [c for c in range(ids.numel()) if int(ids[c]) == IMAGE_TOKEN]
+    start, length = image[0], len(image)
+    assert image == list(range(start, start + length))  # one block, as the official code assumes
+    h = emb[None]
+    positions = torch.arange(ids.numel())
+    with torch.no_grad():
+        for i, block in enumerate(lm.layers):
+            if i == layer - 1:
+                attn = block.self_attn
+                n = h.shape[1]
+                cos, sin = lm.rotary_emb(h, positions[None])
+                k = _rope(attn.k_proj(block.input_layernorm(h)).view(1, n, -1, attn.head_dim).transpose(1, 2), cos, sin)
+                k_states = k.permute(0, 2, 1, 3).reshape(1, n, -1)[0]
+            if i == layer:
+                state = lm.norm(h)[0]
+                per_pivot = keep // (pivot_image + pivot_text)
+                image_norm = k_states[start:start + length].abs().sum(-1)
+                query_norm = k_states[start + length:].abs().sum(-1)
+                image_pivots = (image_norm.topk(pivot_image).indices + start).tolist()
+                query_pivots = (query_norm.topk(pivot_text).indices + start + length).tolist()
+                kept = set(image_pivots + query_pivots)
+                valid = set(range(start, start + length))
+                valid.difference_update(image_pivots)
+                for item in list(kept.copy()):
+                    candidates = list(valid)
+                    similarity = -torch.nn.functional.cosine_similarity(state[item], state[candidates], dim=-1)
+                    chosen = [candidates[j] for j in similarity.topk(per_pivot).indices.tolist()]
+                    kept.update(chosen)
+                    valid.difference_update(chosen)
+                kept.difference_update(query_pivots)
+                columns = sorted(list(range(start)) + sorted(kept) + list(range(start + length, ids.numel())))
+                h, positions = h[:, columns], torch.tensor(columns)
+            n = h.shape[1]
+            cos, sin = lm.rotary_emb(h, positions[None])
+            mask = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
+            h = block(h, attention_mask=mask, position_ids=positions[None], position_embeddings=(cos, sin))
+        logits = model.lm_head(lm.norm(h))[0]
+    return sorted(kept), logits, columns
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dart_reference_equals_the_official_selection(seed):
+    """30 of 64 image tokens with 4 + 4 pivots: the official keeps 4 + 8 * (30 // 8) = 28 (the default: 30)."""
+    model = _llava(seed)
+    batch = _batch(model, images=1, seed=seed)
+    options = dict(layer=2, keep=30, pivot_image=4, pivot_text=4)
+    kept, ref_logits, columns = official_dart(model, batch, **options)
+    got = {}
+    for variant in ("reference", "default"):
+        tr.wrap(model, "dart", variant=variant, **options)
+        try:
+            with torch.no_grad():
+                logits = model(**batch).logits
+            ids = batch["input_ids"][0]
+            got[variant] = [c for c in get_handle(model).llm_stage.stages[0].columns[0].tolist()
+                            if int(ids[c]) == IMAGE_TOKEN]
+        finally:
+            tr.unwrap(model)
+        if variant == "reference":
+            torch.testing.assert_close(logits[0, columns], ref_logits, atol=1e-4, rtol=1e-4)
+    assert got["reference"] == kept and len(kept) == 28
+    assert len(got["default"]) == 30
+
+
 # ----- every baseline has the switch -------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["prumerge", "prumerge_plus", "visionzip", "pdrop", "tome", "tome_projector",
-                                    "divprune"])
+                                    "divprune", "dart"])
 def test_every_baseline_has_a_reference_variant(method):
     config = get_method(method).config_cls(variant="reference")
     assert config.variant == "reference"

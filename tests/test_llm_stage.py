@@ -42,6 +42,8 @@ CASES = {
     "pdrop": dict(layers=(1, 3, 4), keep=(0.6, 0.4, 0.2)),
     # instance-adaptive counts (mean + k std thresholds) plus spatial sampling
     "atp": dict(layers=(1, 3, 4), keep=(0.5, 0.6, 0.6), spatial_rates=(0.25, 0.0, 0.0)),
+    # picks that do not divide evenly over the pivots (2 image + up to 3 text)
+    "dart": dict(layer=2, keep=0.45, pivot_image=2, pivot_text=3),
 }
 
 
@@ -129,6 +131,39 @@ def _atp_select(options, grid):
     return select
 
 
+def _dart_select(model, batch, options, n_input):
+    """DART on the unwrapped model's own tensors: layer K-1's cached (post-RoPE) keys give each token's L1 norm,
+    the final norm of the states entering layer K its vector. Pivots: the ``pivot_image`` visual tokens and
+    ``pivot_text`` text tokens after the row's last visual token of largest norm (ties to the lower column);
+    the image pivots stay, and each pivot in turn (image ones first, by norm) takes its share of the
+    remaining budget among the visual tokens not yet taken, lowest cosine similarity first."""
+    layer = options["layer"]
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        norms = cache.layers[layer - 1].keys.double().abs().sum((1, 3))
+        states = model.model.language_model.norm(out.hidden_states[layer]).double()
+
+    def select(stage, attention, visual, text, row):
+        vis = visual.tolist()
+        if not vis:
+            return []
+        k = min(len(vis), _count(options["keep"], n_input[row]))
+        by_norm = lambda cols: sorted(cols, key=lambda c: (-float(norms[row, c]), c))  # noqa: E731
+        image = by_norm(vis)[: min(options["pivot_image"], k)]
+        pivots = image + by_norm([c for c in text.tolist() if c > max(vis)])[: options["pivot_text"]]
+        taken = set(image)
+        share, extra = divmod(k - len(image), len(pivots))
+        for j, pivot in enumerate(pivots):
+            unit = states[row, pivot] / states[row, pivot].norm()
+            free = [c for c in vis if c not in taken]
+            free.sort(key=lambda c: (float(unit @ states[row, c] / states[row, c].norm()), c))
+            taken.update(free[: share + (j < extra)])
+        return sorted(taken)
+
+    return select
+
+
 def _recorded_select(recorded):
     """The choice a wrapped model made (``_visual_kept`` of its stages): the reference of a method whose
     definition is not written here, so the oracle checks the core's dropping of whatever it chose."""
@@ -159,6 +194,8 @@ def reference_run(model, batch, method, options=None, renumber=False, recorded=N
     n_input = [int(((ids[r] == IMAGE_TOKEN) | (ids[r] == VIDEO_TOKEN)).sum()) for r in range(ids.shape[0])]
     if method == "atp":
         select = _atp_select(options, visual_tokens(model, batch))
+    elif method == "dart":
+        select = _dart_select(model, batch, options, n_input)
     else:
         select = _fastv_pdrop_select(options, n_input)
     layers = options["layers"] if "layers" in options else (options["layer"],)
@@ -318,7 +355,11 @@ def test_scores_equal_eager_attention_of_layer_before(models, monkeypatch):
     ("pdrop", dict(layers=(1, 2, 4), keep=(0.55, 0.33, 0.1), query="text")),
     ("pdrop", dict(layers=(2, 5), keep=(0.49, 0.49))),
     ("atp", dict(layers=(2, 4), keep=(0.3, 0.7), spatial_rates=(0.0, 0.1))),
-], ids=["fastv-count", "fastv-text-0.37", "fastv-all", "pdrop-text-uneven", "pdrop-equal", "atp-uneven"])
+    # more text pivots asked than text tokens follow the visual ones: only those serve
+    ("dart", dict(layer=2, keep=0.37, pivot_image=1, pivot_text=40)),
+    ("dart", dict(layer=3, keep=5, pivot_image=6, pivot_text=2)),
+], ids=["fastv-count", "fastv-text-0.37", "fastv-all", "pdrop-text-uneven", "pdrop-equal", "atp-uneven",
+        "dart-few-text", "dart-pivots-over-budget"])
 def test_counts_at_budgets_that_do_not_divide(models, method, options):
     """Budgets whose share of the visual count is not whole (48 * 0.37 = 17.76 keeps 18), by the
     definition, on rows with different visual counts."""

@@ -127,6 +127,44 @@ def reference_divprune(x, layout, keep):
     return kept + slots, torch.stack([x[i] for i in kept + slots])
 
 
+# ----- cdpruner -----------------------------------------------------------------------------------------
+def reference_cdpruner(x, layout, keep, text=None, theta=1.0):
+    """The official CDPruner on the content tokens: kernel ``L = r r^T * cos`` built whole, relevance the
+    min-max normalised mean negated cosine to the text tokens (``exp(theta / (2 (1 - theta)) r)`` below 1),
+    and the official greedy MAP loop (Cholesky rows ``cis``, gains ``di2s``) in float64; a gain under 1e-5 of
+    the largest diagonal entry is zero (the chosen tokens span it), ties to the lower token."""
+    content = []
+    for seg, start in _segments(layout):
+        width = seg.cols + int(seg.newline)
+        content += [start + r * width + c for r in range(seg.rows) for c in range(seg.cols)]
+    k = _budget_count(keep, len(content))
+    unit = torch.stack([x[i].double() / x[i].double().norm() for i in content])
+    if text is None or text.shape[0] == 0:
+        rel = torch.ones(len(content), dtype=torch.float64)
+    else:
+        t = text.double() / text.double().norm(dim=-1, keepdim=True)
+        rel = -(unit @ t.T).mean(-1)
+        rel = (rel - rel.min() + 1e-6) / (rel.max() - rel.min())
+        if theta < 1:
+            rel = torch.exp(theta / (2 * (1 - theta)) * rel)
+    kernel = rel[:, None] * (unit @ unit.T) * rel[None]
+    cis = torch.zeros(k, len(content), dtype=torch.float64)
+    di2s = rel * rel  # the diagonal: a token's cosine with itself is 1
+    chosen = []
+    floor = float(kernel.diagonal().max()) * 1e-5
+    for i in range(k):
+        gains = [(float(g) if float(g) > floor else 0.0) if n not in chosen else -1.0 for n, g in enumerate(di2s)]
+        j = max(range(len(gains)), key=lambda n: (gains[n], -n))
+        chosen.append(j)
+        eis = (kernel[j] - cis[:i, j] @ cis[:i]) / math.sqrt(max(float(di2s[j]), floor))
+        cis[i] = eis
+        di2s -= eis**2
+        di2s[j] = -math.inf
+    kept = sorted(content[i] for i in chosen)
+    slots = _newlines_of_kept_rows(layout, kept)
+    return kept + slots, torch.stack([x[i] for i in kept + slots])
+
+
 def _method(name, **options):
     spec = get_method(name)
     return spec.method_cls(spec.config_cls(**options))
@@ -190,6 +228,47 @@ def test_divprune_equals_greedy_max_min(layout, keep):
     assert reduction.assignment.tolist() == [slot.get(t, -1) for t in range(lay.num_tokens)]
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("keep", BUDGETS)
+@pytest.mark.parametrize("theta", [1.0, 0.5, None], ids=["theta1", "theta0.5", "no-text"])
+def test_cdpruner_equals_the_official_greedy_map(layout, keep, theta):
+    lay = LAYOUTS[layout]
+    x = _features(lay, seed=5)
+    row = torch.randn(8, 8, generator=torch.Generator().manual_seed(9))
+    mask = torch.tensor([True, True, False, True, True, False, True, True])  # padding / placeholders at 2, 5
+    context = ReduceContext(layout=lay, modality=lay.modality, row=0, item=0)
+    if theta is not None:
+        context = ReduceContext(layout=lay, modality=lay.modality, row=0, item=0, text_embeds=row, text_mask=mask)
+    reduction = _method("cdpruner", keep=keep, theta=theta or 1.0).reduce(x, context)
+    got_src, got = _as_set(reduction, x)
+    text = None if theta is None else row[mask]
+    ref_src, ref = _sorted_reference(*reference_cdpruner(x, lay, keep, text, theta or 1.0))
+    assert got_src == ref_src
+    assert torch.equal(got, ref)
+    slot = {s: i for i, s in enumerate(reduction.sources.tolist())}
+    assert reduction.assignment.tolist() == [slot.get(t, -1) for t in range(lay.num_tokens)]
+
+
+def test_cdpruner_relevance_changes_the_choice():
+    """Two near-duplicate pairs; the text points at the second pair's direction, which the official score
+    negates: with one token kept, the relevance weighting decides which pair it comes from."""
+    x = torch.tensor([[1.0, 0.0], [0.99, 0.05], [0.0, 1.0], [0.05, 0.99]])
+    lay = TokenLayout.flat("image", 4)
+    text, mask = torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([True, False])
+
+    def kept(text):
+        context = ReduceContext(layout=lay, modality="image", row=0, item=0, text_embeds=text, text_mask=mask)
+        return _method("cdpruner", keep=1).reduce(x, context).sources.tolist()
+
+    assert kept(text) == [0]  # least similar to the (unmasked) text: largest negated similarity
+    assert kept(-text) == [2]
+    assert kept(text.masked_fill(~mask[:, None], 0.0)) == [0]  # the masked column never counted
+    assert _method("cdpruner", keep=1).reduce(x, _context(lay)).sources.tolist() == [0]  # no text: first tie
+    no_text = ReduceContext(layout=lay, modality="image", row=0, item=0, text_embeds=text,
+                             text_mask=torch.zeros(2, dtype=torch.bool))
+    assert _method("cdpruner", keep=1).reduce(x, no_text).sources.tolist() == [0]
+
+
 def test_divprune_first_pick_is_the_most_isolated_token():
     """Four tokens: three close together and one apart; two kept: the isolated one first, then the one of
     the cluster farthest from it."""
@@ -204,6 +283,7 @@ class _ReferenceMethod:
 
     def __init__(self, name, config):
         self.name, self.config = name, config
+        self.uses_text = get_method(name).method_cls.uses_text
 
     def reduce(self, features, context):
         keep = self.config.keep
@@ -211,12 +291,15 @@ class _ReferenceMethod:
             src, feats = reference_pool(features, context.layout, keep)
         elif self.name == "random":
             src, feats = reference_random(features, context.layout, keep, self.config.seed)
+        elif self.name == "cdpruner":
+            text = None if context.text_embeds is None else context.text_embeds[context.text_mask]
+            src, feats = reference_cdpruner(features, context.layout, keep, text, self.config.theta)
         else:
             src, feats = reference_divprune(features, context.layout, keep)
         return Reduction(sources=torch.as_tensor(src, dtype=torch.long), features=feats.to(features.dtype))
 
 
-REFERENCE_METHODS = ("pool", "random", "divprune")
+REFERENCE_METHODS = ("pool", "random", "divprune", "cdpruner")
 
 
 def reference_reducer(name, config):

@@ -48,7 +48,7 @@ def test_built_in_stages():
     assert stages["pool"] == ("projector",) and stages["tome_projector"] == ("projector",)
     assert stages["tome"] == ("vision",)  # merges inside the tower: its output is already reduced
     assert stages["visionzip"] == stages["prumerge"] == stages["doc_correlation"] == ("vision", "projector")
-    assert stages["fastv"] == stages["pdrop"] == stages["atp"] == ("llm",)
+    assert stages["fastv"] == stages["pdrop"] == stages["dart"] == stages["atp"] == ("llm",)
     assert stages["ares"] == ("decode",)
 
 

@@ -14,6 +14,8 @@ from tokenreduce.core.config import MethodConfig
 from tokenreduce.core.registry import list_methods
 from tokenreduce.plugins.ares.config import AresConfig
 from tokenreduce.plugins.atp import ATPConfig
+from tokenreduce.plugins.baselines.cdpruner import CDPrunerConfig
+from tokenreduce.plugins.baselines.dart import DARTConfig
 from tokenreduce.plugins.baselines.divprune import DivPruneConfig
 from tokenreduce.plugins.baselines.fastv import FastVConfig
 from tokenreduce.plugins.baselines.pdrop import PDropConfig
@@ -31,6 +33,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ATPConfig",
     "AresConfig",
+    "CDPrunerConfig",
+    "DARTConfig",
     "DivPruneConfig",
     "DocCorrelationConfig",
     "FastVConfig",

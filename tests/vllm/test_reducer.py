@@ -15,7 +15,7 @@ from tokenreduce.integrations.vllm.reducer import TowerShape
 TOWER = TowerShape(heads=4, head_dim=8, num_prefix=1, patches=16, scale=8**-0.5, num_layers=2, built_layers=1)
 
 
-@pytest.mark.parametrize("name", ["fastv", "pdrop", "atp", "prumerge", "tome", "langdc", "ares"])
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart", "atp", "prumerge", "tome", "langdc", "ares"])
 def test_methods_vllm_cannot_run_are_refused_by_name(name):
     with pytest.raises(ValueError, match=rf"method '{name}' cannot run in vLLM .*methods that can: {', '.join(SUPPORTED)}"):
         parse_reducer({"method": name}, "qwen2_vl")
@@ -23,6 +23,7 @@ def test_methods_vllm_cannot_run_are_refused_by_name(name):
 
 @pytest.mark.parametrize(("options", "family", "message"), [
     ({"method": "visionzip"}, "qwen2_vl", "method 'visionzip' cannot run in vLLM .*wired in vLLM for llava \\(images\\) .*not qwen2_vl"),
+    ({"method": "cdpruner"}, "llava", "method 'cdpruner' cannot run in vLLM .*it reads the prompt's text"),
     ({"method": "doc_correlation", "keep": 0.5}, "llava_onevision", "method 'doc_correlation' cannot run in vLLM"),
     ({"method": "doc_correlation"}, "llava", r"method 'doc_correlation' cannot run in vLLM \(with `keep` unset"),
     ({"method": "vqtoken"}, "qwen2_vl", r"method 'vqtoken' cannot run in vLLM \(with `keep` unset"),

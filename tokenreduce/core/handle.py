@@ -569,9 +569,9 @@ class ModelHandle:
             n = layout.num_tokens
             row = rows[i]
             if act:
+                text, text_mask = self._text_embeds(inputs, row) if self._uses_text else (None, None)
                 ctx = ReduceContext(
-                    layout=layout, modality=modality, row=row, item=i,
-                    text_embeds=self._text_embeds(inputs, row) if self._uses_text else None,
+                    layout=layout, modality=modality, row=row, item=i, text_embeds=text, text_mask=text_mask,
                     generator=self._generator(), signals=signals[i] if signals else {},
                 )
                 with timer(features[i].device) as t:
@@ -679,7 +679,8 @@ class ModelHandle:
             it.columns = columns
         return index
 
-    def _text_embeds(self, inputs, row: int) -> torch.Tensor:
+    def _text_embeds(self, inputs, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row's input embeddings at every column and which columns are text (see ``ReduceContext``)."""
         ids = inputs["input_ids"][row]
         mask = inputs.get("attention_mask")
         keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[row] != 0
@@ -687,7 +688,7 @@ class ModelHandle:
             keep &= ids != self.adapter.placeholder_id(m)
         with torch.no_grad():
             embeds = inputs.get("inputs_embeds")  # what the model reads when the caller gave it
-            return self.adapter.embed(ids[keep]) if embeds is None else embeds[row][keep.to(embeds.device)]
+            return (self.adapter.embed(ids) if embeds is None else embeds[row]), keep
 
     def _generator(self) -> torch.Generator | None:
         seed = getattr(self.config, "seed", None)

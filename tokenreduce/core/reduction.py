@@ -79,8 +79,9 @@ class ReduceContext:
         modality: ``"image"`` or ``"video"``.
         row: batch row the item belongs to.
         item: index of the item among the batch's items of this modality.
-        text_embeds: ``[T, D]`` input embeddings of the row's text tokens (padding excluded), for
-            text-guided methods.
+        text_embeds: ``[L, D]`` input embeddings of the row's every column, for text-guided methods;
+            ``text_mask`` ``[L]`` (bool) marks its text tokens (not padding, not visual placeholders). The
+            whole row, so that no count read on the host sizes it.
         signals: per-item signals captured inside the vision tower (CLS attention, keys, hidden states)
             by vision-stage methods; empty otherwise.
         generator: seeded random generator for stochastic methods.
@@ -91,6 +92,7 @@ class ReduceContext:
     row: int
     item: int
     text_embeds: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
     signals: dict[str, Any] = field(default_factory=dict)
     generator: torch.Generator | None = None
 

@@ -39,7 +39,7 @@ from tokenreduce.plugins.baselines.pdrop import PDropConfig
 
 RESULTS = Path("benchmarks") / "results"
 WARMUP = 2
-METHODS = ("full", "pool-64", "fastv-K2-64", "fastv-K2-50%", "pdrop-25%", "atp-25%", "atp-heads")
+METHODS = ("full", "pool-64", "fastv-K2-64", "dart-K2-64", "fastv-K2-50%", "pdrop-25%", "atp-25%", "atp-heads")
 IMAGE_TOKEN = 32000
 FULL_VISUAL = 576  # visual tokens per prompt (24 x 24, CLIP ViT-L/14@336)
 
@@ -293,6 +293,7 @@ def run(args: argparse.Namespace, results_dir: Path | None = None) -> int:
     layers = model.config.text_config.num_hidden_layers
     configs = {"full": lambda: None, "pool-64": lambda: build_config("pool", keep=64),
                "fastv-K2-64": lambda: build_config("fastv", layer=2, keep=64),
+               "dart-K2-64": lambda: build_config("dart", layer=2, keep=64),
                "fastv-K2-50%": lambda: build_config("fastv", layer=2, keep=0.5),
                "pdrop-25%": lambda: build_config("pdrop", **_pdrop(layers)),
                "atp-25%": lambda: _atp(layers), "atp-heads": lambda: _atp_heads(layers)}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
-from tokenreduce.core.config import resolve_keep
+from tokenreduce.core.config import check_range, resolve_keep
 from tokenreduce.core.llm import LLMContext
 
 
@@ -26,6 +29,23 @@ def average_keep(layers: list[int], keeps: list[float], num_layers: int) -> floa
         previous_layer, fraction = layer, keep
     total += (num_layers - previous_layer) * fraction
     return total / num_layers
+
+
+def one_layer_at_budget(cls: type, name: str, budget: float, num_layers: int | None, options: dict[str, Any]):
+    """Config of a method pruning once, at ``layer``, to ``keep``: ``budget`` kept after the layer, or, given
+    ``num_layers``, ``budget`` averaged over all layers (the first ``layer`` layers see every token, so the
+    paper's K=2 moves up when it leaves no room)."""
+    check_range("budget", budget, 0.0, 1.0, low_open=True)
+    if num_layers is None:
+        return cls(keep=float(budget), **options)
+    layer = options.pop("layer", min(cls.layer, max(1, math.ceil(num_layers * budget) - 1)))
+    keep = (num_layers * budget - layer) / (num_layers - layer)
+    if keep <= 0:
+        raise ValueError(
+            f"{name} with `layer`={layer} cannot average {budget:.0%} of the visual tokens over {num_layers} "
+            f"layers (the first {layer} layers see all of them); choose a smaller `layer` or a larger budget"
+        )
+    return cls(layer=layer, keep=min(1.0, keep), **options)
 
 
 def scores_for(ctx: LLMContext, query: str) -> torch.Tensor:

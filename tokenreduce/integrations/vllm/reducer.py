@@ -271,6 +271,8 @@ def parse_reducer(options: Any, family: str, tower: TowerShape | None = None) ->
     if name not in SUPPORTED:
         stage = next((s for s in ("llm", "decode", "vision") if s in spec.stages), None)
         reason = _WHY.get(stage, "its number of output tokens depends on the data, not only on the image size")
+        if stage is None and spec.method_cls.uses_text:
+            reason = "it reads the prompt's text, which vLLM's encoder does not see"
         raise _refusal(name, reason)
     reads_tower = "vision" in spec.stages
     if reads_tower and family not in TOWER_FAMILIES:

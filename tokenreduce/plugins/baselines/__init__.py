@@ -1,3 +1,14 @@
 """Baseline methods the field compares against."""
 
-from tokenreduce.plugins.baselines import divprune, fastv, pdrop, pool, prumerge, random, tome, visionzip  # noqa: F401
+from tokenreduce.plugins.baselines import (  # noqa: F401
+    cdpruner,
+    dart,
+    divprune,
+    fastv,
+    pdrop,
+    pool,
+    prumerge,
+    random,
+    tome,
+    visionzip,
+)

@@ -9,7 +9,6 @@ saves the FLOPs (tokens are removed, not masked).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ from tokenreduce.core.config import MethodConfig, check_choice, check_keep, chec
 from tokenreduce.core.llm import LLMContext
 from tokenreduce.core.reduction import LLMMethod
 from tokenreduce.core.registry import register_method
-from tokenreduce.ops.llm import check_layers, scores_for, top_visual
+from tokenreduce.ops.llm import check_layers, one_layer_at_budget, scores_for, top_visual
 
 
 @dataclass
@@ -45,18 +44,7 @@ class FastVConfig(MethodConfig):
     @classmethod
     def at_budget(cls, budget: float, num_layers: int | None = None, **options) -> FastVConfig:
         """Keep ``budget`` after layer K, or, given ``num_layers``, ``budget`` averaged over all layers."""
-        check_range("budget", budget, 0.0, 1.0, low_open=True)
-        if num_layers is None:
-            return cls(keep=float(budget), **options)
-        # The first `layer` layers see every token: move K up when the paper's K=2 leaves no room.
-        layer = options.pop("layer", min(cls.layer, max(1, math.ceil(num_layers * budget) - 1)))
-        keep = (num_layers * budget - layer) / (num_layers - layer)
-        if keep <= 0:
-            raise ValueError(
-                f"fastv with `layer`={layer} cannot average {budget:.0%} of the visual tokens over {num_layers} "
-                f"layers (the first {layer} layers see all of them); choose a smaller `layer` or a larger budget"
-            )
-        return cls(layer=layer, keep=min(1.0, keep), **options)
+        return one_layer_at_budget(cls, "fastv", budget, num_layers, options)
 
 
 @register_method("fastv", config_cls=FastVConfig)
