@@ -17,9 +17,9 @@ token budget that follows its *information density* and picks the tokens inside 
 4. Optionally, dropped tokens are merged into their most similar kept token (weighted mean).
 
 For the global tokens, towers without [CLS] (SigLIP) use the attention each patch receives. The base
-image (thumbnail) is a crop like any other unless ``base="keep"``. Newline slots: a canvas row's newline
-stays when the row keeps a token, lone separators (DocOwl's per-crop end token, OneVision's trailing
-newline) always stay. Each item's ``Reduction.info`` lists the crops with their density and budget
+image (thumbnail) is a crop like any other unless ``base="keep"``. Newline slots (a canvas row's newline,
+lone separators such as DocOwl's per-crop end token or OneVision's trailing newline) all stay, so a
+document's rows stay delimited and the kept count is known from the budget. Each item's ``Reduction.info`` lists the crops with their density and budget
 (``tr.stats``, overlays).
 
 Reconstructed, not from the (unreleased) reference code: every threshold and layer below, the budget
@@ -37,7 +37,7 @@ from tokenreduce.core.config import MethodConfig, check_choice, check_range
 from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.reduction import ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
-from tokenreduce.ops.vision import attention_and_keys, content_groups, kept_newline_slots
+from tokenreduce.ops.vision import attention_and_keys, content_groups
 
 from .density import adaptive_budgets, distinctiveness, global_budgets, neighbor_counts, redundancy_of
 from .select import choose_tokens, merge_dropped, sampling_weights
@@ -86,9 +86,8 @@ class DocCorrelationConfig(MethodConfig):
         base: ``"crop"`` (the thumbnail is a crop like any other) or ``"keep"`` (it keeps all its tokens;
             with ``keep`` set they count against the image's budget).
         count_newlines: with ``keep`` set, the budget is ``keep`` of ALL the image's tokens the LLM reads,
-            newline / separator slots included, and those slots are paid for first (so the item never
-            exceeds its budget); ``False``: ``keep`` of the content tokens, kept newline slots on top (as
-            ``pool`` / ``visionzip`` count).
+            newline / separator slots included, and those slots (all kept) are paid for first (so the item
+            meets its budget); ``False``: ``keep`` of the content tokens, the newline slots on top.
     """
 
     keep: float | None = None
@@ -246,7 +245,7 @@ class DocCorrelationMethod(VisionMethod):
             assignment[group] = torch.where(slot >= 0, slot + base, -1)
             base += kept.numel()
             outputs.append(out)
-        slots = src[base:]  # the newline slots _select kept, after every crop's tokens
+        slots = src[base:]  # the newline slots, after every crop's tokens
         if slots.numel():
             assignment[slots] = base + torch.arange(slots.numel(), device=device)
             outputs.append(features[slots])
@@ -256,7 +255,7 @@ class DocCorrelationMethod(VisionMethod):
     def _select(self, layout, host: torch.Tensor, groups: list[torch.Tensor], sizes: list[int],
                 generator) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
         """The kept tokens of every crop from host copies of its counts and attentions (``host``: per crop,
-        ``[counts, shallow, deep]`` concatenated), the kept newline slots after them, and the info."""
+        ``[counts, shallow, deep]`` concatenated), every newline slot after them, and the info."""
         cfg = self.config
         parts = host.split([3 * n for n in sizes])
         counts = [p[:n].long() for p, n in zip(parts, sizes)]
@@ -284,7 +283,7 @@ class DocCorrelationMethod(VisionMethod):
                                "density": round(densities[i], 4), "budget": int(budgets[i]),
                                "kept": int(kept.numel()), "global": n_global})
         src = torch.cat(sources) if sources else torch.zeros(0, dtype=torch.long)
-        src = torch.cat([src, kept_newline_slots(layout, src)])
+        src = torch.cat([src, layout.is_newline.nonzero().flatten()])  # every newline slot stays
         return src, kept_per_group, {"crops": crops_info, "token_crop": token_crop.tolist()}
 
     def _budgets(self, densities: list[float], sizes: list[int], kinds: list[str], slots: int = 0) -> list[int]:
