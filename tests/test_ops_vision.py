@@ -75,6 +75,21 @@ def test_reduce_per_crop_assembles_groups_slots_and_lone_newlines():
     assert red.assignment.tolist() == [0, 1, -1, 0, 0, -1, 2, 3, -1, 4]
 
 
+def test_reduce_per_crop_keeps_every_newline_slot_when_every_group_is_whole():
+    # the same layout as above; every group keeps all its tokens, so the rows' slots 2, 5, 8 stay with 9
+    layout = TokenLayout("video", (Segment("frame", 2, 2, newline=True), Segment("frame", 1, 2, newline=True, time=1),
+                                   Segment("newline", 1, 0, newline=True, time=2)))
+    features = torch.arange(10 * 2, dtype=torch.float32).view(10, 2)
+
+    def select(group):
+        return group, features[group], torch.arange(group.numel())
+
+    red = reduce_per_crop(features, ReduceContext(layout=layout, modality="video", row=0, item=0), select)
+    assert red.sources.tolist() == [0, 1, 3, 4, 6, 7, 2, 5, 8, 9]
+    assert torch.equal(red.features, features[red.sources])
+    assert red.assignment.tolist() == [0, 1, 6, 2, 3, 7, 4, 5, 8, 9]
+
+
 def test_reduce_per_crop_keeps_dropped_tokens_out_of_every_slot():
     layout = TokenLayout("video", (Segment("frame", 1, 3), Segment("frame", 1, 3, time=1)))
     features = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))

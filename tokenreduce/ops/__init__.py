@@ -17,7 +17,7 @@ from tokenreduce.ops.llm import average_keep, check_layers, scores_for, top_visu
 from tokenreduce.ops.pooling import pool_segment, pooled_grid
 from tokenreduce.ops.selection import iqr_outliers
 from tokenreduce.ops.vision import (
-    add_lone_newlines,
+    add_newline_slots,
     attention_and_keys,
     content_groups,
     count,
@@ -25,7 +25,7 @@ from tokenreduce.ops.vision import (
 )
 
 __all__ = [
-    "add_lone_newlines",
+    "add_newline_slots",
     "attention_and_keys",
     "average_keep",
     "check_layers",

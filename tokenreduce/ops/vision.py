@@ -76,14 +76,19 @@ def newline_slots(layout: TokenLayout, lone: bool) -> torch.Tensor:
         return newline[is_lone if lone else ~is_lone]
 
 
-def add_lone_newlines(layout: TokenLayout, features: torch.Tensor, sources: torch.Tensor, outputs: torch.Tensor,
-                      assignment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Append the lone newline slots (:func:`newline_slots`) to a reduction; canvas rows' newline slots are
-    dropped. Every count comes from the layout, so nothing is read from the device.
+def add_newline_slots(layout: TokenLayout, features: torch.Tensor, sources: torch.Tensor, outputs: torch.Tensor,
+                      assignment: torch.Tensor, rows: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append the lone newline slots (:func:`newline_slots`) to a reduction, and with ``rows`` the canvas
+    rows' newline slots too (every newline slot, ascending). Every count comes from the layout, so nothing
+    is read from the device.
 
     Returns the extended ``(sources, outputs, assignment)``.
     """
-    slots = newline_slots(layout, lone=True)
+    if rows:
+        with host_only():  # a layout table, built on the host
+            slots = layout.is_newline.nonzero().flatten()
+    else:
+        slots = newline_slots(layout, lone=True)
     if slots.numel() == 0:
         return sources, outputs, assignment
     slots = slots.to(sources.device)
@@ -94,16 +99,21 @@ def add_lone_newlines(layout: TokenLayout, features: torch.Tensor, sources: torc
 
 def reduce_per_crop(features: torch.Tensor, context: ReduceContext, select: GroupSelect) -> Reduction:
     """Run ``select(group) -> (sources, outputs, slot)`` on each crop / frame group of an item and assemble
-    the item's reduction (outputs group after group, then the lone newline slots; canvas rows' newline
-    slots are dropped, as VisionZip's LLaVA-NeXT code drops them, so the count is known from the budget)."""
+    the item's reduction: outputs group after group, then the lone newline slots. Canvas rows' newline
+    slots are dropped, as VisionZip's LLaVA-NeXT code drops them, so the count is known from the budget;
+    they stay only when every group keeps all its tokens (a full budget is the identity). That test reads
+    the outputs' shapes, not the device."""
     sources, outputs = [], []
     assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
+    whole = True
     for group in content_groups(context.layout, per_crop=True):
         group = group.to(features.device)
         src, out, slot = select(group)
+        whole = whole and src.numel() == group.numel()
         base = sum(x.numel() for x in sources)
         assignment[group] = torch.where(slot >= 0, slot + base, -1)
         sources.append(src)
         outputs.append(out)
-    merged = add_lone_newlines(context.layout, features, torch.cat(sources), torch.cat(outputs), assignment)
+    merged = add_newline_slots(context.layout, features, torch.cat(sources), torch.cat(outputs), assignment,
+                               rows=whole)
     return Reduction(sources=merged[0], features=merged[1], assignment=merged[2])

@@ -24,7 +24,7 @@ from tokenreduce.core.config import MethodConfig, check_choice, check_keep, reso
 from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
-from tokenreduce.ops.vision import add_lone_newlines, newline_slots
+from tokenreduce.ops.vision import add_newline_slots, newline_slots
 
 VARIANTS = ("default", "reference")
 
@@ -94,5 +94,5 @@ class DivPruneMethod(ProjectorMethod):
         kept = candidates[max_min_diversity(features[candidates], k)].sort().values
         assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
         assignment[kept] = torch.arange(kept.numel(), device=features.device)
-        sources, outputs, assignment = add_lone_newlines(context.layout, features, kept, features[kept], assignment)
+        sources, outputs, assignment = add_newline_slots(context.layout, features, kept, features[kept], assignment)
         return Reduction(sources=sources, features=outputs, assignment=assignment)
