@@ -27,9 +27,6 @@ ADAPTIVE = ("atp", "prumerge", "prumerge_plus")
 ANYRES = ("llava_next", "llava_next_video", "llava_onevision")
 # Still over budget: (method or "*", families) -> reason.
 KNOWN = {
-    # The crops' budgets follow their densities (water-filling on the host) and the seeded sampler draws on
-    # the host generator: one read per item brings the counts and attentions over, the selection runs there.
-    ("doc_correlation", FAMILIES): "one read per item: per-crop budgets by density and the seeded draws",
     ("vqtoken", FAMILIES): "k-means and hashing read the codebook on the host",
 }
 CASES = [
