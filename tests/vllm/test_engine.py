@@ -48,8 +48,6 @@ CASES = [
     ("llava_onevision", {"method": "pool", "keep": 0.25}),
     ("llava_onevision", {"method": "random", "keep": 0.3, "seed": 5}),
     ("llava_onevision", {"method": "tome_projector", "keep": 9}),
-    # divprune: the canvas rows' newline slots are candidates, the count fixed by `keep`.
-    ("llava_onevision", {"method": "divprune", "keep": 12}),
     # visionzip on OneVision's videos (per frame: 2 dominant + 1 contextual of 2 x 2 pooled tokens), its
     # signals from vLLM's own SigLIP tower, pooled as the frames are.
     ("llava_onevision", {"method": "visionzip", "dominant": 2, "contextual": 1, "modalities": ["video"]}),
@@ -77,6 +75,19 @@ def test_method_equals_transformers(model_dir, family, reduction):
     first = len(reqs) - 1 if video_only(family, reduction) else 0
     full = run_hf(path, reqs[first : first + 1], None)
     assert got[first].prompt_len < full[0].prompt_len  # the prompt really was reduced
+
+
+def test_divprune_on_onevision_anyres_images(model_dir):
+    """divprune on OneVision's anyres images: the canvas rows' newline slots are candidates, the count is
+    fixed by ``keep``. The one-crop image is left out: its crop repeats the base grid's pixels and its
+    newline slots share one vector, so twins tie at distance 0 and each backend's float noise picks a
+    different twin (the same features at other positions)."""
+    path = model_dir("llava_onevision")
+    reqs = [r for i, r in enumerate(requests("llava_onevision")) if i != 3]
+    reduction = {"method": "divprune", "keep": 12}
+    got = run_vllm(path, reqs, reduction)
+    assert_same(got, run_hf(path, reqs, reduction))
+    assert got[0].prompt_len < run_hf(path, reqs[:1], None)[0].prompt_len
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
