@@ -15,7 +15,7 @@ from tokenreduce.ops.vision import (
     attention_and_keys,
     content_groups,
     count,
-    kept_newline_slots,
+    newline_slots,
     reduce_per_crop,
 )
 
@@ -50,10 +50,12 @@ def test_count_takes_ints_as_they_are_and_floats_as_shares():
     assert count(0.25, 10) == 2 and count(0.35, 10) == 4 and count(2.0, 10) == 10
 
 
-def test_reduce_per_crop_assembles_groups_slots_and_kept_newlines():
-    # two frames with newline slots: frame 0 tokens 0,1 | 2(nl) | 3,4 | 5(nl); frame 1 tokens 6,7 | 8(nl)
-    layout = TokenLayout("video", (Segment("frame", 2, 2, newline=True), Segment("frame", 1, 2, newline=True, time=1)))
-    features = torch.arange(9 * 2, dtype=torch.float32).view(9, 2)
+def test_reduce_per_crop_assembles_groups_slots_and_lone_newlines():
+    # two frames with newline slots: frame 0 tokens 0,1 | 2(nl) | 3,4 | 5(nl); frame 1 tokens 6,7 | 8(nl);
+    # then a lone newline segment (slot 9)
+    layout = TokenLayout("video", (Segment("frame", 2, 2, newline=True), Segment("frame", 1, 2, newline=True, time=1),
+                                   Segment("newline", 1, 0, newline=True, time=2)))
+    features = torch.arange(10 * 2, dtype=torch.float32).view(10, 2)
 
     def select(group):
         # keep the group's first two tokens; every other token merges into the first
@@ -65,12 +67,27 @@ def test_reduce_per_crop_assembles_groups_slots_and_kept_newlines():
 
     context = ReduceContext(layout=layout, modality="video", row=0, item=0)
     red = reduce_per_crop(features, context, select)
-    # frame 0's group is [0, 1, 3, 4], frame 1's [6, 7]; kept rows: frame 0 row 0 (newline 2), frame 1 row 0
-    # (newline 8); frame 0 row 1 keeps nothing, so its newline slot 5 is dropped
-    assert red.sources.tolist() == [0, 1, 6, 7, 2, 8]
-    want = torch.cat([features[[0, 1, 6, 7]] * 10, features[[2, 8]]])
+    # frame 0's group is [0, 1, 3, 4], frame 1's [6, 7]; the rows' newline slots 2, 5, 8 are dropped, the
+    # lone newline 9 stays last
+    assert red.sources.tolist() == [0, 1, 6, 7, 9]
+    want = torch.cat([features[[0, 1, 6, 7]] * 10, features[[9]]])
     assert torch.equal(red.features, want)
-    assert red.assignment.tolist() == [0, 1, 4, 0, 0, -1, 2, 3, 5]
+    assert red.assignment.tolist() == [0, 1, -1, 0, 0, -1, 2, 3, -1, 4]
+
+
+def test_reduce_per_crop_keeps_every_newline_slot_when_every_group_is_whole():
+    # the same layout as above; every group keeps all its tokens, so the rows' slots 2, 5, 8 stay with 9
+    layout = TokenLayout("video", (Segment("frame", 2, 2, newline=True), Segment("frame", 1, 2, newline=True, time=1),
+                                   Segment("newline", 1, 0, newline=True, time=2)))
+    features = torch.arange(10 * 2, dtype=torch.float32).view(10, 2)
+
+    def select(group):
+        return group, features[group], torch.arange(group.numel())
+
+    red = reduce_per_crop(features, ReduceContext(layout=layout, modality="video", row=0, item=0), select)
+    assert red.sources.tolist() == [0, 1, 3, 4, 6, 7, 2, 5, 8, 9]
+    assert torch.equal(red.features, features[red.sources])
+    assert red.assignment.tolist() == [0, 1, 6, 2, 3, 7, 4, 5, 8, 9]
 
 
 def test_reduce_per_crop_keeps_dropped_tokens_out_of_every_slot():
@@ -114,14 +131,12 @@ def test_attention_and_keys_with_cls_without_cls_and_single_head():
     torch.testing.assert_close(got["keys"], flat_k[:, 0, 1:])
 
 
-def test_kept_newline_slots_of_rows_that_keep_a_token():
-    # crop A 2x2 + newline (slots 2, 5), crop B 3x1 + newline (slots 7, 9, 11), base 1x2 (no slot)
+def test_newline_slots_split_rows_from_lone_separators():
+    # crop A 2x2 + newline (slots 2, 5), crop B 3x1 + newline (slots 7, 9, 11), base 1x2 (no slot), a lone
+    # newline (slot 14)
     layout = TokenLayout("image", (Segment("crop", 2, 2, newline=True), Segment("crop", 3, 1, newline=True),
-                                   Segment("base", 1, 2)))
-    assert kept_newline_slots(layout, torch.tensor([0, 12])).tolist() == [2]
-    assert kept_newline_slots(layout, torch.tensor([3, 8, 10])).tolist() == [5, 9, 11]
-    assert kept_newline_slots(layout, torch.tensor([12, 13])).tolist() == []
-    # one newline slot in the whole layout: kept only when its row keeps a token
-    one = TokenLayout("image", (Segment("base", 2, 2), Segment("crop", 1, 3, newline=True)))
-    assert kept_newline_slots(one, torch.tensor([0, 1])).tolist() == []
-    assert kept_newline_slots(one, torch.tensor([0, 5])).tolist() == [7]
+                                   Segment("base", 1, 2), Segment("newline", 1, 0, newline=True)))
+    assert newline_slots(layout, lone=False).tolist() == [2, 5, 7, 9, 11]
+    assert newline_slots(layout, lone=True).tolist() == [14]
+    plain = TokenLayout.grid("image", 2, 3)
+    assert newline_slots(plain, lone=False).tolist() == [] and newline_slots(plain, lone=True).tolist() == []

@@ -84,32 +84,28 @@ def reference_random(x, layout, keep, seed):
 
 
 # ----- divprune -----------------------------------------------------------------------------------------
-def _newlines_of_kept_rows(layout, kept):
-    """Newline slots of canvas rows that keep a token, and lone newline segments."""
-    rows_kept, slots = set(), []
-    for seg_index, (seg, start) in enumerate(_segments(layout)):
-        width = seg.cols + int(seg.newline)
-        for t in kept:
-            if start <= t < start + seg.rows * width:
-                rows_kept.add((seg_index, (t - start) // width))
-    for seg_index, (seg, start) in enumerate(_segments(layout)):
-        if not seg.newline:
-            continue
-        width = seg.cols + 1
-        for r in range(seg.rows):
-            if seg.cols == 0 or (seg_index, r) in rows_kept:
-                slots.append(start + r * width + seg.cols)
-    return slots
+def _lone_newlines(layout):
+    """Slots of the lone newline segments (a video's trailing separator)."""
+    return [start for seg, start in _segments(layout) if seg.cols == 0 and seg.newline]
+
+
+def _all_newlines(layout):
+    """Every newline slot: the one ending each canvas row and the lone ones."""
+    out = []
+    for seg, start in _segments(layout):
+        if seg.newline:
+            width = seg.cols + 1
+            out += [start + r * width + seg.cols for r in range(seg.rows)] if seg.cols else [start]
+    return out
 
 
 def reference_divprune(x, layout, keep):
-    content = []
-    for seg, start in _segments(layout):
-        width = seg.cols + int(seg.newline)
-        content += [start + r * width + c for r in range(seg.rows) for c in range(seg.cols)]
-    k = _budget_count(keep, len(content))
-    v = [x[i].double() / x[i].double().norm() for i in content]
-    n = len(content)
+    # every slot but the lone newlines is a candidate: canvas rows' newline slots compete and count in N
+    lone = _lone_newlines(layout)
+    candidates = [i for i in range(x.shape[0]) if i not in lone]
+    k = _budget_count(keep, len(candidates))
+    v = [x[i].double() / x[i].double().norm() for i in candidates]
+    n = len(candidates)
 
     def dist(a, b):
         return 1.0 - float(v[a] @ v[b])
@@ -122,9 +118,8 @@ def reference_divprune(x, layout, keep):
         while len(chosen) < k:
             rest = [i for i in range(n) if i not in chosen]
             chosen.append(max(rest, key=lambda i: (min(dist(i, c) for c in chosen), -i)))
-    kept = sorted(content[i] for i in chosen)
-    slots = _newlines_of_kept_rows(layout, kept)
-    return kept + slots, torch.stack([x[i] for i in kept + slots])
+    kept = sorted(candidates[i] for i in chosen)
+    return kept + lone, torch.stack([x[i] for i in kept + lone])
 
 
 # ----- cdpruner -----------------------------------------------------------------------------------------
@@ -161,7 +156,7 @@ def reference_cdpruner(x, layout, keep, text=None, theta=1.0):
         di2s -= eis**2
         di2s[j] = -math.inf
     kept = sorted(content[i] for i in chosen)
-    slots = _newlines_of_kept_rows(layout, kept)
+    slots = _all_newlines(layout)
     return kept + slots, torch.stack([x[i] for i in kept + slots])
 
 

@@ -1,7 +1,7 @@
 """The methods' selection code without host reads: plain-Python references and sync counts.
 
 The rewritten selection / merging steps (ToMe's merge step, VisionZip's contextual merge, PruMerge+'s
-uniform fill, the newline slots of anyres canvases) must choose what the definitions choose, and read the
+uniform fill, the lone newline slots) must choose what the definitions choose, and read the
 device only where a count depends on the data.
 """
 
@@ -12,7 +12,7 @@ import torch
 
 from tokenreduce import kernels
 from tokenreduce.core.layout import Segment, TokenLayout
-from tokenreduce.ops.vision import add_row_newlines
+from tokenreduce.ops.vision import add_newline_slots
 from tokenreduce.plugins.baselines.prumerge import PruMergeConfig, group_counts, prumerge_group
 from tokenreduce.plugins.baselines.tome import merge_tokens
 from tokenreduce.plugins.baselines.visionzip import visionzip_select
@@ -96,9 +96,9 @@ def test_bipartite_matching_skips_the_finite_check_only_when_asked():
         kernels.bipartite_matching(metric)
 
 
-def test_newline_slots_follow_the_rows_that_keep_a_token_in_one_read():
-    """A 2x3 base grid, a 3x2 canvas with newlines and a lone newline: a slot stays when its row keeps a
-    token (the lone newline always); one read sizes the result."""
+def test_lone_newline_slots_are_added_without_a_read():
+    """A 2x3 base grid, a 3x2 canvas with newlines and a lone newline: the rows' slots are dropped (unless
+    asked for), the lone newline stays; the counts come from the layout, so nothing is read from the device."""
     layout = TokenLayout("image", (Segment("base", 2, 3), Segment("crop", 3, 2, newline=True),
                                    Segment("newline", 1, 0, newline=True)))
     n = layout.num_tokens  # 6 + 9 + 1
@@ -106,14 +106,16 @@ def test_newline_slots_follow_the_rows_that_keep_a_token_in_one_read():
     kept = torch.tensor([1, 6, 13])  # base row 0, canvas rows 0 and 2
     assignment = torch.full((n,), -1).index_put((kept,), torch.arange(3))
     with SyncCounter() as syncs:
-        src, out, assign = add_row_newlines(layout, features, kept, features[kept], assignment)
-    assert syncs.count == 1, syncs.by_line()
-    newline = [i for i in range(n) if bool(layout.is_newline[i])]
-    rows_kept = {(int(layout.segment_ids[i]), int(layout.rows[i])) for i in kept.tolist()}
-    expected = [i for i in newline if (int(layout.segment_ids[i]), int(layout.rows[i])) in rows_kept
-                or layout.segments[int(layout.segment_ids[i])].cols == 0]
-    assert expected == [8, 14, 15]
-    assert src.tolist() == [1, 6, 13, *expected]
+        src, out, assign = add_newline_slots(layout, features, kept, features[kept], assignment)
+    assert syncs.count == 0, syncs.by_line()
+    assert src.tolist() == [1, 6, 13, 15]
     torch.testing.assert_close(out, features[src])
-    assert [int(assign[i]) for i in expected] == [3, 4, 5]
-    assert assign[kept].tolist() == [0, 1, 2]
+    assert assign.tolist() == [-1, 0, -1, -1, -1, -1, 1, -1, -1, -1, -1, -1, -1, 2, -1, 3]
+    # with ``rows``, every newline slot (rows' and lone, ascending) after the kept tokens
+    with SyncCounter() as syncs:
+        src, out, assign = add_newline_slots(layout, features, kept, features[kept], assignment, rows=True)
+    assert syncs.count == 0, syncs.by_line()
+    assert src.tolist() == [1, 6, 13, 8, 11, 14, 15]
+    torch.testing.assert_close(out, features[src])
+    assert [int(assign[i]) for i in (8, 11, 14, 15)] == [3, 4, 5, 6]
+

@@ -28,15 +28,6 @@ ADAPTIVE = ("atp", "prumerge", "prumerge_plus")
 ANYRES = ("llava_next", "llava_next_video", "llava_onevision")
 # Still over budget: (method or "*", families) -> reason.
 KNOWN = {
-    # Which canvas rows keep a token depends on the selection, and so does the number of newline slots that
-    # stay (add_row_newlines reads it once per item); a fixed count would change the outputs.
-    ("divprune", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
-    ("cdpruner", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
-    ("visionzip", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
-    ("prumerge_plus", ANYRES): "after the outlier counts, a second read: the newline slots of the canvas rows that keep a token",
-    # The crops' budgets follow their densities (water-filling on the host) and the seeded sampler draws on
-    # the host generator: one read per item brings the counts and attentions over, the selection runs there.
-    ("doc_correlation", FAMILIES): "one read per item: per-crop budgets by density and the seeded draws",
     ("vqtoken", FAMILIES): "k-means and hashing read the codebook on the host",
 }
 CASES = [

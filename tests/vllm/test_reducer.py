@@ -32,9 +32,8 @@ def test_methods_vllm_cannot_run_are_refused_by_name(name):
     ({"method": "doc_correlation", "keep": 0.5}, "llava", "tower layer 1 of doc_correlation is not built by vLLM"),
     ({"method": "visionzip", "variant": "reference"}, "llava", "`variant` for visionzip in vLLM must be 'default'"),
     ({"method": "visionzip", "layer": -1}, "llava", r"tower layer -1 of visionzip .*accepted: 0..0 or -2..-2"),
-    ({"method": "divprune", "modalities": ["image"]}, "llava_onevision",
-     r"method 'divprune' cannot run in vLLM \(on llava_onevision's anyres images .* depends on the data; `modalities"),
-    ({"method": "divprune"}, "llava_next", r"method 'divprune' cannot run in vLLM \(on llava_next's anyres images"),
+    ({"method": "visionzip", "modalities": ["image"]}, "llava_onevision",
+     r"method 'visionzip' cannot run in vLLM \(on llava_onevision's anyres images .* videos only; `modalities"),
 ])
 def test_conditions_that_make_counts_data_dependent_are_refused(options, family, message):
     with pytest.raises(ValueError, match=message):
@@ -56,7 +55,7 @@ def test_visionzip_counts_what_it_leaves_of_a_onevision_video():
     # SigLIP (no [CLS]), 4 x 4 patches per frame pooled to 2 x 2 tokens, then a lone newline
     siglip = TowerShape(heads=4, head_dim=8, num_prefix=0, patches=16, scale=8**-0.5, num_layers=2, built_layers=2)
     reducer = parse_reducer({"method": "visionzip", "dominant": 2, "contextual": 1}, "llava_onevision", siglip)
-    assert reducer.modalities == ("video",)  # anyres images: a data-dependent count
+    assert reducer.modalities == ("video",)  # anyres images: the crops' tower signals are not captured
     frames = tuple(Segment("frame", 2, 2, time=t) for t in range(3))
     video = TokenLayout("video", (*frames, Segment("newline", 1, 0, newline=True, time=2)))
     assert reducer.count(video) == 3 * 3 + 1
@@ -94,8 +93,22 @@ def test_bad_entries_name_what_is_accepted():
     assert not parse_reducer({"method": "pool"}, "llava").renumber
     assert parse_reducer({"method": "pool"}, "llava_onevision").modalities == ("image", "video")
     assert parse_reducer({"method": "pool", "modalities": ["video"]}, "llava_onevision").modalities == ("video",)
-    # divprune's count on anyres images follows the data: unset `modalities` narrows to the videos
-    assert parse_reducer({"method": "divprune", "keep": 8}, "llava_onevision").modalities == ("video",)
+    # divprune's count on anyres images is fixed: images and videos
+    assert parse_reducer({"method": "divprune", "keep": 8}, "llava_onevision").modalities == ("image", "video")
+
+
+@pytest.mark.parametrize("keep", [5, 0.3, 1.0])
+def test_divprune_count_on_an_anyres_image(keep):
+    # base 3 x 3, then a 4 x 5 canvas with a newline slot ending each row: 9 + 20 content tokens and 4 rows'
+    # slots, all candidates; a fraction counts them too (the budget's rounding up, written out)
+    layout = TokenLayout("image", (Segment("base", 3, 3), Segment("crop", 4, 5, newline=True)))
+    reducer = parse_reducer({"method": "divprune", "keep": keep}, "llava_next")
+    expected = keep if isinstance(keep, int) else -(-round(keep * 33 * 10**6) // 10**6)
+    assert reducer.count(layout) == expected
+    for seed in range(3):  # the same count whatever the features
+        features = torch.randn(33, 16, generator=torch.Generator().manual_seed(seed))
+        features[layout.is_newline] = features[12].clone()  # LLaVA-NeXT's newline slots share one vector
+        assert reducer.reduce(features, layout).num_tokens == expected
 
 
 @pytest.mark.parametrize(("method", "keep", "expected"), [("divprune", 10, 10), ("random", 0.25, 16), ("tome_projector", 9, 9)])

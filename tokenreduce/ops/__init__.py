@@ -4,7 +4,7 @@ Methods import these, never each other's modules (``tests/test_imports.py`` chec
 on tensors and layouts only (no model, no handle):
 
 * :mod:`tokenreduce.ops.vision`: [CLS] attention and keys from captured tower queries / keys, the crop /
-  frame groups of a layout, newline slots of kept rows, a per-crop reduction driver;
+  frame groups of a layout, its newline slots, a per-crop reduction driver;
 * :mod:`tokenreduce.ops.pooling`: spatial average pooling of a layout segment's grid;
 * :mod:`tokenreduce.ops.selection`: selection rules on token scores (IQR outliers);
 * :mod:`tokenreduce.ops.llm`: pruning-layer checks, budgets averaged over depth, top-k by attention score.
@@ -17,7 +17,7 @@ from tokenreduce.ops.llm import average_keep, check_layers, scores_for, top_visu
 from tokenreduce.ops.pooling import pool_segment, pooled_grid
 from tokenreduce.ops.selection import iqr_outliers
 from tokenreduce.ops.vision import (
-    add_row_newlines,
+    add_newline_slots,
     attention_and_keys,
     content_groups,
     count,
@@ -25,7 +25,7 @@ from tokenreduce.ops.vision import (
 )
 
 __all__ = [
-    "add_row_newlines",
+    "add_newline_slots",
     "attention_and_keys",
     "average_keep",
     "check_layers",

@@ -65,37 +65,33 @@ def count(value: int | float, n: int) -> int:
     return min(n, value)
 
 
-def kept_newline_slots(layout: TokenLayout, sources: torch.Tensor) -> torch.Tensor:
-    """Newline slots (ascending, on ``sources``' device) of the canvas rows that keep one of ``sources``,
-    and every lone newline segment.
-
-    Which rows keep a token depends on the selection, so the number of slots is read from the device once
-    (not at all when the layout has no newline slot).
-    """
+def newline_slots(layout: TokenLayout, lone: bool) -> torch.Tensor:
+    """Newline slots of ``layout`` (ascending, on the host): with ``lone``, the lone newline segments (a
+    video's trailing separator, DocOwl's per-crop end token); without, the slot ending each canvas row."""
     with host_only():  # layout tables, built on the host
         newline = layout.is_newline.nonzero().flatten()
         if newline.numel() == 0:
-            return newline.to(sources.device)
-        width = max(s.rows for s in layout.segments)
-        canvas_row = layout.segment_ids * width + layout.rows  # one id per (segment, row)
-        lone = torch.tensor([s.cols == 0 for s in layout.segments])[layout.segment_ids[newline]]
-    device = sources.device
-    canvas_row, newline, lone = canvas_row.to(device), newline.to(device), lone.to(device)
-    kept_row = torch.zeros(len(layout.segments) * width, dtype=torch.bool, device=device)
-    kept_row = kept_row.index_fill(0, canvas_row[sources], True)
-    return newline[kept_row[canvas_row[newline]] | lone]  # the one read: how many slots stay
+            return newline
+        is_lone = torch.tensor([s.cols == 0 for s in layout.segments])[layout.segment_ids[newline]]
+        return newline[is_lone if lone else ~is_lone]
 
 
-def add_row_newlines(layout: TokenLayout, features: torch.Tensor, sources: torch.Tensor, outputs: torch.Tensor,
-                     assignment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep the newline slot of every canvas row that still has a kept token, so rows stay delimited
-    (:func:`kept_newline_slots`: one read of the device when the layout has newline slots).
+def add_newline_slots(layout: TokenLayout, features: torch.Tensor, sources: torch.Tensor, outputs: torch.Tensor,
+                      assignment: torch.Tensor, rows: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append the lone newline slots (:func:`newline_slots`) to a reduction, and with ``rows`` the canvas
+    rows' newline slots too (every newline slot, ascending). Every count comes from the layout, so nothing
+    is read from the device.
 
     Returns the extended ``(sources, outputs, assignment)``.
     """
-    slots = kept_newline_slots(layout, sources)
+    if rows:
+        with host_only():  # a layout table, built on the host
+            slots = layout.is_newline.nonzero().flatten()
+    else:
+        slots = newline_slots(layout, lone=True)
     if slots.numel() == 0:
         return sources, outputs, assignment
+    slots = slots.to(sources.device)
     assignment = assignment.clone()
     assignment[slots] = outputs.shape[0] + torch.arange(slots.numel(), device=sources.device)
     return torch.cat([sources, slots]), torch.cat([outputs, features[slots]]), assignment
@@ -103,15 +99,21 @@ def add_row_newlines(layout: TokenLayout, features: torch.Tensor, sources: torch
 
 def reduce_per_crop(features: torch.Tensor, context: ReduceContext, select: GroupSelect) -> Reduction:
     """Run ``select(group) -> (sources, outputs, slot)`` on each crop / frame group of an item and assemble
-    the item's reduction (outputs group after group, then the newline slots of rows that keep a token)."""
+    the item's reduction: outputs group after group, then the lone newline slots. Canvas rows' newline
+    slots are dropped, as VisionZip's LLaVA-NeXT code drops them, so the count is known from the budget;
+    they stay only when every group keeps all its tokens (a full budget is the identity). That test reads
+    the outputs' shapes, not the device."""
     sources, outputs = [], []
     assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
+    whole = True
     for group in content_groups(context.layout, per_crop=True):
         group = group.to(features.device)
         src, out, slot = select(group)
+        whole = whole and src.numel() == group.numel()
         base = sum(x.numel() for x in sources)
         assignment[group] = torch.where(slot >= 0, slot + base, -1)
         sources.append(src)
         outputs.append(out)
-    merged = add_row_newlines(context.layout, features, torch.cat(sources), torch.cat(outputs), assignment)
+    merged = add_newline_slots(context.layout, features, torch.cat(sources), torch.cat(outputs), assignment,
+                               rows=whole)
     return Reduction(sources=merged[0], features=merged[1], assignment=merged[2])

@@ -43,14 +43,15 @@ FIXED_COUNT = {
     "vqtoken": ("keep", "with `keep` unset each video picks its own K; set `keep` (codes per video)"),
 }
 # Tower-reading methods run where vLLM's tower is a CLIP / SigLIP ViT whose rows the layouts map: LLaVA-1.5
-# images (one tower grid) and LLaVA-OneVision videos (one grid per frame); on anyres images their counts
-# depend on which rows keep a token (see ROW_NEWLINE_METHODS).
+# images (one tower grid) and LLaVA-OneVision videos (one grid per frame); the tower pass of an anyres
+# image (one row per crop) is not captured (see ANYRES_TOWER_METHODS).
 TOWER_FAMILIES = ("llava", "llava_onevision")
 # Families whose images are anyres canvases with a newline slot ending every row.
 ANYRES_FAMILIES = ("llava_next", "llava_onevision")
-# Methods that keep the newline slot of each canvas row still holding a token: on anyres images their count
-# depends on which rows keep one (the data). With `modalities` unset they reduce the family's videos only.
-ROW_NEWLINE_METHODS = ("divprune", "doc_correlation", "visionzip")
+# Tower-reading methods of a TOWER_FAMILIES family with anyres images: their counts are fixed (the newline
+# slots follow from the budget and the layout), but the crops' tower signals are not captured in vLLM.
+# With `modalities` unset they reduce the family's videos only.
+ANYRES_TOWER_METHODS = ("doc_correlation", "visionzip")
 # Why the others cannot run in vLLM, by the stage or property that rules them out.
 _WHY = {
     "vision": "acts inside the vision tower (merging or data-dependent counts), which vLLM's fixed "
@@ -294,9 +295,9 @@ def parse_reducer(options: Any, family: str, tower: TowerShape | None = None) ->
         raise ValueError(f"tokenreduce: `attention` for vqtoken in vLLM must be None (trained VQ-attention adds "
                          f"adapters to the language model, which vLLM gives no hook for), got {config.attention!r}")
     modalities = tuple(config.modalities or spec.modalities)
-    if name in ROW_NEWLINE_METHODS and family in ANYRES_FAMILIES and "image" in modalities:
-        why = (f"on {family}'s anyres images it keeps the newline slot of every row that keeps a token, so its "
-               "count depends on the data")
+    if name in ANYRES_TOWER_METHODS and family in ANYRES_FAMILIES and "image" in modalities:
+        why = (f"on {family}'s anyres images it reads the tower's attention of every crop, which vLLM's "
+               "integration captures for videos only")
         videos = family == "llava_onevision" and "video" in spec.modalities
         if config.modalities is not None or not videos:
             raise _refusal(name, why + ("; `modalities: [\"video\"]` reduces the videos only" if videos else ""))

@@ -2,8 +2,10 @@
 
 On the projected visual tokens (the LLM's input), with distance ``1 - cosine``: first the token whose
 nearest other token is farthest, then repeatedly the token farthest from everything chosen so far, until
-the budget. Kept tokens keep their order and original positions. Newline slots are not candidates; a newline
-slot stays when its row keeps a token.
+the budget. Kept tokens keep their order and original positions. As in the official code, which runs on
+LLaVA-NeXT's whole visual sequence, the newline slot ending each anyres canvas row is a candidate like any
+token and counts in ``N``; lone newline segments (OneVision's trailing video separator) stay outside the
+count. So the kept count is known from the budget and the layout, with no read of the device.
 
 ``variant="reference"`` reproduces the official code (vbdi/divprune): a fraction ``keep`` keeps
 ``int(round(keep * N))`` tokens (Python's rounding, half to even) where the default keeps ``ceil(keep * N)``
@@ -22,7 +24,7 @@ from tokenreduce.core.config import MethodConfig, check_choice, check_keep, reso
 from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
-from tokenreduce.ops.vision import add_row_newlines
+from tokenreduce.ops.vision import add_newline_slots, newline_slots
 
 VARIANTS = ("default", "reference")
 
@@ -32,7 +34,8 @@ class DivPruneConfig(MethodConfig):
     """Options of ``divprune``.
 
     Attributes:
-        keep: content tokens kept per item: a count (int >= 1) or a fraction (float in (0, 1]).
+        keep: visual tokens kept per item, canvas rows' newline slots included: a count (int >= 1) or a
+            fraction (float in (0, 1]) of them.
         variant: ``"default"`` (the project's conventions) or ``"reference"`` (the official code's count
             ``int(round(keep * N))`` and consecutive positions; sets ``renumber_positions``).
     """
@@ -81,13 +84,15 @@ class DivPruneMethod(ProjectorMethod):
     """Max-min diverse subset of the visual tokens (DivPrune)."""
 
     def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
-        with host_only():  # a layout table, built on the host
-            content = context.layout.content_mask.nonzero().flatten()
-        content = content.to(features.device)
+        with host_only():  # layout tables, built on the host
+            candidates = torch.ones(context.layout.num_tokens, dtype=torch.bool)
+            candidates[newline_slots(context.layout, lone=True)] = False
+            candidates = candidates.nonzero().flatten()
+        candidates = candidates.to(features.device)
         count = reference_count if self.config.variant == "reference" else resolve_keep
-        k = count(self.config.keep, content.numel())
-        kept = content[max_min_diversity(features[content], k)].sort().values
+        k = count(self.config.keep, candidates.numel())
+        kept = candidates[max_min_diversity(features[candidates], k)].sort().values
         assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
         assignment[kept] = torch.arange(kept.numel(), device=features.device)
-        sources, outputs, assignment = add_row_newlines(context.layout, features, kept, features[kept], assignment)
+        sources, outputs, assignment = add_newline_slots(context.layout, features, kept, features[kept], assignment)
         return Reduction(sources=sources, features=outputs, assignment=assignment)

@@ -11,7 +11,9 @@ tokens. PruMerge+ adds spatially uniform tokens (stride ``floor(floor(1 / ratio)
 With ``keep`` set, the count is fixed instead (for comparisons at equal budgets): the top ``keep`` by
 attention (PruMerge+: the IQR outliers, filled up to ``keep`` with uniformly spaced tokens). As with
 VisionZip, the merge acts on the projected tokens and works per crop / frame on anyres and video inputs;
-a newline slot stays when its row keeps a token.
+the newline slots ending anyres canvas rows are dropped (as VisionZip's LLaVA-NeXT code drops them; the
+official PruMerge has no anyres code), lone separators stay (all stay when every crop keeps all its
+tokens).
 
 ``variant="reference"`` reproduces the official code (42Shawn/LLaVA-PruMerge, LLaVA-1.5 only): the merge
 acts on the tower's hidden states of the projected layer, which are then projected; the adaptive count is

@@ -10,10 +10,11 @@ patch receives.
 
 Differences from the reference code, on purpose: the tower is not monkey-patched (signals are read from
 the attention's inputs of one instance, under any attention implementation), and the selection and
-merging act on the projected tokens the LLM receives, so anyres packing and newline slots stay intact;
-the dominant tokens are the same, a contextual token is the projection of its members summed rather than
-the projection of the summed hidden states. A newline slot stays when its row keeps a token. The
-default's ``dominant`` counts patches only; the official passes ``dominant - 1`` and prepends [CLS].
+merging act on the projected tokens the LLM receives, so anyres packing stays intact; the dominant
+tokens are the same, a contextual token is the projection of its members summed rather than the
+projection of the summed hidden states. The newline slots ending anyres canvas rows are dropped, as the
+official LLaVA-NeXT code drops them (lone separators such as OneVision's trailing video newline stay;
+all stay when every crop keeps all its tokens), so the count is fixed by the budget. The default's ``dominant`` counts patches only; the official passes ``dominant - 1`` and prepends [CLS].
 
 ``variant="reference"`` reproduces the official code (dvlab-research/VisionZip, LLaVA-1.5 only):
 ``dominant`` counts [CLS] plus ``dominant - 1`` patches, the contextual targets are picked among the

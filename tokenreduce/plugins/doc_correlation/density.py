@@ -66,8 +66,21 @@ def distinctiveness(counts: torch.Tensor) -> torch.Tensor:
     others and scores near 0, a token unlike the rest of its crop (a glyph, a coloured frame) near 1.
     """
     valid = counts >= 0
-    others = max(int(valid.sum()) - 1, 1)
+    others = (valid.sum() - 1).clamp_min(1).float()  # stays on the device
     return torch.where(valid, 1.0 - counts.float() / others, torch.zeros((), device=counts.device))
+
+
+def density_on_device(counts: torch.Tensor, max_neighbors: int | float) -> torch.Tensor:
+    """``1 - redundancy_of(counts, max_neighbors)`` as a 0-dim float32 tensor on ``counts``' device, the
+    same value without reading the number of valid tokens on the host."""
+    valid = counts >= 0
+    n = valid.sum()
+    if isinstance(max_neighbors, float):
+        bound = ((n - 1).clamp_min(0).double() * max_neighbors).float()
+    else:
+        bound = torch.tensor(float(max_neighbors), device=counts.device)
+    hits = ((counts.float() > bound) & valid).sum()
+    return 1.0 - hits.float() / n.clamp_min(1).float()
 
 
 def information_density(features: torch.Tensor, threshold: float, max_neighbors: int | float,
@@ -87,7 +100,7 @@ def distribute(total: int, weights: Sequence[float], lower: Sequence[int], upper
 
     Water-filling: a crop that reaches its cap passes its excess on to the others; crops whose weights are
     all zero share by remaining capacity. Rounding gives the leftover units to the largest fractional
-    parts (lower crop index first on ties), so the result is deterministic.
+    parts, compared at 1e-6 (lower crop index first on ties), so the result is deterministic.
     """
     count = len(weights)
     low = [int(v) for v in lower]
@@ -117,7 +130,9 @@ def distribute(total: int, weights: Sequence[float], lower: Sequence[int], upper
             break
     whole = [min(cap[i], math.floor(alloc[i] + 1e-9)) for i in range(count)]
     short = extra - sum(whole)
-    order = sorted(range(count), key=lambda i: (-(alloc[i] - whole[i]), i))
+    # fractional parts compared at 1e-6, so that equal shares tie whatever the float error (and the device
+    # twin, distribute_on_device, orders them the same way)
+    order = sorted(range(count), key=lambda i: (-round((alloc[i] - whole[i]) * 1e6), i))
     for i in order:
         if short <= 0:
             break
@@ -125,6 +140,49 @@ def distribute(total: int, weights: Sequence[float], lower: Sequence[int], upper
             whole[i] += 1
             short -= 1
     return [lo + w for lo, w in zip(low, whole)]
+
+
+def distribute_on_device(total: int, weights: torch.Tensor, lower: Sequence[int], upper: Sequence[int]) -> torch.Tensor:
+    """:func:`distribute` without host reads: ``weights`` is a device tensor, the bounds and ``total`` are
+    host ints (shapes and config), so the sum of the result is known on the host.
+
+    The water level comes from a sort instead of rounds: with ``r_i = cap_i / w_i`` ascending, the crops
+    with ``f(r_i) <= extra`` are full (``f(x) = sum_i min(cap_i, x w_i)``) and the level shares what is left
+    among the rest in proportion to their weights; crops of weight zero share what the others cannot take
+    by capacity. Rounding as :func:`distribute` (largest fractional parts, lower index on ties).
+    """
+    device = weights.device
+    count = len(lower)
+    caps = [int(u) - int(v) for u, v in zip(upper, lower)]
+    if any(c < 0 for c in caps):
+        raise ValueError(f"`lower` {list(lower)} exceeds `upper` {list(upper)}")
+    extra = min(max(int(total) - sum(int(v) for v in lower), 0), sum(caps))
+    low = torch.tensor([int(v) for v in lower], dtype=torch.long, device=device)
+    if count == 0 or extra == 0:
+        return low
+    cap = torch.tensor(caps, dtype=torch.float64, device=device)
+    w = torch.where(cap > 0, weights.double().clamp_min(0.0), 0.0)
+    positive = w > 0
+    ratio = torch.where(positive, cap / torch.where(positive, w, 1.0), float("inf"))
+    ratio, order = torch.sort(ratio, stable=True)
+    full = torch.cumsum(cap[order], 0)  # caps of the crops up to each one in ratio order
+    after = w.sum() - torch.cumsum(w[order], 0)  # weights of the crops after it
+    reached = torch.where(torch.isfinite(ratio), full + torch.nan_to_num(ratio * after, posinf=0.0), float("inf"))
+    saturated = (reached <= extra).sum()  # how many crops are full
+    full = torch.cat([full.new_zeros(1), full])
+    after = torch.cat([w.sum().view(1), after])
+    left, weight = full.gather(0, saturated.view(1))[0], after.gather(0, saturated.view(1))[0]  # no host index
+    level = torch.where(weight > 0, (extra - left) / weight.clamp_min(1e-300), float("inf"))
+    alloc = torch.where(positive, torch.minimum(cap, level * torch.where(positive, w, 0.0)), 0.0)
+    spare = torch.where(positive, 0.0, cap)  # weight-zero crops share the rest by capacity
+    rest = (extra - alloc.sum()).clamp_min(0.0)
+    alloc = alloc + spare * (rest / spare.sum().clamp_min(1e-300))
+    whole = torch.minimum(cap, torch.floor(alloc + 1e-9))
+    short = extra - whole.sum()
+    frac = torch.where(whole < cap, torch.round((alloc - whole) * 1e6), float("-inf"))
+    rank = torch.empty(count, dtype=torch.long, device=device)
+    rank[torch.sort(-frac, stable=True).indices] = torch.arange(count, device=device)
+    return low + whole.long() + (rank < short).long()
 
 
 def global_budgets(total: int, densities: Sequence[float], sizes: Sequence[int], min_tokens: int) -> list[int]:

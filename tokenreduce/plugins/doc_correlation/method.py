@@ -17,9 +17,9 @@ token budget that follows its *information density* and picks the tokens inside 
 4. Optionally, dropped tokens are merged into their most similar kept token (weighted mean).
 
 For the global tokens, towers without [CLS] (SigLIP) use the attention each patch receives. The base
-image (thumbnail) is a crop like any other unless ``base="keep"``. Newline slots: a canvas row's newline
-stays when the row keeps a token, lone separators (DocOwl's per-crop end token, OneVision's trailing
-newline) always stay. Each item's ``Reduction.info`` lists the crops with their density and budget
+image (thumbnail) is a crop like any other unless ``base="keep"``. Newline slots (a canvas row's newline,
+lone separators such as DocOwl's per-crop end token or OneVision's trailing newline) all stay, so a
+document's rows stay delimited and the kept count is known from the budget. Each item's ``Reduction.info`` lists the crops with their density and budget
 (``tr.stats``, overlays).
 
 Reconstructed, not from the (unreleased) reference code: every threshold and layer below, the budget
@@ -37,10 +37,18 @@ from tokenreduce.core.config import MethodConfig, check_choice, check_range
 from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.reduction import ReduceContext, Reduction, VisionMethod
 from tokenreduce.core.registry import register_method
-from tokenreduce.ops.vision import attention_and_keys, content_groups, kept_newline_slots
+from tokenreduce.ops.vision import attention_and_keys, content_groups
 
-from .density import adaptive_budgets, distinctiveness, global_budgets, neighbor_counts, redundancy_of
-from .select import choose_tokens, merge_dropped, sampling_weights
+from .density import (
+    adaptive_budgets,
+    density_on_device,
+    distinctiveness,
+    distribute_on_device,
+    global_budgets,
+    neighbor_counts,
+    redundancy_of,
+)
+from .select import choose_tokens, choose_tokens_on_device, merge_dropped, merge_into_kept, sampling_weights
 
 FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "docowl")
 SIMILARITY_SOURCES = ("keys", "keys_mean", "hidden")
@@ -86,9 +94,8 @@ class DocCorrelationConfig(MethodConfig):
         base: ``"crop"`` (the thumbnail is a crop like any other) or ``"keep"`` (it keeps all its tokens;
             with ``keep`` set they count against the image's budget).
         count_newlines: with ``keep`` set, the budget is ``keep`` of ALL the image's tokens the LLM reads,
-            newline / separator slots included, and those slots are paid for first (so the item never
-            exceeds its budget); ``False``: ``keep`` of the content tokens, kept newline slots on top (as
-            ``pool`` / ``visionzip`` count).
+            newline / separator slots included, and those slots (all kept) are paid for first (so the item
+            meets its budget); ``False``: ``keep`` of the content tokens, the newline slots on top.
     """
 
     keep: float | None = None
@@ -223,6 +230,8 @@ class DocCorrelationMethod(VisionMethod):
         host_groups = content_groups(layout, per_crop=True)
         groups = [g.to(device) for g in host_groups]
         sizes = [int(g.numel()) for g in host_groups]
+        if cfg.keep is not None:
+            return self._reduce_fixed(features, context, similarity, shallow, deep, host_groups, groups, sizes)
         # On the device: each crop's neighbour counts. Then the one read of the item: counts and both
         # attentions of every crop, since the budgets follow the densities (water-filling) and the seeded
         # sampler draws on the host generator; the selection runs on the host and its indices go back.
@@ -246,17 +255,91 @@ class DocCorrelationMethod(VisionMethod):
             assignment[group] = torch.where(slot >= 0, slot + base, -1)
             base += kept.numel()
             outputs.append(out)
-        slots = src[base:]  # the newline slots _select kept, after every crop's tokens
+        slots = src[base:]  # the newline slots, after every crop's tokens
         if slots.numel():
             assignment[slots] = base + torch.arange(slots.numel(), device=device)
             outputs.append(features[slots])
         outs = torch.cat(outputs) if outputs else features[:0]
         return Reduction(sources=src, features=outs, assignment=assignment, info=info)
 
+    def _reduce_fixed(self, features, context, similarity, shallow, deep, host_groups, groups, sizes) -> Reduction:
+        """``keep`` set: the item's kept count is fixed by the budget, so densities, per-crop budgets
+        (water-filling by sort), the selection (seeded draws made on the host generator with the crops'
+        shapes) and the merge stay on the device; nothing is read. ``info`` is read when first looked at."""
+        cfg = self.config
+        layout = context.layout
+        device = features.device
+        with host_only():  # layout tables and the config: host ints
+            newline = layout.is_newline.nonzero().flatten()
+            crop_ids, kinds = _crop_ids(layout, host_groups)
+            token_crop = torch.full((layout.num_tokens,), -1, dtype=torch.long)
+            for i, group in enumerate(host_groups):
+                token_crop[group] = crop_ids[i]
+            token_crop = token_crop.tolist()
+        slots = int(newline.numel()) if cfg.count_newlines else 0
+        fixed = [cfg.base == "keep" and kind == "base" for kind in kinds]
+        free = [i for i, f in enumerate(fixed) if not f]
+        counts = [neighbor_counts(similarity[g], cfg.threshold, cfg.metric) for g in groups]
+        distinct = cfg.local_score == "distinct" or (cfg.local_score == "auto" and not self._has_cls)
+        sampling = ("topk" if distinct else "sample") if cfg.sampling == "auto" else cfg.sampling
+        if not groups:
+            return Reduction(sources=newline.to(device), info={"crops": [], "token_crop": token_crop})
+        densities = torch.stack([density_on_device(c, cfg.max_neighbors) for c in counts])
+        total = round(cfg.keep * (sum(sizes) + slots)) - slots - sum(n for n, f in zip(sizes, fixed) if f)
+        budgets = torch.tensor(sizes, dtype=torch.long, device=device)
+        if free:
+            free_index = torch.tensor(free, device=device)
+            weights = densities[free_index].double() * torch.tensor([sizes[i] for i in free], dtype=torch.float64,
+                                                                      device=device)
+            lower = [min(cfg.min_tokens, sizes[i]) for i in free]
+            budgets = budgets.index_copy(0, free_index, distribute_on_device(total, weights, lower,
+                                                                              [sizes[i] for i in free]))
+        masks, n_global = [], []
+        for i, group in enumerate(groups):
+            local = local_scores(counts[i], shallow[group]) if distinct else shallow[group]
+            noise = None
+            if sampling == "sample":  # the crop's draws, as torch.multinomial makes them, on the host generator
+                noise = torch.empty(sizes[i]).exponential_(generator=context.generator).to(device)
+            kept, globals_ = choose_tokens_on_device(deep[group], local, budgets[i], global_tokens=cfg.global_tokens,
+                                                     iqr_factor=cfg.iqr_factor, noise=noise)
+            masks.append(kept)
+            n_global.append(globals_)
+        # crop after crop, ascending within a crop, as the host selection lists them; the count is known
+        order = torch.cat(groups)
+        kept_all = torch.cat(masks)
+        count = sum(n for n, f in zip(sizes, fixed) if f) + sum(min(cfg.min_tokens, sizes[i]) for i in free)
+        count += min(max(total - sum(min(cfg.min_tokens, sizes[i]) for i in free), 0),
+                     sum(sizes[i] - min(cfg.min_tokens, sizes[i]) for i in free)) if free else 0
+        picked = torch.sort((~kept_all).to(torch.uint8), stable=True).indices[:count]
+        src = torch.cat([order[picked], newline.to(device)])
+        info = _CropInfo(torch.stack([densities.double(), budgets.double(), torch.stack(n_global).double()]),
+                         crop_ids, kinds, sizes, token_crop)
+        if not cfg.merge:
+            return Reduction(sources=src, info=info)
+        slot_of = torch.full((order.numel(),), -1, dtype=torch.long, device=device)
+        slot_of[picked] = torch.arange(count, device=device)  # output row of each kept token (order's index)
+        merged_rows = []
+        assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=device)
+        start = 0
+        for group, mask, n in zip(groups, masks, sizes):
+            weights = (sampling_weights(shallow[group]) if cfg.merge_weights == "attention"
+                       else torch.ones(n, device=device))
+            target, merged = merge_into_kept(features[group], similarity[group], mask, weights, cfg.metric)
+            rows = slot_of[start : start + n]
+            assignment[group] = torch.where(target >= 0, rows[target.clamp_min(0)], -1)
+            merged_rows.append(merged)
+            start += n
+        outputs = torch.cat(merged_rows)[picked]
+        if newline.numel():
+            newline = newline.to(device)
+            assignment[newline] = count + torch.arange(newline.numel(), device=device)
+            outputs = torch.cat([outputs, features[newline]])
+        return Reduction(sources=src, features=outputs, assignment=assignment, info=info)
+
     def _select(self, layout, host: torch.Tensor, groups: list[torch.Tensor], sizes: list[int],
                 generator) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
         """The kept tokens of every crop from host copies of its counts and attentions (``host``: per crop,
-        ``[counts, shallow, deep]`` concatenated), the kept newline slots after them, and the info."""
+        ``[counts, shallow, deep]`` concatenated), every newline slot after them, and the info."""
         cfg = self.config
         parts = host.split([3 * n for n in sizes])
         counts = [p[:n].long() for p, n in zip(parts, sizes)]
@@ -284,7 +367,7 @@ class DocCorrelationMethod(VisionMethod):
                                "density": round(densities[i], 4), "budget": int(budgets[i]),
                                "kept": int(kept.numel()), "global": n_global})
         src = torch.cat(sources) if sources else torch.zeros(0, dtype=torch.long)
-        src = torch.cat([src, kept_newline_slots(layout, src)])
+        src = torch.cat([src, layout.is_newline.nonzero().flatten()])  # every newline slot stays
         return src, kept_per_group, {"crops": crops_info, "token_crop": token_crop.tolist()}
 
     def _budgets(self, densities: list[float], sizes: list[int], kinds: list[str], slots: int = 0) -> list[int]:
@@ -308,6 +391,48 @@ def local_scores(counts: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     attention = torch.nan_to_num(attention.float(), nan=0.0).clamp_min(0.0)
     share = attention / attention.max().clamp_min(1e-20)
     return distinctiveness(counts) + share / (counts.numel() + 1)
+
+
+class _CropInfo(dict):
+    """``{"crops": [...], "token_crop": [...]}`` of a fixed-budget reduction, filled from the device the
+    first time it is read (when the stats are read), not during the forward. Hand it on as it is: a
+    :func:`json.dumps` of it before any read would see an empty dict (the stats and the runner test it
+    for truth first, which fills it).
+
+    ``values``: ``[3, crops]`` densities, budgets and global-token counts on the device.
+    """
+
+    def __init__(self, values: torch.Tensor, crop_ids: list[int], kinds: list[str], sizes: list[int],
+                 token_crop: list[int]):
+        super().__init__()
+        self._pending = (values, crop_ids, kinds, sizes, token_crop)
+
+    def _fill(self) -> None:
+        if self._pending is None:
+            return
+        values, crop_ids, kinds, sizes, token_crop = self._pending
+        self._pending = None
+        densities, budgets, n_global = values.tolist()
+        crops = [{"crop": c, "kind": k, "tokens": n, "density": round(d, 4), "budget": int(b), "kept": int(b),
+                  "global": int(g)} for c, k, n, d, b, g in zip(crop_ids, kinds, sizes, densities, budgets, n_global)]
+        dict.update(self, {"crops": crops, "token_crop": token_crop})
+
+
+def _lazy(name: str):
+    method = getattr(dict, name)
+
+    def read(self, *args, **kwargs):
+        self._fill()
+        return method(self, *args, **kwargs)
+
+    read.__name__ = name
+    return read
+
+
+# Every read fills it first (a truth test or len() too: json and the stats test those before reading).
+for _name in ("__getitem__", "__iter__", "__len__", "__contains__", "__repr__", "__eq__", "__reduce_ex__", "get",
+              "keys", "items", "values", "copy"):
+    setattr(_CropInfo, _name, _lazy(_name))
 
 
 def _crop_ids(layout, groups: list[torch.Tensor]) -> tuple[list[int], list[str]]:

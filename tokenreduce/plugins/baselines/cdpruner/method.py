@@ -9,8 +9,8 @@ projected tokens (no attention, no ``N x N`` matrix); kept tokens keep their ord
 The official LLaVA code scores relevance with CLIP's text tower on the question against CLIP's image
 embeddings; LLaVA checkpoints in transformers ship no text tower, so relevance here reads the projected
 tokens against the LLM's input embeddings of the row's text (as the ports to Qwen2-VL do). Similarity and
-the DPP are the official ones on the projected tokens. Newline slots are not candidates; one stays when its
-row keeps a token.
+the DPP are the official ones on the projected tokens. Newline slots are not candidates and all stay, as in
+the official LLaVA-NeXT code (the count is known from the budget).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tokenreduce.core.config import MethodConfig, check_keep, check_range, resol
 from tokenreduce.core.hostsync import host_only
 from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
 from tokenreduce.core.registry import register_method
-from tokenreduce.ops.vision import add_row_newlines
+from tokenreduce.ops.vision import add_newline_slots
 
 from .select import conditional_dpp, relevance
 
@@ -54,7 +54,7 @@ class CDPrunerMethod(ProjectorMethod):
 
     def reduce(self, features: torch.Tensor, context: ReduceContext) -> Reduction:
         with host_only():  # a layout table, built on the host
-            content = context.layout.content_mask.nonzero().flatten()
+            content = (~context.layout.is_newline).nonzero().flatten()
         content = content.to(features.device)
         k = resolve_keep(self.config.keep, content.numel())
         x = features[content]
@@ -67,5 +67,6 @@ class CDPrunerMethod(ProjectorMethod):
         kept = content[conditional_dpp(x, weight, k)].sort().values
         assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
         assignment[kept] = torch.arange(kept.numel(), device=features.device)
-        sources, outputs, assignment = add_row_newlines(context.layout, features, kept, features[kept], assignment)
+        sources, outputs, assignment = add_newline_slots(context.layout, features, kept, features[kept], assignment,
+                                                         rows=True)
         return Reduction(sources=sources, features=outputs, assignment=assignment)
