@@ -24,6 +24,7 @@ from tokenreduce.plugins.baselines.prumerge import PruMergeConfig, PruMergePlusC
 from tokenreduce.plugins.baselines.random import RandomConfig
 from tokenreduce.plugins.baselines.tome import ToMeConfig
 from tokenreduce.plugins.baselines.visionzip import VisionZipConfig
+from tokenreduce.plugins.baselines.vispruner import VisPrunerConfig
 from tokenreduce.plugins.doc_correlation import DocCorrelationConfig
 from tokenreduce.plugins.langdc import LangDCConfig
 from tokenreduce.plugins.vqtoken.method import VQTokenCodebookConfig, VQTokenConfig
@@ -48,6 +49,7 @@ __all__ = [
     "ToMeConfig",
     "VQTokenCodebookConfig",
     "VQTokenConfig",
+    "VisPrunerConfig",
     "VisionZipConfig",
     "__version__",
     "disabled",

@@ -22,8 +22,8 @@ from tokenreduce.testing.syncs import SyncCounter
 from tokenreduce.testing.tiny import FAMILIES, VIDEO_FAMILIES, default_rows, tiny_batch, tiny_model
 
 LAYERS = 8
-FIXED = ("random", "pool", "divprune", "cdpruner", "tome_projector", "visionzip", "fastv", "pdrop", "dart", "doc_correlation",
-         "vqtoken")
+FIXED = ("random", "pool", "divprune", "cdpruner", "tome_projector", "visionzip", "vispruner", "fastv", "pdrop",
+         "dart", "doc_correlation", "vqtoken")
 ADAPTIVE = ("atp", "prumerge", "prumerge_plus")
 ANYRES = ("llava_next", "llava_next_video", "llava_onevision")
 # Still over budget: (method or "*", families) -> reason.
@@ -32,6 +32,7 @@ KNOWN = {
     # stay (add_row_newlines reads it once per item); a fixed count would change the outputs.
     ("divprune", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
     ("cdpruner", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
+    ("vispruner", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
     ("visionzip", ANYRES): "one read per item: the newline slots of the canvas rows that keep a token",
     ("prumerge_plus", ANYRES): "after the outlier counts, a second read: the newline slots of the canvas rows that keep a token",
     # The crops' budgets follow their densities (water-filling on the host) and the seeded sampler draws on

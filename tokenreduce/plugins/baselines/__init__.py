@@ -11,4 +11,5 @@ from tokenreduce.plugins.baselines import (  # noqa: F401
     random,
     tome,
     visionzip,
+    vispruner,
 )
