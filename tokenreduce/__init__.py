@@ -17,6 +17,7 @@ from tokenreduce.plugins.atp import ATPConfig
 from tokenreduce.plugins.baselines.cdpruner import CDPrunerConfig
 from tokenreduce.plugins.baselines.dart import DARTConfig
 from tokenreduce.plugins.baselines.divprune import DivPruneConfig
+from tokenreduce.plugins.baselines.evs import EVSConfig
 from tokenreduce.plugins.baselines.fastv import FastVConfig
 from tokenreduce.plugins.baselines.pdrop import PDropConfig
 from tokenreduce.plugins.baselines.pool import PoolConfig
@@ -38,6 +39,7 @@ __all__ = [
     "DARTConfig",
     "DivPruneConfig",
     "DocCorrelationConfig",
+    "EVSConfig",
     "FastVConfig",
     "LangDCConfig",
     "MethodConfig",

@@ -4,6 +4,7 @@ from tokenreduce.plugins.baselines import (  # noqa: F401
     cdpruner,
     dart,
     divprune,
+    evs,
     fastv,
     pdrop,
     pool,
