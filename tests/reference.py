@@ -13,6 +13,7 @@ import torch
 
 from tokenreduce.adapters import get_adapter
 from tokenreduce.core.reduction import ReduceContext
+from tokenreduce.core.registry import get_method
 from tokenreduce.testing.tiny import IMAGE_TOKEN, VIDEO_TOKEN
 
 QWEN = ("qwen2_vl", "qwen2_5_vl")
@@ -63,7 +64,16 @@ def wrapped_call(model, batch, method, **options):
     return logits, recorded
 
 
-def reduced_rows(model, method, batch, modalities=("image", "video"), recorded=None):
+def _reduced_modalities(method) -> tuple[str, ...]:
+    """What a wrapped model reduces with ``method``: its config's ``modalities``, else its registered ones."""
+    config = getattr(method, "config", None)
+    if getattr(config, "modalities", None):
+        return tuple(config.modalities)
+    name = getattr(method, "name", "")
+    return get_method(name).modalities if name else ("image", "video")
+
+
+def reduced_rows(model, method, batch, modalities=None, recorded=None):
     """Per row: (embeddings [L', D], positions [.., L'], kept original columns) of the reduced sequence.
 
     Positions are the original ones at the kept columns, or ``0..L'-1`` when the method's config sets
@@ -73,6 +83,7 @@ def reduced_rows(model, method, batch, modalities=("image", "video"), recorded=N
     read the vision tower, from ``recorded`` (:func:`recorded_reductions` of the wrapped model).
     """
     adapter = get_adapter(model)
+    modalities = _reduced_modalities(method) if modalities is None else modalities
     ids, mask = batch["input_ids"], batch["attention_mask"]
     placeholder = {"image": IMAGE_TOKEN, "video": VIDEO_TOKEN}
     positions = original_positions(model, batch)

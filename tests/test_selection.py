@@ -160,6 +160,30 @@ def reference_cdpruner(x, layout, keep, text=None, theta=1.0):
     return kept + slots, torch.stack([x[i] for i in kept + slots])
 
 
+# ----- evs ------------------------------------------------------------------------------------------------
+def reference_evs(x, layout, keep, reference=False):
+    """vLLM's EVS on the layout's frames: every first-frame token first, then the others by ``1 - cos`` with the
+    token at the same place one frame earlier (ties to the earlier token); ``max(frame, count)`` kept, the
+    count ``ceil(keep * N)`` (``int(N * keep)`` for the reference variant). Lone newline slots stay."""
+    frames = [[start + r * (seg.cols + int(seg.newline)) + c for r in range(seg.rows) for c in range(seg.cols)]
+              for seg, start in _segments(layout) if seg.cols]
+    total, size = sum(len(f) for f in frames), len(frames[0])
+    count = int(total * keep) if reference and isinstance(keep, float) else _budget_count(keep, total)
+    count = max(size, count)
+    scored = []
+    for t, frame in enumerate(frames):
+        for p, token in enumerate(frame):
+            if t == 0:
+                score = 255.0
+            else:
+                a, b = x[token].double(), x[frames[t - 1][p]].double()
+                score = 1 - float(a @ b / (a.norm() * b.norm()))
+            scored.append((-score, t * size + p, token))
+    kept = sorted(token for _, _, token in sorted(scored)[:count])
+    slots = _lone_newlines(layout)
+    return kept + slots, torch.stack([x[i] for i in kept + slots])
+
+
 def _method(name, **options):
     spec = get_method(name)
     return spec.method_cls(spec.config_cls(**options))
@@ -264,6 +288,38 @@ def test_cdpruner_relevance_changes_the_choice():
     assert _method("cdpruner", keep=1).reduce(x, no_text).sources.tolist() == [0]
 
 
+VIDEO_LAYOUTS = {
+    "video": LAYOUTS["video"],
+    "qwen": TokenLayout("video", tuple(Segment("frame", 2, 3, time=t) for t in range(4))),
+    "one-frame": TokenLayout("video", (Segment("frame", 4, 4, time=0),)),
+}
+
+
+@pytest.mark.parametrize("layout", list(VIDEO_LAYOUTS))
+@pytest.mark.parametrize("keep", BUDGETS)
+@pytest.mark.parametrize("variant", ["default", "reference"])
+def test_evs_equals_the_temporal_change_reference(layout, keep, variant):
+    lay = VIDEO_LAYOUTS[layout]
+    x = _features(lay, seed=11)
+    x[6] = x[0] * 3  # a token that did not change (up to scale) since the previous frame
+    reduction = _method("evs", keep=keep, variant=variant).reduce(x, _context(lay))
+    got_src, got = _as_set(reduction, x)
+    ref_src, ref = _sorted_reference(*reference_evs(x, lay, keep, variant == "reference"))
+    assert got_src == ref_src
+    assert torch.equal(got, ref)
+
+
+def test_evs_keeps_the_first_frame_and_the_changed_tokens():
+    """Two frames of 4 tokens, the second equal to the first but at one place: one token beyond the first
+    frame is kept, the changed one."""
+    first = torch.eye(4, 8)
+    second = first.clone()
+    second[2] = torch.ones(8)
+    lay = TokenLayout("video", (Segment("frame", 2, 2, time=0), Segment("frame", 2, 2, time=1)))
+    got = _method("evs", keep=5).reduce(torch.cat([first, second]), _context(lay)).sources.tolist()
+    assert sorted(got) == [0, 1, 2, 3, 6]
+
+
 def test_divprune_first_pick_is_the_most_isolated_token():
     """Four tokens: three close together and one apart; two kept: the isolated one first, then the one of
     the cluster farthest from it."""
@@ -286,6 +342,8 @@ class _ReferenceMethod:
             src, feats = reference_pool(features, context.layout, keep)
         elif self.name == "random":
             src, feats = reference_random(features, context.layout, keep, self.config.seed)
+        elif self.name == "evs":
+            src, feats = reference_evs(features, context.layout, keep, self.config.variant == "reference")
         elif self.name == "cdpruner":
             text = None if context.text_embeds is None else context.text_embeds[context.text_mask]
             src, feats = reference_cdpruner(features, context.layout, keep, text, self.config.theta)
@@ -294,7 +352,7 @@ class _ReferenceMethod:
         return Reduction(sources=torch.as_tensor(src, dtype=torch.long), features=feats.to(features.dtype))
 
 
-REFERENCE_METHODS = ("pool", "random", "divprune", "cdpruner")
+REFERENCE_METHODS = ("pool", "random", "divprune", "cdpruner", "evs")
 
 
 def reference_reducer(name, config):

@@ -327,3 +327,66 @@ def test_visionzip_dominant_tokens_are_the_towers_cls_top_k(dominant, k):
     for r, (emb, pos, _) in enumerate(reduced_rows(model, reference, batch)):
         ref = reference_logits(model, emb, pos)
         torch.testing.assert_close(logits[r, -ref.shape[0]:], ref, atol=1e-4, rtol=1e-4)
+
+
+# ----- vispruner ----------------------------------------------------------------------------------------------
+def reference_vispruner(features, attention, keep, important):
+    """VisPruner as the official ``encode_images`` on one crop: ``int(keep * important)`` tokens by [CLS]
+    attention (descending, ties to the lower index), then rounds removing ``min(8, R - diverse)`` of the
+    first alternate half most similar to the second half, until ``diverse`` remain."""
+    n_important = int(keep * important)
+    diverse = keep - n_important
+    scores = attention.tolist()
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    residual = order[n_important:] if diverse else []
+    unit = [features[i].double() / features[i].double().norm() for i in range(features.shape[0])]
+    while len(residual) > diverse:
+        r = min(8, len(residual) - diverse)
+        a, b = residual[::2], residual[1::2]
+        best = [max(float(unit[i] @ unit[j]) for j in b) for i in a]
+        ranked = sorted(range(len(a)), key=lambda i: (-best[i], i))
+        residual = [a[i] for i in ranked[r:]] + b
+    return sorted(order[:n_important] + residual)
+
+
+@pytest.mark.parametrize("n, keep, important", [(40, 12, 0.5), (40, 5, 0.5), (37, 30, 0.25), (16, 16, 0.5),
+                                                (25, 7, 1.0), (25, 7, 0.0), (9, 1, 0.5)])
+def test_vispruner_select_equals_reference(n, keep, important):
+    from tokenreduce.plugins.baselines.vispruner.select import vispruner_select
+
+    gen = torch.Generator().manual_seed(n + keep)
+    feats, attn = torch.randn(n, 6, generator=gen), torch.rand(n, generator=gen)
+    got = vispruner_select(feats, attn, keep, important).tolist()
+    assert got == reference_vispruner(feats, attn, keep, important)
+    assert len(got) == keep
+
+
+class _VisPrunerReference:
+    """Reference reducer for :func:`reduced_rows`: VisPruner per image on the unwrapped tower's [CLS] attention
+    at the feature layer and the projected features."""
+
+    def __init__(self, attention, keep, config):
+        self.attention, self.keep, self.config = attention, keep, config
+
+    def reduce(self, features, context):
+        kept = reference_vispruner(features, self.attention[context.item], self.keep, self.config.important)
+        return Reduction(sources=torch.tensor(kept))
+
+
+@pytest.mark.parametrize("keep, important, k", [(0.4, 0.5, 7), (5, 0.25, 5), (0.3, 1.0, 5)])  # of 16: ceil
+def test_vispruner_keeps_the_towers_important_and_diverse_tokens(keep, important, k):
+    model = tiny_model("llava")
+    batch = tiny_batch(model, default_rows("llava"))
+    config = get_method("vispruner").config_cls(keep=keep, important=important)
+    logits, recorded = wrapped_call(model, batch, config)
+    with torch.no_grad():
+        out = model.model.vision_tower(batch["pixel_values"], output_attentions=True)
+    attention = out.attentions[len(out.attentions) - 2][:, :, 0, 1:].mean(1)
+    reference = _VisPrunerReference(attention, k, config)
+    features = encoder_features(model, "image", batch)
+    for i, red in enumerate(recorded):
+        context = type("C", (), {"item": i})
+        assert sorted(red.sources.tolist()) == reference.reduce(features[i], context).sources.tolist()
+    for r, (emb, pos, _) in enumerate(reduced_rows(model, reference, batch)):
+        ref = reference_logits(model, emb, pos)
+        torch.testing.assert_close(logits[r, -ref.shape[0]:], ref, atol=1e-4, rtol=1e-4)

@@ -17,6 +17,7 @@ from tokenreduce.plugins.atp import ATPConfig
 from tokenreduce.plugins.baselines.cdpruner import CDPrunerConfig
 from tokenreduce.plugins.baselines.dart import DARTConfig
 from tokenreduce.plugins.baselines.divprune import DivPruneConfig
+from tokenreduce.plugins.baselines.evs import EVSConfig
 from tokenreduce.plugins.baselines.fastv import FastVConfig
 from tokenreduce.plugins.baselines.pdrop import PDropConfig
 from tokenreduce.plugins.baselines.pool import PoolConfig
@@ -24,6 +25,7 @@ from tokenreduce.plugins.baselines.prumerge import PruMergeConfig, PruMergePlusC
 from tokenreduce.plugins.baselines.random import RandomConfig
 from tokenreduce.plugins.baselines.tome import ToMeConfig
 from tokenreduce.plugins.baselines.visionzip import VisionZipConfig
+from tokenreduce.plugins.baselines.vispruner import VisPrunerConfig
 from tokenreduce.plugins.doc_correlation import DocCorrelationConfig
 from tokenreduce.plugins.langdc import LangDCConfig
 from tokenreduce.plugins.vqtoken.method import VQTokenCodebookConfig, VQTokenConfig
@@ -37,6 +39,7 @@ __all__ = [
     "DARTConfig",
     "DivPruneConfig",
     "DocCorrelationConfig",
+    "EVSConfig",
     "FastVConfig",
     "LangDCConfig",
     "MethodConfig",
@@ -48,6 +51,7 @@ __all__ = [
     "ToMeConfig",
     "VQTokenCodebookConfig",
     "VQTokenConfig",
+    "VisPrunerConfig",
     "VisionZipConfig",
     "__version__",
     "disabled",

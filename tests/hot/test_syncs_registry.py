@@ -22,8 +22,8 @@ from tokenreduce.testing.syncs import SyncCounter
 from tokenreduce.testing.tiny import FAMILIES, VIDEO_FAMILIES, default_rows, tiny_batch, tiny_model
 
 LAYERS = 8
-FIXED = ("random", "pool", "divprune", "cdpruner", "tome_projector", "visionzip", "fastv", "pdrop", "dart", "doc_correlation",
-         "vqtoken")
+FIXED = ("random", "pool", "divprune", "cdpruner", "tome_projector", "visionzip", "vispruner", "fastv", "pdrop",
+         "dart", "evs", "doc_correlation", "vqtoken")
 ADAPTIVE = ("atp", "prumerge", "prumerge_plus")
 ANYRES = ("llava_next", "llava_next_video", "llava_onevision")
 # Still over budget: (method or "*", families) -> reason.
@@ -33,7 +33,7 @@ KNOWN = {
 CASES = [
     (m, f) for m in (*FIXED, *ADAPTIVE) for f in FAMILIES
     if (get_method(m).families is None or f in get_method(m).families)
-    and (m != "vqtoken" or f in VIDEO_FAMILIES)
+    and ("image" in get_method(m).modalities or f in VIDEO_FAMILIES)
 ]
 
 
@@ -100,7 +100,7 @@ def test_added_sync_points(method, family, request):
     if reason is not None:
         request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
     model = _model(family)
-    video = method == "vqtoken"
+    video = "image" not in get_method(method).modalities
     batch = _batch(family, video)
     config = get_method(method).config_cls.at_budget(0.25, num_layers=LAYERS)
     base_prefill, base_decode = _unwrapped(family, video)

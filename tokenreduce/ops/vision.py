@@ -97,12 +97,13 @@ def add_newline_slots(layout: TokenLayout, features: torch.Tensor, sources: torc
     return torch.cat([sources, slots]), torch.cat([outputs, features[slots]]), assignment
 
 
-def reduce_per_crop(features: torch.Tensor, context: ReduceContext, select: GroupSelect) -> Reduction:
+def reduce_per_crop(features: torch.Tensor, context: ReduceContext, select: GroupSelect,
+                    row_newlines: bool = False) -> Reduction:
     """Run ``select(group) -> (sources, outputs, slot)`` on each crop / frame group of an item and assemble
     the item's reduction: outputs group after group, then the lone newline slots. Canvas rows' newline
     slots are dropped, as VisionZip's LLaVA-NeXT code drops them, so the count is known from the budget;
-    they stay only when every group keeps all its tokens (a full budget is the identity). That test reads
-    the outputs' shapes, not the device."""
+    they stay with ``row_newlines`` (VisPruner's code keeps them all) or when every group keeps all its
+    tokens (a full budget is the identity). That test reads the outputs' shapes, not the device."""
     sources, outputs = [], []
     assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
     whole = True
@@ -115,5 +116,5 @@ def reduce_per_crop(features: torch.Tensor, context: ReduceContext, select: Grou
         sources.append(src)
         outputs.append(out)
     merged = add_newline_slots(context.layout, features, torch.cat(sources), torch.cat(outputs), assignment,
-                               rows=whole)
+                               rows=row_newlines or whole)
     return Reduction(sources=merged[0], features=merged[1], assignment=merged[2])

@@ -4,6 +4,7 @@ from tokenreduce.plugins.baselines import (  # noqa: F401
     cdpruner,
     dart,
     divprune,
+    evs,
     fastv,
     pdrop,
     pool,
@@ -11,4 +12,5 @@ from tokenreduce.plugins.baselines import (  # noqa: F401
     random,
     tome,
     visionzip,
+    vispruner,
 )
