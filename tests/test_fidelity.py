@@ -507,7 +507,7 @@ def test_dart_reference_equals_the_official_selection(seed):
 
 # ----- every baseline has the switch -------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["prumerge", "prumerge_plus", "visionzip", "pdrop", "tome", "tome_projector",
-                                    "divprune", "dart"])
+                                    "divprune", "dart", "evs"])
 def test_every_baseline_has_a_reference_variant(method):
     config = get_method(method).config_cls(variant="reference")
     assert config.variant == "reference"
