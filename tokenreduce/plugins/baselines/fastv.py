@@ -52,9 +52,11 @@ class FastVConfig(MethodConfig):
         layer = options.pop("layer", min(cls.layer, max(1, math.ceil(num_layers * budget) - 1)))
         keep = (num_layers * budget - layer) / (num_layers - layer)
         if keep <= 0:
+            # `layer` at its minimum of 1 leaves only the budget to change.
+            advice = "a smaller `layer` or a larger budget" if layer > 1 else f"a budget above {1 / num_layers:.0%}"
             raise ValueError(
                 f"fastv with `layer`={layer} cannot average {budget:.0%} of the visual tokens over {num_layers} "
-                f"layers (the first {layer} layers see all of them); choose a smaller `layer` or a larger budget"
+                f"layers (the first {layer} layers see all of them); choose {advice}"
             )
         return cls(layer=layer, keep=min(1.0, keep), **options)
 
