@@ -107,7 +107,7 @@ def _demo(args: argparse.Namespace) -> int:
             warnings.filterwarnings("ignore", message="skipping ", category=UserWarning)
             summary = runner.run()
         print(f"\n## {run.name} ({run.task.name}, {len(run.models)} model(s), {run.limit} samples)\n")
-        print((runner.run_dir / "table.md").read_text())
+        print(_short_table(summary, runner.run_dir))
         if run.excluded and not args.methods:
             print("methods left out:")
             for method, reason in run.excluded.items():
@@ -273,7 +273,7 @@ def _eval(args: argparse.Namespace) -> int:
               f"{shlex.join(['tokenreduce', *argv])}", file=sys.stderr)
         return 130
     if "cells" in summary:
-        print((runner.run_dir / "table.md").read_text())
+        print(_short_table(summary, runner.run_dir))
         print(f"records, summary, table and plots in {runner.run_dir}")
     cells = len(models) * len(runner.cells)
     if runner.skipped and len(runner.skipped) == cells:
@@ -429,6 +429,56 @@ def caption_lines(records, cells: Sequence[str] = (), sample_ids: Sequence[str] 
     return lines
 
 
+def _short_table(summary: dict[str, Any], run_dir: Path) -> str:
+    from tokenreduce.eval.report import short_table
+
+    return f"{short_table(summary)}\nevery column: {run_dir / 'table.md'} and {run_dir / 'summary.json'}\n"
+
+
+def cell_label(method: str, budget: float | None) -> str:
+    """``method@budget`` (``none`` alone): how ``--cell`` names a cell."""
+    return method if budget is None else f"{method}@{budget:g}"
+
+
+def select_cells(cells: Sequence[dict[str, Any]], wanted: Sequence[str]) -> list[dict[str, Any]]:
+    """The summary cells named by ``wanted`` (``method`` or ``method@budget``); all of them when it is empty."""
+    if not wanted:
+        return list(cells)
+    return [c for c in cells if c["method"] in wanted or cell_label(c["method"], c["budget"]) in wanted]
+
+
+def metrics_table(cells: Sequence[dict[str, Any]]) -> str:
+    """Every metric of every cell as a markdown table: a row per cell, a column per metric (nested ones, such as
+    per-category scores, flattened to ``categories.<name>``)."""
+
+    def flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in metrics.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    rows = [(c, flat(c.get("metrics") or {})) for c in cells]
+    keys: list[str] = []
+    for _, metrics in rows:
+        keys += [k for k in metrics if k not in keys]
+
+    def fmt(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = ["| model | cell | " + " | ".join(keys) + " |", "|---|---|" + "---:|" * len(keys)]
+    for cell, metrics in rows:
+        lines.append(f"| {cell['model']} | {cell_label(cell['method'], cell['budget'])} | "
+                     + " | ".join(fmt(metrics.get(k)) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _show(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not (run_dir / "run.json").is_file():
@@ -440,11 +490,18 @@ def _show(args: argparse.Namespace) -> int:
 
         spec = json.loads((run_dir / "run.json").read_text())
         write_reports(run_dir, get_task(spec["task"], **spec.get("task_options", {})), plots=True)
-    print((run_dir / "table.md").read_text())
+    summary = json.loads(summary_path.read_text())
+    known = sorted({c["method"] for c in summary["cells"]} | {cell_label(c["method"], c["budget"]) for c in summary["cells"]})
+    for wanted in args.cell or ():
+        if not select_cells(summary["cells"], [wanted]):
+            raise did_you_mean("cell", wanted, known)
+    shown = {**summary, "cells": select_cells(summary["cells"], args.cell or ())}
+    skipped = (summary.get("skipped_cells") or {}).items()  # keyed "model|method@budget"
+    shown["skipped_cells"] = {k: v for k, v in skipped if not args.cell or k.split("|")[-1] in args.cell
+                              or k.split("|")[-1].split("@")[0] in args.cell}
+    print(_short_table(shown, run_dir))
     if args.stats:
-        summary = json.loads(summary_path.read_text())
-        for cell in summary["cells"]:
-            print(json.dumps({k: cell[k] for k in ("model", "method", "budget", "metrics")}, default=str))
+        print(metrics_table(shown["cells"]))
         from tokenreduce.eval.runner import read_records
 
         for line in caption_lines(read_records(run_dir).values(), args.cell or (), args.sample or ()):
@@ -551,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="table, stats and kept-token overlays of a finished run")
     show.add_argument("run", help="the run folder, e.g. runs/demo-image")
     show.add_argument("--overlays", action="store_true", help="render kept-token overlays (PNG)")
-    show.add_argument("--stats", action="store_true", help="print every cell's full metrics")
+    show.add_argument("--stats", action="store_true",
+                      help="also print every metric of each cell (per-category scores too) and recorded captions")
     show.add_argument("--cell", action="append", help="only this method or method@budget (repeatable)")
     show.add_argument("--sample", action="append", help="only this sample id (repeatable)")
     show.add_argument("--per-cell", type=int, default=None, help="at most N overlays per cell")

@@ -58,8 +58,9 @@ def summarize(records: Sequence[Mapping[str, Any]], task: Task, skipped: Mapping
         if r["method"] == BASELINE and r.get("error") is None
     }
     rows = []
+    # Per model: the unreduced model first, then by budget, methods in name order within a budget.
     for (model, method, budget), recs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] != BASELINE,
-                                                                                  kv[0][1], kv[0][2] or 0)):
+                                                                                  kv[0][2] or 0, kv[0][1])):
         ok = [r for r in recs if r.get("error") is None]
         errors = [r for r in recs if r.get("error") is not None]
         metrics = task.aggregate(ok) if ok else {}
@@ -92,11 +93,74 @@ def summarize(records: Sequence[Mapping[str, Any]], task: Task, skipped: Mapping
             "memory_kind": next((r.get("memory_kind") for r in ok if r.get("memory_kind")), None),
             "kv_cache_bytes_mean": _mean(r.get("kv_cache_bytes") for r in ok),
             "batch_size_median": _median(r.get("batch_size") for r in ok),
+            **primary_interval(ok, task),
         })
+    _add_comparisons(rows)
     return {"task": task.name, "primary_metric": task.primary_metric, "cells": rows,
             "skipped_cells": dict(skipped or {}),
             "notes": ("timings are medians over samples; with batch_size > 1 a sample's time to first token and "
                       "decode time are its batch's; errors are excluded from the metrics and counted in `errors`")}
+
+
+CI_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``successes / n`` (95 % by default): unlike the normal
+    approximation it stays inside [0, 1] and is not empty at 0 or n successes."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def primary_interval(records: Sequence[Mapping[str, Any]], task: Task) -> dict[str, Any]:
+    """A 95 % interval of the task's primary metric over ``records`` (scored, error-free).
+
+    Wilson's interval when the primary metric is the mean of 0/1 per-sample scores (exact-match accuracy);
+    otherwise (ANLS, F1, MME's total, ...) a percentile bootstrap: the task's own aggregate over
+    ``BOOTSTRAP_RESAMPLES`` resamples of the records with replacement, seeded, so a summary is reproducible.
+    """
+    out: dict[str, Any] = {"primary_ci_low": None, "primary_ci_high": None, "primary_ci_method": None}
+    scored = [r for r in records if r.get("score") is not None]
+    if not scored:
+        return out
+    scores = [float(r["score"]) for r in scored]
+    primary = task.aggregate(scored).get(task.primary_metric)
+    if primary is None:
+        return out
+    if all(s in (0.0, 1.0) for s in scores) and math.isclose(primary, sum(scores) / len(scores), abs_tol=1e-12):
+        low, high = wilson_interval(sum(scores), len(scores))
+        return {"primary_ci_low": low, "primary_ci_high": high, "primary_ci_method": "wilson"}
+    import random
+
+    rng = random.Random(0)
+    values = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        value = task.aggregate([scored[rng.randrange(len(scored))] for _ in scored]).get(task.primary_metric)
+        if value is not None:
+            values.append(float(value))
+    if not values:
+        return out
+    values.sort()
+    tail = (1 - CI_LEVEL) / 2
+    low = values[min(len(values) - 1, int(tail * len(values)))]
+    high = values[min(len(values) - 1, int((1 - tail) * len(values)))]
+    return {"primary_ci_low": low, "primary_ci_high": high, "primary_ci_method": "bootstrap"}
+
+
+def _add_comparisons(rows: list[dict[str, Any]]) -> None:
+    """Each row's change of the primary metric from the unreduced model (``delta_vs_none``) and its measured
+    prefill speedup (``prefill_speedup``: the unreduced model's median time to first token over the row's,
+    a ratio of medians), against the ``none`` row of the same model; None without one."""
+    full = {r["model"]: r for r in rows if r["method"] == BASELINE}
+    for r in rows:
+        base = full.get(r["model"])
+        r["delta_vs_none"] = (r["primary"] - base["primary"] if base and r["primary"] is not None
+                              and base["primary"] is not None else None)
+        r["prefill_speedup"] = (base["ttft_ms_median"] / r["ttft_ms_median"] if base and r["ttft_ms_median"]
+                                and base["ttft_ms_median"] else None)
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -113,27 +177,80 @@ def _budget_cell(cell: Mapping[str, Any]) -> str:
     return text
 
 
+def short_table(summary: Mapping[str, Any]) -> str:
+    """The table a reader starts from: nine columns, one row per cell, per model (a heading each when the run
+    has several), the unreduced model first and then by budget; the cells skipped, with the reason, below.
+
+    ``tokens`` is the visual tokens per sample averaged over the LLM's layers (what budgets are stated in)
+    with its share of the tokens in; MISSED flags a share off the budget by more than 10 %.
+    """
+    metric = summary["primary_metric"]
+    methods = {c.get("primary_ci_method") for c in summary["cells"]} - {None}
+    how = "Wilson" if methods == {"wilson"} else "bootstrap" if methods == {"bootstrap"} else "Wilson / bootstrap"
+    head = (f"| method | budget | tokens (layer mean) | FLOPs ratio | {metric} [95% CI, {how}] | vs full | "
+            "prefill speedup | n | errors |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    by_model: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for c in summary["cells"]:
+        by_model[c["model"]].append(c)
+    lines: list[str] = []
+    for model, cells in by_model.items():
+        if len(by_model) > 1:
+            lines += ([""] if lines else []) + [f"**{model}**", ""]
+        lines += [head, rule]
+        for c in cells:
+            tokens = _fmt(c.get("visual_tokens_layer_mean"), ".1f")
+            if c.get("layer_mean_share") is not None:
+                tokens += f" ({100 * c['layer_mean_share']:.0f}%)"
+            if c.get("budget_missed"):
+                tokens += " MISSED"
+            accuracy = _fmt(c.get("primary"), ".3f")
+            if c.get("primary_ci_low") is not None:
+                accuracy += f" [{c['primary_ci_low']:.3f}, {c['primary_ci_high']:.3f}]"
+            budget = "full" if c["budget"] is None else f"{100 * c['budget']:g}%"
+            speedup = c.get("prefill_speedup")
+            lines.append(
+                f"| {c['method']} | {budget} | {tokens} | {_fmt(c.get('prefill_flops_ratio'), '.2f')} | {accuracy} | "
+                f"{_fmt(c.get('delta_vs_none'), '+.3f')} | {_fmt(speedup, '.2f') + ('x' if speedup else '')} | "
+                f"{c['samples']} | {c['errors']} |"
+            )
+    skipped = summary.get("skipped_cells") or {}
+    if skipped:
+        lines += ["", "Skipped cells:"] + [f"- {k}: {v}" for k, v in sorted(skipped.items())]
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(summary: Mapping[str, Any]) -> str:
+    """``table.md``: :func:`short_table`, then every column of every cell (metric, agreement with the
+    unreduced model, tokens at each point, FLOPs, times, memory)."""
+    return short_table(summary) + "\n## All columns\n\n" + full_table(summary)
+
+
+def _interval(cell: Mapping[str, Any]) -> str:
+    if cell.get("primary_ci_low") is None:
+        return "-"
+    return f"[{cell['primary_ci_low']:.3f}, {cell['primary_ci_high']:.3f}] {cell['primary_ci_method']}"
+
+
+def full_table(summary: Mapping[str, Any]) -> str:
     """One row per cell, primary metric first, then tokens, FLOPs, time, memory."""
     metric = summary["primary_metric"]
-    head = (f"| model | method | budget | {metric} | agree w/ none | visual tokens in | LLM input | TokDense | "
-            "out (deepest) | layer mean | "
-            "FLOPs ratio | TTFT ms (med) | decode ms/tok (med) | reducer ms (med) | peak MiB | KV MiB | n | errors |")
+    head = (f"| model | method | budget | {metric} | 95% CI | vs full | agree w/ none | visual tokens in | LLM input | "
+            "TokDense | out (deepest) | layer mean | FLOPs ratio | TTFT ms (med) | prefill speedup | "
+            "decode ms/tok (med) | reducer ms (med) | peak MiB | KV MiB | n | errors |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for c in summary["cells"]:
         lines.append(
-            f"| {c['model']} | {c['method']} | {_budget_cell(c)} | {_fmt(c['primary'], '.4g')} | "
-            f"{_fmt(c['agreement_with_none'], '.3f')} | {_fmt(c['visual_tokens_in'], '.1f')} | "
+            f"| {c['model']} | {c['method']} | {_budget_cell(c)} | {_fmt(c['primary'], '.4g')} | {_interval(c)} | "
+            f"{_fmt(c.get('delta_vs_none'), '+.3f')} | {_fmt(c['agreement_with_none'], '.3f')} | {_fmt(c['visual_tokens_in'], '.1f')} | "
             f"{_fmt(c.get('visual_tokens_llm_input'), '.1f')} | {_fmt(c.get('tokdense'), '.3g')} | "
             f"{_fmt(c['visual_tokens_out'], '.1f')} | {_fmt(c['visual_tokens_layer_mean'], '.1f')} | "
             f"{_fmt(c['prefill_flops_ratio'], '.3f')} | {_fmt(c['ttft_ms_median'], '.1f')} | "
+            f"{_fmt(c.get('prefill_speedup'), '.2f')} | "
             f"{_fmt(c['decode_ms_per_token_median'], '.2f')} | {_fmt(c['reducer_ms_median'], '.2f')} | "
             f"{_fmt(c['peak_memory_bytes_max'] and c['peak_memory_bytes_max'] / 2**20, '.0f')} | "
             f"{_fmt(c['kv_cache_bytes_mean'] and c['kv_cache_bytes_mean'] / 2**20, '.3f')} | {c['samples']} | {c['errors']} |"
         )
-    skipped = summary.get("skipped_cells") or {}
-    if skipped:
-        lines += ["", "Skipped cells:"] + [f"- {k}: {v}" for k, v in sorted(skipped.items())]
     return "\n".join(lines) + "\n"
 
 
