@@ -274,7 +274,11 @@ def _eval(args: argparse.Namespace) -> int:
         return 130
     if "cells" in summary:
         print(_short_table(summary, runner.run_dir))
-        print(f"records, summary, table and plots in {runner.run_dir}")
+        overlays = []
+        if cfg.get("plots", True):  # the records holding kept-token maps (--keep-maps per cell)
+            overlays = render_overlays(runner.run_dir, task)
+        print(f"records, summary, table and plots in {runner.run_dir}"
+              + (f"; {len(overlays)} kept-token overlay(s) in {runner.run_dir / 'overlays'}" if overlays else ""))
     cells = len(models) * len(runner.cells)
     if runner.skipped and len(runner.skipped) == cells:
         print(f"tokenreduce eval: nothing evaluated: all {cells} cell(s) were skipped (reasons above)", file=sys.stderr)
@@ -590,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 or auto")
     ev.add_argument("--device", default=None, help="e.g. cuda:0 or cpu (default: this process's GPU, else CPU)")
     ev.add_argument("--device-map", default=None, help="'auto' to spread a large model over the GPUs")
-    ev.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    ev.add_argument("--no-plots", action="store_true", help="do not write the PNG plots and kept-token overlays")
     ev.add_argument("--overwrite", action="store_true",
                     help="start afresh when <out>/<name> holds a run with other settings (default: refuse; "
                          "with the same settings, a rerun resumes)")

@@ -254,11 +254,40 @@ def full_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Strong, distinguishable colours (matplotlib's tab10) and markers; a method's pair follows from its position
+# in the registry, so it is the same in every plot of every run. The star is the unreduced model's.
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
+MARKERS = ("o", "s", "D", "^", "v", "<", ">", "p", "h")
+
+
+def method_style(method: str) -> dict[str, Any]:
+    """Colour, marker and line style of ``method`` in every plot: from its index among the registered
+    methods (sorted names); a name outside the registry (a composite such as ``divprune+fastv``) takes a
+    stable index after them. ``none`` is a black star."""
+    if method == BASELINE:
+        return {"color": "black", "marker": "*", "linestyle": "none"}
+    from tokenreduce.core.registry import list_methods
+
+    names = list_methods()
+    if method in names:
+        i = names.index(method)
+    else:
+        import zlib
+
+        i = len(names) + zlib.crc32(method.encode()) % 64
+    # colour i % 10 and marker i % 9: distinct pairs for the first 90 indices; dashed lines past ten methods
+    return {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": "-" if i % 20 < 10 else "--"}
+
+
 def plot_summary(summary: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     """``accuracy_vs_tokens[_<model>].png`` and ``prefill_vs_tokens[_<model>].png``: one line per method.
 
     The x axis is the visual tokens averaged over the LLM's layers (what in-LLM budgets are stated in, and
-    what the prefill cost follows); the unreduced model is a star.
+    what the prefill cost follows); the unreduced model is a black star drawn above the lines, the legend
+    sits outside the axes; accuracy points carry their 95 % interval. Markers are hollow so that methods
+    with the same points (``vqtoken`` and ``vqtoken_codebook`` without VQ-attention) both stay visible.
     """
     import matplotlib
 
@@ -274,32 +303,37 @@ def plot_summary(summary: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     for model, cells in by_model.items():
         suffix = f"_{_safe(model)}" if suffix_needed else ""
         for y_key, y_label, stem in (
-            ("primary", f"{summary['task']} {summary['primary_metric']}", "accuracy_vs_tokens"),
+            ("primary", f"{summary['task']} {summary['primary_metric']} (95% interval)", "accuracy_vs_tokens"),
             ("ttft_ms_median", "prefill time: median time to first token (ms)", "prefill_vs_tokens"),
         ):
-            fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
-            methods: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+            methods: dict[str, list[tuple[float, float, float | None, float | None]]] = defaultdict(list)
             for c in cells:
                 x, y = c.get("visual_tokens_layer_mean"), c.get(y_key)
                 if x is None or y is None:
                     continue
-                methods[c["method"]].append((x, y))
-            others = sorted(m for m in methods if m != BASELINE)
-            palette = plt.get_cmap("tab20" if len(others) > 10 else "tab10")
-            for method, pts in sorted(methods.items()):
-                pts.sort()
-                xs, ys = zip(*pts)
-                if method == BASELINE:
-                    ax.plot(xs, ys, linestyle="none", marker="*", markersize=14, color="black", label="none (full)")
-                else:
-                    i = others.index(method)  # distinct colour and marker per method, even past ten methods
-                    ax.plot(xs, ys, marker="osD^v<>ph"[i % 9], color=palette(i % palette.N), label=method)
+                low, high = (c.get("primary_ci_low"), c.get("primary_ci_high")) if y_key == "primary" else (None, None)
+                methods[c["method"]].append((x, y, low, high))
+            # the unreduced model last: drawn above the lines
+            for method in sorted(m for m in methods if m != BASELINE) + ([BASELINE] if BASELINE in methods else []):
+                pts = sorted(methods[method])
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                style = method_style(method)
+                full = method == BASELINE
+                if all(p[2] is not None for p in pts):
+                    yerr = [[y - p[2] for y, p in zip(ys, pts)], [p[3] - y for y, p in zip(ys, pts)]]
+                    ax.errorbar(xs, ys, yerr=yerr, fmt="none", ecolor=style["color"], elinewidth=1, capsize=3,
+                                alpha=0.8 if full else 0.5, zorder=9 if full else 2)
+                ax.plot(xs, ys, label="none (full)" if full else method, color=style["color"],
+                        marker=style["marker"], linestyle=style["linestyle"], markersize=15 if full else 7,
+                        markerfacecolor=style["color"] if full else "none", markeredgewidth=1.5,
+                        zorder=10 if full else 3)
             ax.set_xlabel("visual tokens per sample (mean over LLM layers)")
             ax.set_ylabel(y_label)
             ax.set_title(f"{summary['task']} - {model}")
             ax.grid(True, alpha=0.3)
             if methods:
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
             fig.tight_layout()
             path = out_dir / f"{stem}{suffix}.png"
             fig.savefig(path)
