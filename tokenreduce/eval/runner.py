@@ -25,6 +25,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -526,16 +527,25 @@ class Runner:
 
     # ----- main loop ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Run (or resume) the grid; returns the summary (rank 0) or this rank's record count."""
+        """Run (or resume) the grid; returns the summary (rank 0) or this rank's record count.
+
+        A run that fails before writing any record leaves no folder behind (a folder holding only
+        ``run.json`` would look like a run to resume)."""
+        created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._write_spec()
-        self.dist.barrier()
-        done = set(read_records(self.run_dir))
-        writer = RecordWriter(self.records_path)
-        written = 0
-        with reuse_loaded_parts():  # a method's trained parts load once per run, not once per cell and chunk
-            for spec in self.models:
-                written += self._run_model(spec, done, writer)
+        try:
+            self._write_spec()
+            self.dist.barrier()
+            done = set(read_records(self.run_dir))
+            writer = RecordWriter(self.records_path)
+            written = 0
+            with reuse_loaded_parts():  # a method's trained parts load once per run, not once per cell and chunk
+                for spec in self.models:
+                    written += self._run_model(spec, done, writer)
+        except BaseException:
+            if created and self.dist.is_main and not any(self.run_dir.glob("records*.jsonl")):
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         self.dist.barrier()
         if not self.dist.is_main:
             return {"rank": self.dist.rank, "written": written}
@@ -566,7 +576,7 @@ class Runner:
         kept_counts: dict[Cell, int] = {}
         written = 0
         bar = self._progress(self.limit and math.ceil(self.limit / self.dist.world) * len(self.cells),
-                             f"{spec.name}")
+                             f"{self.name}: {spec.name}")
         try:
             seen: set[str] = set()
             # A chunk of batches is encoded once; then each cell runs over all of it, so the model is wrapped
@@ -589,6 +599,8 @@ class Runner:
                         num_layers = model.config.get_text_config().num_hidden_layers
                     work.append((batch, pending, *self._encode(batch, processor, family)))
                 for cell in self.cells:
+                    if bar is not None and any(cell in pending for _, pending, _, _ in work):
+                        bar.set_description(f"{self.name}: {spec.name} {cell.label}", refresh=False)
                     for batch, pending, encoded, errors in work:
                         if cell not in pending:
                             continue
