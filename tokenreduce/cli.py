@@ -42,13 +42,34 @@ def did_you_mean(what: str, name: str, known: Sequence[str]) -> UsageError:
     return UsageError(f"unknown {what} {name!r}{hint} known: {', '.join(known)}")
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
+def _set_threads(threads: int | None, command: str | None = None) -> None:
+    """Set torch's CPU threads to ``threads``; without it (``command`` given), to what
+    :func:`~tokenreduce.eval.measure.choose_threads` finds free, and say so on stderr."""
+    import torch
 
+    if threads is not None:
         if threads < 1:
             raise UsageError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    elif command is not None:
+        from tokenreduce.eval.measure import choose_threads
+
+        chosen, why = choose_threads(torch.get_num_threads())
+        torch.set_num_threads(chosen)
+        print(f"tokenreduce {command}: {chosen} torch thread(s): {why}; --threads N to choose", file=sys.stderr)
+
+
+def quiet_libraries() -> None:
+    """Hide the progress bars of transformers ("Loading weights" once per model load), the hub and datasets:
+    the command's own bar names the cell running. ``--verbose`` keeps them."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
 
 
 def _parse_value(text: str) -> Any:
@@ -264,6 +285,8 @@ def _eval(args: argparse.Namespace) -> int:
         found = len(read_records(runner.run_dir))
         print(f"tokenreduce eval: resuming {runner.run_dir}: {found} record(s) found, those are not run again",
               file=sys.stderr)
+    if args.threads is None:  # once the command line is known good: errors stay one line
+        _set_threads(None, "eval")
     try:
         summary = runner.run()
     except KeyboardInterrupt:
@@ -532,7 +555,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    _set_threads(args.threads)
+    _set_threads(args.threads, "bench")
     from tokenreduce.eval import bench
 
     return bench.run(args)
@@ -567,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=1,
                       help="torch CPU threads (default 1: tiny models are fastest single-threaded on busy machines)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--verbose", action="store_true",
+                      help="also the libraries' progress bars (transformers' weight loading, downloads)")
     demo.set_defaults(func=_demo)
 
     from tokenreduce.eval.tasks import list_tasks
@@ -598,8 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--overwrite", action="store_true",
                     help="start afresh when <out>/<name> holds a run with other settings (default: refuse; "
                          "with the same settings, a rerun resumes)")
-    ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ev.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: the cores not busy with other work, at most torch's default)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--verbose", action="store_true",
+                    help="also the libraries' progress bars (transformers' weight loading, downloads)")
     ev.set_defaults(func=_eval)
 
     from tokenreduce.eval import bench as bench_module
@@ -626,6 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the command that resumes an interrupted run
+    if not getattr(args, "verbose", False):
+        quiet_libraries()
     try:
         return args.func(args)
     except UsageError as exc:

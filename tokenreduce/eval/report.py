@@ -112,7 +112,7 @@ def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> t
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))  # p inside despite rounding
 
 
 def primary_interval(records: Sequence[Mapping[str, Any]], task: Task) -> dict[str, Any]:
@@ -178,8 +178,8 @@ def _budget_cell(cell: Mapping[str, Any]) -> str:
 
 
 def short_table(summary: Mapping[str, Any]) -> str:
-    """The table a reader starts from: nine columns, one row per cell, per model (a heading each when the run
-    has several), the unreduced model first and then by budget; the cells skipped, with the reason, below.
+    """The table a reader starts from: nine columns, one row per cell, per model (its name in bold above),
+    the unreduced model first and then by budget; the cells skipped, with the reason, below.
 
     ``tokens`` is the visual tokens per sample averaged over the LLM's layers (what budgets are stated in)
     with its share of the tokens in; MISSED flags a share off the budget by more than 10 %.
@@ -195,8 +195,7 @@ def short_table(summary: Mapping[str, Any]) -> str:
         by_model[c["model"]].append(c)
     lines: list[str] = []
     for model, cells in by_model.items():
-        if len(by_model) > 1:
-            lines += ([""] if lines else []) + [f"**{model}**", ""]
+        lines += ([""] if lines else []) + [f"**{model}**", ""]
         lines += [head, rule]
         for c in cells:
             tokens = _fmt(c.get("visual_tokens_layer_mean"), ".1f")
@@ -321,7 +320,8 @@ def plot_summary(summary: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
                 style = method_style(method)
                 full = method == BASELINE
                 if all(p[2] is not None for p in pts):
-                    yerr = [[y - p[2] for y, p in zip(ys, pts)], [p[3] - y for y, p in zip(ys, pts)]]
+                    # a percentile bootstrap interval need not contain the point estimate: no negative bar
+                    yerr = [[max(0.0, y - p[2]) for y, p in zip(ys, pts)], [max(0.0, p[3] - y) for y, p in zip(ys, pts)]]
                     ax.errorbar(xs, ys, yerr=yerr, fmt="none", ecolor=style["color"], elinewidth=1, capsize=3,
                                 alpha=0.8 if full else 0.5, zorder=9 if full else 2)
                 ax.plot(xs, ys, label="none (full)" if full else method, color=style["color"],
