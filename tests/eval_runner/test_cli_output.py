@@ -1,0 +1,184 @@
+"""What ``tokenreduce eval`` / ``show`` print and write, run as a user runs them (a real process) on the shipped
+tiny image model: the nine-column table sorted by budget with one number format per column, every column in
+``table.md`` and ``summary.json``, the files the docs promise, progress bars naming the cell, quiet library
+bars, the thread count said, ``show --cell`` and ``--stats``. Numbers are recomputed from ``records.jsonl``,
+never hard-coded (the shipped models are retrained from time to time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokenreduce.eval.measure import choose_threads
+from tokenreduce.eval.report import wilson_interval
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "assets" / "models" / "synthetic-llava-image"
+METHODS = ("none", "pool", "fastv")
+BUDGETS = ("0.5", "0.25")
+LIMIT = 4
+
+
+def tokenreduce(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "tokenreduce.cli", *args], cwd=cwd, env=environ,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One eval run with progress bars on and no --threads (so the command picks and says them)."""
+    out = tmp_path_factory.mktemp("cli-output")
+    result = tokenreduce("eval", "--task", "synthetic-image", "--model", f"tiny={MODEL}", "--methods", *METHODS,
+                         "--budgets", *BUDGETS, "--limit", str(LIMIT), "--batch-size", "2", "--keep-maps", "1",
+                         "--warmup", "0", "--out", str(out), "--name", "grid", cwd=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = out / "grid"
+    records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
+    return result, run_dir, records
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of the first markdown table in ``text``, as stripped cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_the_printed_table_has_nine_columns_sorted_by_budget_one_format_each(run):
+    result, _, _ = run
+    out = result.stdout
+    header = next(line for line in out.splitlines() if line.startswith("| method |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "method", "budget", "tokens (layer mean)", "FLOPs ratio", "accuracy [95% CI, Wilson]", "vs full",
+        "prefill speedup", "n", "errors"]
+    rows = table_rows(out)
+    assert [r[0] for r in rows][0] == "none" and len(rows) == 1 + (len(METHODS) - 1) * len(BUDGETS)
+    budgets = [r[1] for r in rows]
+    assert budgets == ["full"] + sorted(budgets[1:], key=lambda b: float(b.rstrip("%")))  # by budget
+    formats = [r"[a-z_]+", r"full|\d+%", r"\d+\.\d \(\d+%\)( MISSED)?", r"\d\.\d\d",
+               r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", r"[+-]\d\.\d{3}", r"\d+\.\d\dx", r"\d+", r"\d+"]
+    for row in rows:
+        for cell, pattern in zip(row, formats, strict=True):
+            assert re.fullmatch(pattern, cell), (cell, pattern, row)
+    assert "**tiny**" in out and "every column:" in out
+
+
+def test_intervals_changes_and_speedups_follow_the_records(run):
+    """Recomputed here from the records: Wilson's interval of the exact-match scores, the change from the
+    full model's accuracy, and the ratio of the median times to first token."""
+    _, run_dir, records = run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cells: dict[tuple, list[dict]] = {}
+    for r in records:
+        cells.setdefault((r["method"], r["budget"]), []).append(r)
+    full = cells[("none", None)]
+    full_accuracy = sum(r["score"] for r in full) / len(full)
+    full_ttft = statistics.median(r["ttft_ms"] for r in full)
+    for cell in summary["cells"]:
+        recs = cells[(cell["method"], cell["budget"])]
+        scores = [r["score"] for r in recs]
+        assert cell["primary_ci_method"] == "wilson"
+        assert (cell["primary_ci_low"], cell["primary_ci_high"]) == pytest.approx(wilson_interval(sum(scores), len(scores)))
+        assert cell["primary_ci_low"] <= cell["primary"] <= cell["primary_ci_high"]
+        assert cell["delta_vs_none"] == pytest.approx(sum(scores) / len(scores) - full_accuracy)
+        assert cell["prefill_speedup"] == pytest.approx(full_ttft / statistics.median(r["ttft_ms"] for r in recs))
+
+
+def test_wilson_interval_matches_published_values():
+    # Newcombe (1998), Statistics in Medicine 17:857, table I: 81/263 -> 0.2553 to 0.3662; 15/148 -> 0.0624 to 0.1605
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+
+
+def test_every_column_is_in_table_md_and_summary_json(run):
+    result, run_dir, _ = run
+    table = (run_dir / "table.md").read_text()
+    short, _, full = table.partition("\n## All columns\n")
+    assert table_rows(short) == table_rows(result.stdout)  # the printed table heads table.md
+    head = next(line for line in full.splitlines() if line.startswith("| model |"))
+    for column in ("accuracy", "95% CI", "vs full", "agree w/ none", "visual tokens in", "LLM input", "TokDense",
+                   "out (deepest)", "layer mean", "FLOPs ratio", "TTFT ms (med)", "prefill speedup",
+                   "decode ms/tok (med)", "reducer ms (med)", "peak MiB", "KV MiB", "n", "errors"):
+        assert f"| {column} |" in head, column
+    cell = json.loads((run_dir / "summary.json").read_text())["cells"][0]
+    for key in ("primary", "primary_ci_low", "primary_ci_high", "primary_ci_method", "delta_vs_none",
+                "prefill_speedup", "agreement_with_none", "visual_tokens_in", "visual_tokens_llm_input", "tokdense",
+                "visual_tokens_out", "visual_tokens_layer_mean", "prefill_flops_ratio", "ttft_ms_median",
+                "decode_ms_per_token_median", "reducer_ms_median", "peak_memory_bytes_max", "kv_cache_bytes_mean",
+                "samples", "errors"):
+        assert key in cell, key
+
+
+def test_eval_writes_what_the_docs_say(run):
+    """docs/evaluation.md: records.jsonl, summary.json, table.md, plots (accuracy and prefill time vs visual
+    tokens) and kept-token overlays (one per reduced cell with --keep-maps 1)."""
+    result, run_dir, records = run
+    assert len(records) == LIMIT * (1 + (len(METHODS) - 1) * len(BUDGETS))
+    for name in ("records.jsonl", "summary.json", "table.md", "accuracy_vs_tokens.png", "prefill_vs_tokens.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    overlays = sorted(p.name for p in (run_dir / "overlays").glob("*.png"))
+    reduced = {(r["method"], r["budget"]) for r in records if r["method"] != "none"}
+    assert len(overlays) == len(reduced) and all(p.startswith(("tiny_pool_", "tiny_fastv_")) for p in overlays)
+    assert f"{len(overlays)} kept-token overlay(s) in {run_dir / 'overlays'}" in result.stdout
+    doc = (ROOT / "docs" / "evaluation.md").read_text()
+    assert "`runs/<name>/records.jsonl`" in doc and "writes `summary.json`, `table.md`, plots" in doc
+    assert "and kept-token overlays" in doc
+
+
+def test_progress_names_the_cell_libraries_stay_quiet_threads_are_said(run):
+    result, _, _ = run
+    err = result.stderr
+    # the bar's description: "<run>: <model> <method>@<budget>" while a cell runs
+    assert re.search(r"grid: tiny (pool|fastv)@0\.(5|25)", err), err[-2000:]
+    assert "Loading weights" not in err
+    assert re.search(r"tokenreduce eval: \d+ torch thread\(s\): \d+ core\(s\), load \d+\.\d, \d+ free; "
+                     r"--threads N to choose", err), err[-2000:]
+
+
+def test_choose_threads_leaves_busy_cores_alone():
+    assert choose_threads(2, cores=2, load=1.6) == (1, "2 core(s), load 1.6, 1 free")
+    assert choose_threads(2, cores=2, load=11.3)[0] == 1  # never 0
+    assert choose_threads(16, cores=16, load=3.4)[0] == 13
+    assert choose_threads(4, cores=16, load=0.0)[0] == 4  # never more than torch's own default
+
+
+def test_show_cell_prints_only_that_cell_and_stats_is_a_table(run):
+    _, run_dir, records = run
+    result = tokenreduce("show", str(run_dir), "--cell", "fastv", "--stats", cwd=run_dir)
+    assert result.returncode == 0, result.stderr
+    assert {r[0] for r in table_rows(result.stdout)} == {"fastv"}
+    assert len(table_rows(result.stdout)) == len(BUDGETS)
+    stats = result.stdout.split("| model | cell |", 1)[1]
+    assert "{" not in stats and "| tiny | fastv@0.5 |" in stats and "| tiny | pool" not in stats
+    assert "categories." in stats  # per-category scores flattened into columns
+    result = tokenreduce("show", str(run_dir), "--cell", "fastv@0.5", cwd=run_dir)
+    assert [r[:2] for r in table_rows(result.stdout)] == [["fastv", "50%"]]
+    result = tokenreduce("show", str(run_dir), "--cell", "fastw", cwd=run_dir)
+    assert result.returncode == 2 and "unknown cell 'fastw'; did you mean 'fastv'?" in result.stderr
+
+
+def test_a_run_that_fails_before_any_record_leaves_no_folder(tmp_path):
+    """A model folder transformers cannot load: the run fails, and no folder holding only run.json stays."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "llava", "vision_config": {"model_type": "nope"}}))
+    result = tokenreduce("eval", "--task", "synthetic-image", "--model", str(broken), "--methods", "none",
+                         "--limit", "1", "--out", str(tmp_path / "runs"), "--name", "failed", "--quiet",
+                         "--threads", "1", cwd=tmp_path)
+    assert result.returncode != 0
+    assert not (tmp_path / "runs" / "failed").exists()
