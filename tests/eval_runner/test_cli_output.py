@@ -182,3 +182,33 @@ def test_a_run_that_fails_before_any_record_leaves_no_folder(tmp_path):
                          "--threads", "1", cwd=tmp_path)
     assert result.returncode != 0
     assert not (tmp_path / "runs" / "failed").exists()
+
+
+def test_demo_writes_what_the_readme_says(tmp_path):
+    """README, Demo: per family runs/demo-<family>/ holds records, summary.json, table.md, the accuracy and
+    prefill-time plots and kept-token overlays; the checks' run goes to check/; the cells a method cannot
+    reach are listed under the table; a family without a model is left out with the command that trains it;
+    --resume keeps a previous run (without it the folder is replaced)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / MODEL.name).symlink_to(MODEL, target_is_directory=True)  # the image family only
+    args = ["demo", "--models", str(models), "--samples", "2", "--methods", "none", "random", "fastv", "--budgets",
+            "0.1", "--quiet", "--out", "runs"]
+    result = tokenreduce(*args, "--check-samples", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out, run = result.stdout, tmp_path / "runs" / "demo-image"
+    assert "python -m research.synthetic.train document" in out and "python -m research.synthetic.train video" in out
+    for name in ("records.jsonl", "summary.json", "table.md", "accuracy_vs_tokens.png", "prefill_vs_tokens.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert sorted(p.name.split("_")[1] for p in (run / "overlays").glob("*.png")) == ["random"]  # fastv@0.1 skipped
+    assert (run / "check" / "records.jsonl").is_file() and (run / "check" / "table.md").is_file()
+    table = out.split("## demo-image", 1)[1]
+    assert [r[:2] for r in table_rows(table)] == [["none", "full"], ["random", "10%"]]
+    assert "Skipped cells:" in table and "fastv@0.1" in table.split("Skipped cells:", 1)[1]
+    assert "benchmark checks (2 test samples" in out
+    assert re.search(r"(PASS|FAIL)  synthetic-llava-image: full-token accuracy", out)
+
+    (run / "marker").write_text("kept by --resume")
+    result = tokenreduce(*args, "--check-samples", "0", "--resume", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "marker").is_file() and "benchmark checks (on the 2 samples above)" in result.stdout
