@@ -65,9 +65,9 @@ def test_the_printed_table_has_nine_columns_sorted_by_budget_one_format_each(run
         "method", "budget", "tokens (layer mean)", "FLOPs ratio", "accuracy [95% CI, Wilson]", "vs full",
         "prefill speedup", "n", "errors"]
     rows = table_rows(out)
-    assert [r[0] for r in rows][0] == "none" and len(rows) == 1 + (len(METHODS) - 1) * len(BUDGETS)
+    assert rows[0][0] == "none" and len(rows) == 1 + (len(METHODS) - 1) * len(BUDGETS)
     budgets = [r[1] for r in rows]
-    assert budgets == ["full"] + sorted(budgets[1:], key=lambda b: float(b.rstrip("%")))  # by budget
+    assert budgets == ["full", *sorted(budgets[1:], key=lambda b: float(b.rstrip("%")))]  # by budget
     formats = [r"[a-z_]+", r"full|\d+%", r"\d+\.\d \(\d+%\)( MISSED)?", r"\d\.\d\d",
                r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", r"[+-]\d\.\d{3}", r"\d+\.\d\dx", r"\d+", r"\d+"]
     for row in rows:
@@ -158,7 +158,7 @@ def test_choose_threads_leaves_busy_cores_alone():
 
 
 def test_show_cell_prints_only_that_cell_and_stats_is_a_table(run):
-    _, run_dir, records = run
+    _, run_dir, _ = run
     result = tokenreduce("show", str(run_dir), "--cell", "fastv", "--stats", cwd=run_dir)
     assert result.returncode == 0, result.stderr
     assert {r[0] for r in table_rows(result.stdout)} == {"fastv"}
@@ -212,3 +212,16 @@ def test_demo_writes_what_the_readme_says(tmp_path):
     result = tokenreduce(*args, "--check-samples", "0", "--resume", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "marker").is_file() and "benchmark checks (on the 2 samples above)" in result.stdout
+
+
+def test_every_method_has_its_own_colour_and_marker_everywhere():
+    from tokenreduce.core.registry import list_methods
+    from tokenreduce.eval.report import method_style
+
+    names = list_methods()
+    styles = {m: method_style(m) for m in names}
+    assert len({(s["color"], s["marker"]) for s in styles.values()}) == len(names)  # no two alike
+    assert method_style("none") == {"color": "black", "marker": "*", "linestyle": "none"}
+    assert all(s["color"] != "black" and s["marker"] != "*" for s in styles.values())
+    # derived from the registry, not from the run: the same whatever else a run holds
+    assert method_style("pool") == styles["pool"] and method_style("divprune+fastv") == method_style("divprune+fastv")
