@@ -123,7 +123,7 @@ def _demo(args: argparse.Namespace) -> int:
         runner = Runner(run.task, run.models, methods, run.budgets, name=run.name, out_dir=args.out,
                         limit=run.limit, batch_size=args.batch_size, keep_maps=1, task_options=run.task_options,
                         method_options={m: o for m, o in run.method_options.items() if m in methods},
-                        progress=not args.quiet)
+                        progress=not args.quiet, threads=None)
         with warnings.catch_warnings():  # the table lists the cells a method cannot reach, with the reason
             warnings.filterwarnings("ignore", message="skipping ", category=UserWarning)
             summary = runner.run()
@@ -135,7 +135,7 @@ def _demo(args: argparse.Namespace) -> int:
                 print(f"- {method}: {reason}")
         checked = summary
         if run.check_limit:
-            checker = run.check_runner(args.out, batch_size=args.batch_size, progress=not args.quiet)
+            checker = run.check_runner(args.out, batch_size=args.batch_size, progress=not args.quiet, threads=None)
             checked = checker.run()
             print(f"\nbenchmark checks ({run.check_limit} test samples; {checker.run_dir}):")
         else:
@@ -261,7 +261,7 @@ def _eval(args: argparse.Namespace) -> int:
             split=cfg.get("split"), limit=cfg.get("limit"), batch_size=cfg.get("batch_size", 4),
             max_new_tokens=cfg.get("max_new_tokens"), warmup=cfg.get("warmup", 1), keep_maps=cfg.get("keep_maps", 4),
             method_options=method_options, task_options=task_options, plots=cfg.get("plots", True),
-            progress=not args.quiet,
+            progress=not args.quiet, threads=None,  # chosen here, where --threads is known
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(f"tokenreduce eval: {exc}") from None

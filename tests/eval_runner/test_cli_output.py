@@ -225,3 +225,26 @@ def test_every_method_has_its_own_colour_and_marker_everywhere():
     assert all(s["color"] != "black" and s["marker"] != "*" for s in styles.values())
     # derived from the registry, not from the run: the same whatever else a run holds
     assert method_style("pool") == styles["pool"] and method_style("divprune+fastv") == method_style("divprune+fastv")
+
+
+def test_the_runner_picks_threads_and_says_so(tmp_path, capsys):
+    import torch
+
+    from tokenreduce.eval.runner import ModelSpec, Runner
+    from tokenreduce.eval.tasks import get_task
+
+    task = get_task("synthetic-image")
+    spec = ModelSpec("m", path=str(MODEL))
+    with pytest.raises(ValueError, match=r"`threads` must be 'auto', None or an int >= 1, got 0"):
+        Runner(task, [spec], ["none"], name="t", out_dir=tmp_path, threads=0)
+    previous = torch.get_num_threads()
+    try:
+        runner = Runner(task, [spec], ["none"], name="t", out_dir=tmp_path, threads="auto", progress=False)
+        runner._set_threads()
+        expected = choose_threads(previous)[0]
+        assert torch.get_num_threads() <= max(1, expected)
+        assert re.search(r"run 't' uses \d+ torch thread\(s\) per process: \d+ core\(s\), load", capsys.readouterr().err)
+        Runner(task, [spec], ["none"], name="t", out_dir=tmp_path, threads=1)._set_threads()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
