@@ -248,3 +248,20 @@ def test_the_runner_picks_threads_and_says_so(tmp_path, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(previous)
+
+
+def test_a_metric_other_than_exact_match_gets_a_bootstrap_interval():
+    """ANLS-like fractional scores: a percentile bootstrap of the task's own aggregate, reproducible, about as
+    wide as the normal approximation's 2 x 1.96 standard errors."""
+    from tokenreduce.eval.report import primary_interval
+    from tokenreduce.eval.task import Task
+
+    scores = [(i % 7) / 6 for i in range(120)]
+    records = [{"score": s, "fields": {}} for s in scores]
+    first, again = primary_interval(records, Task()), primary_interval(records, Task())
+    assert first == again and first["primary_ci_method"] == "bootstrap"
+    mean = sum(scores) / len(scores)
+    se = statistics.pstdev(scores) / len(scores) ** 0.5
+    assert first["primary_ci_low"] < mean < first["primary_ci_high"]
+    assert first["primary_ci_high"] - first["primary_ci_low"] == pytest.approx(2 * 1.96 * se, rel=0.2)
+    assert primary_interval([{"score": None}], Task())["primary_ci_method"] is None  # nothing scored

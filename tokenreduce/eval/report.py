@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
+import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenreduce.core.registry import list_methods
 from tokenreduce.core.stats import budget_missed
 from tokenreduce.eval.records import read_records
 from tokenreduce.eval.task import Task
@@ -133,7 +136,6 @@ def primary_interval(records: Sequence[Mapping[str, Any]], task: Task) -> dict[s
     if all(s in (0.0, 1.0) for s in scores) and math.isclose(primary, sum(scores) / len(scores), abs_tol=1e-12):
         low, high = wilson_interval(sum(scores), len(scores))
         return {"primary_ci_low": low, "primary_ci_high": high, "primary_ci_method": "wilson"}
-    import random
 
     rng = random.Random(0)
     values = []
@@ -266,14 +268,10 @@ def method_style(method: str) -> dict[str, Any]:
     stable index after them. ``none`` is a black star."""
     if method == BASELINE:
         return {"color": "black", "marker": "*", "linestyle": "none"}
-    from tokenreduce.core.registry import list_methods
-
     names = list_methods()
     if method in names:
         i = names.index(method)
     else:
-        import zlib
-
         i = len(names) + zlib.crc32(method.encode()) % 64
     # colour i % 10 and marker i % 9: distinct pairs for the first 90 indices; dashed lines past ten methods
     return {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)],
