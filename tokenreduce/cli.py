@@ -288,7 +288,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.threads is None:  # once the command line is known good: errors stay one line
         _set_threads(None, "eval")
     try:
-        summary = runner.run()
+        with warnings.catch_warnings():  # the table lists the cells a method cannot reach, with the reason
+            warnings.filterwarnings("ignore", message="skipping ", category=UserWarning)
+            summary = runner.run()
     except KeyboardInterrupt:
         saved = len(read_records(runner.run_dir))
         argv = [a for a in args.argv if a != "--overwrite"]
