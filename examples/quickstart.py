@@ -9,5 +9,5 @@ inputs = processor(images=sample.images, text=prompt(sample), return_tensors="pt
 out = model.generate(**inputs, max_new_tokens=4, do_sample=False)  # call sites unchanged
 answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
 print(f"{sample.question} -> {answer.strip()} (expected {sample.answer})")
-print(tr.stats(model))  # visual tokens in -> out per sample, time in the reducer
+print(tr.stats(model))  # tokens per stage and layer, FLOPs ratio, time in the reducer
 tr.unwrap(model)        # the exact original model again

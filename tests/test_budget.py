@@ -96,7 +96,9 @@ def test_stats_report_the_budget_the_layer_mean_and_the_flops_ratio(models):
     assert summary["budget"] == 0.4 and summary["layer_mean_keep_ratio"] == pytest.approx(7 / 16)
     assert summary["budget_missed"] is False
     text = repr(stats)
-    assert "budget 40.0%, layer mean 43.8%, prefill FLOPs ratio" in text and "MISSED" not in text
+    assert "budget                40.0% asked, 43.8% achieved (layer mean): within 10%" in text
+    assert "layer mean            7.0 (43.8%)" in text and "MISSED" not in text
+    assert f"prefill FLOPs ratio   {summary['prefill_flops_ratio']:.3f}" in text
 
 
 def test_a_missed_budget_is_flagged(models):
@@ -106,7 +108,7 @@ def test_a_missed_budget_is_flagged(models):
     summary = stats.summary()
     assert summary["layer_mean_keep_ratio"] == pytest.approx(0.5)
     assert summary["budget_missed"] is True
-    assert "budget 10.0% MISSED by more than 10%, layer mean 50.0%" in repr(stats)
+    assert "10.0% asked, 50.0% achieved (layer mean): MISSED by more than 10%" in repr(stats)
 
 
 def test_in_llm_budgets_are_layer_means(models):
@@ -118,6 +120,14 @@ def test_in_llm_budgets_are_layer_means(models):
     kept = stats.samples[0].layers[config.layer] / stats.samples[0].visual_tokens_in
     mean = (config.layer * 1.0 + (LAYERS - config.layer) * kept) / LAYERS
     assert stats.summary()["layer_mean_keep_ratio"] == pytest.approx(mean, abs=1e-6)
+    # The printed summary names the layers before and after K with their token counts, and each sample its items.
+    first = stats.samples[0]
+    n_in, n_kept = first.visual_tokens_in, first.layers[config.layer]
+    assert all(s.visual_tokens_in == n_in and s.layers[config.layer] == n_kept for s in stats.samples)
+    before = f"0-{config.layer - 1}" if config.layer > 1 else "0"
+    assert f"per LLM layer         layers {before}: {n_in}, {config.layer}-{LAYERS - 1}: {n_kept}" in repr(stats)
+    assert repr(first).startswith(f"SampleStats(call 1 row 0: image {n_in} -> {n_in}; in the LLM from layer "
+                                  f"{config.layer}: {n_kept}; layer mean ")
 
 
 def test_tables_and_demo_flag_missed_budgets():

@@ -478,6 +478,10 @@ def test_budgets_averaged_over_depth_at_uneven_values(budget, num_layers):
     (lambda: FastVConfig.at_budget(0.25, num_layers=8, layer=2),
      "fastv with `layer`=2 cannot average 25% of the visual tokens over 8 layers (the first 2 layers see all of "
      "them); choose a smaller `layer` or a larger budget"),
+    # at the smallest `layer` only the budget can change
+    (lambda: FastVConfig.at_budget(0.1, num_layers=6),
+     "fastv with `layer`=1 cannot average 10% of the visual tokens over 6 layers (the first layer sees all of "
+     "them); choose a budget above 17%"),
     (lambda: PDropConfig(layers=(), keep=()), "`layers` and `keep` must be non-empty and of equal length, got 0 and 0"),
     (lambda: PDropConfig(layers=(1, 2), keep=(0.5,)), "`layers` and `keep` must be non-empty and of equal length, got 2 and 1"),
     (lambda: PDropConfig(layers=(1,), keep=(0.0,)), r"`keep` must be in (0.0, 1.0], got 0.0"),

@@ -28,7 +28,10 @@ def test_readme_example_runs(tmp_path):
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    question, stats = result.stdout.strip().splitlines()[-2:]
+    lines = result.stdout.strip().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Stats("))
+    question, stats = lines[start - 1], "\n".join(lines[start:])
     assert re.fullmatch(r".+\? -> \S.* \(expected \S.*\)", question), question
     # `pool` at 25 % of the image model's 16 x 16 patch grid: an 8 x 8 grid.
     assert "samples=1" in stats and "256.0 -> 64.0 (25.0%)" in stats, stats
+    assert "prefill FLOPs ratio" in stats and "reducer time" in stats, stats

@@ -42,13 +42,34 @@ def did_you_mean(what: str, name: str, known: Sequence[str]) -> UsageError:
     return UsageError(f"unknown {what} {name!r}{hint} known: {', '.join(known)}")
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
+def _set_threads(threads: int | None, command: str | None = None) -> None:
+    """Set torch's CPU threads to ``threads``; without it (``command`` given), to what
+    :func:`~tokenreduce.eval.measure.choose_threads` finds free, and say so on stderr."""
+    import torch
 
+    if threads is not None:
         if threads < 1:
             raise UsageError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    elif command is not None:
+        from tokenreduce.eval.measure import choose_threads
+
+        chosen, why = choose_threads(torch.get_num_threads())
+        torch.set_num_threads(chosen)
+        print(f"tokenreduce {command}: {chosen} torch thread(s): {why}; --threads N to choose", file=sys.stderr)
+
+
+def quiet_libraries() -> None:
+    """Hide the progress bars of transformers ("Loading weights" once per model load), the hub and datasets:
+    the command's own bar names the cell running. ``--verbose`` keeps them."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
 
 
 def _parse_value(text: str) -> Any:
@@ -102,19 +123,19 @@ def _demo(args: argparse.Namespace) -> int:
         runner = Runner(run.task, run.models, methods, run.budgets, name=run.name, out_dir=args.out,
                         limit=run.limit, batch_size=args.batch_size, keep_maps=1, task_options=run.task_options,
                         method_options={m: o for m, o in run.method_options.items() if m in methods},
-                        progress=not args.quiet)
+                        progress=not args.quiet, threads=None)
         with warnings.catch_warnings():  # the table lists the cells a method cannot reach, with the reason
             warnings.filterwarnings("ignore", message="skipping ", category=UserWarning)
             summary = runner.run()
         print(f"\n## {run.name} ({run.task.name}, {len(run.models)} model(s), {run.limit} samples)\n")
-        print((runner.run_dir / "table.md").read_text())
+        print(_short_table(summary, runner.run_dir))
         if run.excluded and not args.methods:
             print("methods left out:")
             for method, reason in run.excluded.items():
                 print(f"- {method}: {reason}")
         checked = summary
         if run.check_limit:
-            checker = run.check_runner(args.out, batch_size=args.batch_size, progress=not args.quiet)
+            checker = run.check_runner(args.out, batch_size=args.batch_size, progress=not args.quiet, threads=None)
             checked = checker.run()
             print(f"\nbenchmark checks ({run.check_limit} test samples; {checker.run_dir}):")
         else:
@@ -240,7 +261,7 @@ def _eval(args: argparse.Namespace) -> int:
             split=cfg.get("split"), limit=cfg.get("limit"), batch_size=cfg.get("batch_size", 4),
             max_new_tokens=cfg.get("max_new_tokens"), warmup=cfg.get("warmup", 1), keep_maps=cfg.get("keep_maps", 4),
             method_options=method_options, task_options=task_options, plots=cfg.get("plots", True),
-            progress=not args.quiet,
+            progress=not args.quiet, threads=None,  # chosen here, where --threads is known
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(f"tokenreduce eval: {exc}") from None
@@ -264,8 +285,12 @@ def _eval(args: argparse.Namespace) -> int:
         found = len(read_records(runner.run_dir))
         print(f"tokenreduce eval: resuming {runner.run_dir}: {found} record(s) found, those are not run again",
               file=sys.stderr)
+    if args.threads is None:  # once the command line is known good: errors stay one line
+        _set_threads(None, "eval")
     try:
-        summary = runner.run()
+        with warnings.catch_warnings():  # the table lists the cells a method cannot reach, with the reason
+            warnings.filterwarnings("ignore", message="skipping ", category=UserWarning)
+            summary = runner.run()
     except KeyboardInterrupt:
         saved = len(read_records(runner.run_dir))
         argv = [a for a in args.argv if a != "--overwrite"]
@@ -273,8 +298,12 @@ def _eval(args: argparse.Namespace) -> int:
               f"{shlex.join(['tokenreduce', *argv])}", file=sys.stderr)
         return 130
     if "cells" in summary:
-        print((runner.run_dir / "table.md").read_text())
-        print(f"records, summary, table and plots in {runner.run_dir}")
+        print(_short_table(summary, runner.run_dir))
+        overlays = []
+        if cfg.get("plots", True):  # the records holding kept-token maps (--keep-maps per cell)
+            overlays = render_overlays(runner.run_dir, task)
+        print(f"records, summary, table and plots in {runner.run_dir}"
+              + (f"; {len(overlays)} kept-token overlay(s) in {runner.run_dir / 'overlays'}" if overlays else ""))
     cells = len(models) * len(runner.cells)
     if runner.skipped and len(runner.skipped) == cells:
         print(f"tokenreduce eval: nothing evaluated: all {cells} cell(s) were skipped (reasons above)", file=sys.stderr)
@@ -429,6 +458,56 @@ def caption_lines(records, cells: Sequence[str] = (), sample_ids: Sequence[str] 
     return lines
 
 
+def _short_table(summary: dict[str, Any], run_dir: Path) -> str:
+    from tokenreduce.eval.report import short_table
+
+    return f"{short_table(summary)}\nevery column: {run_dir / 'table.md'} and {run_dir / 'summary.json'}\n"
+
+
+def cell_label(method: str, budget: float | None) -> str:
+    """``method@budget`` (``none`` alone): how ``--cell`` names a cell."""
+    return method if budget is None else f"{method}@{budget:g}"
+
+
+def select_cells(cells: Sequence[dict[str, Any]], wanted: Sequence[str]) -> list[dict[str, Any]]:
+    """The summary cells named by ``wanted`` (``method`` or ``method@budget``); all of them when it is empty."""
+    if not wanted:
+        return list(cells)
+    return [c for c in cells if c["method"] in wanted or cell_label(c["method"], c["budget"]) in wanted]
+
+
+def metrics_table(cells: Sequence[dict[str, Any]]) -> str:
+    """Every metric of every cell as a markdown table: a row per cell, a column per metric (nested ones, such as
+    per-category scores, flattened to ``categories.<name>``)."""
+
+    def flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in metrics.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    rows = [(c, flat(c.get("metrics") or {})) for c in cells]
+    keys: list[str] = []
+    for _, metrics in rows:
+        keys += [k for k in metrics if k not in keys]
+
+    def fmt(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = ["| model | cell | " + " | ".join(keys) + " |", "|---|---|" + "---:|" * len(keys)]
+    for cell, metrics in rows:
+        lines.append(f"| {cell['model']} | {cell_label(cell['method'], cell['budget'])} | "
+                     + " | ".join(fmt(metrics.get(k)) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _show(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not (run_dir / "run.json").is_file():
@@ -440,11 +519,18 @@ def _show(args: argparse.Namespace) -> int:
 
         spec = json.loads((run_dir / "run.json").read_text())
         write_reports(run_dir, get_task(spec["task"], **spec.get("task_options", {})), plots=True)
-    print((run_dir / "table.md").read_text())
+    summary = json.loads(summary_path.read_text())
+    known = sorted({c["method"] for c in summary["cells"]} | {cell_label(c["method"], c["budget"]) for c in summary["cells"]})
+    for wanted in args.cell or ():
+        if not select_cells(summary["cells"], [wanted]):
+            raise did_you_mean("cell", wanted, known)
+    shown = {**summary, "cells": select_cells(summary["cells"], args.cell or ())}
+    skipped = (summary.get("skipped_cells") or {}).items()  # keyed "model|method@budget"
+    shown["skipped_cells"] = {k: v for k, v in skipped if not args.cell or k.split("|")[-1] in args.cell
+                              or k.split("|")[-1].split("@")[0] in args.cell}
+    print(_short_table(shown, run_dir))
     if args.stats:
-        summary = json.loads(summary_path.read_text())
-        for cell in summary["cells"]:
-            print(json.dumps({k: cell[k] for k in ("model", "method", "budget", "metrics")}, default=str))
+        print(metrics_table(shown["cells"]))
         from tokenreduce.eval.runner import read_records
 
         for line in caption_lines(read_records(run_dir).values(), args.cell or (), args.sample or ()):
@@ -471,7 +557,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    _set_threads(args.threads)
+    _set_threads(args.threads, "bench")
     from tokenreduce.eval import bench
 
     return bench.run(args)
@@ -506,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=1,
                       help="torch CPU threads (default 1: tiny models are fastest single-threaded on busy machines)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--verbose", action="store_true",
+                      help="also the libraries' progress bars (transformers' weight loading, downloads)")
     demo.set_defaults(func=_demo)
 
     from tokenreduce.eval.tasks import list_tasks
@@ -533,12 +621,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 or auto")
     ev.add_argument("--device", default=None, help="e.g. cuda:0 or cpu (default: this process's GPU, else CPU)")
     ev.add_argument("--device-map", default=None, help="'auto' to spread a large model over the GPUs")
-    ev.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    ev.add_argument("--no-plots", action="store_true", help="do not write the PNG plots and kept-token overlays")
     ev.add_argument("--overwrite", action="store_true",
                     help="start afresh when <out>/<name> holds a run with other settings (default: refuse; "
                          "with the same settings, a rerun resumes)")
-    ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ev.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: the cores not busy with other work, at most torch's default)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--verbose", action="store_true",
+                    help="also the libraries' progress bars (transformers' weight loading, downloads)")
     ev.set_defaults(func=_eval)
 
     from tokenreduce.eval import bench as bench_module
@@ -551,7 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="table, stats and kept-token overlays of a finished run")
     show.add_argument("run", help="the run folder, e.g. runs/demo-image")
     show.add_argument("--overlays", action="store_true", help="render kept-token overlays (PNG)")
-    show.add_argument("--stats", action="store_true", help="print every cell's full metrics")
+    show.add_argument("--stats", action="store_true",
+                      help="also print every metric of each cell (per-category scores too) and recorded captions")
     show.add_argument("--cell", action="append", help="only this method or method@budget (repeatable)")
     show.add_argument("--sample", action="append", help="only this sample id (repeatable)")
     show.add_argument("--per-cell", type=int, default=None, help="at most N overlays per cell")
@@ -564,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the command that resumes an interrupted run
+    if not getattr(args, "verbose", False):
+        quiet_libraries()
     try:
         return args.func(args)
     except UsageError as exc:

@@ -16,7 +16,10 @@ def test_eval_from_flags_then_config_then_show_overlays(synthetic_models, tmp_pa
             "--batch-size", "2", "--keep-maps", "1", "--quiet", "--threads", "1"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("| tiny |") == 3 and "records, summary, table and plots" in out
+    assert "**tiny**" in out and "records, summary, table and plots" in out
+    rows = [line.split(" | ")[:2] for line in out.splitlines() if line.startswith("| ") and " | method | " not in line
+            and not line.startswith("| method")]
+    assert rows == [["| none", "full"], ["| fastv", "50%"], ["| pool", "50%"]]  # the full model, then by budget
     run = tmp_path / "cli"
     spec = json.loads((run / "run.json").read_text())
     assert spec["task"] == "synthetic-image" and spec["task_options"] == {"seed": 0}
@@ -26,7 +29,7 @@ def test_eval_from_flags_then_config_then_show_overlays(synthetic_models, tmp_pa
     out = capsys.readouterr().out
     overlays = sorted(p.name for p in (run / "overlays").glob("*.png"))
     assert overlays == ["tiny_fastv_0.5_image-test-0-000000_0.png", "tiny_pool_0.5_image-test-0-000000_0.png"]
-    assert '"method": "pool"' in out
+    assert "| tiny | pool@0.5 |" in out and '"method"' not in out  # --stats: a table, not JSON
 
     config = tmp_path / "grid.yaml"
     config.write_text(f"name: from-config\ntask: synthetic-image\nlimit: 4\nmodels: [{{name: t, path: '{image}'}}]\n"
@@ -57,7 +60,8 @@ def test_demo_runs_every_synthetic_family(synthetic_models, tmp_path, capsys):
                         ("video", "synthetic-onevision-video")):
         run = tmp_path / f"demo-{kind}"
         assert f"## demo-{kind} (synthetic-{kind}, 1 model(s), 2 samples)" in out
-        assert f"| {model} | random | 0.1 |" in out
+        section = out.split(f"## demo-{kind} ", 1)[1].split("\n## ", 1)[0]
+        assert f"**{model}**" in section and "| random | 10% |" in section
         assert f"benchmark checks (3 test samples; {run / 'check'})" in out
         assert f"{model}: full-token accuracy" in out and f"{model}: random@0.1 loses" in out
         assert list((run / "overlays").glob("*.png")) and f"plots: {run / 'accuracy_vs_tokens.png'}" in out

@@ -102,3 +102,45 @@ def test_fit_follows_the_processor():
     assert fit_for(tiny_processor("llava"), "llava", "image") == "center_crop"
     assert fit_for(tiny_processor("qwen2_vl"), "qwen2_vl", "video") == "stretch"
     assert fit_for(None, "llava_next", "image") == "stretch"
+
+
+def test_counts_skip_newline_slots_and_video_frames_form_a_grid():
+    from tokenreduce.eval.overlay import visual_slots
+
+    layout = TokenLayout("image", (Segment("cls", 1, 1), Segment("base", 2, 3, newline=True)))
+    # cls, then rows of 3 tokens + 1 newline slot
+    assert visual_slots(layout).tolist() == [False, True, True, True, False, True, True, True, False]
+    frames = 9
+    clip = np.zeros((frames, 32, 32, 3), dtype=np.uint8)
+    video = {"layout": TokenLayout("video", tuple(Segment("frame", 2, 2, time=t) for t in range(frames))),
+             "sources": [0]}
+    sheet = render_item(video, video=clip, side=320)
+    side = max(120, 320 * 5 // (2 * 3))  # 9 frames: a 3 x 3 grid of smaller panels
+    assert sheet.size == (3 * side, 3 * (side + 14))
+
+
+def test_merge_groups_leave_the_image_visible():
+    """A token merged with others is tinted lightly (alpha 45 of 255 over the image) and outlined, not painted
+    over; a dropped one is dimmed."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    merged = {"layout": TokenLayout.grid("image", 2, 2), "sources": [0, 3], "assignment": [0, 0, 1, -1]}
+    pic = np.asarray(render_item(merged, image=Image.fromarray(pixels), side=64)).astype(float)[14:]
+    inner = (slice(4, 28), slice(36, 60))  # token 1 (merged into slot 0), away from its outline
+    assert np.abs(pic[inner] - pixels[inner]).mean() < 255 * 45 / 255 + 1
+    dropped = (slice(36, 60), slice(36, 60))  # token 3
+    assert pic[dropped].mean() < 0.5 * pixels[dropped].mean()
+
+
+def test_header_names_question_answer_prediction_and_captions():
+    from tokenreduce.eval.overlay import record_header
+    from tokenreduce.eval.sample import Sample
+
+    sample = Sample(id="s0", task="t", modality="video", question="which way?", answer="up")
+    record = {"model": "m", "method": "langdc", "budget": 0.25, "sample_id": "s0", "answer": "up",
+              "prediction": "down", "score": 0.0}
+    item = {"info": {"captions": ["a cross", "it moves up"], "segments": [[0, 3], [4, 7]], "caption_tokens": [2, 3]}}
+    assert record_header(record, sample, item) == [
+        "langdc @ 25% on m | sample s0", "Q: which way?", "answer: up | predicted: down (score 0)",
+        "caption, frames 0-3 (2 tok): a cross", "caption, frames 4-7 (3 tok): it moves up",
+    ]

@@ -83,6 +83,10 @@ class ItemStats:
     def reducer_ms(self) -> float:
         return _ms(self.elapsed)
 
+    def __repr__(self) -> str:
+        info = f", info keys {sorted(self.info)}" if self.info else ""
+        return f"ItemStats({self.modality} {self.tokens_in} -> {self.tokens_out} tokens, {self.reducer_ms:.2f} ms{info})"
+
 
 @dataclass
 class SampleStats:
@@ -167,6 +171,12 @@ class SampleStats:
             return 0.0
         return self.geometry.prefill_flops([self.text_tokens + self.visual_tokens_in] * self.geometry.layers)
 
+    def __repr__(self) -> str:
+        items = ", ".join(f"{i.modality} {i.tokens_in} -> {i.tokens_out}" for i in self.items) or "no visual items"
+        layers = f"; in the LLM {_layer_runs(self.layers)}" if self.layers else ""
+        return (f"SampleStats(call {self.call} row {self.row}: {items}{layers}; layer mean "
+                f"{self.visual_tokens_layer_mean:.1f}, reducer {self.reducer_ms:.2f} ms)")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "call": self.call,
@@ -249,19 +259,63 @@ class Stats:
         return {"summary": self.summary(), "samples": [s.to_dict() for s in self.samples]}
 
     def __repr__(self) -> str:
+        """A few lines: tokens at each stage and over the LLM's layers (means per sample), the budget asked
+        beside the layer-mean share achieved, the prefill FLOPs ratio, the time in the reducer."""
         s = self.summary()
         if not s["samples"]:
             return "Stats(no samples)"
-        budget = ""
+        n, tin = s["samples"], s["visual_tokens_in"]
+
+        def share(tokens: float) -> str:
+            return f"{tokens:.1f} ({100 * tokens / tin:.1f}%)" if tin else f"{tokens:.1f}"
+
+        modalities: dict[str, list[int]] = {}
+        for sample in self.samples:
+            for item in sample.items:
+                modalities.setdefault(item.modality, []).append(item.tokens_in)
+        kinds = ", ".join(f"{len(v)} {k}(s)" for k, v in modalities.items())
+        llm_input = sum(x.visual_tokens_llm_input for x in self.samples) / n
+        lines = [f"Stats(samples={n}, calls={self.calls}{', ' + kinds if kinds else ''})",
+                 f"  visual tokens in      {tin:.1f} -> {share(s['visual_tokens_out'])} at the deepest layer",
+                 f"  at the LLM input      {share(llm_input)}"]
+        per_layer = self._visual_per_layer()
+        if per_layer and len(set(per_layer)) > 1:
+            lines.append(f"  per LLM layer         {_layer_runs(dict(enumerate(per_layer)), full=True)}")
+        lines.append(f"  layer mean            {share(s['layer_mean_keep_ratio'] * tin)}")
         if "budget" in s:
-            budget = f"budget {100 * s['budget']:.1f}%" + (
-                f" MISSED by more than {100 * self.BUDGET_TOLERANCE:.0f}%, " if s["budget_missed"] else ", ")
-        return (
-            f"Stats(samples={s['samples']}, visual tokens {s['visual_tokens_in']:.1f} -> "
-            f"{s['visual_tokens_out']:.1f} ({100 * s['keep_ratio']:.1f}%) at the deepest layer, {budget}"
-            f"layer mean {100 * s['layer_mean_keep_ratio']:.1f}%, prefill FLOPs ratio {s['prefill_flops_ratio']:.3f}, "
-            f"reducer {s['reducer_ms']:.2f} ms/sample)"
-        )
+            verdict = (f"MISSED by more than {100 * self.BUDGET_TOLERANCE:.0f}%" if s["budget_missed"]
+                       else f"within {100 * self.BUDGET_TOLERANCE:.0f}%")
+            lines.append(f"  budget                {100 * s['budget']:.1f}% asked, "
+                         f"{100 * s['layer_mean_keep_ratio']:.1f}% achieved (layer mean): {verdict}")
+        lines.append(f"  prefill FLOPs ratio   {s['prefill_flops_ratio']:.3f}")
+        in_llm = sum(x.llm_reducer_ms for x in self.samples) / n
+        split = f" ({s['reducer_ms'] - in_llm:.2f} before the LLM, {in_llm:.2f} in it)" if in_llm else ""
+        lines.append(f"  reducer time          {s['reducer_ms']:.2f} ms/sample{split}")
+        return "\n".join(lines)
+
+    def _visual_per_layer(self) -> list[float]:
+        """Mean visual tokens each decoder layer sees in prefill (empty without the LLM's geometry)."""
+        rows = [[t - x.text_tokens for t in x.tokens_per_layer()] for x in self.samples]
+        if not rows or any(not r for r in rows) or len({len(r) for r in rows}) != 1:
+            return []
+        return [sum(col) / len(col) for col in zip(*rows)]
+
+
+def _layer_runs(tokens: dict[int, float], full: bool = False) -> str:
+    """``layers 0-1: 256, 2-5: 128``: runs of layers holding the same visual-token count (``full``: ``tokens``
+    gives every layer; else only the layers where a count starts, ``from layer 2: 128``)."""
+    def num(value: float) -> str:
+        return f"{value:g}" if float(value).is_integer() else f"{value:.1f}"
+
+    if not full:
+        return ", ".join(f"from layer {k}: {num(v)}" for k, v in sorted(tokens.items()))
+    runs: list[tuple[int, int, float]] = []
+    for layer, value in sorted(tokens.items()):
+        if runs and runs[-1][2] == value:
+            runs[-1] = (runs[-1][0], layer, value)
+        else:
+            runs.append((layer, layer, value))
+    return "layers " + ", ".join(f"{a}: {num(v)}" if a == b else f"{a}-{b}: {num(v)}" for a, b, v in runs)
 
 
 def budget_missed(budget: float, achieved: float, tolerance: float = Stats.BUDGET_TOLERANCE) -> bool:

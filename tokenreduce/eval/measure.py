@@ -124,3 +124,23 @@ class BatchTiming:
     @property
     def decode_ms_per_token(self) -> float | None:
         return statistics.median(self.step_ms) if self.step_ms else None
+
+
+def choose_threads(default: int, cores: int | None = None, load: float | None = None) -> tuple[int, str]:
+    """CPU threads for torch that do not oversubscribe a busy machine, and why, in words.
+
+    ``default`` is torch's own choice (one per core); ``cores`` the cores this process may use and ``load``
+    the one-minute load average (both read from the OS when None). The cores not already busy,
+    ``round(cores - load)``, at least 1, at most ``default``: on a 2-core machine loaded with other work one
+    thread is much faster than two competing for the same cores (a tiny model's generate call: 0.03 s
+    against 1.4 s measured).
+    """
+    import os
+
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = max(1, min(cores, round(cores - load)))
+    chosen = max(1, min(default, free))
+    return chosen, f"{cores} core(s), load {load:.1f}, {free} free"

@@ -21,6 +21,7 @@ Newline slots and CLS tokens have no area (NaN boxes).
 from __future__ import annotations
 
 import colorsys
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -169,9 +170,12 @@ def crop_labels(info: Mapping[str, Any] | None, boxes: np.ndarray) -> list[tuple
 
 
 def _panel(image: np.ndarray, boxes: np.ndarray, kept: np.ndarray, slots: np.ndarray | None, title: str,
-           side: int, labels: Sequence[tuple[tuple[float, ...], str, int]] = ()) -> Any:
-    """One picture: dropped tokens dimmed, kept tokens outlined; merged groups coloured by their slot;
-    ``labels`` (see :func:`crop_labels`) outline and name regions such as crops with their budgets."""
+           side: int, labels: Sequence[tuple[tuple[float, ...], str, int]] = (),
+           group_sizes: np.ndarray | None = None) -> Any:
+    """One picture: dropped tokens dimmed, kept tokens outlined; the members of a merge group of several
+    tokens outlined and lightly tinted in the group's colour (the image stays visible beneath; a token
+    kept as itself is outlined like any kept token); ``labels`` (see :func:`crop_labels`) outline and name
+    regions such as crops with their budgets."""
     from PIL import Image, ImageDraw
 
     pil = Image.fromarray(image).convert("RGB")
@@ -180,15 +184,22 @@ def _panel(image: np.ndarray, boxes: np.ndarray, kept: np.ndarray, slots: np.nda
     shade = Image.new("RGBA", pil.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(shade)
     valid = ~np.isnan(boxes[:, 1])
+    merged = np.zeros(len(boxes), dtype=bool)
+    if slots is not None:
+        sizes = group_sizes if group_sizes is not None else np.bincount(np.maximum(slots, 0), minlength=1)
+        merged = (slots >= 0) & (sizes[np.maximum(slots, 0)] > 1)
     for i in np.flatnonzero(valid):
         x0, y0, x1, y1 = (boxes[i, 1:] * scale).tolist()
-        if slots is not None and slots[i] >= 0:
-            draw.rectangle([x0, y0, x1, y1], fill=(*_colour(int(slots[i])), 90))
-        elif not kept[i]:
+        if merged[i]:
+            draw.rectangle([x0, y0, x1, y1], fill=(*_colour(int(slots[i])), 45))
+        elif (slots is not None and slots[i] < 0) or (slots is None and not kept[i]):
             draw.rectangle([x0, y0, x1, y1], fill=(0, 0, 0, 170))
     out = Image.alpha_composite(pil.convert("RGBA"), shade)
     draw = ImageDraw.Draw(out)
-    for i in np.flatnonzero(valid & kept):
+    for i in np.flatnonzero(valid & merged):
+        x0, y0, x1, y1 = (boxes[i, 1:] * scale).tolist()
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(*_colour(int(slots[i])), 255), width=1)
+    for i in np.flatnonzero(valid & kept & ~merged):
         x0, y0, x1, y1 = (boxes[i, 1:] * scale).tolist()
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 255, 0, 255), width=1)
     for region, text, index in labels:
@@ -230,9 +241,11 @@ def render_item(item: Mapping[str, Any], *, image: Any = None, video: Any = None
     height, width = frames.shape[1:3]
     boxes = token_boxes(layout, (height, width), fit)
     n = layout.num_tokens
+    content = visual_slots(layout)
     kept = np.zeros(n, dtype=bool)
     kept[np.asarray(item["sources"], dtype=int)] = True
     slots = None if item.get("assignment") is None else np.asarray(item["assignment"], dtype=int)
+    group_sizes = None if slots is None else np.bincount(slots[slots >= 0], minlength=max(1, int(slots.max()) + 1))
     stages = [("LLM input", kept, slots)]
     for layer, tokens in sorted((layers or {}).items(), key=lambda kv: int(kv[0])):
         k = np.zeros(n, dtype=bool)
@@ -251,6 +264,10 @@ def render_item(item: Mapping[str, Any], *, image: Any = None, video: Any = None
     info = item.get("info")
     n_times = max(1, len({seg.time for seg, _ in panels if seg.kind == "frame"}))
     per_time = max(1, frames.shape[0] // n_times)
+    # Many frames: a grid of small panels per stage rather than one long strip.
+    per_row = len(panels) if len(panels) <= 4 else math.ceil(math.sqrt(len(panels)))
+    if len(panels) > 4:
+        side = max(120, side * 5 // (2 * per_row))
     rows = []
     for title, keep, slot in stages:
         row = []
@@ -261,12 +278,17 @@ def render_item(item: Mapping[str, Any], *, image: Any = None, video: Any = None
                 mask[sl] = True
             b = np.where(mask[:, None], boxes, np.nan)
             kind = "crops" if len(sls) > 1 else seg.kind
-            total = int((mask & ~np.isnan(boxes[:, 1])).sum()) if len(sls) > 1 else seg.rows * seg.cols
-            label = f"{title} | {kind}{f' t={seg.time}' if seg.kind == 'frame' else ''} | kept {int((keep & mask).sum())}/{total}"
+            where = f"t={seg.time}" if seg.kind == "frame" else kind
+            visual = mask & content  # newline slots are not visual tokens
+            if slot is not None:
+                groups = len(set(slot[visual & (slot >= 0)].tolist()))
+                label = f"{title} | {where} | {int(visual.sum())} -> {groups} slots"
+            else:
+                label = f"{title} | {where} | kept {int((keep & visual).sum())}/{int(visual.sum())}"
             regions = crop_labels(info, b) if title == "LLM input" else []
             row.append(_panel(frame, b, keep, None if slot is None else np.where(mask, slot, -1), label, side,
-                              regions))
-        rows.append(row)
+                              regions, group_sizes))
+        rows += [row[i : i + per_row] for i in range(0, len(row), per_row)]
     width_px = max(sum(p.width for p in row) for row in rows)
     height_px = sum(max(p.height for p in row) for row in rows)
     sheet = Image.new("RGB", (width_px, height_px), "white")
@@ -280,8 +302,63 @@ def render_item(item: Mapping[str, Any], *, image: Any = None, video: Any = None
     return sheet
 
 
+def visual_slots(layout: TokenLayout) -> np.ndarray:
+    """``[N]`` bool: which positions of ``layout`` are visual tokens (not newline slots, not CLS)."""
+    out = np.zeros(layout.num_tokens, dtype=bool)
+    for seg, sl in zip(layout.segments, layout.segment_slices()):
+        if seg.cols == 0 or seg.kind == "cls":
+            continue
+        width = seg.cols + int(seg.newline)
+        out[sl] = (np.arange(sl.stop - sl.start) % width) < seg.cols
+    return out
+
+
+def record_header(record: Mapping[str, Any], sample: Any, item: Mapping[str, Any] | None = None) -> list[str]:
+    """The lines above an overlay: the cell, the question, the expected answer and the prediction (with its
+    score), and a caption per segment when the method wrote captions (``langdc``)."""
+    budget = record.get("budget")
+    cell = f"{record.get('method')}{'' if budget is None else f' @ {100 * budget:g}%'} on {record.get('model')}"
+    lines = [f"{cell} | sample {record.get('sample_id')}",
+             f"Q: {getattr(sample, 'question', '')}",
+             f"answer: {record.get('answer', getattr(sample, 'answer', ''))} | predicted: {record.get('prediction')!s}"
+             + ("" if record.get("score") is None else f" (score {record['score']:g})")]
+    info = (item or {}).get("info") or {}
+    for i, caption in enumerate(info.get("captions") or []):
+        frames = (info.get("segments") or [None] * (i + 1))[i]
+        tokens = (info.get("caption_tokens") or [None] * (i + 1))[i]
+        where = f"frames {frames[0]}-{frames[1]}" if frames else f"segment {i}"
+        lines.append(f"caption, {where}{'' if tokens is None else f' ({tokens} tok)'}: {caption}")
+    return lines
+
+
+def with_header(picture: Any, lines: Sequence[str]) -> Any:
+    """``picture`` below ``lines`` of text, wrapped to its width."""
+    from PIL import Image, ImageDraw
+
+    draw = ImageDraw.Draw(picture)
+    wrapped: list[str] = []
+    for line in lines:
+        words, current = line.split(" "), ""
+        for word in words:
+            trial = f"{current} {word}".strip()
+            if current and draw.textlength(trial) > picture.width - 4:
+                wrapped.append(current)
+                current = word
+            else:
+                current = trial
+        wrapped.append(current)
+    step = 12
+    sheet = Image.new("RGB", (picture.width, picture.height + step * len(wrapped) + 4), "white")
+    text = ImageDraw.Draw(sheet)
+    for i, line in enumerate(wrapped):
+        text.text((2, 2 + step * i), line, fill="black")
+    sheet.paste(picture, (0, step * len(wrapped) + 4))
+    return sheet
+
+
 def render_record(record: Mapping[str, Any], sample: Any, fits: Mapping[str, str] | None = None, side: int = 320) -> list[Any]:
-    """Overlays (one PIL image per visual item) of a runner record that holds a ``kept`` map."""
+    """Overlays (one PIL image per visual item) of a runner record that holds a ``kept`` map, each under the
+    cell, the question, the answer and the prediction (:func:`record_header`)."""
     kept = record.get("kept")
     if not kept:
         raise ValueError(f"record {record.get('key')!r} holds no kept-token map (the runner stores them for "
@@ -295,7 +372,8 @@ def render_record(record: Mapping[str, Any], sample: Any, fits: Mapping[str, str
         if item["modality"] == "image":
             image = images[image_i] if image_i < len(images) else None
             image_i += 1
-            out.append(render_item(item, image=image, fit=fit, layers=layers, side=side))
+            picture = render_item(item, image=image, fit=fit, layers=layers, side=side)
         else:
-            out.append(render_item(item, video=sample.video, fit=fit, layers=layers, side=side))
+            picture = render_item(item, video=sample.video, fit=fit, layers=layers, side=side)
+        out.append(with_header(picture, record_header(record, sample, item)))
     return out

@@ -25,6 +25,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,6 +47,7 @@ from tokenreduce.eval.measure import (
     BatchTiming,
     StepClock,
     cache_bytes,
+    choose_threads,
     kv_bytes_per_token,
     peak_memory,
     reset_peak_memory,
@@ -453,6 +455,9 @@ class Runner:
         chunk_samples: samples read and encoded at a time; every cell runs over a chunk's batches under one
             wrap (a method's heavy parts, e.g. LangDC's captioner, load once per cell and chunk, not per
             batch). Larger chunks wrap less often and hold more encoded inputs in memory.
+        threads: torch CPU threads for the run: ``"auto"`` (default) the cores not busy with other work, at
+            most torch's current count, shared among the processes of a distributed run, said on stderr
+            (:func:`~tokenreduce.eval.measure.choose_threads`); an int sets it; None leaves torch's setting.
     """
 
     def __init__(
@@ -461,6 +466,7 @@ class Runner:
         batch_size: int = 4, max_new_tokens: int | None = None, warmup: int = 1, keep_maps: int = 4,
         method_options: Mapping[str, Mapping[str, Any]] | None = None, task_options: Mapping[str, Any] | None = None,
         plots: bool = True, progress: bool = True, dist: Dist | None = None, chunk_samples: int = 64,
+        threads: int | str | None = "auto",
     ) -> None:
         if not models:
             raise ValueError("`models` is empty; give at least one ModelSpec")
@@ -479,6 +485,10 @@ class Runner:
             raise ValueError(f"`warmup` must be an int >= 0, got {warmup!r}")
         if not name or "/" in name:
             raise ValueError(f"`name` must be a non-empty folder name without '/', got {name!r}")
+        if not (threads is None or threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool)
+                                                         and threads >= 1)):
+            raise ValueError(f"`threads` must be 'auto', None or an int >= 1, got {threads!r}")
+        self.threads = threads
         self.task, self.models = task, list(models)
         self.cells = make_cells(methods, budgets)
         self.name, self.run_dir = name, Path(out_dir) / name
@@ -526,22 +536,45 @@ class Runner:
 
     # ----- main loop ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Run (or resume) the grid; returns the summary (rank 0) or this rank's record count."""
+        """Run (or resume) the grid; returns the summary (rank 0) or this rank's record count.
+
+        A run that fails before writing any record leaves no folder behind (a folder holding only
+        ``run.json`` would look like a run to resume)."""
+        self._set_threads()
+        created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._write_spec()
-        self.dist.barrier()
-        done = set(read_records(self.run_dir))
-        writer = RecordWriter(self.records_path)
-        written = 0
-        with reuse_loaded_parts():  # a method's trained parts load once per run, not once per cell and chunk
-            for spec in self.models:
-                written += self._run_model(spec, done, writer)
+        try:
+            self._write_spec()
+            self.dist.barrier()
+            done = set(read_records(self.run_dir))
+            writer = RecordWriter(self.records_path)
+            written = 0
+            with reuse_loaded_parts():  # a method's trained parts load once per run, not once per cell and chunk
+                for spec in self.models:
+                    written += self._run_model(spec, done, writer)
+        except BaseException:
+            if created and self.dist.is_main and not any(self.run_dir.glob("records*.jsonl")):
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         self.dist.barrier()
         if not self.dist.is_main:
             return {"rank": self.dist.rank, "written": written}
         if self.dist.world > 1:
             merge_rank_files(self.run_dir)
         return write_reports(self.run_dir, self.task, plots=self.plots, skipped=self.skipped)
+
+    def _set_threads(self) -> None:
+        if self.threads is None:
+            return
+        if self.threads != "auto":
+            torch.set_num_threads(self.threads)
+            return
+        chosen, why = choose_threads(torch.get_num_threads())
+        chosen = max(1, chosen // max(1, self.dist.world))  # the processes of one run share the cores
+        if chosen != torch.get_num_threads():
+            torch.set_num_threads(chosen)
+        if self.dist.is_main:
+            print(f"tokenreduce: run {self.name!r} uses {chosen} torch thread(s) per process: {why}", file=sys.stderr)
 
     def _pending(self, model_name: str, batch: Sequence[Sample], done: set[str]) -> dict[Cell, list[int]]:
         out = {}
@@ -566,7 +599,7 @@ class Runner:
         kept_counts: dict[Cell, int] = {}
         written = 0
         bar = self._progress(self.limit and math.ceil(self.limit / self.dist.world) * len(self.cells),
-                             f"{spec.name}")
+                             f"{self.name}: {spec.name}")
         try:
             seen: set[str] = set()
             # A chunk of batches is encoded once; then each cell runs over all of it, so the model is wrapped
@@ -589,6 +622,8 @@ class Runner:
                         num_layers = model.config.get_text_config().num_hidden_layers
                     work.append((batch, pending, *self._encode(batch, processor, family)))
                 for cell in self.cells:
+                    if bar is not None and any(cell in pending for _, pending, _, _ in work):
+                        bar.set_description(f"{self.name}: {spec.name} {cell.label}", refresh=False)
                     for batch, pending, encoded, errors in work:
                         if cell not in pending:
                             continue

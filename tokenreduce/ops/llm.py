@@ -41,9 +41,12 @@ def one_layer_at_budget(cls: type, name: str, budget: float, num_layers: int | N
     layer = options.pop("layer", min(cls.layer, max(1, math.ceil(num_layers * budget) - 1)))
     keep = (num_layers * budget - layer) / (num_layers - layer)
     if keep <= 0:
+        # `layer` at its minimum of 1 leaves only the budget to change.
+        advice = "a smaller `layer` or a larger budget" if layer > 1 else f"a budget above {1 / num_layers:.0%}"
+        first = "the first layer sees" if layer == 1 else f"the first {layer} layers see"
         raise ValueError(
             f"{name} with `layer`={layer} cannot average {budget:.0%} of the visual tokens over {num_layers} "
-            f"layers (the first {layer} layers see all of them); choose a smaller `layer` or a larger budget"
+            f"layers ({first} all of them); choose {advice}"
         )
     return cls(layer=layer, keep=min(1.0, keep), **options)
 
