@@ -67,16 +67,28 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     # The handle's input rule, placeholders, rows and rebuilt sequences: the projector-stage oracles (two
     # families, image / video / anyres, batches with padding) plus the pass-through and refusal paths.
     "handle": (["tokenreduce/core/handle.py"], HANDLE_TESTS),
+    # The core's pure-Python parts: configs, the registry, FLOPs and statistics, against their unit tests
+    # (no model in most: each mutant runs in seconds).
     "core": (
         [
-            "tokenreduce/core/api.py",
             "tokenreduce/core/config.py",
             "tokenreduce/core/flops.py",
+            "tokenreduce/core/registry.py",
+            "tokenreduce/core/stats.py",
+        ],
+        ["tests/test_config.py", "tests/test_core_units.py"],
+    ),
+    # The public entry points on tiny models: wrap's refusals, unwrap, disabled, stats.
+    "api": (["tokenreduce/core/api.py"], ["tests/test_wrap.py", "tests/test_core_api.py", "-k",
+             "not keep_all_equals and not every_method"]),
+    "inputs": (["tokenreduce/core/inputs.py"], ["tests/test_core_inputs.py", "tests/test_plain_inputs.py", "-k",
+               "core_inputs or docowl or (inputs_embeds and (pool or fastv) and (llava_onevision or qwen2_5_vl))"]),
+    "continuation": (["tokenreduce/core/continuation.py"], ["tests/test_continuation.py", "tests/test_core_continuation.py"]),
+    "core-rest": (
+        [
             "tokenreduce/core/layout.py",
             "tokenreduce/core/lowrank.py",
             "tokenreduce/core/reduction.py",
-            "tokenreduce/core/registry.py",
-            "tokenreduce/core/stats.py",
             "tokenreduce/core/vision.py",
         ],
         ["tests/test_wrap.py", "tests/test_config.py", "tests/test_layout.py", "tests/test_projector_stage.py"],
