@@ -76,14 +76,15 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tokenreduce/core/registry.py",
             "tokenreduce/core/stats.py",
         ],
-        ["tests/test_config.py", "tests/test_core_units.py"],
+        ["tests/test_config.py", "tests/test_core_units.py", "tests/test_registry_plugins.py"],
     ),
     # The public entry points on tiny models: wrap's refusals, unwrap, disabled, stats.
-    "api": (["tokenreduce/core/api.py"], ["tests/test_wrap.py", "tests/test_core_api.py", "-k",
-             "not keep_all_equals and not every_method"]),
+    "api": (["tokenreduce/core/api.py"], ["tests/test_core_api.py", "tests/test_wrap.py", "-k",
+             "core_api or unsupported_model or submodule or bare_tower or twice"]),
     "inputs": (["tokenreduce/core/inputs.py"], ["tests/test_core_inputs.py", "tests/test_plain_inputs.py", "-k",
                "core_inputs or docowl or (inputs_embeds and (pool or fastv) and (llava_onevision or qwen2_5_vl))"]),
-    "continuation": (["tokenreduce/core/continuation.py"], ["tests/test_continuation.py", "tests/test_core_continuation.py"]),
+    "continuation": (["tokenreduce/core/continuation.py"], ["tests/test_core_continuation.py", "tests/test_continuation.py",
+                     "-k", "core_continuation or refused or lines_up or reset"]),
     "core-rest": (
         [
             "tokenreduce/core/layout.py",

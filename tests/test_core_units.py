@@ -461,6 +461,7 @@ def test_geometry_from_config():
     assert Geometry.from_config(full) == Geometry(32, 4, 2, 6, 50, 3)
     bare = SimpleNamespace(num_attention_heads=4, hidden_size=32, intermediate_size=50, num_hidden_layers=3)
     assert Geometry.from_config(bare) == Geometry(32, 4, 4, 8, 50, 3)
+    assert type(Geometry.from_config(bare).head_dim) is int
     nones = SimpleNamespace(num_attention_heads=4, hidden_size=32, head_dim=None, num_key_value_heads=None,
                             intermediate_size=50, num_hidden_layers=3)
     assert Geometry.from_config(nones) == Geometry(32, 4, 4, 8, 50, 3)
@@ -488,7 +489,8 @@ def test_elapsed_and_its_shares():
         def synchronize(self):
             self.synchronized += 1
 
-        def elapsed_time(self, end):
+        def elapsed_time(self, other):
+            assert other is end  # the time from this event to the end event
             return 8.0
 
     start, end = Event(), Event()
@@ -498,9 +500,10 @@ def test_elapsed_and_its_shares():
 
 
 def test_lazy_counts():
-    mask = torch.tensor([0, 1, 1, 0, 2])
+    mask = torch.tensor([0, 1, 1, 0, 1])
     assert int(LazyCount(mask)) == 3
     assert int(LazyCount(mask, offset=4)) == 7
+    assert int(LazyCount(torch.tensor([True, False, True]))) == 2
     row = SampleStats(call=1, row=0, text_count=LazyCount(mask, 1))
     assert row.text_tokens == 4 and row.text_count == 4 and type(row.text_count) is int
     row.text_tokens = torch.tensor(5)
