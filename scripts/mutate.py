@@ -32,8 +32,8 @@ LLM_TESTS = ["tests/test_llm_stage.py", "-k",
              "or (forward_equals_reference and B3 and qwen2_5_vl and fastv) or (sdpa and qwen2_5_vl) "
              "or budgets or renumbered or (loss_covers and llava) or scores_equal or out_of_range or averaged "
              "or llm_config or text_only_row or bookkeeping"]
-HANDLE_TESTS = ["tests/test_projector_stage.py", "tests/test_input_rule.py", "-k",
-                "(forward_equals and pool) or (generate_equals and pool and (llava_onevision or qwen2_5_vl)) "
+HANDLE_TESTS = ["tests/test_core_handle.py", "tests/test_projector_stage.py", "tests/test_input_rule.py", "-k",
+                "core_handle or (forward_equals and pool) or (generate_equals and pool and (llava_onevision or qwen2_5_vl)) "
                 "or loss_equals or qwen_positions or renumber_positions or modalities_option "
                 "or pass_through or keep_above or keep_within"]
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
