@@ -649,3 +649,75 @@ def test_timer_on_the_host():
         time.sleep(0.01)
         raise RuntimeError("in the block")
     assert float(failed) >= 5.0  # recorded when the block raises too
+
+
+# ----- plugins: entry points of a fake installed distribution ----------------------------------------------------
+
+PLUGIN = '''
+import dataclasses
+
+from tokenreduce.core.config import MethodConfig
+from tokenreduce.core.registry import register_method
+
+
+@dataclasses.dataclass
+class UnitConfig(MethodConfig):
+    pass
+
+
+@register_method("{name}", config_cls=UnitConfig, stages="projector", description="unit plugin")
+class UnitMethod:
+    stages = ("projector",)
+
+    def __init__(self, config):
+        raise AssertionError("a class named by an entry point is not instantiated")
+'''
+
+
+@pytest.fixture
+def plugins(monkeypatch, tmp_path):
+    """A fake distribution on ``sys.path`` and a registry that has loaded no plugin yet (restored after)."""
+    import sys
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    monkeypatch.setattr(registry, "_PLUGIN_ERRORS", {})
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def install(entry_points: dict[str, str], modules: dict[str, str]) -> None:
+        info = tmp_path / "fake_tr_unit-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-tr-unit\nVersion: 0.1\n")
+        lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+        (info / "entry_points.txt").write_text(f"[tokenreduce.methods]\n{lines}\n")
+        for module, source in modules.items():
+            (tmp_path / f"{module}.py").write_text(source)
+
+    yield install
+    for name in [m for m in sys.modules if m.startswith("fake_tr_unit")]:
+        del sys.modules[name]
+
+
+def test_plugin_modules_and_classes_load_without_being_called(plugins):
+    import warnings
+
+    plugins({"by_module": "fake_tr_unit_a", "by_class": "fake_tr_unit_b:UnitMethod"},
+            {"fake_tr_unit_a": PLUGIN.format(name="unit_a"), "fake_tr_unit_b": PLUGIN.format(name="unit_b")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a module or class called as a function would warn
+        names = registry.list_methods("unit_*")
+    assert names == ["unit_a", "unit_b"] and registry._PLUGIN_ERRORS == {}
+    assert registry.get_method("unit_b").description == "unit plugin"
+
+
+def test_a_failing_plugin_is_recorded_and_warned_in_one_line(plugins):
+    plugins({"broken": "fake_tr_unit_c:register"},
+            {"fake_tr_unit_c": "def register():\n    raise KeyError('no such thing')\n"})
+    with pytest.warns(RuntimeWarning) as caught:
+        registry.load_plugins()
+    assert registry._PLUGIN_ERRORS == {"broken (fake-tr-unit)": "KeyError: 'no such thing'"}
+    assert [str(w.message) for w in caught] == [
+        "tokenreduce method plugin broken (fake-tr-unit) = 'fake_tr_unit_c:register' failed to load: "
+        "KeyError: 'no such thing'"]
+    registry.load_plugins()  # once per process: no second warning
+    assert registry._plugins_loaded is True
