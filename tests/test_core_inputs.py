@@ -94,7 +94,7 @@ def test_positions_of_a_qwen_call_without_ids():
     text = [[0, 0, 1, 2], [0, 1, 2, 3]]
     assert got.tolist() == [text] * 3
     got = plain_embeds_positions(adapter, {"inputs_embeds": embeds}, True)
-    assert got.tolist() == [[[0, 1, 2, 3]] * 2] * 3
+    assert got.tolist() == [[[0, 1, 2, 3]] * 2] * 3 and got.dtype == torch.long
     # forward with no earlier call: consecutive positions, counting on from a cache's length
     model.model.rope_deltas = None
     got = plain_embeds_positions(adapter, {"inputs_embeds": embeds, "attention_mask": mask}, False)
@@ -104,6 +104,14 @@ def test_positions_of_a_qwen_call_without_ids():
     for key in ("cache", "past_key_values"):
         got = plain_embeds_positions(adapter, {"inputs_embeds": embeds, key: cache}, False)
         assert got.tolist() == [[[3, 4, 5, 6]] * 2] * 3
+    # an earlier call's M-RoPE offsets: the plain model adds them to the mask's text positions, or to the
+    # positions after the cache (transformers' rule for a call without ids, written out)
+    model.model.rope_deltas = T([[2], [5]])
+    got = plain_embeds_positions(adapter, {"inputs_embeds": embeds, "attention_mask": mask}, False)
+    assert got.tolist() == [[[2, 2, 3, 4], [5, 6, 7, 8]]] * 3
+    got = plain_embeds_positions(adapter, {"inputs_embeds": embeds, "cache": cache}, False)
+    assert got.tolist() == [[[5, 6, 7, 8], [8, 9, 10, 11]]] * 3
+    model.model.rope_deltas = None
 
 
 def test_inputs_embeds_refused_where_a_placeholder_stands_for_many_tokens():
