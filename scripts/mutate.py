@@ -32,10 +32,12 @@ LLM_TESTS = ["tests/test_llm_stage.py", "-k",
              "or (forward_equals_reference and B3 and qwen2_5_vl and fastv) or (sdpa and qwen2_5_vl) "
              "or budgets or renumbered or (loss_covers and llava) or scores_equal or out_of_range or averaged "
              "or llm_config or text_only_row or bookkeeping"]
-HANDLE_TESTS = ["tests/test_projector_stage.py", "tests/test_input_rule.py", "-k",
-                "(forward_equals and pool) or (generate_equals and pool and (llava_onevision or qwen2_5_vl)) "
+HANDLE_TESTS = ["tests/test_core_handle.py", "tests/test_projector_stage.py", "tests/test_input_rule.py",
+                "tests/test_plain_inputs.py", "-k",
+                "core_handle or qwen_two_dimensional or qwen_generate_without "
+                "or (inputs_embeds and pool and qwen2_5_vl) or (forward_equals and pool) or (generate_equals and pool and (llava_onevision or qwen2_5_vl)) "
                 "or loss_equals or qwen_positions or renumber_positions or modalities_option "
-                "or pass_through or keep_above or keep_within"]
+                "or (pass_through and not placeholders_without) or keep_above or keep_within"]
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "metrics": (["tokenreduce/eval/metrics.py"], ["tests/metrics"]),
     "llm-select": (
@@ -67,16 +69,29 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     # The handle's input rule, placeholders, rows and rebuilt sequences: the projector-stage oracles (two
     # families, image / video / anyres, batches with padding) plus the pass-through and refusal paths.
     "handle": (["tokenreduce/core/handle.py"], HANDLE_TESTS),
+    # The core's pure-Python parts: configs, the registry, FLOPs and statistics, against their unit tests
+    # (no model in most: each mutant runs in seconds).
     "core": (
         [
-            "tokenreduce/core/api.py",
             "tokenreduce/core/config.py",
             "tokenreduce/core/flops.py",
+            "tokenreduce/core/registry.py",
+            "tokenreduce/core/stats.py",
+        ],
+        ["tests/test_config.py", "tests/test_core_units.py", "tests/test_registry_plugins.py"],
+    ),
+    # The public entry points on tiny models: wrap's refusals, unwrap, disabled, stats.
+    "api": (["tokenreduce/core/api.py"], ["tests/test_core_api.py", "tests/test_wrap.py", "-k",
+             "core_api or unsupported_model or submodule or bare_tower or twice"]),
+    "inputs": (["tokenreduce/core/inputs.py"], ["tests/test_core_inputs.py", "tests/test_plain_inputs.py", "-k",
+               "core_inputs or docowl or (inputs_embeds and (pool or fastv) and (llava_onevision or qwen2_5_vl))"]),
+    "continuation": (["tokenreduce/core/continuation.py"], ["tests/test_core_continuation.py", "tests/test_continuation.py",
+                     "-k", "core_continuation or refused or lines_up or reset"]),
+    "core-rest": (
+        [
             "tokenreduce/core/layout.py",
             "tokenreduce/core/lowrank.py",
             "tokenreduce/core/reduction.py",
-            "tokenreduce/core/registry.py",
-            "tokenreduce/core/stats.py",
             "tokenreduce/core/vision.py",
         ],
         ["tests/test_wrap.py", "tests/test_config.py", "tests/test_layout.py", "tests/test_projector_stage.py"],
@@ -157,6 +172,10 @@ def run_group(name: str, files: list[str], tests: list[str], max_children: int,
     names = mutant_patterns(functions or [])
     if survivors:
         names = unresolved(files)
+        if functions:  # the named functions' survivors only (all their mutants where the file changed)
+            patterns = mutant_patterns(functions)
+            names = (patterns if any("*" in n for n in names)
+                     else [n for n in names if any(fnmatch(n, p) for p in patterns)])
         if not names:
             print(f"== {name}: no survivor left to rerun")
             summarize(files, status_by_exit_code)

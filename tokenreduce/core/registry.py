@@ -69,7 +69,7 @@ def register_method(
     """
     if isinstance(stages, str):
         stages = (stages,)
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"method name must match {_NAME.pattern!r}, got {name!r}")
     if stages is not None and (not stages or any(s not in STAGES for s in stages)):
         raise ValueError(f"`stages` must be a non-empty subset of {STAGES}, got {stages!r}")
@@ -94,7 +94,7 @@ def register_method(
             config_cls=config_cls,
             method_cls=method_cls,
             stages=declared,
-            description=description or (method_cls.__doc__ or "").strip().splitlines()[0],
+            description=description or next(iter((method_cls.__doc__ or "").strip().splitlines()), ""),
             families=families,
             modalities=modalities,
         )
