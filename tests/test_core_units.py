@@ -608,16 +608,24 @@ def test_stats_summary_and_repr():
     })
     assert set(summary) == {"samples", "visual_tokens_in", "visual_tokens_out", "keep_ratio",
                             "layer_mean_keep_ratio", "reducer_ms", "prefill_flops_ratio"}
-    assert repr(stats) == (
-        f"Stats(samples=2, visual tokens 20.0 -> 7.0 (35.0%) at the deepest layer, layer mean 60.0%, "
-        f"prefill FLOPs ratio {flops / full:.3f}, reducer 2.00 ms/sample)")
+    lines = [
+        "Stats(samples=2, calls=1, 2 image(s))",
+        "  visual tokens in      20.0 -> 7.0 (35.0%) at the deepest layer",
+        "  at the LLM input      17.0 (85.0%)",  # (4 + 30) / 2 of (10 + 30) / 2
+        "  per LLM layer         layers 0: 17, 1: 7",  # layer 1: (4 + 10) / 2
+        "  layer mean            12.0 (60.0%)",
+        f"  prefill FLOPs ratio   {flops / full:.3f}",
+        "  reducer time          2.00 ms/sample",
+    ]
+    assert repr(stats) == "\n".join(lines)
     stats.budget = 0.5
     summary = stats.summary()
     assert summary["budget"] == 0.5 and summary["budget_missed"] is True  # 0.6 is 20 % over
-    assert "budget 50.0% MISSED by more than 10%, layer mean 60.0%" in repr(stats)
+    budget = "  budget                {} asked, 60.0% achieved (layer mean): {}"
+    assert repr(stats) == "\n".join([*lines[:5], budget.format("50.0%", "MISSED by more than 10%"), *lines[5:]])
     stats.budget = 0.625
     assert stats.summary()["budget_missed"] is False  # 0.6 is 4 % under
-    assert "budget 62.5%, layer mean 60.0%" in repr(stats)
+    assert repr(stats) == "\n".join([*lines[:5], budget.format("62.5%", "within 10%"), *lines[5:]])
     assert stats.to_dict() == {"summary": stats.summary(), "samples": [a.to_dict(), b.to_dict()]}
 
 
