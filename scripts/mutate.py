@@ -47,7 +47,12 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         LLM_TESTS,
     ),
     "llm-core": (["tokenreduce/core/llm.py"], LLM_TESTS),
-    "atp": (["tokenreduce/plugins/atp/method.py", "tokenreduce/plugins/atp/scores.py"], LLM_TESTS),
+    # ATP's own oracles (its definition in `_atp_select`) on two families, the uneven budgets, the
+    # current-layer / self-weight cases and `tests/test_atp.py`, not the whole LLM selection.
+    "atp": (["tokenreduce/plugins/atp/method.py", "tokenreduce/plugins/atp/scores.py"],
+            ["tests/test_llm_stage.py", "tests/test_atp.py", "tests/test_atp_config.py", "-k",
+             "(atp and B3 and (llava_onevision or qwen2_5_vl)) or (atp and (uneven or current or self "
+             "or own_choice)) or test_atp"]),
     "sequence": (["tokenreduce/core/sequence.py"], ["tests/test_sequence.py"]),
     "pool": (["tokenreduce/plugins/baselines/pool.py", "tokenreduce/ops/pooling.py"], ["tests/test_pool_plan.py", "tests/test_selection.py", "-k", "pool or plan"]),
     "divprune": (["tokenreduce/plugins/baselines/divprune.py"], ["tests/test_selection.py", "-k", "divprune"]),
