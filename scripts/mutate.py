@@ -67,7 +67,19 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tokenreduce/plugins/baselines/prumerge.py",
             "tokenreduce/ops/selection.py",
         ],
-        ["tests/test_vision_stage.py", "tests/test_ops_selection.py"],
+        # the step-by-step references of every function, the [CLS] top-k oracle, ToMe on a bare tower and
+        # each baseline's forward / generate oracle on LLaVA-1.5 (the anyres families add minutes a mutant)
+        ["tests/test_vision_methods.py", "tests/test_ops_selection.py"]
+        + [f"tests/test_vision_stage.py::{t}" for t in (
+            "test_tome_merge_step_equals_loop_reference", "test_tome_schedule",
+            "test_tome_projector_merges_by_similarity_into_member_means", "test_visionzip_select_equals_reference",
+            "test_prumerge_group_equals_reference", "test_visionzip_dominant_tokens_are_the_towers_cls_top_k",
+            "test_tower_keep_all_unwrap_and_isolation[hf_clip]", "test_baseline_oracles[tome-llava]",
+            "test_baseline_oracles[visionzip-llava]", "test_baseline_oracles[prumerge-llava]",
+            "test_baseline_oracles[prumerge_plus-llava]")]
+        + [f"tests/test_fidelity.py::{t}" for t in (
+            "test_prumerge_reference_equals_the_official_pipeline", "test_visionzip_reference_equals_the_official_pipeline",
+            "test_tome_reference_order_equals_official_merges")],
     ),
     # The handle's input rule, placeholders, rows and rebuilt sequences: the projector-stage oracles (two
     # families, image / video / anyres, batches with padding) plus the pass-through and refusal paths.

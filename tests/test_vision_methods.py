@@ -394,3 +394,20 @@ def test_prumerge_reference_equals_the_official_definition(plus, neighbors):
     _, ref_outputs, _ = _prumerge_definition(hidden, attn, keys, order, neighbors)
     torch.testing.assert_close(outputs, ref_outputs, atol=1e-5, rtol=1e-5)
     assert assignment.tolist() == [order.index(j) if j in order else len(order) for j in range(n)]
+
+
+@pytest.mark.parametrize("keep, k", [(0.3, 5), (4, 4), (1.0, 14)])  # ceil(0.3 * 14 = 4.2) = 5
+@pytest.mark.parametrize("variant", ["default", "reference"])
+def test_tome_projector_reduce_stands_each_merged_token_at_its_first_member(keep, k, variant):
+    from tokenreduce.core.layout import TokenLayout
+    from tokenreduce.core.reduction import ReduceContext
+
+    torch.manual_seed(k)
+    x = torch.randn(14, 6)
+    spec = get_method("tome_projector")
+    context = ReduceContext(layout=TokenLayout.flat("image", 14), modality="image", row=0, item=0)
+    reduction = spec.method_cls(spec.config_cls(keep=keep, variant=variant)).reduce(x, context)
+    merged, slot = merge_tokens(x, k, "spatial" if variant == "default" else "reference")
+    torch.testing.assert_close(reduction.features, merged)
+    assert reduction.assignment.tolist() == slot.tolist()
+    assert reduction.sources.tolist() == [min(i for i in range(14) if int(slot[i]) == j) for j in range(k)]
