@@ -58,7 +58,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "divprune": (["tokenreduce/plugins/baselines/divprune.py"], ["tests/test_selection.py", "-k", "divprune"]),
     "projector": (
         ["tokenreduce/plugins/baselines/random.py", "tokenreduce/ops/vision.py"],
-        ["tests/test_selection.py", "tests/test_vision_stage.py", "tests/test_ops_vision.py"],
+        ["tests/test_selection.py", "tests/test_random_config.py", "tests/test_vision_stage.py", "tests/test_ops_vision.py"],
     ),
     "vision": (
         [
