@@ -180,7 +180,9 @@ def _definition(options, grid):
         w = options.get("self_weight", 0.5)
         scores = [math.log(max(v, 1e-6)) for v in (w * self_imp + (1 - w) * cross).tolist()]
         keep = options["keep"][stage]
-        if keep >= 1:
+        if "heads" in options:  # trained heads: a fixed redundancy threshold; sampled tokens pass when their
+            threshold = options["heads"][0]  # spatial score 1 - rate * scale exceeds the spatial one
+        elif keep >= 1:
             threshold = -math.inf
         elif options.get("threshold_rule", "mean_std") == "quantile":
             threshold = _quantile(scores, 1 - keep)
@@ -189,6 +191,8 @@ def _definition(options, grid):
             threshold = statistics.fmean(scores) + statistics.NormalDist().inv_cdf(1 - keep) * spread
         rate = options["spatial_rates"][stage]
         stride = max(1, round(1 / math.sqrt(rate))) if rate > 0 else 0
+        if "heads" in options and not 1 - rate * options["heads"][2] > options["heads"][1]:
+            stride = 0
         out = []
         for c, s in zip(visual.tolist(), scores):
             layout, j = grid[row][c]
@@ -212,6 +216,8 @@ RULES = {
     "self-only": dict(layers=(2, 4), keep=(0.4, 0.6), spatial_rates=(0.0, 0.0), self_weight=1.0),
     # spatial sampling at a rate whose stride rounds (1 / sqrt(0.3) = 1.83 -> 2) and at the second stage
     "sampling-at-stage-2": dict(layers=(1, 3), keep=(0.6, 0.2), spatial_rates=(0.3, 0.11)),
+    # a rate of 1: stride 1, every content token sampled
+    "sampling-everything": dict(layers=(2, 4), keep=(0.3, 0.5), spatial_rates=(1.0, 0.0)),
 }
 
 
@@ -257,3 +263,78 @@ def test_at_budget_config_runs_at_its_default_layers(model):
     finally:
         tr.unwrap(model)
     assert average_keep([1, 3, 4], [config.keep[0] ** (i + 1) for i in range(3)], NUM_LAYERS) == pytest.approx(0.45)
+
+
+def test_trained_heads_bring_their_layers_rates_and_spatial_scale(model, tmp_path):
+    """With ``layers`` unset, heads prune at their own layers with their spatial rates and score scale:
+    heads whose thresholds are constants (zero weights, biases ``theta_r = 0.1``, ``theta_s = 0.4``) keep a
+    token above 0.1, and a sampled one since ``1 - 0.25 * 2.0 = 0.5 > 0.4`` (the config's scale 3.0 would
+    give 0.25, below it)."""
+    from tokenreduce.plugins.atp import ThresholdHeads
+
+    heads = ThresholdHeads([1, 3], spatial_rates=(0.25, 0.0), spatial_score_scale=2.0)
+    with torch.no_grad():
+        for mlp in heads.mlps:
+            mlp[-1].bias.copy_(torch.tensor([0.1, 0.4]))
+    heads.save_pretrained(tmp_path / "heads")
+    batch = tiny_batch(model, default_rows("llava_onevision", video=True))
+    tr.wrap(model, "atp", heads=str(tmp_path / "heads"))
+    try:
+        method = get_handle(model).method
+        assert (tuple(method.layers), method.spatial_rates, method.spatial_score_scale) == ((1, 3), (0.25, 0.0), 2.0)
+        with torch.no_grad():
+            logits = model(**batch).logits
+        stages = {s.layer: s.columns.clone() for s in get_handle(model).llm_stage.stages}
+    finally:
+        tr.unwrap(model)
+    options = dict(layers=(1, 3), keep=(0.5, 0.5), spatial_rates=(0.25, 0.0), heads=(0.1, 0.4, 2.0))
+    reference, kept = llm_stage_reference(model, batch, (1, 3), _definition(options, visual_tokens(model, batch)))
+    ids = batch["input_ids"]
+    for layer, cols in stages.items():
+        for r in range(ids.shape[0]):
+            c = cols[r][cols[r] >= 0]
+            got = c[(ids[r, c] == IMAGE_TOKEN) | (ids[r, c] == VIDEO_TOKEN)]
+            assert got.tolist() == kept[layer][r].tolist(), f"stage {layer} row {r}"
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
+
+    ThresholdHeads([1, 3]).save_pretrained(tmp_path / "bare")  # no spatial rates saved
+    with pytest.raises(ValueError) as error:
+        tr.wrap(model, "atp", heads=str(tmp_path / "bare"))
+    assert str(error.value) == ("`heads` prune at layers [1, 3] but carry no spatial rates; set `layers` and "
+                                "`spatial_rates` to what they were trained with")
+    with pytest.raises(ValueError) as error:
+        tr.wrap(model, "atp", heads=str(tmp_path / "heads"), layers=(1, 4), keep=(0.5, 0.5), spatial_rates=(0.0, 0.0))
+    assert str(error.value) == ("`heads` were trained for layers [1, 3], the config prunes at [1, 4]; "
+                                "set `layers` to match")
+    with pytest.raises(ValueError, match="`layers`"):
+        tr.wrap(model, "atp", layers=(1, 9), keep=(0.5, 0.5), spatial_rates=(0.0, 0.0))
+
+
+def test_grid_table_per_stride_and_never_from_a_stale_entry():
+    """The sampling grid of every item at each stride (rows and columns at ``stride // 2`` modulo the stride,
+    content tokens only), items laid end to end; a cached entry is only used for the same layout objects and
+    the same stride."""
+    from types import SimpleNamespace
+
+    from tokenreduce.core.layout import TokenLayout
+    from tokenreduce.plugins.atp import scores
+
+    items = [SimpleNamespace(layout=TokenLayout.grid("image", 4, 5)), SimpleNamespace(layout=TokenLayout.grid("image", 3, 3))]
+
+    def expected(stride):
+        out = []
+        for item in items:
+            lay = item.layout
+            out += [bool(lay.content_mask[j]) and int(lay.rows[j]) % stride == stride // 2
+                    and int(lay.cols[j]) % stride == stride // 2 for j in range(lay.num_tokens)]
+        return out
+
+    cpu = torch.device("cpu")
+    for stride in (2, 3, 1, 2):
+        table, start = scores._grid_table(items, stride, cpu)
+        assert table.tolist() == expected(stride) and start.tolist() == [0, 20]
+    key = (2, cpu, tuple(id(item.layout) for item in items))
+    scores._GRIDS[key] = ([object(), object()], torch.zeros(29, dtype=torch.bool), torch.tensor([0, 20]))
+    table, _ = scores._grid_table(items, 2, cpu)
+    assert table.tolist() == expected(2)
