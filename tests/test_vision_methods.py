@@ -411,3 +411,52 @@ def test_tome_projector_reduce_stands_each_merged_token_at_its_first_member(keep
     torch.testing.assert_close(reduction.features, merged)
     assert reduction.assignment.tolist() == slot.tolist()
     assert reduction.sources.tolist() == [min(i for i in range(14) if int(slot[i]) == j) for j in range(k)]
+
+
+def test_uniform_fill_at_one_pick_and_one_free_position():
+    kept = torch.tensor([0, 4])
+    assert uniform_fill(kept, 10, total=3).tolist() == [1]  # one more: the first free position
+    assert uniform_fill(torch.arange(9), 10, total=10).tolist() == [9]  # the one free position
+    assert uniform_fill(torch.zeros(0, dtype=torch.long), 5).tolist() == []  # neither step nor total: none
+
+
+def test_prumerge_plus_stride_skips_the_top_token_only():
+    """One outlier at position 0 (on every stride): the stride floor(12 / 1 / 3) = 4 adds 4 and 8 only."""
+    attn = torch.full((12,), 0.01)
+    attn[0] = 1.0
+    assert group_counts(attn, 12, PruMergeConfig(), plus=True).tolist() == [1, 2]
+    attn[0], attn[5] = 0.01, 1.0  # the outlier off the stride: 0, 4 and 8 are added
+    assert group_counts(attn, 12, PruMergeConfig(), plus=True).tolist() == [1, 3]
+
+
+def test_tome_reduce_without_a_tower_run_keeps_every_token():
+    """Features computed elsewhere (no merge recorded): every token stands for itself."""
+    from tokenreduce.core.layout import TokenLayout
+    from tokenreduce.core.reduction import ReduceContext
+
+    spec = get_method("tome")
+    method = spec.method_cls(spec.config_cls(r=2))
+    method.records = []
+    x = torch.randn(6, 5)
+    reduction = method.reduce(x, ReduceContext(layout=TokenLayout.flat("image", 6), modality="image", row=0, item=0))
+    assert reduction.sources.tolist() == list(range(6)) and reduction.features is None
+
+
+def test_tome_on_a_bare_tower_records_patches_in_and_out():
+    """CLIP at 56 / 14: 16 patches and a class token; r = 2 in each of 3 blocks merges 6: 10 left per image."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    import tokenreduce as tr
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=56, patch_size=14)).eval()
+    tr.wrap(tower, "tome", r=2)
+    try:
+        with torch.no_grad():
+            out = tower(pixel_values=torch.randn(2, 3, 56, 56)).last_hidden_state
+        samples = tr.stats(tower).samples
+    finally:
+        tr.unwrap(tower)
+    assert out.shape == (2, 1 + 10, 32)
+    assert [(s.items[0].modality, s.items[0].tokens_in, s.items[0].tokens_out) for s in samples] == [("image", 16, 10)] * 2
