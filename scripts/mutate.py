@@ -102,6 +102,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["tokenreduce/kernels/*/naive.py", "tokenreduce/kernels/*/__init__.py", "tokenreduce/kernels/_backend.py"],
         ["tests/kernels"],
     ),
+    # TCC's density, budgets, choice and merge: the step-by-step references of tests/doc_correlation
+    "doc_correlation": (["tokenreduce/plugins/doc_correlation/*.py"], ["tests/doc_correlation/test_density.py"]),
     "runner": (["tokenreduce/eval/runner.py"], ["tests/eval_runner/test_runner.py"]),
     "cli": (["tokenreduce/cli.py"], ["tests/eval_runner/test_cli.py"]),
 }
