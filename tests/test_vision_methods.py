@@ -61,6 +61,8 @@ def test_tome_config():
     # 0.3 * 10 is 3.0000000000000004 in floats: the target is 3, not 4
     ((10, 2, None, 0.3), [4, 3]),
     ((10, 2, None, 1.0), [0, 0]),
+    # a target of one token: ceil(9/5) = 2, ceil(7/4) = 2, ceil(5/3) = 2, ceil(3/2) = 2, then 1
+    ((10, 5, None, 0.1), [2, 2, 2, 2, 1]),
     # fixed r, capped at half of what remains and at leaving one token
     ((7, 4, 3, None), [3, 2, 1, 0]),
     ((9, 3, 0, None), [0, 0, 0]),
@@ -230,7 +232,7 @@ def test_visionzip_select_edge_counts_equal_the_definition(n, dominant, contextu
     assert slot.tolist() == [ref_slot[i] for i in range(n)]
 
 
-@pytest.mark.parametrize("n, dominant, contextual", [(16, 6, 3), (12, 4, 0), (10, 3, 20)])
+@pytest.mark.parametrize("n, dominant, contextual", [(16, 6, 3), (12, 4, 0), (10, 3, 20), (10, 1, 1)])
 def test_visionzip_reference_equals_the_official_definition(n, dominant, contextual):
     """The official code: [CLS] counts among ``dominant``; dominant patches ascending after it; contextual
     targets every ``rest // contextual``-th of the rest, merged with the mean of their members."""
@@ -375,7 +377,7 @@ def test_prumerge_group_of_one_token():
 
 
 @pytest.mark.parametrize("plus", [False, True])
-@pytest.mark.parametrize("neighbors", [3, 0])
+@pytest.mark.parametrize("neighbors", [3, 0, 1])
 def test_prumerge_reference_equals_the_official_definition(plus, neighbors):
     """The official count ``int(n * outliers / n)``; PruMerge+ adds ``arange(0, n - 1, int(int(1 / ratio) / 3))``
     not already kept; kept tokens by decreasing attention, then the extra token of the pruned ones."""
@@ -460,3 +462,19 @@ def test_tome_on_a_bare_tower_records_patches_in_and_out():
         tr.unwrap(tower)
     assert out.shape == (2, 1 + 10, 32)
     assert [(s.items[0].modality, s.items[0].tokens_in, s.items[0].tokens_out) for s in samples] == [("image", 16, 10)] * 2
+
+
+@pytest.mark.parametrize("n", [5, 2])
+def test_prumerge_reference_of_one_outlier_among_few_patches(n):
+    """One outlier of 5: ratio 0.2, PruMerge+'s step int(int(5.0) / 3) = 1 adds patches 0, 1, 3 (not the last);
+    of 2 patches the kept one absorbs the other as its one neighbour."""
+    attn = torch.full((n,), 0.05)
+    attn[n // 2] = 0.8
+    torch.manual_seed(n)
+    hidden, keys = torch.randn(n, 4), torch.randn(n, 3)
+    for plus in (False, True) if n > 2 else (False,):  # of 2 with PruMerge+ nothing is pruned
+        kept, outputs, _ = prumerge_reference(hidden, attn, keys, PruMergeConfig(neighbors=4), plus)
+        expected = [n // 2] + ([i for i in range(0, n - 1) if i != n // 2] if plus else [])
+        assert kept.tolist() == expected
+        _, ref_outputs, _ = _prumerge_definition(hidden, attn, keys, expected, 4)
+        torch.testing.assert_close(outputs, ref_outputs, atol=1e-5, rtol=1e-5)
