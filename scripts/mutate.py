@@ -79,7 +79,9 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "test_baseline_oracles[prumerge_plus-llava]")]
         + [f"tests/test_fidelity.py::{t}" for t in (
             "test_prumerge_reference_equals_the_official_pipeline", "test_visionzip_reference_equals_the_official_pipeline",
-            "test_tome_reference_order_equals_official_merges")],
+            "test_tome_reference_order_equals_official_merges")]
+        # PruMerge+'s adaptive count and stride (no other test of the selection reaches them)
+        + ["tests/hot/test_method_selection.py::test_prumerge_plus_kept_set_equals_the_definition"],
     ),
     # The handle's input rule, placeholders, rows and rebuilt sequences: the projector-stage oracles (two
     # families, image / video / anyres, batches with padding) plus the pass-through and refusal paths.
