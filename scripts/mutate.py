@@ -49,13 +49,18 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         LLM_TESTS,
     ),
     "llm-core": (["tokenreduce/core/llm.py"], LLM_TESTS),
-    "atp": (["tokenreduce/plugins/atp/method.py", "tokenreduce/plugins/atp/scores.py"], LLM_TESTS),
+    # ATP's own oracles (its definition in `_atp_select`) on two families, the uneven budgets, the
+    # current-layer / self-weight cases and `tests/test_atp.py`, not the whole LLM selection.
+    "atp": (["tokenreduce/plugins/atp/method.py", "tokenreduce/plugins/atp/scores.py"],
+            ["tests/test_llm_stage.py", "tests/test_atp.py", "tests/test_atp_config.py", "-k",
+             "(atp and B3 and (llava_onevision or qwen2_5_vl)) or (atp and (uneven or current or self "
+             "or own_choice)) or test_atp"]),
     "sequence": (["tokenreduce/core/sequence.py"], ["tests/test_sequence.py"]),
     "pool": (["tokenreduce/plugins/baselines/pool.py", "tokenreduce/ops/pooling.py"], ["tests/test_pool_plan.py", "tests/test_selection.py", "-k", "pool or plan"]),
     "divprune": (["tokenreduce/plugins/baselines/divprune.py"], ["tests/test_selection.py", "-k", "divprune"]),
     "projector": (
         ["tokenreduce/plugins/baselines/random.py", "tokenreduce/ops/vision.py"],
-        ["tests/test_selection.py", "tests/test_vision_stage.py", "tests/test_ops_vision.py"],
+        ["tests/test_selection.py", "tests/test_random_config.py", "tests/test_vision_stage.py", "tests/test_ops_vision.py"],
     ),
     "vision": (
         [
@@ -64,7 +69,21 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tokenreduce/plugins/baselines/prumerge.py",
             "tokenreduce/ops/selection.py",
         ],
-        ["tests/test_vision_stage.py", "tests/test_ops_selection.py"],
+        # the step-by-step references of every function, the [CLS] top-k oracle, ToMe on a bare tower and
+        # each baseline's forward / generate oracle on LLaVA-1.5 (the anyres families add minutes a mutant)
+        ["tests/test_vision_methods.py", "tests/test_ops_selection.py"]
+        + [f"tests/test_vision_stage.py::{t}" for t in (
+            "test_tome_merge_step_equals_loop_reference", "test_tome_schedule",
+            "test_tome_projector_merges_by_similarity_into_member_means", "test_visionzip_select_equals_reference",
+            "test_prumerge_group_equals_reference", "test_visionzip_dominant_tokens_are_the_towers_cls_top_k",
+            "test_tower_keep_all_unwrap_and_isolation[hf_clip]", "test_baseline_oracles[tome-llava]",
+            "test_baseline_oracles[visionzip-llava]", "test_baseline_oracles[prumerge-llava]",
+            "test_baseline_oracles[prumerge_plus-llava]")]
+        + [f"tests/test_fidelity.py::{t}" for t in (
+            "test_prumerge_reference_equals_the_official_pipeline", "test_visionzip_reference_equals_the_official_pipeline",
+            "test_tome_reference_order_equals_official_merges")]
+        # PruMerge+'s adaptive count and stride (no other test of the selection reaches them)
+        + ["tests/hot/test_method_selection.py::test_prumerge_plus_kept_set_equals_the_definition"],
     ),
     # The handle's input rule, placeholders, rows and rebuilt sequences: the projector-stage oracles (two
     # families, image / video / anyres, batches with padding) plus the pass-through and refusal paths.
@@ -100,6 +119,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["tokenreduce/kernels/*/naive.py", "tokenreduce/kernels/*/__init__.py", "tokenreduce/kernels/_backend.py"],
         ["tests/kernels"],
     ),
+    # TCC's density, budgets, choice and merge: the step-by-step references of tests/doc_correlation
+    "doc_correlation": (["tokenreduce/plugins/doc_correlation/*.py"], ["tests/doc_correlation/test_density.py"]),
     "runner": (["tokenreduce/eval/runner.py"], ["tests/eval_runner/test_runner.py"]),
     "cli": (["tokenreduce/cli.py"], ["tests/eval_runner/test_cli.py"]),
 }
