@@ -147,6 +147,10 @@ class MethodConfig:
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
         """Build the config of the method named in ``data["method"]`` (or of ``cls`` if it is concrete)."""
         data = dict(data)
+        if "stack" in data and cls is MethodConfig:
+            from tokenreduce.core.stack import stack_from_dict  # the stack module builds on this one
+
+            return stack_from_dict(data)
         name = data.pop("method", None) or cls.method
         if not name:
             raise ValueError("config dict has no `method` entry")
