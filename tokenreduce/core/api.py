@@ -97,7 +97,7 @@ def wrap(model: nn.Module, method: str | MethodConfig | Sequence[str | MethodCon
             config = config_at_budget(method, budget, num_layers, **options)
     else:
         raise TypeError(
-            f"`method` must be a method name, a MethodConfig or a list of them (a stack), got {type(method).__name__}"
+            f"`method` must be a method name or a MethodConfig, or a list of them (a stack), got {type(method).__name__}"
         )
     spec = spec_of(config)
     if isinstance(config, StackConfig):
