@@ -595,7 +595,7 @@ class ModelHandle:
 
     def _note_unreduced(self, modality: str, item: int, row: int, n: int, acted: bool, red: Reduction) -> None:
         """Record (and warn once about) an item a count-changing method could not act on."""
-        name = self.spec.name
+        name = config_in(self.config, "projector").method  # a stack: its member reducing the items
         if not any(s in COUNT_CHANGING_STAGES for s in self.spec.stages):
             return
         if not acted and modality not in self.spec.modalities:
