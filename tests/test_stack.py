@@ -203,3 +203,19 @@ def test_vision_only_then_projector_composes_sources(llava):
         assert item.reduction.num_tokens == -(-info["tokens_in"] // 2)
         assert item.reduction.sources.unique().numel() == item.reduction.num_tokens
     assert stages["vision"]["tokens_out"] == stages["projector"]["tokens_in"] < stages["vision"]["tokens_in"]
+
+
+def test_decode_member_helpers_find_it_in_a_stack(llava):
+    from tokenreduce.core.stack import method_in
+    from tokenreduce.plugins.ares.generation import difficulty_labels
+
+    model, _ = llava
+    tr.wrap(model, "divprune+ares")
+    try:
+        ares = method_in(get_handle(model), "decode")
+        with difficulty_labels(model, ["easy", None, "hard"]):
+            assert ares.labels == ["easy", None, "hard"]
+        assert ares.labels is None
+        assert method_in(get_handle(model), "llm") is None
+    finally:
+        tr.unwrap(model)
