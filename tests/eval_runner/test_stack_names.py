@@ -90,3 +90,16 @@ def test_lmms_eval_model_args_name_a_stack(tiny_llava):
         assert lm.config == stack_config("divprune+fastv", 0.25, model.config.text_config.num_hidden_layers)
     finally:
         tr.unwrap(model)
+
+
+@pytest.mark.parametrize("name", ["image", "document", "video"])
+def test_the_stack_benchmark_grids_are_valid(name):
+    """The equal-FLOPs grids of benchmarks/stacks/ load and name only known methods and valid stacks."""
+    from pathlib import Path
+
+    from tokenreduce.cli import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "benchmarks" / "stacks" / f"{name}.yaml")
+    check_names(cfg["task"], cfg["methods"], cfg.get("method_options", {}), cfg["budgets"])
+    cells = make_cells(cfg["methods"], cfg["budgets"])
+    assert any("+" in c.method for c in cells) and cfg["limit"] >= 300
