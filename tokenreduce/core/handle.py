@@ -41,7 +41,7 @@ from tokenreduce.core.inputs import ids_from_embeds, plain_embeds_positions, reb
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.llm import LLMStage
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
-from tokenreduce.core.registry import MethodSpec
+from tokenreduce.core.registry import STAGES, MethodSpec
 from tokenreduce.core.sequence import Columns, gather_inputs, one_row_index, row_index
 from tokenreduce.core.stack import config_in, spec_of
 from tokenreduce.core.stats import ItemStats, LazyCount, SampleStats, Stats, timer
@@ -100,6 +100,8 @@ class ModelHandle:
         self.spec = spec
         self.config = config
         self.method: Method = spec.method_cls(config)
+        # Per stage, the config of the method acting there (a stack's member; else the one config).
+        self.stage_config = {stage: config_in(config, stage) for stage in STAGES}
         self.stats = Stats()
         self.stats.stages = spec.stages
         self.enabled = True
@@ -272,7 +274,7 @@ class ModelHandle:
     def requested_keep(self, stage: int = 0, where: str = "projector") -> int | None:
         """The token count ``keep`` of the method acting in stage ``where`` asks for (at the ``stage``-th
         pruning layer), or None for a fraction."""
-        keep = getattr(config_in(self.config, where), "keep", None)
+        keep = getattr(self.stage_config[where], "keep", None)
         if isinstance(keep, (tuple, list)):
             keep = keep[stage] if stage < len(keep) else None
         return keep if isinstance(keep, int) and not isinstance(keep, bool) else None
@@ -595,7 +597,7 @@ class ModelHandle:
 
     def _note_unreduced(self, modality: str, item: int, row: int, n: int, acted: bool, red: Reduction) -> None:
         """Record (and warn once about) an item a count-changing method could not act on."""
-        name = config_in(self.config, "projector").method  # a stack: its member reducing the items
+        name = self.stage_config["projector"].method  # a stack: its member reducing the items
         if not any(s in COUNT_CHANGING_STAGES for s in self.spec.stages):
             return
         if not acted and modality not in self.spec.modalities:
@@ -634,7 +636,7 @@ class ModelHandle:
         columns = Columns(index)
         new_mask = columns.take(attention_mask, 0)
 
-        if config_in(self.config, "projector").renumber_positions:
+        if self.stage_config["projector"].renumber_positions:
             positions = adapter.sequential_positions(new_mask)
         else:
             original = inputs.get("position_ids")
@@ -693,7 +695,7 @@ class ModelHandle:
             return self.adapter.embed(ids[keep]) if embeds is None else embeds[row][keep.to(embeds.device)]
 
     def _generator(self) -> torch.Generator | None:
-        seed = getattr(config_in(self.config, "projector"), "seed", None)
+        seed = getattr(self.stage_config["projector"], "seed", None)
         if seed is None:
             return None
         return torch.Generator().manual_seed(int(seed))

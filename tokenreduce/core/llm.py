@@ -41,7 +41,6 @@ from tokenreduce.core.sequence import (
     rope_positions,
     scatter_tokens,
 )
-from tokenreduce.core.stack import config_in
 from tokenreduce.core.stats import timer
 
 # The attribute of a cache that holds the stages of the prefill that filled it.
@@ -429,7 +428,7 @@ class LLMStage:
             # What every column held entering this layer: outside generate, a token dropped here keeps that
             # state (later stages and the final states overwrite the columns they still hold).
             call.dropped.append((columns, hidden))
-            if config_in(handle.config, "llm").renumber_positions:
+            if handle.stage_config["llm"].renumber_positions:
                 cos, sin = self._rotary(new_hidden, renumbered_positions(new_mask))
             else:
                 cos, sin = take.tokens(cos), take.tokens(sin)
@@ -497,7 +496,7 @@ class LLMStage:
     def _layer_kwargs(self, stage: Stage, kwargs: dict, hidden: torch.Tensor) -> dict[str, Any]:
         call = self.call
         cache = call.cache
-        renumber = config_in(self.handle.config, "llm").renumber_positions
+        renumber = self.handle.stage_config["llm"].renumber_positions
         # All ones, known on the host: built from no 2-D mask, as the plain model builds it then.
         unmasked = stage.unmasked and (call.prefill or call.mask2d is None)
         mask2d = None
