@@ -241,7 +241,7 @@ def hide_columns(model, kept, prompt_len, record=None, renumber=False):
             h.remove()
 
 
-def llm_stage_reference(model, batch, layers, select, renumber=False, score_offset=1):
+def llm_stage_reference(model, batch, layers, select, renumber=False, score_offset=1, is_visual=None):
     """What an in-LLM pruning method's definition gives on the UNWRAPPED eager model ``model``.
 
     ``select(stage, attention, visual, text, row)`` returns, of the row's remaining ``visual`` columns, those
@@ -251,21 +251,27 @@ def llm_stage_reference(model, batch, layers, select, renumber=False, score_offs
 
     Returns ``(logits, kept visual columns per stage layer and row)``: logits at every valid column; a
     token dropped at layer ``K`` reads the final norm and LM head of its state entering layer ``K``.
+
+    ``batch`` may give the sequence as ``inputs_embeds`` (a sequence reduced before the LLM, with its
+    ``position_ids``); ``is_visual`` (``[B, L]`` bool) then says which columns are visual tokens.
     """
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    prompt_len = ids.shape[1]
-    is_visual = (ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)
-    visual = [is_visual[r].nonzero().flatten() for r in range(ids.shape[0])]
-    text = [(mask[r].bool() & ~is_visual[r]).nonzero().flatten() for r in range(ids.shape[0])]
+    mask = batch["attention_mask"]
+    prompt_len = mask.shape[1]
+    if is_visual is None:
+        ids = batch["input_ids"]
+        is_visual = (ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)
+    rows = mask.shape[0]
+    visual = [is_visual[r].nonzero().flatten() for r in range(rows)]
+    text = [(mask[r].bool() & ~is_visual[r]).nonzero().flatten() for r in range(rows)]
     kept_visual, kept = {}, {}
     current = visual
     for stage, layer in enumerate(layers):
         with hide_columns(model, kept, prompt_len, renumber=renumber) if kept else nullcontext(), torch.no_grad():
             attentions = model(**batch, output_attentions=True).attentions
         current = [torch.as_tensor(sorted(select(stage, attentions[layer - score_offset][r], current[r], text[r], r)),
-                                   dtype=torch.long) for r in range(ids.shape[0])]
+                                   dtype=torch.long) for r in range(rows)]
         kept_visual[layer] = current
-        kept[layer] = [torch.cat([text[r], current[r]]) for r in range(ids.shape[0])]
+        kept[layer] = [torch.cat([text[r], current[r]]) for r in range(rows)]
     record = {}
     with hide_columns(model, kept, prompt_len, record=record, renumber=renumber), torch.no_grad():
         logits = model(**batch).logits.clone()
@@ -273,7 +279,7 @@ def llm_stage_reference(model, batch, layers, select, renumber=False, score_offs
         head = model.get_output_embeddings()
         remaining = visual
         for layer in layers:
-            for r in range(ids.shape[0]):
+            for r in range(rows):
                 dropped = sorted(set(remaining[r].tolist()) - set(kept_visual[layer][r].tolist()))
                 if dropped:
                     logits[r, dropped] = head(lm.norm(record[layer][r, dropped]))

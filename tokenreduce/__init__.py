@@ -12,6 +12,7 @@ from tokenreduce.adapters import list_adapters
 from tokenreduce.core.api import disabled, from_pretrained, stats, unwrap, wrap
 from tokenreduce.core.config import MethodConfig
 from tokenreduce.core.registry import list_methods
+from tokenreduce.core.stack import StackConfig
 from tokenreduce.plugins.ares.config import AresConfig
 from tokenreduce.plugins.atp import ATPConfig
 from tokenreduce.plugins.baselines.cdpruner import CDPrunerConfig
@@ -48,6 +49,7 @@ __all__ = [
     "PruMergeConfig",
     "PruMergePlusConfig",
     "RandomConfig",
+    "StackConfig",
     "ToMeConfig",
     "VQTokenCodebookConfig",
     "VQTokenConfig",

@@ -346,16 +346,32 @@ def check_names(task: str, methods: Sequence[str], method_options: dict[str, dic
     import dataclasses
 
     from tokenreduce.core.registry import get_method, list_methods
+    from tokenreduce.core.stack import is_stack_name, order_members, split_name, stack_config
     from tokenreduce.eval.tasks import list_tasks
 
     if task not in list_tasks():
         raise did_you_mean("task", task, list_tasks())
     known = ["none", *list_methods()]
-    for method in [*methods, *method_options]:
+    stacks = [m for m in methods if is_stack_name(m)]
+    named: list[str] = []  # every method the grid runs, alone or in a stack
+    for entry in methods:
+        try:
+            members = split_name(entry) if is_stack_name(entry) else [entry]
+        except ValueError as exc:
+            raise UsageError(f"--methods: {exc}") from None
+        if len(members) > 1 and "none" in members:
+            raise UsageError(f"--methods {entry}: 'none' (the unreduced model) cannot be part of a stack")
+        named.extend(members)
+    for method in [*named, *method_options]:
         if method not in known:
             raise did_you_mean("method", method, known)
+    for entry in stacks:
+        try:
+            order_members([get_method(m) for m in split_name(entry)])
+        except ValueError as exc:
+            raise UsageError(f"--methods {entry}: {exc}") from None
     for method, options in method_options.items():
-        if method not in methods:
+        if method not in named:
             raise UsageError(f"--method-opt names method {method!r}, which is not in --methods {' '.join(methods)}")
         if method == "none":
             raise UsageError("--method-opt: 'none' (the unreduced model) takes no options")
@@ -369,6 +385,15 @@ def check_names(task: str, methods: Sequence[str], method_options: dict[str, dic
             except TypeError as exc:
                 raise UsageError(f"--method-opt {method}: {exc}") from None
             except (ValueError, NotImplementedError):  # may depend on the model (its depth): the cell decides
+                pass
+    for entry in stacks:
+        options = {m: method_options[m] for m in split_name(entry) if m in method_options}
+        for budget in budgets:
+            try:  # the same clash for a method inside a stack (which runs at its share of the budget)
+                stack_config(entry, budget, None, **options)
+            except TypeError as exc:
+                raise UsageError(f"--method-opt {entry}: {exc}") from None
+            except (ValueError, NotImplementedError):
                 pass
 
 
@@ -605,10 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="task / data option, e.g. path=/data/docvqa, revision=<sha>, media_dir=..., num_frames=16")
     ev.add_argument("--model", action="append", metavar="[NAME=]PATH",
                     help="hub id, local directory or tiny:<family>; repeat for several models")
-    ev.add_argument("--methods", nargs="+", help="method names and/or 'none' (the unreduced model)")
+    ev.add_argument("--methods", nargs="+",
+                    help="method names, stacks of one method per stage joined by '+' (divprune+fastv), and/or 'none' "
+                         "(the unreduced model)")
     ev.add_argument("--budgets", nargs="+", type=float, help="fractions of visual tokens kept (default 0.25)")
     ev.add_argument("--method-opt", action="append", metavar="METHOD.OPTION=VALUE",
-                    help="extra method option, e.g. fastv.query=text")
+                    help="extra method option, e.g. fastv.query=text (fastv alone and in every stack)")
     ev.add_argument("--name", help="run name: results go to <out>/<name> (default <task>-<model>)")
     ev.add_argument("--out", default=None, help="folder of the runs (default runs/)")
     ev.add_argument("--split", default=None,

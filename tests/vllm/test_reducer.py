@@ -87,6 +87,8 @@ def test_bad_entries_name_what_is_accepted():
         parse_reducer({"method": "nope"}, "qwen2_vl")
     with pytest.raises(ValueError, match="must be a dict with a 'method' name"):
         parse_reducer({"keep": 3}, "qwen2_vl")
+    with pytest.raises(ValueError, match=r"method 'divprune\+fastv' cannot run in vLLM \(a stack of methods"):
+        parse_reducer({"method": "divprune+fastv"}, "qwen2_vl")
     with pytest.raises(TypeError, match="unexpected option"):
         parse_reducer({"method": "pool", "kep": 3}, "qwen2_vl")
     assert parse_reducer(None, "qwen2_vl") is None

@@ -12,13 +12,15 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tokenreduce.core.registry import get_method
+from tokenreduce.core.registry import STAGES, MethodSpec, get_method
 
 CONFIG_NAME = "tokenreduce_config.json"
+#: Joins the names of a stack's methods in its text spelling (``"divprune+fastv"``).
+STACK_SEPARATOR = "+"
 MODALITIES = ("image", "video")
 
 
@@ -147,6 +149,8 @@ class MethodConfig:
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
         """Build the config of the method named in ``data["method"]`` (or of ``cls`` if it is concrete)."""
         data = dict(data)
+        if "stack" in data and cls is MethodConfig:
+            return stack_from_dict(data)
         name = data.pop("method", None) or cls.method
         if not name:
             raise ValueError("config dict has no `method` entry")
@@ -213,3 +217,81 @@ def config_at_budget(method: str, budget: float, num_layers: int | None = None, 
         raise TypeError(
             f"`budget` sets `{clash.group(1)}` of method {method!r}; give `budget` or `{clash.group(1)}`, not both"
         ) from None
+
+
+# ----- stacks: several methods' configs, one per stage (run by tokenreduce.core.stack) -----------------
+
+
+def _first_stage(spec: MethodSpec) -> int:
+    return min(STAGES.index(s) for s in spec.stages)
+
+
+def order_members(specs: Sequence[MethodSpec]) -> list[int]:
+    """Indices of ``specs`` in stage order; two members acting in one stage raise naming both."""
+    owner: dict[str, str] = {}
+    for spec in specs:
+        for stage in spec.stages:
+            if stage in owner:
+                other = owner[stage]
+                what = f"method {spec.name!r} twice" if other == spec.name else f"methods {other!r} and {spec.name!r}"
+                raise ValueError(
+                    f"a stack takes at most one method per stage; {what} act in the {stage} stage "
+                    f"(stages: {', '.join(STAGES)})"
+                )
+            owner[stage] = spec.name
+    return sorted(range(len(specs)), key=lambda i: _first_stage(specs[i]))
+
+
+@dataclasses.dataclass
+class StackConfig(MethodConfig):
+    """Several methods' configs, at most one per stage, kept in stage order.
+
+    Attributes:
+        configs: the members' configs. ``renumber_positions`` and ``modalities`` belong to the members
+            (each stage renumbers or reduces by its own member's config); the stack's own stay unset.
+    """
+
+    configs: tuple[MethodConfig, ...] = ()
+
+    @property
+    def method(self) -> str:  # type: ignore[override]
+        """The joined spelling, e.g. ``"divprune+fastv"``."""
+        return STACK_SEPARATOR.join(c.method for c in self.configs)
+
+    def validate(self) -> None:
+        configs = tuple(self.configs)
+        for c in configs:
+            if not isinstance(c, MethodConfig) or isinstance(c, StackConfig):
+                raise ValueError(f"`configs` must hold method configs (not stacks), got {c!r}")
+        if len(configs) < 2:
+            raise ValueError(f"`configs` of a stack must hold at least 2 method configs, got {len(configs)}")
+        if self.renumber_positions or self.modalities is not None:
+            raise ValueError(
+                "`renumber_positions` and `modalities` of a stack are set on its methods' configs, not on the stack"
+            )
+        specs = [get_method(c.method) for c in configs]
+        self.configs = tuple(configs[i] for i in order_members(specs))
+
+    def member(self, stage: str) -> MethodConfig | None:
+        """The config of the member acting in ``stage``, or None."""
+        for c in self.configs:
+            if stage in get_method(c.method).stages:
+                return c
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "stack": [c.to_dict() for c in self.configs]}
+
+    @classmethod
+    def at_budget(cls, budget: float, num_layers: int | None = None, **options: Any) -> StackConfig:
+        raise TypeError("a stack's budget needs its methods: use stack_config(['divprune', 'fastv'], budget=...)")
+
+
+def stack_from_dict(data: dict[str, Any]) -> StackConfig:
+    """The stack a ``StackConfig.to_dict`` wrote (its ``"stack"`` entry holds the members' dicts)."""
+    members = data.get("stack")
+    if not isinstance(members, list):
+        raise ValueError(f"a stack config's `stack` entry must be a list of method configs, got {members!r}")
+    return StackConfig(configs=tuple(MethodConfig.from_dict(m) for m in members))
+
+

@@ -41,8 +41,9 @@ from tokenreduce.core.inputs import ids_from_embeds, plain_embeds_positions, reb
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.llm import LLMStage
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
-from tokenreduce.core.registry import MethodSpec, get_method
+from tokenreduce.core.registry import STAGES, MethodSpec
 from tokenreduce.core.sequence import Columns, gather_inputs, one_row_index, row_index
+from tokenreduce.core.stack import config_in, spec_of
 from tokenreduce.core.stats import ItemStats, LazyCount, SampleStats, Stats, timer
 from tokenreduce.core.vision import VisionStage
 
@@ -99,7 +100,10 @@ class ModelHandle:
         self.spec = spec
         self.config = config
         self.method: Method = spec.method_cls(config)
+        # Per stage, the config of the method acting there (a stack's member; else the one config).
+        self.stage_config = {stage: config_in(config, stage) for stage in STAGES}
         self.stats = Stats()
+        self.stats.stages = spec.stages
         self.enabled = True
         self.current: BatchInfo | None = None
         # What the last call did (items with their reductions): for overlays, analysis and tests.
@@ -267,9 +271,10 @@ class ModelHandle:
             self._warned.add(key)
             warnings.warn(f"tokenreduce: {message} (recorded in tr.stats; warned once per model)", stacklevel=3)
 
-    def requested_keep(self, stage: int = 0) -> int | None:
-        """The token count ``keep`` asks for (at the ``stage``-th pruning layer), or None for a fraction."""
-        keep = getattr(self.config, "keep", None)
+    def requested_keep(self, stage: int = 0, where: str = "projector") -> int | None:
+        """The token count ``keep`` of the method acting in stage ``where`` asks for (at the ``stage``-th
+        pruning layer), or None for a fraction."""
+        keep = getattr(self.stage_config[where], "keep", None)
         if isinstance(keep, (tuple, list)):
             keep = keep[stage] if stage < len(keep) else None
         return keep if isinstance(keep, int) and not isinstance(keep, bool) else None
@@ -592,7 +597,7 @@ class ModelHandle:
 
     def _note_unreduced(self, modality: str, item: int, row: int, n: int, acted: bool, red: Reduction) -> None:
         """Record (and warn once about) an item a count-changing method could not act on."""
-        name = self.spec.name
+        name = self.stage_config["projector"].method  # a stack: its member reducing the items
         if not any(s in COUNT_CHANGING_STAGES for s in self.spec.stages):
             return
         if not acted and modality not in self.spec.modalities:
@@ -631,7 +636,7 @@ class ModelHandle:
         columns = Columns(index)
         new_mask = columns.take(attention_mask, 0)
 
-        if self.config.renumber_positions:
+        if self.stage_config["projector"].renumber_positions:
             positions = adapter.sequential_positions(new_mask)
         else:
             original = inputs.get("position_ids")
@@ -691,7 +696,7 @@ class ModelHandle:
             return (self.adapter.embed(ids) if embeds is None else embeds[row]), keep
 
     def _generator(self) -> torch.Generator | None:
-        seed = getattr(self.config, "seed", None)
+        seed = getattr(self.stage_config["projector"], "seed", None)
         if seed is None:
             return None
         return torch.Generator().manual_seed(int(seed))
@@ -722,7 +727,7 @@ def _hook_keys(model: nn.Module) -> dict[int, dict[str, set]]:
 
 def _install(model: nn.Module, config: MethodConfig, enabled: bool) -> ModelHandle:
     """Wrap a copy of a model that was wrapped with ``config`` (its checks passed when the original was)."""
-    handle = ModelHandle(model, get_adapter(model), get_method(config.method), config)
+    handle = ModelHandle(model, get_adapter(model), spec_of(config), config)
     handle.install()
     handle.enabled = enabled
     return handle

@@ -428,7 +428,7 @@ class LLMStage:
             # What every column held entering this layer: outside generate, a token dropped here keeps that
             # state (later stages and the final states overwrite the columns they still hold).
             call.dropped.append((columns, hidden))
-            if handle.config.renumber_positions:
+            if handle.stage_config["llm"].renumber_positions:
                 cos, sin = self._rotary(new_hidden, renumbered_positions(new_mask))
             else:
                 cos, sin = take.tokens(cos), take.tokens(sin)
@@ -447,7 +447,7 @@ class LLMStage:
         current = call.captures[k].current
         if current is not None and current.module is self.layers[k].self_attn:
             self._reuse_projections(current, take, mask.shape[0])
-        requested = handle.requested_keep(self.prune_layers.index(k))
+        requested = handle.requested_keep(self.prune_layers.index(k), "llm")
         for r, sample in enumerate(info.samples):
             sample.layers[k] = int(new_visual[r * factor].numel())
             available = int(visual[r * factor].numel())
@@ -496,7 +496,7 @@ class LLMStage:
     def _layer_kwargs(self, stage: Stage, kwargs: dict, hidden: torch.Tensor) -> dict[str, Any]:
         call = self.call
         cache = call.cache
-        renumber = self.handle.config.renumber_positions
+        renumber = self.handle.stage_config["llm"].renumber_positions
         # All ones, known on the host: built from no 2-D mask, as the plain model builds it then.
         unmasked = stage.unmasked and (call.prefill or call.mask2d is None)
         mask2d = None

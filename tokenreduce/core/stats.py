@@ -212,6 +212,8 @@ class Stats:
         self._last: list[SampleStats] = []
         #: The budget the model was wrapped with (``tr.wrap(..., budget=)``), or None.
         self.budget: float | None = None
+        #: The stages the wrapped method (or stack) acts in, for :meth:`stage_summary`.
+        self.stages: tuple[str, ...] = ()
 
     def new_call(self, batch_size: int) -> list[SampleStats]:
         self.calls += 1
@@ -255,8 +257,53 @@ class Stats:
             out["budget_missed"] = budget_missed(self.budget, out["layer_mean_keep_ratio"])
         return out
 
+    def stage_summary(self) -> dict[str, Any]:
+        """Per stage the wrapped method (or stack) acts in, means per sample: visual tokens in and out and
+        milliseconds in the stage's reducer (in-LLM: also the tokens after each pruning layer); decode: the
+        generated tokens its records hold. ``prefill_flops_ratio`` is the whole stack's."""
+        samples, n = self.samples, len(self.samples)
+        out: dict[str, Any] = {}
+        if not n:
+            return out
+        stages = getattr(self, "stages", ())
+        before = [s for s in stages if s in ("vision", "projector")]
+        if before:
+            first, second = [], []
+            for s in samples:
+                for i in s.items:
+                    split = i.info.get("projector_stage")  # a vision-only member then a projector member
+                    if split is None:
+                        first.append((i.tokens_in, i.tokens_out, i.reducer_ms))
+                        continue
+                    ms = _ms(split["reducer_ms"])
+                    first.append((i.tokens_in, split["tokens_in"], i.reducer_ms - ms))
+                    second.append((split["tokens_in"], i.tokens_out, ms))
+            names = [before[-1]] if not second else ["vision", "projector"]
+            for name, rows in zip(names, [first, second]):
+                out[name] = {"tokens_in": sum(r[0] for r in rows) / n, "tokens_out": sum(r[1] for r in rows) / n,
+                             "reducer_ms": sum(r[2] for r in rows) / n}
+        if "llm" in stages:
+            layers: dict[int, float] = {}
+            for s in samples:
+                for k, v in s.layers.items():
+                    layers[k] = layers.get(k, 0.0) + v / n
+            out["llm"] = {
+                "tokens_in": sum(s.visual_tokens_llm_input for s in samples) / n,
+                "tokens_out": sum(s.visual_tokens_out for s in samples) / n,
+                "layers": dict(sorted(layers.items())),
+                "reducer_ms": sum(s.llm_reducer_ms for s in samples) / n,
+            }
+        if "decode" in stages:
+            records = [r for s in samples for r in s.extra.values()
+                       if isinstance(r, dict) and "generated_tokens" in r]
+            out["decode"] = {"records": len(records),
+                             "generated_tokens": sum(r["generated_tokens"] for r in records) / max(1, len(records))}
+        out["prefill_flops_ratio"] = self.summary()["prefill_flops_ratio"]
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "samples": [s.to_dict() for s in self.samples]}
+        return {"summary": self.summary(), "stages": self.stage_summary(),
+                "samples": [s.to_dict() for s in self.samples]}
 
     def __repr__(self) -> str:
         """A few lines: tokens at each stage and over the LLM's layers (means per sample), the budget asked

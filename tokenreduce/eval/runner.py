@@ -42,6 +42,7 @@ from tokenreduce.core.config import MethodConfig
 from tokenreduce.core.flops import Geometry
 from tokenreduce.core.parts import reuse_loaded_parts
 from tokenreduce.core.registry import get_method
+from tokenreduce.core.stack import is_stack_name, order_members, split_name, stack_config
 from tokenreduce.core.stats import ItemStats, SampleStats
 from tokenreduce.eval.measure import (
     BatchTiming,
@@ -149,7 +150,10 @@ def make_cells(methods: Sequence[str], budgets: Sequence[float]) -> list[Cell]:
         if m == BASELINE:
             cells.append(Cell(BASELINE, None))
             continue
-        get_method(m)  # raises with the list of known methods
+        if is_stack_name(m):  # raises naming an unknown member or two members of one stage
+            order_members([get_method(name) for name in split_name(m)])
+        else:
+            get_method(m)  # raises with the list of known methods
         if not budgets:
             raise ValueError(f"`budgets` is empty; method {m!r} needs at least one budget in (0, 1]")
         for b in budgets:
@@ -164,7 +168,17 @@ def record_key(model: str, cell: Cell, sample_id: str) -> str:
     return f"{model}|{cell.method}|{budget}|{sample_id}"
 
 
+def cell_methods(method: str) -> list[str]:
+    """The methods a cell's method runs: its members for a stack (``"divprune+fastv"``), else itself."""
+    return split_name(method) if is_stack_name(method) else [method]
+
+
 def method_config(cell: Cell, num_layers: int, options: Mapping[str, Any] | None = None):
+    """The config of a cell at its budget; a stack's members take ``options`` of their own name (the grid's
+    ``method_options`` are per method: ``{"fastv": {...}}`` reaches fastv alone and in every stack)."""
+    if is_stack_name(cell.method):
+        per_member = {m: dict(options.get(m) or {}) for m in split_name(cell.method)} if options else {}
+        return stack_config(cell.method, cell.budget, num_layers, **per_member)
     spec = get_method(cell.method)
     return spec.config_cls.at_budget(cell.budget, num_layers=num_layers, **dict(options or {}))
 
@@ -496,7 +510,7 @@ class Runner:
         self.max_new_tokens = int(task.max_new_tokens if max_new_tokens is None else max_new_tokens)
         self.warmup, self.keep_maps = warmup, keep_maps
         self.method_options = {k: dict(v) for k, v in (method_options or {}).items()}
-        unknown = [m for m in self.method_options if m not in {c.method for c in self.cells}]
+        unknown = [m for m in self.method_options if m not in {n for c in self.cells for n in cell_methods(c.method)}]
         if unknown:
             raise ValueError(f"`method_options` given for method(s) {unknown} that are not in `methods`")
         self.plots, self.progress = plots, progress
@@ -662,7 +676,9 @@ class Runner:
             config = self._configs.get(label)
             if config is None:
                 try:  # a budget the method cannot reach, or options the model cannot take: skip the cell
-                    config = method_config(cell, num_layers, self.method_options.get(cell.method))
+                    options = (self.method_options if is_stack_name(cell.method)
+                               else self.method_options.get(cell.method))
+                    config = method_config(cell, num_layers, options)
                     self._wrap(model, config)
                 except (ValueError, TypeError, NotImplementedError) as exc:
                     self.skipped[label] = f"{type(exc).__name__}: {exc}"

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from tokenreduce.adapters import adapter_class
-from tokenreduce.core.config import MethodConfig, build_config, resolve_keep
+from tokenreduce.core.config import STACK_SEPARATOR, MethodConfig, build_config, resolve_keep
 from tokenreduce.core.layout import TokenLayout
 from tokenreduce.core.reduction import Method, ReduceContext, Reduction
 from tokenreduce.core.registry import get_method, list_methods
@@ -266,6 +266,8 @@ def parse_reducer(options: Any, family: str, tower: TowerShape | None = None) ->
         )
     options = dict(options)
     name = options.pop("method")
+    if STACK_SEPARATOR in name:
+        raise _refusal(name, "a stack of methods; vLLM runs one fixed-count method per engine")
     if name not in list_methods():
         raise ValueError(f"tokenreduce: unknown method {name!r}; methods that can run in vLLM: {', '.join(SUPPORTED)}")
     spec = get_method(name)

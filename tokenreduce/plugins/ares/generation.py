@@ -38,6 +38,7 @@ from tokenreduce.core.api import get_handle
 from tokenreduce.core.api import stats as _stats
 from tokenreduce.core.reduction import DecodeMethod
 from tokenreduce.core.registry import register_method
+from tokenreduce.core.stack import method_in
 from tokenreduce.core.stats import Stats
 from tokenreduce.kernels import token_entropy, window_entropy
 
@@ -226,17 +227,18 @@ def difficulty_labels(model: Any, labels: Sequence[str | None]) -> Iterator[Any]
             model.generate(**inputs)
     """
     handle = get_handle(model)
-    if handle is None or not isinstance(handle.method, AresMethod):
+    method = method_in(handle, "decode") if handle is not None else None
+    if not isinstance(method, AresMethod):
         raise ValueError("`difficulty_labels` needs a model wrapped with tokenreduce.wrap(model, 'ares', ...)")
     labels = list(labels)
     for label in labels:
         if label is not None and label not in BUCKETS:
             raise ValueError(f"`labels` entries must be one of {BUCKETS} or None, got {label!r}")
-    previous, handle.method.labels = handle.method.labels, labels
+    previous, method.labels = method.labels, labels
     try:
         yield model
     finally:
-        handle.method.labels = previous
+        method.labels = previous
 
 
 def end_sequence_ids(tokenizer: Any, text: str = "</think>") -> tuple[int, ...]:
