@@ -132,17 +132,23 @@ def _atp_select(options, grid):
 
 
 def _dart_select(model, batch, options, n_input):
-    """DART on the unwrapped model's own tensors: layer K-1's cached (post-RoPE) keys give each token's L1 norm,
-    the final norm of the states entering layer K its vector. Pivots: the ``pivot_image`` visual tokens and
+    """DART on the unwrapped model's own tensors: layer K-1's keys before the rotary embedding (its input norm
+    and k_proj of the states entering it) give each token's L1 norm, the final norm of the states entering
+    layer K its vector. Pivots: the ``pivot_image`` visual tokens and
     ``pivot_text`` text tokens after the row's last visual token of largest norm (ties to the lower column);
     the image pivots stay, and each pivot in turn (image ones first, by norm) takes its share of the
     remaining budget among the visual tokens not yet taken, lowest cosine similarity first."""
     layer = options["layer"]
+    lm = model.model.language_model
     with torch.no_grad():
-        out = model(**batch, output_hidden_states=True, use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        norms = cache.layers[layer - 1].keys.double().abs().sum((1, 3))
-        states = model.model.language_model.norm(out.hidden_states[layer]).double()
+        out = model(**batch, output_hidden_states=True)
+        attn = lm.layers[layer - 1].self_attn
+        keys = attn.k_proj(lm.layers[layer - 1].input_layernorm(out.hidden_states[layer - 1]))
+        keys = keys.view(*keys.shape[:2], -1, attn.head_dim)
+        if getattr(attn, "k_norm", None) is not None:
+            keys = attn.k_norm(keys)
+        norms = keys.double().abs().sum((2, 3))  # before the rotary embedding
+        states = lm.norm(out.hidden_states[layer]).double()
 
     def select(stage, attention, visual, text, row):
         vis = visual.tolist()

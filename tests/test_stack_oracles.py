@@ -36,7 +36,7 @@ from .reference import (
 )
 from .tables import methods, runs_on
 from .test_llm_stage import CASES as LLM_DEFINITIONS
-from .test_llm_stage import _atp_select, _fastv_pdrop_select
+from .test_llm_stage import _atp_select, _dart_select, _fastv_pdrop_select
 from .test_selection import reference_reducer
 from .test_wrap import NOT_IDENTITY_AT_FULL_BUDGET
 
@@ -133,6 +133,8 @@ def reference_rows(model, batch, config: StackConfig, recorded):
         if llm.method == "atp":
             # the reduced row's visual columns, each with its item's layout and its source token's index there
             select = _atp_select(options, [{k: grid[r][c] for k, c in enumerate(cols.tolist()) if c in grid[r]}])
+        elif llm.method == "dart":  # keys and states of the reduced row's own run
+            select = _dart_select(model, row, options, [int(is_visual.sum())])
         else:
             select = _fastv_pdrop_select(options, [int(is_visual.sum())])
         layers = options["layers"] if "layers" in options else (options["layer"],)

@@ -10,8 +10,9 @@ flash attention and the scoring costs one matrix product of a few pivots against
 takes ``keep // pivots`` tokens, so the image pivots come on top (132 tokens for the paper's 128), and the
 pivots take their turns in the order a Python ``set`` of their positions iterates; it reads the chosen
 positions on the host. The default keeps exactly ``keep`` tokens (the picks spread over the pivots, image
-pivots first by decreasing norm, then text pivots) and never waits for the device. Both keep the original
-positions, as the official code does.
+pivots first by decreasing norm, then text pivots), never waits for the device, and takes the key norms before
+the rotary embedding: the L1 norm of a rotated key depends on its absolute position, so a row would choose
+differently left-padded in a batch than alone. Both keep the original positions, as the official code does.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from tokenreduce.core.config import MethodConfig, check_choice, check_keep, check_range, resolve_keep
-from tokenreduce.core.llm import LLMContext
+from tokenreduce.core.llm import LLMContext, apply_rope
 from tokenreduce.core.reduction import LLMMethod
 from tokenreduce.core.registry import register_method
 from tokenreduce.ops.llm import check_layers, one_layer_at_budget
@@ -87,6 +88,8 @@ class DARTMethod(LLMMethod):
 
     def select(self, ctx: LLMContext) -> list[torch.Tensor]:
         keys = ctx.capture.key_states()  # [B, Hkv, L, d] after RoPE, as the cache holds them
+        if self.config.variant != "reference":  # the rotation undone: norms that do not depend on the position
+            keys = apply_rope(keys, ctx.capture.cos, -ctx.capture.sin)
         norms = keys.float().abs().sum(dim=(1, 3))  # [B, L]
         states = self._norm(ctx.hidden)
         real = ctx.attention_mask.bool()
