@@ -12,8 +12,9 @@ import torch
 
 from tokenreduce.kernels.similarity.naive import compute_dtype
 
-# Probabilities held at once per chunk (4 MiB of fp32): fits a CPU's L2 and keeps launches few on a GPU.
-CHUNK_ELEMENTS = 1 << 20
+# Logits held at once per chunk (1 MiB of fp32): they stay in a CPU core's L2 through the bias, softmax and
+# weighted sum that read them after the matmul, and keep launches few on a GPU.
+CHUNK_ELEMENTS = 1 << 18
 
 
 def query_weights(q: torch.Tensor, query_mask: torch.Tensor | None) -> torch.Tensor:
@@ -41,14 +42,18 @@ def attention_importance(
     _, Hkv, S, _ = k.shape
     G = Hq // Hkv
     dtype = compute_dtype(q, k)
-    kt = k.to(dtype).transpose(-1, -2)  # [B, Hkv, D, S]
+    kf = k.to(dtype)
     if key_mask is not None:
-        # masked keys score 0 before their -inf bias: a NaN or inf there cannot reach a valid key's softmax
-        kt = kt.masked_fill(~key_mask[:, None, None, :], 0.0)
+        # Masked keys score 0 before their -inf bias: a NaN or inf there cannot reach a valid key's softmax.
+        # Filled along rows of the [S, D] layout (a fill of the transposed view costs ~7x more on the CPU).
+        kf = (kf.clone() if kf is k else kf).masked_fill_(~key_mask[:, None, :, None], 0.0)
+    kt = kf.transpose(-1, -2)  # [B, Hkv, D, S]
     w = query_weights(q, query_mask).to(dtype)
     heads = torch.zeros(B, Hq, S, device=q.device, dtype=dtype)
-    step = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, B * Hq * S))
+    step = max(1, min(Q, (chunk_elements or CHUNK_ELEMENTS) // max(1, B * Hq * S)))
     keys = torch.arange(S, device=q.device)
+    # One logits buffer for every chunk: no fresh allocation (and page faults) per chunk.
+    buffer = torch.empty(B * Hq * step * S, device=q.device, dtype=dtype)
     for q0 in range(0, Q, step):
         wc = w[:, q0 : q0 + step]
         # a query that adds nothing (masked, weight 0) is zeroed, so a NaN in it cannot reach the sum
@@ -60,7 +65,9 @@ def attention_importance(
         # past S - Q + q0 + c; the keys after it would only be masked (about half of a self-score's logits).
         width = max(1, min(S, S - Q + q0 + c)) if ascending and query_positions is not None else S
         # Query head h reads kv head h // G: group the G query heads of a kv head along the query axis.
-        logits = (qc.reshape(B, Hkv, G * c, D) @ kt[..., :width]).reshape(B, Hq, c, width).mul_(scale)
+        logits = buffer[: B * Hq * c * width].view(B, Hkv, G * c, width)
+        torch.matmul(qc.reshape(B, Hkv, G * c, D), kt[..., :width], out=logits)
+        logits = logits.view(B, Hq, c, width).mul_(scale)
         allowed = None
         if key_mask is not None:
             allowed = key_mask[:, None, :width].expand(B, c, width)
