@@ -102,5 +102,5 @@ def attention_importance(
             logits.add_(key_bias[:, None, None, :width])
         probs = torch.softmax(logits, dim=-1).view(B * Hq, c, width)
         wc = w[:, None, q0 : q0 + c].expand(B, Hq, c).reshape(B * Hq, 1, c)
-        flat[..., :width].baddbmm_(wc, probs)
+        flat[..., :width] += torch.bmm(wc, probs)  # (an in-place baddbmm_ on the slice loops over heads)
     return heads if per_head else heads.mean(1)
