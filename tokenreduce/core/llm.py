@@ -56,16 +56,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x: [B, H, Q, d]`` with ``cos, sin: [B, Q, d]``.
-
-    Bit for bit the models' ``x * cos + rotate_half(x) * sin`` (``(-a) * b == -(a * b)`` in IEEE rounding),
-    written into halves of one buffer in ``x``'s layout instead of a negated copy and a concatenation."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.empty_like(x)
-    torch.mul(x[..., half:], sin[..., :half], out=rotated[..., :half]).neg_()
-    torch.mul(x[..., :half], sin[..., half:], out=rotated[..., half:])
-    return torch.mul(x, cos).add_(rotated)
+    """Rotary embedding of ``x: [B, H, Q, d]`` with ``cos, sin: [B, Q, d]``."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
 @dataclass

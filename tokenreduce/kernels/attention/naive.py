@@ -77,8 +77,6 @@ def attention_importance(
     flat = heads.view(B * Hq, 1, S)
     step = max(1, min(Q, (chunk_elements or CHUNK_ELEMENTS) // max(1, B * Hq * S)))
     keys = torch.arange(S, device=q.device)
-    # One logits buffer for every chunk: no fresh allocation (and page faults) per chunk.
-    buffer = torch.empty(B * Hq * step * S, device=q.device, dtype=dtype)
     for q0 in range(0, Q, step):
         qc = qs[:, :, q0 : q0 + step]
         c = qc.shape[2]
@@ -86,9 +84,7 @@ def attention_importance(
         # past S - Q + q0 + c; the keys after it would only be masked (about half of a self-score's logits).
         width = max(1, min(S, S - Q + q0 + c)) if ascending and query_positions is not None else S
         # Query head h reads kv head h // G: group the G query heads of a kv head along the query axis.
-        logits = buffer[: B * Hq * c * width].view(B, Hkv, G * c, width)
-        torch.matmul(qc.reshape(B, Hkv, G * c, D), kt[..., :width], out=logits)
-        logits = logits.view(B, Hq, c, width)
+        logits = (qc.reshape(B, Hkv, G * c, D) @ kt[..., :width]).view(B, Hq, c, width)
         # The masks as a 0 / -inf bias shared by the heads: an in-place add is many times cheaper than a
         # broadcast masked_fill on the CPU, and x + 0 == x.
         if positions is not None:
