@@ -672,3 +672,19 @@ def test_bookkeeping_a_call_without_attention_mask(models, method):
     assert {layer: [c.tolist() for c in rows] for layer, rows in got.items()} == \
         {layer: [c.tolist() for c in rows] for layer, rows in kept.items()}
     torch.testing.assert_close(logits[0], reference[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_apply_rope_is_the_models_rotary_embedding_bit_for_bit(dtype):
+    # The scores' queries and keys must be the ones the model attends with: transformers' own rotary
+    # embedding is the reference, on the strided [B, H, Q, d] view a projection's output is read through.
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from tokenreduce.core.llm import apply_rope
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 7, 4 * 16, generator=g) * 3).to(dtype).view(2, 7, 4, 16).transpose(1, 2)
+    cos, sin = (torch.randn(2, 7, 16, generator=g).to(dtype) for _ in range(2))
+    want, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    assert torch.equal(apply_rope(x, cos, sin), want)
+    assert torch.equal(apply_rope(x.contiguous(), cos, sin), want)

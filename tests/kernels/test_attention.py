@@ -216,3 +216,19 @@ def test_ascending_twin_skips_unseen_keys_with_the_same_scores(dtype):
     # Through the dispatcher too (the Triton kernel takes no promise: it scores every key).
     got = attention_importance(q, k, ascending=True, **cases[1])
     assert_close(got.double(), _full_matrix(q, k, 32**-0.5, **cases[1]), 1e-6, 1e-5, name="dispatched")
+
+
+def test_ascending_twin_query_that_sees_no_key_past_skipped_width():
+    # Masked queries at position 0 (left padding of 4 columns) see no valid key: they must add nothing, and
+    # must not turn the sum into NaN when every key of their chunk's skipped width is padding.
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 8, 4, generator=g)
+    k = torch.randn(1, 2, 10, 4, generator=g)
+    key_mask = torch.ones(1, 10, dtype=torch.bool)
+    key_mask[0, :4] = False
+    case = dict(key_mask=key_mask, query_mask=torch.tensor([[False, False] + [True] * 6]),
+                query_positions=torch.tensor([[0, 0, 4, 5, 6, 7, 8, 9]]))
+    want = _full_matrix(q, k, 0.5, **case)
+    for chunk in (2 * 10, None):  # one query per chunk (the first chunk's width holds only padding), the default
+        got = naive.attention_importance(q, k, scale=0.5, chunk_elements=chunk, ascending=True, **case)
+        assert_close(got.double(), want, 1e-6, 1e-5, name=f"chunk {chunk}")

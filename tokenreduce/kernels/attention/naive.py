@@ -12,8 +12,9 @@ import torch
 
 from tokenreduce.kernels.similarity.naive import compute_dtype
 
-# Probabilities held at once per chunk (4 MiB of fp32): fits a CPU's L2 and keeps launches few on a GPU.
-CHUNK_ELEMENTS = 1 << 20
+# Logits held at once per chunk (1 MiB of fp32): they stay in a CPU core's L2 through the bias, softmax and
+# weighted sum that read them after the matmul, and keep launches few on a GPU.
+CHUNK_ELEMENTS = 1 << 18
 
 
 def query_weights(q: torch.Tensor, query_mask: torch.Tensor | None) -> torch.Tensor:
@@ -41,40 +42,61 @@ def attention_importance(
     _, Hkv, S, _ = k.shape
     G = Hq // Hkv
     dtype = compute_dtype(q, k)
-    kt = k.to(dtype).transpose(-1, -2)  # [B, Hkv, D, S]
-    if key_mask is not None:
-        # masked keys score 0 before their -inf bias: a NaN or inf there cannot reach a valid key's softmax
-        kt = kt.masked_fill(~key_mask[:, None, None, :], 0.0)
+    neg = float("-inf")
+    kf = k.to(dtype)
     w = query_weights(q, query_mask).to(dtype)
+    key_bias = None
+    if key_mask is not None:
+        # Masked keys score 0 before their -inf bias: a NaN or inf there cannot reach a valid key's softmax.
+        # Filled along rows of the [S, D] layout (a fill of the transposed view costs ~7x more on the CPU).
+        kf = (kf.clone() if kf is k else kf).masked_fill_(~key_mask[:, None, :, None], 0.0)
+        # A row with no valid key gets no bias (no softmax row is all -inf) and its queries add nothing.
+        valid = key_mask.any(1, keepdim=True)
+        key_bias = torch.where(key_mask | ~valid, 0.0, neg).to(dtype)
+        w = w * valid
+    kt = kf.transpose(-1, -2)  # [B, Hkv, D, S]
+    positions = query_positions
+    if query_positions is not None:
+        # A query sees a valid key iff one lies at or before its position (a prefix count, for all queries
+        # at once). One that sees none adds nothing and sees every key instead: its softmax row is finite,
+        # so no NaN reaches the sum through its zero weight.
+        if key_mask is None:
+            sees = query_positions >= 0
+        else:
+            seen = torch.gather(key_mask.cumsum(1), 1, query_positions.clamp(0, max(S - 1, 0)))
+            sees = (seen > 0) & (query_positions >= 0)
+        w = w * sees
+        positions = torch.where(sees, query_positions, S)
+    # The queries once in the compute dtype with the scale folded in (exact for a power-of-two scale, one
+    # rounding per query element otherwise); those that add nothing zeroed, so a NaN in them cannot reach
+    # the sum.
+    qs = q.to(dtype) * scale
+    if query_mask is not None or key_mask is not None or query_positions is not None:
+        qs.masked_fill_((w == 0)[:, None, :, None], 0.0)
     heads = torch.zeros(B, Hq, S, device=q.device, dtype=dtype)
-    step = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, B * Hq * S))
+    flat = heads.view(B * Hq, 1, S)
+    step = max(1, min(Q, (chunk_elements or CHUNK_ELEMENTS) // max(1, B * Hq * S)))
     keys = torch.arange(S, device=q.device)
     for q0 in range(0, Q, step):
-        wc = w[:, q0 : q0 + step]
-        # a query that adds nothing (masked, weight 0) is zeroed, so a NaN in it cannot reach the sum
-        qc = q[:, :, q0 : q0 + step].to(dtype)
-        if query_mask is not None:
-            qc = qc.masked_fill((wc == 0)[:, None, :, None], 0.0)
+        qc = qs[:, :, q0 : q0 + step]
         c = qc.shape[2]
         # Ascending causal queries: query i sits at most at S - Q + i, so this chunk's queries see no key
         # past S - Q + q0 + c; the keys after it would only be masked (about half of a self-score's logits).
         width = max(1, min(S, S - Q + q0 + c)) if ascending and query_positions is not None else S
         # Query head h reads kv head h // G: group the G query heads of a kv head along the query axis.
-        logits = (qc.reshape(B, Hkv, G * c, D) @ kt[..., :width]).reshape(B, Hq, c, width).mul_(scale)
-        allowed = None
-        if key_mask is not None:
-            allowed = key_mask[:, None, :width].expand(B, c, width)
-        if query_positions is not None:
-            causal = keys[None, None, :width] <= query_positions[:, q0 : q0 + c, None]
-            allowed = causal if allowed is None else allowed & causal
-        if allowed is not None:
-            # A query with no valid key would be all -inf (NaN softmax): it sees every key instead and
-            # adds nothing (weight 0). The mask is added as a 0 / -inf bias, shared by the heads: an
-            # in-place add is many times cheaper than a broadcast masked_fill on the CPU, and x + 0 == x.
-            sees = allowed.any(-1)
-            wc = wc * sees.to(dtype)
-            bias = torch.where(allowed | ~sees[..., None], 0.0, float("-inf")).to(dtype)
+        logits = (qc.reshape(B, Hkv, G * c, D) @ kt[..., :width]).view(B, Hq, c, width)
+        # The masks as a 0 / -inf bias shared by the heads: an in-place add is many times cheaper than a
+        # broadcast masked_fill on the CPU, and x + 0 == x.
+        if positions is not None:
+            kb = 0.0 if key_bias is None else key_bias[:, None, :width]
+            bias = torch.where(keys[None, None, :width] <= positions[:, q0 : q0 + c, None], kb, neg)
+            if width < S and key_bias is not None:
+                # the keys a query that sees none is given may all lie past the skipped width
+                bias.masked_fill_(~sees[:, q0 : q0 + c, None], 0.0)
             logits.add_(bias[:, None])
-        probs = torch.softmax(logits, dim=-1)
-        heads[..., :width] += (wc[:, None, None, :] @ probs).squeeze(2)
+        elif key_bias is not None:
+            logits.add_(key_bias[:, None, None, :width])
+        probs = torch.softmax(logits, dim=-1).view(B * Hq, c, width)
+        wc = w[:, None, q0 : q0 + c].expand(B, Hq, c).reshape(B * Hq, 1, c)
+        flat[..., :width] += torch.bmm(wc, probs)  # (an in-place baddbmm_ on the slice loops over heads)
     return heads if per_head else heads.mean(1)
