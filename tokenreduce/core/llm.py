@@ -351,7 +351,12 @@ class LLMStage:
         # Outside generate: put every dropped token back at its column, with the state it was dropped in.
         norm = getattr(module, "norm", None)
         # every stage's input, in order (a dropped column keeps its last), then the final states
-        pieces = [(cols, norm(states) if norm is not None else states) for cols, states in call.dropped]
+        inputs = [states for _, states in call.dropped]
+        if norm is not None:
+            # one norm over every stage's input (it acts on each token alone): fewer ops than one per stage
+            inputs = [norm(inputs[0])] if len(inputs) == 1 else norm(torch.cat(inputs, 1)).split(
+                [s.shape[1] for s in inputs], 1)
+        pieces = [(cols, states) for (cols, _), states in zip(call.dropped, inputs)]
         pieces.append((self.stages[-1].columns, output.last_hidden_state))
         output.last_hidden_state = scatter_tokens(self.original_mask.shape[1], pieces)
         return output
@@ -413,18 +418,18 @@ class LLMStage:
             keep = self.method.select(ctx)
             rows_keep, kept_visual, new_visual_tok = [], [], []
             for r in range(mask.shape[0]):
-                kv = keep[r].to(hidden.device).long().sort().values
-                kept_visual.append(visual[r][kv])
+                kv = _as_index(keep[r], hidden.device).sort().values
+                kept_visual.append(visual[r].index_select(0, kv))
                 parts = [text[r], kept_visual[r], tail[r]] if tail[r].numel() else [text[r], kept_visual[r]]
                 rows_keep.append(torch.cat(parts).sort().values)
-                new_visual_tok.append(visual_tokens[r][kv.to(visual_tokens[r].device)])
+                new_visual_tok.append(visual_tokens[r].index_select(0, _as_index(kv, visual_tokens[r].device)))
             # Into the current sequence; one row needs no padding (its length is its own): a plain select.
-            index = column_index(rows_keep, device=hidden.device)
             one_row = mask.shape[0] == 1
-            take = Columns(index[0] if one_row else index)
+            index = rows_keep if one_row else column_index(rows_keep, device=hidden.device)
+            take = Columns(rows_keep[0] if one_row else index)
             new_hidden = take.tokens(hidden)
             new_columns = take.take(columns, -1)
-            new_mask = take.take(mask, 0).long()  # text may hold padding
+            new_mask = _as_long(take.take(mask, 0))  # text may hold padding
             # What every column held entering this layer: outside generate, a token dropped here keeps that
             # state (later stages and the final states overwrite the columns they still hold).
             call.dropped.append((columns, hidden))
@@ -557,6 +562,15 @@ class LLMStage:
         return gathered_causal_mask(prior, length, g)
 
 
+def _as_index(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` as int64 on ``device`` (no op dispatched when it is already)."""
+    return t if t.dtype == torch.long and t.device == device else t.to(device, torch.long)
+
+
+def _as_long(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.long else t.long()
+
+
 def _batched(embeddings: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = embeddings
     return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
@@ -582,8 +596,8 @@ def _split_columns(info, mask: torch.Tensor, factor: int = 1, text_counts: list[
         cols, ids = [], []
         for i, it in enumerate(info.items):
             if it.row == r // factor:
-                cols.append(it.columns.to(mask.device))
-                ids.append(torch.stack([torch.full_like(it.sources, i), it.sources], dim=1).to(mask.device))
+                cols.append(_as_index(it.columns, mask.device))
+                ids.append(_as_index(torch.stack([torch.full_like(it.sources, i), it.sources], dim=1), mask.device))
         if len(cols) == 1:  # one item: its columns are ascending already
             vis, tok = cols[0], ids[0]
         else:
@@ -593,9 +607,11 @@ def _split_columns(info, mask: torch.Tensor, factor: int = 1, text_counts: list[
             vis, tok = vis[order], tok[order]
         visual.append(vis)
         tokens.append(tok)
-        is_text = mask[r].bool() if text_counts is not None else torch.ones_like(mask[r], dtype=torch.bool)
-        is_text = is_text.clone()
-        is_text[vis] = False
+        if text_counts is not None:
+            is_text = mask[r] != 0
+        else:
+            is_text = torch.ones(mask.shape[1], dtype=torch.bool, device=mask.device)
+        is_text.index_fill_(0, vis, False)
         count = text_counts[r // factor] if text_counts is not None else mask.shape[1] - vis.numel()
-        text.append(torch.nonzero_static(is_text, size=count).flatten())
+        text.append(torch.nonzero_static(is_text, size=count).view(-1))
     return visual, tokens, text
