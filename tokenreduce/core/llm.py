@@ -221,6 +221,8 @@ class _Call:
     kwargs_by_layer: dict[int, dict[str, Any]] = field(default_factory=dict)
     # Per stage, its input: (original column of each column [B, L] (-1: padding), hidden states [B, L, D]).
     dropped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # Per row, its visual tokens at the LLM input (the same for every stage of the call).
+    original_visual: list[int] | None = None
 
 
 class LLMStage:
@@ -238,6 +240,7 @@ class LLMStage:
         self.call: _Call | None = None
         self.stage_cache: Any = None
         self._mask_cache: dict[tuple, Any] = {}
+        self._builders: dict[int, Any] = {}  # each stage layer's mask builder (by its layer type)
         self._reused: list[Any] = []  # one-shot hooks handing layer K its kept tokens' projections
         self.prepared: Any = None  # the handle's BatchInfo the last text-model call belonged to
 
@@ -388,7 +391,7 @@ class LLMStage:
                 columns = torch.where(mask.bool(), columns, -1)
                 cos, sin = _batched(kwargs["position_embeddings"], hidden.shape[0])
                 position_ids = kwargs.get("position_ids")
-                if position_ids is not None:
+                if position_ids is not None and position_ids.shape[-2] != hidden.shape[0]:
                     position_ids = position_ids.expand(*position_ids.shape[:-2], hidden.shape[0], -1)
                 visual, visual_tokens, text = _split_columns(info, mask, factor, handle.text_counts)
                 # Assisted decoding verifies candidate tokens in the prefill itself: they are kept, and the
@@ -409,11 +412,14 @@ class LLMStage:
                 scoring_mask = mask.clone()
                 for r, cols in enumerate(tail):
                     scoring_mask[r, cols] = 0
+            if call.original_visual is None:
+                call.original_visual = [
+                    sum(it.columns.numel() for it in info.items if it.row == r // factor) for r in range(mask.shape[0])
+                ]
             ctx = LLMContext(
                 layer=k, hidden=hidden, attention_mask=scoring_mask, visual=visual, visual_tokens=visual_tokens, text=text,
-                items=info.items, original_visual=[
-                    sum(it.columns.numel() for it in info.items if it.row == r // factor) for r in range(mask.shape[0])
-                ], capture=call.captures[k], layer_module=self.layers[k],
+                items=info.items, original_visual=list(call.original_visual), capture=call.captures[k],
+                layer_module=self.layers[k],
             )
             keep = self.method.select(ctx)
             rows_keep, kept_visual, new_visual_tok = [], [], []
@@ -517,13 +523,15 @@ class LLMStage:
             position_ids = kwargs.get("position_ids")
             if renumber:
                 cos, sin = self._rotary(hidden, decode_positions(mask2d, cache, q, stage.layer))
-        builder = causal_mask_builder(self.lm.config, stage.layer)
         key = None
         if call.prefill:
             gathered = self._gathered_mask(stage, kwargs)
             if gathered is not None:
                 stage.mask4d, stage.mask4d_set = gathered[0], True
                 return {"attention_mask": gathered[0], "position_embeddings": (cos, sin), "position_ids": position_ids}
+        builder = self._builders.get(stage.layer)
+        if builder is None:
+            builder = self._builders[stage.layer] = causal_mask_builder(self.lm.config, stage.layer)
         if unmasked and call.prefill and not getattr(cache, "is_compileable", False):
             # A prefill mask without padding depends on the length alone (the layer's cache is empty, or
             # sized by the query): built once per length, dtype and attention kernel.
@@ -573,6 +581,8 @@ def _as_long(t: torch.Tensor) -> torch.Tensor:
 
 def _batched(embeddings: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = embeddings
+    if cos.shape[0] == batch and sin.shape[0] == batch:
+        return cos, sin
     return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
 
 
