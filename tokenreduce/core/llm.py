@@ -223,6 +223,10 @@ class _Call:
     dropped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     # Per row, its visual tokens at the LLM input (the same for every stage of the call).
     original_visual: list[int] | None = None
+    # Outside generate, the dropped states go back into the final norm's input (no hidden states recorded),
+    # and whether they went.
+    scatter_before_norm: bool = False
+    scattered: bool = False
 
 
 class LLMStage:
@@ -249,6 +253,9 @@ class LLMStage:
         h = self.handle
         h.register_hook(self.lm.register_forward_pre_hook(self._before_lm, with_kwargs=True))
         h.register_hook(self.lm.register_forward_hook(self._after_lm, with_kwargs=True))
+        norm = getattr(self.lm, "norm", None)
+        if isinstance(norm, nn.Module):
+            h.register_hook(norm.register_forward_pre_hook(self._before_norm))
         for k in self.prune_layers:
             attn = self.layers[k - 1].self_attn
             h.register_hook(attn.register_forward_hook(self._capture_hook(k), with_kwargs=True))
@@ -284,6 +291,12 @@ class LLMStage:
             return None  # decoding on a cache whose prefill this stage did not prune: nothing to substitute
         self.call = _Call(prefill=prefill, cache=cache, mask2d=kwargs.get("attention_mask"),
                           position_ids=kwargs.get("position_ids"))
+        if prefill:
+            wants = kwargs.get("output_hidden_states")
+            # the recorded last hidden state is the norm's output: with it asked for, the norm keeps the
+            # pruned length and the scatter waits for the model's output (_after_lm)
+            self.call.scatter_before_norm = not (wants if wants is not None else
+                                                 getattr(self.lm.config, "output_hidden_states", False))
         if prefill:
             self.stages = []
             self.stage_cache = cache
@@ -349,7 +362,7 @@ class LLMStage:
             # what every decode step on this cache needs, kept with it: a conversation continues from it later
             setattr(call.cache, STAGES_ATTR, (self.stages, self.prompt_length))
         self._drop_reuse()
-        if call is None or not call.prefill or not self.stages or self.handle.in_generate:
+        if call is None or not call.prefill or not self.stages or self.handle.in_generate or call.scattered:
             return None
         # Outside generate: put every dropped token back at its column, with the state it was dropped in.
         norm = getattr(module, "norm", None)
@@ -363,6 +376,19 @@ class LLMStage:
         pieces.append((self.stages[-1].columns, output.last_hidden_state))
         output.last_hidden_state = scatter_tokens(self.original_mask.shape[1], pieces)
         return output
+
+    def _before_norm(self, module, args):
+        """Outside generate, the final norm's input put back at the original length (every dropped token
+        with the state it was dropped in, as :meth:`_after_lm` does after the norm): the norm, which acts on
+        each token alone, then runs once on the whole sequence instead of once per stage's dropped states."""
+        call = self.call
+        if call is None or not call.prefill or not call.scatter_before_norm or not self.stages or call.scattered:
+            return None
+        if self.handle.in_generate or not args or not torch.is_tensor(args[0]):
+            return None
+        pieces = [*call.dropped, (self.stages[-1].columns, args[0])]
+        call.scattered = True
+        return (scatter_tokens(self.original_mask.shape[1], pieces), *args[1:])
 
     # ----- pruning -----------------------------------------------------------------------------------
     def _stage_for(self, i: int) -> Stage | None:
