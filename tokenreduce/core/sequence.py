@@ -192,8 +192,11 @@ def scatter_tokens(length: int, pieces: Sequence[tuple[torch.Tensor, torch.Tenso
     first = pieces[0][1]
     full = first.new_zeros(first.shape[0], length + 1, first.shape[-1])
     for cols, states in pieces:
-        target = torch.where(cols >= 0, cols, length)
-        full.scatter_(1, target[..., None].expand(-1, -1, states.shape[-1]), states)
+        target = cols.remainder(length + 1)  # -1 -> the spare column
+        if target.shape[0] == 1:  # one row: its real columns are distinct, only padding repeats (the spare)
+            full.index_copy_(1, target[0], states)
+        else:
+            full.scatter_(1, target[..., None].expand(-1, -1, states.shape[-1]), states)
     return full[:, :length]
 
 
