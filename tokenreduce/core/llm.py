@@ -174,7 +174,9 @@ class LLMContext:
 
     def last_token_attention(self) -> torch.Tensor:
         """Attention of each row's last token to every key, ``[B, L]`` (FastV's signal)."""
-        return self.attention(self.last[:, None])
+        # Causal, though scored as not: every key after a row's last real token is padding, which the key
+        # mask hides already (the same probabilities, without the kernel's causal mask).
+        return self.attention(self.last[:, None], causal=False)
 
     def text_attention(self, causal: bool = True) -> torch.Tensor:
         """Attention of each row's text tokens to every key, averaged over them, ``[B, L]``."""
