@@ -203,7 +203,8 @@ def scatter_tokens(length: int, pieces: Sequence[tuple[torch.Tensor, torch.Tenso
 # ----- positions -----------------------------------------------------------------------------------------
 def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """``cumsum(mask) - 1`` with padding at 0, as ``generate`` computes position ids."""
-    positions = attention_mask.long().cumsum(-1) - 1
+    mask = attention_mask if attention_mask.dtype == torch.long else attention_mask.long()
+    positions = mask.cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 0)
 
 
