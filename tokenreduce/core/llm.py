@@ -415,8 +415,7 @@ class LLMStage:
                     mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
                 self.original_mask = mask
                 self.prompt_length = mask.shape[1]
-                columns = torch.arange(mask.shape[1], device=hidden.device).expand(mask.shape[0], -1)
-                columns = torch.where(mask.bool(), columns, -1)
+                columns = torch.where(mask.bool(), torch.arange(mask.shape[1], device=hidden.device), -1)
                 cos, sin = _batched(kwargs["position_embeddings"], hidden.shape[0])
                 position_ids = kwargs.get("position_ids")
                 if position_ids is not None and position_ids.shape[-2] != hidden.shape[0]:
