@@ -299,7 +299,6 @@ class LLMStage:
             # pruned length and the scatter waits for the model's output (_after_lm)
             self.call.scatter_before_norm = not (wants if wants is not None else
                                                  getattr(self.lm.config, "output_hidden_states", False))
-        if prefill:
             self.stages = []
             self.stage_cache = cache
         return None
