@@ -421,6 +421,20 @@ def test_loss_covers_dropped_columns(models, family):
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3], ids=["B1", "B3"])
+def test_dropped_states_scattered_before_the_norm_equal_those_scattered_after_it(models, rows):
+    """Outside generate the dropped states go back into the final norm's input (one norm over the sequence),
+    unless hidden states are recorded (their last one is the norm's output, at the pruned length): then they
+    are normed per stage and scattered after the model. Both give the same logits, bit for bit."""
+    eager, _ = models["llava"]
+    batch = tiny_batch(eager, default_rows("llava", n=rows))
+    with wrapped(eager, "pdrop", **CASES["pdrop"]), torch.no_grad():
+        before_norm = eager(**batch).logits
+        recorded = eager(**batch, output_hidden_states=True)
+    assert torch.equal(before_norm, recorded.logits)
+    assert recorded.hidden_states[-1].shape[1] < batch["input_ids"].shape[1]
+
+
 def test_layer_out_of_range_is_explained(models):
     eager, _ = models["llava"]
     with pytest.raises(ValueError, match=r"`layer` must be in \[1, 5\] for this model \(6 decoder layers\), got 9"):

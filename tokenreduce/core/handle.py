@@ -586,7 +586,7 @@ class ModelHandle:
             else:
                 red = Reduction(sources=torch.arange(n, device=coords.device))
                 ms = 0.0
-            sources = red.sources.to(coords.device)
+            sources = red.sources if red.sources.device == coords.device else red.sources.to(coords.device)
             self._note_unreduced(modality, i, row, n, act, red)
             samples[row].items.append(ItemStats(modality, n, red.num_tokens, ms, red.info))
             # placeholder offsets of the kept tokens (the modality's placeholders are the items' in order)

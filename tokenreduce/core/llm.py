@@ -174,7 +174,9 @@ class LLMContext:
 
     def last_token_attention(self) -> torch.Tensor:
         """Attention of each row's last token to every key, ``[B, L]`` (FastV's signal)."""
-        return self.attention(self.last[:, None])
+        # Causal, though scored as not: every key after a row's last real token is padding, which the key
+        # mask hides already (the same probabilities, without the kernel's causal mask).
+        return self.attention(self.last[:, None], causal=False)
 
     def text_attention(self, causal: bool = True) -> torch.Tensor:
         """Attention of each row's text tokens to every key, averaged over them, ``[B, L]``."""
@@ -221,6 +223,12 @@ class _Call:
     kwargs_by_layer: dict[int, dict[str, Any]] = field(default_factory=dict)
     # Per stage, its input: (original column of each column [B, L] (-1: padding), hidden states [B, L, D]).
     dropped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # Per row, its visual tokens at the LLM input (the same for every stage of the call).
+    original_visual: list[int] | None = None
+    # Outside generate, the dropped states go back into the final norm's input (no hidden states recorded),
+    # and whether they went.
+    scatter_before_norm: bool = False
+    scattered: bool = False
 
 
 class LLMStage:
@@ -238,6 +246,7 @@ class LLMStage:
         self.call: _Call | None = None
         self.stage_cache: Any = None
         self._mask_cache: dict[tuple, Any] = {}
+        self._builders: dict[int, Any] = {}  # each stage layer's mask builder (by its layer type)
         self._reused: list[Any] = []  # one-shot hooks handing layer K its kept tokens' projections
         self.prepared: Any = None  # the handle's BatchInfo the last text-model call belonged to
 
@@ -246,6 +255,9 @@ class LLMStage:
         h = self.handle
         h.register_hook(self.lm.register_forward_pre_hook(self._before_lm, with_kwargs=True))
         h.register_hook(self.lm.register_forward_hook(self._after_lm, with_kwargs=True))
+        norm = getattr(self.lm, "norm", None)
+        if isinstance(norm, nn.Module):
+            h.register_hook(norm.register_forward_pre_hook(self._before_norm))
         for k in self.prune_layers:
             attn = self.layers[k - 1].self_attn
             h.register_hook(attn.register_forward_hook(self._capture_hook(k), with_kwargs=True))
@@ -282,6 +294,11 @@ class LLMStage:
         self.call = _Call(prefill=prefill, cache=cache, mask2d=kwargs.get("attention_mask"),
                           position_ids=kwargs.get("position_ids"))
         if prefill:
+            wants = kwargs.get("output_hidden_states")
+            # the recorded last hidden state is the norm's output: with it asked for, the norm keeps the
+            # pruned length and the scatter waits for the model's output (_after_lm)
+            self.call.scatter_before_norm = not (wants if wants is not None else
+                                                 getattr(self.lm.config, "output_hidden_states", False))
             self.stages = []
             self.stage_cache = cache
         return None
@@ -346,15 +363,33 @@ class LLMStage:
             # what every decode step on this cache needs, kept with it: a conversation continues from it later
             setattr(call.cache, STAGES_ATTR, (self.stages, self.prompt_length))
         self._drop_reuse()
-        if call is None or not call.prefill or not self.stages or self.handle.in_generate:
+        if call is None or not call.prefill or not self.stages or self.handle.in_generate or call.scattered:
             return None
         # Outside generate: put every dropped token back at its column, with the state it was dropped in.
         norm = getattr(module, "norm", None)
         # every stage's input, in order (a dropped column keeps its last), then the final states
-        pieces = [(cols, norm(states) if norm is not None else states) for cols, states in call.dropped]
+        inputs = [states for _, states in call.dropped]
+        if norm is not None:
+            # one norm over every stage's input (it acts on each token alone): fewer ops than one per stage
+            inputs = [norm(inputs[0])] if len(inputs) == 1 else norm(torch.cat(inputs, 1)).split(
+                [s.shape[1] for s in inputs], 1)
+        pieces = [(cols, states) for (cols, _), states in zip(call.dropped, inputs)]
         pieces.append((self.stages[-1].columns, output.last_hidden_state))
         output.last_hidden_state = scatter_tokens(self.original_mask.shape[1], pieces)
         return output
+
+    def _before_norm(self, module, args):
+        """Outside generate, the final norm's input put back at the original length (every dropped token
+        with the state it was dropped in, as :meth:`_after_lm` does after the norm): the norm, which acts on
+        each token alone, then runs once on the whole sequence instead of once per stage's dropped states."""
+        call = self.call
+        if call is None or not call.prefill or not call.scatter_before_norm or not self.stages or call.scattered:
+            return None
+        if self.handle.in_generate or not args or not torch.is_tensor(args[0]):
+            return None
+        pieces = [*call.dropped, (self.stages[-1].columns, args[0])]
+        call.scattered = True
+        return (scatter_tokens(self.original_mask.shape[1], pieces), *args[1:])
 
     # ----- pruning -----------------------------------------------------------------------------------
     def _stage_for(self, i: int) -> Stage | None:
@@ -379,11 +414,10 @@ class LLMStage:
                     mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
                 self.original_mask = mask
                 self.prompt_length = mask.shape[1]
-                columns = torch.arange(mask.shape[1], device=hidden.device).expand(mask.shape[0], -1)
-                columns = torch.where(mask.bool(), columns, -1)
+                columns = torch.where(mask.bool(), torch.arange(mask.shape[1], device=hidden.device), -1)
                 cos, sin = _batched(kwargs["position_embeddings"], hidden.shape[0])
                 position_ids = kwargs.get("position_ids")
-                if position_ids is not None:
+                if position_ids is not None and position_ids.shape[-2] != hidden.shape[0]:
                     position_ids = position_ids.expand(*position_ids.shape[:-2], hidden.shape[0], -1)
                 visual, visual_tokens, text = _split_columns(info, mask, factor, handle.text_counts)
                 # Assisted decoding verifies candidate tokens in the prefill itself: they are kept, and the
@@ -404,27 +438,30 @@ class LLMStage:
                 scoring_mask = mask.clone()
                 for r, cols in enumerate(tail):
                     scoring_mask[r, cols] = 0
+            if call.original_visual is None:
+                call.original_visual = [
+                    sum(it.columns.numel() for it in info.items if it.row == r // factor) for r in range(mask.shape[0])
+                ]
             ctx = LLMContext(
                 layer=k, hidden=hidden, attention_mask=scoring_mask, visual=visual, visual_tokens=visual_tokens, text=text,
-                items=info.items, original_visual=[
-                    sum(it.columns.numel() for it in info.items if it.row == r // factor) for r in range(mask.shape[0])
-                ], capture=call.captures[k], layer_module=self.layers[k],
+                items=info.items, original_visual=list(call.original_visual), capture=call.captures[k],
+                layer_module=self.layers[k],
             )
             keep = self.method.select(ctx)
             rows_keep, kept_visual, new_visual_tok = [], [], []
             for r in range(mask.shape[0]):
-                kv = keep[r].to(hidden.device).long().sort().values
-                kept_visual.append(visual[r][kv])
+                kv = _as_index(keep[r], hidden.device).sort().values
+                kept_visual.append(visual[r].index_select(0, kv))
                 parts = [text[r], kept_visual[r], tail[r]] if tail[r].numel() else [text[r], kept_visual[r]]
                 rows_keep.append(torch.cat(parts).sort().values)
-                new_visual_tok.append(visual_tokens[r][kv.to(visual_tokens[r].device)])
+                new_visual_tok.append(visual_tokens[r].index_select(0, _as_index(kv, visual_tokens[r].device)))
             # Into the current sequence; one row needs no padding (its length is its own): a plain select.
-            index = column_index(rows_keep, device=hidden.device)
             one_row = mask.shape[0] == 1
-            take = Columns(index[0] if one_row else index)
+            index = rows_keep if one_row else column_index(rows_keep, device=hidden.device)
+            take = Columns(rows_keep[0] if one_row else index)
             new_hidden = take.tokens(hidden)
             new_columns = take.take(columns, -1)
-            new_mask = take.take(mask, 0).long()  # text may hold padding
+            new_mask = _as_long(take.take(mask, 0))  # text may hold padding
             # What every column held entering this layer: outside generate, a token dropped here keeps that
             # state (later stages and the final states overwrite the columns they still hold).
             call.dropped.append((columns, hidden))
@@ -512,13 +549,15 @@ class LLMStage:
             position_ids = kwargs.get("position_ids")
             if renumber:
                 cos, sin = self._rotary(hidden, decode_positions(mask2d, cache, q, stage.layer))
-        builder = causal_mask_builder(self.lm.config, stage.layer)
         key = None
         if call.prefill:
             gathered = self._gathered_mask(stage, kwargs)
             if gathered is not None:
                 stage.mask4d, stage.mask4d_set = gathered[0], True
                 return {"attention_mask": gathered[0], "position_embeddings": (cos, sin), "position_ids": position_ids}
+        builder = self._builders.get(stage.layer)
+        if builder is None:
+            builder = self._builders[stage.layer] = causal_mask_builder(self.lm.config, stage.layer)
         if unmasked and call.prefill and not getattr(cache, "is_compileable", False):
             # A prefill mask without padding depends on the length alone (the layer's cache is empty, or
             # sized by the query): built once per length, dtype and attention kernel.
@@ -557,8 +596,19 @@ class LLMStage:
         return gathered_causal_mask(prior, length, g)
 
 
+def _as_index(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` as int64 on ``device`` (no op dispatched when it is already)."""
+    return t if t.dtype == torch.long and t.device == device else t.to(device, torch.long)
+
+
+def _as_long(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.long else t.long()
+
+
 def _batched(embeddings: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = embeddings
+    if cos.shape[0] == batch and sin.shape[0] == batch:
+        return cos, sin
     return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
 
 
@@ -582,8 +632,8 @@ def _split_columns(info, mask: torch.Tensor, factor: int = 1, text_counts: list[
         cols, ids = [], []
         for i, it in enumerate(info.items):
             if it.row == r // factor:
-                cols.append(it.columns.to(mask.device))
-                ids.append(torch.stack([torch.full_like(it.sources, i), it.sources], dim=1).to(mask.device))
+                cols.append(_as_index(it.columns, mask.device))
+                ids.append(_as_index(torch.stack([torch.full_like(it.sources, i), it.sources], dim=1), mask.device))
         if len(cols) == 1:  # one item: its columns are ascending already
             vis, tok = cols[0], ids[0]
         else:
@@ -593,9 +643,11 @@ def _split_columns(info, mask: torch.Tensor, factor: int = 1, text_counts: list[
             vis, tok = vis[order], tok[order]
         visual.append(vis)
         tokens.append(tok)
-        is_text = mask[r].bool() if text_counts is not None else torch.ones_like(mask[r], dtype=torch.bool)
-        is_text = is_text.clone()
-        is_text[vis] = False
+        if text_counts is not None:
+            is_text = mask[r] != 0
+        else:
+            is_text = torch.ones(mask.shape[1], dtype=torch.bool, device=mask.device)
+        is_text.index_fill_(0, vis, False)
         count = text_counts[r // factor] if text_counts is not None else mask.shape[1] - vis.numel()
-        text.append(torch.nonzero_static(is_text, size=count).flatten())
+        text.append(torch.nonzero_static(is_text, size=count).view(-1))
     return visual, tokens, text

@@ -51,15 +51,16 @@ class Reduction:
         no-op order when already sorted): checking first would make the host wait for the device."""
         if self.sources.numel() < 2:
             return self
-        order = torch.sort(self.sources, stable=True).indices
+        sources, order = torch.sort(self.sources, stable=True)
         assignment = self.assignment
         if assignment is not None:
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(order.numel(), device=order.device)
             assignment = torch.where(assignment >= 0, inverse[assignment.clamp_min(0)], assignment)
         return Reduction(
-            sources=self.sources[order],
-            features=None if self.features is None else self.features[order.to(self.features.device)],
+            sources=sources,
+            features=None if self.features is None else self.features.index_select(
+                0, order if order.device == self.features.device else order.to(self.features.device)),
             assignment=assignment,
             info=self.info,
         )
