@@ -21,6 +21,15 @@ def check_layers(name: str, layers: tuple[int, ...], num_layers: int) -> list[in
     return list(layers)
 
 
+def one_layer(config: Any, num_layers: int) -> list[int]:
+    """The pruning layer of a one-layer method (``config.layer``): the paper's default K=2 becomes the deepest
+    layer that still has one before it on a shallower model; a value given is kept (and checked)."""
+    layer = config.layer
+    if layer == type(config).layer and 2 <= num_layers <= layer:
+        layer = num_layers - 1
+    return check_layers("layer", (layer,), num_layers)
+
+
 def average_keep(layers: list[int], keeps: list[float], num_layers: int) -> float:
     """Visual tokens kept, averaged over all decoder layers, as a fraction of the LLM-input count."""
     total, previous_layer, fraction = 0.0, 0, 1.0

@@ -17,7 +17,7 @@ from tokenreduce.core.config import MethodConfig, check_choice, check_keep, chec
 from tokenreduce.core.llm import LLMContext
 from tokenreduce.core.reduction import LLMMethod
 from tokenreduce.core.registry import register_method
-from tokenreduce.ops.llm import check_layers, one_layer_at_budget, scores_for, top_visual
+from tokenreduce.ops.llm import one_layer, one_layer_at_budget, scores_for, top_visual
 
 
 @dataclass
@@ -52,11 +52,7 @@ class FastVMethod(LLMMethod):
     """Prune visual tokens after layer K by the last token's attention (FastV)."""
 
     def llm_layers(self, num_layers: int) -> list[int]:
-        layer = self.config.layer
-        if layer == FastVConfig.layer and 2 <= num_layers <= layer:
-            # The paper's default K=2 on a shallower model: the deepest layer that still has one before it.
-            layer = num_layers - 1
-        return check_layers("layer", (layer,), num_layers)
+        return one_layer(self.config, num_layers)
 
     def select(self, ctx: LLMContext) -> list[torch.Tensor]:
         return top_visual(ctx, scores_for(ctx, self.config.query), self.config.keep)

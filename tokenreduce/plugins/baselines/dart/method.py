@@ -26,7 +26,7 @@ from tokenreduce.core.config import MethodConfig, check_choice, check_keep, chec
 from tokenreduce.core.llm import LLMContext, apply_rope
 from tokenreduce.core.reduction import LLMMethod
 from tokenreduce.core.registry import register_method
-from tokenreduce.ops.llm import check_layers, one_layer_at_budget
+from tokenreduce.ops.llm import one_layer, one_layer_at_budget
 
 from .select import duplication_select, official_select
 
@@ -81,10 +81,7 @@ class DARTMethod(LLMMethod):
         self._norm = None
 
     def llm_layers(self, num_layers: int) -> list[int]:
-        layer = self.config.layer
-        if layer == DARTConfig.layer and 2 <= num_layers <= layer:
-            layer = num_layers - 1
-        return check_layers("layer", (layer,), num_layers)
+        return one_layer(self.config, num_layers)
 
     def select(self, ctx: LLMContext) -> list[torch.Tensor]:
         keys = ctx.capture.key_states()  # [B, Hkv, L, d] after RoPE, as the cache holds them
