@@ -152,3 +152,22 @@ def test_attention_importance_masks_equal_the_definition(per_head, chunk):
         got = attention_importance(q.nan_to_num(posinf=0.0) if "query_mask" not in kwargs else q, k_clean, scale=0.5,
                                    per_head=per_head, chunk_elements=chunk, **kwargs)
         torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ascending", [False, True])
+def test_attention_twin_differentiates_like_the_dense_softmax(ascending):
+    """With gradients on (a wrapped model trained), the twin's sum is built out of place and its gradient is
+    the dense softmax's: the mean over heads and queries of each key's probability."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    positions = torch.arange(2, 7)[None]
+    got = attention_importance(q, k, scale=0.5, query_positions=positions, ascending=ascending, chunk_elements=8)
+    causal = torch.arange(7)[None, :] <= positions[0][:, None]
+    dense = torch.softmax((q @ k.transpose(-1, -2) * 0.5).masked_fill(~causal, float("-inf")), -1).mean((1, 2))
+    torch.testing.assert_close(got, dense)
+    weights = torch.arange(7, dtype=torch.float64)
+    grads = torch.autograd.grad((got * weights).sum(), (q, k))
+    expected = torch.autograd.grad((dense * weights).sum(), (q, k))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)

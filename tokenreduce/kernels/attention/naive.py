@@ -98,5 +98,10 @@ def attention_importance(
             logits.add_(key_bias[:, None, None, :width])
         probs = torch.softmax(logits, dim=-1).view(B * Hq, c, width)
         wc = w[:, None, q0 : q0 + c].expand(B, Hq, c).reshape(B * Hq, 1, c)
-        flat[..., :width] += torch.bmm(wc, probs)  # (an in-place baddbmm_ on the slice loops over heads)
+        part = torch.bmm(wc, probs)
+        if part.requires_grad:  # autograd: no in-place sum into the zeros
+            flat = flat + torch.nn.functional.pad(part, (0, S - width))
+        else:
+            flat[..., :width] += part  # (an in-place baddbmm_ on the slice loops over heads)
+    heads = flat.view(B, Hq, S)
     return heads if per_head else heads.mean(1)
