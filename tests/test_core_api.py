@@ -39,7 +39,7 @@ def test_wrap_refusals_are_exact(llava):
     for bad, name in ((42, "int"), (None, "NoneType"), (tr.PoolConfig, "type")):
         with pytest.raises(TypeError) as err:
             tr.wrap(llava, bad)
-        assert str(err.value) == f"`method` must be a method name or a MethodConfig, got {name}"
+        assert str(err.value) == f"`method` must be a method name or a MethodConfig, or a list of them (a stack), got {name}"
     assert get_handle(llava) is None
 
 

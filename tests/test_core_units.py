@@ -626,7 +626,8 @@ def test_stats_summary_and_repr():
     stats.budget = 0.625
     assert stats.summary()["budget_missed"] is False  # 0.6 is 4 % under
     assert repr(stats) == "\n".join([*lines[:5], budget.format("62.5%", "within 10%"), *lines[5:]])
-    assert stats.to_dict() == {"summary": stats.summary(), "samples": [a.to_dict(), b.to_dict()]}
+    assert stats.to_dict() == {"summary": stats.summary(), "samples": [a.to_dict(), b.to_dict()],
+                               "stages": {"prefill_flops_ratio": flops / full}}
 
 
 def test_stats_summary_without_visual_tokens_or_geometry():
