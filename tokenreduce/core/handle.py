@@ -570,11 +570,14 @@ class ModelHandle:
         """Run the method on every item of one modality; ``columns`` hold placeholder offsets for now."""
         act = features is not None and modality in self.modalities and self.reduces_before_llm
         items, reductions, offset = [], [], 0
+        texts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # a row's text, embedded once for its items
         for i, layout in enumerate(layouts):
             n = layout.num_tokens
             row = rows[i]
             if act:
-                text, text_mask = self._text_embeds(inputs, row) if self._uses_text else (None, None)
+                if self._uses_text and row not in texts:
+                    texts[row] = self._text_embeds(inputs, row)
+                text, text_mask = texts.get(row, (None, None))
                 ctx = ReduceContext(
                     layout=layout, modality=modality, row=row, item=i, text_embeds=text, text_mask=text_mask,
                     generator=self._generator(), signals=signals[i] if signals else {},

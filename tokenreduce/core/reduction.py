@@ -71,6 +71,14 @@ class Reduction:
         return Reduction(sources=indices.long(), info=dict(info))
 
 
+def slots_of(sources: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n]`` output slot of each of an item's ``n`` tokens when output ``j`` is token ``sources[j]`` alone
+    (``-1``: dropped): the ``assignment`` of a selection that merges nothing."""
+    slots = torch.full((n,), -1, dtype=torch.long, device=sources.device)
+    slots[sources] = torch.arange(sources.numel(), device=sources.device)
+    return slots
+
+
 @dataclass
 class ReduceContext:
     """Everything a projector/vision-stage method may look at for one item.

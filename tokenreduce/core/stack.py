@@ -39,7 +39,7 @@ from tokenreduce.core.config import (
     order_members,
 )
 from tokenreduce.core.layout import TokenLayout
-from tokenreduce.core.reduction import Method, ReduceContext, Reduction
+from tokenreduce.core.reduction import Method, ReduceContext, Reduction, slots_of
 from tokenreduce.core.registry import STAGES, MethodSpec, get_method
 from tokenreduce.core.stats import timer
 
@@ -152,11 +152,7 @@ def spec_of(config: MethodConfig) -> MethodSpec:
 
 def _slots(red: Reduction, n: int) -> torch.Tensor:
     """``[n]`` output slot of every input token (``-1``: dropped), from the reduction's assignment or sources."""
-    if red.assignment is not None:
-        return red.assignment
-    slots = torch.full((n,), -1, dtype=torch.long, device=red.sources.device)
-    slots[red.sources] = torch.arange(red.sources.numel(), device=red.sources.device)
-    return slots
+    return red.assignment if red.assignment is not None else slots_of(red.sources, n)
 
 
 class StackMethod(Method):

@@ -22,7 +22,7 @@ import torch
 from tokenreduce import kernels
 from tokenreduce.core.config import MethodConfig, check_choice, check_keep, resolve_keep
 from tokenreduce.core.hostsync import host_only
-from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
+from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction, slots_of
 from tokenreduce.core.registry import register_method
 from tokenreduce.ops.vision import add_newline_slots, newline_slots
 
@@ -92,7 +92,6 @@ class DivPruneMethod(ProjectorMethod):
         count = reference_count if self.config.variant == "reference" else resolve_keep
         k = count(self.config.keep, candidates.numel())
         kept = candidates[max_min_diversity(features[candidates], k)].sort().values
-        assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
-        assignment[kept] = torch.arange(kept.numel(), device=features.device)
+        assignment = slots_of(kept, features.shape[0])
         sources, outputs, assignment = add_newline_slots(context.layout, features, kept, features[kept], assignment)
         return Reduction(sources=sources, features=outputs, assignment=assignment)

@@ -21,7 +21,7 @@ import torch
 
 from tokenreduce.core.config import MethodConfig, check_keep, check_range, resolve_keep
 from tokenreduce.core.hostsync import host_only
-from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
+from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction, slots_of
 from tokenreduce.core.registry import register_method
 from tokenreduce.ops.vision import add_newline_slots
 
@@ -65,8 +65,7 @@ class CDPrunerMethod(ProjectorMethod):
             # a row without text: every token equally relevant (no host read decides it)
             weight = torch.where(mask.any(), relevance(x, text, mask, self.config.theta), 1.0)
         kept = content[conditional_dpp(x, weight, k)].sort().values
-        assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
-        assignment[kept] = torch.arange(kept.numel(), device=features.device)
+        assignment = slots_of(kept, features.shape[0])
         sources, outputs, assignment = add_newline_slots(context.layout, features, kept, features[kept], assignment,
                                                          rows=True)
         return Reduction(sources=sources, features=outputs, assignment=assignment)

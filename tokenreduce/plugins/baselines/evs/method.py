@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenreduce.core.config import MethodConfig, check_choice, check_keep, resolve_keep
-from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction
+from tokenreduce.core.reduction import ProjectorMethod, ReduceContext, Reduction, slots_of
 from tokenreduce.core.registry import register_method
 from tokenreduce.ops.vision import add_newline_slots, content_groups
 
@@ -63,7 +63,6 @@ class EVSMethod(ProjectorMethod):
         frames = torch.stack(groups).to(features.device)
         k = evs_count(self.config.keep, frames.numel(), frames.shape[1], self.config.variant == "reference")
         kept = evs_select(features, frames, k)
-        assignment = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
-        assignment[kept] = torch.arange(kept.numel(), device=features.device)
+        assignment = slots_of(kept, features.shape[0])
         sources, outputs, assignment = add_newline_slots(context.layout, features, kept, features[kept], assignment)
         return Reduction(sources=sources, features=outputs, assignment=assignment)
