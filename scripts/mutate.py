@@ -85,6 +85,10 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         # PruMerge+'s adaptive count and stride (no other test of the selection reaches them)
         + ["tests/hot/test_method_selection.py::test_prumerge_plus_kept_set_equals_the_definition"],
     ),
+    # The selections of the later baselines against their step-by-step references (no model for cdpruner / evs).
+    "new-baselines": (["tokenreduce/plugins/baselines/evs/select.py", "tokenreduce/plugins/baselines/cdpruner/select.py",
+                       "tokenreduce/plugins/baselines/vispruner/select.py"],
+                      ["tests/test_selection.py", "tests/test_vision_stage.py", "-k", "evs or cdpruner or vispruner_select"]),
     # The handle's input rule, placeholders, rows and rebuilt sequences: the projector-stage oracles (two
     # families, image / video / anyres, batches with padding) plus the pass-through and refusal paths.
     "handle": (["tokenreduce/core/handle.py"], HANDLE_TESTS),

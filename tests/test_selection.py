@@ -249,7 +249,7 @@ def test_divprune_equals_greedy_max_min(layout, keep):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("keep", BUDGETS)
-@pytest.mark.parametrize("theta", [1.0, 0.5, None], ids=["theta1", "theta0.5", "no-text"])
+@pytest.mark.parametrize("theta", [1.0, 0.5, 0.25, None], ids=["theta1", "theta0.5", "theta0.25", "no-text"])
 def test_cdpruner_equals_the_official_greedy_map(layout, keep, theta):
     lay = LAYOUTS[layout]
     x = _features(lay, seed=5)

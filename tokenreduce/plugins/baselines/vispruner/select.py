@@ -18,7 +18,6 @@ ROUND = 8
 
 def vispruner_select(features: torch.Tensor, attention: torch.Tensor, keep: int, important: float) -> torch.Tensor:
     """Indices (ascending) into ``features`` ``[n, D]`` / ``attention`` ``[n]`` of the ``keep`` tokens kept."""
-    n = features.shape[0]
     n_important = int(keep * important)
     diverse = keep - n_important
     order = torch.sort(attention, descending=True, stable=True).indices
@@ -33,4 +32,4 @@ def vispruner_select(features: torch.Tensor, attention: torch.Tensor, keep: int,
         distinct = torch.sort(duplication, descending=True, stable=True).indices[r:]
         residual = torch.cat([first[distinct], second])
     kept = torch.cat([order[:n_important], residual])
-    return kept.sort().values if n else kept
+    return kept.sort().values
